@@ -1,0 +1,387 @@
+"""Who pays for every open lease at an instant: the stable matching of DESIGN decision 9.
+
+Every live lease is a *claim*.  It proposes to the envelopes it may use in proximity order (own,
+parents, siblings, cousins - same location first within each tier - then the sponsors its run
+opted into).  Each envelope keeps the highest-ranked claims that fit its concurrency, its lending
+cap, its aggregate caps and its GPU-hours, and turns the rest away to propose further (deferred
+acceptance).  Envelopes tied by an aggregate cap decide jointly, because the cap binds them all.
+
+Ranking on an envelope, most senior first:
+
+0. loans the envelope granted (the lease was minted on it as a borrow): a loan is a contract and
+   is never recalled;
+1-4. owner, child, sibling, cousin claims (family sharing is recallable, so the owner wins);
+5. sponsor claims the envelope never granted: they only ever take free headroom.
+
+Inside a rank: admission time, run key, group index (numeric), then the lease's first slot.
+So the lowest groups of a malleable run fund first, and a senior claim too big to fit never
+blocks a smaller junior one (skip semantics).  A claim is funded whole or not at all.
+
+GPU-hours (DESIGN decision 1) use hysteresis over the accounting period P: a *new* claim needs
+the remaining hours to cover one period of its width plus the funded widths above it; a claim
+*already funded* keeps its payer while the remaining hours still exceed one period of the widths
+above it.  The top claim therefore spends the envelope to zero and lower claims demote first.
+
+The result is a pure function of its inputs; nothing here is stored on a lease.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gpu_fleet.core.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
+from gpu_fleet.core.family import Tier
+from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
+
+HOURS_EPSILON = 1e-6
+"""GPU-hours below which two amounts are equal (keeps float crossings from flapping)."""
+
+LOAN = 0
+SPONSOR = 5
+
+
+@dataclass(frozen=True)
+class HoursView:
+    """The GPU-hour state the fill needs: what is left, and who was funded just before."""
+
+    period_hours: float = 24.0
+    remaining_envelope: Mapping[EnvelopeKey, float] = field(default_factory=dict)
+    remaining_cap: Mapping[str, float] = field(default_factory=dict)
+    previously_funded: frozenset[tuple[str, EnvelopeKey]] = frozenset()
+
+
+@dataclass(frozen=True)
+class Rejection:
+    envelope: EnvelopeKey
+    reason: str
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """One funded claim as an envelope sees it (for admission-side availability)."""
+
+    rank: tuple[object, ...]
+    width: int
+    rank_class: int  # 0 loan, 1-4 family tier, 5 sponsor
+
+
+@dataclass
+class FillResult:
+    payer: dict[str, EnvelopeKey | None]
+    funding_class: dict[str, FundingClass]
+    rejections: dict[str, list[Rejection]]
+    accepted: dict[EnvelopeKey, list[Accepted]]  # sorted by rank
+
+    def funded_width(self, env: EnvelopeKey) -> int:
+        return sum(a.width for a in self.accepted.get(env, ()))
+
+
+def _slot_key(s: str) -> tuple[str, int]:
+    node, _, ordinal = s.rpartition("#")
+    return (node, int(ordinal) if ordinal.isdigit() else -1)
+
+
+@dataclass
+class _Claim:
+    lease: Lease
+    run_key: str
+    owner: str
+    admitted: Instant
+    proposals: list[EnvelopeKey]
+    next_index: int = 0
+    holder: EnvelopeKey | None = None
+    rejections: list[Rejection] = field(default_factory=list)
+    borrow_cap: int | None = None
+
+    def rank_at(self, env: EnvelopeInfo, tier: Tier) -> tuple[object, ...]:
+        if tier is Tier.NONE:
+            granted = (
+                self.lease.minted_payer is not None and self.lease.minted_payer.key == env.key
+            )
+            cls = LOAN if granted else SPONSOR
+        else:
+            cls = int(tier)
+        first = min((_slot_key(s) for s in self.lease.slots), default=("", -1))
+        return (cls, self.admitted, self.run_key, self.lease.group, first, self.lease.id)
+
+
+class Proposer:
+    """Builds each claim's ordered list of envelopes; cached per (run, location)."""
+
+    def __init__(self, index: EnvelopeIndex, t: float) -> None:
+        self.index = index
+        self.t = t
+        self._cache: dict[tuple[str, tuple[tuple[str, str], ...]], list[EnvelopeKey]] = {}
+
+    def envelopes_for(
+        self, run: Run, owner: str, location: Mapping[str, str] | None
+    ) -> list[EnvelopeKey]:
+        loc_key = tuple(sorted((location or {}).items()))
+        cache_key = (run.key, loc_key)
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            return hit
+        out = [e.key for e in self.ordered(run, owner, location, self.t, admitting=False)]
+        self._cache[cache_key] = out
+        return out
+
+    def ordered(
+        self,
+        run: Run,
+        owner: str,
+        location: Mapping[str, str] | None,
+        t: float,
+        *,
+        admitting: bool,
+    ) -> list[EnvelopeInfo]:
+        """Proximity order (SPEC §B.5) over envelopes usable at ``t``.
+
+        ``admitting`` uses the cover window rule (allowAdmission opens pre-window planning);
+        otherwise only envelopes whose window is active can fund.
+        """
+        index = self.index
+        flavor = run.flavor
+        out: list[EnvelopeInfo] = []
+        if not owner:
+            return out
+
+        def usable(e: EnvelopeInfo) -> bool:
+            return e.admits_at(t) if admitting else e.active_at(t)
+
+        tiers: dict[Tier, list[str]] = defaultdict(list)
+        for o in index.owners_with_flavor(flavor):
+            tier = index.family.tier(o, owner)
+            if tier is not Tier.NONE:
+                tiers[tier].append(o)
+        for tier in sorted(tiers):
+            envs = [
+                e
+                for o in sorted(tiers[tier])
+                for e in index.of_owner(o, flavor)
+                if usable(e) and (tier is Tier.OWNER or e.family_sharing)
+            ]
+            out.extend(e for e in envs if e.matches_location(location))
+            out.extend(e for e in envs if not e.matches_location(location))
+        funding = run.spec.funding
+        if funding is not None and funding.allow_borrow and funding.sponsors:
+            seen: set[str] = set()
+            for sponsor in funding.sponsors:
+                if sponsor in seen or index.family.tier(sponsor, owner) is not Tier.NONE:
+                    continue
+                seen.add(sponsor)
+                envs = [
+                    e for e in index.of_owner(sponsor, flavor) if usable(e) and e.lends_to(owner)
+                ]
+                out.extend(e for e in envs if e.matches_location(location))
+                out.extend(e for e in envs if not e.matches_location(location))
+        return out
+
+
+def fill(
+    index: EnvelopeIndex,
+    leases: Sequence[Lease],
+    runs: Mapping[str, Run],
+    admitted: Mapping[str, Instant],
+    node_labels: Mapping[str, Mapping[str, str]],
+    t: float,
+    hours: HoursView | None = None,
+) -> FillResult:
+    """Run the matching over the leases live at ``t`` and classify each one."""
+    hours = hours or HoursView()
+    proposer = Proposer(index, t)
+    claims: list[_Claim] = []
+    payer: dict[str, EnvelopeKey | None] = {}
+    cls: dict[str, FundingClass] = {}
+    rejections: dict[str, list[Rejection]] = {}
+    for lease in sorted(leases, key=lambda x: x.id):
+        if not _live(lease, t):
+            continue
+        run = runs.get(lease.run)
+        payer[lease.id] = None
+        cls[lease.id] = FundingClass.UNFUNDED
+        if run is None:
+            rejections[lease.id] = []
+            continue
+        owner = index.family.owner_of(run.metadata.namespace)
+        labels = node_labels.get(lease.node)
+        location = location_of(labels) if labels is not None else None
+        funding = run.spec.funding
+        claims.append(
+            _Claim(
+                lease=lease,
+                run_key=run.key,
+                owner=owner,
+                admitted=admitted.get(run.key, lease.start),
+                proposals=proposer.envelopes_for(run, owner, location),
+                borrow_cap=funding.max_borrow_gpus if funding is not None else None,
+            )
+        )
+
+    held: dict[EnvelopeKey, list[_Claim]] = defaultdict(list)
+    pending = [c for c in claims if c.proposals]
+    while pending:
+        touched: set[int] = set()
+        incoming: dict[EnvelopeKey, list[_Claim]] = defaultdict(list)
+        for c in pending:
+            if c.next_index >= len(c.proposals):
+                continue
+            env = c.proposals[c.next_index]
+            c.next_index += 1
+            incoming[env].append(c)
+            touched.add(index.acceptor_of[env])
+        pending = []
+        for acceptor in sorted(touched):
+            members = index.acceptors[acceptor]
+            candidates = [c for k in members for c in held[k]] + [
+                c for k in members for c in incoming.get(k, ())
+            ]
+            accepted, rejected = _decide(index, members, candidates, hours)
+            for k in members:
+                held[k] = []
+            for c, env in accepted:
+                c.holder = env
+                held[env].append(c)
+            for c, env, why in rejected:
+                c.holder = None
+                c.rejections.append(Rejection(env, why))
+                pending.append(c)
+        pending.extend(_enforce_borrow_caps(index, held))
+        pending.sort(key=lambda c: c.lease.id)
+
+    accepted_view: dict[EnvelopeKey, list[Accepted]] = {}
+    for env_key, holders in held.items():
+        env = index.envelopes[env_key]
+        rows = []
+        for c in holders:
+            tier = index.family.tier(env.owner, c.owner)
+            rank = c.rank_at(env, tier)
+            rows.append(Accepted(rank, c.lease.width, int(rank[0])))  # type: ignore[call-overload]
+            payer[c.lease.id] = env_key
+            cls[c.lease.id] = (
+                FundingClass.OWNED
+                if tier is Tier.OWNER
+                else FundingClass.SHARED
+                if tier is not Tier.NONE
+                else FundingClass.BORROWED
+            )
+        rows.sort(key=lambda a: a.rank)
+        accepted_view[env_key] = rows
+    for c in claims:
+        rejections[c.lease.id] = c.rejections
+    return FillResult(payer, cls, rejections, accepted_view)
+
+
+def _live(lease: Lease, t: float) -> bool:
+    if t < lease.start:
+        return False
+    end = lease.effective_end()
+    return end is None or t < end
+
+
+def _decide(
+    index: EnvelopeIndex,
+    members: Sequence[EnvelopeKey],
+    candidates: list[_Claim],
+    hours: HoursView,
+) -> tuple[list[tuple[_Claim, EnvelopeKey]], list[tuple[_Claim, EnvelopeKey, str]]]:
+    """Greedy fill of one acceptor group in rank order, with skip semantics."""
+    ranked = []
+    for c in candidates:
+        env_key = c.proposals[c.next_index - 1] if c.holder is None else c.holder
+        env = index.envelopes[env_key]
+        tier = index.family.tier(env.owner, c.owner)
+        ranked.append((c.rank_at(env, tier), c, env))
+    ranked.sort(key=lambda r: r[0])
+    used: dict[EnvelopeKey, int] = defaultdict(int)
+    lent: dict[EnvelopeKey, int] = defaultdict(int)
+    cap_used: dict[str, int] = defaultdict(int)
+    period = hours.period_hours
+    accepted: list[tuple[_Claim, EnvelopeKey]] = []
+    rejected: list[tuple[_Claim, EnvelopeKey, str]] = []
+    for rank, c, env in ranked:
+        w = c.lease.width
+        key = env.key
+        why = ""
+        is_sponsor = rank[0] in (LOAN, SPONSOR)
+        already = (c.lease.id, key) in hours.previously_funded
+        if used[key] + w > env.concurrency:
+            why = f"concurrency {env.concurrency} full ({used[key]} funded ahead)"
+        elif is_sponsor and env.lending_max is not None and lent[key] + w > env.lending_max:
+            why = f"lending cap {env.lending_max} reached ({lent[key]} lent)"
+        else:
+            for cap_id in env.caps:
+                cap = index.caps[cap_id]
+                if cap.max_concurrency is not None and cap_used[cap_id] + w > cap.max_concurrency:
+                    why = f"aggregate cap {cap.name} {cap.max_concurrency} full"
+                    break
+                if cap.gpu_hours is not None and not _hours_ok(
+                    hours.remaining_cap.get(cap_id, cap.gpu_hours),
+                    period,
+                    cap_used[cap_id],
+                    w,
+                    already,
+                ):
+                    why = f"aggregate cap {cap.name} GPU-hours exhausted"
+                    break
+            if not why and env.gpu_hours is not None:
+                remaining = hours.remaining_envelope.get(key, env.gpu_hours)
+                if not _hours_ok(remaining, period, used[key], w, already):
+                    why = f"GPU-hours exhausted ({remaining:.2f} left)"
+        if why:
+            rejected.append((c, key, why))
+            continue
+        used[key] += w
+        if is_sponsor:
+            lent[key] += w
+        for cap_id in env.caps:
+            cap_used[cap_id] += w
+        accepted.append((c, key))
+    del members
+    return accepted, rejected
+
+
+def _hours_ok(remaining: float, period: float, above: int, width: int, already: bool) -> bool:
+    """DESIGN decision 1's hysteresis rule."""
+    if already:
+        return remaining > period * above + HOURS_EPSILON
+    return remaining + HOURS_EPSILON >= period * (above + width) and remaining > HOURS_EPSILON
+
+
+def _enforce_borrow_caps(
+    index: EnvelopeIndex, held: dict[EnvelopeKey, list[_Claim]]
+) -> list[_Claim]:
+    """A run's Borrowed width never exceeds its ``maxBorrowGPUs``: drop its junior loans."""
+    borrowed: dict[str, list[tuple[tuple[object, ...], _Claim]]] = defaultdict(list)
+    for env_key, holders in held.items():
+        env = index.envelopes[env_key]
+        for c in holders:
+            if c.borrow_cap is None:
+                continue
+            tier = index.family.tier(env.owner, c.owner)
+            if tier is Tier.NONE:
+                borrowed[c.run_key].append((c.rank_at(env, tier), c))
+    evicted: list[_Claim] = []
+    for run_key in sorted(borrowed):
+        rows = sorted(borrowed[run_key], key=lambda r: r[0])
+        total = 0
+        for _, c in rows:
+            cap = c.borrow_cap or 0
+            if total + c.lease.width <= cap:
+                total += c.lease.width
+                continue
+            assert c.holder is not None
+            held[c.holder].remove(c)
+            c.rejections.append(Rejection(c.holder, f"run borrow limit {cap} reached"))
+            c.holder = None
+            evicted.append(c)
+    return evicted
+
+
+def senior_width(rows: Sequence[Accepted], rank: tuple[object, ...]) -> int:
+    """Funded width on an envelope ranked at or above ``rank`` (equal keys count as senior)."""
+    keys = [r.rank for r in rows]
+    pos = bisect.bisect_right(keys, rank)  # type: ignore[arg-type]
+    return sum(r.width for r in rows[:pos])

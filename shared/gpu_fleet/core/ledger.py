@@ -1,0 +1,355 @@
+"""The ledger: immutable events, and live state as a deterministic fold of them.
+
+Every state change is an event; nothing else mutates state.  The manager publishes these to the
+JetStream stream ``FLEET``; the scenario runner applies them in memory.  Both call ``fold`` and
+so cannot disagree.  Time comes *from the events* (``at``), which is what makes a replay
+reproduce every decision.
+
+Evolution rules for this message family (msgspec tagged union on ``type``):
+
+* new fields get defaults and are appended; a field's type never changes;
+* decoders do not forbid unknown fields, so an older service reads a newer event;
+* an event type is never reused for a different meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+
+from gpu_fleet.core.envelopes import EnvelopeIndex, build_index
+from gpu_fleet.core.metering import FundingInputs, Meter, advance_meter, evaluate
+from gpu_fleet.core.model import (
+    Budget,
+    Instant,
+    Lease,
+    Node,
+    NodeHealth,
+    Run,
+)
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    at: Instant
+
+
+class NodeRegistered(_Event, tag="NodeRegistered", kw_only=True):
+    node: Node
+
+
+class NodeHealthChanged(_Event, tag="NodeHealthChanged", kw_only=True):
+    node: str
+    health: NodeHealth
+
+
+class BudgetApplied(_Event, tag="BudgetApplied", kw_only=True):
+    budget: Budget
+
+
+class BudgetDeleted(_Event, tag="BudgetDeleted", kw_only=True):
+    namespace: str
+    name: str
+
+
+class RunSubmitted(_Event, tag="RunSubmitted", kw_only=True):
+    run: Run
+
+
+class RunUpdated(_Event, tag="RunUpdated", kw_only=True):
+    run: Run
+
+
+class RunDeleted(_Event, tag="RunDeleted", kw_only=True):
+    run: str
+
+
+RunPhase = Literal["Pending", "Waiting", "Running", "Completed", "Failed"]
+
+
+class RunStatusChanged(_Event, tag="RunStatusChanged", kw_only=True):
+    """A run's state: the reason names the state (SPEC §A.6), the phase is derived from it."""
+
+    run: str
+    phase: RunPhase
+    reason: str
+    message: str = ""
+    detail: dict[str, object] = msgspec.field(default_factory=dict)
+
+
+class LeaseMinted(_Event, tag="LeaseMinted", kw_only=True):
+    lease: Lease
+
+
+class LeaseClosed(_Event, tag="LeaseClosed", kw_only=True):
+    lease: str
+    reason: str
+
+
+class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    run: str
+    kind: Literal["capacity", "window", "budget"]
+    state: Literal["Pending", "Released", "Failed", "BlockedFunding"] = "Pending"
+    domain: str = ""
+    nodes: tuple[str, ...] = ()
+    paying_envelope: str = ""
+    earliest_start: Instant
+    deficit_gpus: int = 0
+    confidence: str = "conservative"
+    reason: str = ""
+    remedies: tuple[str, ...] = ()
+    created_at: Instant
+    released_at: Instant | None = None
+
+
+class ReservationCreated(_Event, tag="ReservationCreated", kw_only=True):
+    reservation: Reservation
+
+
+class ReservationReleased(_Event, tag="ReservationReleased", kw_only=True):
+    name: str
+    state: Literal["Released", "Failed"] = "Released"
+    reason: str = ""
+
+
+Event = (
+    NodeRegistered
+    | NodeHealthChanged
+    | BudgetApplied
+    | BudgetDeleted
+    | RunSubmitted
+    | RunUpdated
+    | RunDeleted
+    | RunStatusChanged
+    | LeaseMinted
+    | LeaseClosed
+    | ReservationCreated
+    | ReservationReleased
+)
+
+EVENT_ENCODER = msgspec.json.Encoder()
+EVENT_DECODER = msgspec.json.Decoder(Event)
+
+
+class LedgerError(ValueError):
+    """An event that would break an invariant; the fold refuses it and changes nothing."""
+
+
+@dataclass
+class RunStatus:
+    phase: RunPhase = "Pending"
+    reason: str = ""
+    message: str = ""
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class FleetState:
+    """Live state folded from the ledger.  Only ``fold`` mutates it."""
+
+    settings_period_hours: float = 24.0
+    nodes: dict[str, Node] = field(default_factory=dict)
+    budgets: dict[str, Budget] = field(default_factory=dict)
+    runs: dict[str, Run] = field(default_factory=dict)
+    admitted: dict[str, Instant] = field(default_factory=dict)
+    status: dict[str, RunStatus] = field(default_factory=dict)
+    leases: dict[str, Lease] = field(default_factory=dict)
+    open_leases: dict[str, Lease] = field(default_factory=dict)
+    slot_holder: dict[str, str] = field(default_factory=dict)  # slot -> open lease id
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+    history: list[Event] = field(default_factory=list)
+    meter: Meter = field(default_factory=lambda: Meter(t=0.0))
+    clock: Instant = 0
+    _index: EnvelopeIndex | None = None
+
+    @property
+    def index(self) -> EnvelopeIndex:
+        if self._index is None:
+            self._index = build_index(self.budgets.values())
+        return self._index
+
+    def node_labels(self) -> dict[str, Mapping[str, str]]:
+        return {name: n.labels for name, n in self.nodes.items()}
+
+    def funding_inputs(self) -> FundingInputs:
+        return FundingInputs(
+            index=self.index,
+            leases=list(self.open_leases.values()),
+            runs=self.runs,
+            admitted=self.admitted,
+            node_labels=self.node_labels(),
+            period_hours=self.settings_period_hours,
+        )
+
+    def leases_of(self, run: str, *, open_only: bool = False) -> list[Lease]:
+        pool = self.open_leases if open_only else self.leases
+        return sorted(
+            (x for x in pool.values() if x.run == run), key=lambda x: (x.start, x.id)
+        )
+
+    def pending_reservation(self, run: str) -> Reservation | None:
+        found = [
+            r for r in self.reservations.values() if r.run == run and r.state == "Pending"
+        ]
+        return max(found, key=lambda r: (r.created_at, r.name)) if found else None
+
+
+def _advance_clock(state: FleetState, at: Instant) -> None:
+    """Charge GPU-hours up to ``at`` with the funding as it stood, then move the clock."""
+    if at < state.clock:
+        raise LedgerError(f"event at {at} is earlier than the ledger clock {state.clock}")
+    if at > state.meter.t:
+        if state.open_leases:
+            advance_meter(state.meter, state.funding_inputs(), at)
+        state.meter.t = float(at)
+    state.clock = at
+
+
+def fold(state: FleetState, event: Event) -> None:
+    """Apply one event; raise ``LedgerError`` (changing nothing) if it breaks an invariant."""
+    _check(state, event)
+    _advance_clock(state, event.at)
+    match event:
+        case NodeRegistered(node=node):
+            state.nodes[node.name] = node
+        case NodeHealthChanged(node=name, health=health):
+            state.nodes[name] = msgspec.structs.replace(state.nodes[name], health=health)
+        case BudgetApplied(budget=budget):
+            state.budgets[budget.key] = budget
+            state._index = None
+        case BudgetDeleted(namespace=ns, name=name):
+            state.budgets.pop(f"{ns}/{name}", None)
+            state._index = None
+        case RunSubmitted(run=run):
+            state.runs[run.key] = run
+            state.admitted[run.key] = event.at
+            state.status[run.key] = RunStatus()
+        case RunUpdated(run=run):
+            state.runs[run.key] = run
+        case RunDeleted(run=key):
+            state.runs.pop(key, None)
+            state.status.pop(key, None)
+        case RunStatusChanged(run=key, phase=phase, reason=reason, message=msg, detail=detail):
+            state.status[key] = RunStatus(phase, reason, msg, dict(detail))
+        case LeaseMinted(lease=lease):
+            state.leases[lease.id] = lease
+            state.open_leases[lease.id] = lease
+            for s in lease.slots:
+                state.slot_holder[s] = lease.id
+        case LeaseClosed(lease=lease_id, reason=reason):
+            closed = msgspec.structs.replace(
+                state.leases[lease_id], closed_at=event.at, closure_reason=reason
+            )
+            state.leases[lease_id] = closed
+            del state.open_leases[lease_id]
+            for s in closed.slots:
+                if state.slot_holder.get(s) == lease_id:
+                    del state.slot_holder[s]
+        case ReservationCreated(reservation=res):
+            state.reservations[res.name] = res
+        case ReservationReleased(name=name, state=new_state, reason=reason):
+            old = state.reservations[name]
+            state.reservations[name] = msgspec.structs.replace(
+                old, state=new_state, released_at=event.at, reason=reason or old.reason
+            )
+    state.history.append(event)
+
+
+def _check(state: FleetState, event: Event) -> None:
+    """Invariants that a single event could break, checked before anything changes."""
+    match event:
+        case LeaseMinted(lease=lease):
+            if lease.id in state.leases:
+                raise LedgerError(f"lease {lease.id} already exists")
+            if lease.run not in state.runs:
+                raise LedgerError(f"lease {lease.id}: run {lease.run} does not exist")
+            if state.status.get(lease.run, RunStatus()).phase in ("Completed", "Failed"):
+                raise LedgerError(f"lease {lease.id}: run {lease.run} is terminal")
+            if not lease.slots:
+                raise LedgerError(f"lease {lease.id}: holds no slot")
+            node = state.nodes.get(lease.node)
+            if node is None:
+                raise LedgerError(f"lease {lease.id}: unknown node {lease.node}")
+            for s in lease.slots:
+                n, _, ordinal = s.rpartition("#")
+                if n != lease.node or not ordinal.isdigit() or int(ordinal) >= node.gpus:
+                    raise LedgerError(f"lease {lease.id}: slot {s} is not a GPU of {lease.node}")
+                holder = state.slot_holder.get(s)
+                if holder is not None:
+                    raise LedgerError(f"lease {lease.id}: slot {s} is held by lease {holder}")
+        case LeaseClosed(lease=lease_id):
+            lease = state.leases.get(lease_id)
+            if lease is None:
+                raise LedgerError(f"lease {lease_id} does not exist")
+            if lease.closure_reason is not None:
+                raise LedgerError(f"lease {lease_id} is already closed ({lease.closure_reason})")
+        case NodeHealthChanged(node=name):
+            if name not in state.nodes:
+                raise LedgerError(f"unknown node {name}")
+        case ReservationReleased(name=name):
+            if name not in state.reservations:
+                raise LedgerError(f"unknown reservation {name}")
+        case _:
+            pass
+
+
+def fold_all(events: Iterable[Event], period_hours: float = 24.0) -> FleetState:
+    state = FleetState(settings_period_hours=period_hours)
+    for e in events:
+        fold(state, e)
+    return state
+
+
+# ------------------------------------------------------------------------------------------
+# Invariant checker: callable by tests and by services after every commit
+# ------------------------------------------------------------------------------------------
+
+
+def check_invariants(state: FleetState) -> list[str]:
+    """Every violated invariant, as a sentence; empty means healthy."""
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for lease in sorted(state.open_leases.values(), key=lambda x: x.id):
+        for s in lease.slots:
+            if s in seen:
+                problems.append(f"slot {s} held by both {seen[s]} and {lease.id}")
+            seen[s] = lease.id
+        run_status = state.status.get(lease.run)
+        if lease.run not in state.runs:
+            problems.append(f"open lease {lease.id} belongs to missing run {lease.run}")
+        elif run_status is not None and run_status.phase in ("Completed", "Failed"):
+            problems.append(f"open lease {lease.id} belongs to terminal run {lease.run}")
+    for lease in state.leases.values():
+        if (lease.closure_reason is None) != (lease.closed_at is None):
+            problems.append(f"lease {lease.id} closure is half-stamped")
+    if state.open_leases or state.budgets:
+        ev = evaluate(state.meter, state.funding_inputs(), state.clock)
+        for key, usage in sorted(ev.envelopes.items()):
+            if usage.funded > usage.concurrency:
+                problems.append(
+                    f"envelope {key} funds {usage.funded} GPUs over its concurrency "
+                    f"{usage.concurrency}"
+                )
+            if usage.gpu_hours is not None and usage.gpu_hours_used > usage.gpu_hours + 1e-6:
+                problems.append(
+                    f"envelope {key} consumed {usage.gpu_hours_used:.4f} GPU-hours over its "
+                    f"allowance {usage.gpu_hours}"
+                )
+        for cap_id, cap in sorted(ev.caps.items()):
+            if cap.max_concurrency is not None and cap.funded > cap.max_concurrency:
+                problems.append(f"aggregate cap {cap_id} funds {cap.funded} over {cap.max_concurrency}")
+            if cap.gpu_hours is not None and cap.gpu_hours_used > cap.gpu_hours + 1e-6:
+                problems.append(f"aggregate cap {cap_id} overdrawn on GPU-hours")
+        lent: dict[object, int] = {}
+        for lease_id, env_key in ev.fill.payer.items():
+            if env_key is None or ev.lease_class(lease_id).value != "borrowed":
+                continue
+            lent[env_key] = lent.get(env_key, 0) + state.open_leases[lease_id].width
+        for env_key, width in lent.items():
+            info = state.index.envelopes[env_key]  # type: ignore[index]
+            if info.lending_max is not None and width > info.lending_max:
+                problems.append(f"envelope {env_key} lends {width} over {info.lending_max}")
+    return problems

@@ -1,0 +1,303 @@
+"""GPU-hour metering and the funding evaluation at an instant.
+
+The meter is *folded* forward in time, never recomputed from the beginning: each ``advance``
+charges the interval since the last one to whichever envelope paid for it during that interval
+(DESIGN decision 9: payers are derived per interval).  Intervals are split wherever the funding
+could change by itself - a lease starting or ending, a window opening or closing, and the
+instant an envelope's remaining GPU-hours cross a hysteresis threshold (DESIGN decision 1) - so
+funded consumption never exceeds an allowance.
+
+Folding rather than re-deriving is a deliberate departure from the reference (SPEC §F.2 item 12):
+editing a window or re-binding a namespace changes the future, not hours already attributed.
+Hours used while Unfunded are metered per run and charge no envelope.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gpu_fleet.core.envelopes import EnvelopeIndex
+from gpu_fleet.core.funding import Accepted, FillResult, HoursView, fill
+from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
+
+_MIN_STEP = 1e-3  # seconds; keeps a float crossing from stalling the fold
+
+
+@dataclass
+class Meter:
+    """Hours charged so far, and the funded set of the last instant (for hysteresis)."""
+
+    t: float
+    envelope_hours: dict[EnvelopeKey, float] = field(default_factory=lambda: defaultdict(float))
+    envelope_class_hours: dict[EnvelopeKey, dict[FundingClass, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
+    cap_hours: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    run_hours: dict[str, dict[FundingClass, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
+    run_lender_hours: dict[str, dict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
+    previously_funded: frozenset[tuple[str, EnvelopeKey]] = frozenset()
+
+    def copy(self) -> Meter:
+        return copy.deepcopy(self)
+
+    def hours_view(self, index: EnvelopeIndex, period_hours: float) -> HoursView:
+        rem_env = {
+            k: e.gpu_hours - self.envelope_hours.get(k, 0.0)
+            for k, e in index.envelopes.items()
+            if e.gpu_hours is not None
+        }
+        rem_cap = {
+            k: c.gpu_hours - self.cap_hours.get(k, 0.0)
+            for k, c in index.caps.items()
+            if c.gpu_hours is not None
+        }
+        return HoursView(period_hours, rem_env, rem_cap, self.previously_funded)
+
+
+@dataclass(frozen=True)
+class FundingInputs:
+    """Everything the evaluation reads; the engine assembles it from the folded ledger."""
+
+    index: EnvelopeIndex
+    leases: Sequence[Lease]  # open leases and leases closed after the meter's last instant
+    runs: Mapping[str, Run]
+    admitted: Mapping[str, Instant]
+    node_labels: Mapping[str, Mapping[str, str]]
+    period_hours: float = 24.0
+
+
+def _boundaries(inputs: FundingInputs, after: float) -> list[float]:
+    points: set[float] = set()
+    for lease in inputs.leases:
+        if lease.start > after:
+            points.add(lease.start)
+        end = lease.effective_end()
+        if end is not None and end > after:
+            points.add(end)
+    for env in inputs.index.envelopes.values():
+        for b in (env.start, env.end):
+            if b is not None and b > after:
+                points.add(b)
+    return sorted(points)
+
+
+def _crossing_seconds(
+    inputs: FundingInputs, f: FillResult, view: HoursView
+) -> float | None:
+    """Seconds until some funded claim's hysteresis threshold is crossed at the current burn."""
+    best: float | None = None
+    period = view.period_hours
+
+    def scan(rows: Sequence[Accepted], remaining: float) -> None:
+        nonlocal best
+        burn = sum(r.width for r in rows)
+        if burn <= 0:
+            return
+        above = 0
+        for r in rows:
+            gap = remaining - period * above
+            if gap > 0:
+                secs = gap / burn * 3600.0
+                if best is None or secs < best:
+                    best = secs
+            above += r.width
+
+    for key, remaining in view.remaining_envelope.items():
+        scan(f.accepted.get(key, []), remaining)
+    for cap_id, remaining in view.remaining_cap.items():
+        cap = inputs.index.caps[cap_id]
+        rows = sorted(
+            (r for m in cap.members for r in f.accepted.get(m, [])), key=lambda r: r.rank
+        )
+        scan(rows, remaining)
+    return best
+
+
+def advance_meter(meter: Meter, inputs: FundingInputs, to: float) -> None:
+    """Charge ``[meter.t, to)`` to whoever paid during each piece of it.  Mutates ``meter``."""
+    index = inputs.index
+    bounds = _boundaries(inputs, meter.t)
+    t = meter.t
+    while t < to:
+        view = meter.hours_view(index, inputs.period_hours)
+        f = fill(index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, t, view)
+        pos = bisect.bisect_right(bounds, t)
+        nxt = min(to, bounds[pos]) if pos < len(bounds) else to
+        if view.remaining_envelope or view.remaining_cap:
+            crossing = _crossing_seconds(inputs, f, view)
+            if crossing is not None and t + crossing < nxt:
+                nxt = max(t + crossing, t + _MIN_STEP)
+        _accrue(meter, inputs, f, t, nxt)
+        meter.previously_funded = _funded_pairs(f)
+        t = nxt
+    meter.t = max(meter.t, to)
+
+
+def evaluate(meter: Meter, inputs: FundingInputs, at: float) -> Evaluation:
+    """The funding picture at ``at`` (advancing a copy of the meter if ``at`` is later)."""
+    if at > meter.t:
+        meter = meter.copy()
+        advance_meter(meter, inputs, at)
+    view = meter.hours_view(inputs.index, inputs.period_hours)
+    f = fill(inputs.index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, at, view)
+    return summarize(meter, inputs, f, at)
+
+
+def _funded_pairs(f: FillResult) -> frozenset[tuple[str, EnvelopeKey]]:
+    return frozenset((lid, env) for lid, env in f.payer.items() if env is not None)
+
+
+def _accrue(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: float) -> None:
+    hours = (t1 - t0) / 3600.0
+    if hours <= 0:
+        return
+    by_id = {lease.id: lease for lease in inputs.leases}
+    for lease_id, cls in f.funding_class.items():
+        lease = by_id[lease_id]
+        gpu_hours = lease.width * hours
+        meter.run_hours[lease.run][cls] += gpu_hours
+        env_key = f.payer.get(lease_id)
+        if env_key is None:
+            continue
+        env = inputs.index.envelopes[env_key]
+        meter.envelope_hours[env_key] += gpu_hours
+        meter.envelope_class_hours[env_key][cls] += gpu_hours
+        for cap_id in env.caps:
+            meter.cap_hours[cap_id] += gpu_hours
+        if cls in (FundingClass.SHARED, FundingClass.BORROWED):
+            meter.run_lender_hours[lease.run][env.owner] += gpu_hours
+
+
+# ------------------------------------------------------------------------------------------
+# Summaries: what budget status and run status show
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EnvelopeUsage:
+    key: EnvelopeKey
+    owner: str
+    flavor: str
+    concurrency: int
+    owned: int = 0
+    shared: int = 0
+    borrowed: int = 0
+    unfunded: int = 0  # unfunded width whose minted payer names this envelope (referenced)
+    spare: int = 0  # funded spare width
+    gpu_hours_used: float = 0.0
+    gpu_hours: float | None = None
+
+    @property
+    def funded(self) -> int:
+        return self.owned + self.shared + self.borrowed
+
+    @property
+    def headroom(self) -> int:
+        return max(0, self.concurrency - self.funded)
+
+
+@dataclass
+class CapUsage:
+    id: str
+    name: str
+    flavor: str
+    max_concurrency: int | None
+    funded: int = 0
+    gpu_hours_used: float = 0.0
+    gpu_hours: float | None = None
+
+    @property
+    def headroom(self) -> int | None:
+        if self.max_concurrency is None:
+            return None
+        return max(0, self.max_concurrency - self.funded)
+
+
+@dataclass
+class RunFunding:
+    owned: int = 0
+    shared: int = 0
+    borrowed: int = 0
+    unfunded: int = 0
+    spares: int = 0
+    lenders: dict[str, int] = field(default_factory=dict)
+    hours: dict[FundingClass, float] = field(default_factory=dict)
+    lender_hours: dict[str, float] = field(default_factory=dict)
+
+    def by_class(self, cls: FundingClass) -> int:
+        return int(getattr(self, cls.value))
+
+
+@dataclass
+class Evaluation:
+    """The funding picture at one instant: per lease, per envelope, per cap, per run."""
+
+    at: float
+    fill: FillResult
+    envelopes: dict[EnvelopeKey, EnvelopeUsage]
+    caps: dict[str, CapUsage]
+    runs: dict[str, RunFunding]
+
+    def lease_class(self, lease_id: str) -> FundingClass:
+        return self.fill.funding_class.get(lease_id, FundingClass.UNFUNDED)
+
+    def lease_payer(self, lease_id: str) -> EnvelopeKey | None:
+        return self.fill.payer.get(lease_id)
+
+
+def summarize(meter: Meter, inputs: FundingInputs, f: FillResult, at: float) -> Evaluation:
+    index = inputs.index
+    envelopes = {
+        k: EnvelopeUsage(
+            k,
+            e.owner,
+            e.flavor,
+            e.concurrency,
+            gpu_hours_used=meter.envelope_hours.get(k, 0.0),
+            gpu_hours=e.gpu_hours,
+        )
+        for k, e in index.envelopes.items()
+    }
+    caps = {
+        k: CapUsage(
+            k, c.name, c.flavor, c.max_concurrency, 0, meter.cap_hours.get(k, 0.0), c.gpu_hours
+        )
+        for k, c in index.caps.items()
+    }
+    runs: dict[str, RunFunding] = defaultdict(RunFunding)
+    by_id = {lease.id: lease for lease in inputs.leases}
+    for lease_id, cls in f.funding_class.items():
+        lease = by_id[lease_id]
+        rf = runs[lease.run]
+        env_key = f.payer.get(lease_id)
+        if lease.role is LeaseRole.SPARE:
+            rf.spares += lease.width
+        else:
+            setattr(rf, cls.value, getattr(rf, cls.value) + lease.width)
+        if env_key is not None:
+            usage = envelopes[env_key]
+            setattr(usage, cls.value, getattr(usage, cls.value) + lease.width)
+            if lease.role is LeaseRole.SPARE:
+                usage.spare += lease.width
+            for cap_id in index.envelopes[env_key].caps:
+                caps[cap_id].funded += lease.width
+            if cls in (FundingClass.SHARED, FundingClass.BORROWED) and (
+                lease.role is LeaseRole.ACTIVE
+            ):
+                owner = index.envelopes[env_key].owner
+                rf.lenders[owner] = rf.lenders.get(owner, 0) + lease.width
+        elif lease.minted_payer is not None and lease.minted_payer.key in envelopes:
+            envelopes[lease.minted_payer.key].unfunded += lease.width
+    for run_key, hours in meter.run_hours.items():
+        runs[run_key].hours = dict(hours)
+    for run_key, lenders in meter.run_lender_hours.items():
+        runs[run_key].lender_hours = dict(lenders)
+    return Evaluation(at, f, envelopes, caps, dict(runs))

@@ -1,0 +1,330 @@
+"""The resource model: what users write (Budget, Run) and what the fleet records (Lease, Node).
+
+Spec Structs mirror the CRDs of group ``rq.davidlangworthy.io/v1`` field for field (SPEC §A) with
+our additions (DESIGN decisions 1-3): ``gpuHours`` on envelopes and aggregate caps, and
+``spec.runtime.maxDuration`` / ``preemptionGrace`` on runs.  They are frozen: a changed spec is a
+new object, so the ledger can hold them by value and a replay sees exactly what was applied.
+
+Wire names are camelCase with the GPU acronym kept upper case (``totalGPUs``), which is why most
+fields carry an explicit ``name=`` instead of relying on ``rename="camel"``.
+
+Instants inside the core are integer Unix seconds (``Instant``); specs keep ``datetime`` because
+that is what manifests carry.  ``to_instant`` is the one conversion.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Literal
+
+import msgspec
+
+API_VERSION = "rq.davidlangworthy.io/v1"
+GROUP = "rq.davidlangworthy.io"
+
+Instant = int
+"""Unix seconds, UTC.  The whole core runs on an injected clock expressed in these."""
+
+LOCATION_KEYS = ("region", "cluster", "fabric.domain")
+FLAVOR_LABEL = "gpu.flavor"
+
+
+def to_instant(value: dt.datetime) -> Instant:
+    """Convert an aware datetime to Unix seconds (naive datetimes are read as UTC)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return int(value.timestamp())
+
+
+def run_key(namespace: str, name: str) -> str:
+    """The one namespaced-key rule (SPEC §F.1.8): ``ns/name``, empty namespace is ``default``."""
+    return f"{namespace or 'default'}/{name}"
+
+
+class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every manifest struct: unknown fields are typos and must fail loudly."""
+
+
+# --------------------------------------------------------------------------------------------
+# Budget
+# --------------------------------------------------------------------------------------------
+
+
+class PreActivation(_Spec):
+    allow_reservations: bool = msgspec.field(default=True, name="allowReservations")
+    allow_admission: bool = msgspec.field(default=False, name="allowAdmission")
+
+
+class Lending(_Spec):
+    allow: bool = False
+    to: tuple[str, ...] = ()
+    max_concurrency: int | None = msgspec.field(default=None, name="maxConcurrency")
+
+
+class Envelope(_Spec):
+    name: str
+    flavor: str
+    selector: dict[str, str]
+    concurrency: int
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+    gpu_hours: float | None = msgspec.field(default=None, name="gpuHours")
+    sharing: Literal["", "family", "none"] = ""
+    pre_activation: PreActivation | None = msgspec.field(default=None, name="preActivation")
+    lending: Lending | None = None
+
+
+class AggregateCap(_Spec):
+    name: str
+    flavor: str
+    envelopes: tuple[str, ...]
+    max_concurrency: int | None = msgspec.field(default=None, name="maxConcurrency")
+    gpu_hours: float | None = msgspec.field(default=None, name="gpuHours")
+
+
+class AutoRenew(_Spec):
+    period: str
+    notify_before: str = msgspec.field(default="0s", name="notifyBefore")
+
+
+class BudgetSpec(_Spec):
+    owner: str
+    envelopes: tuple[Envelope, ...]
+    aggregate_caps: tuple[AggregateCap, ...] = msgspec.field(default=(), name="aggregateCaps")
+    parents: tuple[str, ...] = ()
+    auto_renew: AutoRenew | None = msgspec.field(default=None, name="autoRenew")
+
+
+class ObjectMeta(_Spec):
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    annotations: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Budget(_Spec, tag_field="kind", tag="Budget"):
+    metadata: ObjectMeta
+    spec: BudgetSpec
+    api_version: str = msgspec.field(default=API_VERSION, name="apiVersion")
+
+    @property
+    def key(self) -> str:
+        return run_key(self.metadata.namespace, self.metadata.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+
+
+class Resources(_Spec):
+    gpu_type: str = msgspec.field(name="gpuType")
+    total_gpus: int = msgspec.field(name="totalGPUs")
+
+
+class Locality(_Spec):
+    group_gpus: int | None = msgspec.field(default=None, name="groupGPUs")
+    allow_cross_group_spread: bool = msgspec.field(default=True, name="allowCrossGroupSpread")
+
+
+class Malleable(_Spec):
+    min_total_gpus: int = msgspec.field(name="minTotalGPUs")
+    max_total_gpus: int = msgspec.field(name="maxTotalGPUs")
+    step_gpus: int = msgspec.field(name="stepGPUs")
+    desired_total_gpus: int | None = msgspec.field(default=None, name="desiredTotalGPUs")
+
+
+class Funding(_Spec):
+    allow_borrow: bool = msgspec.field(default=False, name="allowBorrow")
+    max_borrow_gpus: int | None = msgspec.field(default=None, name="maxBorrowGPUs")
+    sponsors: tuple[str, ...] = ()
+
+
+class Follow(_Spec):
+    after: tuple[str, ...]
+    on_upstream_failure: Literal["", "wait", "fail"] = msgspec.field(
+        default="", name="onUpstreamFailure"
+    )
+    upstream_failure_grace: str = msgspec.field(default="30m", name="upstreamFailureGrace")
+
+
+class Runtime(_Spec):
+    checkpoint: str = "0s"
+    max_duration: str | None = msgspec.field(default=None, name="maxDuration")
+    preemption_grace: str | None = msgspec.field(default=None, name="preemptionGrace")
+
+
+class Role(_Spec):
+    name: str
+    template: dict[str, object] = msgspec.field(default_factory=dict)
+    width: int = 1
+    gpus_per_pod: int = msgspec.field(default=1, name="gpusPerPod")
+    group_gpus: int | None = msgspec.field(default=None, name="groupGPUs")
+    spares: int = 0
+    failure_policy: Literal["Fail", "Retry", "Ignore"] = msgspec.field(
+        default="Fail", name="failurePolicy"
+    )
+    retries: int | None = None
+    backoff: str | None = None
+
+
+class RunSpec(_Spec):
+    resources: Resources
+    locality: Locality | None = None
+    malleable: Malleable | None = None
+    spares_per_group: int = msgspec.field(default=0, name="sparesPerGroup")
+    funding: Funding | None = None
+    follow: Follow | None = None
+    runtime: Runtime | None = None
+    roles: tuple[Role, ...] = ()
+
+
+class Run(_Spec, tag_field="kind", tag="Run"):
+    metadata: ObjectMeta
+    spec: RunSpec
+    api_version: str = msgspec.field(default=API_VERSION, name="apiVersion")
+
+    @property
+    def key(self) -> str:
+        return run_key(self.metadata.namespace, self.metadata.name)
+
+    @property
+    def flavor(self) -> str:
+        return self.spec.resources.gpu_type
+
+    @property
+    def desired_width(self) -> int:
+        """Width the run asks for now: malleable desired, else totalGPUs."""
+        m = self.spec.malleable
+        if m is not None:
+            return m.desired_total_gpus if m.desired_total_gpus is not None else m.max_total_gpus
+        return self.spec.resources.total_gpus
+
+    @property
+    def min_width(self) -> int:
+        """Minimum runnable width (SPEC §B.2): malleable min, else start together or not at all."""
+        m = self.spec.malleable
+        return m.min_total_gpus if m is not None else self.spec.resources.total_gpus
+
+    @property
+    def group_gpus(self) -> int | None:
+        loc = self.spec.locality
+        return loc.group_gpus if loc is not None else None
+
+
+Manifest = Budget | Run
+"""Everything a user may apply (a tagged union on ``kind``)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Fleet and ledger records
+# --------------------------------------------------------------------------------------------
+
+
+class NodeHealth(enum.StrEnum):
+    READY = "Ready"
+    CORDONED = "Cordoned"  # no new work; existing work untouched (cordon is not failure)
+    FENCED = "Fenced"  # failed: deleted or tainted out-of-service
+
+
+class Node(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One GPU node as the topology index sees it (inventory file row or Kubernetes Node)."""
+
+    name: str
+    gpus: int
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    health: NodeHealth = NodeHealth.READY
+
+    @property
+    def flavor(self) -> str:
+        return self.labels.get(FLAVOR_LABEL, "")
+
+
+class EnvelopeKey(msgspec.Struct, frozen=True, order=True):
+    """Identity of an envelope: the Budget's namespace and name, then the envelope name."""
+
+    namespace: str
+    budget: str
+    envelope: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.budget}/{self.envelope}"
+
+
+class Payer(msgspec.Struct, frozen=True, kw_only=True):
+    """An envelope that pays, with its Budget's owner (as reported; never used to authorise)."""
+
+    namespace: str
+    budget: str
+    envelope: str
+    owner: str
+
+    @property
+    def key(self) -> EnvelopeKey:
+        return EnvelopeKey(self.namespace, self.budget, self.envelope)
+
+
+class LeaseRole(enum.StrEnum):
+    ACTIVE = "Active"
+    SPARE = "Spare"
+
+
+class MintReason(enum.StrEnum):
+    START = "Start"
+    GROW = "Grow"
+    SWAP = "Swap"
+    PROMISE = "Promise"
+
+
+class FundingClass(enum.StrEnum):
+    OWNED = "owned"
+    SHARED = "shared"
+    BORROWED = "borrowed"
+    UNFUNDED = "unfunded"
+
+
+class Lease(msgspec.Struct, frozen=True, kw_only=True):
+    """One run's hold on physical slots of one node, for one group, one role, one mint payer.
+
+    Immutable: closing a lease produces a new value with ``closed_at``/``closure_reason`` set,
+    and the ledger refuses a second closure (closure is final).
+    """
+
+    id: str
+    run: str
+    node: str
+    slots: tuple[str, ...]
+    role: LeaseRole
+    group: int
+    reason: MintReason = MintReason.START
+    cohort: int = 0
+    minted_payer: Payer | None = None
+    start: Instant
+    end: Instant | None = None  # scheduled end (maxDuration); None = open-ended
+    closed_at: Instant | None = None
+    closure_reason: str | None = None
+
+    @property
+    def width(self) -> int:
+        return len(self.slots)
+
+    @property
+    def is_open(self) -> bool:
+        return self.closure_reason is None
+
+    def effective_end(self) -> Instant | None:
+        """When the lease stops counting: the earlier of its scheduled end and its closure."""
+        ends = [t for t in (self.end, self.closed_at) if t is not None]
+        return min(ends) if ends else None
+
+    def live_at(self, t: Instant) -> bool:
+        if t < self.start:
+            return False
+        end = self.effective_end()
+        return end is None or t < end
+
+
+def slot(node: str, ordinal: int) -> str:
+    """A physical slot name (DESIGN decision 6): one GPU of one node, unique fleet-wide."""
+    return f"{node}#{ordinal}"

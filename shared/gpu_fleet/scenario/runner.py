@@ -1,0 +1,289 @@
+"""Drive the pure core through a scenario with a virtual clock and capture reports.
+
+The runner owns no semantics: it registers the fleet, applies objects and steps through the
+same ``Fleet`` committer the local CLI uses, and lets ``Fleet.advance_to`` run everything that
+falls due between steps (activations, expiries) exactly as production would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gpu_fleet.core.engine import Fleet, Planner, Settings
+from gpu_fleet.core.ledger import (
+    Event,
+    FleetState,
+    LeaseClosed,
+    ReservationCreated,
+    ReservationReleased,
+    RunStatusChanged,
+)
+from gpu_fleet.core.metering import Evaluation, evaluate
+from gpu_fleet.core.model import EnvelopeKey, Instant, Lease, LeaseRole, NodeHealth
+from gpu_fleet.core.timeutil import format_instant
+from gpu_fleet.scenario.loader import (
+    ApplyStep,
+    CompleteStep,
+    CordonNodeStep,
+    DeleteStep,
+    EtaStep,
+    FailStep,
+    FenceNodeStep,
+    ReportStep,
+    Scenario,
+    ShrinkStep,
+)
+
+Report = dict[str, Any]
+
+
+def settings_of(scenario: Scenario) -> Settings:
+    s = scenario.settings
+    return Settings(
+        accounting_period=s.accounting_period,
+        preemption_grace=s.preemption_grace,
+        preemption_grace_max=s.preemption_grace_max,
+        activation_lead=s.activation_lead,
+        activation_lead_per_gpu=s.activation_lead_per_gpu,
+    )
+
+
+def run_scenario(
+    scenario: Scenario,
+    planner: Planner | None = None,
+    on_step: Callable[[Fleet, object], None] | None = None,
+) -> Report:
+    """Run ``scenario`` in-process and return the JSON-able report of scenario-format.md."""
+    fleet = Fleet(settings_of(scenario), planner)
+    t0 = scenario.start
+    for node in scenario.nodes:
+        fleet.register_node(node, t0)
+    for obj in scenario.objects:
+        fleet.apply(obj, t0)
+    reports: list[dict[str, Any]] = []
+    last = t0
+    for step in scenario.steps:
+        fleet.advance_to(step.at)
+        last = step.at
+        match step:
+            case ApplyStep(manifest=m):
+                fleet.apply(m, step.at)
+            case DeleteStep(kind=kind, namespace=ns, name=name):
+                fleet.delete(kind, ns, name, step.at)
+            case FenceNodeStep(node=node):
+                fleet.set_node_health(node, NodeHealth.FENCED, step.at)
+            case CordonNodeStep(node=node):
+                fleet.set_node_health(node, NodeHealth.CORDONED, step.at)
+            case CompleteStep(run=key):
+                fleet.complete(key, step.at)
+            case FailStep(run=key):
+                fleet.fail(key, step.at)
+            case ShrinkStep(run=key, desired_total_gpus=desired):
+                fleet.shrink(key, desired, step.at)
+            case ReportStep(label=label):
+                reports.append(build_report(fleet.state, label, step.at))
+            case EtaStep():
+                pass  # ETAs feed the forecaster (reservations issue); recorded nowhere yet
+        if on_step is not None:
+            on_step(fleet, step)
+    fleet.advance_to(last)
+    reports.append(build_report(fleet.state, "final", last))
+    return {"scenario": scenario.name, "reports": reports}
+
+
+def _payer_json(state: FleetState, key: EnvelopeKey | None) -> dict[str, str] | None:
+    if key is None:
+        return None
+    info = state.index.envelopes.get(key)
+    return {
+        "namespace": key.namespace,
+        "budget": key.budget,
+        "envelope": key.envelope,
+        "owner": info.owner if info is not None else "",
+    }
+
+
+def _lease_json(state: FleetState, lease: Lease, ev: Evaluation) -> dict[str, Any]:
+    open_ = lease.is_open
+    minted = lease.minted_payer
+    return {
+        "id": lease.id,
+        "run": lease.run,
+        "node": lease.node,
+        "slots": list(lease.slots),
+        "role": lease.role.value,
+        "group": lease.group,
+        "reason": lease.reason.value,
+        "payer": _payer_json(state, ev.lease_payer(lease.id)) if open_ else None,
+        "mintedPayer": (
+            {
+                "namespace": minted.namespace,
+                "budget": minted.budget,
+                "envelope": minted.envelope,
+                "owner": minted.owner,
+            }
+            if minted is not None
+            else None
+        ),
+        "class": ev.lease_class(lease.id).value if open_ else None,
+        "start": format_instant(lease.start),
+        "end": format_instant(lease.end) if lease.end is not None else None,
+        "closedAt": format_instant(lease.closed_at) if lease.closed_at is not None else None,
+        "closureReason": lease.closure_reason,
+    }
+
+
+def build_report(state: FleetState, label: str, at: Instant) -> dict[str, Any]:
+    ev = evaluate(state.meter, state.funding_inputs(), at)
+    runs = []
+    for key in sorted(state.runs):
+        run = state.runs[key]
+        st = state.status.get(key)
+        open_leases = state.leases_of(key, open_only=True)
+        allocated = sum(x.width for x in open_leases if x.role is LeaseRole.ACTIVE)
+        spares = sum(x.width for x in open_leases if x.role is LeaseRole.SPARE)
+        rf = ev.runs.get(key)
+        res = state.pending_reservation(key)
+        m = run.spec.malleable
+        runs.append(
+            {
+                "namespace": run.metadata.namespace,
+                "name": run.metadata.name,
+                "phase": st.phase if st else "Pending",
+                "reason": st.reason if st else "",
+                "message": st.message if st else "",
+                "width": {
+                    "min": run.min_width,
+                    "max": m.max_total_gpus if m else run.spec.resources.total_gpus,
+                    "desired": run.desired_width,
+                    "allocated": allocated,
+                },
+                "spares": spares,
+                "funding": {
+                    "owned": rf.owned if rf else 0,
+                    "shared": rf.shared if rf else 0,
+                    "borrowed": rf.borrowed if rf else 0,
+                    "unfunded": rf.unfunded if rf else 0,
+                },
+                "lenders": [
+                    {"owner": o, "gpus": g} for o, g in sorted((rf.lenders if rf else {}).items())
+                ],
+                "gpuHours": {
+                    c.value: round(h, 6) for c, h in sorted((rf.hours if rf else {}).items())
+                },
+                "reservation": res.name if res else None,
+                "earliestStart": format_instant(res.earliest_start) if res else None,
+            }
+        )
+    leases = [
+        _lease_json(state, lease, ev)
+        for lease in sorted(state.leases.values(), key=lambda x: (x.start, x.id))
+    ]
+    reservations = [
+        {
+            "name": r.name,
+            "run": r.run,
+            "kind": r.kind,
+            "state": r.state,
+            "earliestStart": format_instant(r.earliest_start),
+            "deficitGPUs": r.deficit_gpus,
+            "confidence": r.confidence,
+            "reason": r.reason,
+            "remedies": list(r.remedies),
+            "payingEnvelope": r.paying_envelope,
+            "intendedSlice": {"domain": r.domain, "nodes": list(r.nodes)},
+            "createdAt": format_instant(r.created_at),
+            "releasedAt": format_instant(r.released_at) if r.released_at is not None else None,
+        }
+        for r in sorted(state.reservations.values(), key=lambda r: (r.created_at, r.name))
+    ]
+    budgets = []
+    for bkey in sorted(state.budgets):
+        b = state.budgets[bkey]
+        ns, name = b.metadata.namespace, b.metadata.name
+        envs = []
+        for e in b.spec.envelopes:
+            u = ev.envelopes[EnvelopeKey(ns, name, e.name)]
+            envs.append(
+                {
+                    "name": e.name,
+                    "flavor": e.flavor,
+                    "concurrency": u.concurrency,
+                    "headroom": u.headroom,
+                    "owned": u.owned,
+                    "shared": u.shared,
+                    "borrowed": u.borrowed,
+                    "unfunded": u.unfunded,
+                    "spare": u.spare,
+                    "gpuHoursUsed": round(u.gpu_hours_used, 6),
+                    "gpuHours": u.gpu_hours,
+                }
+            )
+        caps = []
+        for c in b.spec.aggregate_caps:
+            cu = ev.caps[f"{ns}/{name}/{c.name}"]
+            caps.append(
+                {
+                    "name": c.name,
+                    "flavor": c.flavor,
+                    "maxConcurrency": c.max_concurrency,
+                    "funded": cu.funded,
+                    "headroom": cu.headroom,
+                    "gpuHoursUsed": round(cu.gpu_hours_used, 6),
+                }
+            )
+        budgets.append(
+            {
+                "namespace": ns,
+                "name": name,
+                "owner": b.spec.owner,
+                "envelopes": envs,
+                "aggregateCaps": caps,
+            }
+        )
+    return {
+        "label": label,
+        "at": format_instant(at),
+        "runs": runs,
+        "leases": leases,
+        "reservations": reservations,
+        "budgets": budgets,
+        "events": [e for e in (_event_json(state, x) for x in state.history) if e is not None],
+    }
+
+
+def _event_json(state: FleetState, e: Event) -> dict[str, Any] | None:
+    match e:
+        case RunStatusChanged(run=run, reason=reason, message=msg, phase=phase):
+            return {
+                "at": format_instant(e.at),
+                "type": reason,
+                "run": run,
+                "detail": {"phase": phase, "message": msg},
+            }
+        case LeaseClosed(lease=lease_id, reason=reason):
+            lease = state.leases.get(lease_id)
+            return {
+                "at": format_instant(e.at),
+                "type": "LeaseClosed",
+                "run": lease.run if lease else None,
+                "detail": {"lease": lease_id, "closureReason": reason},
+            }
+        case ReservationCreated(reservation=r):
+            return {
+                "at": format_instant(e.at),
+                "type": "ReservationCreated",
+                "run": r.run,
+                "detail": {"reservation": r.name, "earliestStart": format_instant(r.earliest_start)},
+            }
+        case ReservationReleased(name=name, state=st, reason=reason):
+            res = state.reservations.get(name)
+            return {
+                "at": format_instant(e.at),
+                "type": "ReservationReleased",
+                "run": res.run if res else None,
+                "detail": {"reservation": name, "state": st, "reason": reason},
+            }
+        case _:
+            return None
