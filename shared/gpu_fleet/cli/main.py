@@ -1,0 +1,226 @@
+"""``gpu-fleet``: the operator and developer command line.
+
+Exit codes follow the usual convention: 0 done, 1 a check failed or a command could not apply,
+2 usage or validation errors (the message names the field and the rule).  Errors are one-liners
+on stderr, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpu_fleet.core.manifests import ManifestError, parse_manifests
+from gpu_fleet.scenario.expectations import check_expectations
+from gpu_fleet.scenario.loader import ScenarioError, load_scenario_file
+from gpu_fleet.scenario.runner import run_scenario
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's default prints usage; keep it one line
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  ") -> str:
+    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(indent + line for line in lines)
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """A readable rendering of one scenario report (what ``make demo`` prints)."""
+    out = [f"== {report['label']} @ {report['at']}"]
+    runs = report["runs"]
+    if runs:
+        out.append("  Runs")
+        out.append(
+            _table(
+                ["RUN", "PHASE", "REASON", "ALLOC", "SPARES", "OWNED", "SHARED", "BORROWED",
+                 "UNFUNDED", "EARLIEST START"],
+                [
+                    [
+                        f"{r['namespace']}/{r['name']}", r["phase"], r["reason"],
+                        r["width"]["allocated"], r["spares"], r["funding"]["owned"],
+                        r["funding"]["shared"], r["funding"]["borrowed"], r["funding"]["unfunded"],
+                        r["earliestStart"],
+                    ]
+                    for r in runs
+                ],
+                "    ",
+            )
+        )
+        for r in runs:
+            if r["message"]:
+                out.append(f"    {r['namespace']}/{r['name']}: {r['message']}")
+    open_leases = [x for x in report["leases"] if x["closureReason"] is None]
+    closed = [x for x in report["leases"] if x["closureReason"] is not None]
+    if open_leases:
+        out.append(f"  Open leases ({len(open_leases)})")
+        out.append(
+            _table(
+                ["RUN", "NODE", "SLOTS", "ROLE", "GROUP", "CLASS", "PAYER"],
+                [
+                    [
+                        x["run"], x["node"], _slots(x["slots"]), x["role"], x["group"], x["class"],
+                        "/".join(x["payer"][k] for k in ("namespace", "budget", "envelope"))
+                        if x["payer"] else None,
+                    ]
+                    for x in open_leases
+                ],
+                "    ",
+            )
+        )
+    if closed:
+        out.append(f"  Closed leases ({len(closed)})")
+        out.append(
+            _table(
+                ["RUN", "NODE", "SLOTS", "CLOSED AT", "REASON"],
+                [[x["run"], x["node"], _slots(x["slots"]), x["closedAt"], x["closureReason"]]
+                 for x in closed],
+                "    ",
+            )
+        )
+    pending = [r for r in report["reservations"] if r["state"] == "Pending"]
+    if pending:
+        out.append("  Reservations")
+        out.append(
+            _table(
+                ["NAME", "RUN", "KIND", "EARLIEST START", "DEFICIT", "REASON"],
+                [[r["name"], r["run"], r["kind"], r["earliestStart"], r["deficitGPUs"], r["reason"]]
+                 for r in pending],
+                "    ",
+            )
+        )
+    out.append("  Budgets")
+    out.append(
+        _table(
+            ["ENVELOPE", "CONC", "HEADROOM", "OWNED", "SHARED", "BORROWED", "UNFUNDED", "GPU-H"],
+            [
+                [f"{b['namespace']}/{b['name']}/{e['name']}", e["concurrency"], e["headroom"],
+                 e["owned"], e["shared"], e["borrowed"], e["unfunded"], f"{e['gpuHoursUsed']:.2f}"]
+                for b in report["budgets"]
+                for e in b["envelopes"]
+            ],
+            "    ",
+        )
+    )
+    return "\n".join(out)
+
+
+def _slots(slots: list[str]) -> str:
+    if len(slots) <= 2:
+        return ",".join(slots)
+    return f"{slots[0]}..{slots[-1].rpartition('#')[2]} ({len(slots)})"
+
+
+def _cmd_scenario_run(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    results = []
+    for path in args.files:
+        try:
+            scenario = load_scenario_file(path)
+        except FileNotFoundError:
+            print(f"error: {path}: no such file", file=sys.stderr)
+            return EXIT_USAGE
+        except ScenarioError as exc:
+            for line in str(exc).splitlines():
+                print(f"error: {path}: {line}", file=sys.stderr)
+            return EXIT_USAGE
+        report = run_scenario(scenario)
+        outcomes = check_expectations(report, scenario.expectations) if args.check else []
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            status = EXIT_FAILED
+        if args.output == "json":
+            if args.check:
+                report = {**report, "expectations": [
+                    {"index": o.index, "ok": o.ok, "message": o.message} for o in outcomes
+                ]}
+            results.append(report)
+            continue
+        print(f"Scenario {scenario.name} ({path})")
+        for rep in report["reports"]:
+            print(render_report(rep))
+        if args.check:
+            checked = [o for o in outcomes if not o.message.startswith("text:")]
+            print(f"  Expectations: {len(checked) - len(failed)} of {len(checked)} met")
+            for o in failed:
+                print(f"    FAILED #{o.index}: {o.message}")
+        print()
+    if args.output == "json":
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    return status
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            print(f"error: {path}: {exc.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            manifests = parse_manifests(text, source=path)
+        except ManifestError as exc:
+            for line in str(exc).splitlines():
+                print(f"error: {path}: {line}", file=sys.stderr)
+            status = EXIT_USAGE
+            continue
+        for m in manifests:
+            print(f"{path}: {type(m).__name__} {m.metadata.namespace}/{m.metadata.name}: valid")
+    return status
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    folder = Path(args.examples)
+    files = sorted(folder.glob("*.yaml"))
+    if not files:
+        print(f"error: no example scenarios in {folder}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        "gpu-fleet demo: each example is a story about a fleet, run through the scheduling core\n"
+        "with a virtual clock (the same core the services use).\n"
+    )
+    ns = argparse.Namespace(files=[str(f) for f in files], output="table", check=True)
+    return _cmd_scenario_run(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gpu-fleet", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    scenario = sub.add_parser("scenario", help="run scenario files through the core")
+    scenario_sub = scenario.add_subparsers(dest="scenario_command", required=True)
+    run = scenario_sub.add_parser("run", help="run one or more scenario files")
+    run.add_argument("files", nargs="+", metavar="FILE")
+    run.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    run.add_argument(
+        "--check", action="store_true", help="check the file's machine expectations (exit 1 on failure)"
+    )
+    run.set_defaults(func=_cmd_scenario_run)
+    validate = sub.add_parser("validate", help="validate Budget/Run manifests")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(func=_cmd_validate)
+    demo = sub.add_parser("demo", help="run the example scenarios with readable output")
+    demo.add_argument("--examples", default=str(Path.cwd() / "examples"))
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
