@@ -1,0 +1,196 @@
+"""The binder's topology index: one immutable snapshot of a flavor's nodes, domains and free slots.
+
+SPEC §B.1 with our decision 6 (physical slots).  The reference counted "GPUs used per node"; we
+count *which* slots are held, because a slot ``node#i`` names one GPU and at most one open lease
+may hold it.  A node's free slots are therefore ``0..gpus-1`` minus the held ordinals, and a
+placement always takes the lowest free ordinals so that the same ledger state yields the same
+slot strings on every replay.
+
+Rules kept from the SPEC:
+
+* only nodes whose ``gpu.flavor`` label equals the flavor and with ``gpus > 0`` are kept;
+* a kept node missing ``region``, ``cluster`` or ``fabric.domain`` is an error for the whole
+  snapshot (``TopologyError`` names the node and the label), because a node of unknown location
+  could silently break the "one group, one fabric domain" promise;
+* domains are keyed ``region/cluster/fabric`` and ordered by free GPUs descending, then key.
+
+Deliberate differences:
+
+* Cordoned and Fenced nodes stay in the snapshot (their domain still exists, ``explain`` can name
+  them) but offer no free GPU: cordon is not failure, yet no new work may land there.
+* A held slot on an unknown node, or with an ordinal beyond the node's capacity, is ignored
+  instead of failing the snapshot.  The SPEC's "usage > capacity is an error" protected a counter;
+  with physical slots such a slot is simply not a GPU we could hand out, and refusing to plan the
+  whole flavor because of one stale lease would turn a bookkeeping hiccup into an outage.
+
+The snapshot is built once per planning call and never mutated; planners work on their own
+overlay (see ``pack``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
+
+import msgspec
+
+from gpu_fleet.core.model import FLAVOR_LABEL, LOCATION_KEYS, Node, NodeHealth, slot
+
+
+class TopologyError(ValueError):
+    """A kept node cannot be placed in a domain (a location label is missing)."""
+
+
+class Domain(msgspec.Struct, frozen=True):
+    """A fast-fabric domain: the unit a gang group must not leave."""
+
+    key: str
+    labels: dict[str, str]
+    nodes: tuple[str, ...]
+
+
+def node_location(labels: Mapping[str, str]) -> dict[str, str]:
+    """The location subset of a node's labels (``region``, ``cluster``, ``fabric.domain``)."""
+    return {k: labels[k] for k in LOCATION_KEYS if k in labels}
+
+
+def parse_slot(value: str) -> tuple[str, int] | None:
+    """Split ``node#i`` into ``(node, i)``; ``None`` for anything that is not a slot string."""
+    node, sep, ordinal = value.rpartition("#")
+    if not sep or not node or not ordinal.isdigit():
+        return None
+    return node, int(ordinal)
+
+
+class _NodeInfo(msgspec.Struct, frozen=True):
+    domain: str
+    gpus: int
+    labels: dict[str, str]
+    free: tuple[int, ...]  # free ordinals, ascending
+
+
+class Topology:
+    """Immutable snapshot of one flavor: domains, nodes and their free physical slots."""
+
+    __slots__ = (
+        "_capacity",
+        "_domain_free",
+        "_domains",
+        "_nodes",
+        "_order",
+        "_total_free",
+        "flavor",
+    )
+
+    def __init__(
+        self,
+        flavor: str,
+        nodes: Mapping[str, _NodeInfo],
+        domains: Mapping[str, Domain],
+        capacity: Mapping[str, int],
+    ) -> None:
+        self.flavor = flavor
+        self._nodes = dict(nodes)
+        self._domains = dict(domains)
+        self._capacity = dict(capacity)
+        self._domain_free = {
+            key: sum(len(self._nodes[n].free) for n in d.nodes) for key, d in self._domains.items()
+        }
+        self._order = sorted(self._domains, key=lambda k: (-self._domain_free[k], k))
+        self._total_free = sum(self._domain_free.values())
+
+    # -- domains ---------------------------------------------------------------------------
+
+    def domains(self) -> list[Domain]:
+        """All domains in SPEC order: free GPUs descending, then key ascending."""
+        return [self._domains[k] for k in self._order]
+
+    def domain_keys(self) -> tuple[str, ...]:
+        """Domain keys in SPEC order (cheaper than ``domains()`` when only keys are needed)."""
+        return tuple(self._order)
+
+    def domain(self, domain_key: str) -> Domain:
+        return self._domains[domain_key]
+
+    def has_domain(self, domain_key: str) -> bool:
+        return domain_key in self._domains
+
+    def domain_free(self, domain_key: str) -> int:
+        return self._domain_free[domain_key]
+
+    def domain_capacity(self, domain_key: str) -> int:
+        """GPUs of the domain's schedulable (Ready) nodes, held or not."""
+        return self._capacity[domain_key]
+
+    def total_free(self) -> int:
+        return self._total_free
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def has_node(self, node: str) -> bool:
+        return node in self._nodes
+
+    def domain_of(self, node: str) -> str:
+        return self._nodes[node].domain
+
+    def free_slots(self, node: str) -> tuple[str, ...]:
+        """Free slot names of a node, lowest ordinals first."""
+        return tuple(slot(node, i) for i in self._nodes[node].free)
+
+    def free_ordinals(self, node: str) -> tuple[int, ...]:
+        return self._nodes[node].free
+
+    def free_gpus(self, node: str) -> int:
+        return len(self._nodes[node].free)
+
+    def node_gpus(self, node: str) -> int:
+        return self._nodes[node].gpus
+
+    def node_labels(self, node: str) -> dict[str, str]:
+        return dict(self._nodes[node].labels)
+
+    def __repr__(self) -> str:
+        return (
+            f"Topology(flavor={self.flavor!r}, domains={len(self._domains)}, "
+            f"nodes={len(self._nodes)}, free={self._total_free})"
+        )
+
+
+def build_topology(nodes: Sequence[Node], held_slots: Collection[str], flavor: str) -> Topology:
+    """Build the snapshot of ``flavor`` from the node inventory and the slots held by open leases.
+
+    Raises ``TopologyError`` naming the first (by node name) kept node that lacks a location label.
+    """
+    held: dict[str, set[int]] = defaultdict(set)
+    for s in held_slots:
+        parsed = parse_slot(s)
+        if parsed is not None:
+            held[parsed[0]].add(parsed[1])
+
+    infos: dict[str, _NodeInfo] = {}
+    members: dict[str, list[str]] = defaultdict(list)
+    labels_of: dict[str, dict[str, str]] = {}
+    capacity: dict[str, int] = defaultdict(int)
+    for node in sorted(nodes, key=lambda n: n.name):
+        if node.labels.get(FLAVOR_LABEL) != flavor or node.gpus <= 0 or node.name in infos:
+            continue  # other flavor, no GPU, or a duplicate inventory row (first one wins)
+        for label in LOCATION_KEYS:
+            if not node.labels.get(label):
+                raise TopologyError(f"node {node.name}: missing label {label}")
+        location = node_location(node.labels)
+        key = "/".join(location[k] for k in LOCATION_KEYS)
+        schedulable = node.health is NodeHealth.READY
+        taken = held.get(node.name, set())
+        free = tuple(i for i in range(node.gpus) if i not in taken) if schedulable else ()
+        infos[node.name] = _NodeInfo(
+            domain=key, gpus=node.gpus, labels=dict(node.labels), free=free
+        )
+        members[key].append(node.name)
+        labels_of.setdefault(key, location)
+        if schedulable:
+            capacity[key] += node.gpus
+    domains = {
+        key: Domain(key=key, labels=labels_of[key], nodes=tuple(sorted(names)))
+        for key, names in members.items()
+    }
+    return Topology(flavor, infos, domains, {k: capacity.get(k, 0) for k in domains})
