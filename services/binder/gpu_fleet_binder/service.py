@@ -1,0 +1,123 @@
+"""The binder actor: answers ``fleet.binder.place`` at a ledger sequence with CP-SAT.
+
+Its topology index (nodes, domains, health) and active-slot index are folded from the ledger
+stream, so a placement is always computed against exactly the state the manager decided on.
+Requests wait until the asked-for sequence is folded (read-your-writes); a request for a
+sequence the binder cannot reach in time is answered with an error, never with a stale plan.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import nats.errors
+import nats.micro
+import structlog
+from nats.aio.client import Client
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from gpu_fleet.core.pack import PackError
+from gpu_fleet.core.packing_cpsat import PlannerSettings, plan_placement
+from gpu_fleet.core.topology import TopologyError, build_topology
+from gpu_fleet.messages import placement, subjects
+from gpu_fleet.runtime.actor import Actor
+from gpu_fleet.runtime.connect import connect
+from gpu_fleet.runtime.follower import LedgerFollower
+from gpu_fleet.runtime.ledger_stream import LedgerStream
+from gpu_fleet_binder import __version__
+
+log = structlog.get_logger("gpu_fleet.binder")
+
+
+@dataclass
+class BinderConfig:
+    nats_url: str
+    wait_timeout: float = 4.0
+    planner: PlannerSettings = field(default_factory=PlannerSettings)
+
+
+class Binder(Actor):
+    name = "binder"
+
+    def __init__(self, config: BinderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.nc: Client | None = None
+        self.follower: LedgerFollower | None = None
+        self.service: Service | None = None
+        self.placed = 0
+
+    async def _on_start(self) -> None:
+        self.nc = await connect(self.config.nats_url, "gpu-fleet-binder")
+        ledger = LedgerStream(self.nc)
+        await ledger.ensure()
+        self.follower = LedgerFollower(ledger)
+        await self.follower.catch_up()
+        self.spawn("ledger follower", self.follower.follow())
+        self.service = await nats.micro.add_service(
+            self.nc,
+            name="gpu-fleet-binder",
+            version=__version__,
+            description="gpu-fleet binder: topology index and CP-SAT placement",
+        )
+        group = self.service.add_group(name="fleet.binder")
+        await group.add_endpoint(name="place", handler=self.place)
+
+    async def _on_stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
+                pass
+
+    async def place(self, req: Request) -> None:
+        started = time.perf_counter()
+        try:
+            request = placement.REQUEST_DECODER.decode(req.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            await req.respond_error("400", f"invalid place request: {exc}")
+            return
+        follower = self.follower
+        assert follower is not None
+        if not await follower.wait_for(request.seq, self.config.wait_timeout):
+            await req.respond_error(
+                "503", f"ledger sequence {request.seq} not folded yet (at {follower.seq})"
+            )
+            return
+        state = follower.state
+        reply: placement.PlaceReply
+        try:
+            topology = build_topology(
+                sorted(state.nodes.values(), key=lambda n: n.name),
+                set(state.slot_holder),
+                request.request.flavor,
+            )
+            plan = plan_placement(topology, request.request, self.config.planner)
+            reply = placement.PlaceReply(seq=follower.seq, plan=plan)
+        except PackError as exc:
+            reply = placement.PlaceReply(
+                seq=follower.seq,
+                error=placement.PlaceError(
+                    kind=exc.kind.value, message=exc.message, shortfall=exc.shortfall
+                ),
+            )
+        except TopologyError as exc:
+            await req.respond_error("422", str(exc))
+            return
+        ms = (time.perf_counter() - started) * 1000
+        reply = msgspec.structs.replace(reply, solver_ms=round(ms, 3))
+        await req.respond(placement.ENCODER.encode(reply))
+        self.placed += 1
+        log.info(
+            "binder.place",
+            seq=request.seq,
+            flavor=request.request.flavor,
+            gpus=request.request.total_gpus,
+            outcome="plan" if reply.plan is not None else "error",
+            ms=round(ms, 2),
+        )

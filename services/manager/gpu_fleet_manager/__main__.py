@@ -1,0 +1,69 @@
+"""``python -m gpu_fleet_manager``: run the manager against any NATS URL.
+
+Configuration comes from flags, each with an environment variable (for compose and Helm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from gpu_fleet.core.engine import Settings
+from gpu_fleet.core.manifests import ManifestError, parse_inventory
+from gpu_fleet.core.timeutil import parse_duration, parse_instant
+from gpu_fleet.runtime import logs
+from gpu_fleet_manager.service import Manager, ManagerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="gpu-fleet-manager", description=__doc__)
+    p.add_argument("--nats-url", default=env("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"))
+    p.add_argument("--clock", choices=("wall", "virtual"), default=env("GPU_FLEET_CLOCK", "wall"))
+    p.add_argument("--start", default=env("GPU_FLEET_START"), help="virtual clock start (RFC 3339)")
+    p.add_argument("--inventory", default=env("GPU_FLEET_INVENTORY"), help="node inventory YAML")
+    p.add_argument("--log-level", default=env("GPU_FLEET_LOG_LEVEL", "info"))
+    p.add_argument("--tick", default=env("GPU_FLEET_TICK", "1s"), help="reconcile interval")
+    p.add_argument("--activation-lead", default=env("GPU_FLEET_ACTIVATION_LEAD", "15m"))
+    p.add_argument("--accounting-period", default=env("GPU_FLEET_ACCOUNTING_PERIOD", "24h"))
+    p.add_argument("--no-binder", action="store_true", help="plan placements in-process")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure("manager", args.log_level)
+    nodes = []
+    if args.inventory:
+        try:
+            nodes = parse_inventory(Path(args.inventory).read_text(), source=args.inventory)
+        except (OSError, ManifestError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    config = ManagerConfig(
+        nats_url=args.nats_url,
+        clock=args.clock,
+        start=parse_instant(args.start) if args.start else None,
+        inventory=nodes,
+        settings=Settings(
+            activation_lead=parse_duration(args.activation_lead),
+            accounting_period=parse_duration(args.accounting_period),
+        ),
+        tick_seconds=max(0.05, parse_duration(args.tick) or 1),
+        use_binder=not args.no_binder,
+    )
+
+    async def amain() -> None:
+        manager = Manager(config)
+        manager.install_signal_handlers()
+        await manager.run()
+
+    asyncio.run(amain())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

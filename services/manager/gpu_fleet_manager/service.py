@@ -1,0 +1,462 @@
+"""The manager actor: fleet API over NATS request/reply, serialized admission, ledger writes.
+
+Every mutating request runs under one lock in a worker thread (the core is synchronous); each
+decision is appended to the ledger as an atomic batch guarded by the expected last sequence, so
+a second manager (a hot standby) can never double-spend: its append fails, it re-folds the
+stream and retries.  Read requests take the same lock so they never see a half-applied command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+import nats.errors
+import nats.micro
+import structlog
+from nats.aio.client import Client
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from gpu_fleet import views
+from gpu_fleet.core.engine import CommandError, Settings
+from gpu_fleet.core.manifests import ManifestError, parse_manifests, validate_node
+from gpu_fleet.core.model import Funding, Instant, Node, NodeHealth, Run, run_key
+from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest
+from gpu_fleet.core.packing_cpsat import plan_placement
+from gpu_fleet.core.timeutil import format_instant
+from gpu_fleet.core.topology import Topology
+from gpu_fleet.messages import api, placement, subjects
+from gpu_fleet.runtime.actor import Actor
+from gpu_fleet.runtime.clock import Clock, VirtualClock, WallClock
+from gpu_fleet.runtime.connect import connect
+from gpu_fleet.runtime.ledger_stream import LedgerConflict, LedgerStream, LedgerUnavailable
+from gpu_fleet.scenario.runner import build_report
+from gpu_fleet_manager import __version__
+from gpu_fleet_manager.writer import LedgerFleet
+
+log = structlog.get_logger("gpu_fleet.manager")
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str, errors: list[api.FieldErrorOut] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.errors = errors or []
+
+
+@dataclass
+class ManagerConfig:
+    nats_url: str
+    clock: str = "wall"  # wall | virtual
+    start: Instant | None = None
+    inventory: list[Node] = field(default_factory=list)
+    settings: Settings = field(default_factory=Settings)
+    tick_seconds: float = 1.0
+    binder_timeout: float = 5.0
+    use_binder: bool = True
+
+
+class Manager(Actor):
+    name = "manager"
+
+    def __init__(self, config: ManagerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.clock: Clock = (
+            VirtualClock(config.start or 0) if config.clock == "virtual" else WallClock()
+        )
+        self.lock = asyncio.Lock()
+        self.nc: Client | None = None
+        self.ledger: LedgerStream | None = None
+        self.fleet: LedgerFleet | None = None
+        self.service: Service | None = None
+        self.rebuilds = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def _on_start(self) -> None:
+        self.nc = await connect(self.config.nats_url, "gpu-fleet-manager")
+        self.ledger = LedgerStream(self.nc)
+        await self.ledger.ensure()
+        await self._rebuild()
+        if self.config.inventory:
+            await self._mutate(self._register_inventory)
+        self.service = await nats.micro.add_service(
+            self.nc,
+            name="gpu-fleet-manager",
+            version=__version__,
+            description="gpu-fleet manager: fleet API and ledger writer",
+        )
+        group = self.service.add_group(name=subjects.API_GROUP)
+        for name, handler in self._endpoints().items():
+            await group.add_endpoint(name=name, handler=self._wrap(name, handler))
+        if not self.clock.virtual:
+            self.spawn("reconcile ticker", self._ticker())
+
+    async def _on_stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+        async with self.lock:  # let the in-flight command finish
+            pass
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
+                pass
+
+    async def _rebuild(self) -> None:
+        """Fold the whole ledger into fresh state: the stream is the truth."""
+        assert self.ledger is not None
+        fleet = LedgerFleet(
+            self.config.settings, self._planner, self.ledger, asyncio.get_running_loop()
+        )
+        count = 0
+        async for seq, event in self.ledger.read(1):
+            fleet.replay(event, seq)
+            count += 1
+        if count == 0:
+            fleet.seq = await self.ledger.last_seq()
+        if self.clock.virtual and isinstance(self.clock, VirtualClock):
+            self.clock.set(max(self.clock.now(), fleet.state.clock))
+        self.fleet = fleet
+        self.rebuilds += 1
+        log.info("ledger.rebuilt", events=count, seq=fleet.seq)
+
+    def _register_inventory(self, now: Instant) -> dict[str, Any]:
+        assert self.fleet is not None
+        added = []
+        for node in self.config.inventory:
+            if node.name not in self.fleet.state.nodes:
+                self.fleet.register_node(node, now)
+                added.append(node.name)
+        if added:
+            self.fleet.reconcile(now)
+        return {"registered": added}
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_seconds)
+            try:
+                await self._mutate(lambda now: self._require_fleet().advance_to(now))
+            except ApiError as exc:
+                log.warning("reconcile.failed", code=exc.code, error=exc.message)
+
+    # -- placement through the binder -------------------------------------------------------
+    def _planner(self, topology: Topology, request: PackRequest) -> PackPlan:
+        """Ask the binder (at our ledger sequence); fall back to the same planner locally."""
+        fleet = self._require_fleet()
+        if self.config.use_binder and self.nc is not None:
+            try:
+                reply = fleet.on_loop(self._place(fleet.seq, request), self.config.binder_timeout + 1)
+            except Exception as exc:  # noqa: BLE001 - any binder trouble means "plan locally"
+                log.warning("binder.unavailable", error=type(exc).__name__)
+                reply = None
+            if reply is not None:
+                if reply.error is not None:
+                    raise PackError(
+                        PackErrorKind(reply.error.kind), reply.error.message, reply.error.shortfall
+                    )
+                if reply.plan is not None and _plan_fits(topology, request, reply.plan):
+                    return reply.plan
+                log.warning("binder.plan_rejected", seq=fleet.seq)
+        return plan_placement(topology, request)
+
+    async def _place(self, seq: int, request: PackRequest) -> placement.PlaceReply:
+        assert self.nc is not None
+        msg = await self.nc.request(
+            subjects.BINDER_PLACE,
+            placement.ENCODER.encode(placement.PlaceRequest(seq=seq, run="", request=request)),
+            timeout=self.config.binder_timeout,
+        )
+        return placement.REPLY_DECODER.decode(msg.data)
+
+    # -- command execution ------------------------------------------------------------------
+    def _require_fleet(self) -> LedgerFleet:
+        if self.fleet is None:
+            raise ApiError("unavailable", "manager is starting")
+        return self.fleet
+
+    async def _mutate(self, fn: Callable[[Instant], T]) -> T:
+        async with self.lock:
+            self._require_fleet()
+            now = self.clock.now()
+            try:
+                return await asyncio.to_thread(fn, now)
+            except (LedgerConflict, LedgerUnavailable) as exc:
+                log.warning("ledger.append_failed", error=str(exc))
+                await self._rebuild()
+                code = "conflict" if isinstance(exc, LedgerConflict) else "unavailable"
+                raise ApiError(code, f"{exc}; state re-read from the ledger, retry") from exc
+            except CommandError as exc:
+                code = "not_found" if "not found" in str(exc) else "bad_request"
+                raise ApiError(code, str(exc)) from exc
+
+    async def _read(self, fn: Callable[[Instant], T]) -> T:
+        async with self.lock:
+            self._require_fleet()
+            try:
+                return fn(self.clock.now())
+            except views.NotFound as exc:
+                raise ApiError("not_found", str(exc)) from exc
+
+    def _wrap(
+        self, name: str, handler: Callable[[bytes], Awaitable[Any]]
+    ) -> Callable[[Request], Awaitable[None]]:
+        async def handle(req: Request) -> None:
+            structlog.contextvars.bind_contextvars(endpoint=name)
+            started = time.perf_counter()
+            try:
+                result = await handler(req.data)
+                await req.respond(api.ENCODER.encode(api.Reply(ok=True, result=result)))
+                log.info("api.request", endpoint=name, outcome="ok",
+                         ms=round((time.perf_counter() - started) * 1000, 2))
+            except ApiError as exc:
+                body = api.Reply(
+                    ok=False,
+                    error=api.ErrorOut(code=exc.code, message=exc.message, errors=exc.errors),  # type: ignore[arg-type]
+                )
+                await req.respond_error(
+                    api.STATUS_CODES.get(exc.code, "500"), exc.message, data=api.ENCODER.encode(body)
+                )
+                log.info("api.request", endpoint=name, outcome=exc.code, error=exc.message)
+            except Exception:
+                log.exception("api.request", endpoint=name, outcome="internal")
+                body = api.Reply(ok=False, error=api.ErrorOut(code="internal", message="internal error; see manager log"))
+                await req.respond_error("500", "internal error", data=api.ENCODER.encode(body))
+            finally:
+                structlog.contextvars.unbind_contextvars("endpoint")
+
+        return handle
+
+    # -- endpoints --------------------------------------------------------------------------
+    def _endpoints(self) -> dict[str, Callable[[bytes], Awaitable[Any]]]:
+        return {
+            "apply": self.apply,
+            "delete": self.delete,
+            "shrink": self.shrink,
+            "sponsors": self.sponsors,
+            "complete": self.complete,
+            "fail": self.fail,
+            "node": self.node,
+            "get": self.get,
+            "list": self.list_runs,
+            "explain": self.explain,
+            "leases": self.leases,
+            "budgets": self.budgets,
+            "clock": self.clock_endpoint,
+            "report": self.report,
+            "seq": self.seq,
+        }
+
+    async def apply(self, data: bytes) -> Any:
+        req = _decode(data, api.ApplyRequest)
+        try:
+            manifests = parse_manifests(req.documents, source=req.source)
+        except ManifestError as exc:
+            raise ApiError(
+                "validation",
+                f"{len(exc.errors)} validation error(s)",
+                [api.FieldErrorOut(e.path, e.message) for e in exc.errors],
+            ) from exc
+
+        def run(now: Instant) -> list[dict[str, str]]:
+            fleet = self._require_fleet()
+            out = []
+            for m in manifests:
+                existed = (m.key in fleet.state.runs) if isinstance(m, Run) else (
+                    m.key in fleet.state.budgets
+                )
+                fleet.apply(m, now)
+                out.append({
+                    "kind": "Run" if isinstance(m, Run) else "Budget",
+                    "namespace": m.metadata.namespace,
+                    "name": m.metadata.name,
+                    "action": "updated" if existed else "created",
+                })
+            return out
+
+        return await self._mutate(run)
+
+    async def delete(self, data: bytes) -> Any:
+        req = _decode(data, api.DeleteRequest)
+        await self._mutate(lambda now: self._require_fleet().delete(req.kind, req.namespace, req.name, now))
+        return {"deleted": f"{req.kind} {req.namespace}/{req.name}"}
+
+    async def shrink(self, data: bytes) -> Any:
+        req = _decode(data, api.ShrinkRequest)
+        key = run_key(req.namespace, req.name)
+
+        def run(now: Instant) -> dict[str, Any]:
+            fleet = self._require_fleet()
+            r = fleet.state.runs.get(key)
+            if r is None:
+                raise CommandError(f"run {key} not found")
+            if r.spec.malleable is None:
+                raise CommandError("run is not malleable")
+            if req.desired is not None:
+                desired = req.desired
+            elif req.by is not None and req.by > 0:
+                desired = r.desired_width - req.by
+            else:
+                raise CommandError("--by must be > 0")
+            m = r.spec.malleable
+            if desired < m.min_total_gpus:
+                raise CommandError(f"desired GPUs {desired} cannot be less than min {m.min_total_gpus}")
+            fleet.shrink(key, desired, now)
+            return {"run": key, "desiredGPUs": desired}
+
+        return await self._mutate(run)
+
+    async def sponsors(self, data: bytes) -> Any:
+        req = _decode(data, api.SponsorsRequest)
+        key = run_key(req.namespace, req.name)
+
+        def run(now: Instant) -> dict[str, Any]:
+            fleet = self._require_fleet()
+            r = fleet.state.runs.get(key)
+            if r is None:
+                raise CommandError(f"run {key} not found")
+            funding = r.spec.funding
+            current = list(funding.sponsors) if funding else []
+            if req.op == "list":
+                return {"sponsors": sorted(current), "allowBorrow": bool(funding and funding.allow_borrow)}
+            if not req.sponsor:
+                raise CommandError("sponsor is required")
+            if funding is not None and not funding.allow_borrow and req.op == "add":
+                raise CommandError("run does not allow borrowing; edit spec to enable it")
+            if req.op == "add":
+                if req.sponsor not in current:
+                    current.append(req.sponsor)
+            elif req.sponsor in current:
+                current.remove(req.sponsor)
+            else:
+                raise CommandError(f"sponsor {req.sponsor} not found on run {key}")
+            new_funding = msgspec.structs.replace(
+                funding or Funding(allow_borrow=True),
+                sponsors=tuple(current),
+                max_borrow_gpus=(req.max_borrow if req.max_borrow else (funding.max_borrow_gpus if funding else None)),
+            )
+            updated = msgspec.structs.replace(r, spec=msgspec.structs.replace(r.spec, funding=new_funding))
+            fleet.apply(updated, now)
+            return {"sponsors": sorted(current), "allowBorrow": new_funding.allow_borrow}
+
+        return await self._mutate(run)
+
+    async def complete(self, data: bytes) -> Any:
+        req = _decode(data, api.RunRef)
+        key = run_key(req.namespace, req.name)
+        await self._mutate(lambda now: self._require_fleet().complete(key, now))
+        return {"run": key, "phase": "Completed"}
+
+    async def fail(self, data: bytes) -> Any:
+        req = _decode(data, api.RunRef)
+        key = run_key(req.namespace, req.name)
+        await self._mutate(lambda now: self._require_fleet().fail(key, now))
+        return {"run": key, "phase": "Failed"}
+
+    async def node(self, data: bytes) -> Any:
+        req = _decode(data, api.NodeRequest)
+        if req.op == "register":
+            try:
+                node = validate_node(req.node, "node")
+            except ManifestError as exc:
+                raise ApiError(
+                    "validation", "invalid node",
+                    [api.FieldErrorOut(e.path, e.message) for e in exc.errors],
+                ) from exc
+
+            def reg(now: Instant) -> dict[str, Any]:
+                fleet = self._require_fleet()
+                fleet.register_node(node, now)
+                fleet.reconcile(now)
+                return {"registered": node.name}
+
+            return await self._mutate(reg)
+        health = {
+            "cordon": NodeHealth.CORDONED,
+            "fence": NodeHealth.FENCED,
+            "uncordon": NodeHealth.READY,
+        }[req.op]
+        await self._mutate(lambda now: self._require_fleet().set_node_health(req.name, health, now))
+        return {"node": req.name, "health": health.value}
+
+    async def get(self, data: bytes) -> Any:
+        req = _decode(data, api.RunRef)
+        return await self._read(
+            lambda now: views.run_view(self._require_fleet().state, run_key(req.namespace, req.name), now)
+        )
+
+    async def list_runs(self, data: bytes) -> Any:
+        req = _decode(data or b"{}", api.ListRequest)
+        return await self._read(lambda now: views.list_runs(self._require_fleet().state, now, req.namespace))
+
+    async def explain(self, data: bytes) -> Any:
+        req = _decode(data, api.RunRef)
+        rows = await self._read(
+            lambda now: views.explain(self._require_fleet().state, run_key(req.namespace, req.name), now)
+        )
+        return [{"field": f, "value": v} for f, v in rows]
+
+    async def leases(self, data: bytes) -> Any:
+        req = _decode(data or b"{}", api.LeasesRequest)
+        return await self._read(
+            lambda now: views.leases(self._require_fleet().state, now, req.namespace, req.name)
+        )
+
+    async def budgets(self, data: bytes) -> Any:
+        req = _decode(data or b"{}", api.ListRequest)
+        return await self._read(lambda now: views.budgets(self._require_fleet().state, now, req.namespace))
+
+    async def clock_endpoint(self, data: bytes) -> Any:
+        req = _decode(data or b"{}", api.ClockRequest)
+        if req.advance_to is not None:
+            clock = self.clock
+            if not isinstance(clock, VirtualClock):
+                raise ApiError("bad_request", "the clock is the wall clock; start with --clock virtual")
+            target = req.advance_to
+            if target < clock.now():
+                raise ApiError("bad_request", f"cannot move the clock back to {format_instant(target)}")
+
+            def advance(_: Instant) -> None:
+                clock.set(target)
+                self._require_fleet().advance_to(target)
+
+            await self._mutate(advance)
+        now = self.clock.now()
+        return {"now": now, "iso": format_instant(now), "virtual": self.clock.virtual}
+
+    async def report(self, data: bytes) -> Any:
+        req = _decode(data or b"{}", api.ReportRequest)
+        return await self._read(lambda now: build_report(self._require_fleet().state, req.label, now))
+
+    async def seq(self, data: bytes) -> Any:
+        del data
+        return await self._read(lambda _: {"seq": self._require_fleet().seq})
+
+
+def _decode(data: bytes, typ: type[T]) -> T:
+    try:
+        return msgspec.json.decode(data or b"{}", type=typ)
+    except msgspec.ValidationError as exc:
+        raise ApiError("bad_request", f"invalid request: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ApiError("bad_request", f"request is not JSON: {exc}") from exc
+
+
+def _plan_fits(topology: Topology, request: PackRequest, plan: PackPlan) -> bool:
+    """The binder's plan is advice: every slot must be free here and not reserved for others."""
+    for g in plan.groups:
+        for a in (*g.allocations, *g.spare_allocations):
+            if not topology.has_node(a.node):
+                return False
+            free = set(topology.free_slots(a.node))
+            if not set(a.slots) <= free or set(a.slots) & request.excluded_slots:
+                return False
+    return True
+

@@ -1,0 +1,56 @@
+"""A ``Fleet`` whose every commit is appended to the ledger stream before it is folded.
+
+The core's decisions are synchronous and call ``commit`` between steps (one decision's events
+per call).  The manager runs a command in a worker thread; ``commit`` first folds the batch
+locally (so a decision that would break an invariant is refused before it can poison the
+ledger), then hands it to the event loop to append atomically with the expected last sequence.
+If the append fails, local state is ahead of the truth, so the manager rebuilds from the stream
+before it answers anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
+
+from gpu_fleet.core.engine import Fleet, Planner, Settings
+from gpu_fleet.core.ledger import Event
+from gpu_fleet.runtime.ledger_stream import LedgerStream
+
+T = TypeVar("T")
+
+
+class LedgerFleet(Fleet):
+    def __init__(
+        self,
+        settings: Settings,
+        planner: Planner | None,
+        ledger: LedgerStream,
+        loop: asyncio.AbstractEventLoop,
+        append_timeout: float = 15.0,
+    ) -> None:
+        super().__init__(settings, planner)
+        self.ledger = ledger
+        self.loop = loop
+        self.seq = 0
+        self.append_timeout = append_timeout
+        self.appended_batches = 0
+
+    def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``coro`` on the service's event loop from the decision thread and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def commit(self, events: Iterable[Event]) -> list[Event]:
+        batch = list(events)
+        if not batch:
+            return []
+        done = super().commit(batch)
+        self.seq = self.on_loop(self.ledger.append(batch, self.seq), self.append_timeout)
+        self.appended_batches += 1
+        return done
+
+    def replay(self, event: Event, seq: int) -> None:
+        """Fold an event read back from the stream (no append)."""
+        super().commit([event])
+        self.seq = seq

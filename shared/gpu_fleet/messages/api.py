@@ -1,0 +1,99 @@
+"""The fleet API (request/reply on ``fleet.api.<endpoint>``), served by the manager.
+
+Requests are small Structs; every reply is a ``Reply``: ``ok`` plus a JSON-able ``result``, or an
+``error`` that names the code, a one-line message and, for validation, every field error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class _Req(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+class RunRef(_Req, kw_only=True):
+    namespace: str = "default"
+    name: str
+
+
+class ApplyRequest(_Req, kw_only=True):
+    documents: str  # YAML or JSON text, several documents allowed
+    source: str = "<request>"
+
+
+class DeleteRequest(_Req, kw_only=True):
+    kind: Literal["Run", "Budget"]
+    namespace: str = "default"
+    name: str
+
+
+class ShrinkRequest(_Req, kw_only=True):
+    namespace: str = "default"
+    name: str
+    by: int | None = None
+    desired: int | None = None
+
+
+class SponsorsRequest(_Req, kw_only=True):
+    namespace: str = "default"
+    name: str
+    op: Literal["list", "add", "remove"] = "list"
+    sponsor: str | None = None
+    max_borrow: int | None = None
+
+
+class NodeRequest(_Req, kw_only=True):
+    op: Literal["register", "cordon", "fence", "uncordon"]
+    name: str = ""
+    node: dict[str, Any] | None = None  # inventory row for register
+
+
+class ListRequest(_Req, kw_only=True):
+    namespace: str | None = None
+
+
+class LeasesRequest(_Req, kw_only=True):
+    namespace: str | None = None
+    name: str | None = None
+
+
+class ClockRequest(_Req, kw_only=True):
+    advance_to: int | None = None
+
+
+class ReportRequest(_Req, kw_only=True):
+    label: str = "final"
+
+
+class FieldErrorOut(msgspec.Struct, frozen=True):
+    path: str
+    message: str
+
+
+class ErrorOut(msgspec.Struct, frozen=True, kw_only=True):
+    code: Literal["validation", "not_found", "conflict", "unavailable", "bad_request", "internal"]
+    message: str
+    errors: list[FieldErrorOut] = msgspec.field(default_factory=list)
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    result: Any = None
+    error: ErrorOut | None = None
+
+
+ENCODER = msgspec.json.Encoder()
+REPLY_DECODER = msgspec.json.Decoder(Reply)
+
+STATUS_CODES = {
+    "validation": "400",
+    "bad_request": "400",
+    "not_found": "404",
+    "conflict": "409",
+    "unavailable": "503",
+    "internal": "500",
+}

@@ -1,0 +1,118 @@
+"""One actor contract for all four services.
+
+* ``start()`` and ``stop()`` may each be called any number of times; ``stop()`` is safe even if
+  ``start()`` never ran.
+* ``run()`` returns only once shutdown has *completed*.
+* A few named root tasks are supervised: the first one to exit (crash, cancellation or an
+  unexpected normal return) is logged and stops the actor, because a service missing one of its
+  loops is worse than a restarted service.
+* SIGTERM only sets a flag; shutdown then follows the normal path: stop taking work, let
+  in-flight handlers finish within a budget, drain NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine
+from typing import Any, Self
+
+import structlog
+
+log = structlog.get_logger("gpu_fleet.actor")
+
+
+class Actor:
+    name = "actor"
+    shutdown_budget = 10.0
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop_requested = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._started = False
+        self._stopping = False
+
+    # -- subclass hooks --------------------------------------------------------------------
+    async def _on_start(self) -> None:
+        """Connect and spawn root tasks."""
+
+    async def _on_stop(self) -> None:
+        """Stop taking work, finish in-flight work, drain connections."""
+
+    # -- contract --------------------------------------------------------------------------
+    @property
+    def stopped(self) -> asyncio.Event:
+        return self._stopped
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.create_task(self._guard(name, coro), name=name))
+
+    async def _guard(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+            if not self._stopping:
+                log.error("actor.task_returned", actor=self.name, task=name)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                log.warning("actor.task_cancelled", actor=self.name, task=name)
+            raise
+        except Exception:
+            log.exception("actor.task_crashed", actor=self.name, task=name)
+        finally:
+            self._stop_requested.set()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        await self._on_start()
+        log.info("actor.started", actor=self.name)
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def stop(self) -> None:
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self._stop_requested.set()
+        try:
+            if self._started:
+                try:
+                    await asyncio.wait_for(self._on_stop(), timeout=self.shutdown_budget)
+                except TimeoutError:
+                    log.warning("actor.shutdown_budget_exceeded", actor=self.name)
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._tasks.clear()
+        finally:
+            self._stopped.set()
+            if self._started:
+                log.info("actor.stopped", actor=self.name)
+
+    async def run(self) -> None:
+        """Start, wait for a stop request (signal or a failed root task), then stop."""
+        try:
+            await self.start()
+            await self._stop_requested.wait()
+        finally:
+            await self.stop()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,65 @@
+"""Fold the ledger stream into local state and keep following it.
+
+Binder, forecaster and notifier each hold their own ``FleetState`` built exactly like the
+manager's (the same ``fold``), so they agree with it by construction.  ``wait_for(seq)`` gives
+read-your-writes: a request made at ledger sequence N is answered only once N is folded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+
+from gpu_fleet.core.ledger import Event, FleetState, fold
+from gpu_fleet.runtime.ledger_stream import LedgerStream
+
+log = structlog.get_logger("gpu_fleet.follower")
+
+
+class LedgerFollower:
+    def __init__(
+        self,
+        ledger: LedgerStream,
+        period_hours: float = 24.0,
+        on_event: Callable[[int, Event, FleetState], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.state = FleetState(settings_period_hours=period_hours)
+        self.seq = 0
+        self.on_event = on_event
+        self._advanced = asyncio.Condition()
+
+    def _apply(self, seq: int, event: Event) -> None:
+        if seq <= self.seq:
+            return  # an ordered consumer may redeliver after a reconnect; folding is not idempotent
+        fold(self.state, event)
+        self.seq = seq
+        if self.on_event is not None:
+            self.on_event(seq, event, self.state)
+
+    async def catch_up(self) -> None:
+        async for seq, event in self.ledger.read(self.seq + 1):
+            self._apply(seq, event)
+        async with self._advanced:
+            self._advanced.notify_all()
+        log.info("ledger.caught_up", seq=self.seq)
+
+    async def follow(self) -> None:
+        """Run forever: fold every new event and wake waiters."""
+        async for seq, event in self.ledger.follow(self.seq + 1):
+            self._apply(seq, event)
+            async with self._advanced:
+                self._advanced.notify_all()
+
+    async def wait_for(self, seq: int, timeout: float) -> bool:
+        """True once ``seq`` is folded, False on timeout."""
+        if self.seq >= seq:
+            return True
+        try:
+            async with asyncio.timeout(timeout), self._advanced:
+                await self._advanced.wait_for(lambda: self.seq >= seq)
+        except TimeoutError:
+            return False
+        return True

@@ -1,0 +1,148 @@
+"""The JetStream stream ``FLEET``: the ledger, the system of record.
+
+Each decision's events are appended as one *atomic batch* guarded by the expected last sequence,
+so a decision lands whole or not at all, and two writers can never both spend the same headroom
+or the same GPU slot: the loser gets ``LedgerConflict``, re-folds and retries.  Every service
+rebuilds its state by folding the stream from the start (``replay``) and then follows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from gpu_fleet.core.ledger import EVENT_DECODER, EVENT_ENCODER, Event
+
+STREAM = "FLEET"
+SUBJECT_PREFIX = "fleet.ledger"
+WRONG_LAST_SEQUENCE = 10071
+
+
+class LedgerConflict(RuntimeError):
+    """Someone else appended first; re-fold from the stream and decide again."""
+
+
+class LedgerUnavailable(RuntimeError):
+    """The stream did not answer (NATS down or JetStream not ready); nothing was appended."""
+
+
+def subject_for(event: Event) -> str:
+    return f"{SUBJECT_PREFIX}.{type(event).__name__}"
+
+
+class LedgerStream:
+    def __init__(self, nc: Client, stream: str = STREAM, timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=timeout)
+        self.stream = stream
+        self.timeout = timeout
+
+    async def ensure(self) -> None:
+        """Create the stream if missing (file storage, atomic batches allowed)."""
+        try:
+            await self.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(
+                    StreamConfig(
+                        name=self.stream,
+                        subjects=[f"{SUBJECT_PREFIX}.>"],
+                        storage=StorageType.FILE,
+                        allow_atomic=True,
+                        duplicate_window=120.0,
+                    )
+                )
+            except nats.js.errors.BadRequestError:
+                await self.js.stream_info(self.stream)  # created concurrently: fine
+
+    async def last_seq(self) -> int:
+        info = await self.js.stream_info(self.stream)
+        return int(info.state.last_seq)
+
+    async def append(self, events: Sequence[Event], expected_last_seq: int) -> int:
+        """Append ``events`` atomically after ``expected_last_seq``; return the new last seq."""
+        if not events:
+            return expected_last_seq
+        batch = uuid.uuid4().hex
+        try:
+            for i, event in enumerate(events[:-1], start=1):
+                headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i)}
+                if i == 1:
+                    headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
+                await self.nc.publish(subject_for(event), EVENT_ENCODER.encode(event), headers=headers)
+            n = len(events)
+            headers = {
+                "Nats-Batch-Id": batch,
+                "Nats-Batch-Sequence": str(n),
+                "Nats-Batch-Commit": "1",
+            }
+            if n == 1:
+                headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
+            reply = await self.nc.request(
+                subject_for(events[-1]), EVENT_ENCODER.encode(events[-1]), timeout=self.timeout,
+                headers=headers,
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                nats.errors.ConnectionClosedError) as exc:
+            raise LedgerUnavailable(f"ledger append failed: {type(exc).__name__}") from exc
+        body = json.loads(reply.data)
+        error = body.get("error")
+        if error:
+            if error.get("err_code") == WRONG_LAST_SEQUENCE:
+                raise LedgerConflict(error.get("description", "wrong last sequence"))
+            raise LedgerUnavailable(f"ledger append refused: {error.get('description')}")
+        return int(body["seq"])
+
+    async def read(self, from_seq: int = 1, until_seq: int | None = None,
+                   idle_timeout: float = 5.0) -> AsyncIterator[tuple[int, Event]]:
+        """Yield ``(seq, event)`` from ``from_seq`` up to ``until_seq`` (default: current last)."""
+        target = until_seq if until_seq is not None else await self.last_seq()
+        if target < from_seq:
+            return
+        sub = await self.js.subscribe(
+            f"{SUBJECT_PREFIX}.>",
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
+            ),
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=idle_timeout)
+                seq = msg.metadata.sequence.stream
+                yield seq, EVENT_DECODER.decode(msg.data)
+                if seq >= target:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    async def follow(self, from_seq: int) -> AsyncIterator[tuple[int, Event]]:
+        """Yield events from ``from_seq`` forever (an ordered consumer survives reconnects)."""
+        sub = await self.js.subscribe(
+            f"{SUBJECT_PREFIX}.>",
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
+            ),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except nats.errors.TimeoutError:
+                    await asyncio.sleep(0)
+                    continue
+                yield msg.metadata.sequence.stream, EVENT_DECODER.decode(msg.data)
+        finally:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.ConnectionClosedError:
+                pass
