@@ -179,26 +179,56 @@ class Manager(Actor):
     # -- command execution ------------------------------------------------------------------
     def _require_fleet(self) -> LedgerFleet:
         if self.fleet is None:
-            raise ApiError("unavailable", "manager is starting")
+            raise ApiError("unavailable", "manager is (re)loading the ledger; retry")
         return self.fleet
 
-    async def _mutate(self, fn: Callable[[Instant], T]) -> T:
-        async with self.lock:
-            self._require_fleet()
-            now = self.clock.now()
+    async def _ensure_loaded(self) -> None:
+        if self.fleet is None:
             try:
-                return await asyncio.to_thread(fn, now)
-            except (LedgerConflict, LedgerUnavailable) as exc:
-                log.warning("ledger.append_failed", error=str(exc))
                 await self._rebuild()
-                code = "conflict" if isinstance(exc, LedgerConflict) else "unavailable"
-                raise ApiError(code, f"{exc}; state re-read from the ledger, retry") from exc
-            except CommandError as exc:
-                code = "not_found" if "not found" in str(exc) else "bad_request"
-                raise ApiError(code, str(exc)) from exc
+            except Exception as exc:  # noqa: BLE001 - report as unavailable to the caller
+                raise ApiError("unavailable", f"ledger unavailable: {type(exc).__name__}") from exc
+
+    async def _catch_up(self) -> None:
+        """Fold what other writers appended since our last sequence (a standby's catch-up)."""
+        fleet = self._require_fleet()
+        assert self.ledger is not None
+        last = await self.ledger.last_seq()
+        if last > fleet.seq:
+            async for seq, event in self.ledger.read(fleet.seq + 1, last):
+                fleet.replay(event, seq)
+
+    async def _mutate(self, fn: Callable[[Instant], T], attempts: int = 3) -> T:
+        """Run a command under the lock; on a lost append race re-fold and decide again."""
+        async with self.lock:
+            await self._ensure_loaded()
+            for attempt in range(1, attempts + 1):
+                self._require_fleet()
+                now = self.clock.now()
+                try:
+                    await self._catch_up()
+                    return await asyncio.to_thread(fn, now)
+                except LedgerConflict as exc:
+                    log.warning("ledger.conflict", attempt=attempt, error=str(exc))
+                    await self._rebuild()
+                    if attempt == attempts:
+                        raise ApiError("conflict", f"{exc}; retried {attempts} times") from exc
+                except (LedgerUnavailable, nats.errors.Error, TimeoutError) as exc:
+                    log.warning("ledger.unavailable", error=str(exc))
+                    try:
+                        await self._rebuild()
+                    except Exception as rebuild_exc:  # noqa: BLE001 - keep serving; next call retries
+                        log.warning("ledger.rebuild_failed", error=type(rebuild_exc).__name__)
+                        self.fleet = None
+                    raise ApiError("unavailable", f"ledger unavailable: {exc}; retry") from exc
+                except CommandError as exc:
+                    code = "not_found" if "not found" in str(exc) else "bad_request"
+                    raise ApiError(code, str(exc)) from exc
+            raise AssertionError("unreachable")
 
     async def _read(self, fn: Callable[[Instant], T]) -> T:
         async with self.lock:
+            await self._ensure_loaded()
             self._require_fleet()
             try:
                 return fn(self.clock.now())

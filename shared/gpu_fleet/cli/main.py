@@ -135,7 +135,16 @@ def _cmd_scenario_run(args: argparse.Namespace) -> int:
             for line in str(exc).splitlines():
                 print(f"error: {path}: {line}", file=sys.stderr)
             return EXIT_USAGE
-        report = run_scenario(scenario)
+        if args.via_nats:
+            import asyncio
+
+            from gpu_fleet.cli.via_nats import run_via_nats
+            from gpu_fleet.runtime import logs
+
+            logs.configure("scenario", "error", sys.stderr)
+            report = asyncio.run(run_via_nats(scenario))
+        else:
+            report = run_scenario(scenario)
         outcomes = check_expectations(report, scenario.expectations) if args.check else []
         failed = [o for o in outcomes if not o.ok]
         if failed:
@@ -182,17 +191,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    folder = Path(args.examples)
-    files = sorted(folder.glob("*.yaml"))
-    if not files:
-        print(f"error: no example scenarios in {folder}", file=sys.stderr)
-        return EXIT_USAGE
-    print(
-        "gpu-fleet demo: each example is a story about a fleet, run through the scheduling core\n"
-        "with a virtual clock (the same core the services use).\n"
-    )
-    ns = argparse.Namespace(files=[str(f) for f in files], output="table", check=True)
-    return _cmd_scenario_run(ns)
+    from gpu_fleet.cli.demo import demo
+
+    examples = Path(args.examples)
+    return demo(examples, Path(args.inventory or examples / "inventory.yaml"), args.keep)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from gpu_fleet.cli.up import default_inventory, up
+
+    return up(args.data_dir, args.inventory or default_inventory(), args.port, args.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,13 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--check", action="store_true", help="check the file's machine expectations (exit 1 on failure)"
     )
+    run.add_argument(
+        "--via-nats", action="store_true",
+        help="run through the real services on an embedded NATS server (same report)",
+    )
     run.set_defaults(func=_cmd_scenario_run)
     validate = sub.add_parser("validate", help="validate Budget/Run manifests")
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(func=_cmd_validate)
-    demo = sub.add_parser("demo", help="run the example scenarios with readable output")
+    demo = sub.add_parser("demo", help="start the stack, submit the examples, show the results")
     demo.add_argument("--examples", default=str(Path.cwd() / "examples"))
+    demo.add_argument("--inventory", default=None)
+    demo.add_argument("--keep", default=None, help="keep data and logs in this folder")
     demo.set_defaults(func=_cmd_demo)
+    upp = sub.add_parser("up", help="embedded NATS + all four services until Ctrl-C")
+    upp.add_argument("--data-dir", default=".gpu-fleet")
+    upp.add_argument("--inventory", default=None, help="node inventory YAML")
+    upp.add_argument("--port", type=int, default=4222)
+    upp.add_argument("--log-level", default="info")
+    upp.set_defaults(func=_cmd_up)
     return parser
 
 

@@ -59,7 +59,10 @@ class Actor:
                 log.warning("actor.task_cancelled", actor=self.name, task=name)
             raise
         except Exception:
-            log.exception("actor.task_crashed", actor=self.name, task=name)
+            if self._stopping:  # e.g. a follower seeing its connection drain during shutdown
+                log.debug("actor.task_ended_during_stop", actor=self.name, task=name)
+            else:
+                log.exception("actor.task_crashed", actor=self.name, task=name)
         finally:
             self._stop_requested.set()
 

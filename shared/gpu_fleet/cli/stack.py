@@ -1,0 +1,212 @@
+"""Start the whole stack on an embedded NATS server: ``gpu-fleet up``, the demo and the tests.
+
+Two modes: separate OS processes (the default for ``up`` and ``make demo``, as in production),
+or in-process actors (one event loop; used by ``scenario run --via-nats`` and the tests, where a
+virtual clock must be shared with the runner).  Either way the services talk only over NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from gpu_fleet.core.model import Instant, Node
+from gpu_fleet.runtime.actor import Actor
+from gpu_fleet.runtime.natsd import EmbeddedNats
+
+SERVICES = ("manager", "binder", "forecaster", "notifier")
+
+
+class ApiFailure(RuntimeError):
+    """The fleet API answered with an error (code, message, field errors)."""
+
+    def __init__(self, code: str, message: str, errors: list[dict[str, str]] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.errors = errors or []
+
+
+async def call(nc: Client, endpoint: str, body: dict[str, Any], timeout: float = 30.0) -> Any:
+    """One fleet API request; raises ``ApiFailure`` for an error reply."""
+    msg = await nc.request(f"fleet.api.{endpoint}", json.dumps(body).encode(), timeout=timeout)
+    reply = json.loads(msg.data) if msg.data else {}
+    if not reply.get("ok"):
+        err = reply.get("error") or {}
+        raise ApiFailure(
+            err.get("code", "internal"),
+            err.get("message") or (msg.headers or {}).get("Nats-Service-Error", "error"),
+            err.get("errors"),
+        )
+    return reply.get("result")
+
+
+async def wait_for_services(nc: Client, names: tuple[str, ...], timeout: float = 60.0) -> None:
+    """Poll ``$SRV.PING.<service>`` until every service answers (readiness, not timing)."""
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while True:
+            try:
+                await nc.request(f"$SRV.PING.gpu-fleet-{name}", b"", timeout=1.0)
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"service gpu-fleet-{name} did not answer") from None
+                await asyncio.sleep(0.05)
+
+
+class InProcessStack:
+    """Embedded NATS plus the four service actors on the current event loop."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        virtual_start: Instant | None = None,
+        inventory: list[Node] | None = None,
+        services: tuple[str, ...] = SERVICES,
+        settings: Any = None,
+    ) -> None:
+        self.nats = EmbeddedNats(Path(data_dir) / "nats")
+        self.virtual_start = virtual_start
+        self.inventory = inventory or []
+        self.services = services
+        self.settings = settings
+        self.actors: dict[str, Actor] = {}
+        self.nc: Client | None = None
+
+    def make(self, name: str) -> Actor:
+        url = self.nats.url
+        if name == "manager":
+            from gpu_fleet_manager.service import Manager, ManagerConfig
+
+            cfg = ManagerConfig(
+                nats_url=url,
+                clock="virtual" if self.virtual_start is not None else "wall",
+                start=self.virtual_start,
+                inventory=self.inventory,
+            )
+            if self.settings is not None:
+                cfg.settings = self.settings
+            return Manager(cfg)
+        if name == "binder":
+            from gpu_fleet_binder.service import Binder, BinderConfig
+
+            return Binder(BinderConfig(nats_url=url))
+        if name == "forecaster":
+            from gpu_fleet_forecaster.service import build as build_forecaster
+
+            return build_forecaster(url)
+        if name == "notifier":
+            from gpu_fleet_notifier.service import build as build_notifier
+
+            return build_notifier(url)
+        raise ValueError(f"unknown service {name}")
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.nats.start)
+        # The binder first: the manager plans through it from its first command.
+        for name in sorted(self.services, key=lambda n: (n != "binder", n != "manager", n)):
+            await self.start_service(name)
+        self.nc = await nats.connect(self.nats.url)
+
+    async def start_service(self, name: str) -> Actor:
+        actor = self.make(name)
+        await actor.start()
+        self.actors[name] = actor
+        return actor
+
+    async def stop_service(self, name: str) -> None:
+        actor = self.actors.pop(name, None)
+        if actor is not None:
+            await actor.stop()
+
+    async def stop(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+        for name in ("notifier", "forecaster", "manager", "binder"):
+            await self.stop_service(name)
+        await asyncio.to_thread(self.nats.stop)
+
+    async def __aenter__(self) -> InProcessStack:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class ProcessStack:
+    """Embedded NATS plus each service as its own OS process (``gpu-fleet up``)."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        inventory: str | None = None,
+        log_level: str = "info",
+        services: tuple[str, ...] = SERVICES,
+        port: int | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.nats = EmbeddedNats(self.data_dir / "nats", port=port)
+        self.inventory = inventory
+        self.log_level = log_level
+        self.services = services
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str) -> subprocess.Popen[bytes]:
+        args = [sys.executable, "-m", f"gpu_fleet_{name}", "--nats-url", self.nats.url,
+                "--log-level", self.log_level]
+        if name == "manager" and self.inventory:
+            args += ["--inventory", self.inventory]
+        log_path = self.data_dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        self.procs[name] = proc
+        return proc
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.nats.start()
+        for name in self.services:
+            self.spawn(name)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def stop_service(self, name: str, timeout: float = 20.0) -> int | None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def stop(self) -> None:
+        for name in ("notifier", "forecaster", "manager", "binder"):
+            with contextlib.suppress(Exception):
+                self.stop_service(name)
+        self.nats.stop()
+
+    def dead(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is not None]

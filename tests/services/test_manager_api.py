@@ -1,0 +1,169 @@
+"""The manager's fleet API over a real nats-server: validation, admission, reads, two writers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from gpu_fleet.cli.stack import ApiFailure, InProcessStack, call
+from gpu_fleet.core.ledger import FleetState, check_invariants, fold
+from gpu_fleet.core.timeutil import parse_instant
+from gpu_fleet.runtime.ledger_stream import LedgerStream
+
+T0 = parse_instant("2026-03-02T00:00:00Z")
+
+NODES = [
+    {"name": f"n{i}", "gpus": 8,
+     "labels": {"region": "r1", "cluster": "c1", "fabric.domain": "f1" if i < 2 else "f2",
+                "gpu.flavor": "H100"}}
+    for i in range(4)
+]
+
+BUDGET = """
+apiVersion: rq.davidlangworthy.io/v1
+kind: Budget
+metadata: {name: team, namespace: team}
+spec:
+  owner: "org:team"
+  envelopes:
+    - {name: west, flavor: H100, selector: {region: r1}, concurrency: 16,
+       start: "2026-01-01T00:00:00Z", end: "2027-01-01T00:00:00Z"}
+"""
+
+
+def run_doc(name: str, gpus: int, ns: str = "team") -> str:
+    return (
+        "apiVersion: rq.davidlangworthy.io/v1\nkind: Run\n"
+        f"metadata: {{name: {name}, namespace: {ns}}}\n"
+        f"spec: {{resources: {{gpuType: H100, totalGPUs: {gpus}}}}}\n"
+    )
+
+
+async def ledger_state(stack: InProcessStack) -> FleetState:
+    assert stack.nc is not None
+    state = FleetState()
+    async for _, event in LedgerStream(stack.nc).read(1):
+        fold(state, event)
+    return state
+
+
+@pytest_asyncio.fixture(name="stack")
+async def _stack(tmp_path: Path) -> Any:
+    stack = InProcessStack(tmp_path, virtual_start=T0, services=("binder", "manager"))
+    await stack.start()
+    assert stack.nc is not None
+    for node in NODES:
+        await call(stack.nc, "node", {"op": "register", "node": node})
+    await call(stack.nc, "apply", {"documents": BUDGET})
+    yield stack
+    await stack.stop()
+
+
+@pytest.mark.asyncio
+async def test_submit_admits_through_binder_into_the_ledger(stack: InProcessStack) -> None:
+    """A submitted run is placed by the binder, funded, and its leases are in the stream."""
+    nc = stack.nc
+    assert nc is not None
+    result = await call(nc, "apply", {"documents": run_doc("train", 8)})
+    assert result == [{"kind": "Run", "namespace": "team", "name": "train", "action": "created"}]
+    view = await call(nc, "get", {"namespace": "team", "name": "train"})
+    assert (view["phase"], view["width"]["allocated"], view["funding"]["owned"]) == ("Running", 8, 8)
+    binder = stack.actors["binder"]
+    assert getattr(binder, "placed", 0) >= 1
+    state = await ledger_state(stack)
+    assert sum(x.width for x in state.open_leases.values()) == 8
+    assert check_invariants(state) == []
+
+
+@pytest.mark.asyncio
+async def test_validation_errors_name_every_field_and_change_nothing(stack: InProcessStack) -> None:
+    """A bad manifest is refused with every field error; nothing already accepted changes."""
+    nc = stack.nc
+    assert nc is not None
+    await call(nc, "apply", {"documents": run_doc("keep", 4)})
+    before = await call(nc, "seq", {})
+    bad = (
+        "apiVersion: rq.davidlangworthy.io/v1\nkind: Run\nmetadata: {name: bad, namespace: team}\n"
+        "spec: {resources: {gpuType: H100, totalGPUs: 0}, sparesPerGroup: -1, bogus: 1}\n"
+    )
+    with pytest.raises(ApiFailure) as info:
+        await call(nc, "apply", {"documents": bad})
+    assert info.value.code == "validation"
+    paths = {e["path"]: e["message"] for e in info.value.errors}
+    assert paths["spec.bogus"] == "unknown field"
+    assert paths["spec.resources.totalGPUs"] == "must be >= 1"
+    assert "spec.sparesPerGroup" in paths
+    assert await call(nc, "seq", {}) == before
+    view = await call(nc, "get", {"namespace": "team", "name": "keep"})
+    assert view["phase"] == "Running"
+
+
+@pytest.mark.asyncio
+async def test_unknown_run_is_not_found(stack: InProcessStack) -> None:
+    """Asking about a run that does not exist is a not_found error, not a crash."""
+    assert stack.nc is not None
+    with pytest.raises(ApiFailure) as info:
+        await call(stack.nc, "get", {"namespace": "team", "name": "ghost"})
+    assert info.value.code == "not_found"
+    with pytest.raises(ApiFailure) as info:
+        await call(stack.nc, "complete", {"namespace": "team", "name": "ghost"})
+    assert info.value.code == "not_found"
+
+
+@pytest.mark.asyncio
+async def test_budget_wait_reserves_and_virtual_clock_activates_unfunded(stack: InProcessStack) -> None:
+    """A budget-only wait gets a reservation (deficit 0) and starts unfunded at the lead bound."""
+    nc = stack.nc
+    assert nc is not None
+    await call(nc, "apply", {"documents": run_doc("big", 16)})
+    await call(nc, "apply", {"documents": run_doc("extra", 8)})
+    view = await call(nc, "get", {"namespace": "team", "name": "extra"})
+    assert view["reason"] == "Reserved"
+    res = view["reservationDetail"]
+    assert res["deficitGPUs"] == 0
+    await call(nc, "clock", {"advance_to": parse_instant(res["earliestStart"])})
+    view = await call(nc, "get", {"namespace": "team", "name": "extra"})
+    assert view["phase"] == "Running"
+    assert view["funding"] == {"owned": 0, "shared": 0, "borrowed": 0, "unfunded": 8}
+    big = await call(nc, "get", {"namespace": "team", "name": "big"})
+    assert big["funding"]["owned"] == 16  # nobody was cut for a budget shortfall
+
+
+@pytest.mark.asyncio
+async def test_complete_closes_leases_and_explain_reports(stack: InProcessStack) -> None:
+    """complete closes every lease Completed; explain and budgets read the folded ledger."""
+    nc = stack.nc
+    assert nc is not None
+    await call(nc, "apply", {"documents": run_doc("done", 4)})
+    await call(nc, "complete", {"namespace": "team", "name": "done"})
+    leases = await call(nc, "leases", {"namespace": "team", "name": "done"})
+    assert leases and {x["closureReason"] for x in leases} == {"Completed"}
+    rows = {r["field"]: r["value"] for r in await call(nc, "explain", {"namespace": "team", "name": "done"})}
+    assert rows["Phase"] == "Completed"
+    budgets = await call(nc, "budgets", {"namespace": "team"})
+    assert budgets[0]["envelopes"][0]["headroom"] == 16
+
+
+@pytest.mark.asyncio
+async def test_second_manager_never_double_books(stack: InProcessStack) -> None:
+    """Two managers serve the API together; the append race is lost by one, which re-folds."""
+    nc = stack.nc
+    assert nc is not None
+    from gpu_fleet_manager.service import Manager, ManagerConfig
+
+    standby = Manager(ManagerConfig(nats_url=stack.nats.url, clock="virtual", start=T0))
+    await standby.start()
+    try:
+        for i in range(8):
+            await call(nc, "apply", {"documents": run_doc(f"r{i}", 4)})
+    finally:
+        await standby.stop()
+    state = await ledger_state(stack)
+    assert check_invariants(state) == []
+    running = [k for k, st in state.status.items() if st.phase == "Running"]
+    assert len(running) == 4  # 16 GPUs of budget, 4 GPUs each
+    slots = [s for lease in state.open_leases.values() for s in lease.slots]
+    assert len(slots) == len(set(slots)) == 16
