@@ -370,9 +370,15 @@ HANDLERS = {
 
 
 async def _run(args: argparse.Namespace) -> int:
+    async def quiet(_: Exception) -> None:
+        return None
+
     try:
-        nc = await nats.connect(args.nats_url, connect_timeout=2, max_reconnect_attempts=0,
-                                allow_reconnect=False)
+        nc = await asyncio.wait_for(
+            nats.connect(args.nats_url, connect_timeout=2, max_reconnect_attempts=1,
+                         allow_reconnect=False, error_cb=quiet),
+            timeout=5,
+        )
     except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
         print(f"error: cannot reach NATS at {args.nats_url} ({type(exc).__name__}); "
               "is the stack up? (gpu-fleet up)", file=sys.stderr)

@@ -1,0 +1,124 @@
+"""``kubectl runs`` end to end against a real manager over NATS: output, exit codes, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpu_fleet.cli import runs
+from gpu_fleet.cli.stack import InProcessStack, call
+from gpu_fleet.core.timeutil import parse_instant
+
+T0 = parse_instant("2026-03-02T00:00:00Z")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(name="url")
+def _url(tmp_path: Path) -> Iterator[str]:
+    """A manager + binder on a background event loop thread (the CLI runs its own loop)."""
+    import io
+
+    from gpu_fleet.runtime import logs
+
+    logs.configure("test", "error", io.StringIO())  # keep service logs out of captured output
+    loop = asyncio.new_event_loop()
+    stack = InProcessStack(tmp_path, virtual_start=T0, services=("binder", "manager"))
+    import threading
+
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(stack.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    inventory = (EXAMPLES / "inventory.yaml").read_text()
+    from gpu_fleet.core.manifests import parse_inventory
+
+    async def seed() -> None:
+        assert stack.nc is not None
+        for node in parse_inventory(inventory):
+            await call(stack.nc, "node", {"op": "register", "node": {
+                "name": node.name, "gpus": node.gpus, "labels": node.labels}})
+
+    asyncio.run_coroutine_threadsafe(seed(), loop).result(60)
+    yield stack.nats.url
+    asyncio.run_coroutine_threadsafe(stack.stop(), loop).result(60)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(30)
+    loop.close()
+
+
+def kubectl(capsys: pytest.CaptureFixture[str], url: str, *argv: str) -> tuple[int, str, str]:
+    code = runs.main([*argv, "--nats-url", url])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_submit_examples_then_read_everything(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Submitting the examples admits the co-funded run; get/leases/budgets/explain agree."""
+    for path in sorted((EXAMPLES / "manifests").glob("*.yaml")):
+        code, out, err = kubectl(capsys, url, "submit", "-f", str(path))
+        assert code == 0, err
+    code, out, _ = kubectl(capsys, url, "get", "eval-4", "-n", "partner", "-o", "json")
+    view = json.loads(out)
+    assert (view["phase"], view["funding"]["owned"], view["funding"]["borrowed"]) == ("Running", 2, 2)
+    code, out, _ = kubectl(capsys, url, "explain", "eval-4", "-n", "partner")
+    assert code == 0 and "Lender" in out and "org:ai:vision (2 GPUs)" in out
+    code, out, _ = kubectl(capsys, url, "budgets", "-A", "-o", "yaml")
+    assert code == 0 and "envelopes:" in out
+    code, out, _ = kubectl(capsys, url, "leases", "eval-4", "-n", "partner")
+    assert code == 0 and out.startswith("Run Leases")
+
+
+def test_invalid_manifest_exits_2_naming_the_field(
+    url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A validation error exits 2 and names the field path and rule, one line each."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: rq.davidlangworthy.io/v1\nkind: Run\nmetadata: {name: x}\n"
+        "spec: {resources: {gpuType: H100, totalGPUs: 4}, malleable: {minTotalGPUs: 2,"
+        " maxTotalGPUs: 8, stepGPUs: 0}}\n"
+    )
+    code, out, err = kubectl(capsys, url, "submit", "-f", str(bad))
+    assert code == 2
+    assert "error: spec.malleable.stepGPUs: must be >= 1" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_run_exits_1_with_one_line(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing run is a one-line error with exit code 1."""
+    code, _, err = kubectl(capsys, url, "explain", "ghost")
+    assert code == 1
+    assert err.strip() == "error: run default/ghost not found"
+
+
+def test_shrink_requires_positive_by(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Usage errors exit 2 before anything is sent."""
+    code, _, err = kubectl(capsys, url, "shrink", "x", "--by", "0")
+    assert code == 2 and "--by must be > 0" in err
+
+
+def test_unreachable_nats_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """No stack running: a clear hint, exit 1, no traceback."""
+    code = runs.main(["get", "--nats-url", "nats://127.0.0.1:1"])
+    _, err = capsys.readouterr()
+    assert code == 1 and "cannot reach NATS" in err
+
+
+def test_completions_cover_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """Completion scripts list the real commands; an unknown shell exits 2."""
+    assert runs.main(["completions", "bash"]) == 0
+    out, _ = capsys.readouterr()
+    for word in ("submit", "plan", "explain", "leases", "budgets", "sponsors", "shrink"):
+        assert word in out
+    assert runs.main(["completions", "tcsh"]) == 2
