@@ -1,0 +1,184 @@
+"""End-to-end admission benchmark: submit -> leases committed in the ledger.
+
+What it measures, on the real stack (embedded nats-server, manager and binder as separate OS
+processes, CP-SAT placement, atomic ledger appends):
+
+* latency of one submission on an idle fleet (p50/p99): the API reply comes back only after the
+  run's leases are appended to the JetStream stream, so reply time = submit -> leases committed;
+* sustained admissions per second with several concurrent clients.
+
+Baselines measured in the same run on the same server (ratios are printed against them, since
+absolute numbers depend on the machine): a sequential JetStream publish-with-ack, and a
+request/reply round trip to a trivial responder in another process.
+
+    .venv/bin/python bench/e2e.py            # 1k and 10k nodes
+    .venv/bin/python bench/e2e.py --quick    # 1k nodes, fewer submissions
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+from nats.js.api import StreamConfig
+
+from gpu_fleet.cli.stack import ProcessStack, call, wait_for_services
+
+RESPONDER = """
+import asyncio, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    async def echo(msg): await msg.respond(msg.data)
+    await nc.subscribe("bench.echo", cb=echo)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def inventory(nodes: int, per_domain: int = 32) -> str:
+    lines = ["nodes:"]
+    for i in range(nodes):
+        lines.append(
+            f"  - {{name: n{i:05d}, gpus: 8, labels: {{region: r1, cluster: c1, "
+            f"fabric.domain: d{i // per_domain:04d}, gpu.flavor: H100}}}}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+BUDGET = """
+apiVersion: rq.davidlangworthy.io/v1
+kind: Budget
+metadata: {{name: team, namespace: team}}
+spec:
+  owner: "org:team"
+  envelopes:
+    - {{name: west, flavor: H100, selector: {{region: r1}}, concurrency: {gpus},
+       start: "2020-01-01T00:00:00Z", end: "2100-01-01T00:00:00Z"}}
+"""
+
+
+def run_doc(name: str, gpus: int) -> str:
+    return (
+        "apiVersion: rq.davidlangworthy.io/v1\nkind: Run\n"
+        f"metadata: {{name: {name}, namespace: team}}\n"
+        f"spec: {{resources: {{gpuType: H100, totalGPUs: {gpus}}}}}\n"
+    )
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def baselines(url: str, n: int) -> tuple[float, float]:
+    """(JetStream publish-with-ack per second, request/reply round trips per second)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.js"]))
+    payload = b"x" * 200
+    t = time.perf_counter()
+    for _ in range(n):
+        await js.publish("bench.js", payload)
+    js_rate = n / (time.perf_counter() - t)
+    proc = subprocess.Popen([sys.executable, "-c", RESPONDER, url])
+    try:
+        while True:
+            try:
+                await nc.request("bench.echo", b"ping", timeout=1)
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                await asyncio.sleep(0.05)
+        t = time.perf_counter()
+        for _ in range(n):
+            await nc.request("bench.echo", payload, timeout=5)
+        rr_rate = n / (time.perf_counter() - t)
+    finally:
+        proc.terminate()
+        proc.wait()
+        await nc.close()
+    return js_rate, rr_rate
+
+
+async def measure(url: str, nodes: int, latency_n: int, burst_n: int, clients: int) -> dict[str, float]:
+    nc = await nats.connect(url)
+    try:
+        await wait_for_services(nc, ("binder", "manager"), timeout=300)
+        # wait until the inventory is folded (the manager registers it at start)
+        while True:
+            runs = await call(nc, "budgets", {})
+            if runs is not None:
+                break
+        await call(nc, "apply", {"documents": BUDGET.format(gpus=nodes * 8)})
+        lat: list[float] = []
+        for i in range(latency_n):  # idle fleet: one at a time
+            t = time.perf_counter()
+            await call(nc, "apply", {"documents": run_doc(f"lat{i:05d}", 8)})
+            lat.append((time.perf_counter() - t) * 1000)
+        queue = list(range(burst_n))
+
+        async def client() -> None:
+            while queue:
+                i = queue.pop()
+                await call(nc, "apply", {"documents": run_doc(f"burst{i:05d}", 8)}, timeout=60)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        rate = burst_n / (time.perf_counter() - t)
+        running = await call(nc, "list", {"namespace": "team"})
+        admitted = sum(1 for r in running if r["phase"] == "Running")
+    finally:
+        await nc.close()
+    return {
+        "p50_ms": statistics.median(lat),
+        "p99_ms": pct(lat, 0.99),
+        "admissions_per_s": rate,
+        "admitted": admitted,
+        "submitted": latency_n + burst_n,
+    }
+
+
+def bench(nodes: int, latency_n: int, burst_n: int, clients: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="gpu-fleet-bench-") as tmp:
+        inv = Path(tmp) / "inventory.yaml"
+        inv.write_text(inventory(nodes))
+        stack = ProcessStack(Path(tmp) / "data", inventory=str(inv), log_level="warning",
+                             services=("binder", "manager"))
+        stack.start()
+        try:
+            js_rate, rr_rate = asyncio.run(baselines(stack.nats.url, 500))
+            result = asyncio.run(measure(stack.nats.url, nodes, latency_n, burst_n, clients))
+        finally:
+            stack.stop()
+    result.update(js_publish_ack_per_s=js_rate, request_reply_per_s=rr_rate)
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    sizes = [1000] if args.quick else [1000, 10000]
+    latency_n, burst_n = (50, 200) if args.quick else (200, 800)
+    print(f"{'nodes':>6} {'p50 ms':>8} {'p99 ms':>8} {'adm/s':>8} {'JS ack/s':>9} {'req/s':>8}"
+          f" {'adm/JS':>7} {'adm/req':>8} {'admitted':>9}")
+    for n in sizes:
+        r = bench(n, latency_n, burst_n, clients=16)
+        print(
+            f"{n:>6} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['admissions_per_s']:>8.1f}"
+            f" {r['js_publish_ack_per_s']:>9.0f} {r['request_reply_per_s']:>8.0f}"
+            f" {r['admissions_per_s'] / r['js_publish_ack_per_s']:>7.3f}"
+            f" {r['admissions_per_s'] / r['request_reply_per_s']:>8.3f}"
+            f" {int(r['admitted']):>5}/{int(r['submitted'])}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "gpu-fleet.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: <release>-<chart>, or the release name when it already contains the chart name. */}}
+{{- define "gpu-fleet.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "gpu-fleet.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "gpu-fleet.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gpu-fleet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "gpu-fleet.labels" -}}
+helm.sh/chart: {{ include "gpu-fleet.chart" . }}
+{{ include "gpu-fleet.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: gpu-fleet
+{{- end }}
+
+{{- define "gpu-fleet.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "gpu-fleet.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "gpu-fleet.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "gpu-fleet.natsName" -}}
+{{- printf "%s-nats" (include "gpu-fleet.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The NATS URL the services use: the embedded server's Service when nats.enabled, else nats.url.
+Fails loudly on an ambiguous or missing setting instead of guessing.
+*/}}
+{{- define "gpu-fleet.natsUrl" -}}
+{{- if .Values.nats.enabled }}
+{{- if or .Values.nats.url .Values.nats.urlSecret.name }}
+{{- fail "nats.url / nats.urlSecret are for an external NATS: set nats.enabled=false to use them" }}
+{{- end }}
+{{- printf "nats://%s.%s.svc:4222" (include "gpu-fleet.natsName" .) .Release.Namespace }}
+{{- else if not .Values.nats.urlSecret.name }}
+{{- required "nats.url is required when nats.enabled=false (or set nats.urlSecret.name)" .Values.nats.url }}
+{{- end }}
+{{- end }}
+
+{{/* GPU_FLEET_NATS_URL as a literal value or from the Secret named by nats.urlSecret. */}}
+{{- define "gpu-fleet.natsUrlEnv" -}}
+- name: GPU_FLEET_NATS_URL
+{{- if and (not .Values.nats.enabled) .Values.nats.urlSecret.name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.nats.urlSecret.name }}
+      key: {{ .Values.nats.urlSecret.key | default "url" }}
+{{- else }}
+  value: {{ include "gpu-fleet.natsUrl" . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+One Deployment for one service. Call with
+  (dict "root" $ "component" "manager" "env" (list ...) "volumes" ... "volumeMounts" ...
+        "annotations" (dict ...))
+The container command is gpu-fleet-<component>; all four share the image.
+*/}}
+{{- define "gpu-fleet.deployment" -}}
+{{- $root := .root }}
+{{- $component := .component }}
+{{- $svc := index $root.Values $component }}
+{{- $fullname := include "gpu-fleet.fullname" $root }}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ printf "%s-%s" $fullname $component | trunc 63 | trimSuffix "-" }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "gpu-fleet.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ $component }}
+spec:
+  replicas: {{ $svc.replicas }}
+  revisionHistoryLimit: 5
+  selector:
+    matchLabels:
+      {{- include "gpu-fleet.selectorLabels" $root | nindent 6 }}
+      app.kubernetes.io/component: {{ $component }}
+  template:
+    metadata:
+      labels:
+        {{- include "gpu-fleet.selectorLabels" $root | nindent 8 }}
+        app.kubernetes.io/component: {{ $component }}
+        {{- with $root.Values.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- $annotations := merge (dict) (.annotations | default dict) ($svc.podAnnotations | default dict) ($root.Values.podAnnotations | default dict) }}
+      {{- with $annotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    spec:
+      serviceAccountName: {{ include "gpu-fleet.serviceAccountName" $root }}
+      automountServiceAccountToken: {{ $root.Values.serviceAccount.automount }}
+      terminationGracePeriodSeconds: {{ $root.Values.terminationGracePeriodSeconds }}
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $root.Values.podSecurityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: {{ $component }}
+          image: {{ include "gpu-fleet.image" $root | quote }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          command: [{{ printf "gpu-fleet-%s" $component | quote }}]
+          env:
+            {{- include "gpu-fleet.natsUrlEnv" $root | nindent 12 }}
+            - name: GPU_FLEET_LOG_LEVEL
+              value: {{ default $root.Values.logLevel $svc.logLevel | quote }}
+            {{- with .env }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+            {{- with $svc.extraEnv }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          {{- with $root.Values.securityContext }}
+          securityContext:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with $svc.resources }}
+          resources:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with $svc.livenessProbe }}
+          livenessProbe:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with $svc.readinessProbe }}
+          readinessProbe:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          volumeMounts:
+            # readOnlyRootFilesystem: give libraries a writable /tmp.
+            - name: tmp
+              mountPath: /tmp
+            {{- with .volumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+      volumes:
+        - name: tmp
+          emptyDir:
+            sizeLimit: 256Mi
+        {{- with .volumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with (default $root.Values.nodeSelector $svc.nodeSelector) }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with (default $root.Values.tolerations $svc.tolerations) }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with (default $root.Values.affinity $svc.affinity) }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end }}

@@ -1,0 +1,564 @@
+"""The Helm chart, rendered offline by the real Helm library (helm-python-sdk), asserted as data.
+
+No cluster and no ``helm`` binary: ``Chart.render`` runs Helm's engine (values coalescing,
+values.schema.json validation, templates) and we parse the manifests it returns.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import tomllib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+from kubernetes_asyncio.client import models as k8s_models
+
+from gpu_fleet.core.manifests import parse_inventory
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "gpu-fleet"
+SERVICES = ("manager", "binder", "forecaster", "notifier")
+CRD_GROUP = "rq.davidlangworthy.io"
+RELEASE, NAMESPACE = "prod", "fleet"
+EMBEDDED_URL = f"nats://{RELEASE}-gpu-fleet-nats.{NAMESPACE}.svc:4222"
+
+Manifest = dict[str, Any]
+
+
+def _load_sync_tool() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "sync_chart_crds", ROOT / "tools" / "sync_chart_crds.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as ch:
+        yield ch
+
+
+def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> list[Manifest]:
+    out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    docs: list[Manifest] = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def notes(chart: helm.Chart, values: dict[str, Any] | None = None) -> str:
+    out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    return out["gpu-fleet/templates/NOTES.txt"]
+
+
+def of_kind(docs: list[Manifest], kind: str) -> list[Manifest]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def deployments(docs: list[Manifest]) -> dict[str, Manifest]:
+    """Deployments by component label."""
+    return {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in of_kind(docs, "Deployment")
+    }
+
+
+def container(deployment: Manifest) -> Manifest:
+    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def env(deployment: Manifest) -> dict[str, Any]:
+    """Env by name: the literal value, or the valueFrom mapping."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(deployment)["env"]}
+
+
+def k8s_violations(value: Any, type_name: str, path: str = "") -> list[str]:
+    """Unknown fields and wrong scalar types, checked against the Kubernetes API models.
+
+    No API server here, so this stands in for its schema validation: a misspelt field
+    (``readOnlyRootFileSystem``) or an unquoted number where a string belongs (an env value)
+    is reported with its path.
+    """
+    if type_name == "object":
+        return []
+    if type_name.startswith("list["):
+        if not isinstance(value, list):
+            return [f"{path}: expected list"]
+        inner = type_name[5:-1]
+        return [
+            v for i, item in enumerate(value) for v in k8s_violations(item, inner, f"{path}[{i}]")
+        ]
+    if type_name.startswith("dict("):
+        if not isinstance(value, dict):
+            return [f"{path}: expected mapping"]
+        inner = type_name[5:-1].split(", ", 1)[1]
+        return [v for k, item in value.items() for v in k8s_violations(item, inner, f"{path}.{k}")]
+    scalars: dict[str, tuple[type, ...]] = {
+        "str": (str,),
+        "datetime": (str,),
+        "int": (int,),
+        "float": (int, float),
+        "bool": (bool,),
+    }
+    if type_name in scalars:
+        ok = isinstance(value, scalars[type_name])
+        if type_name in ("int", "float") and isinstance(value, bool):
+            ok = False
+        return [] if ok else [f"{path}: expected {type_name}, got {value!r}"]
+    model = getattr(k8s_models, type_name)
+    if not isinstance(value, dict):
+        return [f"{path}: expected {type_name} mapping"]
+    by_json = {json_key: attr for attr, json_key in model.attribute_map.items()}
+    out: list[str] = []
+    for key, item in value.items():
+        if key not in by_json:
+            out.append(f"{path}.{key}: unknown field of {type_name}")
+        else:
+            out.extend(k8s_violations(item, model.openapi_types[by_json[key]], f"{path}.{key}"))
+    return out
+
+
+def test_k8s_violations_catches_typos_and_unquoted_values() -> None:
+    bad = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "labels": {"a": 1}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "env": [{"name": "N", "value": 1}],
+                    "securityContext": {"readOnlyRootFileSystem": True},
+                }
+            ]
+        },
+    }
+    assert sorted(k8s_violations(bad, "V1Pod")) == [
+        ".metadata.labels.a: expected str, got 1",
+        ".spec.containers[0].env[0].value: expected str, got 1",
+        ".spec.containers[0].securityContext.readOnlyRootFileSystem: unknown field of "
+        "V1SecurityContext",
+    ]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"nats": {"enabled": False, "urlSecret": {"name": "creds"}}},
+        {
+            "inventory": yaml.safe_load((ROOT / "examples" / "inventory.yaml").read_text()),
+            "manager": {"replicas": 2, "livenessProbe": {"exec": {"command": ["true"]}}},
+            "imagePullSecrets": [{"name": "regcred"}],
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "podAnnotations": {"team": "infra"},
+        },
+    ],
+    ids=["defaults", "external-nats", "everything-set"],
+)
+def test_every_manifest_matches_the_kubernetes_api(
+    chart: helm.Chart, values: dict[str, Any]
+) -> None:
+    docs = render(chart, values)
+    assert docs
+    problems = []
+    for doc in docs:
+        group_version = doc["apiVersion"].rsplit("/", 1)[-1]
+        model = f"{group_version.capitalize()}{doc['kind']}"
+        problems += [
+            f"{doc['kind']}/{doc['metadata']['name']}{p}" for p in k8s_violations(doc, model)
+        ]
+    assert problems == []
+
+
+def test_install_dry_run_through_helm(chart: helm.Chart) -> None:
+    """The install action (hooks, ordering, release manifest), without a cluster."""
+    cfg = helm.Config(kube_apiserver="http://127.0.0.1:1", storage_driver="memory")
+    release = cfg.install(chart, RELEASE, {}, namespace=NAMESPACE, dry_run="client")
+    kinds = Counter(d["kind"] for d in yaml.safe_load_all(release["manifest"]) if d)
+    assert kinds["Deployment"] == 4
+    assert kinds["StatefulSet"] == 1
+    assert "fleet.notify" in release["notes"]
+
+
+# -- lint and defaults ---------------------------------------------------------------------------
+
+
+def test_lint_strict_has_no_errors_or_warnings() -> None:
+    report = helm.lint(CHART, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_lint_strict_external_nats_mode() -> None:
+    values = {"nats": {"enabled": False, "url": "nats://nats.nats.svc:4222"}}
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+
+
+def test_chart_metadata(chart: helm.Chart) -> None:
+    meta = chart.metadata
+    assert meta["apiVersion"] == "v2"
+    assert meta["appVersion"] == "0.1.0"
+    chart.validate_schema(chart.values)
+
+
+def test_four_deployments_one_image_with_their_console_scripts(chart: helm.Chart) -> None:
+    deps = deployments(render(chart))
+    assert set(deps) == set(SERVICES)
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    images = set()
+    for name, dep in deps.items():
+        c = container(dep)
+        assert dep["metadata"]["name"] == f"{RELEASE}-gpu-fleet-{name}"
+        assert dep["metadata"]["namespace"] == NAMESPACE
+        assert c["command"] == [f"gpu-fleet-{name}"]
+        assert c["command"][0] in scripts, "the command must be a console script of the package"
+        e = env(dep)
+        assert e["GPU_FLEET_NATS_URL"] == EMBEDDED_URL
+        assert e["GPU_FLEET_LOG_LEVEL"] == "info"
+        assert all(isinstance(v, str | dict) for v in e.values()), "env values must be strings"
+        images.add(c["image"])
+        # selector must select the pod template
+        selector = dep["spec"]["selector"]["matchLabels"]
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+        assert dep["spec"]["replicas"] == 1
+    assert images == {"gpu-fleet:0.1.0"}  # tag defaults to appVersion
+
+
+def test_manager_settings_are_wired_to_env(chart: helm.Chart) -> None:
+    dep = deployments(
+        render(
+            chart, {"manager": {"tick": "2s", "activationLead": "20m", "accountingPeriod": "12h"}}
+        )
+    )["manager"]
+    e = env(dep)
+    assert e["GPU_FLEET_TICK"] == "2s"
+    assert e["GPU_FLEET_ACTIVATION_LEAD"] == "20m"
+    assert e["GPU_FLEET_ACCOUNTING_PERIOD"] == "12h"
+    assert e["GPU_FLEET_CLOCK"] == "wall"
+    assert "GPU_FLEET_INVENTORY" not in e  # no inventory by default
+    # the other services get only the common settings
+    for name in ("binder", "forecaster", "notifier"):
+        assert "GPU_FLEET_TICK" not in env(deployments(render(chart))[name])
+
+
+# -- NATS wiring ---------------------------------------------------------------------------------
+
+
+def test_embedded_nats_statefulset_with_jetstream_and_pvc(chart: helm.Chart) -> None:
+    docs = render(chart)
+    (sts,) = of_kind(docs, "StatefulSet")
+    assert sts["metadata"]["name"] == f"{RELEASE}-gpu-fleet-nats"
+    c = container(sts)
+    assert "--jetstream" in c["args"]
+    store = c["args"][c["args"].index("--store_dir") + 1]
+    assert {"name": "data", "mountPath": store} in c["volumeMounts"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    client = services[f"{RELEASE}-gpu-fleet-nats"]
+    assert {p["port"] for p in client["spec"]["ports"]} >= {4222}
+    assert (
+        client["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert sts["spec"]["serviceName"] in services
+    # the services' URL names the client Service
+    host = re.match(r"nats://([^.:]+)\.", EMBEDDED_URL)
+    assert host is not None
+    assert host.group(1) == client["metadata"]["name"]
+
+
+def test_storage_class_override(chart: helm.Chart) -> None:
+    docs = render(
+        chart, {"nats": {"jetstream": {"storage": {"storageClassName": "fast", "size": "50Gi"}}}}
+    )
+    (sts,) = of_kind(docs, "StatefulSet")
+    spec = sts["spec"]["volumeClaimTemplates"][0]["spec"]
+    assert spec["storageClassName"] == "fast"
+    assert spec["resources"]["requests"]["storage"] == "50Gi"
+
+
+def test_external_nats_url(chart: helm.Chart) -> None:
+    url = "nats://nats.messaging.svc.cluster.local:4222"
+    docs = render(chart, {"nats": {"enabled": False, "url": url}})
+    assert of_kind(docs, "StatefulSet") == []
+    assert of_kind(docs, "Service") == []
+    for dep in deployments(docs).values():
+        assert env(dep)["GPU_FLEET_NATS_URL"] == url
+    assert url in notes(chart, {"nats": {"enabled": False, "url": url}})
+
+
+def test_external_nats_url_from_secret(chart: helm.Chart) -> None:
+    docs = render(
+        chart, {"nats": {"enabled": False, "urlSecret": {"name": "nats-creds", "key": "uri"}}}
+    )
+    for dep in deployments(docs).values():
+        assert env(dep)["GPU_FLEET_NATS_URL"] == {
+            "secretKeyRef": {"name": "nats-creds", "key": "uri"}
+        }
+
+
+def test_external_nats_requires_a_url(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmValuesError, match="nats"):
+        render(chart, {"nats": {"enabled": False}})
+
+
+def test_embedded_nats_and_url_together_is_an_error(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"nats\.enabled=false"):
+        render(chart, {"nats": {"url": "nats://elsewhere:4222"}})
+
+
+# -- shutdown, security, RBAC -------------------------------------------------------------------
+
+
+def test_termination_grace_covers_the_10s_drain(chart: helm.Chart) -> None:
+    for dep in deployments(render(chart)).values():
+        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 30
+    docs = render(chart, {"terminationGracePeriodSeconds": 45})
+    for dep in deployments(docs).values():
+        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 45
+    with pytest.raises(helm.HelmValuesError, match="terminationGracePeriodSeconds"):
+        render(chart, {"terminationGracePeriodSeconds": 5})
+
+
+def test_every_workload_runs_non_root_without_privilege_escalation(chart: helm.Chart) -> None:
+    docs = render(chart)
+    workloads = of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet")
+    assert len(workloads) == 5
+    for w in workloads:
+        pod = w["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_pod_user_matches_the_image_user(chart: helm.Chart) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    uid = re.search(r"^ARG UID=(\d+)$", dockerfile, re.MULTILINE)
+    assert uid is not None
+    assert re.search(r"^USER \$\{UID\}", dockerfile, re.MULTILINE)
+    for dep in deployments(render(chart)).values():
+        assert dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(uid.group(1))
+
+
+def _rules(docs: list[Manifest]) -> list[Manifest]:
+    (role,) = of_kind(docs, "ClusterRole")
+    rules: list[Manifest] = role["rules"]
+    return rules
+
+
+def _allows(rules: list[Manifest], group: str, resource: str, verb: str) -> bool:
+    return any(
+        group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules
+    )
+
+
+def test_rbac_covers_nodes_pods_and_every_shipped_crd(chart: helm.Chart) -> None:
+    docs = render(chart)
+    rules = _rules(docs)
+    for verb in ("get", "list", "watch"):
+        assert _allows(rules, "", "nodes", verb)
+    for verb in ("get", "list", "watch", "create", "delete"):
+        assert _allows(rules, "", "pods", verb)
+    assert _allows(rules, "", "pods/binding", "create")
+    plurals = {"runs", "budgets", "reservations", "gpuleases"}
+    for crd in chart.crds:
+        spec = yaml.safe_load(crd["data"])["spec"]
+        assert spec["group"] == CRD_GROUP
+        plurals.add(spec["names"]["plural"])
+    for plural in plurals:
+        for verb in ("get", "list", "watch", "create", "update", "patch", "delete"):
+            assert _allows(rules, CRD_GROUP, plural, verb), (plural, verb)
+        for verb in ("get", "update", "patch"):
+            assert _allows(rules, CRD_GROUP, f"{plural}/status", verb), (plural, verb)
+
+
+def test_rbac_binds_the_service_account_the_pods_use(chart: helm.Chart) -> None:
+    docs = render(chart)
+    (sa,) = of_kind(docs, "ServiceAccount")
+    (binding,) = of_kind(docs, "ClusterRoleBinding")
+    (role,) = of_kind(docs, "ClusterRole")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    for dep in deployments(docs).values():
+        assert dep["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_rbac_and_service_account_can_be_turned_off(chart: helm.Chart) -> None:
+    docs = render(
+        chart, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"}}
+    )
+    assert of_kind(docs, "ClusterRole") == []
+    assert of_kind(docs, "ServiceAccount") == []
+    for dep in deployments(docs).values():
+        assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+
+
+# -- overrides -----------------------------------------------------------------------------------
+
+
+def test_overrides_replicas_image_and_log_level(chart: helm.Chart) -> None:
+    docs = render(
+        chart,
+        {
+            "image": {
+                "repository": "registry.example.com/gpu-fleet",
+                "tag": "v9",
+                "pullPolicy": "Always",
+            },
+            "logLevel": "warning",
+            "manager": {"replicas": 2},
+            "binder": {"replicas": 3, "logLevel": "debug"},
+        },
+    )
+    deps = deployments(docs)
+    assert deps["manager"]["spec"]["replicas"] == 2
+    assert deps["binder"]["spec"]["replicas"] == 3
+    assert deps["forecaster"]["spec"]["replicas"] == 1
+    for dep in deps.values():
+        assert container(dep)["image"] == "registry.example.com/gpu-fleet:v9"
+        assert container(dep)["imagePullPolicy"] == "Always"
+    assert env(deps["binder"])["GPU_FLEET_LOG_LEVEL"] == "debug"
+    assert env(deps["notifier"])["GPU_FLEET_LOG_LEVEL"] == "warning"
+
+
+def test_resources_and_extra_env(chart: helm.Chart) -> None:
+    docs = render(
+        chart,
+        {
+            "binder": {
+                "resources": {"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}},
+                "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "2"}],
+            }
+        },
+    )
+    binder = deployments(docs)["binder"]
+    # Helm deep-merges values: the default memory request stays unless overridden too.
+    assert container(binder)["resources"] == {
+        "requests": {"cpu": "2", "memory": "512Mi"},
+        "limits": {"memory": "4Gi"},
+    }
+    assert env(binder)["OMP_NUM_THREADS"] == "2"
+
+
+def test_probes_are_off_by_default_and_rendered_when_given(chart: helm.Chart) -> None:
+    for dep in deployments(render(chart)).values():
+        assert "livenessProbe" not in container(dep)
+        assert "readinessProbe" not in container(dep)
+    probe = {"exec": {"command": ["true"]}, "periodSeconds": 30}
+    dep = deployments(render(chart, {"notifier": {"livenessProbe": probe}}))["notifier"]
+    assert container(dep)["livenessProbe"] == probe
+
+
+def test_inventory_configmap_is_mounted_into_the_manager(chart: helm.Chart) -> None:
+    inventory = yaml.safe_load((ROOT / "examples" / "inventory.yaml").read_text())
+    docs = render(chart, {"inventory": inventory})
+    (cm,) = of_kind(docs, "ConfigMap")
+    nodes = parse_inventory(cm["data"]["inventory.yaml"], source="configmap")
+    assert [n.name for n in nodes] == [n["name"] for n in inventory["nodes"]]
+    manager = deployments(docs)["manager"]
+    path = env(manager)["GPU_FLEET_INVENTORY"]
+    mount = next(m for m in container(manager)["volumeMounts"] if m["name"] == "inventory")
+    assert path == f"{mount['mountPath']}/inventory.yaml"
+    volume = next(
+        v for v in manager["spec"]["template"]["spec"]["volumes"] if v["name"] == "inventory"
+    )
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    assert "checksum/inventory" in manager["spec"]["template"]["metadata"]["annotations"]
+    assert "GPU_FLEET_INVENTORY" not in env(deployments(docs)["binder"])
+    assert of_kind(render(chart), "ConfigMap") == []
+
+
+# -- schema ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"manager": {"replicas": "two"}}, "/manager/replicas"),
+        ({"binder": {"replicas": -1}}, "/binder/replicas"),
+        ({"manager": {"activationLead": "soon"}}, "/manager/activationLead"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"logLevel": "loud"}, "/logLevel"),
+        ({"nats": {"enabled": False, "url": "http://nats:4222"}}, "/nats/url"),
+        ({"replica": 2}, "replica"),
+        (
+            {"inventory": {"nodes": [{"name": "a1", "gpus": 8, "labels": {"region": "r"}}]}},
+            "labels",
+        ),
+    ],
+)
+def test_schema_rejects_bad_values(chart: helm.Chart, values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+        render(chart, values)
+
+
+def test_notes_explain_notifications_and_kubectl_runs(chart: helm.Chart) -> None:
+    text = notes(chart)
+    assert "nats --server" in text
+    assert "sub 'fleet.notify.<team>.>'" in text
+    assert "kubectl runs plan" in text
+    assert f"port-forward svc/{RELEASE}-gpu-fleet-nats 4222:4222" in text
+
+
+# -- CRDs ----------------------------------------------------------------------------------------
+
+
+def test_chart_ships_the_generated_crds_unchanged(chart: helm.Chart) -> None:
+    tool = _load_sync_tool()
+    source = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    if not source and not list((CHART / "crds").glob("*.yaml")):
+        pytest.skip("crds/ has not been generated yet")
+    assert tool.differences() == [], "chart CRDs are stale: run python tools/sync_chart_crds.py"
+    shipped = sorted(Path(c["name"]).name for c in chart.crds)
+    assert shipped == source
+    for crd in chart.crds:
+        doc = yaml.safe_load(crd["data"])
+        assert doc["kind"] == "CustomResourceDefinition"
+        assert doc["spec"]["group"] == CRD_GROUP
+
+
+def test_sync_tool_copies_and_detects_drift(tmp_path: Path) -> None:
+    tool = _load_sync_tool()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "runs.yaml").write_text("kind: CustomResourceDefinition\n")
+    assert tool.differences(src, dst) == ["missing in chart: runs.yaml"]
+    assert tool.main(["--check", "--source", str(src), "--target", str(dst)]) == 1
+    tool.sync(src, dst)
+    assert tool.differences(src, dst) == []
+    (dst / "runs.yaml").write_text("edited\n")
+    (dst / "old.yaml").write_text("kind: Gone\n")
+    assert tool.differences(src, dst) == [
+        "stale in chart (no source): old.yaml",
+        "differs: runs.yaml",
+    ]
+    assert tool.main(["--source", str(src), "--target", str(dst)]) == 0
+    assert sorted(p.name for p in dst.iterdir()) == ["runs.yaml"]
+    assert tool.main(["--check", "--source", str(src), "--target", str(dst)]) == 0
