@@ -18,23 +18,10 @@ from gpu_fleet.scenario.runner import run_scenario
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "scenarios"
 OWN = Path(__file__).resolve().parent / "data"
 
-RESOLVER = "waits for the resolver at reservation activation (issue: reservations, forecaster and resolver)"
-FAILURES = "waits for node-failure handling and spare swaps (SPEC §B.13; not yet an issue)"
-ELASTIC = "waits for elastic grow and voluntary shrink (SPEC §B.14; not yet an issue)"
-
-PENDING_CAPABILITY = {
-    "activation-shrinks-elastic-then-ends-fixed-run.yaml": RESOLVER,
-    "forecast-capacity-deficit-reclaims-then-drops-spares.yaml": RESOLVER,
-    "resolver-drops-spares-first.yaml": RESOLVER,
-    "resolver-shrinks-highest-group-first.yaml": RESOLVER,
-    "checkpoint-grace-expires.yaml": FAILURES,
-    "golden-node-failure-swap-to-spare.yaml": FAILURES,
-    "node-failure-spare-only-node.yaml": FAILURES,
-    "node-failure-swap-spares-other-tenant.yaml": FAILURES,
-    "swap-keeps-sponsor-funding.yaml": FAILURES,
-    "elastic-grow-then-voluntary-shrink.yaml": ELASTIC,
-    "golden-elastic-base-gang-then-grow.yaml": ELASTIC,
-}
+# A scenario whose capability has not landed yet goes here as ``file name -> reason``, e.g.
+# "x.yaml": "waits for ... (issue: ...)".  The resolver at activation, node-failure handling
+# and elastic grow/shrink have landed, so nothing waits today.
+PENDING_CAPABILITY: dict[str, str] = {}
 
 
 def _cases(folder: Path) -> list[object]:

@@ -6,21 +6,48 @@ mode use; the manager service commits the same events to JetStream (with an expe
 sequence check) and folds them the same way.  Because decisions read only folded state and
 the instant passed in, a replay of the ledger reproduces every one of them.
 
-Order of work at one instant (scenario-format.md): what ends first (lease expiry), then
-reservation activations (earliest start, then name), then admissions of pending runs (admission
-time, then run key); a step scheduled at that instant comes after all of them.
+Order of work at one instant (scenario-format.md): first what ends (lease expiry, preemption
+deadlines, checkpoint deadlines), then reservation activations (earliest start, then name),
+then admissions of pending runs (admission time, then run key), then elastic growth and
+voluntary shrinks; a step scheduled at that instant comes after all of them.
+
+A decision that frees capacity *now* for a reservation (the resolver with zero grace) returns
+only the cuts, flagged ``Activation.retry``: the committer folds them and activates the same
+reservation once more at the same instant, which then packs on the freed slots.  Splitting it
+this way keeps every decision a function of folded state, whichever committer runs it.
+
+The resolver, node-failure handling and elasticity live in ``resolver``, ``failures`` and
+``elastic``; the building blocks they share with admission live in ``gang`` and are re-exported
+here (``Settings``, ``Planner``, ``plan_pack``, ``mint_leases``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 from gpu_fleet.core.cover import CoverFailure, CoverPlan, CoverReason, CoverRequest, cover
-from gpu_fleet.core.envelopes import location_of
+from gpu_fleet.core.elastic import elastic_step
+from gpu_fleet.core.failures import handle_node_failure, top_up
 from gpu_fleet.core.funding import fill
+from gpu_fleet.core.gang import (
+    TERMINAL,
+    Planner,
+    Settings,
+    checkpoint_deadline,
+    commentary,
+    fail_events,
+    first_location,
+    mint_leases,
+    plan_pack,
+    reserved_slots,
+    scheduled_end,
+    snapshot,
+    status_event,
+    verify_funded,
+)
 from gpu_fleet.core.ledger import (
     BudgetApplied,
     BudgetDeleted,
@@ -28,6 +55,7 @@ from gpu_fleet.core.ledger import (
     FleetState,
     LeaseClosed,
     LeaseMinted,
+    LeasePreemptionScheduled,
     NodeHealthChanged,
     NodeRegistered,
     Reservation,
@@ -41,6 +69,7 @@ from gpu_fleet.core.ledger import (
 )
 from gpu_fleet.core.metering import Evaluation, evaluate
 from gpu_fleet.core.model import (
+    LOCATION_KEYS,
     Budget,
     EnvelopeKey,
     FundingClass,
@@ -52,30 +81,43 @@ from gpu_fleet.core.model import (
     NodeHealth,
     Run,
 )
-from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest, pack_greedy
+from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, groups, pack_greedy
+from gpu_fleet.core.resolver import (
+    apply_resolution,
+    close_preempted,
+    resolve,
+    stale_preemptions,
+    waiting_for_preemptions,
+)
 from gpu_fleet.core.timeutil import format_instant, parse_duration
-from gpu_fleet.core.topology import Topology, TopologyError, build_topology
+from gpu_fleet.core.topology import Topology, TopologyError
 
-Planner = Callable[[Topology, PackRequest], PackPlan]
+__all__ = [
+    "TERMINAL",
+    "Activation",
+    "Admission",
+    "CommandError",
+    "Fleet",
+    "Planner",
+    "Settings",
+    "activate",
+    "activate_reservation",
+    "admit",
+    "follow_gate",
+    "mint_leases",
+    "plan_pack",
+]
 
+# Names older callers imported from here before the building blocks moved to ``gang``.
+_status = status_event
+_fail_events = fail_events
+_verify_funded = verify_funded
+_first_location = first_location
+_scheduled_end = scheduled_end
+_reserved_slots = reserved_slots
 
-@dataclass(frozen=True)
-class Settings:
-    """Cluster settings (seconds); defaults match scenario-format.md."""
-
-    accounting_period: int = 86400
-    preemption_grace: int = 0
-    preemption_grace_max: int = 3600
-    activation_lead: int = 900
-    activation_lead_per_gpu: int = 30
-    window_activation_delay: int = 10
-
-    @property
-    def period_hours(self) -> float:
-        return self.accounting_period / 3600.0
-
-
-TERMINAL = ("Completed", "Failed")
+WAITING_FOR_PREEMPTIONS = "waiting for preemptions in its favour"
+UNFUNDED_DEMAND = "waiting for capacity: demand is currently unfunded and reclaims nothing"
 
 
 # ------------------------------------------------------------------------------------------
@@ -95,163 +137,6 @@ class Admission:
     note: str = ""
 
 
-def _status(
-    run: str, at: Instant, phase: str, reason: str, message: str, **detail: object
-) -> RunStatusChanged:
-    return RunStatusChanged(
-        at=at,
-        run=run,
-        phase=phase,  # type: ignore[arg-type]
-        reason=reason,
-        message=message,
-        detail=dict(detail),
-    )
-
-
-def _reserved_slots(state: FleetState, run_key: str, topology: Topology) -> frozenset[str]:
-    """Backfill protection (DESIGN decision 5): free slots inside other runs' intended slices.
-
-    A run may not take them unless it is the reservation's own run.  Only capacity waits hold a
-    slice; a budget-only wait has nothing to protect.
-    """
-    held: set[str] = set()
-    for res in state.reservations.values():
-        if res.state != "Pending" or res.kind != "capacity" or res.run == run_key:
-            continue
-        for node in res.nodes:
-            held.update(topology.free_slots(node) if topology.has_node(node) else ())
-    return frozenset(held)
-
-
-def plan_pack(
-    state: FleetState,
-    run: Run,
-    planner: Planner,
-    *,
-    width: int | None = None,
-    spares: bool = True,
-    protect_reservations: bool = True,
-) -> tuple[Topology, PackRequest, PackPlan | PackError]:
-    topology = build_topology(
-        sorted(state.nodes.values(), key=lambda n: n.name), set(state.slot_holder), run.flavor
-    )
-    excluded = _reserved_slots(state, run.key, topology) if protect_reservations else frozenset()
-    loc = run.spec.locality
-    request = PackRequest(
-        flavor=run.flavor,
-        total_gpus=width if width is not None else run.spec.resources.total_gpus,
-        group_gpus=loc.group_gpus if loc is not None else None,
-        allow_cross_group_spread=loc.allow_cross_group_spread if loc is not None else True,
-        spares_per_group=run.spec.spares_per_group if spares else 0,
-        excluded_slots=excluded,
-    )
-    try:
-        return topology, request, planner(topology, request)
-    except PackError as exc:
-        return topology, request, exc
-
-
-def _first_location(topology: Topology, plan: PackPlan) -> dict[str, str] | None:
-    if not plan.groups or not plan.groups[0].allocations:
-        return None
-    return location_of(topology.node_labels(plan.groups[0].allocations[0].node))
-
-
-def mint_leases(
-    state: FleetState,
-    run: Run,
-    plan: PackPlan,
-    segments: Sequence[tuple[EnvelopeKey | None, str, int]],
-    at: Instant,
-    reason: MintReason = MintReason.START,
-) -> list[Lease]:
-    """Walk node allocations and payer segments as two cursors (SPEC §B.7).
-
-    Each lease covers ``min(GPUs left on the node chunk, quantity left in the segment)`` so a
-    lease never spans two nodes and is paid by exactly one segment.  Actives of every group
-    first (group order), then spares.  ``segments`` are (envelope, owner, quantity); an
-    envelope of ``None`` mints with no payer (an unfunded start).
-    """
-    index = state.index
-    end = _scheduled_end(run, at)
-    chunks: list[tuple[int, LeaseRole, str, tuple[str, ...]]] = []
-    for g in plan.groups:
-        chunks.extend((g.index, LeaseRole.ACTIVE, a.node, a.slots) for a in g.allocations)
-    for g in plan.groups:
-        chunks.extend((g.index, LeaseRole.SPARE, a.node, a.slots) for a in g.spare_allocations)
-    seg_iter = iter(segments)
-    seg_key, seg_owner, seg_left = next(seg_iter, (None, "", 0))
-    counter = sum(1 for lease in state.leases.values() if lease.run == run.key)
-    admitted = state.admitted.get(run.key, at)
-    leases: list[Lease] = []
-    for group, role, node, slots in chunks:
-        pos = 0
-        while pos < len(slots):
-            if seg_left <= 0:
-                seg_key, seg_owner, seg_left = next(seg_iter, (None, "", len(slots) - pos))
-            take = min(seg_left, len(slots) - pos)
-            payer = None
-            if seg_key is not None:
-                info = index.envelopes[seg_key]
-                payer = info.payer
-            leases.append(
-                Lease(
-                    id=f"{run.key}@{admitted}#{counter:03d}",
-                    run=run.key,
-                    node=node,
-                    slots=tuple(slots[pos : pos + take]),
-                    role=role,
-                    group=group,
-                    reason=reason,
-                    minted_payer=payer,
-                    start=at,
-                    end=end,
-                )
-            )
-            counter += 1
-            pos += take
-            seg_left -= take
-    del seg_owner
-    return leases
-
-
-def _scheduled_end(run: Run, at: Instant) -> Instant | None:
-    rt = run.spec.runtime
-    if rt is None or rt.max_duration is None:
-        return None
-    return at + parse_duration(rt.max_duration)
-
-
-def _verify_funded(
-    state: FleetState, run: Run, new: Sequence[Lease], now: Instant, borrowed: bool
-) -> str:
-    """No born-unfunded work, and a loan never displaces anyone (DESIGN decision 9).
-
-    Cover is a fast, conservative planner; this replays the matching with the new leases to be
-    sure the ledger will agree with it.  Returns "" when fine, else the reason.
-    """
-    inputs = state.funding_inputs()
-    view = state.meter.hours_view(inputs.index, inputs.period_hours)
-    runs = dict(state.runs)
-    runs[run.key] = run
-    admitted = dict(state.admitted)
-    admitted.setdefault(run.key, now)
-    before = fill(inputs.index, inputs.leases, runs, admitted, inputs.node_labels, now, view)
-    after = fill(
-        inputs.index, [*inputs.leases, *new], runs, admitted, inputs.node_labels, now, view
-    )
-    unfunded = [x for x in new if after.payer.get(x.id) is None]
-    if unfunded:
-        return f"{sum(x.width for x in unfunded)} GPUs would be born unfunded"
-    if borrowed:
-        displaced = [
-            lid for lid, env in before.payer.items() if env is not None and after.payer[lid] is None
-        ]
-        if displaced:
-            return "a loan may only use free headroom"
-    return ""
-
-
 def admit(
     state: FleetState, run: Run, now: Instant, planner: Planner, settings: Settings
 ) -> Admission:
@@ -259,13 +144,43 @@ def admit(
 
     On failure the returned events put the run into its waiting state (a reservation, or
     Unfunded/Unschedulable with the reason) unless it already has a pending reservation.
+    A run in checkpoint grace that still holds part of its gang is topped up instead (only its
+    lost groups), and a run with preemptions pending in its favour waits for their deadline.
     """
+    out = _admit(state, run, now, planner, settings)
+    deadline = checkpoint_deadline(state, run.key)
+    if deadline is not None and not out.started:
+        # A run in checkpoint grace keeps its deadline whatever it waits for next, so the
+        # deadline is never lost to a later status write (SPEC §B.8 step 6).
+        out.events = [_keep_deadline(state, e, deadline) for e in out.events]
+    return out
+
+
+def _keep_deadline(state: FleetState, e: Event, deadline: Instant) -> Event:
+    if not isinstance(e, RunStatusChanged) or e.phase not in ("Pending", "Waiting"):
+        return e
+    if "checkpointDeadline" in e.detail:
+        return e
+    cur = state.status.get(e.run)
+    detail = dict(e.detail)
+    detail["checkpointDeadline"] = deadline
+    if cur is not None and "lostGroups" in cur.detail:
+        detail["lostGroups"] = cur.detail["lostGroups"]
+    return msgspec.structs.replace(e, detail=detail)
+
+
+def _admit(
+    state: FleetState, run: Run, now: Instant, planner: Planner, settings: Settings
+) -> Admission:
     out = Admission()
     key = run.key
     gate = follow_gate(state, run, now)
     if gate is not None:
         out.events.extend(gate)
         out.note = "follow gate"
+        return out
+    if waiting_for_preemptions(state, key):
+        out.note = WAITING_FOR_PREEMPTIONS
         return out
     index = state.index
     owner = index.family.owner_of(run.metadata.namespace)
@@ -277,55 +192,51 @@ def admit(
             else f"namespace {run.metadata.namespace} has no Budget"
         )
         out.events.append(
-            _status(key, now, "Pending", "Unfunded", f"no funding principal: {why}; held, not cancelled")
+            status_event(
+                key, now, "Pending", "Unfunded", f"no funding principal: {why}; held, not cancelled"
+            )
         )
         return out
+    topped = top_up(state, run, now, planner, settings)
+    if topped is not None:
+        out.events.extend(topped.events)
+        out.started = topped.started
+        out.note = "top-up"
+        return out
     try:
-        topology, request, packed = plan_pack(state, run, planner)
+        topology, _, packed = plan_pack(state, run, planner)
     except TopologyError as exc:
-        out.events.append(_status(key, now, "Pending", "Unschedulable", str(exc)))
+        out.events.append(status_event(key, now, "Pending", "Unschedulable", str(exc)))
         return out
     if isinstance(packed, PackError):
         out.pack_error = packed
         if packed.kind is PackErrorKind.INVALID_REQUEST:
-            out.events.append(_status(key, now, "Pending", "Unschedulable", packed.message))
+            out.events.append(status_event(key, now, "Pending", "Unschedulable", packed.message))
             return out
+        reclaimed = _reclaim_for_admission(
+            state, run, now=now, planner=planner, settings=settings, pack_error=packed
+        )
+        if reclaimed is not None:
+            reclaimed.pack_error = packed
+            return reclaimed
         out.events.extend(_reserve(state, run, now, settings, topology, None, packed, None))
         return out
     out.plan = packed
     ev = evaluate(state.meter, state.funding_inputs(), now)
-    already_borrowed = ev.runs.get(key).borrowed if key in ev.runs else 0  # type: ignore[union-attr]
-    quantity = packed.total_gpus + packed.total_spares
-    creq = CoverRequest(
-        run=run,
-        quantity=quantity,
-        location=_first_location(topology, packed),
-        now=now,
-        admitted=state.admitted.get(key, now),
-        already_borrowed=already_borrowed,
-    )
-    hours = state.meter.hours_view(index, settings.period_hours)
-    result = cover(
-        index,
-        ev,
-        creq,
-        remaining_hours=hours.remaining_envelope,
-        remaining_cap_hours=hours.remaining_cap,
-        period_hours=settings.period_hours,
-    )
+    result = _cover(state, run, plan=packed, topology=topology, now=now, settings=settings, ev=ev)
     out.cover_result = result
     if isinstance(result, CoverFailure):
         if result.reason is CoverReason.INVALID_REQUEST:
-            out.events.append(_status(key, now, "Pending", "Unfunded", result.message))
+            out.events.append(status_event(key, now, "Pending", "Unfunded", result.message))
             return out
         out.events.extend(_reserve(state, run, now, settings, topology, packed, None, result))
         return out
     segments = [(s.payer.key, s.payer.owner, s.quantity) for s in result.segments]
     leases = mint_leases(state, run, packed, segments, now)
-    problem = _verify_funded(state, run, leases, now, result.borrowed > 0)
+    problem = verify_funded(state, run, leases, now, result.borrowed > 0)
     if problem:
         failure = CoverFailure(
-            CoverReason.INSUFFICIENT_CAPACITY, problem, quantity, 0, result.attempts
+            CoverReason.INSUFFICIENT_CAPACITY, problem, result.quantity, 0, result.attempts
         )
         out.cover_result = failure
         out.events.extend(_reserve(state, run, now, settings, topology, packed, None, failure))
@@ -335,6 +246,109 @@ def admit(
     return out
 
 
+def _cover(
+    state: FleetState,
+    run: Run,
+    *,
+    plan: PackPlan,
+    topology: Topology,
+    now: Instant,
+    settings: Settings,
+    ev: Evaluation,
+) -> CoverPlan | CoverFailure:
+    """Ordinary admission's cover: the plan's location, conservative ranking (SPEC §B.5)."""
+    index = state.index
+    rf = ev.runs.get(run.key)
+    hours = state.meter.hours_view(index, settings.period_hours)
+    return cover(
+        index,
+        ev,
+        CoverRequest(
+            run=run,
+            quantity=plan.total_gpus + plan.total_spares,
+            location=first_location(topology, plan),
+            now=now,
+            admitted=state.admitted.get(run.key, now),
+            already_borrowed=rf.borrowed if rf is not None else 0,
+        ),
+        remaining_hours=hours.remaining_envelope,
+        remaining_cap_hours=hours.remaining_cap,
+        period_hours=settings.period_hours,
+    )
+
+
+def _reclaim_for_admission(
+    state: FleetState,
+    run: Run,
+    *,
+    now: Instant,
+    planner: Planner,
+    settings: Settings,
+    pack_error: PackError,
+) -> Admission | None:
+    """Reclaim Unfunded work once, and only if that makes this run fit (SPEC §B.8 step 13).
+
+    The resolver draws Unfunded groups (phase 0 only) for the pack's shortfall; the run is then
+    re-packed as if those leases were closed, covered and verified.  Only when all of that holds
+    are the cuts applied - the reference reclaimed first and re-planned after, which could cut
+    someone for a run that still did not fit.  Funded work is never touched here (F.1.10).
+    """
+    ev = evaluate(state.meter, state.funding_inputs(), now)
+    shortfall = sorted(pack_error.shortfall)
+    scope = _scope_labels(shortfall[0]) if len(shortfall) == 1 else {}
+    resolution = resolve(
+        deficit=max(1, pack_error.deficit),
+        flavor=run.flavor,
+        scope=scope,
+        seed_source=run.key,
+        now=now,
+        nodes=state.nodes,
+        leases=list(state.open_leases.values()),
+        runs=state.runs,
+        owner_of=state.index.family.owner_of,
+        classes=ev.fill.funding_class,
+        only_unfunded=True,
+        exclude_runs={run.key},
+        exclude_leases={p.lease for p in state.pending_preemptions()},
+    )
+    if not resolution.cuts:
+        return None
+    cut = {c.lease for c in resolution.cuts}
+    released = {s for lid in cut for s in state.open_leases[lid].slots}
+    try:
+        topology, _, packed = plan_pack(state, run, planner, released=released)
+    except TopologyError:
+        return None
+    if isinstance(packed, PackError):
+        return None
+    result = _cover(state, run, plan=packed, topology=topology, now=now, settings=settings, ev=ev)
+    if isinstance(result, CoverFailure):
+        return None
+    segments = [(s.payer.key, s.payer.owner, s.quantity) for s in result.segments]
+    leases = mint_leases(state, run, packed, segments, now)
+    if verify_funded(state, run, leases, now, result.borrowed > 0, closing=cut):
+        return None
+    out = Admission(plan=packed, cover_result=result, note="reclaimed for admission")
+    out.events = apply_resolution(
+        state, resolution, beneficiary=run.key, source=run.key, now=now, settings=settings
+    )
+    waiting = _awaiting_notices(state, run.key, out.events, now)
+    if waiting is not None:
+        out.events.append(waiting)
+        out.note = WAITING_FOR_PREEMPTIONS
+        return out
+    out.events.extend(_start_events(state, run, leases, now, "admitted"))
+    out.started = True
+    return out
+
+
+def _scope_labels(domain: str) -> dict[str, str]:
+    """``region/cluster/fabric`` back to the label map a scope is matched with."""
+    if not domain:
+        return {}
+    return dict(zip(LOCATION_KEYS, domain.split("/"), strict=False))
+
+
 def _start_events(
     state: FleetState, run: Run, leases: Sequence[Lease], now: Instant, how: str
 ) -> list[Event]:
@@ -342,7 +356,7 @@ def _start_events(
     active = sum(x.width for x in leases if x.role is LeaseRole.ACTIVE)
     spares = sum(x.width for x in leases if x.role is LeaseRole.SPARE)
     msg = f"{how} {active} GPUs" + (f" and {spares} spare GPUs" if spares else "")
-    events.append(_status(run.key, now, "Running", "GangBound", msg))
+    events.append(status_event(run.key, now, "Running", "GangBound", msg))
     for res in sorted(state.reservations.values(), key=lambda r: r.name):
         if res.run == run.key and res.state == "Pending":
             events.append(ReservationReleased(at=now, name=res.name, reason="Superseded"))
@@ -378,7 +392,7 @@ def _remedies(state: FleetState, run: Run, ev: Evaluation | None) -> tuple[str, 
     return tuple(out)
 
 
-def _reserve(
+def _reserve(  # noqa: PLR0917 - one positional call shape, shared with the forecaster's tests
     state: FleetState,
     run: Run,
     now: Instant,
@@ -407,7 +421,11 @@ def _reserve(
         nodes = ()
     if not scope and not nodes:
         why = pack_error.message if pack_error is not None else "no matching domain"
-        return [_status(key, now, "Pending", "Unschedulable", f"no capacity in any matching domain: {why}")]
+        return [
+            status_event(
+                key, now, "Pending", "Unschedulable", f"no capacity in any matching domain: {why}"
+            )
+        ]
     scope_labels = dict(zip(("region", "cluster", "fabric.domain"), scope.split("/"), strict=False))
     candidates = [
         e
@@ -416,11 +434,14 @@ def _reserve(
     ]
     candidates.sort(key=lambda e: e.key.envelope)
     paying = candidates[0] if candidates else None
-    if paying is not None and paying.start is not None and paying.start > now and not (
-        paying.pre_reservations
+    if (
+        paying is not None
+        and paying.start is not None
+        and paying.start > now
+        and not (paying.pre_reservations)
     ):
         return [
-            _status(
+            status_event(
                 key,
                 now,
                 "Pending",
@@ -433,7 +454,9 @@ def _reserve(
     confidence = "conservative"
     if pack_error is not None:
         kind = "capacity"
-        deficit = max(1, pack_error.deficit) if pack_error.deficit else run.spec.resources.total_gpus
+        deficit = (
+            max(1, pack_error.deficit) if pack_error.deficit else run.spec.resources.total_gpus
+        )
         if pack_error.kind is PackErrorKind.INSUFFICIENT_TOPOLOGY:
             reason = "no single domain satisfies run grouping"
         else:
@@ -485,7 +508,7 @@ def _reserve(
     events.append(ReservationCreated(at=now, reservation=res))
     attempts = cover_failure.attempts if cover_failure is not None else ()
     events.append(
-        _status(
+        status_event(
             key,
             now,
             "Pending",
@@ -498,21 +521,71 @@ def _reserve(
     return events
 
 
+# ------------------------------------------------------------------------------------------
+# Activation (SPEC §B.10 with DESIGN decisions 3 and 4)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Activation:
+    """What a due reservation decided.  ``retry``: the events free capacity at this very
+    instant (the resolver's cuts); fold them and activate the reservation once more."""
+
+    events: list[Event] = field(default_factory=list)
+    retry: bool = False
+    note: str = ""
+
+
 def activate(
     state: FleetState, res: Reservation, now: Instant, planner: Planner, settings: Settings
 ) -> list[Event]:
-    """A reservation fell due: start the run, start it unfunded, or keep waiting."""
+    """A reservation fell due: start the run, make room for it, start it unfunded, or wait.
+
+    Kept for callers that want only the events; ``activate_reservation`` also says whether to
+    activate again after folding them.
+    """
+    return activate_reservation(state, res, now, planner, settings).events
+
+
+def activate_reservation(
+    state: FleetState,
+    res: Reservation,
+    now: Instant,
+    planner: Planner,
+    settings: Settings,
+    *,
+    make_room: bool = True,
+) -> Activation:
+    """Decide a due reservation (SPEC §B.10).
+
+    * run gone → the reservation fails; run terminal or already Running → it is superseded
+      (a stale reservation never resurrects a Failed run, F.1.11);
+    * preemptions already noticed in the run's favour → wait for their deadline, cut no more;
+    * the run starts normally → done;
+    * budget-only wait (placeable, not fundable) → start unfunded, cutting nobody (F.1.10);
+    * physical deficit with fundable demand → the resolver in the intended scope
+      (``make_room``); its cuts are returned alone, with ``retry`` when they take effect now;
+    * anything else → a fresh reservation, saying why nothing was cut.
+    """
     run = state.runs.get(res.run)
     status = state.status.get(res.run)
     if run is None:
-        return [ReservationReleased(at=now, name=res.name, state="Failed", reason="run deleted")]
+        return Activation(
+            [ReservationReleased(at=now, name=res.name, state="Failed", reason="run deleted")]
+        )
     if status is not None and status.phase in (*TERMINAL, "Running"):
-        return [ReservationReleased(at=now, name=res.name, reason="Superseded")]
+        return Activation([ReservationReleased(at=now, name=res.name, reason="Superseded")])
+    if waiting_for_preemptions(state, run.key):
+        return Activation(note=WAITING_FOR_PREEMPTIONS)
     attempt = admit(state, run, now, planner, settings)
     if attempt.started:
-        return attempt.events
-    if res.kind == "budget" and attempt.plan is not None and isinstance(
-        attempt.cover_result, CoverFailure
+        return Activation([_activated(e, res.name) for e in attempt.events], note=attempt.note)
+    if attempt.note == WAITING_FOR_PREEMPTIONS:
+        return Activation(attempt.events, note=attempt.note)
+    if (
+        res.kind == "budget"
+        and attempt.plan is not None
+        and isinstance(attempt.cover_result, CoverFailure)
     ):
         # Budget-only wait: capacity is there, the reachable envelopes are committed.  Start the
         # run unfunded, cutting nobody; it is re-funded by arithmetic when quota returns.
@@ -522,11 +595,176 @@ def activate(
         leases = mint_leases(
             state, run, attempt.plan, [(env_key, owner, quantity)], now, MintReason.PROMISE
         )
-        events = _start_events(state, run, leases, now, f"reservation {res.name} activated; started unfunded")
-        return events
-    return [ReservationReleased(at=now, name=res.name, reason="Superseded"), *attempt.events] if (
-        any(isinstance(e, ReservationCreated) for e in attempt.events)
-    ) else attempt.events
+        events = _start_events(
+            state, run, leases, now, f"reservation {res.name} activated; started unfunded"
+        )
+        return Activation(events)
+    note = ""
+    if (
+        make_room
+        and attempt.pack_error is not None
+        and attempt.pack_error.kind is not PackErrorKind.INVALID_REQUEST
+        and state.index.family.owner_of(run.metadata.namespace)
+    ):
+        cuts, note = _make_room(state, res, run, now, settings)
+        if cuts:
+            closing = any(isinstance(e, LeaseClosed) for e in cuts)
+            return Activation(cuts, retry=closing, note="resolver")
+    events = attempt.events
+    if note:
+        events = [_with_reason(e, note) for e in events]
+    if any(isinstance(e, ReservationCreated) for e in events) and not any(
+        isinstance(e, ReservationReleased) and e.name == res.name for e in events
+    ):
+        events = [ReservationReleased(at=now, name=res.name, reason="Superseded"), *events]
+    return Activation(events, note=note)
+
+
+def _activated(e: Event, name: str) -> Event:
+    """The reservation that started its run is released as ``Activated``, not superseded."""
+    if isinstance(e, ReservationReleased) and e.name == name:
+        return msgspec.structs.replace(e, reason="Activated")
+    return e
+
+
+def _with_reason(e: Event, reason: str) -> Event:
+    if isinstance(e, ReservationCreated):
+        return msgspec.structs.replace(
+            e, reservation=msgspec.structs.replace(e.reservation, reason=reason)
+        )
+    return e
+
+
+def _make_room(
+    state: FleetState, res: Reservation, run: Run, now: Instant, settings: Settings
+) -> tuple[list[Event], str]:
+    """Run the resolver for a due reservation; (cuts, "") or ([], why nothing was cut).
+
+    Fundability is judged by cover at the intended location with the run's own rank (run key
+    passed, SPEC §B.5), and phase 0 trusts a *hypothetical* evaluation in which the run already
+    holds its cover plan - so family work it outranks counts as Unfunded (owner recall) while
+    nothing it does not outrank is reclaimed.  The deficit is what must still be freed in scope
+    (``needed - free``; all of ``needed`` when free GPUs exist but are fragmented).
+    """
+    index = state.index
+    scope = _scope_labels(res.domain)
+    sizes = groups(run.spec.resources.total_gpus, run.group_gpus)
+    needed = run.spec.resources.total_gpus + run.spec.spares_per_group * len(sizes)
+    ev = evaluate(state.meter, state.funding_inputs(), now)
+    rf = ev.runs.get(run.key)
+    hours = state.meter.hours_view(index, settings.period_hours)
+    plan = cover(
+        index,
+        ev,
+        CoverRequest(
+            run=run,
+            quantity=needed,
+            location=scope or None,
+            now=now,
+            admitted=state.admitted.get(run.key, now),
+            conservative=False,
+            already_borrowed=rf.borrowed if rf is not None else 0,
+        ),
+        remaining_hours=hours.remaining_envelope,
+        remaining_cap_hours=hours.remaining_cap,
+        period_hours=settings.period_hours,
+    )
+    if isinstance(plan, CoverFailure):
+        return [], UNFUNDED_DEMAND
+    try:
+        topology = snapshot(state, run.flavor)
+    except TopologyError as exc:
+        return [], f"activation failed: {exc}"
+    protected = reserved_slots(state, run.key, topology)
+    free = sum(
+        1
+        for d in topology.domains()
+        if all(d.labels.get(k) == v for k, v in scope.items())
+        for node in d.nodes
+        for s in topology.free_slots(node)
+        if s not in protected
+    )
+    deficit = needed - free if needed > free else needed
+    resolution = resolve(
+        deficit=deficit,
+        flavor=run.flavor,
+        scope=scope,
+        seed_source=res.name,
+        now=now,
+        nodes=state.nodes,
+        leases=list(state.open_leases.values()),
+        runs=state.runs,
+        owner_of=index.family.owner_of,
+        classes=_hypothetical_classes(state, run, plan, res, now),
+        exclude_runs={run.key},
+        exclude_leases={p.lease for p in state.pending_preemptions()},
+    )
+    if resolution.error:
+        return [], f"activation failed: {resolution.error}"
+    if not resolution.cuts:
+        return [], "activation failed: nothing in scope to free"
+    events = apply_resolution(
+        state, resolution, beneficiary=run.key, source=res.name, now=now, settings=settings
+    )
+    waiting = _awaiting_notices(state, run.key, events, now)
+    if waiting is not None:
+        events.append(waiting)
+    return events, ""
+
+
+def _awaiting_notices(
+    state: FleetState, run_key: str, events: Sequence[Event], now: Instant
+) -> RunStatusChanged | None:
+    """A commentary for a beneficiary whose room frees only when the notices run out."""
+    deadlines = [e.deadline for e in events if isinstance(e, LeasePreemptionScheduled)]
+    if not deadlines or max(deadlines) <= now:
+        return None
+    gpus = sum(
+        state.leases[e.lease].width for e in events if isinstance(e, LeasePreemptionScheduled)
+    )
+    return commentary(
+        state,
+        run_key,
+        now,
+        f"waiting for {gpus} GPUs under preemption notice until {format_instant(max(deadlines))}",
+    )
+
+
+def _hypothetical_classes(
+    state: FleetState, run: Run, plan: CoverPlan, res: Reservation, now: Instant
+) -> Mapping[str, FundingClass]:
+    """Funding classes as if ``run`` already held its cover plan in the intended slice."""
+    nodes = [n for n in res.nodes if n in state.nodes] or sorted(
+        n.name
+        for n in state.nodes.values()
+        if n.flavor == run.flavor
+        and all(n.labels.get(k) == v for k, v in _scope_labels(res.domain).items())
+    )
+    inputs = state.funding_inputs()
+    if not nodes:
+        return evaluate(state.meter, inputs, now).fill.funding_class
+    node = nodes[0]
+    drafts = [
+        Lease(
+            id=f"{run.key}@hypothetical#{i:03d}",
+            run=run.key,
+            node=node,
+            slots=tuple(f"{node}#h{i}.{j}" for j in range(seg.quantity)),
+            role=LeaseRole.ACTIVE,
+            group=0,
+            minted_payer=seg.payer,
+            start=now,
+        )
+        for i, seg in enumerate(plan.segments)
+    ]
+    runs = dict(state.runs)
+    admitted = dict(state.admitted)
+    admitted.setdefault(run.key, now)
+    view = state.meter.hours_view(inputs.index, inputs.period_hours)
+    result = fill(
+        inputs.index, [*inputs.leases, *drafts], runs, admitted, inputs.node_labels, now, view
+    )
+    return result.funding_class
 
 
 def _paying_key(state: FleetState, res: Reservation) -> EnvelopeKey | None:
@@ -550,7 +788,9 @@ def follow_gate(state: FleetState, run: Run, now: Instant) -> list[Event] | None
     ns = run.metadata.namespace
     cycle = _follow_cycle(state, run)
     if cycle:
-        return _fail_events(state, run.key, now, "FollowCycle", "follow cycle: " + " -> ".join(cycle))
+        return fail_events(
+            state, run.key, now, "FollowCycle", "follow cycle: " + " -> ".join(cycle)
+        )
     failed: list[str] = []
     pending: list[str] = []
     for name in follow.after:
@@ -568,7 +808,7 @@ def follow_gate(state: FleetState, run: Run, now: Instant) -> list[Event] | None
     if failed:
         listing = ", ".join(failed)
         if follow.on_upstream_failure == "fail":
-            return _fail_events(state, run.key, now, "UpstreamFailed", f"upstream failed: {listing}")
+            return fail_events(state, run.key, now, "UpstreamFailed", f"upstream failed: {listing}")
         deadline_raw = current.detail.get("followDeadline") if current is not None else None
         deadline = (
             int(deadline_raw)  # type: ignore[call-overload]
@@ -576,8 +816,12 @@ def follow_gate(state: FleetState, run: Run, now: Instant) -> list[Event] | None
             else now + parse_duration(follow.upstream_failure_grace)
         )
         if now >= deadline:
-            return _fail_events(
-                state, run.key, now, "UpstreamFailed", f"upstream failed and grace expired: {listing}"
+            return fail_events(
+                state,
+                run.key,
+                now,
+                "UpstreamFailed",
+                f"upstream failed and grace expired: {listing}",
             )
         msg = (
             f"waiting: upstream failed ({listing}); fails at {format_instant(deadline)} "
@@ -585,18 +829,17 @@ def follow_gate(state: FleetState, run: Run, now: Instant) -> list[Event] | None
         )
         if current is not None and current.message == msg:
             return []
-        return [_status(run.key, now, "Waiting", "FollowWait", msg, followDeadline=deadline)]
+        return [status_event(run.key, now, "Waiting", "FollowWait", msg, followDeadline=deadline)]
     if pending:
         msg = "waiting for: " + ", ".join(pending)
         if current is not None and current.message == msg:
             return []
-        return [_status(run.key, now, "Waiting", "FollowWait", msg)]
+        return [status_event(run.key, now, "Waiting", "FollowWait", msg)]
     return None
 
 
 def _follow_cycle(state: FleetState, run: Run) -> list[str]:
     ns = run.metadata.namespace
-    path: list[str] = []
 
     def walk(name: str, seen: tuple[str, ...]) -> list[str]:
         if name in seen:
@@ -610,22 +853,7 @@ def _follow_cycle(state: FleetState, run: Run) -> list[str]:
                 return found
         return []
 
-    path = walk(run.metadata.name, ())
-    return path
-
-
-def _fail_events(
-    state: FleetState, key: str, now: Instant, reason: str, message: str, closure: str = "RunFailed"
-) -> list[Event]:
-    events: list[Event] = [
-        LeaseClosed(at=now, lease=lease.id, reason=closure)
-        for lease in state.leases_of(key, open_only=True)
-    ]
-    events.append(_status(key, now, "Failed", reason, message))
-    for res in sorted(state.reservations.values(), key=lambda r: r.name):
-        if res.run == key and res.state == "Pending":
-            events.append(ReservationReleased(at=now, name=res.name, reason="run failed"))
-    return events
+    return walk(run.metadata.name, ())
 
 
 # ------------------------------------------------------------------------------------------
@@ -694,21 +922,37 @@ class Fleet:
             for x in self.state.leases_of(key, open_only=True)
         ]
         events.append(
-            _status(key, at, "Completed", "AllSucceeded", "run completed: all active pods succeeded")
+            status_event(
+                key, at, "Completed", "AllSucceeded", "run completed: all active pods succeeded"
+            )
         )
         return self.commit(events) + self.reconcile(at)
 
     def fail(self, key: str, at: Instant) -> list[Event]:
         self._require_running(key)
-        events = _fail_events(
-            self.state, key, at, "WorkloadFailed", "workload failed; failing the gang", "WorkloadFailed"
+        events = fail_events(
+            self.state,
+            key,
+            at,
+            "WorkloadFailed",
+            "workload failed; failing the gang",
+            "WorkloadFailed",
         )
         return self.commit(events) + self.reconcile(at)
 
     def set_node_health(self, node: str, health: NodeHealth, at: Instant) -> list[Event]:
+        """Record a node's health; a node newly *fenced* has failed (SPEC §B.13).
+
+        Cordoning only stops new work landing there (topology offers no free slot on it); the
+        leases on a cordoned node are untouched - cordon is not failure (DESIGN decision 7).
+        """
         if node not in self.state.nodes:
             raise CommandError(f"node {node} not found")
-        return self.commit([NodeHealthChanged(at=at, node=node, health=health)]) + self.reconcile(at)
+        before = self.state.nodes[node].health
+        events = self.commit([NodeHealthChanged(at=at, node=node, health=health)])
+        if health is NodeHealth.FENCED and before is not NodeHealth.FENCED:
+            events += self.commit(handle_node_failure(self.state, node, at, self.settings))
+        return events + self.reconcile(at)
 
     def shrink(self, key: str, desired: int, at: Instant) -> list[Event]:
         run = self.state.runs.get(key)
@@ -738,15 +982,20 @@ class Fleet:
 
     # -- time ---------------------------------------------------------------------------------
     def next_due(self, after: Instant) -> Instant | None:
-        """The earliest instant after ``after`` at which something falls due by itself."""
+        """The earliest instant after ``after`` at which something falls due by itself:
+        a reservation, a lease's scheduled end, a preemption deadline, a checkpoint deadline."""
+        state = self.state
         times = [
             r.earliest_start
-            for r in self.state.reservations.values()
+            for r in state.reservations.values()
             if r.state == "Pending" and r.earliest_start > after
         ]
-        times += [
-            x.end for x in self.state.open_leases.values() if x.end is not None and x.end > after
-        ]
+        times += [x.end for x in state.open_leases.values() if x.end is not None and x.end > after]
+        times += [p.deadline for p in state.pending_preemptions() if p.deadline > after]
+        for key in state.status:
+            deadline = checkpoint_deadline(state, key)
+            if deadline is not None and deadline > after:
+                times.append(deadline)
         return min(times) if times else None
 
     def advance_to(self, until: Instant) -> list[Event]:
@@ -762,27 +1011,38 @@ class Fleet:
         return events
 
     def reconcile(self, now: Instant) -> list[Event]:
-        """Everything due at ``now``: expiries, then activations, then pending admissions."""
+        """Everything due at ``now``: what ends (expiries, preemption and checkpoint deadlines),
+        then activations, then pending admissions, then elastic growth and shrinks."""
         state = self.state
         done: list[Event] = []
-        if now > state.clock:
-            state.clock = now
+        state.clock = max(state.clock, now)
         expired = sorted(
             (x for x in state.open_leases.values() if x.end is not None and x.end <= now),
             key=lambda x: x.id,
         )
         for run_key in sorted({x.run for x in expired}):
             done += self.commit(
-                _fail_events(state, run_key, now, "Expired", "reached spec.runtime.maxDuration", "Expired")
+                fail_events(
+                    state, run_key, now, "Expired", "reached spec.runtime.maxDuration", "Expired"
+                )
             )
-        due = sorted(
-            (r for r in state.reservations.values() if r.state == "Pending" and r.earliest_start <= now),
-            key=lambda r: (r.earliest_start, r.name),
-        )
-        for res in due:
-            if state.reservations[res.name].state != "Pending":
-                continue
-            done += self.commit(activate(state, res, now, self.planner, self.settings))
+        done += self.commit(stale_preemptions(state, now))
+        due_cuts = [p for p in state.pending_preemptions() if p.deadline <= now]
+        if due_cuts:
+            done += self.commit(close_preempted(state, due_cuts, now))
+        for key in sorted(state.status):
+            deadline = checkpoint_deadline(state, key)
+            if deadline is not None and deadline <= now and state.status[key].phase == "Pending":
+                done += self.commit(
+                    fail_events(
+                        state,
+                        key,
+                        now,
+                        "CheckpointExpired",
+                        f"checkpoint grace expired at {format_instant(deadline)}",
+                    )
+                )
+        done += self._activate_due(now)
         pending = sorted(
             (
                 k
@@ -798,6 +1058,53 @@ class Fleet:
             attempt = admit(state, state.runs[key], now, self.planner, self.settings)
             events = [e for e in attempt.events if not _same_status(state, e)]
             done += self.commit(events)
+        done += self._elastic(now)
+        return done
+
+    def _activate_due(self, now: Instant) -> list[Event]:
+        state = self.state
+        done: list[Event] = []
+        due = sorted(
+            (
+                r
+                for r in state.reservations.values()
+                if r.state == "Pending" and r.earliest_start <= now
+            ),
+            key=lambda r: (r.earliest_start, r.name),
+        )
+        for res in due:
+            if state.reservations[res.name].state != "Pending":
+                continue
+            act = activate_reservation(state, res, now, self.planner, self.settings)
+            done += self.commit([e for e in act.events if not _same_status(state, e)])
+            current = state.reservations[res.name]
+            if act.retry and current.state == "Pending":
+                again = activate_reservation(
+                    state, current, now, self.planner, self.settings, make_room=False
+                )
+                done += self.commit([e for e in again.events if not _same_status(state, e)])
+        return done
+
+    def _elastic(self, now: Instant) -> list[Event]:
+        state = self.state
+        done: list[Event] = []
+        running = sorted(
+            (
+                k
+                for k, st in state.status.items()
+                if st.phase == "Running" and k in state.runs and state.runs[k].spec.malleable
+            ),
+            key=lambda k: (state.admitted.get(k, 0), k),
+        )
+        for key in running:
+            run = state.runs[key]
+            m = run.spec.malleable
+            assert m is not None
+            for _ in range(2 + m.max_total_gpus // max(1, m.step_gpus)):
+                step = elastic_step(state, state.runs[key], now, self.planner, self.settings)
+                done += self.commit([e for e in step.events if not _same_status(state, e)])
+                if not step.progressed:
+                    break
         return done
 
 
@@ -806,4 +1113,8 @@ def _same_status(state: FleetState, e: Event) -> bool:
     if not isinstance(e, RunStatusChanged):
         return False
     cur = state.status.get(e.run)
-    return cur is not None and (cur.phase, cur.reason, cur.message) == (e.phase, e.reason, e.message)
+    return cur is not None and (cur.phase, cur.reason, cur.message) == (
+        e.phase,
+        e.reason,
+        e.message,
+    )

@@ -24,6 +24,7 @@ from gpu_fleet.core.envelopes import EnvelopeIndex, build_index
 from gpu_fleet.core.metering import FundingInputs, Meter, advance_meter, evaluate
 from gpu_fleet.core.model import (
     Budget,
+    EnvelopeKey,
     Instant,
     Lease,
     Node,
@@ -36,40 +37,40 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     at: Instant
 
 
-class NodeRegistered(_Event, tag="NodeRegistered", kw_only=True):
+class NodeRegistered(_Event, tag="NodeRegistered", kw_only=True, frozen=True):
     node: Node
 
 
-class NodeHealthChanged(_Event, tag="NodeHealthChanged", kw_only=True):
+class NodeHealthChanged(_Event, tag="NodeHealthChanged", kw_only=True, frozen=True):
     node: str
     health: NodeHealth
 
 
-class BudgetApplied(_Event, tag="BudgetApplied", kw_only=True):
+class BudgetApplied(_Event, tag="BudgetApplied", kw_only=True, frozen=True):
     budget: Budget
 
 
-class BudgetDeleted(_Event, tag="BudgetDeleted", kw_only=True):
+class BudgetDeleted(_Event, tag="BudgetDeleted", kw_only=True, frozen=True):
     namespace: str
     name: str
 
 
-class RunSubmitted(_Event, tag="RunSubmitted", kw_only=True):
+class RunSubmitted(_Event, tag="RunSubmitted", kw_only=True, frozen=True):
     run: Run
 
 
-class RunUpdated(_Event, tag="RunUpdated", kw_only=True):
+class RunUpdated(_Event, tag="RunUpdated", kw_only=True, frozen=True):
     run: Run
 
 
-class RunDeleted(_Event, tag="RunDeleted", kw_only=True):
+class RunDeleted(_Event, tag="RunDeleted", kw_only=True, frozen=True):
     run: str
 
 
 RunPhase = Literal["Pending", "Waiting", "Running", "Completed", "Failed"]
 
 
-class RunStatusChanged(_Event, tag="RunStatusChanged", kw_only=True):
+class RunStatusChanged(_Event, tag="RunStatusChanged", kw_only=True, frozen=True):
     """A run's state: the reason names the state (SPEC §A.6), the phase is derived from it."""
 
     run: str
@@ -79,11 +80,11 @@ class RunStatusChanged(_Event, tag="RunStatusChanged", kw_only=True):
     detail: dict[str, object] = msgspec.field(default_factory=dict)
 
 
-class LeaseMinted(_Event, tag="LeaseMinted", kw_only=True):
+class LeaseMinted(_Event, tag="LeaseMinted", kw_only=True, frozen=True):
     lease: Lease
 
 
-class LeaseClosed(_Event, tag="LeaseClosed", kw_only=True):
+class LeaseClosed(_Event, tag="LeaseClosed", kw_only=True, frozen=True):
     lease: str
     reason: str
 
@@ -105,13 +106,42 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     released_at: Instant | None = None
 
 
-class ReservationCreated(_Event, tag="ReservationCreated", kw_only=True):
+class ReservationCreated(_Event, tag="ReservationCreated", kw_only=True, frozen=True):
     reservation: Reservation
 
 
-class ReservationReleased(_Event, tag="ReservationReleased", kw_only=True):
+class ReservationReleased(_Event, tag="ReservationReleased", kw_only=True, frozen=True):
     name: str
     state: Literal["Released", "Failed"] = "Released"
+    reason: str = ""
+
+
+class LeasePreemptionScheduled(_Event, tag="LeasePreemptionScheduled", kw_only=True, frozen=True):
+    """The resolver chose a lease to free capacity for someone else (DESIGN decision 3).
+
+    Preemption comes with notice: this event is the notice, and the lease closes with ``reason``
+    at ``deadline`` (the same instant when the effective grace is zero).  The attested lottery
+    ``seed`` and the ``conflict_set`` (every lease the same resolution cut, sorted) are kept here,
+    on the ledger, so ``explain``, the notifier and a replay all see exactly what was decided and
+    why - the closure event itself only carries the reason.
+    """
+
+    lease: str
+    run: str
+    deadline: Instant
+    reason: str  # the closure reason applied at the deadline, e.g. "RandomPreempt(0x...)"
+    kind: Literal["ReclaimUnfunded", "DropSpare", "Shrink", "Lottery"]
+    seed: str
+    conflict_set: tuple[str, ...] = ()
+    beneficiary: str = ""  # run key of the demand the cut makes room for
+    source: str = ""  # the reservation (or admitting run) that ran the resolver
+
+
+class LeasePreemptionCanceled(_Event, tag="LeasePreemptionCanceled", kw_only=True, frozen=True):
+    """A noticed preemption that will not happen: its beneficiary no longer needs the room
+    (deleted, finished, or started without it).  The lease stays open and may be chosen again."""
+
+    lease: str
     reason: str = ""
 
 
@@ -128,6 +158,8 @@ Event = (
     | LeaseClosed
     | ReservationCreated
     | ReservationReleased
+    | LeasePreemptionScheduled
+    | LeasePreemptionCanceled
 )
 
 EVENT_ENCODER = msgspec.json.Encoder()
@@ -160,6 +192,8 @@ class FleetState:
     open_leases: dict[str, Lease] = field(default_factory=dict)
     slot_holder: dict[str, str] = field(default_factory=dict)  # slot -> open lease id
     reservations: dict[str, Reservation] = field(default_factory=dict)
+    # lease id -> the notice its preemption was given; kept after closure for explain/audit
+    preemptions: dict[str, LeasePreemptionScheduled] = field(default_factory=dict)
     history: list[Event] = field(default_factory=list)
     meter: Meter = field(default_factory=lambda: Meter(t=0.0))
     clock: Instant = 0
@@ -186,14 +220,15 @@ class FleetState:
 
     def leases_of(self, run: str, *, open_only: bool = False) -> list[Lease]:
         pool = self.open_leases if open_only else self.leases
-        return sorted(
-            (x for x in pool.values() if x.run == run), key=lambda x: (x.start, x.id)
-        )
+        return sorted((x for x in pool.values() if x.run == run), key=lambda x: (x.start, x.id))
+
+    def pending_preemptions(self) -> list[LeasePreemptionScheduled]:
+        """Notices whose lease is still open (the closure is due at their deadline), in ledger
+        order - which is the resolver's cut order, so closures replay in the order decided."""
+        return [p for p in self.preemptions.values() if p.lease in self.open_leases]
 
     def pending_reservation(self, run: str) -> Reservation | None:
-        found = [
-            r for r in self.reservations.values() if r.run == run and r.state == "Pending"
-        ]
+        found = [r for r in self.reservations.values() if r.run == run and r.state == "Pending"]
         return max(found, key=lambda r: (r.created_at, r.name)) if found else None
 
 
@@ -255,6 +290,10 @@ def fold(state: FleetState, event: Event) -> None:
             state.reservations[name] = msgspec.structs.replace(
                 old, state=new_state, released_at=event.at, reason=reason or old.reason
             )
+        case LeasePreemptionScheduled(lease=lease_id):
+            state.preemptions[lease_id] = event
+        case LeasePreemptionCanceled(lease=lease_id):
+            state.preemptions.pop(lease_id, None)
     state.history.append(event)
 
 
@@ -281,17 +320,27 @@ def _check(state: FleetState, event: Event) -> None:
                 if holder is not None:
                     raise LedgerError(f"lease {lease.id}: slot {s} is held by lease {holder}")
         case LeaseClosed(lease=lease_id):
-            lease = state.leases.get(lease_id)
-            if lease is None:
+            known = state.leases.get(lease_id)
+            if known is None:
                 raise LedgerError(f"lease {lease_id} does not exist")
-            if lease.closure_reason is not None:
-                raise LedgerError(f"lease {lease_id} is already closed ({lease.closure_reason})")
+            if known.closure_reason is not None:
+                raise LedgerError(f"lease {lease_id} is already closed ({known.closure_reason})")
         case NodeHealthChanged(node=name):
             if name not in state.nodes:
                 raise LedgerError(f"unknown node {name}")
         case ReservationReleased(name=name):
             if name not in state.reservations:
                 raise LedgerError(f"unknown reservation {name}")
+        case LeasePreemptionScheduled(lease=lease_id, deadline=deadline):
+            if lease_id not in state.open_leases:
+                raise LedgerError(f"lease {lease_id} is not open; it cannot be preempted")
+            if deadline < event.at:
+                raise LedgerError(f"lease {lease_id}: preemption deadline before its notice")
+            if lease_id in state.preemptions:
+                raise LedgerError(f"lease {lease_id} already has a preemption scheduled")
+        case LeasePreemptionCanceled(lease=lease_id):
+            if lease_id not in state.preemptions or lease_id not in state.open_leases:
+                raise LedgerError(f"lease {lease_id} has no pending preemption to cancel")
         case _:
             pass
 
@@ -340,16 +389,18 @@ def check_invariants(state: FleetState) -> list[str]:
                 )
         for cap_id, cap in sorted(ev.caps.items()):
             if cap.max_concurrency is not None and cap.funded > cap.max_concurrency:
-                problems.append(f"aggregate cap {cap_id} funds {cap.funded} over {cap.max_concurrency}")
+                problems.append(
+                    f"aggregate cap {cap_id} funds {cap.funded} over {cap.max_concurrency}"
+                )
             if cap.gpu_hours is not None and cap.gpu_hours_used > cap.gpu_hours + 1e-6:
                 problems.append(f"aggregate cap {cap_id} overdrawn on GPU-hours")
-        lent: dict[object, int] = {}
-        for lease_id, env_key in ev.fill.payer.items():
-            if env_key is None or ev.lease_class(lease_id).value != "borrowed":
+        lent: dict[EnvelopeKey, int] = {}
+        for lease_id, paying in ev.fill.payer.items():
+            if paying is None or ev.lease_class(lease_id).value != "borrowed":
                 continue
-            lent[env_key] = lent.get(env_key, 0) + state.open_leases[lease_id].width
-        for env_key, width in lent.items():
-            info = state.index.envelopes[env_key]  # type: ignore[index]
+            lent[paying] = lent.get(paying, 0) + state.open_leases[lease_id].width
+        for lender, width in sorted(lent.items()):
+            info = state.index.envelopes[lender]
             if info.lending_max is not None and width > info.lending_max:
-                problems.append(f"envelope {env_key} lends {width} over {info.lending_max}")
+                problems.append(f"envelope {lender} lends {width} over {info.lending_max}")
     return problems

@@ -1,0 +1,334 @@
+"""Shared building blocks of every decision that places, funds, mints or releases a gang.
+
+Admission, reservation activation, the resolver, node-failure swaps, checkpoint top-ups and
+elastic growth all lower a run to a pack request, plan it on a topology snapshot of the folded
+ledger, check who pays, and mint or close leases.  They live here, below ``engine``, so that the
+decision modules (``resolver``, ``failures``, ``elastic``) and the ``Fleet`` committer can share
+one implementation without importing each other in a cycle.  ``engine`` re-exports the public
+names (``Settings``, ``Planner``, ``plan_pack``, ``mint_leases``) so callers keep importing them
+from where they always did.
+
+Everything here is pure: it reads ``FleetState`` and returns values or events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+from gpu_fleet.core.envelopes import location_of
+from gpu_fleet.core.funding import fill
+from gpu_fleet.core.ledger import (
+    Event,
+    FleetState,
+    LeaseClosed,
+    ReservationReleased,
+    RunPhase,
+    RunStatusChanged,
+)
+from gpu_fleet.core.model import (
+    LOCATION_KEYS,
+    EnvelopeKey,
+    Instant,
+    Lease,
+    LeaseRole,
+    MintReason,
+    Run,
+)
+from gpu_fleet.core.pack import PackError, PackPlan, PackRequest
+from gpu_fleet.core.timeutil import parse_duration
+from gpu_fleet.core.topology import Topology, build_topology
+
+Planner = Callable[[Topology, PackRequest], PackPlan]
+
+TERMINAL = ("Completed", "Failed")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Cluster settings (seconds); defaults match scenario-format.md."""
+
+    accounting_period: int = 86400
+    preemption_grace: int = 0
+    preemption_grace_max: int = 3600
+    activation_lead: int = 900
+    activation_lead_per_gpu: int = 30
+    window_activation_delay: int = 10
+
+    @property
+    def period_hours(self) -> float:
+        return self.accounting_period / 3600.0
+
+
+def status_event(
+    run: str, at: Instant, phase: str, reason: str, message: str, **detail: object
+) -> RunStatusChanged:
+    """A run's new state; the phase literal is checked by the ledger's decoder, not here."""
+    return RunStatusChanged(
+        at=at,
+        run=run,
+        phase=phase,  # type: ignore[arg-type]
+        reason=reason,
+        message=message,
+        detail=dict(detail),
+    )
+
+
+def commentary(state: FleetState, run: str, at: Instant, message: str) -> RunStatusChanged:
+    """A message-only update (SPEC §A.6): the run keeps its phase, reason and detail."""
+    cur = state.status.get(run)
+    phase: RunPhase = cur.phase if cur is not None else "Pending"
+    reason = cur.reason if cur is not None else ""
+    detail = dict(cur.detail) if cur is not None else {}
+    return RunStatusChanged(
+        at=at, run=run, phase=phase, reason=reason, message=message, detail=detail
+    )
+
+
+def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> frozenset[str]:
+    """Backfill protection (DESIGN decision 5): free slots inside other runs' intended slices.
+
+    A run may not take them unless it is the reservation's own run.  Only capacity waits hold a
+    slice; a budget-only wait has nothing to protect.
+    """
+    held: set[str] = set()
+    for res in state.reservations.values():
+        if res.state != "Pending" or res.kind != "capacity" or res.run == run_key:
+            continue
+        for node in res.nodes:
+            held.update(topology.free_slots(node) if topology.has_node(node) else ())
+    return frozenset(held)
+
+
+def snapshot(state: FleetState, flavor: str, released: Collection[str] = ()) -> Topology:
+    """The topology of ``flavor`` as the ledger holds it, optionally with ``released`` slots
+    counted as free (a hypothetical: "what if these leases were closed?")."""
+    held = set(state.slot_holder)
+    held.difference_update(released)
+    return build_topology(sorted(state.nodes.values(), key=lambda n: n.name), held, flavor)
+
+
+def plan_pack(
+    state: FleetState,
+    run: Run,
+    planner: Planner,
+    *,
+    width: int | None = None,
+    spares: bool = True,
+    protect_reservations: bool = True,
+    released: Collection[str] = (),
+    excluded: Collection[str] = (),
+    group_index_offset: int = 0,
+    preferred_domains: Sequence[str] = (),
+    single_domain: bool | None = None,
+    one_group: bool = False,
+) -> tuple[Topology, PackRequest, PackPlan | PackError]:
+    """Pack ``run`` (or ``width`` GPUs of it) on the current snapshot.
+
+    The keyword extras serve the partial plans: ``released`` frees slots hypothetically (reclaim
+    for admission checks the run would fit before it cuts anyone), ``excluded`` keeps slots of an
+    earlier partial plan out, ``group_index_offset`` numbers grown or topped-up groups after the
+    ones in use, ``preferred_domains`` keeps growth in the run's own domains, ``single_domain``
+    forces one domain (a topped-up group must rejoin its own), and ``one_group`` packs the width
+    as a single group.  Raises ``TopologyError`` for a mislabelled node.
+    """
+    topology = snapshot(state, run.flavor, released)
+    protected = reserved_slots(state, run.key, topology) if protect_reservations else frozenset()
+    loc = run.spec.locality
+    spread = loc.allow_cross_group_spread if loc is not None else True
+    if single_domain is not None:
+        spread = not single_domain
+    size = None if one_group or loc is None else loc.group_gpus
+    request = PackRequest(
+        flavor=run.flavor,
+        total_gpus=width if width is not None else run.spec.resources.total_gpus,
+        group_gpus=size,
+        allow_cross_group_spread=spread,
+        spares_per_group=run.spec.spares_per_group if spares else 0,
+        group_index_offset=group_index_offset,
+        preferred_domains=tuple(preferred_domains),
+        excluded_slots=protected | frozenset(excluded),
+    )
+    try:
+        return topology, request, planner(topology, request)
+    except PackError as exc:
+        return topology, request, exc
+
+
+def first_location(topology: Topology, plan: PackPlan) -> dict[str, str] | None:
+    """Cover's location hint: the domain labels of the plan's first active node."""
+    if not plan.groups or not plan.groups[0].allocations:
+        return None
+    return location_of(topology.node_labels(plan.groups[0].allocations[0].node))
+
+
+def scheduled_end(run: Run, at: Instant) -> Instant | None:
+    """DESIGN decision 2: a run's leases end at ``maxDuration`` after they start."""
+    rt = run.spec.runtime
+    if rt is None or rt.max_duration is None:
+        return None
+    return at + parse_duration(rt.max_duration)
+
+
+def mint_leases(  # noqa: PLR0917 - positional shape kept for existing callers
+    state: FleetState,
+    run: Run,
+    plan: PackPlan,
+    segments: Sequence[tuple[EnvelopeKey | None, str, int]],
+    at: Instant,
+    reason: MintReason = MintReason.START,
+    *,
+    cohort: int = 0,
+) -> list[Lease]:
+    """Walk node allocations and payer segments as two cursors (SPEC §B.7).
+
+    Each lease covers ``min(GPUs left on the node chunk, quantity left in the segment)`` so a
+    lease never spans two nodes and is paid by exactly one segment.  Actives of every group
+    first (group order), then spares.  ``segments`` are (envelope, owner, quantity); an
+    envelope of ``None`` mints with no payer (an unfunded start).
+    """
+    index = state.index
+    end = scheduled_end(run, at)
+    chunks: list[tuple[int, LeaseRole, str, tuple[str, ...]]] = []
+    for g in plan.groups:
+        chunks.extend((g.index, LeaseRole.ACTIVE, a.node, a.slots) for a in g.allocations)
+    for g in plan.groups:
+        chunks.extend((g.index, LeaseRole.SPARE, a.node, a.slots) for a in g.spare_allocations)
+    seg_iter = iter(segments)
+    seg_key, _, seg_left = next(seg_iter, (None, "", 0))
+    counter = sum(1 for lease in state.leases.values() if lease.run == run.key)
+    admitted = state.admitted.get(run.key, at)
+    leases: list[Lease] = []
+    for group, role, node, slots in chunks:
+        pos = 0
+        while pos < len(slots):
+            if seg_left <= 0:
+                seg_key, _, seg_left = next(seg_iter, (None, "", len(slots) - pos))
+            take = min(seg_left, len(slots) - pos)
+            payer = index.envelopes[seg_key].payer if seg_key is not None else None
+            leases.append(
+                Lease(
+                    id=lease_id(run.key, admitted, counter),
+                    run=run.key,
+                    node=node,
+                    slots=tuple(slots[pos : pos + take]),
+                    role=role,
+                    group=group,
+                    reason=reason,
+                    cohort=cohort,
+                    minted_payer=payer,
+                    start=at,
+                    end=end,
+                )
+            )
+            counter += 1
+            pos += take
+            seg_left -= take
+    return leases
+
+
+def lease_id(run_key: str, admitted: Instant, counter: int) -> str:
+    """Lease names are unique per run incarnation (SPEC §F.1.9): the admission instant is the
+    incarnation nonce, the counter the run's lease count so far."""
+    return f"{run_key}@{admitted}#{counter:03d}"
+
+
+def verify_funded(
+    state: FleetState,
+    run: Run,
+    new: Sequence[Lease],
+    now: Instant,
+    borrowed: bool,
+    *,
+    closing: Collection[str] = (),
+) -> str:
+    """No born-unfunded work, and a loan never displaces anyone (DESIGN decision 9).
+
+    Cover is a fast, conservative planner; this replays the matching with the new leases to be
+    sure the ledger will agree with it.  ``closing`` names leases the same decision closes (they
+    are left out of the replay).  Returns "" when fine, else the reason.
+    """
+    inputs = state.funding_inputs()
+    view = state.meter.hours_view(inputs.index, inputs.period_hours)
+    runs = dict(state.runs)
+    runs[run.key] = run
+    admitted = dict(state.admitted)
+    admitted.setdefault(run.key, now)
+    gone = set(closing)
+    current = [x for x in inputs.leases if x.id not in gone]
+    before = fill(inputs.index, current, runs, admitted, inputs.node_labels, now, view)
+    after = fill(inputs.index, [*current, *new], runs, admitted, inputs.node_labels, now, view)
+    unfunded = [x for x in new if after.payer.get(x.id) is None]
+    if unfunded:
+        return f"{sum(x.width for x in unfunded)} GPUs would be born unfunded"
+    if borrowed:
+        displaced = [
+            lid for lid, env in before.payer.items() if env is not None and after.payer[lid] is None
+        ]
+        if displaced:
+            return "a loan may only use free headroom"
+    return ""
+
+
+def release_reservations(state: FleetState, run: str, at: Instant, reason: str) -> list[Event]:
+    """Release every pending reservation of ``run`` (its pointers are cleared with it)."""
+    return [
+        ReservationReleased(at=at, name=res.name, reason=reason)
+        for res in sorted(state.reservations.values(), key=lambda r: r.name)
+        if res.run == run and res.state == "Pending"
+    ]
+
+
+def fail_events(  # noqa: PLR0917 - positional shape kept for existing callers
+    state: FleetState,
+    key: str,
+    now: Instant,
+    reason: str,
+    message: str,
+    closure: str = "RunFailed",
+    *,
+    already_closed: Collection[str] = (),
+) -> list[Event]:
+    """Failed is terminal (DESIGN decision 7): close every open lease of the run, then say so.
+
+    ``already_closed`` names leases the same decision closes earlier in its event list.
+    """
+    skip = set(already_closed)
+    events: list[Event] = [
+        LeaseClosed(at=now, lease=lease.id, reason=closure)
+        for lease in state.leases_of(key, open_only=True)
+        if lease.id not in skip
+    ]
+    events.append(status_event(key, now, "Failed", reason, message))
+    for res in sorted(state.reservations.values(), key=lambda r: r.name):
+        if res.run == key and res.state == "Pending":
+            events.append(ReservationReleased(at=now, name=res.name, reason="run failed"))
+    return events
+
+
+def domain_of(state: FleetState, node: str) -> str:
+    """The ``region/cluster/fabric`` key of a node's domain, as topology spells it."""
+    labels = state.nodes[node].labels if node in state.nodes else {}
+    return "/".join(labels.get(k, "") for k in LOCATION_KEYS)
+
+
+def effective_grace(run: Run | None, settings: Settings) -> int:
+    """DESIGN decision 3: the run's own preemptionGrace up to the cluster cap, else the default."""
+    rt = run.spec.runtime if run is not None else None
+    if rt is not None and rt.preemption_grace is not None:
+        return max(0, min(parse_duration(rt.preemption_grace), settings.preemption_grace_max))
+    return max(0, settings.preemption_grace)
+
+
+def checkpoint_seconds(run: Run) -> int:
+    rt = run.spec.runtime
+    return parse_duration(rt.checkpoint) if rt is not None else 0
+
+
+def checkpoint_deadline(state: FleetState, run: str) -> Instant | None:
+    """The run's checkpoint-grace deadline, if it is inside one (kept in its status detail)."""
+    st = state.status.get(run)
+    if st is None or st.phase in TERMINAL:
+        return None
+    raw = st.detail.get("checkpointDeadline")
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) else None
