@@ -98,9 +98,7 @@ class _Claim:
 
     def rank_at(self, env: EnvelopeInfo, tier: Tier) -> tuple[object, ...]:
         if tier is Tier.NONE:
-            granted = (
-                self.lease.minted_payer is not None and self.lease.minted_payer.key == env.key
-            )
+            granted = self.lease.minted_payer is not None and self.lease.minted_payer.key == env.key
             cls = LOAN if granted else SPONSOR
         else:
             cls = int(tier)

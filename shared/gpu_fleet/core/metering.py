@@ -89,9 +89,7 @@ def _boundaries(inputs: FundingInputs, after: float) -> list[float]:
     return sorted(points)
 
 
-def _crossing_seconds(
-    inputs: FundingInputs, f: FillResult, view: HoursView
-) -> float | None:
+def _crossing_seconds(inputs: FundingInputs, f: FillResult, view: HoursView) -> float | None:
     """Seconds until some funded claim's hysteresis threshold is crossed at the current burn."""
     best: float | None = None
     period = view.period_hours
@@ -114,9 +112,7 @@ def _crossing_seconds(
         scan(f.accepted.get(key, []), remaining)
     for cap_id, remaining in view.remaining_cap.items():
         cap = inputs.index.caps[cap_id]
-        rows = sorted(
-            (r for m in cap.members for r in f.accepted.get(m, [])), key=lambda r: r.rank
-        )
+        rows = sorted((r for m in cap.members for r in f.accepted.get(m, [])), key=lambda r: r.rank)
         scan(rows, remaining)
     return best
 
@@ -147,7 +143,9 @@ def evaluate(meter: Meter, inputs: FundingInputs, at: float) -> Evaluation:
         meter = meter.copy()
         advance_meter(meter, inputs, at)
     view = meter.hours_view(inputs.index, inputs.period_hours)
-    f = fill(inputs.index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, at, view)
+    f = fill(
+        inputs.index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, at, view
+    )
     return summarize(meter, inputs, f, at)
 
 

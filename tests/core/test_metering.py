@@ -1,0 +1,274 @@
+"""GPU-hour metering folded per interval, and funding summaries (DESIGN 1 and 9, SPEC §B.4.5)."""
+
+from __future__ import annotations
+
+import pytest
+from builders import (
+    A100,
+    HOUR,
+    MINUTE,
+    T0,
+    World,
+    budget,
+    env,
+    key,
+    lease,
+    node,
+    payer,
+    run,
+)
+
+from gpu_fleet.core.engine import Fleet, Settings
+from gpu_fleet.core.ledger import check_invariants
+from gpu_fleet.core.metering import Meter, advance_meter, evaluate
+from gpu_fleet.core.model import FundingClass, LeaseRole
+
+OWNED = FundingClass.OWNED
+SHARED = FundingClass.SHARED
+BORROWED = FundingClass.BORROWED
+UNFUNDED = FundingClass.UNFUNDED
+
+PARENT = budget("p", "org:p", [env("e", 4)])
+CHILD = budget("c", "org:c", [env("e", 1, flavor=A100)], parents=["org:p"])
+
+
+def advanced(w: World, to: int, start: int = T0) -> Meter:
+    m = Meter(t=float(start))
+    advance_meter(m, w.inputs(), to)
+    return m
+
+
+class TestPerIntervalCharging:
+    def test_family_then_unfunded_after_owner_recall(self) -> None:
+        """Hours go to the payer of each interval: Shared until the owner recalls, then Unfunded."""
+        kid, own = run("c", "kid", 4), run("p", "own", 4)
+        w = World(
+            [PARENT, CHILD],
+            [kid, own],
+            [lease("K", kid.key, 4), lease("O", own.key, 4, first=4, start=T0 + 2 * HOUR)],
+            admitted={kid.key: T0, own.key: T0 + 2 * HOUR},
+        )
+        m = advanced(w, T0 + 5 * HOUR)
+        assert m.run_hours[kid.key][SHARED] == pytest.approx(8.0)
+        assert m.run_hours[kid.key][UNFUNDED] == pytest.approx(12.0)
+        assert m.run_hours[own.key][OWNED] == pytest.approx(12.0)
+        assert m.envelope_hours[key("p")] == pytest.approx(20.0)
+        assert m.envelope_class_hours[key("p")][SHARED] == pytest.approx(8.0)
+        assert m.envelope_class_hours[key("p")][OWNED] == pytest.approx(12.0)
+        assert dict(m.run_lender_hours[kid.key]) == {"org:p": pytest.approx(8.0)}
+
+    def test_unfunded_hours_charge_no_envelope(self) -> None:
+        """Hours used while Unfunded appear in the run's hours by class but charge nothing."""
+        parent = budget("p", "org:p", [env("e", 8, sharing="none")])
+        kid = run("c", "kid", 3)
+        w = World([parent, CHILD], [kid], [lease("K", kid.key, 3)])
+        m = advanced(w, T0 + 2 * HOUR)
+        assert m.run_hours[kid.key][UNFUNDED] == pytest.approx(6.0)
+        assert sum(m.envelope_hours.values()) == 0.0
+        assert sum(m.cap_hours.values()) == 0.0
+        assert kid.key not in m.run_lender_hours
+
+    def test_window_switch_charges_each_envelope_its_own_interval(self) -> None:
+        """A run spanning q1 then q2 charges q1 for q1's interval and q2 for q2's."""
+        b = budget(
+            "t",
+            "org:t",
+            [
+                env("q1", 8, start=T0 - HOUR, end=T0 + HOUR),
+                env("q2", 8, start=T0 + 2 * HOUR, end=T0 + 9 * HOUR),
+            ],
+        )
+        r = run("t", "r", 2)
+        w = World([b], [r], [lease("L", r.key, 2, minted=payer("t", "q1"))])
+        m = advanced(w, T0 + 4 * HOUR)
+        assert m.envelope_hours[key("t", "q1")] == pytest.approx(2.0)
+        assert m.envelope_hours[key("t", "q2")] == pytest.approx(4.0)
+        assert m.run_hours[r.key][UNFUNDED] == pytest.approx(2.0)
+        assert m.run_hours[r.key][OWNED] == pytest.approx(6.0)
+
+    def test_borrowed_hours_credit_the_lender(self) -> None:
+        """Borrowed hours are charged to the sponsor envelope and listed under the lender owner."""
+        sponsor = budget("s", "org:s", [env("e", 4, lend=True)])
+        borrower = budget("b", "org:b", [env("e", 1, flavor=A100)])
+        r = run("b", "r", 2, sponsors=["org:s"])
+        w = World([sponsor, borrower], [r], [lease("L", r.key, 2, minted=payer("s"))])
+        m = advanced(w, T0 + 3 * HOUR)
+        assert m.run_hours[r.key][BORROWED] == pytest.approx(6.0)
+        assert m.envelope_class_hours[key("s")][BORROWED] == pytest.approx(6.0)
+        assert dict(m.run_lender_hours[r.key]) == {"org:s": pytest.approx(6.0)}
+
+    def test_stepwise_advance_equals_one_shot(self) -> None:
+        """Folding the meter in many small steps charges the same hours as one advance."""
+        b = budget("t", "org:t", [env("e", 8, gpu_hours=30)])
+        r1, r2 = run("t", "a", 4), run("t", "b", 4)
+        w = World(
+            [b],
+            [r1, r2],
+            [lease("A", r1.key, 4), lease("B", r2.key, 4, first=4, start=T0 + 30 * MINUTE)],
+            admitted={r1.key: T0, r2.key: T0 + 30 * MINUTE},
+            period_hours=1.0,
+        )
+        once = advanced(w, T0 + 10 * HOUR)
+        steps = Meter(t=float(T0))
+        for t in range(T0 + 7 * MINUTE, T0 + 10 * HOUR + 1, 7 * MINUTE):
+            advance_meter(steps, w.inputs(), t)
+        advance_meter(steps, w.inputs(), T0 + 10 * HOUR)
+        assert steps.envelope_hours[key("t")] == pytest.approx(once.envelope_hours[key("t")])
+        for rk in (r1.key, r2.key):
+            for cls in FundingClass:
+                assert steps.run_hours[rk][cls] == pytest.approx(once.run_hours[rk][cls], abs=1e-3)
+
+    def test_evaluate_does_not_mutate_the_meter(self) -> None:
+        """evaluate() at a later instant advances a copy, never the caller's meter."""
+        b = budget("t", "org:t", [env("e", 8)])
+        r = run("t", "r", 2)
+        w = World([b], [r], [lease("L", r.key, 2)])
+        m = Meter(t=float(T0))
+        ev = evaluate(m, w.inputs(), T0 + HOUR)
+        assert ev.runs[r.key].hours[OWNED] == pytest.approx(2.0)
+        assert m.t == T0
+        assert sum(m.envelope_hours.values()) == 0.0
+
+
+class TestGpuHourAllowance:
+    """DESIGN decision 1, driven far past exhaustion (P = 1h, two 4-GPU claims, 100 GPU-hours)."""
+
+    B = budget("t", "org:t", [env("hours", 8, gpu_hours=100)])
+    SENIOR, JUNIOR = run("t", "senior", 4), run("t", "junior", 4)
+
+    def world(self) -> World:
+        return World(
+            [self.B],
+            [self.SENIOR, self.JUNIOR],
+            [lease("S", self.SENIOR.key, 4), lease("J", self.JUNIOR.key, 4, first=4)],
+            admitted={self.SENIOR.key: T0, self.JUNIOR.key: T0 + 1},
+            period_hours=1.0,
+        )
+
+    def test_funded_consumption_never_exceeds_allowance(self) -> None:
+        """After running far past exhaustion, charged hours equal the allowance, never more."""
+        m = advanced(self.world(), T0 + 48 * HOUR)
+        used = m.envelope_hours[key("t", "hours")]
+        assert used <= 100.0 + 1e-6
+        assert used == pytest.approx(100.0, abs=1e-3)
+
+    def test_junior_demotes_first_and_senior_spends_to_zero(self) -> None:
+        """The junior stops at remaining = P*4 (12h), the senior spends the rest (13h)."""
+        m = advanced(self.world(), T0 + 20 * HOUR)
+        assert m.run_hours[self.JUNIOR.key][OWNED] == pytest.approx(48.0, abs=1e-2)
+        assert m.run_hours[self.SENIOR.key][OWNED] == pytest.approx(52.0, abs=1e-2)
+        assert m.run_hours[self.JUNIOR.key][UNFUNDED] == pytest.approx(32.0, abs=1e-2)
+        assert m.run_hours[self.SENIOR.key][UNFUNDED] == pytest.approx(28.0, abs=1e-2)
+
+    @pytest.mark.parametrize(
+        ("at_hours", "senior", "junior"),
+        [
+            (6, OWNED, OWNED),
+            (12.5, OWNED, UNFUNDED),
+            (14, UNFUNDED, UNFUNDED),
+        ],
+    )
+    def test_classes_over_time(
+        self, at_hours: float, senior: FundingClass, junior: FundingClass
+    ) -> None:
+        """Both funded, then only the senior, then neither (demote, not kill)."""
+        ev = evaluate(Meter(t=float(T0)), self.world().inputs(), T0 + int(at_hours * HOUR))
+        assert (ev.lease_class("S"), ev.lease_class("J")) == (senior, junior)
+
+    def test_no_flapping(self) -> None:
+        """Sampled every 5 minutes, a claim that demoted never comes back while hours are low."""
+        w = self.world()
+        m = Meter(t=float(T0))
+        history: dict[str, list[FundingClass]] = {"S": [], "J": []}
+        for t in range(T0, T0 + 20 * HOUR, 5 * MINUTE):
+            advance_meter(m, w.inputs(), t)
+            ev = evaluate(m, w.inputs(), t)
+            for lid, seq in history.items():
+                seq.append(ev.lease_class(lid))
+        for lid, seq in history.items():
+            first_unfunded = seq.index(UNFUNDED)
+            assert set(seq[first_unfunded:]) == {UNFUNDED}, lid
+            assert set(seq[:first_unfunded]) == {OWNED}, lid
+        assert history["J"].index(UNFUNDED) < history["S"].index(UNFUNDED)
+
+    def test_fleet_never_overdraws_and_never_closes(self) -> None:
+        """Through the Fleet: the invariant checker stays clean and no lease is closed."""
+        fleet = Fleet(Settings(accounting_period=3600))
+        fleet.register_node(node("n1", 8), T0)
+        fleet.apply(self.B, T0)
+        events = fleet.apply(self.SENIOR, T0)
+        events += fleet.apply(self.JUNIOR, T0 + MINUTE)
+        for h in range(1, 40):
+            events += fleet.advance_to(T0 + h * HOUR)
+            assert check_invariants(fleet.state) == [], h
+        ev = evaluate(fleet.state.meter, fleet.state.funding_inputs(), fleet.state.clock)
+        assert ev.envelopes[key("t", "hours")].gpu_hours_used == pytest.approx(100.0, abs=1e-3)
+        assert len(fleet.state.open_leases) == 2
+        assert all(lease.is_open for lease in fleet.state.leases.values())
+        assert not [e for e in events if type(e).__name__ == "LeaseClosed"]
+
+    def test_new_claim_refused_when_hours_short_of_one_period(self) -> None:
+        """With fewer than P*width hours left, a new claim is not funded (not even alone)."""
+        b = budget("t", "org:t", [env("e", 8, gpu_hours=3.5)])
+        r = run("t", "r", 4)
+        w = World([b], [r], [lease("L", r.key, 4)], period_hours=1.0)
+        ev = w.evaluate()
+        assert ev.lease_class("L") is UNFUNDED
+        m = advanced(w, T0 + 3 * HOUR)
+        assert m.envelope_hours[key("t")] == 0.0
+
+
+class TestSummaries:
+    def test_completed_leases_count_in_hours_not_width(self) -> None:
+        """A completed run keeps its hours but contributes no width to envelope or run."""
+        fleet = Fleet()
+        fleet.register_node(node("n1", 8), T0)
+        fleet.apply(budget("t", "org:t", [env("e", 8)]), T0)
+        r = run("t", "r", 4)
+        fleet.apply(r, T0)
+        fleet.complete(r.key, T0 + HOUR)
+        fleet.advance_to(T0 + 3 * HOUR)
+        state = fleet.state
+        ev = evaluate(state.meter, state.funding_inputs(), state.clock)
+        assert ev.runs[r.key].hours[OWNED] == pytest.approx(4.0)
+        assert ev.runs[r.key].owned == 0
+        usage = ev.envelopes[key("t")]
+        assert usage.funded == 0
+        assert usage.headroom == 8
+        assert usage.gpu_hours_used == pytest.approx(4.0)
+
+    def test_envelope_usage_by_class_and_headroom(self) -> None:
+        """Usage lists width per class; unfunded width is referenced by its minted payer only."""
+        kid, own = run("c", "kid", 4), run("p", "own", 2)
+        extra = run("p", "extra", 4)
+        w = World(
+            [PARENT, CHILD],
+            [kid, own, extra],
+            [
+                lease("K", kid.key, 2),
+                lease("O", own.key, 2, first=2),
+                lease("X", extra.key, 4, first=4, minted=payer("p")),
+            ],
+            admitted={own.key: T0, kid.key: T0 + 1, extra.key: T0 + 2},
+        )
+        ev = w.evaluate()
+        u = ev.envelopes[key("p")]
+        assert (u.owned, u.shared, u.borrowed, u.unfunded) == (2, 2, 0, 4)
+        assert u.funded == 4
+        assert u.headroom == 0
+        rf = ev.runs[kid.key]
+        assert (rf.shared, rf.lenders) == (2, {"org:p": 2})
+        assert ev.runs[extra.key].by_class(UNFUNDED) == 4
+
+    def test_spare_width_reported_separately(self) -> None:
+        """Run spares are counted apart from class width; envelope spare counts funded spares."""
+        b = budget("t", "org:t", [env("e", 8)])
+        r = run("t", "r", 4, spares=1)
+        w = World(
+            [b],
+            [r],
+            [lease("A", r.key, 4), lease("S", r.key, 1, first=4, role=LeaseRole.SPARE)],
+        )
+        ev = w.evaluate()
+        assert (ev.runs[r.key].owned, ev.runs[r.key].spares) == (4, 1)
+        assert (ev.envelopes[key("t")].owned, ev.envelopes[key("t")].spare) == (5, 1)
