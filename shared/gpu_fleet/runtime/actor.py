@@ -83,17 +83,19 @@ class Actor:
         self._stopping = True
         self._stop_requested.set()
         try:
-            if self._started:
-                try:
-                    await asyncio.wait_for(self._on_stop(), timeout=self.shutdown_budget)
-                except TimeoutError:
-                    log.warning("actor.shutdown_budget_exceeded", actor=self.name)
+            # Root tasks first (followers unsubscribe while the connection is still up, so the
+            # client's own consumer tasks end too), then the service's drain.
             for task in self._tasks:
                 task.cancel()
             for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self._tasks.clear()
+            if self._started:
+                try:
+                    await asyncio.wait_for(self._on_stop(), timeout=self.shutdown_budget)
+                except TimeoutError:
+                    log.warning("actor.shutdown_budget_exceeded", actor=self.name)
         finally:
             self._stopped.set()
             if self._started:

@@ -1,0 +1,43 @@
+"""``python -m gpu_fleet_forecaster``: run the forecaster against any NATS URL."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from gpu_fleet.runtime import logs
+from gpu_fleet_forecaster.service import Forecaster, ForecasterConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="gpu-fleet-forecaster", description=__doc__)
+    p.add_argument("--nats-url", default=env("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"))
+    p.add_argument("--log-level", default=env("GPU_FLEET_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--clock",
+        choices=("wall", "ledger"),
+        default=env("GPU_FLEET_FORECAST_CLOCK", "wall"),
+        help="'now' for a forecast: the wall clock, or the ledger's latest event time "
+        "(use with a manager on a virtual clock)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure("forecaster", args.log_level)
+
+    async def amain() -> None:
+        forecaster = Forecaster(ForecasterConfig(nats_url=args.nats_url, clock=args.clock))
+        forecaster.install_signal_handlers()
+        await forecaster.run()
+
+    asyncio.run(amain())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

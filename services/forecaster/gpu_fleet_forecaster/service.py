@@ -1,0 +1,172 @@
+"""The forecaster actor: answers ``fleet.forecast.run`` from its own fold of the ledger.
+
+Like the binder it folds the stream ``FLEET`` into a ``FleetState`` and answers a request only
+once the asked-for sequence is folded (read-your-writes), so a client that just submitted a run
+gets a forecast that knows about it.  The maths is the pure ``gpu_fleet.core.forecast``; this
+module only decodes, waits, calls it at "now" and encodes.
+
+"Now" is the wall clock in production.  With a manager on a virtual clock (scenarios, tests) the
+wall clock means nothing, so ``clock="ledger"`` uses the ledger's latest event time instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+import nats.errors
+import nats.micro
+import structlog
+from nats.aio.client import Client
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from gpu_fleet.core.forecast import ForecastError, ForecastResult, forecast
+from gpu_fleet.core.ledger import FleetState
+from gpu_fleet.core.model import Instant, run_key
+from gpu_fleet.messages import forecast as messages
+from gpu_fleet.messages import subjects
+from gpu_fleet.runtime.actor import Actor
+from gpu_fleet.runtime.clock import WallClock
+from gpu_fleet.runtime.connect import connect
+from gpu_fleet.runtime.follower import LedgerFollower
+from gpu_fleet.runtime.ledger_stream import LedgerStream
+from gpu_fleet_forecaster import __version__
+
+log = structlog.get_logger("gpu_fleet.forecaster")
+
+GROUP, ENDPOINT = subjects.FORECAST_RUN.rsplit(".", 1)
+
+ERROR_CODES = {"not_found": "404", "terminal": "409", "topology": "422"}
+"""``ForecastError.kind`` -> the service error code in the reply headers."""
+
+
+@dataclass
+class ForecasterConfig:
+    nats_url: str
+    clock: Literal["wall", "ledger"] = "wall"
+    wait_timeout: float = 4.0  # how long a request may wait for its ledger sequence
+
+
+def build(nats_url: str, *, clock: Literal["wall", "ledger"] = "wall") -> Forecaster:
+    """The factory ``gpu_fleet.cli.stack`` uses to start the forecaster in-process."""
+    return Forecaster(ForecasterConfig(nats_url=nats_url, clock=clock))
+
+
+def to_message(result: ForecastResult, seq: int, at: Instant) -> messages.Forecast:
+    return messages.Forecast(
+        run=result.run,
+        earliest_start=result.earliest_start,
+        p50=result.p50,
+        p90=result.p90,
+        confidence=result.confidence,
+        deficit_gpus=result.deficit_gpus,
+        basis=result.basis,
+        remedies=[
+            messages.Remedy(action=r.action, detail=r.detail, start=r.start)
+            for r in result.remedies
+        ],
+        seq=seq,
+        at=at,
+    )
+
+
+class Forecaster(Actor):
+    name = "forecaster"
+
+    def __init__(self, config: ForecasterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wall = WallClock()
+        self.nc: Client | None = None
+        self.follower: LedgerFollower | None = None
+        self.service: Service | None = None
+        self.answered = 0
+
+    async def _on_start(self) -> None:
+        self.nc = await connect(self.config.nats_url, "gpu-fleet-forecaster")
+        ledger = LedgerStream(self.nc)
+        await ledger.ensure()
+        self.follower = LedgerFollower(ledger)
+        await self.follower.catch_up()
+        self.spawn("ledger follower", self.follower.follow())
+        self.service = await nats.micro.add_service(
+            self.nc,
+            name="gpu-fleet-forecaster",
+            version=__version__,
+            description="gpu-fleet forecaster: earliest start, P50/P90 and remedies",
+        )
+        group = self.service.add_group(name=GROUP)
+        await group.add_endpoint(name=ENDPOINT, handler=self.run_forecast)
+        # Once start() returns the endpoints answer: the subscriptions reached the server.
+        await self.nc.flush()
+
+    async def _on_stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+        # Stop following while the connection is still up: the follower's ordered consumer can
+        # only unsubscribe (and so end nats-py's heartbeat tasks) before the drain closes it.
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(
+                nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError
+            ):
+                await self.nc.drain()
+
+    def now(self, state: FleetState) -> Instant:
+        """The forecast instant: never before the ledger's own clock (time comes from events)."""
+        if self.config.clock == "ledger":
+            return state.clock
+        return max(self.wall.now(), state.clock)
+
+    async def run_forecast(self, req: Request) -> None:
+        started = time.perf_counter()
+        try:
+            request = messages.REQUEST_DECODER.decode(req.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            await req.respond_error("400", f"invalid forecast request: {exc}")
+            log.info("forecaster.forecast", outcome="bad_request", error=str(exc))
+            return
+        key = run_key(request.namespace, request.name)
+        follower = self.follower
+        assert follower is not None
+        if not await follower.wait_for(request.seq, self.config.wait_timeout):
+            await req.respond_error(
+                "503", f"ledger sequence {request.seq} not folded yet (at {follower.seq})"
+            )
+            log.info("forecaster.forecast", run=key, seq=request.seq, outcome="not_folded")
+            return
+        # No await from reading the state to the computed result: the fold cannot interleave.
+        state = follower.state
+        seq = follower.seq
+        now = self.now(state)
+        try:
+            result = forecast(state, key, now)
+        except ForecastError as exc:
+            await req.respond_error(ERROR_CODES[exc.kind], exc.message)
+            log.info("forecaster.forecast", run=key, seq=seq, outcome=exc.kind, error=exc.message)
+            return
+        except Exception:  # a bug: answer with a code and a safe text, keep the details here
+            log.exception("forecaster.forecast", run=key, seq=seq, outcome="internal")
+            await req.respond_error("500", "internal error; see the forecaster log")
+            return
+        await req.respond(messages.ENCODER.encode(to_message(result, seq, now)))
+        self.answered += 1
+        log.info(
+            "forecaster.forecast",
+            run=key,
+            seq=seq,
+            outcome="ok",
+            confidence=result.confidence,
+            earliest_start=result.earliest_start,
+            remedies=len(result.remedies),
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )

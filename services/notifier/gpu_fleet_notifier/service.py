@@ -1,0 +1,585 @@
+"""The notifier actor: ledger events and upcoming deadlines become notifications per team.
+
+Delivery is **at least once, de-duplicated at the stream**:
+
+* A durable JetStream pull consumer (``notifier``) reads the ledger stream ``FLEET``.  It has
+  ``max_ack_pending=1`` so the server hands out one ledger message at a time, in order, even
+  across restarts and redeliveries: the notifier folds each event into its own ``FleetState``
+  and folding must see the ledger in order.
+* Each ledger message yields its notifications in a fixed order.  Each is published with
+  JetStream into the stream ``NOTIFY`` (subjects ``fleet.notify.>``) with ``Nats-Msg-Id`` =
+  its id (``<ledger seq>:<event>:<run or lease>``), so a redelivered ledger message stores no
+  duplicate.  The ledger message is acknowledged (``ack_sync``) only after every publish
+  succeeded; a failed publish naks it with a delay from ``error_delays``.
+* On start, everything up to the consumer's ack floor is folded silently (it was notified
+  before); the consumer then resumes right after it.
+
+Teams are derived owners: the owner of the run's namespace in the notifier's own fold
+(``state.index.family.owner_of``), ``_unbound`` when the namespace has none.  Subjects are
+``fleet.notify.<team token>.<event>``.
+
+``lease-expiring`` is a deadline, not a ledger event: open leases whose scheduled end is within
+``expiry_lead`` of "now" are announced once.  "Now" is the wall clock (checked between fetches),
+or, with ``clock="ledger"``, the time of the latest ledger event (checked after each fold), which
+makes it a deterministic function of the ledger: tests need no sleeping and a restart re-derives
+exactly which leases were already announced.  Its id is ``lease-expiring:<lease>:<end>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import nats.micro
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from gpu_fleet.core.ledger import (
+    EVENT_DECODER,
+    Event,
+    FleetState,
+    LeaseClosed,
+    LeaseMinted,
+    LedgerError,
+    RunStatusChanged,
+    fold,
+)
+from gpu_fleet.core.model import Instant, Lease
+from gpu_fleet.messages import notify, subjects
+from gpu_fleet.runtime.actor import Actor
+from gpu_fleet.runtime.clock import Clock, WallClock
+from gpu_fleet.runtime.connect import connect
+from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream
+from gpu_fleet_notifier import __version__
+
+log = structlog.get_logger("gpu_fleet.notifier")
+
+UNBOUND = "_unbound"
+PREEMPTION_REASONS = ("RandomPreempt", "ReclaimUnfunded", "Shrink", "DropSpare")
+"""Closure reasons that mean "the resolver took this lease away" (DESIGN decision 3)."""
+
+RUN_EVENTS = {"GangBound": "run-admitted", "Reserved": "run-reserved", "Unfunded": "run-unfunded"}
+"""RunStatusChanged reasons worth a notification (Completed and Failed go by phase)."""
+
+PREEMPTION_NOTICE = "LeasePreemptionScheduled"
+"""The notice event, matched by class name so the notifier survives its evolution."""
+
+
+@dataclass
+class NotifierConfig:
+    nats_url: str
+    clock: Literal["wall", "ledger"] = "wall"
+    expiry_lead: int = 900  # seconds before a lease's scheduled end to warn its team
+    durable: str = "notifier"  # the durable consumer on FLEET: one per notifier deployment
+    ack_wait: float = 10.0  # redelivery delay of a message a crashed notifier left unacked
+    fetch_timeout: float = 0.5  # also the wall-clock expiry check period and stop latency
+    publish_timeout: float = 5.0
+    duplicate_window: float = 86400.0  # NOTIFY's Nats-Msg-Id memory, when we create it
+    error_delays: tuple[float, ...] = (1.0, 1.0, 2.0, 3.0, 5.0)
+
+
+def build(
+    nats_url: str, *, clock: Literal["wall", "ledger"] = "wall", expiry_lead: int = 900
+) -> Notifier:
+    """The factory ``gpu_fleet.cli.stack`` uses to start the notifier in-process."""
+    return Notifier(NotifierConfig(nats_url=nats_url, clock=clock, expiry_lead=expiry_lead))
+
+
+# ------------------------------------------------------------------------------------------
+# What to say: pure functions of the state *before* the event is folded
+# ------------------------------------------------------------------------------------------
+
+
+def team_of(state: FleetState, run: str) -> str:
+    """The derived owner of the run's namespace, ``_unbound`` when nobody owns it."""
+    namespace = run.split("/", 1)[0] if "/" in run else "default"
+    return state.index.family.owner_of(namespace) or UNBOUND
+
+
+def _note(
+    state: FleetState,
+    seq: int,
+    event: str,
+    run: str,
+    *,
+    at: Instant,
+    detail: dict[str, Any],
+    lease: str | None = None,
+) -> notify.Notification:
+    return notify.Notification(
+        id=f"{seq}:{event}:{lease or run}",
+        team=team_of(state, run),
+        event=event,
+        run=run,
+        lease=lease,
+        at=at,
+        detail=detail,
+        seq=seq,
+    )
+
+
+def _run_event(ev: RunStatusChanged) -> str | None:
+    if ev.phase == "Failed":
+        return "run-failed"
+    if ev.phase == "Completed":
+        return "run-completed"
+    return RUN_EVENTS.get(ev.reason)
+
+
+def _lease_detail(lease: Lease) -> dict[str, Any]:
+    payer = lease.minted_payer
+    return {
+        "node": lease.node,
+        "slots": list(lease.slots),
+        "role": lease.role.value,
+        "group": lease.group,
+        "start": lease.start,
+        "end": lease.end,
+        "mintedPayer": str(payer.key) if payer is not None else None,
+    }
+
+
+def _notice_detail(notice: object) -> dict[str, Any]:
+    """The preemption notice's fields, read by name (the event type may still evolve)."""
+    fields = {
+        "deadline": "deadline",
+        "closureReason": "reason",
+        "kind": "kind",
+        "seed": "seed",
+        "conflictSet": "conflict_set",
+        "beneficiary": "beneficiary",
+        "source": "source",
+    }
+    out: dict[str, Any] = {}
+    for wire, attr in fields.items():
+        value = getattr(notice, attr, None)
+        if value is not None:
+            out[wire] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notification]:
+    """Notifications for one ledger event, in a fixed order; ``state`` is before the fold."""
+    match event:
+        case RunStatusChanged():
+            name = _run_event(event)
+            if name is None:
+                return []
+            detail: dict[str, Any] = {
+                "phase": event.phase,
+                "reason": event.reason,
+                "message": event.message,
+            }
+            if event.detail:
+                detail["statusDetail"] = dict(event.detail)
+            res = state.pending_reservation(event.run) if name == "run-reserved" else None
+            if res is not None:
+                detail.update(
+                    reservation=res.name,
+                    kind=res.kind,
+                    earliestStart=res.earliest_start,
+                    deficitGPUs=res.deficit_gpus,
+                    confidence=res.confidence,
+                )
+            return [_note(state, seq, name, event.run, at=event.at, detail=detail)]
+        case LeaseMinted(lease=lease):
+            detail = {"reason": lease.reason.value, **_lease_detail(lease)}
+            return [
+                _note(
+                    state,
+                    seq,
+                    "lease-started",
+                    lease.run,
+                    at=event.at,
+                    detail=detail,
+                    lease=lease.id,
+                )
+            ]
+        case LeaseClosed(lease=lease_id, reason=reason):
+            known = state.leases.get(lease_id)
+            if known is None:
+                return []  # the fold refuses it too; nothing truthful to say
+            detail = {"closureReason": reason, **_lease_detail(known)}
+            notes = [
+                _note(
+                    state,
+                    seq,
+                    "lease-closed",
+                    known.run,
+                    at=event.at,
+                    detail=detail,
+                    lease=lease_id,
+                )
+            ]
+            if reason.startswith(PREEMPTION_REASONS):
+                preempted: dict[str, Any] = {"stage": "closed", "closureReason": reason}
+                notice = getattr(state, "preemptions", {}).get(lease_id)
+                if notice is not None:
+                    preempted.update({**_notice_detail(notice), "closureReason": reason})
+                notes.append(
+                    _note(
+                        state,
+                        seq,
+                        "preempted",
+                        known.run,
+                        at=event.at,
+                        detail=preempted,
+                        lease=lease_id,
+                    )
+                )
+            return notes
+        case _ if type(event).__name__ == PREEMPTION_NOTICE:
+            lease_id = str(getattr(event, "lease", ""))
+            held = state.leases.get(lease_id)
+            run = str(getattr(event, "run", "") or (held.run if held is not None else ""))
+            if not run:
+                return []
+            detail = {"stage": "notice", **_notice_detail(event)}
+            return [_note(state, seq, "preempted", run, at=event.at, detail=detail, lease=lease_id)]
+        case _:
+            return []
+
+
+def expiring(
+    state: FleetState, now: Instant, lead: int, warned: Mapping[str, Instant]
+) -> list[Lease]:
+    """Open leases whose scheduled end is within ``lead`` of ``now`` and not yet announced.
+
+    A lease already past its end is left to its closure (``lease-closed``, reason Expired).
+    """
+    return sorted(
+        (
+            x
+            for x in state.open_leases.values()
+            if x.end is not None and x.end - lead <= now < x.end and warned.get(x.id) != x.end
+        ),
+        key=lambda x: (x.end or 0, x.id),
+    )
+
+
+def expiring_note(state: FleetState, lease: Lease, now: Instant, seq: int) -> notify.Notification:
+    end = lease.end or now
+    return notify.Notification(
+        id=f"lease-expiring:{lease.id}:{end}",
+        team=team_of(state, lease.run),
+        event="lease-expiring",
+        run=lease.run,
+        lease=lease.id,
+        at=now,
+        detail={"end": end, "remainingSeconds": end - now, **_lease_detail(lease)},
+        seq=seq,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# The actor
+# ------------------------------------------------------------------------------------------
+
+
+class Notifier(Actor):
+    name = "notifier"
+
+    def __init__(self, config: NotifierConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wall: Clock = WallClock()  # replaceable: tests move time without sleeping
+        self.state = FleetState()
+        self.seq = 0  # last ledger sequence folded
+        self.handled = 0  # last ledger sequence acknowledged
+        self.delivered = 0
+        self.deduplicated = 0
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self.sub: JetStreamContext.PullSubscription | None = None
+        self.service: Service | None = None
+        self._warned: dict[str, Instant] = {}  # lease id -> the end it was announced for
+        self._inflight: dict[int, list[notify.Notification]] = {}
+        self._failures = 0
+        self._last_wall_check: tuple[Instant, int] = (0, 0)
+        self._closing = asyncio.Event()
+        self._consumer_done = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def _on_start(self) -> None:
+        self.nc = await connect(self.config.nats_url, "gpu-fleet-notifier")
+        self.js = self.nc.jetstream(timeout=self.config.publish_timeout)
+        await LedgerStream(self.nc).ensure()
+        await self._ensure_notify_stream()
+        self.sub = await self.js.pull_subscribe(
+            f"{SUBJECT_PREFIX}.>",
+            durable=self.config.durable,
+            stream=STREAM,
+            config=ConsumerConfig(
+                durable_name=self.config.durable,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.config.ack_wait,
+                max_ack_pending=1,
+            ),
+        )
+        info = await self.sub.consumer_info()
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        await self._catch_up(floor)
+        self.spawn("ledger consumer", self._consume())
+        self.service = await nats.micro.add_service(
+            self.nc,
+            name="gpu-fleet-notifier",
+            version=__version__,
+            description="gpu-fleet notifier: ledger events and deadlines to team subjects",
+        )
+        group = self.service.add_group(name="fleet.notifier")
+        await group.add_endpoint(name="status", handler=self.status)
+        # Once start() returns the endpoints answer: the subscriptions reached the server.
+        await self.nc.flush()
+
+    async def _on_stop(self) -> None:
+        # Finish the message in hand (publish + ack) rather than leave it to ack_wait.
+        self._closing.set()
+        if self._tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._consumer_done.wait(), self.config.fetch_timeout + 5.0)
+        if self.service is not None:
+            await self.service.stop()
+        if self.sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self.sub.unsubscribe()
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(
+                nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError
+            ):
+                await self.nc.drain()
+
+    async def _ensure_notify_stream(self) -> None:
+        assert self.js is not None
+        try:
+            await self.js.stream_info(subjects.NOTIFY_STREAM)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(
+                    StreamConfig(
+                        name=subjects.NOTIFY_STREAM,
+                        subjects=[f"{subjects.NOTIFY_PREFIX}.>"],
+                        storage=StorageType.FILE,
+                        duplicate_window=self.config.duplicate_window,
+                    )
+                )
+            except nats.js.errors.BadRequestError:
+                await self.js.stream_info(subjects.NOTIFY_STREAM)  # created concurrently
+
+    async def _catch_up(self, floor: int) -> None:
+        """Fold ledger messages 1..floor: they were notified (and acknowledged) before."""
+        async for seq, data in self._read_raw(floor):
+            self._fold(seq, self._decode(seq, data))
+            if self.config.clock == "ledger":
+                for lease in expiring(
+                    self.state, self.state.clock, self.config.expiry_lead, self._warned
+                ):
+                    self._warned[lease.id] = lease.end or 0
+        self.handled = self.seq
+        log.info("notifier.caught_up", seq=self.seq, ack_floor=floor)
+
+    async def _read_raw(self, until: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Raw ledger messages 1..until (ordered consumer): undecodable ones are ours to judge."""
+        if until <= 0:
+            return
+        assert self.js is not None
+        sub = await self.js.subscribe(f"{SUBJECT_PREFIX}.>", ordered_consumer=True)
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=5.0)
+                seq = msg.metadata.sequence.stream
+                yield seq, msg.data
+                if seq >= until:
+                    return
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    # -- folding ---------------------------------------------------------------------------
+    def _decode(self, seq: int, data: bytes) -> Event | None:
+        """The ledger event, or None for one this version does not know (logged, skipped)."""
+        try:
+            event: Event = EVENT_DECODER.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("notifier.unknown_event", seq=seq, error=str(exc))
+            return None
+        return event
+
+    def _fold(self, seq: int, event: Event | None) -> None:
+        """Fold one event; one the fold refuses changes nothing and is logged."""
+        if event is not None:
+            try:
+                fold(self.state, event)
+            except LedgerError as exc:
+                log.error(
+                    "notifier.fold_refused", seq=seq, type=type(event).__name__, error=str(exc)
+                )
+        self.seq = seq
+
+    def _derive(self, seq: int, data: bytes) -> list[notify.Notification]:
+        """Fold the message at ``seq`` and return what it must announce, in order."""
+        event = self._decode(seq, data)
+        notes = derive(self.state, seq, event) if event is not None else []
+        self._fold(seq, event)
+        if self.config.clock == "ledger":
+            notes.extend(self._expiring_notes(self.state.clock, seq))
+        return notes
+
+    def _expiring_notes(self, now: Instant, seq: int) -> list[notify.Notification]:
+        leases = expiring(self.state, now, self.config.expiry_lead, self._warned)
+        for lease in leases:
+            self._warned[lease.id] = lease.end or 0
+        return [expiring_note(self.state, lease, now, seq) for lease in leases]
+
+    # -- the consumer loop -----------------------------------------------------------------
+    async def _consume(self) -> None:
+        """Fetch one ledger message at a time until asked to close; never dies on an error."""
+        assert self.sub is not None
+        errors = 0
+        try:
+            while not self._closing.is_set():
+                try:
+                    msgs = await self.sub.fetch(1, timeout=self.config.fetch_timeout)
+                except nats.errors.TimeoutError:
+                    msgs = []
+                except nats.errors.Error as exc:  # e.g. reconnecting: pause, do not spin
+                    delay = self.config.error_delays[min(errors, len(self.config.error_delays) - 1)]
+                    errors += 1
+                    log.warning("notifier.fetch_failed", error=type(exc).__name__, retry_in=delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closing.wait(), delay)
+                    continue
+                errors = 0
+                at_head = not msgs  # an empty fetch: every ledger message is handled
+                for msg in msgs:
+                    await self._handle(msg)
+                    at_head = msg.metadata.num_pending == 0
+                if self.config.clock == "wall" and at_head:
+                    await self._wall_expiry_check()
+        finally:
+            self._consumer_done.set()
+
+    async def _handle(self, msg: Msg) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        with structlog.contextvars.bound_contextvars(
+            subject=msg.subject, seq=seq, num_delivered=meta.num_delivered
+        ):
+            if seq <= self.seq and seq not in self._inflight:
+                await self._ack(msg)  # a late redelivery of something acknowledged already
+                log.info("notifier.handled", outcome="already-handled")
+                return
+            notes = self._inflight.get(seq)
+            if notes is None:
+                notes = self._derive(seq, msg.data)
+                self._inflight[seq] = notes
+            started = time.perf_counter()
+            stored = dups = 0
+            try:
+                for note in notes:
+                    if await self._publish(note):
+                        stored += 1
+                    else:
+                        dups += 1
+            except nats.errors.Error as exc:
+                delay = self.config.error_delays[
+                    min(self._failures, len(self.config.error_delays) - 1)
+                ]
+                self._failures += 1
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak(delay=delay)
+                log.warning(
+                    "notifier.handled",
+                    outcome="nak",
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in=delay,
+                    published=stored + dups,
+                    notifications=len(notes),
+                )
+                return
+            self._failures = 0
+            if await self._ack(msg):
+                self._inflight.pop(seq, None)
+                self.handled = max(self.handled, seq)
+            log.info(
+                "notifier.handled",
+                outcome="ack",
+                events=[n.event for n in notes],
+                stored=stored,
+                deduplicated=dups,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+    async def _ack(self, msg: Msg) -> bool:
+        try:
+            await msg.ack_sync()
+        except nats.errors.Error as exc:  # redelivered later; the publishes dedupe
+            log.warning("notifier.ack_failed", error=type(exc).__name__)
+            return False
+        return True
+
+    async def _publish(self, note: notify.Notification) -> bool:
+        """Publish into NOTIFY; True when stored, False when it was a duplicate."""
+        assert self.js is not None
+        ack = await self.js.publish(
+            subjects.notify(note.team, note.event),
+            notify.ENCODER.encode(note),
+            headers={"Nats-Msg-Id": note.id},
+        )
+        if ack.duplicate:
+            self.deduplicated += 1
+            return False
+        self.delivered += 1
+        return True
+
+    async def _wall_expiry_check(self) -> None:
+        """Announce leases nearing their end by the wall clock, once caught up with the ledger.
+
+        Checking only at the head of the stream keeps a notifier that is catching up from warning
+        about leases that a later, not yet folded, message already closed; a check is repeated only
+        when the second or the ledger moved.
+        """
+        now = max(self.wall.now(), self.state.clock)
+        if (now, self.seq) == self._last_wall_check:
+            return  # same second, same ledger: nothing new to find
+        self._last_wall_check = (now, self.seq)
+        leases = expiring(self.state, now, self.config.expiry_lead, self._warned)
+        for lease in leases:
+            note = expiring_note(self.state, lease, now, self.seq)
+            try:
+                stored = await self._publish(note)
+            except nats.errors.Error as exc:
+                log.warning("notifier.expiring", lease=lease.id, outcome="retry", error=str(exc))
+                return  # the next check retries; nothing was marked
+            self._warned[lease.id] = lease.end or 0
+            log.info(
+                "notifier.expiring",
+                lease=lease.id,
+                outcome="stored" if stored else "deduplicated",
+                end=lease.end,
+            )
+
+    # -- status endpoint -------------------------------------------------------------------
+    async def status(self, req: Request) -> None:
+        body = notify.NotifierStatus(
+            seq=self.handled, delivered=self.delivered, deduplicated=self.deduplicated
+        )
+        await req.respond(notify.ENCODER.encode(body))

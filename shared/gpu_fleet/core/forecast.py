@@ -1,0 +1,539 @@
+"""Forecast: when will a waiting run start, and what would make it sooner (DESIGN decision 4).
+
+This is the "first honest answer"; ETAs and the history of similar runs come later.  Everything
+here is a pure function of the folded ledger and an instant, so the forecaster service, a test and
+a replay all compute the same answer.
+
+**Capacity timeline.**  For the run's flavor, the GPUs free now plus the GPUs each open lease
+gives back at its scheduled end (``Lease.end``, from ``spec.runtime.maxDuration``; a pending
+preemption notice for this run brings the end forward to its deadline).  We do not count GPUs: at
+every instant the timeline changes we ask the same greedy packer admission uses whether the run
+*fits* (its width, groups, single-domain rule, spares, and the backfill protection of other
+runs' reservations).  A count would call a run of 8 startable when two domains each free 4.
+
+**Natural start** is the first such instant.  Scheduled ends are hard bounds (the manager closes
+the lease with ``Expired`` then), and a lease that finishes earlier only makes the start sooner,
+so a natural start decided by scheduled ends is an upper bound we can state exactly.
+
+**The reservation is a promise with a bound.**  A capacity wait activates at the reservation's
+``earliest_start`` and the resolver makes room then, so the forecast is ``min(natural, bound)``.
+
+**Confidence labels:**
+
+* ``exact`` - scheduled lease ends free the capacity before the bound (P50 = P90 = that instant);
+* ``bounded`` - the reservation's activation bound decides (capacity that frees later or never
+  by itself, or a budget-only wait that starts unfunded at the bound).  When the blockers have no
+  scheduled end their end is *unknown*: P90 is the bound and P50 is not estimated (``None``);
+* ``window-aligned`` - the run waits for a budget window to open; it activates just after;
+* ``conservative`` - no promise exists (no pending reservation): the answer is informational.
+
+**Remedies** are what the run's owner could change, each with the start it would give from the
+same timeline; only those that beat the forecast are returned, ranked by that start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+
+from gpu_fleet.core.envelopes import EnvelopeInfo
+from gpu_fleet.core.ledger import FleetState, Reservation
+from gpu_fleet.core.metering import evaluate
+from gpu_fleet.core.model import Instant, Lease, Node, Run
+from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest, pack_greedy
+from gpu_fleet.core.timeutil import format_instant
+from gpu_fleet.core.topology import Topology, TopologyError, build_topology
+
+Confidence = Literal["exact", "bounded", "conservative", "window-aligned"]
+Packer = Callable[[Topology, PackRequest], PackPlan]
+
+TERMINAL = ("Completed", "Failed")
+
+
+class ForecastError(ValueError):
+    """No forecast can be given; ``kind`` maps to a reply code (not_found, terminal, topology)."""
+
+    def __init__(self, kind: Literal["not_found", "terminal", "topology"], message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Release:
+    """``slots`` of open lease ``lease`` become free at ``at`` (its scheduled end)."""
+
+    at: Instant
+    lease: str
+    slots: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The flavor's capacity story: releases in time order, and leases with no known end."""
+
+    flavor: str
+    releases: tuple[Release, ...]
+    unknown: tuple[str, ...]  # open leases of the flavor without a scheduled end
+
+    def instants(self, now: Instant) -> list[Instant]:
+        """``now`` and every later instant at which the free capacity grows."""
+        return sorted({now, *(r.at for r in self.releases)})
+
+
+@dataclass(frozen=True)
+class Fit:
+    """When a request first fits on the timeline (``None``: not by any scheduled end)."""
+
+    at: Instant | None
+    now_error: PackError | None  # why it does not fit now (``None`` when it does)
+    freed_by: tuple[str, ...] = ()  # leases whose scheduled end the fit waits for
+
+
+@dataclass(frozen=True)
+class RemedyOption:
+    action: Literal["shrink", "drop-spares", "borrow", "flavor"]
+    detail: str
+    start: Instant | None
+
+
+@dataclass(frozen=True)
+class ForecastResult:
+    run: str
+    earliest_start: Instant | None
+    p50: Instant | None
+    p90: Instant | None
+    confidence: Confidence
+    deficit_gpus: int
+    basis: str
+    remedies: tuple[RemedyOption, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------
+# The timeline
+# ------------------------------------------------------------------------------------------
+
+
+def build_timeline(state: FleetState, flavor: str, run_key: str, now: Instant) -> Timeline:
+    """Releases of the flavor's open leases; an end already past frees ``now``.
+
+    A pending preemption notice ends a lease at its deadline only when it makes room for *this*
+    run (or names no beneficiary): room cut for someone else is theirs, so it stays held here.
+    """
+    flavor_nodes = {n.name for n in state.nodes.values() if n.flavor == flavor}
+    notices: Mapping[str, object] = getattr(state, "preemptions", {})
+    releases: list[Release] = []
+    unknown: list[str] = []
+    for lease in sorted(state.open_leases.values(), key=lambda x: x.id):
+        if lease.node not in flavor_nodes or lease.run == run_key:
+            continue
+        end = _scheduled_end(lease, notices.get(lease.id), run_key)
+        if end is None:
+            unknown.append(lease.id)
+        else:
+            releases.append(Release(max(end, now), lease.id, lease.slots))
+    releases.sort(key=lambda r: (r.at, r.lease))
+    return Timeline(flavor, tuple(releases), tuple(unknown))
+
+
+def _scheduled_end(lease: Lease, notice: object | None, run_key: str) -> Instant | None:
+    """The lease's end, brought forward by a preemption notice that benefits ``run_key``.
+
+    The notice is read by attribute name so an evolving event type never breaks the forecast.
+    """
+    end = lease.end
+    deadline = getattr(notice, "deadline", None)
+    if isinstance(deadline, int) and getattr(notice, "beneficiary", "") in ("", run_key):
+        end = deadline if end is None else min(end, deadline)
+    return end
+
+
+def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> frozenset[str]:
+    """Backfill protection as admission applies it: free slots in other runs' capacity slices."""
+    held: set[str] = set()
+    for res in state.reservations.values():
+        if res.state != "Pending" or res.kind != "capacity" or res.run == run_key:
+            continue
+        for node in res.nodes:
+            if topology.has_node(node):
+                held.update(topology.free_slots(node))
+    return frozenset(held)
+
+
+def pack_request(run: Run, *, width: int | None = None, spares: bool = True) -> PackRequest:
+    """The request admission would pack for ``run`` (optionally at another width, no spares)."""
+    loc = run.spec.locality
+    return PackRequest(
+        flavor=run.flavor,
+        total_gpus=width if width is not None else run.spec.resources.total_gpus,
+        group_gpus=loc.group_gpus if loc is not None else None,
+        allow_cross_group_spread=loc.allow_cross_group_spread if loc is not None else True,
+        spares_per_group=run.spec.spares_per_group if spares else 0,
+    )
+
+
+def earliest_fit(
+    state: FleetState,
+    run_key: str,
+    request: PackRequest,
+    timeline: Timeline,
+    now: Instant,
+    *,
+    packer: Packer = pack_greedy,
+) -> Fit:
+    """The first instant on ``timeline`` at which ``request`` packs; ``None`` if none does.
+
+    Raises ``ForecastError("topology")`` when a node of the flavor lacks a location label.
+    """
+    nodes = sorted(state.nodes.values(), key=lambda n: n.name)
+    held = set(state.slot_holder)
+    freed: list[str] = []
+    now_error: PackError | None = None
+    pending = list(timeline.releases)
+    for t in timeline.instants(now):
+        while pending and pending[0].at <= t:
+            release = pending.pop(0)
+            held.difference_update(release.slots)
+            freed.append(release.lease)
+        error = _try_pack(state, run_key, nodes, held, request, packer=packer)
+        if error is None:
+            return Fit(t, now_error, tuple(freed))
+        if t == now:
+            now_error = error
+        if error.kind is PackErrorKind.INVALID_REQUEST:
+            break
+    return Fit(None, now_error)
+
+
+def fits_when_empty(state: FleetState, run_key: str, request: PackRequest) -> bool:
+    """Would ``request`` pack if every lease of the fleet were gone (reservations still apply)?"""
+    nodes = sorted(state.nodes.values(), key=lambda n: n.name)
+    return _try_pack(state, run_key, nodes, set(), request, packer=pack_greedy) is None
+
+
+def _try_pack(
+    state: FleetState,
+    run_key: str,
+    nodes: list[Node],
+    held: set[str],
+    request: PackRequest,
+    *,
+    packer: Packer,
+) -> PackError | None:
+    try:
+        topology = build_topology(nodes, held, request.flavor)
+    except TopologyError as exc:  # a node of the flavor without a location label
+        raise ForecastError("topology", str(exc)) from exc
+    excluded = reserved_slots(state, run_key, topology)
+    try:
+        packer(topology, _with_excluded(request, excluded))
+    except PackError as exc:
+        return exc
+    return None
+
+
+def _with_excluded(request: PackRequest, excluded: frozenset[str]) -> PackRequest:
+    return PackRequest(
+        flavor=request.flavor,
+        total_gpus=request.total_gpus,
+        group_gpus=request.group_gpus,
+        allow_cross_group_spread=request.allow_cross_group_spread,
+        spares_per_group=request.spares_per_group,
+        excluded_slots=excluded,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# The forecast
+# ------------------------------------------------------------------------------------------
+
+
+def forecast(state: FleetState, key: str, now: Instant) -> ForecastResult:
+    """Forecast run ``key`` at ``now``; raise ``ForecastError`` when there is nothing to say.
+
+    A running run gets a "runs now" answer (its start, exact); a pending run without a
+    reservation gets an informational answer without an earliest start (no promise exists).
+    """
+    run = state.runs.get(key)
+    if run is None:
+        raise ForecastError("not_found", f"run {key} not found")
+    status = state.status.get(key)
+    phase = status.phase if status is not None else "Pending"
+    if phase in TERMINAL:
+        raise ForecastError("terminal", f"run {key} is {phase}; there is nothing to forecast")
+    if phase == "Running":
+        starts = [x.start for x in state.leases_of(key, open_only=True)]
+        started = min(starts) if starts else now
+        return ForecastResult(
+            run=key,
+            earliest_start=started,
+            p50=started,
+            p90=started,
+            confidence="exact",
+            deficit_gpus=0,
+            basis=f"running since {format_instant(started)}",
+        )
+    timeline = build_timeline(state, run.flavor, key, now)
+    request = pack_request(run)
+    fit = earliest_fit(state, key, request, timeline, now)
+    deficit = _deficit(run, fit)
+    res = state.pending_reservation(key)
+    if res is None:
+        reason = status.reason if status is not None and status.reason else "not yet reconciled"
+        message = f": {status.message}" if status is not None and status.message else ""
+        return ForecastResult(
+            run=key,
+            earliest_start=None,
+            p50=None,
+            p90=None,
+            confidence="conservative",
+            deficit_gpus=deficit,
+            basis=f"no reservation ({phase}, {reason}{message}); no start is promised. "
+            + _capacity_note(run, fit, timeline, now),
+        )
+    if res.kind == "window":
+        result = _window_wait(run, res, fit, timeline, now)
+    elif res.kind == "budget":
+        result = _budget_wait(run, res, fit, timeline, now)
+    else:
+        result = _capacity_wait(
+            state, run, res, fit, timeline, request=request, now=now, deficit=deficit
+        )
+    remedies = _remedies(state, run, res, result, timeline=timeline, now=now)
+    return ForecastResult(
+        run=result.run,
+        earliest_start=result.earliest_start,
+        p50=result.p50,
+        p90=result.p90,
+        confidence=result.confidence,
+        deficit_gpus=result.deficit_gpus,
+        basis=result.basis,
+        remedies=remedies,
+    )
+
+
+def _deficit(run: Run, fit: Fit) -> int:
+    """GPUs still to free for the run to fit now, as admission reports it (0 if it fits)."""
+    if fit.now_error is None:
+        return 0
+    if fit.now_error.deficit:
+        return max(1, fit.now_error.deficit)
+    return run.spec.resources.total_gpus
+
+
+def _capacity_note(run: Run, fit: Fit, timeline: Timeline, now: Instant) -> str:
+    width = run.spec.resources.total_gpus
+    if fit.at is None:
+        if timeline.unknown:
+            return f"capacity for {width} GPUs of {run.flavor} waits on leases with no end"
+        return f"capacity for {width} GPUs of {run.flavor} does not free by scheduled lease ends"
+    if fit.at <= now:
+        return f"capacity for {width} GPUs of {run.flavor} is free now"
+    return f"capacity for {width} GPUs of {run.flavor} frees at {format_instant(fit.at)}"
+
+
+def _at_least(t: Instant, now: Instant) -> Instant:
+    return max(t, now)
+
+
+def _capacity_wait(
+    state: FleetState,
+    run: Run,
+    res: Reservation,
+    fit: Fit,
+    timeline: Timeline,
+    *,
+    request: PackRequest,
+    now: Instant,
+    deficit: int,
+) -> ForecastResult:
+    """Scheduled ends before the bound decide exactly; otherwise the bound is the promise."""
+    bound = _at_least(res.earliest_start, now)
+    bound_text = f"reservation {res.name} activates at {format_instant(bound)}"
+    if fit.at is not None and fit.at <= bound:
+        start = _at_least(fit.at, now)
+        waits = _last_releases(timeline, fit)
+        why = f"when {', '.join(waits)} reach(es) its scheduled end" if waits else "already"
+        return ForecastResult(
+            run=run.key,
+            earliest_start=start,
+            p50=start,
+            p90=start,
+            confidence="exact",
+            deficit_gpus=deficit,
+            basis=f"capacity: {run.spec.resources.total_gpus} GPUs of {run.flavor} fit at "
+            f"{format_instant(start)} {why}; the {bound_text}",
+        )
+    if fit.at is not None:
+        basis = (
+            f"capacity frees by scheduled ends at {format_instant(fit.at)}, after the bound: "
+            f"the {bound_text} and the resolver makes room then"
+        )
+        return ForecastResult(run.key, bound, bound, bound, "bounded", deficit, basis)
+    if timeline.unknown and fits_when_empty(state, run.key, request):
+        shown = ", ".join(timeline.unknown[:5]) + (" ..." if len(timeline.unknown) > 5 else "")
+        basis = (
+            f"unknown: blocking leases have no scheduled end (no maxDuration): {shown}; "
+            f"P90 is the bound: the {bound_text} and the resolver makes room then"
+        )
+        return ForecastResult(run.key, bound, None, bound, "bounded", deficit, basis)
+    basis = (
+        f"the fleet cannot fit {run.spec.resources.total_gpus} GPUs of {run.flavor} for this run "
+        f"even with every lease gone ({fit.now_error.message if fit.now_error else 'no fit'}); "
+        f"the {bound_text} but cannot make room"
+    )
+    return ForecastResult(run.key, None, None, None, "conservative", deficit, basis)
+
+
+def _window_wait(
+    run: Run, res: Reservation, fit: Fit, timeline: Timeline, now: Instant
+) -> ForecastResult:
+    """A budget window opens at the bound; capacity that frees later than that decides."""
+    opens = _at_least(res.earliest_start, now)
+    basis = (
+        f"budget window: reservation {res.name} activates at {format_instant(opens)} ({res.reason})"
+    )
+    if fit.at is not None and fit.at > opens:
+        start = fit.at
+        basis += f"; capacity frees by scheduled ends only at {format_instant(start)}"
+        return ForecastResult(run.key, start, start, start, "window-aligned", 0, basis)
+    if fit.at is None:
+        basis += "; " + _capacity_note(run, fit, timeline, now) + ", so the start may be later"
+        return ForecastResult(run.key, opens, None, opens, "window-aligned", 0, basis)
+    return ForecastResult(run.key, opens, opens, opens, "window-aligned", 0, basis)
+
+
+def _budget_wait(
+    run: Run, res: Reservation, fit: Fit, timeline: Timeline, now: Instant
+) -> ForecastResult:
+    """Capacity is there, the budget is committed: the bound starts the run unfunded."""
+    bound = _at_least(res.earliest_start, now)
+    basis = (
+        f"budget-only wait ({res.reason}): reservation {res.name} activates at "
+        f"{format_instant(bound)} and starts the run unfunded, cutting nobody"
+    )
+    if fit.at is not None and fit.at <= bound:
+        return ForecastResult(run.key, bound, bound, bound, "bounded", 0, basis)
+    # Capacity is not there at the bound: activation will re-reserve, so no promise holds.
+    basis += "; " + _capacity_note(run, fit, timeline, now)
+    if fit.at is not None:
+        return ForecastResult(run.key, fit.at, fit.at, fit.at, "conservative", 0, basis)
+    return ForecastResult(run.key, None, None, None, "conservative", 0, basis)
+
+
+def _last_releases(timeline: Timeline, fit: Fit) -> list[str]:
+    """The leases whose end the fit waits for at its instant (the ones that decide it)."""
+    return [
+        f"lease {r.lease}" for r in timeline.releases if r.at == fit.at and r.lease in fit.freed_by
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# Remedies
+# ------------------------------------------------------------------------------------------
+
+
+def _remedies(
+    state: FleetState,
+    run: Run,
+    res: Reservation,
+    result: ForecastResult,
+    *,
+    timeline: Timeline,
+    now: Instant,
+) -> tuple[RemedyOption, ...]:
+    """What the owner could change, each computed on the same timeline, best start first.
+
+    Capacity remedies (shrink, drop spares, another flavor) only help a capacity wait; borrowing
+    only helps when the budget is what the run waits for.  A remedy that would not start the run
+    sooner than the forecast is not offered.
+    """
+    options: list[RemedyOption] = []
+    if res.kind == "capacity":
+        options.extend(_capacity_remedies(state, run, timeline, now))
+    else:
+        options.extend(_borrow_remedies(state, run, timeline, now))
+    best = result.earliest_start
+    kept = [o for o in options if o.start is not None and (best is None or o.start < best)]
+    kept.sort(key=lambda o: (o.start if o.start is not None else 0, o.action, o.detail))
+    return tuple(kept)
+
+
+def _capacity_remedies(
+    state: FleetState, run: Run, timeline: Timeline, now: Instant
+) -> Iterable[RemedyOption]:
+    m = run.spec.malleable
+    total = run.spec.resources.total_gpus
+    if m is not None and m.min_total_gpus < total:
+        fit = earliest_fit(state, run.key, pack_request(run, width=m.min_total_gpus), timeline, now)
+        yield RemedyOption(
+            "shrink",
+            f"shrink to {m.min_total_gpus} GPUs (spec.malleable.minTotalGPUs) from {total}",
+            fit.at,
+        )
+    if run.spec.spares_per_group > 0:
+        fit = earliest_fit(state, run.key, pack_request(run, spares=False), timeline, now)
+        yield RemedyOption(
+            "drop-spares",
+            f"drop the {run.spec.spares_per_group} spare GPU(s) per group (sparesPerGroup: 0)",
+            fit.at,
+        )
+    owner = state.index.family.owner_of(run.metadata.namespace)
+    flavors = {n.flavor for n in state.nodes.values() if n.flavor and n.flavor != run.flavor}
+    for flavor in sorted(flavors):
+        if not any(e.admits_at(now) for e in state.index.of_owner(owner, flavor)):
+            continue  # no budget of the owner could pay for it: not a real option
+        other = _switch_flavor(run, flavor)
+        try:
+            timeline = build_timeline(state, flavor, run.key, now)
+            fit = earliest_fit(state, run.key, pack_request(other), timeline, now)
+        except ForecastError:
+            continue  # that flavor's topology is broken; say nothing rather than guess
+        yield RemedyOption(
+            "flavor", f"switch to flavor {flavor} (an envelope of {owner} covers it)", fit.at
+        )
+
+
+def _switch_flavor(run: Run, flavor: str) -> Run:
+    resources = msgspec.structs.replace(run.spec.resources, gpu_type=flavor)
+    return msgspec.structs.replace(run, spec=msgspec.structs.replace(run.spec, resources=resources))
+
+
+def _borrow_remedies(
+    state: FleetState, run: Run, timeline: Timeline, now: Instant
+) -> Iterable[RemedyOption]:
+    """Sponsors with free headroom now that lend to the owner and the run does not use yet."""
+    owner = state.index.family.owner_of(run.metadata.namespace)
+    if not owner:
+        return
+    funding = run.spec.funding
+    opted = set(funding.sponsors) if funding is not None and funding.allow_borrow else set()
+    fit = earliest_fit(state, run.key, pack_request(run), timeline, now)
+    if fit.at is None:
+        return
+    width = run.spec.resources.total_gpus
+    usage = evaluate(state.meter, state.funding_inputs(), now).envelopes
+    lenders: dict[str, tuple[EnvelopeInfo, int]] = {}
+    for key in sorted(state.index.envelopes):
+        env = state.index.envelopes[key]
+        if env.flavor != run.flavor or env.owner in (owner, *opted) or not env.lends_to(owner):
+            continue
+        if not env.admits_at(now):
+            continue
+        used = usage.get(key)
+        headroom = used.headroom if used is not None else env.concurrency
+        if env.lending_max is not None:
+            lent = used.borrowed if used is not None else 0
+            headroom = min(headroom, max(0, env.lending_max - lent))
+        if headroom >= width and env.owner not in lenders:
+            lenders[env.owner] = (env, headroom)
+    for sponsor, (env, headroom) in sorted(lenders.items()):
+        yield RemedyOption(
+            "borrow",
+            f"borrow from sponsor {sponsor} (envelope {env.key}, {headroom} GPUs free to lend): "
+            "set spec.funding.allowBorrow and add the sponsor",
+            _at_least(fit.at, now),
+        )

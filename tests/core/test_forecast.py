@@ -1,0 +1,260 @@
+"""The forecasting maths (``gpu_fleet.core.forecast``): pure, synchronous, on engine-made state.
+
+States are built by the in-memory ``Fleet`` (the same decisions the manager commits), so every
+forecast here is checked against reservations the engine really writes.  Where the engine does
+not yet write an event (a preemption notice), it is folded by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from builders import HOUR, MINUTE, T0, budget, env, node, run
+
+from gpu_fleet.core.engine import Fleet
+from gpu_fleet.core.forecast import (
+    ForecastError,
+    build_timeline,
+    earliest_fit,
+    forecast,
+    pack_request,
+)
+from gpu_fleet.core.ledger import LeasePreemptionScheduled, fold
+from gpu_fleet.core.model import Node, Run
+
+TEAM = budget("t", "org:t", [env("e", 16)])
+BOUND = T0 + 15 * MINUTE + 2 * 30  # activation lead + 30 s per GPU of a deficit of 2
+
+
+def fleet_with(nodes: Sequence[Node] = (), *budgets: object) -> Fleet:
+    fleet = Fleet()
+    for n in nodes or [node("n1", 8)]:
+        fleet.register_node(n, T0)
+    for b in budgets or (TEAM,):
+        fleet.apply(b, T0)  # type: ignore[arg-type]
+    return fleet
+
+
+def waiting_behind(blocker: Run, waiter: Run, fleet: Fleet | None = None) -> Fleet:
+    fleet = fleet or fleet_with()
+    fleet.apply(blocker, T0)
+    fleet.apply(waiter, T0)
+    return fleet
+
+
+class TestTimeline:
+    def test_releases_are_ordered_by_scheduled_end_and_unknown_ends_are_listed(self) -> None:
+        fleet = fleet_with()
+        fleet.apply(run("t", "late", 2, max_duration="2h"), T0)
+        fleet.apply(run("t", "soon", 2, max_duration="10m"), T0)
+        fleet.apply(run("t", "forever", 2), T0)
+        tl = build_timeline(fleet.state, "H100", "t/new", T0)
+        assert [(r.at, r.lease.split("@")[0]) for r in tl.releases] == [
+            (T0 + 10 * MINUTE, "t/soon"),
+            (T0 + 2 * HOUR, "t/late"),
+        ]
+        assert [x.split("@")[0] for x in tl.unknown] == ["t/forever"]
+        assert tl.instants(T0) == [T0, T0 + 10 * MINUTE, T0 + 2 * HOUR]
+
+    def test_other_flavors_do_not_free_this_flavor(self) -> None:
+        fleet = fleet_with([node("n1", 8), node("a1", 8, flavor="A100")])
+        fleet.apply(budget("t", "org:t", [env("e", 16), env("a", 16, flavor="A100")]), T0)
+        fleet.apply(run("t", "other", 4, flavor="A100", max_duration="1h"), T0)
+        assert build_timeline(fleet.state, "H100", "t/new", T0).releases == ()
+
+    def test_an_end_already_past_frees_now(self) -> None:
+        fleet = fleet_with()
+        fleet.apply(run("t", "old", 8, max_duration="10m"), T0)
+        later = T0 + HOUR  # the manager has not reconciled the expiry yet
+        (release,) = build_timeline(fleet.state, "H100", "t/new", later).releases
+        assert release.at == later
+
+    def test_fit_follows_placement_rules_not_a_gpu_count(self) -> None:
+        """4 GPUs free in two domains do not host a 4-GPU single-domain run until one frees 4."""
+        fleet = fleet_with([node("n1", 4), node("n2", 4, fabric="f2")])
+        fleet.apply(run("t", "a", 2, max_duration="10m"), T0)
+        fleet.apply(run("t", "b", 2, max_duration="20m"), T0)
+        together = run("t", "new", 4, cross_spread=False)
+        spread = run("t", "new", 4)
+        tl = build_timeline(fleet.state, "H100", "t/new", T0)
+        assert earliest_fit(fleet.state, "t/new", pack_request(spread), tl, T0).at == T0
+        fit = earliest_fit(fleet.state, "t/new", pack_request(together), tl, T0)
+        assert fit.at == T0 + 10 * MINUTE
+        assert fit.now_error is not None
+
+
+class TestCapacityWait:
+    def test_a_bounded_blocker_gives_an_exact_start_at_its_end(self) -> None:
+        fleet = waiting_behind(run("t", "blocker", 6, max_duration="10m"), run("t", "w", 4))
+        res = fleet.state.pending_reservation("t/w")
+        assert res is not None
+        assert (res.kind, res.earliest_start) == ("capacity", BOUND)
+
+        got = forecast(fleet.state, "t/w", T0)
+
+        assert got.earliest_start == T0 + 10 * MINUTE
+        assert got.p50 == got.p90 == got.earliest_start
+        assert got.confidence == "exact"
+        assert got.deficit_gpus == 2
+        assert "t/blocker" in got.basis
+        assert got.earliest_start <= res.earliest_start
+
+    def test_the_exact_start_is_when_the_engine_starts_the_run(self) -> None:
+        fleet = waiting_behind(run("t", "blocker", 6, max_duration="10m"), run("t", "w", 4))
+        predicted = forecast(fleet.state, "t/w", T0).earliest_start
+        assert predicted is not None
+        fleet.advance_to(predicted)
+        assert fleet.state.status["t/w"].phase == "Running"
+        assert min(x.start for x in fleet.state.leases_of("t/w")) == predicted
+
+    def test_a_blocker_ending_after_the_bound_leaves_the_bound(self) -> None:
+        fleet = waiting_behind(run("t", "blocker", 6, max_duration="2h"), run("t", "w", 4))
+        got = forecast(fleet.state, "t/w", T0)
+        assert (got.earliest_start, got.p50, got.p90) == (BOUND, BOUND, BOUND)
+        assert got.confidence == "bounded"
+        assert "resolver makes room" in got.basis
+
+    def test_a_blocker_without_max_duration_is_unknown_and_p90_is_the_bound(self) -> None:
+        fleet = waiting_behind(run("t", "blocker", 6), run("t", "w", 4))
+        got = forecast(fleet.state, "t/w", T0)
+        assert (got.earliest_start, got.p50, got.p90) == (BOUND, None, BOUND)
+        assert got.confidence == "bounded"
+        assert got.basis.startswith("unknown: blocking leases have no scheduled end")
+
+    def test_now_is_never_in_the_past_of_the_answer(self) -> None:
+        fleet = waiting_behind(run("t", "blocker", 6, max_duration="10m"), run("t", "w", 4))
+        got = forecast(fleet.state, "t/w", T0 + 12 * MINUTE)  # expiry not reconciled yet
+        assert got.earliest_start == T0 + 12 * MINUTE
+
+    def test_a_preemption_notice_for_this_run_brings_the_start_forward(self) -> None:
+        fleet = waiting_behind(run("t", "blocker", 6, max_duration="10m"), run("t", "w", 4))
+        (lease, *_) = fleet.state.leases_of("t/blocker", open_only=True)
+        notice = LeasePreemptionScheduled(
+            at=T0,
+            lease=lease.id,
+            run="t/blocker",
+            deadline=T0 + 2 * MINUTE,
+            reason="RandomPreempt(0x1)",
+            kind="Lottery",
+            seed="0x1",
+            beneficiary="t/w",
+        )
+        fold(fleet.state, notice)
+        assert forecast(fleet.state, "t/w", T0).earliest_start == T0 + 2 * MINUTE
+
+    def test_a_preemption_notice_for_someone_else_does_not(self) -> None:
+        fleet = waiting_behind(run("t", "blocker", 6, max_duration="10m"), run("t", "w", 4))
+        (lease, *_) = fleet.state.leases_of("t/blocker", open_only=True)
+        notice = LeasePreemptionScheduled(
+            at=T0,
+            lease=lease.id,
+            run="t/blocker",
+            deadline=T0 + 2 * MINUTE,
+            reason="RandomPreempt(0x1)",
+            kind="Lottery",
+            seed="0x1",
+            beneficiary="t/else",
+        )
+        fold(fleet.state, notice)
+        assert forecast(fleet.state, "t/w", T0).earliest_start == T0 + 10 * MINUTE
+
+
+class TestRemedies:
+    def test_shrinking_to_the_malleable_minimum_is_ranked_by_its_start(self) -> None:
+        fleet = waiting_behind(
+            run("t", "blocker", 6, max_duration="10m"), run("t", "w", 4, malleable=(2, 4, 1))
+        )
+        got = forecast(fleet.state, "t/w", T0)
+        assert [(r.action, r.start) for r in got.remedies] == [("shrink", T0)]
+        assert "shrink to 2 GPUs" in got.remedies[0].detail
+
+    def test_dropping_spares_is_offered_when_the_spares_are_what_does_not_fit(self) -> None:
+        fleet = waiting_behind(
+            run("t", "blocker", 5, max_duration="1h"), run("t", "w", 2, spares=2)
+        )
+        got = forecast(fleet.state, "t/w", T0)
+        assert [(r.action, r.start) for r in got.remedies] == [("drop-spares", T0)]
+
+    def test_remedies_that_would_not_help_are_not_offered(self) -> None:
+        fleet = waiting_behind(
+            run("t", "blocker", 8, max_duration="10m"), run("t", "w", 4, malleable=(3, 4, 1))
+        )
+        assert forecast(fleet.state, "t/w", T0).remedies == ()
+
+    def test_another_flavor_with_room_and_a_budget_is_offered(self) -> None:
+        fleet = fleet_with(
+            [node("n1", 8), node("a1", 8, flavor="A100")],
+            budget("t", "org:t", [env("e", 16), env("a", 16, flavor="A100")]),
+        )
+        waiting_behind(run("t", "blocker", 6, max_duration="10m"), run("t", "w", 4), fleet)
+        got = forecast(fleet.state, "t/w", T0)
+        assert [(r.action, r.start) for r in got.remedies] == [("flavor", T0)]
+        assert "A100" in got.remedies[0].detail
+
+    def test_a_budget_wait_is_bounded_and_a_lending_sponsor_is_offered(self) -> None:
+        sponsor = budget("s", "org:s", [env("e", 8, lend=True, lend_to=["org:t"])])
+        fleet = fleet_with([node("n1", 8)], budget("t", "org:t", [env("e", 2)]), sponsor)
+        fleet.apply(run("t", "first", 2), T0)
+        fleet.apply(run("t", "w", 4), T0)
+        res = fleet.state.pending_reservation("t/w")
+        assert res is not None
+        assert res.kind == "budget"
+
+        got = forecast(fleet.state, "t/w", T0)
+
+        assert (got.earliest_start, got.confidence, got.deficit_gpus) == (
+            res.earliest_start,
+            "bounded",
+            0,
+        )
+        assert [(r.action, r.start) for r in got.remedies] == [("borrow", T0)]
+        assert "org:s" in got.remedies[0].detail
+
+
+class TestOtherStates:
+    def test_a_window_wait_activates_just_after_the_window_opens(self) -> None:
+        opens = T0 + 2 * HOUR
+        fleet = fleet_with([], budget("t", "org:t", [env("e", 8, start=opens, end=opens + HOUR)]))
+        fleet.apply(run("t", "w", 4), T0)
+        got = forecast(fleet.state, "t/w", T0)
+        assert (got.earliest_start, got.p90, got.confidence) == (
+            opens + 10,
+            opens + 10,
+            "window-aligned",
+        )
+
+    def test_a_running_run_answers_with_its_start(self) -> None:
+        fleet = fleet_with()
+        fleet.apply(run("t", "r", 2), T0 + MINUTE)
+        got = forecast(fleet.state, "t/r", T0 + HOUR)
+        assert (got.earliest_start, got.confidence) == (T0 + MINUTE, "exact")
+
+    def test_a_pending_run_without_a_reservation_has_no_promised_start(self) -> None:
+        fleet = fleet_with()
+        fleet.apply(run("nobody", "r", 2), T0)
+        got = forecast(fleet.state, "nobody/r", T0)
+        assert (got.earliest_start, got.p50, got.p90) == (None, None, None)
+        assert got.confidence == "conservative"
+        assert "Unfunded" in got.basis
+        assert "is free now" in got.basis
+
+    def test_unknown_and_finished_runs_are_errors(self) -> None:
+        fleet = fleet_with()
+        fleet.apply(run("t", "r", 2), T0)
+        fleet.complete("t/r", T0 + MINUTE)
+        with pytest.raises(ForecastError) as missing:
+            forecast(fleet.state, "t/ghost", T0)
+        with pytest.raises(ForecastError) as done:
+            forecast(fleet.state, "t/r", T0 + MINUTE)
+        assert (missing.value.kind, done.value.kind) == ("not_found", "terminal")
+        assert str(done.value) == "run t/r is Completed; there is nothing to forecast"
+
+    def test_a_node_without_location_labels_is_a_topology_error(self) -> None:
+        fleet = fleet_with()
+        fleet.apply(run("t", "w", 16), T0)  # keeps waiting: the fleet has 8 GPUs
+        fleet.state.nodes["bad"] = Node(name="bad", gpus=8, labels={"gpu.flavor": "H100"})
+        with pytest.raises(ForecastError) as err:
+            forecast(fleet.state, "t/w", T0)
+        assert err.value.kind == "topology"
+        assert "missing label" in err.value.message
