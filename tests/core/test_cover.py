@@ -321,14 +321,6 @@ class TestCoverAgreesWithMatching:
         plan = plan_for(w, run("s", "own", 4), 4)
         assert isinstance(plan, CoverPlan)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "BUG: cover.available_width counts ungranted SPONSOR rows as senior inside aggregate "
-            "caps, while the matching ranks them junior to the owner; admission is refused though "
-            "fill would fund the owner"
-        ),
-    )
     def test_owner_sees_past_ungranted_sponsor_claim_under_aggregate_cap(self) -> None:
         """Under an aggregate cap, an ungranted sponsor claim still does not block the owner."""
         own = budget("b", "org:b", [env("e", 1, flavor=A100)])

@@ -213,15 +213,6 @@ class TestReservations:
         usage = evaluation(fleet).envelopes[key("t")]
         assert usage.gpu_hours_used == pytest.approx(4.0)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "BUG: admission's born-unfunded check (_verify_funded) refuses the plan cover made "
-            "against a preActivation.allowAdmission envelope, so the run waits the 15-minute "
-            "activation lead as a 'budget' reservation ('budget headroom short by 4 GPUs' while "
-            "its attempt says '8 available') and starts as a Promise instead of at once"
-        ),
-    )
     def test_pre_window_admission_starts_at_once(self) -> None:
         """allowAdmission: a run submitted before the window starts immediately (SPEC §A.1)."""
         opens = T0 + 2 * HOUR

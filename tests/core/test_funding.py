@@ -413,14 +413,6 @@ class TestSponsors:
         w = World([PARENT, child_budget()], [r], [lease("L", r.key, 2, minted=payer("p"))])
         assert classes(w) == {"L": SHARED}
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "BUG: _enforce_borrow_caps evicts a loan after the envelope already turned away the "
-            "owner's claim for concurrency; the freed headroom is never re-offered, so the owner "
-            "stays Unfunded on its own envelope with free room"
-        ),
-    )
     def test_borrow_cap_eviction_frees_room_for_turned_away_claims(self) -> None:
         """Headroom freed by a maxBorrowGPUs eviction funds the claim it had turned away."""
         r = run("b", "r", 4, sponsors=["org:s"], max_borrow=2)

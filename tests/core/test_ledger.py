@@ -321,14 +321,6 @@ class TestCodec:
         raw["lease"]["addedLater"] = "x"
         assert EVENT_DECODER.decode(json.dumps(raw).encode()) == event
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "BUG: Node, Budget and Run are forbid_unknown_fields=True, so EVENT_DECODER refuses a "
-            "NodeRegistered/BudgetApplied/RunSubmitted written by a newer service that added a "
-            "field - against ledger.py's evolution rule 'decoders do not forbid unknown fields'"
-        ),
-    )
     @pytest.mark.parametrize(
         ("event", "path"),
         [

@@ -177,7 +177,8 @@ def available_width(
             cap_senior = sum(
                 r.width
                 for r in member_rows
-                if r.rank_class in (LOAN, SPONSOR) or r.rank <= rank  # type: ignore[operator]
+                if r.rank_class == LOAN
+                or (r.rank_class != SPONSOR and r.rank <= rank)  # type: ignore[operator]
             )
         if cap.max_concurrency is not None:
             limits.append(

@@ -95,15 +95,31 @@ class _Claim:
     holder: EnvelopeKey | None = None
     rejections: list[Rejection] = field(default_factory=list)
     borrow_cap: int | None = None
+    _tail: tuple[object, ...] | None = None
+    _ranks: dict[EnvelopeKey, tuple[object, ...]] = field(default_factory=dict)
 
     def rank_at(self, env: EnvelopeInfo, tier: Tier) -> tuple[object, ...]:
+        hit = self._ranks.get(env.key)
+        if hit is not None:
+            return hit
         if tier is Tier.NONE:
             granted = self.lease.minted_payer is not None and self.lease.minted_payer.key == env.key
             cls = LOAN if granted else SPONSOR
         else:
             cls = int(tier)
-        first = min((_slot_key(s) for s in self.lease.slots), default=("", -1))
-        return (cls, self.admitted, self.run_key, self.lease.group, first, self.lease.id)
+        if self._tail is None:
+            first = min((_slot_key(s) for s in self.lease.slots), default=("", -1))
+            self._tail = (self.admitted, self.run_key, self.lease.group, first, self.lease.id)
+        rank = (cls, *self._tail)
+        self._ranks[env.key] = rank
+        return rank
+
+    def rank_on(self, index: EnvelopeIndex, env_key: EnvelopeKey) -> tuple[object, ...]:
+        hit = self._ranks.get(env_key)
+        if hit is not None:
+            return hit
+        env = index.envelopes[env_key]
+        return self.rank_at(env, index.family.tier(env.owner, self.owner))
 
 
 class Proposer:
@@ -112,13 +128,19 @@ class Proposer:
     def __init__(self, index: EnvelopeIndex, t: float) -> None:
         self.index = index
         self.t = t
-        self._cache: dict[tuple[str, tuple[tuple[str, str], ...]], list[EnvelopeKey]] = {}
+        self._cache: dict[tuple[object, ...], list[EnvelopeKey]] = {}
+        self._owners: dict[str, list[str]] = {}
+        self._sel_keys = tuple(sorted({k for e in index.envelopes.values() for k in e.selector}))
 
     def envelopes_for(
         self, run: Run, owner: str, location: Mapping[str, str] | None
     ) -> list[EnvelopeKey]:
-        loc_key = tuple(sorted((location or {}).items()))
-        cache_key = (run.key, loc_key)
+        loc_key = (
+            None if location is None else tuple(location.get(k) for k in self._sel_keys)
+        )
+        funding = run.spec.funding
+        sponsors = funding.sponsors if funding is not None and funding.allow_borrow else ()
+        cache_key = (owner, run.flavor, sponsors, loc_key)
         hit = self._cache.get(cache_key)
         if hit is not None:
             return hit
@@ -150,7 +172,10 @@ class Proposer:
             return e.admits_at(t) if admitting else e.active_at(t)
 
         tiers: dict[Tier, list[str]] = defaultdict(list)
-        for o in index.owners_with_flavor(flavor):
+        owners = self._owners.get(flavor)
+        if owners is None:
+            owners = self._owners[flavor] = index.owners_with_flavor(flavor)
+        for o in owners:
             tier = index.family.tier(o, owner)
             if tier is not Tier.NONE:
                 tiers[tier].append(o)
@@ -219,6 +244,11 @@ def fill(
         )
 
     held: dict[EnvelopeKey, list[_Claim]] = defaultdict(list)
+    counters: dict[int, _Counters] = {}
+    # Borrowed width each run holds right now, kept current as acceptors decide one after
+    # another, so a run's maxBorrowGPUs is enforced at acceptance: an envelope never takes a
+    # loan it would have to give back (and so never turns anyone away for it).
+    borrowed_by_run: dict[str, int] = defaultdict(int)
     pending = [c for c in claims if c.proposals]
     while pending:
         touched: set[int] = set()
@@ -233,12 +263,23 @@ def fill(
         pending = []
         for acceptor in sorted(touched):
             members = index.acceptors[acceptor]
-            candidates = [c for k in members for c in held[k]] + [
-                c for k in members for c in incoming.get(k, ())
-            ]
-            accepted, rejected = _decide(index, members, candidates, hours)
-            for k in members:
-                held[k] = []
+            inc = [c for k in members for c in incoming.get(k, ())]
+            st = counters.get(acceptor)
+            if st is not None and (
+                st.last is None
+                or min(c.rank_on(index, c.proposals[c.next_index - 1]) for c in inc) > st.last
+            ):
+                # every newcomer is junior to everything held: resume the greedy scan
+                accepted, rejected, st = _decide(index, inc, hours, st, borrowed_by_run)
+            else:
+                candidates = [c for k in members for c in held[k]] + inc
+                for k in members:
+                    for c in held[k]:
+                        if c.rank_on(index, k)[0] in (LOAN, SPONSOR):
+                            borrowed_by_run[c.run_key] -= c.lease.width
+                    held[k] = []
+                accepted, rejected, st = _decide(index, candidates, hours, None, borrowed_by_run)
+            counters[acceptor] = st
             for c, env in accepted:
                 c.holder = env
                 held[env].append(c)
@@ -246,8 +287,6 @@ def fill(
                 c.holder = None
                 c.rejections.append(Rejection(env, why))
                 pending.append(c)
-        pending.extend(_enforce_borrow_caps(index, held))
-        pending.sort(key=lambda c: c.lease.id)
 
     accepted_view: dict[EnvelopeKey, list[Accepted]] = {}
     for env_key, holders in held.items():
@@ -279,23 +318,34 @@ def _live(lease: Lease, t: float) -> bool:
     return end is None or t < end
 
 
+@dataclass
+class _Counters:
+    used: dict[EnvelopeKey, int] = field(default_factory=lambda: defaultdict(int))
+    lent: dict[EnvelopeKey, int] = field(default_factory=lambda: defaultdict(int))
+    cap_used: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    last: tuple[object, ...] | None = None
+
+
 def _decide(
     index: EnvelopeIndex,
-    members: Sequence[EnvelopeKey],
     candidates: list[_Claim],
     hours: HoursView,
-) -> tuple[list[tuple[_Claim, EnvelopeKey]], list[tuple[_Claim, EnvelopeKey, str]]]:
-    """Greedy fill of one acceptor group in rank order, with skip semantics."""
+    st: _Counters | None,
+    borrowed_by_run: dict[str, int],
+) -> tuple[list[tuple[_Claim, EnvelopeKey]], list[tuple[_Claim, EnvelopeKey, str]], _Counters]:
+    """Greedy fill of one acceptor group in rank order, with skip semantics.
+
+    ``st`` resumes a previous scan of the same group when every candidate is junior to all it
+    holds (the counters then already describe what is held).
+    """
     ranked = []
     for c in candidates:
         env_key = c.proposals[c.next_index - 1] if c.holder is None else c.holder
-        env = index.envelopes[env_key]
-        tier = index.family.tier(env.owner, c.owner)
-        ranked.append((c.rank_at(env, tier), c, env))
+        ranked.append((c.rank_on(index, env_key), c, index.envelopes[env_key]))
     ranked.sort(key=lambda r: r[0])
-    used: dict[EnvelopeKey, int] = defaultdict(int)
-    lent: dict[EnvelopeKey, int] = defaultdict(int)
-    cap_used: dict[str, int] = defaultdict(int)
+    if st is None:
+        st = _Counters()
+    used, lent, cap_used = st.used, st.lent, st.cap_used
     period = hours.period_hours
     accepted: list[tuple[_Claim, EnvelopeKey]] = []
     rejected: list[tuple[_Claim, EnvelopeKey, str]] = []
@@ -309,6 +359,12 @@ def _decide(
             why = f"concurrency {env.concurrency} full ({used[key]} funded ahead)"
         elif is_sponsor and env.lending_max is not None and lent[key] + w > env.lending_max:
             why = f"lending cap {env.lending_max} reached ({lent[key]} lent)"
+        elif (
+            is_sponsor
+            and c.borrow_cap is not None
+            and borrowed_by_run[c.run_key] + w > c.borrow_cap
+        ):
+            why = f"run borrow limit {c.borrow_cap} reached"
         else:
             for cap_id in env.caps:
                 cap = index.caps[cap_id]
@@ -334,11 +390,12 @@ def _decide(
         used[key] += w
         if is_sponsor:
             lent[key] += w
+            borrowed_by_run[c.run_key] += w
         for cap_id in env.caps:
             cap_used[cap_id] += w
         accepted.append((c, key))
-    del members
-    return accepted, rejected
+        st.last = rank
+    return accepted, rejected, st
 
 
 def _hours_ok(remaining: float, period: float, above: int, width: int, already: bool) -> bool:
@@ -346,36 +403,6 @@ def _hours_ok(remaining: float, period: float, above: int, width: int, already: 
     if already:
         return remaining > period * above + HOURS_EPSILON
     return remaining + HOURS_EPSILON >= period * (above + width) and remaining > HOURS_EPSILON
-
-
-def _enforce_borrow_caps(
-    index: EnvelopeIndex, held: dict[EnvelopeKey, list[_Claim]]
-) -> list[_Claim]:
-    """A run's Borrowed width never exceeds its ``maxBorrowGPUs``: drop its junior loans."""
-    borrowed: dict[str, list[tuple[tuple[object, ...], _Claim]]] = defaultdict(list)
-    for env_key, holders in held.items():
-        env = index.envelopes[env_key]
-        for c in holders:
-            if c.borrow_cap is None:
-                continue
-            tier = index.family.tier(env.owner, c.owner)
-            if tier is Tier.NONE:
-                borrowed[c.run_key].append((c.rank_at(env, tier), c))
-    evicted: list[_Claim] = []
-    for run_key in sorted(borrowed):
-        rows = sorted(borrowed[run_key], key=lambda r: r[0])
-        total = 0
-        for _, c in rows:
-            cap = c.borrow_cap or 0
-            if total + c.lease.width <= cap:
-                total += c.lease.width
-                continue
-            assert c.holder is not None
-            held[c.holder].remove(c)
-            c.rejections.append(Rejection(c.holder, f"run borrow limit {cap} reached"))
-            c.holder = None
-            evicted.append(c)
-    return evicted
 
 
 def senior_width(rows: Sequence[Accepted], rank: tuple[object, ...]) -> int:

@@ -183,17 +183,22 @@ def mint_leases(  # noqa: PLR0917 - positional shape kept for existing callers
     """Walk node allocations and payer segments as two cursors (SPEC §B.7).
 
     Each lease covers ``min(GPUs left on the node chunk, quantity left in the segment)`` so a
-    lease never spans two nodes and is paid by exactly one segment.  Actives of every group
-    first (group order), then spares.  ``segments`` are (envelope, owner, quantity); an
-    envelope of ``None`` mints with no payer (an unfunded start).
+    lease never spans two nodes and is paid by exactly one segment.  ``segments`` are
+    (envelope, owner, quantity) in cover's proximity order; an envelope of ``None`` mints with
+    no payer (an unfunded start).
+
+    Chunks are walked in the order the funding matching ranks a run's own leases (group index,
+    then first slot), not SPEC's "actives, then spares": the first segment (usually the run's
+    own envelope) then goes to exactly the leases the matching will offer it first, so the
+    payer derived after the mint agrees with the one cover planned.
     """
     index = state.index
     end = scheduled_end(run, at)
     chunks: list[tuple[int, LeaseRole, str, tuple[str, ...]]] = []
     for g in plan.groups:
         chunks.extend((g.index, LeaseRole.ACTIVE, a.node, a.slots) for a in g.allocations)
-    for g in plan.groups:
         chunks.extend((g.index, LeaseRole.SPARE, a.node, a.slots) for a in g.spare_allocations)
+    chunks.sort(key=lambda c: (c[0], _first_slot(c[3])))
     seg_iter = iter(segments)
     seg_key, _, seg_left = next(seg_iter, (None, "", 0))
     counter = sum(1 for lease in state.leases.values() if lease.run == run.key)
@@ -227,6 +232,16 @@ def mint_leases(  # noqa: PLR0917 - positional shape kept for existing callers
     return leases
 
 
+def _first_slot(slots: Sequence[str]) -> tuple[str, int]:
+    node, _, ordinal = min(slots, key=_slot_order).rpartition("#")
+    return node, int(ordinal)
+
+
+def _slot_order(s: str) -> tuple[str, int]:
+    node, _, ordinal = s.rpartition("#")
+    return node, int(ordinal) if ordinal.isdigit() else -1
+
+
 def lease_id(run_key: str, admitted: Instant, counter: int) -> str:
     """Lease names are unique per run incarnation (SPEC §F.1.9): the admission instant is the
     incarnation nonce, the counter the run's lease count so far."""
@@ -258,7 +273,14 @@ def verify_funded(
     current = [x for x in inputs.leases if x.id not in gone]
     before = fill(inputs.index, current, runs, admitted, inputs.node_labels, now, view)
     after = fill(inputs.index, [*current, *new], runs, admitted, inputs.node_labels, now, view)
-    unfunded = [x for x in new if after.payer.get(x.id) is None]
+    def waits_for_window(lease: Lease) -> bool:
+        # preActivation.allowAdmission: planned against an envelope whose window has not opened;
+        # the lease is Unfunded until it does, by design (SPEC §A.1), not born unfunded by mistake.
+        payer = lease.minted_payer
+        info = inputs.index.envelopes.get(payer.key) if payer is not None else None
+        return info is not None and info.admits_at(now) and not info.active_at(now)
+
+    unfunded = [x for x in new if after.payer.get(x.id) is None and not waits_for_window(x)]
     if unfunded:
         return f"{sum(x.width for x in unfunded)} GPUs would be born unfunded"
     if borrowed:

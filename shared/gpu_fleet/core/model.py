@@ -42,8 +42,14 @@ def run_key(namespace: str, name: str) -> str:
     return f"{namespace or 'default'}/{name}"
 
 
-class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Base of every manifest struct: unknown fields are typos and must fail loudly."""
+class _Spec(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of every manifest struct.
+
+    Unknown fields in a *manifest* are typos and fail loudly - ``manifests.validate_manifest``
+    walks the raw document and reports each one with its path before anything is built.  The
+    structs themselves accept unknown fields so that an older service can still decode a ledger
+    event carrying a Budget or Run written by a newer one (schema evolution, rolling upgrades).
+    """
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +234,7 @@ class NodeHealth(enum.StrEnum):
     FENCED = "Fenced"  # failed: deleted or tainted out-of-service
 
 
-class Node(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Node(msgspec.Struct, frozen=True, kw_only=True):
     """One GPU node as the topology index sees it (inventory file row or Kubernetes Node)."""
 
     name: str
