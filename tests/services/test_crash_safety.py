@@ -74,7 +74,8 @@ async def ledger_state(url: str) -> tuple[FleetState, int]:
         state = FleetState()
         n = 0
         async for _, event in LedgerStream(nc).read(1):
-            fold(state, event)
+            if event is not None:
+                fold(state, event)
             n += 1
         return state, n
     finally:

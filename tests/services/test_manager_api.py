@@ -46,7 +46,8 @@ async def ledger_state(stack: InProcessStack) -> FleetState:
     assert stack.nc is not None
     state = FleetState()
     async for _, event in LedgerStream(stack.nc).read(1):
-        fold(state, event)
+        if event is not None:
+            fold(state, event)
     return state
 
 

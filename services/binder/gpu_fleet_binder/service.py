@@ -65,6 +65,7 @@ class Binder(Actor):
         )
         group = self.service.add_group(name="fleet.binder")
         await group.add_endpoint(name="place", handler=self.place)
+        await self.nc.flush()  # answer as soon as start() returns (no "no responders" race)
 
     async def _on_stop(self) -> None:
         if self.service is not None:

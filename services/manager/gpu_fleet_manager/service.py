@@ -96,6 +96,7 @@ class Manager(Actor):
         group = self.service.add_group(name=subjects.API_GROUP)
         for name, handler in self._endpoints().items():
             await group.add_endpoint(name=name, handler=self._wrap(name, handler))
+        await self.nc.flush()  # answer as soon as start() returns (no "no responders" race)
         if not self.clock.virtual:
             self.spawn("reconcile ticker", self._ticker())
 

@@ -50,7 +50,8 @@ class LedgerFleet(Fleet):
         self.appended_batches += 1
         return done
 
-    def replay(self, event: Event, seq: int) -> None:
-        """Fold an event read back from the stream (no append)."""
-        super().commit([event])
+    def replay(self, event: Event | None, seq: int) -> None:
+        """Fold an event read back from the stream (no append); skip unknown event types."""
+        if event is not None:
+            super().commit([event])
         self.seq = seq

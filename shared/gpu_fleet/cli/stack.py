@@ -104,14 +104,16 @@ class InProcessStack:
             from gpu_fleet_binder.service import Binder, BinderConfig
 
             return Binder(BinderConfig(nats_url=url))
+        # On a virtual clock the followers must read time from the ledger, not the wall.
+        clock = "ledger" if self.virtual_start is not None else "wall"
         if name == "forecaster":
             from gpu_fleet_forecaster.service import build as build_forecaster
 
-            return build_forecaster(url)
+            return build_forecaster(url, clock=clock)
         if name == "notifier":
             from gpu_fleet_notifier.service import build as build_notifier
 
-            return build_notifier(url)
+            return build_notifier(url, clock=clock)
         raise ValueError(f"unknown service {name}")
 
     async def start(self) -> None:

@@ -37,7 +37,8 @@ async def _report(stack: InProcessStack, scenario: Scenario, label: str, at: Ins
     assert stack.nc is not None
     state = FleetState(settings_period_hours=settings_of(scenario).period_hours)
     async for _, event in LedgerStream(stack.nc).read(1):
-        fold(state, event)
+        if event is not None:
+            fold(state, event)
     return build_report(state, label, at)
 
 

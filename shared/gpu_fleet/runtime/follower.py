@@ -31,11 +31,13 @@ class LedgerFollower:
         self.on_event = on_event
         self._advanced = asyncio.Condition()
 
-    def _apply(self, seq: int, event: Event) -> None:
+    def _apply(self, seq: int, event: Event | None) -> None:
         if seq <= self.seq:
             return  # an ordered consumer may redeliver after a reconnect; folding is not idempotent
-        fold(self.state, event)
         self.seq = seq
+        if event is None:
+            return  # a newer event type: skipped, but its sequence is passed
+        fold(self.state, event)
         if self.on_event is not None:
             self.on_event(seq, event, self.state)
 

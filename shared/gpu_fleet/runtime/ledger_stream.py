@@ -13,13 +13,17 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
+import msgspec
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from gpu_fleet.core.ledger import EVENT_DECODER, EVENT_ENCODER, Event
+
+log = structlog.get_logger("gpu_fleet.ledger")
 
 STREAM = "FLEET"
 SUBJECT_PREFIX = "fleet.ledger"
@@ -32,6 +36,20 @@ class LedgerConflict(RuntimeError):
 
 class LedgerUnavailable(RuntimeError):
     """The stream did not answer (NATS down or JetStream not ready); nothing was appended."""
+
+
+def decode_event(seq: int, data: bytes) -> Event | None:
+    """Decode one ledger message; ``None`` (logged) for an event type this version predates.
+
+    A newer manager may append an event type an older follower does not know yet (rolling
+    upgrade).  Skipping it - while still advancing past its sequence - keeps the follower
+    alive; unknown *fields* are already ignored by the decoder itself.
+    """
+    try:
+        return EVENT_DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        log.warning("ledger.unknown_event", seq=seq, error=str(exc))
+        return None
 
 
 def subject_for(event: Event) -> str:
@@ -102,8 +120,11 @@ class LedgerStream:
         return int(body["seq"])
 
     async def read(self, from_seq: int = 1, until_seq: int | None = None,
-                   idle_timeout: float = 5.0) -> AsyncIterator[tuple[int, Event]]:
-        """Yield ``(seq, event)`` from ``from_seq`` up to ``until_seq`` (default: current last)."""
+                   idle_timeout: float = 5.0) -> AsyncIterator[tuple[int, Event | None]]:
+        """Yield ``(seq, event)`` from ``from_seq`` up to ``until_seq`` (default: current last).
+
+        ``event`` is ``None`` for an event type this version does not know (see ``decode_event``).
+        """
         target = until_seq if until_seq is not None else await self.last_seq()
         if target < from_seq:
             return
@@ -118,13 +139,13 @@ class LedgerStream:
             while True:
                 msg = await sub.next_msg(timeout=idle_timeout)
                 seq = msg.metadata.sequence.stream
-                yield seq, EVENT_DECODER.decode(msg.data)
+                yield seq, decode_event(seq, msg.data)
                 if seq >= target:
                     return
         finally:
             await sub.unsubscribe()
 
-    async def follow(self, from_seq: int) -> AsyncIterator[tuple[int, Event]]:
+    async def follow(self, from_seq: int) -> AsyncIterator[tuple[int, Event | None]]:
         """Yield events from ``from_seq`` forever (an ordered consumer survives reconnects)."""
         sub = await self.js.subscribe(
             f"{SUBJECT_PREFIX}.>",
@@ -140,7 +161,8 @@ class LedgerStream:
                 except nats.errors.TimeoutError:
                     await asyncio.sleep(0)
                     continue
-                yield msg.metadata.sequence.stream, EVENT_DECODER.decode(msg.data)
+                seq = msg.metadata.sequence.stream
+                yield seq, decode_event(seq, msg.data)
         finally:
             try:
                 await sub.unsubscribe()
