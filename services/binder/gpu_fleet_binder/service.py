@@ -21,8 +21,8 @@ from nats.micro.service import Service
 
 from gpu_fleet.core.pack import PackError
 from gpu_fleet.core.packing_cpsat import PlannerSettings, plan_placement
-from gpu_fleet.core.topology import TopologyError, build_topology
-from gpu_fleet.messages import placement, subjects
+from gpu_fleet.core.topology import TopologyError, topology_from
+from gpu_fleet.messages import placement
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.connect import connect
 from gpu_fleet.runtime.follower import LedgerFollower
@@ -93,11 +93,7 @@ class Binder(Actor):
         state = follower.state
         reply: placement.PlaceReply
         try:
-            topology = build_topology(
-                sorted(state.nodes.values(), key=lambda n: n.name),
-                set(state.slot_holder),
-                request.request.flavor,
-            )
+            topology = topology_from(state.skeleton(request.request.flavor), state.held_by_node)
             plan = plan_placement(topology, request.request, self.config.planner)
             reply = placement.PlaceReply(seq=follower.seq, plan=plan)
         except PackError as exc:

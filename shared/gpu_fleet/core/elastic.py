@@ -108,7 +108,7 @@ def _grow(
         return _waiting(state, run, now, str(exc))
     if isinstance(packed, PackError):
         return _waiting(state, run, now, packed.message)
-    ev = evaluate(state.meter, state.funding_inputs(), now)
+    ev = state.evaluation(now)
     index = state.index
     hours = state.meter.hours_view(index, settings.period_hours)
     result = cover(
@@ -148,7 +148,7 @@ def _shrink(
     target: int,
     now: Instant,
 ) -> ElasticStep:
-    ev = evaluate(state.meter, state.funding_inputs(), now)
+    ev = state.evaluation(now)
     by_group: dict[int, list[Lease]] = defaultdict(list)
     for x in held:
         by_group[x.group].append(x)

@@ -222,7 +222,7 @@ def _admit(
         out.events.extend(_reserve(state, run, now, settings, topology, None, packed, None))
         return out
     out.plan = packed
-    ev = evaluate(state.meter, state.funding_inputs(), now)
+    ev = state.evaluation(now)
     result = _cover(state, run, plan=packed, topology=topology, now=now, settings=settings, ev=ev)
     out.cover_result = result
     if isinstance(result, CoverFailure):
@@ -293,7 +293,7 @@ def _reclaim_for_admission(
     are the cuts applied - the reference reclaimed first and re-planned after, which could cut
     someone for a run that still did not fit.  Funded work is never touched here (F.1.10).
     """
-    ev = evaluate(state.meter, state.funding_inputs(), now)
+    ev = state.evaluation(now)
     shortfall = sorted(pack_error.shortfall)
     scope = _scope_labels(shortfall[0]) if len(shortfall) == 1 else {}
     resolution = resolve(
@@ -450,7 +450,7 @@ def _reserve(  # noqa: PLR0917 - one positional call shape, shared with the fore
                 "reservations before its window",
             )
         ]
-    ev = evaluate(state.meter, state.funding_inputs(), now)
+    ev = state.evaluation(now)
     confidence = "conservative"
     if pack_error is not None:
         kind = "capacity"
@@ -650,7 +650,7 @@ def _make_room(
     scope = _scope_labels(res.domain)
     sizes = groups(run.spec.resources.total_gpus, run.group_gpus)
     needed = run.spec.resources.total_gpus + run.spec.spares_per_group * len(sizes)
-    ev = evaluate(state.meter, state.funding_inputs(), now)
+    ev = state.evaluation(now)
     rf = ev.runs.get(run.key)
     hours = state.meter.hours_view(index, settings.period_hours)
     plan = cover(

@@ -112,7 +112,7 @@ def handle_node_failure(
 ) -> list[Event]:
     """Everything that follows from ``node`` failing at ``now`` (empty if it held no lease)."""
     del settings  # the swap path has no tunable today; kept for a stable call shape
-    plan = _Plan(state, node, now, evaluate(state.meter, state.funding_inputs(), now))
+    plan = _Plan(state, node, now, state.evaluation(now))
     on_node = sorted((x for x in state.open_leases.values() if x.node == node), key=lambda x: x.id)
     plan.casualties = [x for x in on_node if x.role is LeaseRole.SPARE]
     plan.used.update(x.id for x in plan.casualties)
@@ -447,7 +447,7 @@ def top_up(
     quantity = sum(g.size for g in plans.groups)
     if sum(x.width for x in actives) + quantity < run.min_width:
         return TopUp([], False)  # re-placing the lost groups would still not make it runnable
-    ev = evaluate(state.meter, state.funding_inputs(), now)
+    ev = state.evaluation(now)
     index = state.index
     hours = state.meter.hours_view(index, settings.period_hours)
     topology_location = _plan_location(state, plans)

@@ -515,7 +515,7 @@ def _borrow_remedies(
     if fit.at is None:
         return
     width = run.spec.resources.total_gpus
-    usage = evaluate(state.meter, state.funding_inputs(), now).envelopes
+    usage = state.evaluation(now).envelopes
     lenders: dict[str, tuple[EnvelopeInfo, int]] = {}
     for key in sorted(state.index.envelopes):
         env = state.index.envelopes[key]

@@ -28,6 +28,7 @@ The result is a pure function of its inputs; nothing here is stored on a lease.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,12 @@ class FillResult:
         return sum(a.width for a in self.accepted.get(env, ()))
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _first_slot(slots: tuple[str, ...]) -> tuple[str, int]:
+    """The lease's first physical slot, as (node, ordinal); parsed once per slot tuple."""
+    return min((_slot_key(s) for s in slots), default=("", -1))
+
+
 def _slot_key(s: str) -> tuple[str, int]:
     node, _, ordinal = s.rpartition("#")
     return (node, int(ordinal) if ordinal.isdigit() else -1)
@@ -108,7 +115,7 @@ class _Claim:
         else:
             cls = int(tier)
         if self._tail is None:
-            first = min((_slot_key(s) for s in self.lease.slots), default=("", -1))
+            first = _first_slot(self.lease.slots)
             self._tail = (self.admitted, self.run_key, self.lease.group, first, self.lease.id)
         rank = (cls, *self._tail)
         self._ranks[env.key] = rank

@@ -37,7 +37,7 @@ from gpu_fleet.core.model import (
 )
 from gpu_fleet.core.pack import PackError, PackPlan, PackRequest
 from gpu_fleet.core.timeutil import parse_duration
-from gpu_fleet.core.topology import Topology, build_topology
+from gpu_fleet.core.topology import Topology, topology_from
 
 Planner = Callable[[Topology, PackRequest], PackPlan]
 
@@ -103,9 +103,13 @@ def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> froze
 def snapshot(state: FleetState, flavor: str, released: Collection[str] = ()) -> Topology:
     """The topology of ``flavor`` as the ledger holds it, optionally with ``released`` slots
     counted as free (a hypothetical: "what if these leases were closed?")."""
-    held = set(state.slot_holder)
-    held.difference_update(released)
-    return build_topology(sorted(state.nodes.values(), key=lambda n: n.name), held, flavor)
+    held: dict[str, set[int]] | dict[str, Collection[int]] = state.held_by_node
+    if released:
+        held = {node: set(ordinals) for node, ordinals in state.held_by_node.items()}
+        for s in released:
+            node, _, ordinal = s.rpartition("#")
+            held.get(node, set()).discard(int(ordinal))
+    return topology_from(state.skeleton(flavor), held)
 
 
 def plan_pack(
@@ -271,7 +275,6 @@ def verify_funded(
     admitted.setdefault(run.key, now)
     gone = set(closing)
     current = [x for x in inputs.leases if x.id not in gone]
-    before = fill(inputs.index, current, runs, admitted, inputs.node_labels, now, view)
     after = fill(inputs.index, [*current, *new], runs, admitted, inputs.node_labels, now, view)
     def waits_for_window(lease: Lease) -> bool:
         # preActivation.allowAdmission: planned against an envelope whose window has not opened;
@@ -281,9 +284,16 @@ def verify_funded(
         return info is not None and info.admits_at(now) and not info.active_at(now)
 
     unfunded = [x for x in new if after.payer.get(x.id) is None and not waits_for_window(x)]
+    if not gone and run.key in state.runs:
+        state.offer_fill(now, len(new), frozenset([*state.open_leases, *(x.id for x in new)]), after)
     if unfunded:
         return f"{sum(x.width for x in unfunded)} GPUs would be born unfunded"
     if borrowed:
+        before = (
+            state.evaluation(now).fill
+            if not gone and run.key in state.runs
+            else fill(inputs.index, current, runs, admitted, inputs.node_labels, now, view)
+        )
         displaced = [
             lid for lid, env in before.payer.items() if env is not None and after.payer[lid] is None
         ]

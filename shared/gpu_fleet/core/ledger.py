@@ -21,7 +21,15 @@ from typing import Literal
 import msgspec
 
 from gpu_fleet.core.envelopes import EnvelopeIndex, build_index
-from gpu_fleet.core.metering import FundingInputs, Meter, advance_meter, evaluate
+from gpu_fleet.core.funding import FillResult
+from gpu_fleet.core.metering import (
+    Evaluation,
+    FundingInputs,
+    Meter,
+    advance_meter,
+    evaluate,
+    summarize,
+)
 from gpu_fleet.core.model import (
     Budget,
     EnvelopeKey,
@@ -31,6 +39,7 @@ from gpu_fleet.core.model import (
     NodeHealth,
     Run,
 )
+from gpu_fleet.core.topology import Skeleton, compile_nodes
 
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -197,6 +206,15 @@ class FleetState:
     history: list[Event] = field(default_factory=list)
     meter: Meter = field(default_factory=lambda: Meter(t=0.0))
     clock: Instant = 0
+    version: int = 0  # bumped by every fold: the key of the caches below
+    funding_epoch: int = 0  # bumped by every fold that can change who pays (see _NEUTRAL)
+    _offered_fill: tuple[float, int, frozenset[str], FillResult] | None = field(
+        default=None, repr=False
+    )
+    held_by_node: dict[str, set[int]] = field(default_factory=dict)  # the active index per node
+    _skeletons: dict[str, Skeleton] = field(default_factory=dict, repr=False)
+    _evaluations: dict[float, Evaluation] = field(default_factory=dict, repr=False)
+    _evaluations_version: int = -1
     _index: EnvelopeIndex | None = None
 
     @property
@@ -204,6 +222,71 @@ class FleetState:
         if self._index is None:
             self._index = build_index(self.budgets.values())
         return self._index
+
+    def skeleton(self, flavor: str) -> Skeleton:
+        """The static topology of ``flavor``, recompiled only when nodes change."""
+        sk = self._skeletons.get(flavor)
+        if sk is None:
+            sk = compile_nodes(list(self.nodes.values()), flavor)
+            self._skeletons[flavor] = sk
+        return sk
+
+    def evaluation(self, at: float) -> Evaluation:
+        """The funding evaluation at ``at``, computed once per (ledger version, instant).
+
+        Decisions at one instant ask for it several times (admission, reservation, remedies);
+        it is a pure function of folded state and the instant, so caching cannot change them.
+        Callers must treat it as read-only.
+        """
+        if self._evaluations_version != self.version:
+            self._evaluations = {}
+            self._evaluations_version = self.version
+        ev = self._evaluations.get(at)
+        if ev is None:
+            offered = self._offered_fill
+            if (
+                offered is not None
+                and offered[1] == self.funding_epoch
+                and self._nothing_changes_between(offered[0], at)
+                and offered[2] == frozenset(self.open_leases)
+            ):
+                ev = summarize(self.meter, self.funding_inputs(), offered[3], at)
+            else:
+                ev = evaluate(self.meter, self.funding_inputs(), at)
+            self._offered_fill = None
+            self._evaluations[at] = ev
+        return ev
+
+    def _nothing_changes_between(self, t0: float, t1: float) -> bool:
+        """No window bound, scheduled lease end or GPU-hour allowance can move funding in
+        ``(t0, t1]`` - so a matching at ``t0`` is the matching at ``t1``."""
+        if t1 < t0:
+            return False
+        if t1 == t0:
+            return True
+        index = self.index
+        if any(e.gpu_hours is not None for e in index.envelopes.values()) or any(
+            c.gpu_hours is not None for c in index.caps.values()
+        ):
+            return False
+        for e in index.envelopes.values():
+            for bound in (e.start, e.end):
+                if bound is not None and t0 < bound <= t1:
+                    return False
+        return not any(
+            x.end is not None and t0 < x.end <= t1 for x in self.open_leases.values()
+        )
+
+    def offer_fill(self, at: float, leases_minted: int, lease_ids: frozenset[str],
+                   result: FillResult) -> None:
+        """A decision already matched the world it is about to commit (admission's check).
+
+        If the very next funding-relevant change is exactly that commit (``leases_minted``
+        LeaseMinted events, leaving ``lease_ids`` open) the next evaluation at ``at`` reuses
+        the result instead of matching again.  Identical inputs, identical result: the reuse is
+        invisible except in speed.
+        """
+        self._offered_fill = (at, self.funding_epoch + leases_minted, lease_ids, result)
 
     def node_labels(self) -> dict[str, Mapping[str, str]]:
         return {name: n.labels for name, n in self.nodes.items()}
@@ -250,8 +333,10 @@ def fold(state: FleetState, event: Event) -> None:
     match event:
         case NodeRegistered(node=node):
             state.nodes[node.name] = node
+            state._skeletons.clear()
         case NodeHealthChanged(node=name, health=health):
             state.nodes[name] = msgspec.structs.replace(state.nodes[name], health=health)
+            state._skeletons.clear()
         case BudgetApplied(budget=budget):
             state.budgets[budget.key] = budget
             state._index = None
@@ -272,8 +357,10 @@ def fold(state: FleetState, event: Event) -> None:
         case LeaseMinted(lease=lease):
             state.leases[lease.id] = lease
             state.open_leases[lease.id] = lease
+            held = state.held_by_node.setdefault(lease.node, set())
             for s in lease.slots:
                 state.slot_holder[s] = lease.id
+                held.add(_ordinal(s))
         case LeaseClosed(lease=lease_id, reason=reason):
             closed = msgspec.structs.replace(
                 state.leases[lease_id], closed_at=event.at, closure_reason=reason
@@ -283,6 +370,7 @@ def fold(state: FleetState, event: Event) -> None:
             for s in closed.slots:
                 if state.slot_holder.get(s) == lease_id:
                     del state.slot_holder[s]
+                    state.held_by_node.get(closed.node, set()).discard(_ordinal(s))
         case ReservationCreated(reservation=res):
             state.reservations[res.name] = res
         case ReservationReleased(name=name, state=new_state, reason=reason):
@@ -295,6 +383,26 @@ def fold(state: FleetState, event: Event) -> None:
         case LeasePreemptionCanceled(lease=lease_id):
             state.preemptions.pop(lease_id, None)
     state.history.append(event)
+    state.version += 1
+    if not isinstance(event, _NEUTRAL) or (
+        isinstance(event, RunSubmitted) and state.leases_of(event.run.key, open_only=True)
+    ):
+        state.funding_epoch += 1
+
+
+_NEUTRAL = (
+    RunSubmitted,  # a new run holds no lease yet, so nobody's funding can change
+    RunStatusChanged,
+    ReservationCreated,
+    ReservationReleased,
+    LeasePreemptionScheduled,
+    LeasePreemptionCanceled,
+)
+"""Events that never change who pays for an open lease."""
+
+
+def _ordinal(slot_name: str) -> int:
+    return int(slot_name.rpartition("#")[2])
 
 
 def _check(state: FleetState, event: Event) -> None:
@@ -375,7 +483,7 @@ def check_invariants(state: FleetState) -> list[str]:
         if (lease.closure_reason is None) != (lease.closed_at is None):
             problems.append(f"lease {lease.id} closure is half-stamped")
     if state.open_leases or state.budgets:
-        ev = evaluate(state.meter, state.funding_inputs(), state.clock)
+        ev = state.evaluation(state.clock)
         for key, usage in sorted(ev.envelopes.items()):
             if usage.funded > usage.concurrency:
                 problems.append(

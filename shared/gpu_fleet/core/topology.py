@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import msgspec
 
@@ -156,6 +157,62 @@ class Topology:
         )
 
 
+@dataclass(frozen=True)
+class Skeleton:
+    """The static part of a flavor's topology: which nodes, where, how big, whether usable.
+
+    It changes only when nodes do, so the ledger fold keeps one per flavor and each admission
+    only overlays the held slots (``topology_from``) instead of re-reading every node's labels.
+    """
+
+    flavor: str
+    nodes: tuple[tuple[str, str, int, dict[str, str], bool], ...]  # name, domain, gpus, labels, ok
+    domains: Mapping[str, Domain]
+    capacity: Mapping[str, int]
+
+
+def compile_nodes(nodes: Sequence[Node], flavor: str) -> Skeleton:
+    """Raises ``TopologyError`` naming the first (by node name) kept node missing a label."""
+    entries: list[tuple[str, str, int, dict[str, str], bool]] = []
+    seen: set[str] = set()
+    members: dict[str, list[str]] = defaultdict(list)
+    labels_of: dict[str, dict[str, str]] = {}
+    capacity: dict[str, int] = defaultdict(int)
+    for node in sorted(nodes, key=lambda n: n.name):
+        if node.labels.get(FLAVOR_LABEL) != flavor or node.gpus <= 0 or node.name in seen:
+            continue  # other flavor, no GPU, or a duplicate inventory row (first one wins)
+        seen.add(node.name)
+        for label in LOCATION_KEYS:
+            if not node.labels.get(label):
+                raise TopologyError(f"node {node.name}: missing label {label}")
+        location = node_location(node.labels)
+        key = "/".join(location[k] for k in LOCATION_KEYS)
+        schedulable = node.health is NodeHealth.READY
+        entries.append((node.name, key, node.gpus, dict(node.labels), schedulable))
+        members[key].append(node.name)
+        labels_of.setdefault(key, location)
+        if schedulable:
+            capacity[key] += node.gpus
+    domains = {
+        key: Domain(key=key, labels=labels_of[key], nodes=tuple(sorted(names)))
+        for key, names in members.items()
+    }
+    return Skeleton(flavor, tuple(entries), domains, {k: capacity.get(k, 0) for k in domains})
+
+
+def topology_from(skeleton: Skeleton, held: Mapping[str, Collection[int]]) -> Topology:
+    """Overlay the held ordinals of each node (from the ledger's active index) on a skeleton."""
+    infos: dict[str, _NodeInfo] = {}
+    for name, key, gpus, labels, schedulable in skeleton.nodes:
+        if schedulable:
+            taken = held.get(name)
+            free = tuple(i for i in range(gpus) if i not in taken) if taken else tuple(range(gpus))
+        else:
+            free = ()
+        infos[name] = _NodeInfo(domain=key, gpus=gpus, labels=labels, free=free)
+    return Topology(skeleton.flavor, infos, skeleton.domains, skeleton.capacity)
+
+
 def build_topology(nodes: Sequence[Node], held_slots: Collection[str], flavor: str) -> Topology:
     """Build the snapshot of ``flavor`` from the node inventory and the slots held by open leases.
 
@@ -166,31 +223,4 @@ def build_topology(nodes: Sequence[Node], held_slots: Collection[str], flavor: s
         parsed = parse_slot(s)
         if parsed is not None:
             held[parsed[0]].add(parsed[1])
-
-    infos: dict[str, _NodeInfo] = {}
-    members: dict[str, list[str]] = defaultdict(list)
-    labels_of: dict[str, dict[str, str]] = {}
-    capacity: dict[str, int] = defaultdict(int)
-    for node in sorted(nodes, key=lambda n: n.name):
-        if node.labels.get(FLAVOR_LABEL) != flavor or node.gpus <= 0 or node.name in infos:
-            continue  # other flavor, no GPU, or a duplicate inventory row (first one wins)
-        for label in LOCATION_KEYS:
-            if not node.labels.get(label):
-                raise TopologyError(f"node {node.name}: missing label {label}")
-        location = node_location(node.labels)
-        key = "/".join(location[k] for k in LOCATION_KEYS)
-        schedulable = node.health is NodeHealth.READY
-        taken = held.get(node.name, set())
-        free = tuple(i for i in range(node.gpus) if i not in taken) if schedulable else ()
-        infos[node.name] = _NodeInfo(
-            domain=key, gpus=node.gpus, labels=dict(node.labels), free=free
-        )
-        members[key].append(node.name)
-        labels_of.setdefault(key, location)
-        if schedulable:
-            capacity[key] += node.gpus
-    domains = {
-        key: Domain(key=key, labels=labels_of[key], nodes=tuple(sorted(names)))
-        for key, names in members.items()
-    }
-    return Topology(flavor, infos, domains, {k: capacity.get(k, 0) for k in domains})
+    return topology_from(compile_nodes(nodes, flavor), held)
