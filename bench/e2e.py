@@ -106,7 +106,9 @@ async def baselines(url: str, n: int) -> tuple[float, float]:
     return js_rate, rr_rate
 
 
-async def measure(url: str, nodes: int, latency_n: int, burst_n: int, clients: int) -> dict[str, float]:
+async def measure(
+    url: str, nodes: int, latency_n: int, burst_n: int, clients: int
+) -> dict[str, float]:
     nc = await nats.connect(url)
     try:
         await wait_for_services(nc, ("binder", "manager"), timeout=300)

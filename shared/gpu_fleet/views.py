@@ -14,8 +14,12 @@ from gpu_fleet.core.timeutil import format_instant
 from gpu_fleet.scenario.runner import build_report
 
 
-class NotFound(LookupError):
+class NotFoundError(LookupError):
     """The named object does not exist."""
+
+
+NotFound = NotFoundError
+"""Former name, still caught by ``gpu_fleet_manager.service``; drop once it uses NotFoundError."""
 
 
 def _report(state: FleetState, at: Instant) -> dict[str, Any]:
@@ -24,9 +28,9 @@ def _report(state: FleetState, at: Instant) -> dict[str, Any]:
 
 def run_view(state: FleetState, key: str, at: Instant) -> dict[str, Any]:
     if key not in state.runs:
-        raise NotFound(f"run {key} not found")
+        raise NotFoundError(f"run {key} not found")
     report = _report(state, at)
-    run = next(r for r in report["runs"] if f"{r['namespace']}/{r['name']}" == key)
+    run: dict[str, Any] = next(r for r in report["runs"] if f"{r['namespace']}/{r['name']}" == key)
     res = state.pending_reservation(key)
     run["reservationDetail"] = (
         next(r for r in report["reservations"] if r["name"] == res.name) if res else None
@@ -48,7 +52,7 @@ def leases(
     if namespace is not None and name is not None:
         key = f"{namespace}/{name}"
         if key not in state.runs:
-            raise NotFound(f"run {key} not found")
+            raise NotFoundError(f"run {key} not found")
         out = [x for x in out if x["run"] == key]
     elif namespace is not None:
         out = [x for x in out if x["run"].split("/", 1)[0] == namespace]
@@ -73,7 +77,9 @@ def explain(state: FleetState, key: str, at: Instant) -> list[tuple[str, str]]:
     ]
     owner = state.index.family.owner_of(run.metadata.namespace)
     conflict = state.index.family.conflicts.get(run.metadata.namespace)
-    rows.append(("Owner", owner or f"(none: {conflict.describe()})" if conflict else owner or "(none)"))
+    rows.append(
+        ("Owner", owner or f"(none: {conflict.describe()})" if conflict else owner or "(none)")
+    )
     if run.spec.follow is not None:
         rows.append(("Follows", ", ".join(run.spec.follow.after)))
     w = view["width"]
@@ -83,7 +89,9 @@ def explain(state: FleetState, key: str, at: Instant) -> list[tuple[str, str]]:
     for cls in ("shared", "borrowed", "unfunded"):
         if f[cls]:
             rows.append((f"{cls.capitalize()}GPUs", str(f[cls])))
-    rows.extend(("Lender", f"{lender['owner']} ({lender['gpus']} GPUs)") for lender in view["lenders"])
+    rows.extend(
+        ("Lender", f"{lender['owner']} ({lender['gpus']} GPUs)") for lender in view["lenders"]
+    )
     if st is not None:
         why = st.detail.get("why")
         if why:

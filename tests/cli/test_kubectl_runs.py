@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import pytest
 
 from gpu_fleet.cli import runs
 from gpu_fleet.cli.stack import InProcessStack, call
+from gpu_fleet.core.manifests import parse_inventory
 from gpu_fleet.core.timeutil import parse_instant
+from gpu_fleet.runtime import logs
 
 T0 = parse_instant("2026-03-02T00:00:00Z")
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -20,15 +24,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 @pytest.fixture(name="url")
 def _url(tmp_path: Path) -> Iterator[str]:
     """A manager + binder on a background event loop thread (the CLI runs its own loop)."""
-    import io
-
-    from gpu_fleet.runtime import logs
-
     logs.configure("test", "error", io.StringIO())  # keep service logs out of captured output
     loop = asyncio.new_event_loop()
     stack = InProcessStack(tmp_path, virtual_start=T0, services=("binder", "manager"))
-    import threading
-
     ready = threading.Event()
 
     def serve() -> None:
@@ -41,7 +39,6 @@ def _url(tmp_path: Path) -> Iterator[str]:
     thread.start()
     assert ready.wait(60)
     inventory = (EXAMPLES / "inventory.yaml").read_text()
-    from gpu_fleet.core.manifests import parse_inventory
 
     async def seed() -> None:
         assert stack.nc is not None
@@ -70,13 +67,18 @@ def test_submit_examples_then_read_everything(url: str, capsys: pytest.CaptureFi
         assert code == 0, err
     code, out, _ = kubectl(capsys, url, "get", "eval-4", "-n", "partner", "-o", "json")
     view = json.loads(out)
-    assert (view["phase"], view["funding"]["owned"], view["funding"]["borrowed"]) == ("Running", 2, 2)
+    funding = view["funding"]
+    assert (view["phase"], funding["owned"], funding["borrowed"]) == ("Running", 2, 2)
     code, out, _ = kubectl(capsys, url, "explain", "eval-4", "-n", "partner")
-    assert code == 0 and "Lender" in out and "org:ai:vision (2 GPUs)" in out
+    assert code == 0
+    assert "Lender" in out
+    assert "org:ai:vision (2 GPUs)" in out
     code, out, _ = kubectl(capsys, url, "budgets", "-A", "-o", "yaml")
-    assert code == 0 and "envelopes:" in out
+    assert code == 0
+    assert "envelopes:" in out
     code, out, _ = kubectl(capsys, url, "leases", "eval-4", "-n", "partner")
-    assert code == 0 and out.startswith("Run Leases")
+    assert code == 0
+    assert out.startswith("Run Leases")
 
 
 def test_invalid_manifest_exits_2_naming_the_field(
@@ -89,7 +91,7 @@ def test_invalid_manifest_exits_2_naming_the_field(
         "spec: {resources: {gpuType: H100, totalGPUs: 4}, malleable: {minTotalGPUs: 2,"
         " maxTotalGPUs: 8, stepGPUs: 0}}\n"
     )
-    code, out, err = kubectl(capsys, url, "submit", "-f", str(bad))
+    code, _, err = kubectl(capsys, url, "submit", "-f", str(bad))
     assert code == 2
     assert "error: spec.malleable.stepGPUs: must be >= 1" in err
     assert "Traceback" not in err
@@ -105,14 +107,16 @@ def test_unknown_run_exits_1_with_one_line(url: str, capsys: pytest.CaptureFixtu
 def test_shrink_requires_positive_by(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Usage errors exit 2 before anything is sent."""
     code, _, err = kubectl(capsys, url, "shrink", "x", "--by", "0")
-    assert code == 2 and "--by must be > 0" in err
+    assert code == 2
+    assert "--by must be > 0" in err
 
 
 def test_unreachable_nats_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     """No stack running: a clear hint, exit 1, no traceback."""
     code = runs.main(["get", "--nats-url", "nats://127.0.0.1:1"])
     _, err = capsys.readouterr()
-    assert code == 1 and "cannot reach NATS" in err
+    assert code == 1
+    assert "cannot reach NATS" in err
 
 
 def test_completions_cover_every_command(capsys: pytest.CaptureFixture[str]) -> None:

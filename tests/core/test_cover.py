@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from builders import A100, HOUR, T0, World, budget, cap, env, key, lease, payer, run
 
 from gpu_fleet.core.cover import CoverFailure, CoverPlan, CoverReason, CoverRequest, cover

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
-from gpu_fleet_binder.service import Binder, BinderConfig
-from gpu_fleet_manager.service import Manager, ManagerConfig
 from nats.aio.client import Client
 
 from gpu_fleet.cli.stack import call
 from gpu_fleet.core.timeutil import parse_instant
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.natsd import EmbeddedNats
+from gpu_fleet_binder.service import Binder, BinderConfig
+from gpu_fleet_manager.service import Manager, ManagerConfig
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ import nats
 import nats.errors
 import pytest
 
-from gpu_fleet.cli.stack import ApiFailure, ProcessStack, call, wait_for_services
+from gpu_fleet.cli.stack import ApiCallError, ProcessStack, call, wait_for_services
 from gpu_fleet.core.ledger import FleetState, RunSubmitted, check_invariants, fold
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 
@@ -60,7 +60,7 @@ async def call_retrying(nc: nats.aio.client.Client, endpoint: str, body: dict[st
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError,
                 nats.errors.ConnectionClosedError):
             pass
-        except ApiFailure as exc:
+        except ApiCallError as exc:
             if exc.code not in ("unavailable", "conflict"):
                 raise
         if time.monotonic() > deadline:

@@ -14,11 +14,11 @@ import msgspec
 import pytest
 import pytest_asyncio
 from _stack import T0, Stack, budget, run
-from gpu_fleet_forecaster.service import Forecaster, ForecasterConfig
 
 from gpu_fleet.core.timeutil import parse_instant
 from gpu_fleet.messages import forecast as messages
 from gpu_fleet.messages import subjects
+from gpu_fleet_forecaster.service import Forecaster, ForecasterConfig
 
 BLOCKER = ", runtime: {maxDuration: 10m}"
 

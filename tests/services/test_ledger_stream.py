@@ -10,7 +10,7 @@ import pytest
 from gpu_fleet.core.ledger import NodeRegistered
 from gpu_fleet.core.model import Node
 from gpu_fleet.runtime.follower import LedgerFollower
-from gpu_fleet.runtime.ledger_stream import SUBJECT_PREFIX, LedgerConflict, LedgerStream
+from gpu_fleet.runtime.ledger_stream import SUBJECT_PREFIX, LedgerConflictError, LedgerStream
 
 pytestmark = pytest.mark.asyncio
 
@@ -20,14 +20,14 @@ def node(i: int) -> NodeRegistered:
 
 
 async def test_batch_is_atomic_and_guarded_by_last_sequence(nats_server: Any) -> None:
-    """A batch lands whole after the expected sequence; a stale writer gets LedgerConflict."""
+    """A batch lands whole after the expected sequence; a stale writer gets LedgerConflictError."""
     nc = await nats.connect(nats_server.url)
     try:
         ledger = LedgerStream(nc)
         await ledger.ensure()
         seq = await ledger.append([node(0), node(1), node(2)], 0)
         assert seq == 3
-        with pytest.raises(LedgerConflict):
+        with pytest.raises(LedgerConflictError):
             await ledger.append([node(3), node(4)], 1)  # stale: someone appended after 1
         assert await ledger.last_seq() == 3  # the refused batch left nothing behind
         events = [e async for _, e in ledger.read(1)]

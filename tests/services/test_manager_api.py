@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from gpu_fleet.cli.stack import ApiFailure, InProcessStack, call
+from gpu_fleet.cli.stack import ApiCallError, InProcessStack, call
 from gpu_fleet.core.ledger import FleetState, check_invariants, fold
 from gpu_fleet.core.timeutil import parse_instant
 from gpu_fleet.runtime.ledger_stream import LedgerStream
+from gpu_fleet_manager.service import Manager, ManagerConfig
 
 T0 = parse_instant("2026-03-02T00:00:00Z")
 
@@ -71,7 +72,11 @@ async def test_submit_admits_through_binder_into_the_ledger(stack: InProcessStac
     result = await call(nc, "apply", {"documents": run_doc("train", 8)})
     assert result == [{"kind": "Run", "namespace": "team", "name": "train", "action": "created"}]
     view = await call(nc, "get", {"namespace": "team", "name": "train"})
-    assert (view["phase"], view["width"]["allocated"], view["funding"]["owned"]) == ("Running", 8, 8)
+    assert (view["phase"], view["width"]["allocated"], view["funding"]["owned"]) == (
+        "Running",
+        8,
+        8,
+    )
     binder = stack.actors["binder"]
     assert getattr(binder, "placed", 0) >= 1
     state = await ledger_state(stack)
@@ -90,7 +95,7 @@ async def test_validation_errors_name_every_field_and_change_nothing(stack: InPr
         "apiVersion: rq.davidlangworthy.io/v1\nkind: Run\nmetadata: {name: bad, namespace: team}\n"
         "spec: {resources: {gpuType: H100, totalGPUs: 0}, sparesPerGroup: -1, bogus: 1}\n"
     )
-    with pytest.raises(ApiFailure) as info:
+    with pytest.raises(ApiCallError) as info:
         await call(nc, "apply", {"documents": bad})
     assert info.value.code == "validation"
     paths = {e["path"]: e["message"] for e in info.value.errors}
@@ -106,16 +111,18 @@ async def test_validation_errors_name_every_field_and_change_nothing(stack: InPr
 async def test_unknown_run_is_not_found(stack: InProcessStack) -> None:
     """Asking about a run that does not exist is a not_found error, not a crash."""
     assert stack.nc is not None
-    with pytest.raises(ApiFailure) as info:
+    with pytest.raises(ApiCallError) as info:
         await call(stack.nc, "get", {"namespace": "team", "name": "ghost"})
     assert info.value.code == "not_found"
-    with pytest.raises(ApiFailure) as info:
+    with pytest.raises(ApiCallError) as info:
         await call(stack.nc, "complete", {"namespace": "team", "name": "ghost"})
     assert info.value.code == "not_found"
 
 
 @pytest.mark.asyncio
-async def test_budget_wait_reserves_and_virtual_clock_activates_unfunded(stack: InProcessStack) -> None:
+async def test_budget_wait_reserves_and_virtual_clock_activates_unfunded(
+    stack: InProcessStack,
+) -> None:
     """A budget-only wait gets a reservation (deficit 0) and starts unfunded at the lead bound."""
     nc = stack.nc
     assert nc is not None
@@ -141,8 +148,10 @@ async def test_complete_closes_leases_and_explain_reports(stack: InProcessStack)
     await call(nc, "apply", {"documents": run_doc("done", 4)})
     await call(nc, "complete", {"namespace": "team", "name": "done"})
     leases = await call(nc, "leases", {"namespace": "team", "name": "done"})
-    assert leases and {x["closureReason"] for x in leases} == {"Completed"}
-    rows = {r["field"]: r["value"] for r in await call(nc, "explain", {"namespace": "team", "name": "done"})}
+    assert leases
+    assert {x["closureReason"] for x in leases} == {"Completed"}
+    explained = await call(nc, "explain", {"namespace": "team", "name": "done"})
+    rows = {r["field"]: r["value"] for r in explained}
     assert rows["Phase"] == "Completed"
     budgets = await call(nc, "budgets", {"namespace": "team"})
     assert budgets[0]["envelopes"][0]["headroom"] == 16
@@ -153,8 +162,6 @@ async def test_second_manager_never_double_books(stack: InProcessStack) -> None:
     """Two managers serve the API together; the append race is lost by one, which re-folds."""
     nc = stack.nc
     assert nc is not None
-    from gpu_fleet_manager.service import Manager, ManagerConfig
-
     standby = Manager(ManagerConfig(nats_url=stack.nats.url, clock="virtual", start=T0))
     await standby.start()
     try:

@@ -17,13 +17,6 @@ import nats.errors
 import pytest
 import pytest_asyncio
 from _stack import T0, Stack, budget, run, wait_until
-from gpu_fleet_notifier.service import (
-    Notifier,
-    NotifierConfig,
-    derive,
-    expiring,
-    expiring_note,
-)
 from nats.aio.msg import Msg
 
 from gpu_fleet.core.ledger import (
@@ -42,6 +35,13 @@ from gpu_fleet.core.manifests import parse_manifests
 from gpu_fleet.core.model import Budget, Lease, LeaseRole, Node, Run
 from gpu_fleet.messages import notify, subjects
 from gpu_fleet.runtime.clock import VirtualClock
+from gpu_fleet_notifier.service import (
+    Notifier,
+    NotifierConfig,
+    derive,
+    expiring,
+    expiring_note,
+)
 
 LEDGER_CLOCK = NotifierConfig(nats_url="", clock="ledger", ack_wait=3.0, fetch_timeout=0.2)
 

@@ -24,7 +24,7 @@ from gpu_fleet.core.packing_cpsat import PlannerSettings, plan_placement
 from gpu_fleet.core.topology import TopologyError, topology_from
 from gpu_fleet.messages import placement
 from gpu_fleet.runtime.actor import Actor
-from gpu_fleet.runtime.connect import connect
+from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.follower import LedgerFollower
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 from gpu_fleet_binder import __version__
@@ -70,11 +70,7 @@ class Binder(Actor):
     async def _on_stop(self) -> None:
         if self.service is not None:
             await self.service.stop()
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await self.nc.drain()
-            except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
-                pass
+        await drain(self.nc)
 
     async def place(self, req: Request) -> None:
         started = time.perf_counter()

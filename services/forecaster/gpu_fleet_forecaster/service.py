@@ -32,7 +32,7 @@ from gpu_fleet.messages import forecast as messages
 from gpu_fleet.messages import subjects
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import WallClock
-from gpu_fleet.runtime.connect import connect
+from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.follower import LedgerFollower
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 from gpu_fleet_forecaster import __version__
@@ -115,11 +115,7 @@ class Forecaster(Actor):
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(
-                nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError
-            ):
-                await self.nc.drain()
+        await drain(self.nc)
 
     def now(self, state: FleetState) -> Instant:
         """The forecast instant: never before the ledger's own clock (time comes from events)."""

@@ -33,8 +33,12 @@ from gpu_fleet.core.topology import Topology
 from gpu_fleet.messages import api, placement, subjects
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, VirtualClock, WallClock
-from gpu_fleet.runtime.connect import connect
-from gpu_fleet.runtime.ledger_stream import LedgerConflict, LedgerStream, LedgerUnavailable
+from gpu_fleet.runtime.connect import connect, drain
+from gpu_fleet.runtime.ledger_stream import (
+    LedgerConflictError,
+    LedgerStream,
+    LedgerUnavailableError,
+)
 from gpu_fleet.scenario.runner import build_report
 from gpu_fleet_manager import __version__
 from gpu_fleet_manager.writer import LedgerFleet
@@ -105,11 +109,7 @@ class Manager(Actor):
             await self.service.stop()
         async with self.lock:  # let the in-flight command finish
             pass
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await self.nc.drain()
-            except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
-                pass
+        await drain(self.nc)
 
     async def _rebuild(self) -> None:
         """Fold the whole ledger into fresh state: the stream is the truth."""
@@ -154,8 +154,10 @@ class Manager(Actor):
         fleet = self._require_fleet()
         if self.config.use_binder and self.nc is not None:
             try:
-                reply = fleet.on_loop(self._place(fleet.seq, request), self.config.binder_timeout + 1)
-            except Exception as exc:  # noqa: BLE001 - any binder trouble means "plan locally"
+                reply = fleet.on_loop(
+                    self._place(fleet.seq, request), self.config.binder_timeout + 1
+                )
+            except Exception as exc:
                 log.warning("binder.unavailable", error=type(exc).__name__)
                 reply = None
             if reply is not None:
@@ -187,7 +189,7 @@ class Manager(Actor):
         if self.fleet is None:
             try:
                 await self._rebuild()
-            except Exception as exc:  # noqa: BLE001 - report as unavailable to the caller
+            except Exception as exc:
                 raise ApiError("unavailable", f"ledger unavailable: {type(exc).__name__}") from exc
 
     async def _catch_up(self) -> None:
@@ -209,16 +211,16 @@ class Manager(Actor):
                 try:
                     await self._catch_up()
                     return await asyncio.to_thread(fn, now)
-                except LedgerConflict as exc:
+                except LedgerConflictError as exc:
                     log.warning("ledger.conflict", attempt=attempt, error=str(exc))
                     await self._rebuild()
                     if attempt == attempts:
                         raise ApiError("conflict", f"{exc}; retried {attempts} times") from exc
-                except (LedgerUnavailable, nats.errors.Error, TimeoutError) as exc:
+                except (LedgerUnavailableError, nats.errors.Error, TimeoutError) as exc:
                     log.warning("ledger.unavailable", error=str(exc))
                     try:
                         await self._rebuild()
-                    except Exception as rebuild_exc:  # noqa: BLE001 - keep serving; next call retries
+                    except Exception as rebuild_exc:
                         log.warning("ledger.rebuild_failed", error=type(rebuild_exc).__name__)
                         self.fleet = None
                     raise ApiError("unavailable", f"ledger unavailable: {exc}; retry") from exc
@@ -245,20 +247,29 @@ class Manager(Actor):
             try:
                 result = await handler(req.data)
                 await req.respond(api.ENCODER.encode(api.Reply(ok=True, result=result)))
-                log.info("api.request", endpoint=name, outcome="ok",
-                         ms=round((time.perf_counter() - started) * 1000, 2))
+                log.info(
+                    "api.request",
+                    endpoint=name,
+                    outcome="ok",
+                    ms=round((time.perf_counter() - started) * 1000, 2),
+                )
             except ApiError as exc:
                 body = api.Reply(
                     ok=False,
                     error=api.ErrorOut(code=exc.code, message=exc.message, errors=exc.errors),  # type: ignore[arg-type]
                 )
                 await req.respond_error(
-                    api.STATUS_CODES.get(exc.code, "500"), exc.message, data=api.ENCODER.encode(body)
+                    api.STATUS_CODES.get(exc.code, "500"),
+                    exc.message,
+                    data=api.ENCODER.encode(body),
                 )
                 log.info("api.request", endpoint=name, outcome=exc.code, error=exc.message)
             except Exception:
                 log.exception("api.request", endpoint=name, outcome="internal")
-                body = api.Reply(ok=False, error=api.ErrorOut(code="internal", message="internal error; see manager log"))
+                body = api.Reply(
+                    ok=False,
+                    error=api.ErrorOut(code="internal", message="internal error; see manager log"),
+                )
                 await req.respond_error("500", "internal error", data=api.ENCODER.encode(body))
             finally:
                 structlog.contextvars.unbind_contextvars("endpoint")
@@ -300,23 +311,29 @@ class Manager(Actor):
             fleet = self._require_fleet()
             out = []
             for m in manifests:
-                existed = (m.key in fleet.state.runs) if isinstance(m, Run) else (
-                    m.key in fleet.state.budgets
+                existed = (
+                    (m.key in fleet.state.runs)
+                    if isinstance(m, Run)
+                    else (m.key in fleet.state.budgets)
                 )
                 fleet.apply(m, now)
-                out.append({
-                    "kind": "Run" if isinstance(m, Run) else "Budget",
-                    "namespace": m.metadata.namespace,
-                    "name": m.metadata.name,
-                    "action": "updated" if existed else "created",
-                })
+                out.append(
+                    {
+                        "kind": "Run" if isinstance(m, Run) else "Budget",
+                        "namespace": m.metadata.namespace,
+                        "name": m.metadata.name,
+                        "action": "updated" if existed else "created",
+                    }
+                )
             return out
 
         return await self._mutate(run)
 
     async def delete(self, data: bytes) -> Any:
         req = _decode(data, api.DeleteRequest)
-        await self._mutate(lambda now: self._require_fleet().delete(req.kind, req.namespace, req.name, now))
+        await self._mutate(
+            lambda now: self._require_fleet().delete(req.kind, req.namespace, req.name, now)
+        )
         return {"deleted": f"{req.kind} {req.namespace}/{req.name}"}
 
     async def shrink(self, data: bytes) -> Any:
@@ -338,7 +355,9 @@ class Manager(Actor):
                 raise CommandError("--by must be > 0")
             m = r.spec.malleable
             if desired < m.min_total_gpus:
-                raise CommandError(f"desired GPUs {desired} cannot be less than min {m.min_total_gpus}")
+                raise CommandError(
+                    f"desired GPUs {desired} cannot be less than min {m.min_total_gpus}"
+                )
             fleet.shrink(key, desired, now)
             return {"run": key, "desiredGPUs": desired}
 
@@ -356,7 +375,10 @@ class Manager(Actor):
             funding = r.spec.funding
             current = list(funding.sponsors) if funding else []
             if req.op == "list":
-                return {"sponsors": sorted(current), "allowBorrow": bool(funding and funding.allow_borrow)}
+                return {
+                    "sponsors": sorted(current),
+                    "allowBorrow": bool(funding and funding.allow_borrow),
+                }
             if not req.sponsor:
                 raise CommandError("sponsor is required")
             if funding is not None and not funding.allow_borrow and req.op == "add":
@@ -371,9 +393,15 @@ class Manager(Actor):
             new_funding = msgspec.structs.replace(
                 funding or Funding(allow_borrow=True),
                 sponsors=tuple(current),
-                max_borrow_gpus=(req.max_borrow if req.max_borrow else (funding.max_borrow_gpus if funding else None)),
+                max_borrow_gpus=(
+                    req.max_borrow
+                    if req.max_borrow
+                    else (funding.max_borrow_gpus if funding else None)
+                ),
             )
-            updated = msgspec.structs.replace(r, spec=msgspec.structs.replace(r.spec, funding=new_funding))
+            updated = msgspec.structs.replace(
+                r, spec=msgspec.structs.replace(r.spec, funding=new_funding)
+            )
             fleet.apply(updated, now)
             return {"sponsors": sorted(current), "allowBorrow": new_funding.allow_borrow}
 
@@ -398,7 +426,8 @@ class Manager(Actor):
                 node = validate_node(req.node, "node")
             except ManifestError as exc:
                 raise ApiError(
-                    "validation", "invalid node",
+                    "validation",
+                    "invalid node",
                     [api.FieldErrorOut(e.path, e.message) for e in exc.errors],
                 ) from exc
 
@@ -420,17 +449,23 @@ class Manager(Actor):
     async def get(self, data: bytes) -> Any:
         req = _decode(data, api.RunRef)
         return await self._read(
-            lambda now: views.run_view(self._require_fleet().state, run_key(req.namespace, req.name), now)
+            lambda now: views.run_view(
+                self._require_fleet().state, run_key(req.namespace, req.name), now
+            )
         )
 
     async def list_runs(self, data: bytes) -> Any:
         req = _decode(data or b"{}", api.ListRequest)
-        return await self._read(lambda now: views.list_runs(self._require_fleet().state, now, req.namespace))
+        return await self._read(
+            lambda now: views.list_runs(self._require_fleet().state, now, req.namespace)
+        )
 
     async def explain(self, data: bytes) -> Any:
         req = _decode(data, api.RunRef)
         rows = await self._read(
-            lambda now: views.explain(self._require_fleet().state, run_key(req.namespace, req.name), now)
+            lambda now: views.explain(
+                self._require_fleet().state, run_key(req.namespace, req.name), now
+            )
         )
         return [{"field": f, "value": v} for f, v in rows]
 
@@ -442,17 +477,23 @@ class Manager(Actor):
 
     async def budgets(self, data: bytes) -> Any:
         req = _decode(data or b"{}", api.ListRequest)
-        return await self._read(lambda now: views.budgets(self._require_fleet().state, now, req.namespace))
+        return await self._read(
+            lambda now: views.budgets(self._require_fleet().state, now, req.namespace)
+        )
 
     async def clock_endpoint(self, data: bytes) -> Any:
         req = _decode(data or b"{}", api.ClockRequest)
         if req.advance_to is not None:
             clock = self.clock
             if not isinstance(clock, VirtualClock):
-                raise ApiError("bad_request", "the clock is the wall clock; start with --clock virtual")
+                raise ApiError(
+                    "bad_request", "the clock is the wall clock; start with --clock virtual"
+                )
             target = req.advance_to
             if target < clock.now():
-                raise ApiError("bad_request", f"cannot move the clock back to {format_instant(target)}")
+                raise ApiError(
+                    "bad_request", f"cannot move the clock back to {format_instant(target)}"
+                )
 
             def advance(_: Instant) -> None:
                 clock.set(target)
@@ -464,7 +505,9 @@ class Manager(Actor):
 
     async def report(self, data: bytes) -> Any:
         req = _decode(data or b"{}", api.ReportRequest)
-        return await self._read(lambda now: build_report(self._require_fleet().state, req.label, now))
+        return await self._read(
+            lambda now: build_report(self._require_fleet().state, req.label, now)
+        )
 
     async def seq(self, data: bytes) -> Any:
         del data
@@ -490,4 +533,3 @@ def _plan_fits(topology: Topology, request: PackRequest, plan: PackPlan) -> bool
             if not set(a.slots) <= free or set(a.slots) & request.excluded_slots:
                 return False
     return True
-

@@ -66,7 +66,7 @@ from gpu_fleet.core.model import Instant, Lease
 from gpu_fleet.messages import notify, subjects
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, WallClock
-from gpu_fleet.runtime.connect import connect
+from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream
 from gpu_fleet_notifier import __version__
 
@@ -361,11 +361,7 @@ class Notifier(Actor):
         if self.sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self.sub.unsubscribe()
-        if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(
-                nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError
-            ):
-                await self.nc.drain()
+        await drain(self.nc)
 
     async def _ensure_notify_stream(self) -> None:
         assert self.js is not None

@@ -22,7 +22,8 @@ import nats
 import nats.errors
 import yaml
 
-from gpu_fleet.cli.stack import ApiFailure, call
+from gpu_fleet.cli.stack import ApiCallError, call
+from gpu_fleet.core.manifests import load_documents
 from gpu_fleet.core.timeutil import format_instant
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -85,7 +86,7 @@ async def cmd_submit(nc: Any, args: argparse.Namespace) -> int:
     render = table(
         "Submitted",
         ["Object", "Kind", "Action", "Phase", "Message"],
-        [row + ([r.get("phase"), r.get("message")]) for row, r in zip(rows, results, strict=True)],
+        [[*row, r.get("phase"), r.get("message")] for row, r in zip(rows, results, strict=True)],
     )
     _emit(args, results, render)
     return EXIT_OK
@@ -93,11 +94,9 @@ async def cmd_submit(nc: Any, args: argparse.Namespace) -> int:
 
 def _with_namespace(text: str, namespace: str, follow: list[str] | None) -> str:
     """Default the namespace of documents that omit it, and append ``--follow`` edges."""
-    from gpu_fleet.core.manifests import load_documents
-
     try:
         raw_docs = load_documents(text)
-    except Exception:  # noqa: BLE001 - the manager reports parse errors with their position
+    except Exception:  # the manager reports parse errors with their position
         return text
     out = []
     for doc in raw_docs:
@@ -171,7 +170,8 @@ async def cmd_watch(nc: Any, args: argparse.Namespace) -> int:
         i += 1
         view = await call(nc, "get", ref)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        _emit(args, view, table(f"[{stamp}] iteration {i}", ["Field", "Value"], _plan_rows(view, None)))
+        title = f"[{stamp}] iteration {i}"
+        _emit(args, view, table(title, ["Field", "Value"], _plan_rows(view, None)))
         if view["phase"] in TERMINAL or (args.watch_count and i >= args.watch_count):
             return EXIT_OK
         await asyncio.sleep(max(0.1, args.watch_interval))
@@ -179,7 +179,11 @@ async def cmd_watch(nc: Any, args: argparse.Namespace) -> int:
 
 async def cmd_explain(nc: Any, args: argparse.Namespace) -> int:
     rows = await call(nc, "explain", _ref(args))
-    _emit(args, rows, table("Run Explanation", ["Field", "Value"], [[r["field"], r["value"]] for r in rows]))
+    _emit(
+        args,
+        rows,
+        table("Run Explanation", ["Field", "Value"], [[r["field"], r["value"]] for r in rows]),
+    )
     return EXIT_OK
 
 
@@ -188,7 +192,8 @@ async def cmd_get(nc: Any, args: argparse.Namespace) -> int:
         view = await call(nc, "get", _ref(args))
         views = [view]
     else:
-        views = await call(nc, "list", {"namespace": None if args.all_namespaces else args.namespace})
+        namespace = None if args.all_namespaces else args.namespace
+        views = await call(nc, "list", {"namespace": namespace})
     rows = [
         [f"{v['namespace']}/{v['name']}", v["phase"], v["reason"], v["width"]["allocated"],
          v["funding"]["owned"], v["funding"]["shared"], v["funding"]["borrowed"],
@@ -224,7 +229,8 @@ def _payer(p: Any) -> str:
 
 
 async def cmd_budgets(nc: Any, args: argparse.Namespace) -> int:
-    budgets = await call(nc, "budgets", {"namespace": None if args.all_namespaces else args.namespace})
+    namespace = None if args.all_namespaces else args.namespace
+    budgets = await call(nc, "budgets", {"namespace": namespace})
     rows = [
         [f"{b['namespace']}/{b['name']}", e["name"], e["flavor"], e["concurrency"], e["owned"],
          e["shared"], e["borrowed"], e["unfunded"], e["headroom"], f"{e['gpuHoursUsed']:.2f}"]
@@ -295,7 +301,7 @@ _arguments '1:command:({words})'
 
 
 def cmd_completions(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     words = " ".join(sorted(sub.choices))
     if args.shell not in COMPLETIONS:
         print(f"error: unsupported shell {args.shell!r} (bash, zsh, fish)", file=sys.stderr)
@@ -306,7 +312,8 @@ def cmd_completions(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    common = argparse.ArgumentParser(add_help=False)
+    # A _Parser too, so that it types as a parent of the _Parser subcommands.
+    common = _Parser(add_help=False)
     common.add_argument("--nats-url", default=env("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"))
     common.add_argument("-n", "--namespace", default=env("GPU_FLEET_NAMESPACE", "default"))
     common.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
@@ -314,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kubectl runs", description=(__doc__ or "").splitlines()[0], parents=[common])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def add(name: str, help_: str, run: bool = True, optional_run: bool = False) -> argparse.ArgumentParser:
+    def add(
+        name: str, help_: str, run: bool = True, optional_run: bool = False
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, parents=[common])
         if run:
             sp.add_argument("run", nargs="?" if optional_run else None, metavar="RUN")
@@ -344,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("complete", "mark a run's workload finished (local mode)")
     add("fail", "mark a run's workload failed (local mode)")
     add("delete", "delete a run (closes its leases)")
-    nd = sub.add_parser("node", help="cordon, fence or uncordon a node (local mode)", parents=[common])
+    nd = sub.add_parser(
+        "node", help="cordon, fence or uncordon a node (local mode)", parents=[common]
+    )
     nd.add_argument("op", choices=("cordon", "fence", "uncordon"))
     nd.add_argument("node")
     c = sub.add_parser("completions", help="shell completion script", parents=[common])
@@ -385,7 +396,7 @@ async def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     try:
         return await HANDLERS[args.command](nc, args)
-    except ApiFailure as exc:
+    except ApiCallError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         for e in exc.errors:
             print(f"error: {e.get('path')}: {e.get('message')}", file=sys.stderr)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nats
 from nats.aio.client import Client
@@ -28,7 +28,7 @@ from gpu_fleet.runtime.natsd import EmbeddedNats
 SERVICES = ("manager", "binder", "forecaster", "notifier")
 
 
-class ApiFailure(RuntimeError):
+class ApiCallError(RuntimeError):
     """The fleet API answered with an error (code, message, field errors)."""
 
     def __init__(self, code: str, message: str, errors: list[dict[str, str]] | None = None):
@@ -39,12 +39,12 @@ class ApiFailure(RuntimeError):
 
 
 async def call(nc: Client, endpoint: str, body: dict[str, Any], timeout: float = 30.0) -> Any:
-    """One fleet API request; raises ``ApiFailure`` for an error reply."""
+    """One fleet API request; raises ``ApiCallError`` for an error reply."""
     msg = await nc.request(f"fleet.api.{endpoint}", json.dumps(body).encode(), timeout=timeout)
     reply = json.loads(msg.data) if msg.data else {}
     if not reply.get("ok"):
         err = reply.get("error") or {}
-        raise ApiFailure(
+        raise ApiCallError(
             err.get("code", "internal"),
             err.get("message") or (msg.headers or {}).get("Nats-Service-Error", "error"),
             err.get("errors"),
@@ -89,7 +89,7 @@ class InProcessStack:
     def make(self, name: str) -> Actor:
         url = self.nats.url
         if name == "manager":
-            from gpu_fleet_manager.service import Manager, ManagerConfig
+            from gpu_fleet_manager.service import Manager, ManagerConfig  # noqa: PLC0415 - load a service only when the stack starts it
 
             cfg = ManagerConfig(
                 nats_url=url,
@@ -101,17 +101,17 @@ class InProcessStack:
                 cfg.settings = self.settings
             return Manager(cfg)
         if name == "binder":
-            from gpu_fleet_binder.service import Binder, BinderConfig
+            from gpu_fleet_binder.service import Binder, BinderConfig  # noqa: PLC0415 - load a service only when the stack starts it
 
             return Binder(BinderConfig(nats_url=url))
         # On a virtual clock the followers must read time from the ledger, not the wall.
-        clock = "ledger" if self.virtual_start is not None else "wall"
+        clock: Literal["wall", "ledger"] = "ledger" if self.virtual_start is not None else "wall"
         if name == "forecaster":
-            from gpu_fleet_forecaster.service import build as build_forecaster
+            from gpu_fleet_forecaster.service import build as build_forecaster  # noqa: PLC0415 - load a service only when the stack starts it
 
             return build_forecaster(url, clock=clock)
         if name == "notifier":
-            from gpu_fleet_notifier.service import build as build_notifier
+            from gpu_fleet_notifier.service import build as build_notifier  # noqa: PLC0415 - load a service only when the stack starts it
 
             return build_notifier(url, clock=clock)
         raise ValueError(f"unknown service {name}")
@@ -169,14 +169,22 @@ class ProcessStack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, name: str) -> subprocess.Popen[bytes]:
-        args = [sys.executable, "-m", f"gpu_fleet_{name}", "--nats-url", self.nats.url,
-                "--log-level", self.log_level]
+        args = [
+            sys.executable,
+            "-m",
+            f"gpu_fleet_{name}",
+            "--nats-url",
+            self.nats.url,
+            "--log-level",
+            self.log_level,
+        ]
         if name == "manager" and self.inventory:
             args += ["--inventory", self.inventory]
         log_path = self.data_dir / f"{name}.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         self.procs[name] = proc
         return proc
 

@@ -67,10 +67,10 @@ async def run_via_nats(scenario: Scenario, data_dir: str | None = None) -> dict[
                         await call(nc, "apply", {"documents": msgspec.json.encode(m).decode()})
                     case DeleteStep(kind=kind, namespace=ns, name=name):
                         await call(nc, "delete", {"kind": kind, "namespace": ns, "name": name})
-                    case FenceNodeStep(node=node):
-                        await call(nc, "node", {"op": "fence", "name": node})
-                    case CordonNodeStep(node=node):
-                        await call(nc, "node", {"op": "cordon", "name": node})
+                    case FenceNodeStep(node=node_name):
+                        await call(nc, "node", {"op": "fence", "name": node_name})
+                    case CordonNodeStep(node=node_name):
+                        await call(nc, "node", {"op": "cordon", "name": node_name})
                     case CompleteStep(run=key):
                         ns, name = key.split("/", 1)
                         await call(nc, "complete", {"namespace": ns, "name": name})
@@ -79,7 +79,9 @@ async def run_via_nats(scenario: Scenario, data_dir: str | None = None) -> dict[
                         await call(nc, "fail", {"namespace": ns, "name": name})
                     case ShrinkStep(run=key, desired_total_gpus=desired):
                         ns, name = key.split("/", 1)
-                        await call(nc, "shrink", {"namespace": ns, "name": name, "desired": desired})
+                        await call(
+                            nc, "shrink", {"namespace": ns, "name": name, "desired": desired}
+                        )
                     case ReportStep(label=label):
                         reports.append(await _report(stack, scenario, label, step.at))
                     case EtaStep():

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from gpu_fleet.core.envelopes import EnvelopeIndex, EnvelopeInfo
 from gpu_fleet.core.family import Tier
-from gpu_fleet.core.funding import LOAN, SPONSOR, Accepted, FillResult
+from gpu_fleet.core.funding import LOAN, SPONSOR, Accepted, FillResult, Proposer
 from gpu_fleet.core.metering import Evaluation
 from gpu_fleet.core.model import EnvelopeKey, Instant, Payer, Run, run_key
 
@@ -131,7 +131,7 @@ def _counted(rows: list[Accepted], rank: tuple[object, ...]) -> int:
             total += r.width
         elif r.rank_class == SPONSOR:
             continue
-        elif r.rank <= rank:  # type: ignore[operator]
+        elif r.rank <= rank:
             total += r.width
     return total
 
@@ -142,6 +142,7 @@ def available_width(
     env: EnvelopeInfo,
     owner: str,
     req: CoverRequest,
+    *,
     remaining_hours: Mapping[EnvelopeKey, float],
     remaining_cap_hours: Mapping[str, float],
     period_hours: float,
@@ -178,7 +179,7 @@ def available_width(
                 r.width
                 for r in member_rows
                 if r.rank_class == LOAN
-                or (r.rank_class != SPONSOR and r.rank <= rank)  # type: ignore[operator]
+                or (r.rank_class != SPONSOR and r.rank <= rank)
             )
         if cap.max_concurrency is not None:
             limits.append(
@@ -235,8 +236,6 @@ def cover(
     if funding is not None and funding.max_borrow_gpus is not None:
         borrow_budget = max(0, funding.max_borrow_gpus - req.already_borrowed)
 
-    from gpu_fleet.core.funding import Proposer  # local: avoids a cycle at import time
-
     proposer = Proposer(index, req.now)
     ordered = proposer.ordered(run, owner, req.location, req.now, admitting=True)
     taken = _Taken()
@@ -250,7 +249,15 @@ def cover(
             break
         tier = index.family.tier(env.owner, owner)
         avail, why = available_width(
-            index, evaluation.fill, env, owner, req, rem_env, rem_cap, period_hours, taken
+            index,
+            evaluation.fill,
+            env,
+            owner,
+            req,
+            remaining_hours=rem_env,
+            remaining_cap_hours=rem_cap,
+            period_hours=period_hours,
+            taken=taken,
         )
         take = min(avail, remaining)
         note = "" if avail >= remaining else f"limited by {why}"

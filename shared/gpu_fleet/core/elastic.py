@@ -35,7 +35,6 @@ from gpu_fleet.core.gang import (
     verify_funded,
 )
 from gpu_fleet.core.ledger import Event, FleetState, LeaseClosed, LeaseMinted
-from gpu_fleet.core.metering import evaluate
 from gpu_fleet.core.model import FundingClass, Instant, Lease, LeaseRole, MintReason, Run
 from gpu_fleet.core.pack import PackError
 from gpu_fleet.core.topology import TopologyError

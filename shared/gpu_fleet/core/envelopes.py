@@ -69,7 +69,7 @@ class EnvelopeInfo:
         if not self.lending_to:
             return True
         for entry in self.lending_to:
-            if entry == "*" or entry == borrower:
+            if entry in ("*", borrower):
                 return True
             if entry.endswith("*") and borrower.startswith(entry[:-1]):
                 return True
@@ -178,8 +178,8 @@ def build_index(budgets: Iterable[Budget]) -> EnvelopeIndex:
             k = parent[k]
         return k
 
-    for cap in caps.values():
-        for a, b_ in zip(cap.members, cap.members[1:], strict=False):
+    for cap_info in caps.values():
+        for a, b_ in zip(cap_info.members, cap_info.members[1:], strict=False):
             ra, rb = find(a), find(b_)
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)

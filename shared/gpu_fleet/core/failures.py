@@ -61,7 +61,7 @@ from gpu_fleet.core.ledger import (
     LeaseMinted,
     RunStatusChanged,
 )
-from gpu_fleet.core.metering import Evaluation, evaluate
+from gpu_fleet.core.metering import Evaluation
 from gpu_fleet.core.model import (
     FundingClass,
     Instant,

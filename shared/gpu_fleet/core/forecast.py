@@ -41,7 +41,6 @@ import msgspec
 
 from gpu_fleet.core.envelopes import EnvelopeInfo
 from gpu_fleet.core.ledger import FleetState, Reservation
-from gpu_fleet.core.metering import evaluate
 from gpu_fleet.core.model import Instant, Lease, Node, Run
 from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest, pack_greedy
 from gpu_fleet.core.timeutil import format_instant

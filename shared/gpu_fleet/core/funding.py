@@ -210,7 +210,7 @@ class Proposer:
         return out
 
 
-def fill(
+def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in one fixed order
     index: EnvelopeIndex,
     leases: Sequence[Lease],
     runs: Mapping[str, Run],
@@ -297,11 +297,11 @@ def fill(
 
     accepted_view: dict[EnvelopeKey, list[Accepted]] = {}
     for env_key, holders in held.items():
-        env = index.envelopes[env_key]
+        info = index.envelopes[env_key]
         rows = []
         for c in holders:
-            tier = index.family.tier(env.owner, c.owner)
-            rank = c.rank_at(env, tier)
+            tier = index.family.tier(info.owner, c.owner)
+            rank = c.rank_at(info, tier)
             rows.append(Accepted(rank, c.lease.width, int(rank[0])))  # type: ignore[call-overload]
             payer[c.lease.id] = env_key
             cls[c.lease.id] = (
@@ -415,5 +415,5 @@ def _hours_ok(remaining: float, period: float, above: int, width: int, already: 
 def senior_width(rows: Sequence[Accepted], rank: tuple[object, ...]) -> int:
     """Funded width on an envelope ranked at or above ``rank`` (equal keys count as senior)."""
     keys = [r.rank for r in rows]
-    pos = bisect.bisect_right(keys, rank)  # type: ignore[arg-type]
+    pos = bisect.bisect_right(keys, rank)
     return sum(r.width for r in rows[:pos])

@@ -285,7 +285,8 @@ def verify_funded(
 
     unfunded = [x for x in new if after.payer.get(x.id) is None and not waits_for_window(x)]
     if not gone and run.key in state.runs:
-        state.offer_fill(now, len(new), frozenset([*state.open_leases, *(x.id for x in new)]), after)
+        open_after = frozenset([*state.open_leases, *(x.id for x in new)])
+        state.offer_fill(now, len(new), open_after, after)
     if unfunded:
         return f"{sum(x.width for x in unfunded)} GPUs would be born unfunded"
     if borrowed:

@@ -57,18 +57,18 @@ class _Spec(msgspec.Struct, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------------------------
 
 
-class PreActivation(_Spec):
+class PreActivation(_Spec, frozen=True):
     allow_reservations: bool = msgspec.field(default=True, name="allowReservations")
     allow_admission: bool = msgspec.field(default=False, name="allowAdmission")
 
 
-class Lending(_Spec):
+class Lending(_Spec, frozen=True):
     allow: bool = False
     to: tuple[str, ...] = ()
     max_concurrency: int | None = msgspec.field(default=None, name="maxConcurrency")
 
 
-class Envelope(_Spec):
+class Envelope(_Spec, frozen=True):
     name: str
     flavor: str
     selector: dict[str, str]
@@ -81,7 +81,7 @@ class Envelope(_Spec):
     lending: Lending | None = None
 
 
-class AggregateCap(_Spec):
+class AggregateCap(_Spec, frozen=True):
     name: str
     flavor: str
     envelopes: tuple[str, ...]
@@ -89,12 +89,12 @@ class AggregateCap(_Spec):
     gpu_hours: float | None = msgspec.field(default=None, name="gpuHours")
 
 
-class AutoRenew(_Spec):
+class AutoRenew(_Spec, frozen=True):
     period: str
     notify_before: str = msgspec.field(default="0s", name="notifyBefore")
 
 
-class BudgetSpec(_Spec):
+class BudgetSpec(_Spec, frozen=True):
     owner: str
     envelopes: tuple[Envelope, ...]
     aggregate_caps: tuple[AggregateCap, ...] = msgspec.field(default=(), name="aggregateCaps")
@@ -102,14 +102,14 @@ class BudgetSpec(_Spec):
     auto_renew: AutoRenew | None = msgspec.field(default=None, name="autoRenew")
 
 
-class ObjectMeta(_Spec):
+class ObjectMeta(_Spec, frozen=True):
     name: str
     namespace: str = "default"
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     annotations: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class Budget(_Spec, tag_field="kind", tag="Budget"):
+class Budget(_Spec, frozen=True, tag_field="kind", tag="Budget"):
     metadata: ObjectMeta
     spec: BudgetSpec
     api_version: str = msgspec.field(default=API_VERSION, name="apiVersion")
@@ -124,30 +124,30 @@ class Budget(_Spec, tag_field="kind", tag="Budget"):
 # --------------------------------------------------------------------------------------------
 
 
-class Resources(_Spec):
+class Resources(_Spec, frozen=True):
     gpu_type: str = msgspec.field(name="gpuType")
     total_gpus: int = msgspec.field(name="totalGPUs")
 
 
-class Locality(_Spec):
+class Locality(_Spec, frozen=True):
     group_gpus: int | None = msgspec.field(default=None, name="groupGPUs")
     allow_cross_group_spread: bool = msgspec.field(default=True, name="allowCrossGroupSpread")
 
 
-class Malleable(_Spec):
+class Malleable(_Spec, frozen=True):
     min_total_gpus: int = msgspec.field(name="minTotalGPUs")
     max_total_gpus: int = msgspec.field(name="maxTotalGPUs")
     step_gpus: int = msgspec.field(name="stepGPUs")
     desired_total_gpus: int | None = msgspec.field(default=None, name="desiredTotalGPUs")
 
 
-class Funding(_Spec):
+class Funding(_Spec, frozen=True):
     allow_borrow: bool = msgspec.field(default=False, name="allowBorrow")
     max_borrow_gpus: int | None = msgspec.field(default=None, name="maxBorrowGPUs")
     sponsors: tuple[str, ...] = ()
 
 
-class Follow(_Spec):
+class Follow(_Spec, frozen=True):
     after: tuple[str, ...]
     on_upstream_failure: Literal["", "wait", "fail"] = msgspec.field(
         default="", name="onUpstreamFailure"
@@ -155,13 +155,13 @@ class Follow(_Spec):
     upstream_failure_grace: str = msgspec.field(default="30m", name="upstreamFailureGrace")
 
 
-class Runtime(_Spec):
+class Runtime(_Spec, frozen=True):
     checkpoint: str = "0s"
     max_duration: str | None = msgspec.field(default=None, name="maxDuration")
     preemption_grace: str | None = msgspec.field(default=None, name="preemptionGrace")
 
 
-class Role(_Spec):
+class Role(_Spec, frozen=True):
     name: str
     template: dict[str, object] = msgspec.field(default_factory=dict)
     width: int = 1
@@ -175,7 +175,7 @@ class Role(_Spec):
     backoff: str | None = None
 
 
-class RunSpec(_Spec):
+class RunSpec(_Spec, frozen=True):
     resources: Resources
     locality: Locality | None = None
     malleable: Malleable | None = None
@@ -186,7 +186,7 @@ class RunSpec(_Spec):
     roles: tuple[Role, ...] = ()
 
 
-class Run(_Spec, tag_field="kind", tag="Run"):
+class Run(_Spec, frozen=True, tag_field="kind", tag="Run"):
     metadata: ObjectMeta
     spec: RunSpec
     api_version: str = msgspec.field(default=API_VERSION, name="apiVersion")

@@ -15,30 +15,30 @@ class _Req(msgspec.Struct, frozen=True, kw_only=True):
     pass
 
 
-class RunRef(_Req, kw_only=True):
+class RunRef(_Req, frozen=True, kw_only=True):
     namespace: str = "default"
     name: str
 
 
-class ApplyRequest(_Req, kw_only=True):
+class ApplyRequest(_Req, frozen=True, kw_only=True):
     documents: str  # YAML or JSON text, several documents allowed
     source: str = "<request>"
 
 
-class DeleteRequest(_Req, kw_only=True):
+class DeleteRequest(_Req, frozen=True, kw_only=True):
     kind: Literal["Run", "Budget"]
     namespace: str = "default"
     name: str
 
 
-class ShrinkRequest(_Req, kw_only=True):
+class ShrinkRequest(_Req, frozen=True, kw_only=True):
     namespace: str = "default"
     name: str
     by: int | None = None
     desired: int | None = None
 
 
-class SponsorsRequest(_Req, kw_only=True):
+class SponsorsRequest(_Req, frozen=True, kw_only=True):
     namespace: str = "default"
     name: str
     op: Literal["list", "add", "remove"] = "list"
@@ -46,26 +46,26 @@ class SponsorsRequest(_Req, kw_only=True):
     max_borrow: int | None = None
 
 
-class NodeRequest(_Req, kw_only=True):
+class NodeRequest(_Req, frozen=True, kw_only=True):
     op: Literal["register", "cordon", "fence", "uncordon"]
     name: str = ""
     node: dict[str, Any] | None = None  # inventory row for register
 
 
-class ListRequest(_Req, kw_only=True):
+class ListRequest(_Req, frozen=True, kw_only=True):
     namespace: str | None = None
 
 
-class LeasesRequest(_Req, kw_only=True):
+class LeasesRequest(_Req, frozen=True, kw_only=True):
     namespace: str | None = None
     name: str | None = None
 
 
-class ClockRequest(_Req, kw_only=True):
+class ClockRequest(_Req, frozen=True, kw_only=True):
     advance_to: int | None = None
 
 
-class ReportRequest(_Req, kw_only=True):
+class ReportRequest(_Req, frozen=True, kw_only=True):
     label: str = "final"
 
 

@@ -24,5 +24,8 @@ def team_token(owner: str) -> str:
 
 
 def notify(owner: str, event: str) -> str:
-    """``fleet.notify.<team>.<event>``: what a team subscribes to (``fleet.notify.org_ai_rai.>``)."""
+    """``fleet.notify.<team>.<event>``: what a team subscribes to.
+
+    For example ``fleet.notify.org_ai_rai.>``.
+    """
     return f"{NOTIFY_PREFIX}.{team_token(owner)}.{event}"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import nats
+import nats.errors
 import structlog
 from nats.aio.client import Client
 
@@ -33,3 +36,11 @@ async def connect(url: str, name: str) -> Client:
         reconnected_cb=reconnected_cb,
     )
     return nc
+
+
+async def drain(nc: Client | None) -> None:
+    """Drain at shutdown: flush what is pending, then close; quiet if already closed."""
+    if nc is None or nc.is_closed:
+        return
+    with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
+        await nc.drain()

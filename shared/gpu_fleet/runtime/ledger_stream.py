@@ -2,13 +2,14 @@
 
 Each decision's events are appended as one *atomic batch* guarded by the expected last sequence,
 so a decision lands whole or not at all, and two writers can never both spend the same headroom
-or the same GPU slot: the loser gets ``LedgerConflict``, re-folds and retries.  Every service
+or the same GPU slot: the loser gets ``LedgerConflictError``, re-folds and retries.  Every service
 rebuilds its state by folding the stream from the start (``replay``) and then follows it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -30,11 +31,11 @@ SUBJECT_PREFIX = "fleet.ledger"
 WRONG_LAST_SEQUENCE = 10071
 
 
-class LedgerConflict(RuntimeError):
+class LedgerConflictError(RuntimeError):
     """Someone else appended first; re-fold from the stream and decide again."""
 
 
-class LedgerUnavailable(RuntimeError):
+class LedgerUnavailableError(RuntimeError):
     """The stream did not answer (NATS down or JetStream not ready); nothing was appended."""
 
 
@@ -46,10 +47,11 @@ def decode_event(seq: int, data: bytes) -> Event | None:
     alive; unknown *fields* are already ignored by the decoder itself.
     """
     try:
-        return EVENT_DECODER.decode(data)
+        event: Event = EVENT_DECODER.decode(data)
     except msgspec.ValidationError as exc:
         log.warning("ledger.unknown_event", seq=seq, error=str(exc))
         return None
+    return event
 
 
 def subject_for(event: Event) -> str:
@@ -95,7 +97,9 @@ class LedgerStream:
                 headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i)}
                 if i == 1:
                     headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
-                await self.nc.publish(subject_for(event), EVENT_ENCODER.encode(event), headers=headers)
+                await self.nc.publish(
+                    subject_for(event), EVENT_ENCODER.encode(event), headers=headers
+                )
             n = len(events)
             headers = {
                 "Nats-Batch-Id": batch,
@@ -105,22 +109,28 @@ class LedgerStream:
             if n == 1:
                 headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
             reply = await self.nc.request(
-                subject_for(events[-1]), EVENT_ENCODER.encode(events[-1]), timeout=self.timeout,
+                subject_for(events[-1]),
+                EVENT_ENCODER.encode(events[-1]),
+                timeout=self.timeout,
                 headers=headers,
             )
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                nats.errors.ConnectionClosedError) as exc:
-            raise LedgerUnavailable(f"ledger append failed: {type(exc).__name__}") from exc
+        except (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionClosedError,
+        ) as exc:
+            raise LedgerUnavailableError(f"ledger append failed: {type(exc).__name__}") from exc
         body = json.loads(reply.data)
         error = body.get("error")
         if error:
             if error.get("err_code") == WRONG_LAST_SEQUENCE:
-                raise LedgerConflict(error.get("description", "wrong last sequence"))
-            raise LedgerUnavailable(f"ledger append refused: {error.get('description')}")
+                raise LedgerConflictError(error.get("description", "wrong last sequence"))
+            raise LedgerUnavailableError(f"ledger append refused: {error.get('description')}")
         return int(body["seq"])
 
-    async def read(self, from_seq: int = 1, until_seq: int | None = None,
-                   idle_timeout: float = 5.0) -> AsyncIterator[tuple[int, Event | None]]:
+    async def read(
+        self, from_seq: int = 1, until_seq: int | None = None, idle_timeout: float = 5.0
+    ) -> AsyncIterator[tuple[int, Event | None]]:
         """Yield ``(seq, event)`` from ``from_seq`` up to ``until_seq`` (default: current last).
 
         ``event`` is ``None`` for an event type this version does not know (see ``decode_event``).
@@ -164,7 +174,5 @@ class LedgerStream:
                 seq = msg.metadata.sequence.stream
                 yield seq, decode_event(seq, msg.data)
         finally:
-            try:
+            with contextlib.suppress(nats.errors.ConnectionClosedError):
                 await sub.unsubscribe()
-            except nats.errors.ConnectionClosedError:
-                pass

@@ -8,11 +8,12 @@ from typing import Any
 
 import msgspec
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 _json = msgspec.json.Encoder(enc_hook=str)
 
 
-def _render(_: Any, __: str, event_dict: dict[str, Any]) -> str:
+def _render(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
     # structlog's JSONRenderer passes ``default=`` which msgspec rejects; encode directly.
     return _json.encode(event_dict).decode()
 

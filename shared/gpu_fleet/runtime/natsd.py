@@ -71,7 +71,8 @@ class EmbeddedNats:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise NatsServerError(
-                    f"nats-server exited with {self.proc.returncode}; see {self.store_dir}/nats-server.log"
+                    f"nats-server exited with {self.proc.returncode};"
+                    f" see {self.store_dir}/nats-server.log"
                 )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
