@@ -164,3 +164,20 @@ async def test_nats_server_sigkill_services_reconnect(stack: ProcessStack) -> No
     """SIGKILL nats-server itself; restarted on the same store, services reconnect unaided."""
     await _burst(stack, "nats")
     assert not stack.dead(), f"services died: {stack.dead()}"
+
+
+async def test_sigterm_stops_every_service_cleanly(tmp_path: Path) -> None:
+    """All four services start as processes, answer $SRV.PING, and exit 0 on SIGTERM."""
+    stack = ProcessStack(tmp_path / "data", log_level="warning")
+    stack.start()
+    try:
+        nc = await connect_retrying(stack.nats.url, time.monotonic() + 60)
+        try:
+            await wait_for_services(nc, ("binder", "manager", "forecaster", "notifier"), 120)
+        finally:
+            await nc.close()
+        codes = {name: stack.stop_service(name, timeout=20) for name in
+                 ("notifier", "forecaster", "manager", "binder")}
+    finally:
+        stack.stop()
+    assert codes == {"notifier": 0, "forecaster": 0, "manager": 0, "binder": 0}
