@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-lead", default=env("GPU_FLEET_ACTIVATION_LEAD", "15m"))
     p.add_argument("--accounting-period", default=env("GPU_FLEET_ACCOUNTING_PERIOD", "24h"))
     p.add_argument("--no-binder", action="store_true", help="plan placements in-process")
+    p.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=int(env("GPU_FLEET_SNAPSHOT_EVERY", "500")),
+        help="ledger batches between state snapshots (0 disables them)",
+    )
     return p
 
 
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         tick_seconds=max(0.05, parse_duration(args.tick) or 1),
         use_binder=not args.no_binder,
+        snapshot_every=max(0, args.snapshot_every),
     )
 
     async def amain() -> None:

@@ -23,6 +23,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from gpu_fleet import views
+from gpu_fleet.core import snapshot
 from gpu_fleet.core.engine import CommandError, Settings
 from gpu_fleet.core.manifests import ManifestError, parse_manifests, validate_node
 from gpu_fleet.core.model import Funding, Instant, Node, NodeHealth, Run, run_key
@@ -39,11 +40,13 @@ from gpu_fleet.runtime.ledger_stream import (
     LedgerStream,
     LedgerUnavailableError,
 )
+from gpu_fleet.runtime.snapshots import SnapshotStore
 from gpu_fleet.scenario.runner import build_report
 from gpu_fleet_manager import __version__
 from gpu_fleet_manager.writer import LedgerFleet
 
 log = structlog.get_logger("gpu_fleet.manager")
+SNAPSHOT_NAME = "manager"
 T = TypeVar("T")
 
 
@@ -65,6 +68,7 @@ class ManagerConfig:
     tick_seconds: float = 1.0
     binder_timeout: float = 5.0
     use_binder: bool = True
+    snapshot_every: int = 500  # appended batches between snapshots (0: never)
 
 
 class Manager(Actor):
@@ -82,12 +86,16 @@ class Manager(Actor):
         self.fleet: LedgerFleet | None = None
         self.service: Service | None = None
         self.rebuilds = 0
+        self.snapshots: SnapshotStore | None = None
+        self._snapshot_at = 0
+        self.last_rebuild: tuple[int, int] = (0, 0)  # (snapshot sequence, events folded after it)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def _on_start(self) -> None:
         self.nc = await connect(self.config.nats_url, "gpu-fleet-manager")
         self.ledger = LedgerStream(self.nc)
         await self.ledger.ensure()
+        self.snapshots = SnapshotStore(self.nc)
         await self._rebuild()
         if self.config.inventory:
             await self._mutate(self._register_inventory)
@@ -107,27 +115,68 @@ class Manager(Actor):
     async def _on_stop(self) -> None:
         if self.service is not None:
             await self.service.stop()
-        async with self.lock:  # let the in-flight command finish
-            pass
+        async with self.lock:  # let the in-flight command finish, then save a snapshot
+            if self.config.snapshot_every and self.fleet is not None:
+                await self._save_snapshot()
         await drain(self.nc)
 
     async def _rebuild(self) -> None:
-        """Fold the whole ledger into fresh state: the stream is the truth."""
+        """Fresh state from the ledger (the truth): the latest snapshot, then the tail after it.
+
+        A snapshot that cannot be read, or that claims a sequence the stream does not have (a
+        reset stream), is ignored and the whole stream is folded instead.
+        """
         assert self.ledger is not None
+        assert self.snapshots is not None
         fleet = LedgerFleet(
             self.config.settings, self._planner, self.ledger, asyncio.get_running_loop()
         )
+        last = await self.ledger.last_seq()
+        from_seq = 1
+        restored = None
+        try:
+            data = await self.snapshots.load(SNAPSHOT_NAME)
+        except nats.errors.Error as exc:
+            log.warning("snapshot.load_failed", error=type(exc).__name__)
+            data = None
+        if data is not None:
+            restored = snapshot.restore(data)
+        if restored is not None and restored[1] <= last:
+            fleet.state, fleet.seq = restored
+            from_seq = fleet.seq + 1
         count = 0
-        async for seq, event in self.ledger.read(1):
-            fleet.replay(event, seq)
-            count += 1
-        if count == 0:
-            fleet.seq = await self.ledger.last_seq()
+        if from_seq <= last:
+            async for seq, event in self.ledger.read(from_seq, last):
+                fleet.replay(event, seq)
+                count += 1
+        fleet.seq = max(fleet.seq, last)
         if self.clock.virtual and isinstance(self.clock, VirtualClock):
             self.clock.set(max(self.clock.now(), fleet.state.clock))
         self.fleet = fleet
+        self._snapshot_at = fleet.appended_batches
         self.rebuilds += 1
-        log.info("ledger.rebuilt", events=count, seq=fleet.seq)
+        self.last_rebuild = (from_seq - 1, count)
+        log.info("ledger.rebuilt", snapshot_seq=from_seq - 1, folded=count, seq=fleet.seq)
+
+    async def _save_snapshot(self) -> None:
+        """Persist folded state at its sequence (under the command lock: a consistent cut)."""
+        fleet = self.fleet
+        if fleet is None or self.snapshots is None:
+            return
+        data = await asyncio.to_thread(snapshot.take, fleet.state, fleet.seq)
+        try:
+            await self.snapshots.save(SNAPSHOT_NAME, data)
+        except nats.errors.Error as exc:
+            log.warning("snapshot.save_failed", error=type(exc).__name__)
+            return
+        self._snapshot_at = fleet.appended_batches
+        log.info("snapshot.saved", seq=fleet.seq, bytes=len(data))
+
+    async def _maybe_snapshot(self) -> None:
+        every = self.config.snapshot_every
+        fleet = self.fleet
+        if every and fleet is not None and fleet.appended_batches - self._snapshot_at >= every:
+            await self._save_snapshot()
 
     def _register_inventory(self, now: Instant) -> dict[str, Any]:
         assert self.fleet is not None
@@ -210,7 +259,9 @@ class Manager(Actor):
                 now = self.clock.now()
                 try:
                     await self._catch_up()
-                    return await asyncio.to_thread(fn, now)
+                    result = await asyncio.to_thread(fn, now)
+                    await self._maybe_snapshot()
+                    return result
                 except LedgerConflictError as exc:
                     log.warning("ledger.conflict", attempt=attempt, error=str(exc))
                     await self._rebuild()
