@@ -414,7 +414,9 @@ def _reserve(  # noqa: PLR0917 - one positional call shape, shared with the fore
         nodes = plan.nodes()
     elif pack_error is not None and pack_error.shortfall:
         scope = sorted(pack_error.shortfall.items(), key=lambda kv: (kv[1], kv[0]))[0][0]
-        nodes = ()
+        # The intended slice is the domain closest to fitting: its nodes are protected from
+        # backfill until the reservation activates (DESIGN decision 5).
+        nodes = topology.domain(scope).nodes if topology.has_domain(scope) else ()
     else:
         domains = topology.domains()
         scope = domains[0].key if domains else ""

@@ -40,6 +40,7 @@ from typing import Literal
 import msgspec
 
 from gpu_fleet.core.envelopes import EnvelopeInfo
+from gpu_fleet.core.gang import reserved_slots
 from gpu_fleet.core.ledger import FleetState, Reservation
 from gpu_fleet.core.model import Instant, Lease, Node, Run
 from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest, pack_greedy
@@ -148,18 +149,6 @@ def _scheduled_end(lease: Lease, notice: object | None, run_key: str) -> Instant
     if isinstance(deadline, int) and getattr(notice, "beneficiary", "") in ("", run_key):
         end = deadline if end is None else min(end, deadline)
     return end
-
-
-def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> frozenset[str]:
-    """Backfill protection as admission applies it: free slots in other runs' capacity slices."""
-    held: set[str] = set()
-    for res in state.reservations.values():
-        if res.state != "Pending" or res.kind != "capacity" or res.run == run_key:
-            continue
-        for node in res.nodes:
-            if topology.has_node(node):
-                held.update(topology.free_slots(node))
-    return frozenset(held)
 
 
 def pack_request(run: Run, *, width: int | None = None, spares: bool = True) -> PackRequest:

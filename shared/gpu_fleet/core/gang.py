@@ -88,16 +88,28 @@ def commentary(state: FleetState, run: str, at: Instant, message: str) -> RunSta
 def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> frozenset[str]:
     """Backfill protection (DESIGN decision 5): free slots inside other runs' intended slices.
 
-    A run may not take them unless it is the reservation's own run.  Only capacity waits hold a
-    slice; a budget-only wait has nothing to protect.
+    A run may not take them unless it is the reservation's own run, or its leases are sure to
+    end before the reservation's earliest start (its ``maxDuration`` runs out by then).  Only
+    capacity waits hold a slice; a budget-only wait has nothing to protect.
     """
+    run = state.runs.get(run_key)
+    duration = _max_duration(run) if run is not None else None
     held: set[str] = set()
     for res in state.reservations.values():
         if res.state != "Pending" or res.kind != "capacity" or res.run == run_key:
             continue
+        if duration is not None and state.clock + duration <= res.earliest_start:
+            continue  # backfill that is gone before the reservation needs the room
         for node in res.nodes:
             held.update(topology.free_slots(node) if topology.has_node(node) else ())
     return frozenset(held)
+
+
+def _max_duration(run: Run) -> int | None:
+    rt = run.spec.runtime
+    if rt is None or rt.max_duration is None:
+        return None
+    return parse_duration(rt.max_duration)
 
 
 def snapshot(state: FleetState, flavor: str, released: Collection[str] = ()) -> Topology:
