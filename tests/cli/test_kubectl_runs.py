@@ -126,3 +126,19 @@ def test_completions_cover_every_command(capsys: pytest.CaptureFixture[str]) -> 
     for word in ("submit", "plan", "explain", "leases", "budgets", "sponsors", "shrink"):
         assert word in out
     assert runs.main(["completions", "tcsh"]) == 2
+
+
+def test_eta_is_recorded_and_a_bad_time_names_the_field(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``kubectl runs eta`` records the run's ETA; an unparsable time exits 2 naming ``eta``."""
+    for path in sorted((EXAMPLES / "manifests").glob("0[12]-*.yaml")):
+        assert kubectl(capsys, url, "submit", "-f", str(path))[0] == 0
+    code, out, err = kubectl(capsys, url, "eta", "train-8", "2026-03-02T06:00:00Z", "-n", "rai")
+    assert code == 0, err
+    assert "2026-03-02T06:00:00Z" in out
+    code, out, _ = kubectl(capsys, url, "get", "train-8", "-n", "rai", "-o", "json")
+    assert json.loads(out)["eta"] == "2026-03-02T06:00:00Z"
+    code, _, err = kubectl(capsys, url, "eta", "train-8", "tomorrow", "-n", "rai")
+    assert code == 2
+    assert "error: eta:" in err

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pytest
 from builders import HOUR, MINUTE, T0, budget, env, node, run
 
-from gpu_fleet.core.engine import Fleet
+from gpu_fleet.core.engine import CommandError, Fleet
 from gpu_fleet.core.forecast import (
     ForecastError,
     build_timeline,
@@ -258,3 +258,27 @@ class TestOtherStates:
             forecast(fleet.state, "t/w", T0)
         assert err.value.kind == "topology"
         assert "missing label" in err.value.message
+
+
+class TestReportedEta:
+    def test_a_reported_eta_gives_an_estimated_p50_and_the_bound_as_p90(self) -> None:
+        """``kubectl runs eta``: the blocker's reported completion becomes the P50; the
+        reservation bound stays the P90 (an ETA is an expectation, not a promise)."""
+        fleet = waiting_behind(run("t", "blocker", 8), run("t", "waiter", 2))
+        unknown = forecast(fleet.state, "t/waiter", T0)
+        assert unknown.p50 is None  # no end known for the blocker yet
+        fleet.report_eta("t/blocker", T0 + 5 * MINUTE, T0)
+        result = forecast(fleet.state, "t/waiter", T0)
+        assert result.confidence == "estimated"
+        assert result.p50 == T0 + 5 * MINUTE
+        assert result.earliest_start == T0 + 5 * MINUTE
+        res = fleet.state.pending_reservation("t/waiter")
+        assert res is not None
+        assert result.p90 == res.earliest_start
+
+    def test_an_eta_in_the_past_is_refused(self) -> None:
+        """An ETA before now is a usage error; nothing is recorded."""
+        fleet = waiting_behind(run("t", "blocker", 8), run("t", "waiter", 2))
+        with pytest.raises(CommandError, match="in the past"):
+            fleet.report_eta("t/blocker", T0 - 1, T0)
+        assert fleet.state.etas == {}

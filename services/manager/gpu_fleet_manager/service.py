@@ -29,7 +29,7 @@ from gpu_fleet.core.manifests import ManifestError, parse_manifests, validate_no
 from gpu_fleet.core.model import Funding, Instant, Node, NodeHealth, Run, run_key
 from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest
 from gpu_fleet.core.packing_cpsat import plan_placement
-from gpu_fleet.core.timeutil import format_instant
+from gpu_fleet.core.timeutil import format_instant, parse_instant
 from gpu_fleet.core.topology import Topology
 from gpu_fleet.messages import api, placement, subjects
 from gpu_fleet.runtime.actor import Actor
@@ -335,6 +335,7 @@ class Manager(Actor):
             "shrink": self.shrink,
             "sponsors": self.sponsors,
             "complete": self.complete,
+            "eta": self.eta,
             "fail": self.fail,
             "node": self.node,
             "get": self.get,
@@ -463,6 +464,18 @@ class Manager(Actor):
         key = run_key(req.namespace, req.name)
         await self._mutate(lambda now: self._require_fleet().complete(key, now))
         return {"run": key, "phase": "Completed"}
+
+    async def eta(self, data: bytes) -> Any:
+        req = _decode(data, api.EtaRequest)
+        key = run_key(req.namespace, req.name)
+        try:
+            when = req.eta if isinstance(req.eta, int) else parse_instant(req.eta)
+        except ValueError as exc:
+            raise ApiError(
+                "validation", "invalid eta", [api.FieldErrorOut("eta", str(exc))]
+            ) from exc
+        await self._mutate(lambda now: self._require_fleet().report_eta(key, when, now))
+        return {"run": key, "eta": format_instant(when)}
 
     async def fail(self, data: bytes) -> Any:
         req = _decode(data, api.RunRef)

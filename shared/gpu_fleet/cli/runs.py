@@ -279,6 +279,12 @@ async def cmd_simple(nc: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_eta(nc: Any, args: argparse.Namespace) -> int:
+    result = await call(nc, "eta", {**_ref(args), "eta": args.time})
+    _emit(args, result, table("ETA Set", ["Run", "ETA"], [[result["run"], result["eta"]]]))
+    return EXIT_OK
+
+
 async def cmd_node(nc: Any, args: argparse.Namespace) -> int:
     result = await call(nc, "node", {"op": args.op, "name": args.node})
     _emit(args, result, f"node {result['node']}: {result['health']}")
@@ -353,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("complete", "mark a run's workload finished (local mode)")
     add("fail", "mark a run's workload failed (local mode)")
     add("delete", "delete a run (closes its leases)")
+    e = add("eta", "report a run's expected completion (RFC 3339); forecasts use it")
+    e.add_argument("time", metavar="TIME")
     nd = sub.add_parser(
         "node", help="cordon, fence or uncordon a node (local mode)", parents=[common]
     )
@@ -377,6 +385,7 @@ HANDLERS = {
     "fail": cmd_simple,
     "delete": cmd_simple,
     "node": cmd_node,
+    "eta": cmd_eta,
 }
 
 

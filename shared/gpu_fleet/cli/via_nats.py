@@ -84,8 +84,9 @@ async def run_via_nats(scenario: Scenario, data_dir: str | None = None) -> dict[
                         )
                     case ReportStep(label=label):
                         reports.append(await _report(stack, scenario, label, step.at))
-                    case EtaStep():
-                        pass
+                    case EtaStep(run=key, eta=eta):
+                        ns, name = key.split("/", 1)
+                        await call(nc, "eta", {"namespace": ns, "name": name, "eta": eta})
             await call(nc, "clock", {"advance_to": last})
             reports.append(await _report(stack, scenario, "final", last))
     return {"scenario": scenario.name, "reports": reports}

@@ -62,6 +62,7 @@ from gpu_fleet.core.ledger import (
     ReservationCreated,
     ReservationReleased,
     RunDeleted,
+    RunEtaReported,
     RunStatusChanged,
     RunSubmitted,
     RunUpdated,
@@ -955,6 +956,13 @@ class Fleet:
         if health is NodeHealth.FENCED and before is not NodeHealth.FENCED:
             events += self.commit(handle_node_failure(self.state, node, at, self.settings))
         return events + self.reconcile(at)
+
+    def report_eta(self, key: str, eta: Instant, at: Instant) -> list[Event]:
+        """Record a run's expected completion (the forecaster plans with it)."""
+        self._require_running(key)
+        if eta < at:
+            raise CommandError(f"eta {format_instant(eta)} is in the past")
+        return self.commit([RunEtaReported(at=at, run=key, eta=eta)])
 
     def shrink(self, key: str, desired: int, at: Instant) -> list[Event]:
         run = self.state.runs.get(key)

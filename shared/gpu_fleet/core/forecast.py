@@ -47,7 +47,7 @@ from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest,
 from gpu_fleet.core.timeutil import format_instant
 from gpu_fleet.core.topology import Topology, TopologyError, build_topology
 
-Confidence = Literal["exact", "bounded", "conservative", "window-aligned"]
+Confidence = Literal["exact", "estimated", "bounded", "conservative", "window-aligned"]
 Packer = Callable[[Topology, PackRequest], PackPlan]
 
 TERMINAL = ("Completed", "Failed")
@@ -69,6 +69,7 @@ class Release:
     at: Instant
     lease: str
     slots: tuple[str, ...]
+    estimated: bool = False  # from the run's reported ETA, not a scheduled end
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,10 @@ def build_timeline(state: FleetState, flavor: str, run_key: str, now: Instant) -
         if lease.node not in flavor_nodes or lease.run == run_key:
             continue
         end = _scheduled_end(lease, notices.get(lease.id), run_key)
-        if end is None:
+        eta = state.etas.get(lease.run)
+        if end is None and eta is not None and eta >= now:
+            releases.append(Release(eta, lease.id, lease.slots, estimated=True))
+        elif end is None:
             unknown.append(lease.id)
         else:
             releases.append(Release(max(end, now), lease.id, lease.slots))
@@ -345,6 +349,19 @@ def _capacity_wait(
         start = _at_least(fit.at, now)
         waits = _last_releases(timeline, fit)
         why = f"when {', '.join(waits)} reach(es) its scheduled end" if waits else "already"
+        freed = set(fit.freed_by)
+        if any(r.estimated and r.lease in freed for r in timeline.releases):
+            # A reported ETA is an expectation, not a promise: P50 trusts it, P90 is the bound.
+            return ForecastResult(
+                run=run.key,
+                earliest_start=start,
+                p50=start,
+                p90=bound,
+                confidence="estimated",
+                deficit_gpus=deficit,
+                basis=f"capacity: fits at {format_instant(start)} {why} (by a reported ETA); "
+                f"P90 is the {bound_text}",
+            )
         return ForecastResult(
             run=run.key,
             earliest_start=start,

@@ -76,6 +76,14 @@ class RunDeleted(_Event, tag="RunDeleted", kw_only=True, frozen=True):
     run: str
 
 
+class RunEtaReported(_Event, tag="RunEtaReported", kw_only=True, frozen=True):
+    """A run's expected completion (``kubectl runs eta``); the forecaster plans with it."""
+
+    run: str
+    eta: Instant
+    source: Literal["job", "controller"] = "job"
+
+
 RunPhase = Literal["Pending", "Waiting", "Running", "Completed", "Failed"]
 
 
@@ -162,6 +170,7 @@ Event = (
     | RunSubmitted
     | RunUpdated
     | RunDeleted
+    | RunEtaReported
     | RunStatusChanged
     | LeaseMinted
     | LeaseClosed
@@ -203,6 +212,7 @@ class FleetState:
     reservations: dict[str, Reservation] = field(default_factory=dict)
     # lease id -> the notice its preemption was given; kept after closure for explain/audit
     preemptions: dict[str, LeasePreemptionScheduled] = field(default_factory=dict)
+    etas: dict[str, Instant] = field(default_factory=dict)  # run -> reported completion
     history: list[Event] = field(default_factory=list)
     meter: Meter = field(default_factory=lambda: Meter(t=0.0))
     clock: Instant = 0
@@ -349,9 +359,12 @@ def fold(state: FleetState, event: Event) -> None:
             state.status[run.key] = RunStatus()
         case RunUpdated(run=run):
             state.runs[run.key] = run
+        case RunEtaReported(run=key, eta=eta):
+            state.etas[key] = eta
         case RunDeleted(run=key):
             state.runs.pop(key, None)
             state.status.pop(key, None)
+            state.etas.pop(key, None)
         case RunStatusChanged(run=key, phase=phase, reason=reason, message=msg, detail=detail):
             state.status[key] = RunStatus(phase, reason, msg, dict(detail))
         case LeaseMinted(lease=lease):
@@ -391,6 +404,7 @@ def fold(state: FleetState, event: Event) -> None:
 
 
 _NEUTRAL = (
+    RunEtaReported,
     RunSubmitted,  # a new run holds no lease yet, so nobody's funding can change
     RunStatusChanged,
     ReservationCreated,
@@ -427,6 +441,9 @@ def _check(state: FleetState, event: Event) -> None:
                 holder = state.slot_holder.get(s)
                 if holder is not None:
                     raise LedgerError(f"lease {lease.id}: slot {s} is held by lease {holder}")
+        case RunEtaReported(run=key):
+            if key not in state.runs:
+                raise LedgerError(f"eta for run {key}: run does not exist")
         case LeaseClosed(lease=lease_id):
             known = state.leases.get(lease_id)
             if known is None:

@@ -64,6 +64,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     clock: Instant
     version: int
     funding_epoch: int
+    etas: dict[str, Instant] = {}
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -102,6 +103,7 @@ def take(state: FleetState, seq: int) -> bytes:
         clock=state.clock,
         version=state.version,
         funding_epoch=state.funding_epoch,
+        etas=state.etas,
     )
     return _ENCODER.encode(snap)
 
@@ -141,6 +143,7 @@ def restore(data: bytes) -> tuple[FleetState, int] | None:
     state.clock = snap.clock
     state.version = snap.version
     state.funding_epoch = snap.funding_epoch
+    state.etas = dict(snap.etas)
     held: dict[str, set[int]] = defaultdict(set)
     for lease in state.leases.values():
         if lease.closure_reason is not None:

@@ -52,6 +52,12 @@ class NodeRequest(_Req, frozen=True, kw_only=True):
     node: dict[str, Any] | None = None  # inventory row for register
 
 
+class EtaRequest(_Req, kw_only=True, frozen=True):
+    namespace: str = "default"
+    name: str
+    eta: int | str  # Unix seconds or RFC 3339
+
+
 class ListRequest(_Req, frozen=True, kw_only=True):
     namespace: str | None = None
 

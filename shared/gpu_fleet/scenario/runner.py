@@ -85,8 +85,8 @@ def run_scenario(
                 fleet.shrink(key, desired, step.at)
             case ReportStep(label=label):
                 reports.append(build_report(fleet.state, label, step.at))
-            case EtaStep():
-                pass  # ETAs feed the forecaster (reservations issue); recorded nowhere yet
+            case EtaStep(run=key, eta=eta):
+                fleet.report_eta(key, eta, step.at)
         if on_step is not None:
             on_step(fleet, step)
     fleet.advance_to(last)
@@ -174,6 +174,7 @@ def build_report(state: FleetState, label: str, at: Instant) -> dict[str, Any]:
                 "gpuHours": {
                     c.value: round(h, 6) for c, h in sorted((rf.hours if rf else {}).items())
                 },
+                "eta": format_instant(state.etas[key]) if key in state.etas else None,
                 "reservation": res.name if res else None,
                 "earliestStart": format_instant(res.earliest_start) if res else None,
             }
