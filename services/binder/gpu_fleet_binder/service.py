@@ -9,24 +9,18 @@ sequence the binder cannot reach in time is answered with an error, never with a
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import msgspec
-import nats.errors
-import nats.micro
 import structlog
-from nats.aio.client import Client
 from nats.micro.request import Request
-from nats.micro.service import Service
 
 from gpu_fleet.core.pack import PackError
 from gpu_fleet.core.packing_cpsat import PlannerSettings, plan_placement
 from gpu_fleet.core.topology import TopologyError, topology_from
 from gpu_fleet.messages import placement
-from gpu_fleet.runtime.actor import Actor
-from gpu_fleet.runtime.connect import connect, drain
-from gpu_fleet.runtime.follower import LedgerFollower
-from gpu_fleet.runtime.ledger_stream import LedgerStream
+from gpu_fleet.runtime.follower_service import FollowerService, Handler
 from gpu_fleet_binder import __version__
 
 log = structlog.get_logger("gpu_fleet.binder")
@@ -39,38 +33,20 @@ class BinderConfig:
     planner: PlannerSettings = field(default_factory=PlannerSettings)
 
 
-class Binder(Actor):
+class Binder(FollowerService):
     name = "binder"
+    service_name = "gpu-fleet-binder"
+    description = "gpu-fleet binder: topology index and CP-SAT placement"
+    version = __version__
+    group = "fleet.binder"
 
     def __init__(self, config: BinderConfig) -> None:
-        super().__init__()
+        super().__init__(config.nats_url)
         self.config = config
-        self.nc: Client | None = None
-        self.follower: LedgerFollower | None = None
-        self.service: Service | None = None
         self.placed = 0
 
-    async def _on_start(self) -> None:
-        self.nc = await connect(self.config.nats_url, "gpu-fleet-binder")
-        ledger = LedgerStream(self.nc)
-        await ledger.ensure()
-        self.follower = LedgerFollower(ledger)
-        await self.follower.catch_up()
-        self.spawn("ledger follower", self.follower.follow())
-        self.service = await nats.micro.add_service(
-            self.nc,
-            name="gpu-fleet-binder",
-            version=__version__,
-            description="gpu-fleet binder: topology index and CP-SAT placement",
-        )
-        group = self.service.add_group(name="fleet.binder")
-        await group.add_endpoint(name="place", handler=self.place)
-        await self.nc.flush()  # answer as soon as start() returns (no "no responders" race)
-
-    async def _on_stop(self) -> None:
-        if self.service is not None:
-            await self.service.stop()
-        await drain(self.nc)
+    def endpoints(self) -> Mapping[str, Handler]:
+        return {"place": self.place}
 
     async def place(self, req: Request) -> None:
         started = time.perf_counter()

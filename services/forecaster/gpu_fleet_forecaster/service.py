@@ -11,30 +11,22 @@ wall clock means nothing, so ``clock="ledger"`` uses the ledger's latest event t
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
-import nats.errors
-import nats.micro
 import structlog
-from nats.aio.client import Client
 from nats.micro.request import Request
-from nats.micro.service import Service
 
 from gpu_fleet.core.forecast import ForecastError, ForecastResult, forecast
 from gpu_fleet.core.ledger import FleetState
 from gpu_fleet.core.model import Instant, run_key
 from gpu_fleet.messages import forecast as messages
 from gpu_fleet.messages import subjects
-from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import WallClock
-from gpu_fleet.runtime.connect import connect, drain
-from gpu_fleet.runtime.follower import LedgerFollower
-from gpu_fleet.runtime.ledger_stream import LedgerStream
+from gpu_fleet.runtime.follower_service import FollowerService, Handler
 from gpu_fleet_forecaster import __version__
 
 log = structlog.get_logger("gpu_fleet.forecaster")
@@ -75,47 +67,21 @@ def to_message(result: ForecastResult, seq: int, at: Instant) -> messages.Foreca
     )
 
 
-class Forecaster(Actor):
+class Forecaster(FollowerService):
     name = "forecaster"
+    service_name = "gpu-fleet-forecaster"
+    description = "gpu-fleet forecaster: earliest start, P50/P90 and remedies"
+    version = __version__
+    group = GROUP
 
     def __init__(self, config: ForecasterConfig) -> None:
-        super().__init__()
+        super().__init__(config.nats_url)
         self.config = config
         self.wall = WallClock()
-        self.nc: Client | None = None
-        self.follower: LedgerFollower | None = None
-        self.service: Service | None = None
         self.answered = 0
 
-    async def _on_start(self) -> None:
-        self.nc = await connect(self.config.nats_url, "gpu-fleet-forecaster")
-        ledger = LedgerStream(self.nc)
-        await ledger.ensure()
-        self.follower = LedgerFollower(ledger)
-        await self.follower.catch_up()
-        self.spawn("ledger follower", self.follower.follow())
-        self.service = await nats.micro.add_service(
-            self.nc,
-            name="gpu-fleet-forecaster",
-            version=__version__,
-            description="gpu-fleet forecaster: earliest start, P50/P90 and remedies",
-        )
-        group = self.service.add_group(name=GROUP)
-        await group.add_endpoint(name=ENDPOINT, handler=self.run_forecast)
-        # Once start() returns the endpoints answer: the subscriptions reached the server.
-        await self.nc.flush()
-
-    async def _on_stop(self) -> None:
-        if self.service is not None:
-            await self.service.stop()
-        # Stop following while the connection is still up: the follower's ordered consumer can
-        # only unsubscribe (and so end nats-py's heartbeat tasks) before the drain closes it.
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await drain(self.nc)
+    def endpoints(self) -> Mapping[str, Handler]:
+        return {ENDPOINT: self.run_forecast}
 
     def now(self, state: FleetState) -> Instant:
         """The forecast instant: never before the ledger's own clock (time comes from events)."""

@@ -1,0 +1,61 @@
+"""A service that folds the ledger and answers requests about it (binder, forecaster).
+
+Start: connect, make sure the stream exists, fold it to the end, keep following it in a root
+task, then register the nats.micro endpoints and flush so they answer as soon as ``start()``
+returns.  Stop: stop taking requests; the actor base has already cancelled the follower while
+the connection was still up; then drain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+
+import nats.micro
+from nats.aio.client import Client
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from gpu_fleet.runtime.actor import Actor
+from gpu_fleet.runtime.connect import connect, drain
+from gpu_fleet.runtime.follower import LedgerFollower
+from gpu_fleet.runtime.ledger_stream import LedgerStream
+
+Handler = Callable[[Request], Awaitable[None]]
+
+
+class FollowerService(Actor):
+    service_name = "gpu-fleet-follower"  # nats.micro name, answered on $SRV.PING.<name>
+    description = ""
+    version = "0.0.0"
+    group = "fleet"
+
+    def __init__(self, nats_url: str) -> None:
+        super().__init__()
+        self.nats_url = nats_url
+        self.nc: Client | None = None
+        self.follower: LedgerFollower | None = None
+        self.service: Service | None = None
+
+    def endpoints(self) -> Mapping[str, Handler]:
+        """Endpoint name -> handler, served on ``<group>.<name>``."""
+        raise NotImplementedError
+
+    async def _on_start(self) -> None:
+        self.nc = await connect(self.nats_url, self.service_name)
+        ledger = LedgerStream(self.nc)
+        await ledger.ensure()
+        self.follower = LedgerFollower(ledger)
+        await self.follower.catch_up()
+        self.spawn("ledger follower", self.follower.follow())
+        self.service = await nats.micro.add_service(
+            self.nc, name=self.service_name, version=self.version, description=self.description
+        )
+        group = self.service.add_group(name=self.group)
+        for name, handler in self.endpoints().items():
+            await group.add_endpoint(name=name, handler=handler)
+        await self.nc.flush()  # the subscriptions reached the server: no "no responders" race
+
+    async def _on_stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+        await drain(self.nc)
