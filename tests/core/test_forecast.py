@@ -282,3 +282,29 @@ class TestReportedEta:
         with pytest.raises(CommandError, match="in the past"):
             fleet.report_eta("t/blocker", T0 - 1, T0)
         assert fleet.state.etas == {}
+
+
+class TestHistoryOfSimilarRuns:
+    def test_completed_runs_of_the_team_estimate_a_blockers_end(self) -> None:
+        """With no maxDuration and no ETA, the median time of the team's completed runs on the
+        flavor estimates when a blocker ends (P50), and the bound stays the P90."""
+        fleet = fleet_with()
+        for i, minutes in enumerate((5, 10, 15)):
+            fleet.apply(run("t", f"past{i}", 8), T0 + i * HOUR)
+            fleet.complete(f"t/past{i}", T0 + i * HOUR + minutes * MINUTE)
+        now = T0 + 4 * HOUR
+        fleet.apply(run("t", "blocker", 8), now)
+        fleet.apply(run("t", "waiter", 2), now)
+        result = forecast(fleet.state, "t/waiter", now)
+        assert result.confidence == "estimated"
+        assert result.p50 == now + 10 * MINUTE  # the median of 5, 10 and 15 minutes
+        res = fleet.state.pending_reservation("t/waiter")
+        assert res is not None
+        assert result.p90 == res.earliest_start
+
+    def test_without_history_the_end_stays_unknown(self) -> None:
+        """No similar completed run: nothing is invented; P50 is unknown, P90 the bound."""
+        fleet = waiting_behind(run("t", "blocker", 8), run("t", "waiter", 2))
+        result = forecast(fleet.state, "t/waiter", T0)
+        assert result.p50 is None
+        assert result.confidence == "bounded"

@@ -1,6 +1,8 @@
 """Forecast: when will a waiting run start, and what would make it sooner (DESIGN decision 4).
 
-This is the "first honest answer"; ETAs and the history of similar runs come later.  Everything
+Leases without a scheduled end are placed on the timeline at their run's reported ETA, else at
+the median duration of completed runs of the same team and flavor; such estimates set the P50
+only (confidence ``estimated``), and the reservation bound stays the P90.  Everything
 here is a pure function of the folded ledger and an instant, so the forecaster service, a test and
 a replay all compute the same answer.
 
@@ -125,6 +127,7 @@ def build_timeline(state: FleetState, flavor: str, run_key: str, now: Instant) -
     run (or names no beneficiary): room cut for someone else is theirs, so it stays held here.
     """
     flavor_nodes = {n.name for n in state.nodes.values() if n.flavor == flavor}
+    typical = typical_durations(state)
     notices: Mapping[str, object] = getattr(state, "preemptions", {})
     releases: list[Release] = []
     unknown: list[str] = []
@@ -132,15 +135,54 @@ def build_timeline(state: FleetState, flavor: str, run_key: str, now: Instant) -
         if lease.node not in flavor_nodes or lease.run == run_key:
             continue
         end = _scheduled_end(lease, notices.get(lease.id), run_key)
-        eta = state.etas.get(lease.run)
-        if end is None and eta is not None and eta >= now:
-            releases.append(Release(eta, lease.id, lease.slots, estimated=True))
-        elif end is None:
+        if end is not None:
+            releases.append(Release(max(end, now), lease.id, lease.slots))
+            continue
+        expected = _expected_end(state, lease, now, typical)
+        if expected is None:
             unknown.append(lease.id)
         else:
-            releases.append(Release(max(end, now), lease.id, lease.slots))
+            releases.append(Release(expected, lease.id, lease.slots, estimated=True))
     releases.sort(key=lambda r: (r.at, r.lease))
     return Timeline(flavor, tuple(releases), tuple(unknown))
+
+
+def typical_durations(state: FleetState) -> dict[tuple[str, str], int]:
+    """Median run time of completed runs per (namespace, flavor), and per ("", flavor).
+
+    A run's time is from its first lease's start to its last lease's closure; only runs that
+    ended ``Completed`` count (a failed or preempted run says little about how long work takes).
+    """
+    spans: dict[str, tuple[Instant, Instant]] = {}
+    for lease in state.leases.values():
+        if lease.closure_reason != "Completed" or lease.closed_at is None:
+            continue
+        lo, hi = spans.get(lease.run, (lease.start, lease.closed_at))
+        spans[lease.run] = (min(lo, lease.start), max(hi, lease.closed_at))
+    samples: dict[tuple[str, str], list[int]] = {}
+    for key, (lo, hi) in spans.items():
+        run = state.runs.get(key)
+        if run is None:
+            continue
+        for group in ((run.metadata.namespace, run.flavor), ("", run.flavor)):
+            samples.setdefault(group, []).append(hi - lo)
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+
+
+def _expected_end(
+    state: FleetState, lease: Lease, now: Instant, typical: Mapping[tuple[str, str], int]
+) -> Instant | None:
+    """A lease with no scheduled end: its run's reported ETA, else the history of similar runs."""
+    eta = state.etas.get(lease.run)
+    if eta is not None and eta >= now:
+        return eta
+    run = state.runs.get(lease.run)
+    if run is None:
+        return None
+    duration = typical.get((run.metadata.namespace, run.flavor), typical.get(("", run.flavor)))
+    if duration is None:
+        return None
+    return max(now, lease.start + duration)
 
 
 def _scheduled_end(lease: Lease, notice: object | None, run_key: str) -> Instant | None:
@@ -359,7 +401,8 @@ def _capacity_wait(
                 p90=bound,
                 confidence="estimated",
                 deficit_gpus=deficit,
-                basis=f"capacity: fits at {format_instant(start)} {why} (by a reported ETA); "
+                basis=f"capacity: fits at {format_instant(start)} {why} (by an estimated end: "
+                "a reported ETA or similar runs' history); "
                 f"P90 is the {bound_text}",
             )
         return ForecastResult(
