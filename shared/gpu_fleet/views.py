@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gpu_fleet.core.forecast import ForecastError, forecast
 from gpu_fleet.core.ledger import FleetState, LeaseClosed, RunStatusChanged
 from gpu_fleet.core.model import Instant
 from gpu_fleet.core.timeutil import format_instant
@@ -36,7 +37,29 @@ def run_view(state: FleetState, key: str, at: Instant) -> dict[str, Any]:
         next(r for r in report["reservations"] if r["name"] == res.name) if res else None
     )
     run["leases"] = [x for x in report["leases"] if x["run"] == key]
+    run["forecast"] = _forecast(state, key, at) if run["phase"] in ("Pending", "Waiting") else None
     return run
+
+
+def _forecast(state: FleetState, key: str, at: Instant) -> dict[str, Any] | None:
+    """The forecaster's answer, computed from the same folded state (a pure function of it)."""
+    try:
+        f = forecast(state, key, at)
+    except ForecastError:
+        return None
+    return {
+        "earliestStart": format_instant(f.earliest_start) if f.earliest_start else None,
+        "p50": format_instant(f.p50) if f.p50 else None,
+        "p90": format_instant(f.p90) if f.p90 else None,
+        "confidence": f.confidence,
+        "deficitGPUs": f.deficit_gpus,
+        "basis": f.basis,
+        "remedies": [
+            {"action": r.action, "detail": r.detail,
+             "start": format_instant(r.start) if r.start else None}
+            for r in f.remedies
+        ],
+    }
 
 
 def list_runs(state: FleetState, at: Instant, namespace: str | None = None) -> list[dict[str, Any]]:
@@ -99,6 +122,12 @@ def explain(state: FleetState, key: str, at: Instant) -> list[tuple[str, str]]:
         tried = st.detail.get("tried")
         if isinstance(tried, list):
             rows.extend(("Tried", str(t)) for t in tried)
+    fc = view.get("forecast")
+    if fc:
+        rows.append(("Forecast", f"P50 {fc['p50'] or 'unknown'}, P90 {fc['p90'] or 'unknown'} "
+                                 f"({fc['confidence']})"))
+        rows.append(("ForecastBasis", str(fc["basis"])))
+        rows.extend(("Remedy", f"{r['action']}: {r['detail']}") for r in fc["remedies"])
     res = view["reservationDetail"]
     if res is not None:
         rows.append(("PendingReservation", res["name"]))

@@ -132,6 +132,7 @@ async def test_budget_wait_reserves_and_virtual_clock_activates_unfunded(
     assert view["reason"] == "Reserved"
     res = view["reservationDetail"]
     assert res["deficitGPUs"] == 0
+    assert view["forecast"]["p90"] == res["earliestStart"]  # run status carries the forecast
     await call(nc, "clock", {"advance_to": parse_instant(res["earliestStart"])})
     view = await call(nc, "get", {"namespace": "team", "name": "extra"})
     assert view["phase"] == "Running"
