@@ -66,6 +66,35 @@ async def wait_for_services(nc: Client, names: tuple[str, ...], timeout: float =
                 await asyncio.sleep(0.05)
 
 
+READINESS_PROBE = {
+    "manager": ("fleet.api.seq", b"{}"),
+    "binder": ("$SRV.PING.gpu-fleet-binder", b""),
+    "forecaster": ("$SRV.PING.gpu-fleet-forecaster", b""),
+    "notifier": ("$SRV.PING.gpu-fleet-notifier", b""),
+}
+
+
+async def wait_until_answers(
+    nc: Client, probe: tuple[str, bytes], timeout: float = 30.0
+) -> None:
+    """Poll ``probe`` (subject, payload) until something answers (readiness, not timing).
+
+    A service's subscriptions are flushed before its ``start()`` returns, yet another connection
+    can, rarely, still see "no responders" for a few milliseconds; callers that restart a
+    service and use it at once wait here instead of failing.
+    """
+    subject, payload = probe
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await nc.request(subject, payload, timeout=1.0)
+            return
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing answers on {subject}") from None
+            await asyncio.sleep(0.01)
+
+
 class InProcessStack:
     """Embedded NATS plus the four service actors on the current event loop."""
 
@@ -122,11 +151,15 @@ class InProcessStack:
         for name in sorted(self.services, key=lambda n: (n != "binder", n != "manager", n)):
             await self.start_service(name)
         self.nc = await nats.connect(self.nats.url)
+        for name in self.services:
+            await wait_until_answers(self.nc, READINESS_PROBE[name])
 
     async def start_service(self, name: str) -> Actor:
         actor = self.make(name)
         await actor.start()
         self.actors[name] = actor
+        if self.nc is not None:  # a restart: wait until its endpoints answer other clients
+            await wait_until_answers(self.nc, READINESS_PROBE[name])
         return actor
 
     async def stop_service(self, name: str) -> None:
