@@ -65,7 +65,7 @@ FLAVOR = "G2"
 GPUS_PER_NODE = 8
 NODES_PER_DOMAIN = 16
 REGIONS = ("cn-north", "cn-east")
-TEAMS = 6
+TEAMS = 2
 MULTI_GPU_SCALE = 8
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z: the virtual clock's origin
 ERR_GOAL = 0.25  # median |P50 error| <= 25 % of the (median) actual wait
@@ -248,7 +248,7 @@ class History:
 
 
 def forecast_with_history(
-    fleet: Fleet, key: str, now: int, jobs: dict[str, Job], starts: dict[str, int], hist: History
+    fleet: Fleet, key: str, now: int, *, jobs: dict[str, Job], starts: dict[str, int], hist: History
 ) -> ForecastResult:
     """The core forecast on the same state with every unknown lease end estimated from history.
 
@@ -365,9 +365,7 @@ def replay(
             if key in starts:
                 out.immediate += 1
                 continue
-            record_forecast(
-                out, fleet, key, t, by_key, declared, starts, hist, ahead, fleet_gpus
-            )
+            record_forecast(out, fleet, key, t, by_key, declared, starts, hist, ahead, fleet_gpus)
             queued[key] = t
             ahead += by_key[key].gpus * expected_duration(key)
     out.never_started = sum(1 for r in out.records.values() if r.start is None)
@@ -395,7 +393,7 @@ def record_forecast(  # noqa: PLR0917 - a helper of replay's loop
         return
     p50_h, p90_h = fc.p50, fc.p90
     if any(x.end is None for x in fleet.state.open_leases.values()):
-        fh = forecast_with_history(fleet, key, now, by_key, starts, hist)
+        fh = forecast_with_history(fleet, key, now, jobs=by_key, starts=starts, hist=hist)
         p50_h, p90_h = fh.p50, fh.p90
     res = fleet.state.pending_reservation(key)
     out.records[key] = Record(

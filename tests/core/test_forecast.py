@@ -308,3 +308,21 @@ class TestHistoryOfSimilarRuns:
         result = forecast(fleet.state, "t/waiter", T0)
         assert result.p50 is None
         assert result.confidence == "bounded"
+
+
+class TestQueueAhead:
+    def test_runs_queued_ahead_take_freed_capacity_first(self) -> None:
+        """B waits behind A, which waits behind the blocker: B's forecast is when A is done,
+        not when the blocker is (the runs ahead are played forward on the timeline)."""
+        fleet = fleet_with()
+        fleet.apply(run("t", "blocker", 8, max_duration="5m"), T0)
+        fleet.apply(run("t", "a", 8, max_duration="5m"), T0)
+        fleet.apply(run("t", "b", 8, max_duration="5m"), T0 + 1)
+        result = forecast(fleet.state, "t/b", T0 + 1)
+        assert result.confidence == "exact"
+        assert result.p50 == T0 + 10 * MINUTE
+        assert forecast(fleet.state, "t/a", T0 + 1).p50 == T0 + 5 * MINUTE
+        fleet.advance_to(T0 + 10 * MINUTE)  # and that is what really happens
+        assert fleet.state.status["t/b"].phase == "Running"
+        starts = [x.start for x in fleet.state.leases_of("t/b")]
+        assert starts == [T0 + 10 * MINUTE]

@@ -35,6 +35,7 @@ same timeline; only those that beat the forecast are returned, ranked by that st
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -46,7 +47,7 @@ from gpu_fleet.core.gang import reserved_slots
 from gpu_fleet.core.ledger import FleetState, Reservation
 from gpu_fleet.core.model import Instant, Lease, Node, Run
 from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest, pack_greedy
-from gpu_fleet.core.timeutil import format_instant
+from gpu_fleet.core.timeutil import format_instant, parse_duration
 from gpu_fleet.core.topology import Topology, TopologyError, build_topology
 
 Confidence = Literal["exact", "estimated", "bounded", "conservative", "window-aligned"]
@@ -220,26 +221,98 @@ def earliest_fit(
 ) -> Fit:
     """The first instant on ``timeline`` at which ``request`` packs; ``None`` if none does.
 
+    The runs queued *ahead* (activation order: reservation earliest start, then admission time,
+    then key) are played forward on the same timeline: whenever capacity frees, each of them that
+    fits takes its slots first, and gives them back after its expected duration (``maxDuration``,
+    else the history of similar runs; never, if unknown).  Without this, a forecast under
+    contention promises the next freed GPUs to everyone in the queue at once.
+
     Raises ``ForecastError("topology")`` when a node of the flavor lacks a location label.
     """
     nodes = sorted(state.nodes.values(), key=lambda n: n.name)
     held = set(state.slot_holder)
     freed: list[str] = []
     now_error: PackError | None = None
-    pending = list(timeline.releases)
-    for t in timeline.instants(now):
-        while pending and pending[0].at <= t:
-            release = pending.pop(0)
-            held.difference_update(release.slots)
-            freed.append(release.lease)
+    events = [(r.at, i, r.lease, r.slots) for i, r in enumerate(timeline.releases)]
+    heapq.heapify(events)
+    queue = _queued_ahead(state, run_key, request.flavor, now)
+    typical = typical_durations(state) if queue else {}
+    seq = len(events)
+    t = now
+    while True:
+        while events and events[0][0] <= t:
+            _, _, lease, slots = heapq.heappop(events)
+            held.difference_update(slots)
+            freed.append(lease)
+        for ahead in list(queue):
+            plan = _pack_plan(state, ahead.key, nodes, held, pack_request(ahead), packer=packer)
+            if plan is None:
+                continue
+            queue.remove(ahead)
+            slots = plan.slots()
+            held.update(slots)
+            duration = _expected_duration(ahead, typical)
+            if duration is not None:
+                heapq.heappush(events, (t + duration, seq, f"queued:{ahead.key}", slots))
+                seq += 1
         error = _try_pack(state, run_key, nodes, held, request, packer=packer)
         if error is None:
             return Fit(t, now_error, tuple(freed))
         if t == now:
             now_error = error
-        if error.kind is PackErrorKind.INVALID_REQUEST:
+        if error.kind is PackErrorKind.INVALID_REQUEST or not events:
             break
+        t = events[0][0]
     return Fit(None, now_error)
+
+
+def _queued_ahead(state: FleetState, run_key: str, flavor: str, now: Instant) -> list[Run]:
+    """Pending runs of ``flavor`` that the engine will serve before ``run_key``."""
+
+    def order(key: str) -> tuple[Instant, Instant, str]:
+        res = state.pending_reservation(key)
+        due = res.earliest_start if res is not None else now
+        return (due, state.admitted.get(key, now), key)
+
+    mine = order(run_key)
+    ahead = [
+        run
+        for key, run in state.runs.items()
+        if key != run_key
+        and run.flavor == flavor
+        and (st := state.status.get(key)) is not None
+        and st.phase == "Pending"
+        and st.reason in ("Reserved", "Reclaimed", "Unschedulable")
+        and order(key) < mine
+    ]
+    return sorted(ahead, key=lambda r: order(r.key))
+
+
+def _expected_duration(run: Run, typical: Mapping[tuple[str, str], int]) -> int | None:
+    rt = run.spec.runtime
+    if rt is not None and rt.max_duration is not None:
+        return parse_duration(rt.max_duration)
+    return typical.get((run.metadata.namespace, run.flavor), typical.get(("", run.flavor)))
+
+
+def _pack_plan(
+    state: FleetState,
+    run_key: str,
+    nodes: list[Node],
+    held: set[str],
+    request: PackRequest,
+    *,
+    packer: Packer,
+) -> PackPlan | None:
+    try:
+        topology = build_topology(nodes, held, request.flavor)
+    except TopologyError as exc:
+        raise ForecastError("topology", str(exc)) from exc
+    excluded = reserved_slots(state, run_key, topology)
+    try:
+        return packer(topology, _with_excluded(request, excluded))
+    except PackError:
+        return None
 
 
 def fits_when_empty(state: FleetState, run_key: str, request: PackRequest) -> bool:
