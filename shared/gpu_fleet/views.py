@@ -55,8 +55,11 @@ def _forecast(state: FleetState, key: str, at: Instant) -> dict[str, Any] | None
         "deficitGPUs": f.deficit_gpus,
         "basis": f.basis,
         "remedies": [
-            {"action": r.action, "detail": r.detail,
-             "start": format_instant(r.start) if r.start else None}
+            {
+                "action": r.action,
+                "detail": r.detail,
+                "start": format_instant(r.start) if r.start else None,
+            }
             for r in f.remedies
         ],
     }
@@ -124,8 +127,12 @@ def explain(state: FleetState, key: str, at: Instant) -> list[tuple[str, str]]:
             rows.extend(("Tried", str(t)) for t in tried)
     fc = view.get("forecast")
     if fc:
-        rows.append(("Forecast", f"P50 {fc['p50'] or 'unknown'}, P90 {fc['p90'] or 'unknown'} "
-                                 f"({fc['confidence']})"))
+        rows.append(
+            (
+                "Forecast",
+                f"P50 {fc['p50'] or 'unknown'}, P90 {fc['p90'] or 'unknown'} ({fc['confidence']})",
+            )
+        )
         rows.append(("ForecastBasis", str(fc["basis"])))
         rows.extend(("Remedy", f"{r['action']}: {r['detail']}") for r in fc["remedies"])
     res = view["reservationDetail"]
@@ -142,10 +149,15 @@ def explain(state: FleetState, key: str, at: Instant) -> list[tuple[str, str]]:
             lease = state.leases.get(e.lease)
             if lease is not None and lease.run == key:
                 rows.append(("Closed", f"{e.lease} at {format_instant(e.at)}: {e.reason}"))
-        elif isinstance(e, RunStatusChanged) and e.run == key and e.reason in (
-            "EndedByResolver",
-            "Shrunk",
-            "Reclaimed",
+        elif (
+            isinstance(e, RunStatusChanged)
+            and e.run == key
+            and e.reason
+            in (
+                "EndedByResolver",
+                "Shrunk",
+                "Reclaimed",
+            )
         ):
             rows.append(("Event", f"{format_instant(e.at)} {e.reason}: {e.message}"))
     return rows

@@ -115,10 +115,12 @@ class TestCapacityWait:
         assert got.confidence == "bounded"
         assert "resolver makes room" in got.basis
 
-    def test_a_blocker_without_max_duration_is_unknown_and_p90_is_the_bound(self) -> None:
+    def test_a_blocker_without_max_duration_is_unknown_and_the_bound_is_the_forecast(self) -> None:
+        """Nothing says when the blocker ends, but the reservation activates at its bound and
+        the resolver makes room then: that is the start, P50 and P90 alike."""
         fleet = waiting_behind(run("t", "blocker", 6), run("t", "w", 4))
         got = forecast(fleet.state, "t/w", T0)
-        assert (got.earliest_start, got.p50, got.p90) == (BOUND, None, BOUND)
+        assert (got.earliest_start, got.p50, got.p90) == (BOUND, BOUND, BOUND)
         assert got.confidence == "bounded"
         assert got.basis.startswith("unknown: blocking leases have no scheduled end")
 
@@ -266,7 +268,7 @@ class TestReportedEta:
         reservation bound stays the P90 (an ETA is an expectation, not a promise)."""
         fleet = waiting_behind(run("t", "blocker", 8), run("t", "waiter", 2))
         unknown = forecast(fleet.state, "t/waiter", T0)
-        assert unknown.p50 is None  # no end known for the blocker yet
+        assert unknown.confidence == "bounded"  # no end known for the blocker yet
         fleet.report_eta("t/blocker", T0 + 5 * MINUTE, T0)
         result = forecast(fleet.state, "t/waiter", T0)
         assert result.confidence == "estimated"
@@ -303,11 +305,44 @@ class TestHistoryOfSimilarRuns:
         assert result.p90 == res.earliest_start
 
     def test_without_history_the_end_stays_unknown(self) -> None:
-        """No similar completed run: nothing is invented; P50 is unknown, P90 the bound."""
+        """No similar completed run: nothing is invented; the bound is the forecast."""
         fleet = waiting_behind(run("t", "blocker", 8), run("t", "waiter", 2))
         result = forecast(fleet.state, "t/waiter", T0)
-        assert result.p50 is None
+        res = fleet.state.pending_reservation("t/waiter")
+        assert res is not None
+        assert result.p50 == result.p90 == res.earliest_start
         assert result.confidence == "bounded"
+        assert result.basis.startswith("unknown:")
+
+    def test_a_blocker_older_than_every_past_run_has_an_unknown_end(self) -> None:
+        """Conditioning on age: a blocker that has already outlived every completed run is not
+        "due at the median" (that would promise the room now); its end is unknown."""
+        fleet = fleet_with()
+        for i, minutes in enumerate((5, 10, 15)):
+            fleet.apply(run("t", f"past{i}", 8), T0 + i * HOUR)
+            fleet.complete(f"t/past{i}", T0 + i * HOUR + minutes * MINUTE)
+        start = T0 + 4 * HOUR
+        fleet.apply(run("t", "blocker", 8), start)
+        now = start + 20 * MINUTE
+        fleet.apply(run("t", "waiter", 2), now)
+        result = forecast(fleet.state, "t/waiter", now)
+        assert result.confidence == "bounded"
+        assert result.basis.startswith("unknown:")
+
+    def test_the_remaining_life_is_the_median_of_runs_that_lived_as_long(self) -> None:
+        """A blocker 11 minutes old among past runs of 5, 10 and 15 minutes is expected to end
+        at 15 (the only past run that lived that long), not at the overall median of 10."""
+        fleet = fleet_with()
+        for i, minutes in enumerate((5, 10, 15)):
+            fleet.apply(run("t", f"past{i}", 8), T0 + i * HOUR)
+            fleet.complete(f"t/past{i}", T0 + i * HOUR + minutes * MINUTE)
+        start = T0 + 4 * HOUR
+        fleet.apply(run("t", "blocker", 8), start)
+        now = start + 11 * MINUTE
+        fleet.apply(run("t", "waiter", 2), now)
+        result = forecast(fleet.state, "t/waiter", now)
+        assert result.confidence == "estimated"
+        assert result.p50 == start + 15 * MINUTE
 
 
 class TestQueueAhead:

@@ -327,6 +327,38 @@ class TestActivation:
         assert notice.source == res.name
         assert f.state.reservations[res.name].state == "Released"
 
+    def test_reservations_due_together_in_one_slice_share_the_room_made_for_them(self) -> None:
+        """Two reservations protecting the same node fall due at one instant: the first in
+        activation order is not kept out of the freed room by the second's protection, and
+        the second then starts in what is left (it used to re-reserve both, cutting for no one).
+        """
+        f = fleet([node("n1", 8)], [TEAM, VICTIM, run("b", "holder", 8)])
+        f.apply(run("a", "w1", 1), T0 + MINUTE)
+        f.apply(run("a", "w2", 1), T0 + MINUTE)
+        first = f.state.pending_reservation("a/w1")
+        second = f.state.pending_reservation("a/w2")
+        assert first is not None and second is not None
+        assert (first.earliest_start, first.nodes) == (second.earliest_start, second.nodes)
+        f.advance_to(first.earliest_start)
+        assert f.state.status["a/w1"].phase == "Running"
+        assert f.state.status["a/w2"].phase == "Running"
+        assert f.state.reservations[first.name].reason == "Activated"
+        assert f.state.reservations[second.name].reason == "Activated"
+        assert f.state.status["b/holder"].reason == "EndedByResolver"
+
+    def test_a_later_reservation_still_protects_its_slice_from_one_not_yet_due(self) -> None:
+        """The exception is for a run whose own reservation is due: before that, the slice of
+        a reservation it would come before in activation order stays closed to it."""
+        f = fleet([node("n1", 8)], [TEAM, VICTIM, run("b", "holder", 6)])
+        f.apply(run("a", "big", 8), T0 + MINUTE)  # deficit 6: bound 15 min + 3 min
+        f.apply(run("a", "small", 2), T0 + 2 * MINUTE)  # deficit 2: bound 16 min, earlier
+        big = f.state.pending_reservation("a/big")
+        small = f.state.pending_reservation("a/small")
+        assert big is not None and small is not None
+        assert small.earliest_start < big.earliest_start
+        f.reconcile(T0 + 3 * MINUTE)
+        assert f.state.status["a/small"].phase == "Pending"  # 2 free GPUs, both big's
+
     def test_the_report_shows_the_preemption_with_seed_and_conflict_set(self) -> None:
         f = fleet([node("n1", 4)], [TEAM, VICTIM, run("b", "holder", 4)])
         f.apply(run("a", "waiter", 4), T0 + MINUTE)

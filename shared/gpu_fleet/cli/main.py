@@ -46,13 +46,29 @@ def render_report(report: dict[str, Any]) -> str:
         out.append("  Runs")
         out.append(
             _table(
-                ["RUN", "PHASE", "REASON", "ALLOC", "SPARES", "OWNED", "SHARED", "BORROWED",
-                 "UNFUNDED", "EARLIEST START"],
+                [
+                    "RUN",
+                    "PHASE",
+                    "REASON",
+                    "ALLOC",
+                    "SPARES",
+                    "OWNED",
+                    "SHARED",
+                    "BORROWED",
+                    "UNFUNDED",
+                    "EARLIEST START",
+                ],
                 [
                     [
-                        f"{r['namespace']}/{r['name']}", r["phase"], r["reason"],
-                        r["width"]["allocated"], r["spares"], r["funding"]["owned"],
-                        r["funding"]["shared"], r["funding"]["borrowed"], r["funding"]["unfunded"],
+                        f"{r['namespace']}/{r['name']}",
+                        r["phase"],
+                        r["reason"],
+                        r["width"]["allocated"],
+                        r["spares"],
+                        r["funding"]["owned"],
+                        r["funding"]["shared"],
+                        r["funding"]["borrowed"],
+                        r["funding"]["unfunded"],
                         r["earliestStart"],
                     ]
                     for r in runs
@@ -72,9 +88,15 @@ def render_report(report: dict[str, Any]) -> str:
                 ["RUN", "NODE", "SLOTS", "ROLE", "GROUP", "CLASS", "PAYER"],
                 [
                     [
-                        x["run"], x["node"], _slots(x["slots"]), x["role"], x["group"], x["class"],
+                        x["run"],
+                        x["node"],
+                        _slots(x["slots"]),
+                        x["role"],
+                        x["group"],
+                        x["class"],
                         "/".join(x["payer"][k] for k in ("namespace", "budget", "envelope"))
-                        if x["payer"] else None,
+                        if x["payer"]
+                        else None,
                     ]
                     for x in open_leases
                 ],
@@ -86,8 +108,10 @@ def render_report(report: dict[str, Any]) -> str:
         out.append(
             _table(
                 ["RUN", "NODE", "SLOTS", "CLOSED AT", "REASON"],
-                [[x["run"], x["node"], _slots(x["slots"]), x["closedAt"], x["closureReason"]]
-                 for x in closed],
+                [
+                    [x["run"], x["node"], _slots(x["slots"]), x["closedAt"], x["closureReason"]]
+                    for x in closed
+                ],
                 "    ",
             )
         )
@@ -97,8 +121,17 @@ def render_report(report: dict[str, Any]) -> str:
         out.append(
             _table(
                 ["NAME", "RUN", "KIND", "EARLIEST START", "DEFICIT", "REASON"],
-                [[r["name"], r["run"], r["kind"], r["earliestStart"], r["deficitGPUs"], r["reason"]]
-                 for r in pending],
+                [
+                    [
+                        r["name"],
+                        r["run"],
+                        r["kind"],
+                        r["earliestStart"],
+                        r["deficitGPUs"],
+                        r["reason"],
+                    ]
+                    for r in pending
+                ],
                 "    ",
             )
         )
@@ -107,8 +140,16 @@ def render_report(report: dict[str, Any]) -> str:
         _table(
             ["ENVELOPE", "CONC", "HEADROOM", "OWNED", "SHARED", "BORROWED", "UNFUNDED", "GPU-H"],
             [
-                [f"{b['namespace']}/{b['name']}/{e['name']}", e["concurrency"], e["headroom"],
-                 e["owned"], e["shared"], e["borrowed"], e["unfunded"], f"{e['gpuHoursUsed']:.2f}"]
+                [
+                    f"{b['namespace']}/{b['name']}/{e['name']}",
+                    e["concurrency"],
+                    e["headroom"],
+                    e["owned"],
+                    e["shared"],
+                    e["borrowed"],
+                    e["unfunded"],
+                    f"{e['gpuHoursUsed']:.2f}",
+                ]
                 for b in report["budgets"]
                 for e in b["envelopes"]
             ],
@@ -155,9 +196,12 @@ def _cmd_scenario_run(args: argparse.Namespace) -> int:
             status = EXIT_FAILED
         if args.output == "json":
             if args.check:
-                report = {**report, "expectations": [
-                    {"index": o.index, "ok": o.ok, "message": o.message} for o in outcomes
-                ]}
+                report = {
+                    **report,
+                    "expectations": [
+                        {"index": o.index, "ok": o.ok, "message": o.message} for o in outcomes
+                    ],
+                }
             results.append(report)
             continue
         print(f"Scenario {scenario.name} ({path})")
@@ -221,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the file's machine expectations (exit 1 on failure)",
     )
     run.add_argument(
-        "--via-nats", action="store_true",
+        "--via-nats",
+        action="store_true",
         help="run through the real services on an embedded NATS server (same report)",
     )
     run.set_defaults(func=_cmd_scenario_run)

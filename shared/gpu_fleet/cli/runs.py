@@ -195,14 +195,38 @@ async def cmd_get(nc: Any, args: argparse.Namespace) -> int:
         namespace = None if args.all_namespaces else args.namespace
         views = await call(nc, "list", {"namespace": namespace})
     rows = [
-        [f"{v['namespace']}/{v['name']}", v["phase"], v["reason"], v["width"]["allocated"],
-         v["funding"]["owned"], v["funding"]["shared"], v["funding"]["borrowed"],
-         v["funding"]["unfunded"], v["earliestStart"]]
+        [
+            f"{v['namespace']}/{v['name']}",
+            v["phase"],
+            v["reason"],
+            v["width"]["allocated"],
+            v["funding"]["owned"],
+            v["funding"]["shared"],
+            v["funding"]["borrowed"],
+            v["funding"]["unfunded"],
+            v["earliestStart"],
+        ]
         for v in views
     ]
-    _emit(args, views if not args.run else views[0], table(
-        "Runs", ["Run", "Phase", "Reason", "GPUs", "Owned", "Shared", "Borrowed", "Unfunded",
-                 "EarliestStart"], rows))
+    _emit(
+        args,
+        views if not args.run else views[0],
+        table(
+            "Runs",
+            [
+                "Run",
+                "Phase",
+                "Reason",
+                "GPUs",
+                "Owned",
+                "Shared",
+                "Borrowed",
+                "Unfunded",
+                "EarliestStart",
+            ],
+            rows,
+        ),
+    )
     return EXIT_OK
 
 
@@ -212,13 +236,29 @@ async def cmd_leases(nc: Any, args: argparse.Namespace) -> int:
         body = _ref(args)
     leases = await call(nc, "leases", body)
     rows = [
-        [x["id"], x["run"], x["role"], len(x["slots"]), x["node"], x["class"] or "-",
-         _payer(x["payer"]), x["start"], x["end"], x["closureReason"]]
+        [
+            x["id"],
+            x["run"],
+            x["role"],
+            len(x["slots"]),
+            x["node"],
+            x["class"] or "-",
+            _payer(x["payer"]),
+            x["start"],
+            x["end"],
+            x["closureReason"],
+        ]
         for x in leases
     ]
-    _emit(args, leases, table(
-        "Run Leases", ["Lease", "Run", "Role", "GPUs", "Node", "Class", "Payer", "Start", "End",
-                       "Closure"], rows))
+    _emit(
+        args,
+        leases,
+        table(
+            "Run Leases",
+            ["Lease", "Run", "Role", "GPUs", "Node", "Class", "Payer", "Start", "End", "Closure"],
+            rows,
+        ),
+    )
     return EXIT_OK
 
 
@@ -232,14 +272,41 @@ async def cmd_budgets(nc: Any, args: argparse.Namespace) -> int:
     namespace = None if args.all_namespaces else args.namespace
     budgets = await call(nc, "budgets", {"namespace": namespace})
     rows = [
-        [f"{b['namespace']}/{b['name']}", e["name"], e["flavor"], e["concurrency"], e["owned"],
-         e["shared"], e["borrowed"], e["unfunded"], e["headroom"], f"{e['gpuHoursUsed']:.2f}"]
+        [
+            f"{b['namespace']}/{b['name']}",
+            e["name"],
+            e["flavor"],
+            e["concurrency"],
+            e["owned"],
+            e["shared"],
+            e["borrowed"],
+            e["unfunded"],
+            e["headroom"],
+            f"{e['gpuHoursUsed']:.2f}",
+        ]
         for b in budgets
         for e in b["envelopes"]
     ]
-    _emit(args, budgets, table(
-        "Budget Usage", ["Budget", "Envelope", "Flavor", "Concurrency", "Owned", "Shared",
-                         "Borrowed", "Unfunded", "Headroom", "GPUHours"], rows))
+    _emit(
+        args,
+        budgets,
+        table(
+            "Budget Usage",
+            [
+                "Budget",
+                "Envelope",
+                "Flavor",
+                "Concurrency",
+                "Owned",
+                "Shared",
+                "Borrowed",
+                "Unfunded",
+                "Headroom",
+                "GPUHours",
+            ],
+            rows,
+        ),
+    )
     return EXIT_OK
 
 
@@ -262,8 +329,11 @@ async def cmd_shrink(nc: Any, args: argparse.Namespace) -> int:
         print("error: --by must be > 0", file=sys.stderr)
         return EXIT_USAGE
     result = await call(nc, "shrink", {**_ref(args), "by": args.by})
-    _emit(args, result, table("Shrink Requested", ["Run", "DesiredGPUs"],
-                              [[result["run"], result["desiredGPUs"]]]))
+    _emit(
+        args,
+        result,
+        table("Shrink Requested", ["Run", "DesiredGPUs"], [[result["run"], result["desiredGPUs"]]]),
+    )
     return EXIT_OK
 
 
@@ -274,8 +344,11 @@ async def cmd_simple(nc: Any, args: argparse.Namespace) -> int:
         _emit(args, result, f"deleted run {_ref(args)['namespace']}/{_ref(args)['name']}")
         return EXIT_OK
     result = await call(nc, args.command, _ref(args))
-    _emit(args, result, table(f"Run {result['phase']}", ["Run", "Phase"],
-                              [[result["run"], result["phase"]]]))
+    _emit(
+        args,
+        result,
+        table(f"Run {result['phase']}", ["Run", "Phase"], [[result["run"], result["phase"]]]),
+    )
     return EXIT_OK
 
 
@@ -395,13 +468,21 @@ async def _run(args: argparse.Namespace) -> int:
 
     try:
         nc = await asyncio.wait_for(
-            nats.connect(args.nats_url, connect_timeout=2, max_reconnect_attempts=1,
-                         allow_reconnect=False, error_cb=quiet),
+            nats.connect(
+                args.nats_url,
+                connect_timeout=2,
+                max_reconnect_attempts=1,
+                allow_reconnect=False,
+                error_cb=quiet,
+            ),
             timeout=5,
         )
     except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
-        print(f"error: cannot reach NATS at {args.nats_url} ({type(exc).__name__}); "
-              "is the stack up? (gpu-fleet up)", file=sys.stderr)
+        print(
+            f"error: cannot reach NATS at {args.nats_url} ({type(exc).__name__}); "
+            "is the stack up? (gpu-fleet up)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     try:
         return await HANDLERS[args.command](nc, args)
@@ -411,8 +492,10 @@ async def _run(args: argparse.Namespace) -> int:
             print(f"error: {e.get('path')}: {e.get('message')}", file=sys.stderr)
         return EXIT_USAGE if exc.code in ("validation", "bad_request") else EXIT_FAILED
     except nats.errors.NoRespondersError:
-        print("error: no manager is answering on fleet.api (is gpu-fleet-manager running?)",
-              file=sys.stderr)
+        print(
+            "error: no manager is answering on fleet.api (is gpu-fleet-manager running?)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     except nats.errors.TimeoutError:
         print("error: the manager did not answer in time", file=sys.stderr)
@@ -430,8 +513,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
         return EXIT_OK
-
-
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -74,9 +74,7 @@ READINESS_PROBE = {
 }
 
 
-async def wait_until_answers(
-    nc: Client, probe: tuple[str, bytes], timeout: float = 30.0
-) -> None:
+async def wait_until_answers(nc: Client, probe: tuple[str, bytes], timeout: float = 30.0) -> None:
     """Poll ``probe`` (subject, payload) until something answers (readiness, not timing).
 
     A service's subscriptions are flushed before its ``start()`` returns, yet another connection

@@ -178,8 +178,7 @@ def available_width(
             cap_senior = sum(
                 r.width
                 for r in member_rows
-                if r.rank_class == LOAN
-                or (r.rank_class != SPONSOR and r.rank <= rank)
+                if r.rank_class == LOAN or (r.rank_class != SPONSOR and r.rank <= rank)
             )
         if cap.max_concurrency is not None:
             limits.append(

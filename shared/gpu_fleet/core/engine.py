@@ -294,6 +294,8 @@ def _reclaim_for_admission(
     are the cuts applied - the reference reclaimed first and re-planned after, which could cut
     someone for a run that still did not fit.  Funded work is never touched here (F.1.10).
     """
+    if not state.has_unfunded_actives(now):
+        return None  # nothing Unfunded anywhere: phase 0 would draw nobody
     ev = state.evaluation(now)
     shortfall = sorted(pack_error.shortfall)
     scope = _scope_labels(shortfall[0]) if len(shortfall) == 1 else {}
@@ -358,7 +360,7 @@ def _start_events(
     spares = sum(x.width for x in leases if x.role is LeaseRole.SPARE)
     msg = f"{how} {active} GPUs" + (f" and {spares} spare GPUs" if spares else "")
     events.append(status_event(run.key, now, "Running", "GangBound", msg))
-    for res in sorted(state.reservations.values(), key=lambda r: r.name):
+    for res in sorted(state.pending_reservations.values(), key=lambda r: r.name):
         if res.run == run.key and res.state == "Pending":
             events.append(ReservationReleased(at=now, name=res.name, reason="Superseded"))
     return events
@@ -912,7 +914,7 @@ class Fleet:
             ]
             closing += [
                 ReservationReleased(at=at, name=r.name, state="Failed", reason="run deleted")
-                for r in sorted(self.state.reservations.values(), key=lambda r: r.name)
+                for r in sorted(self.state.pending_reservations.values(), key=lambda r: r.name)
                 if r.run == key and r.state == "Pending"
             ]
             events = self.commit([*closing, RunDeleted(at=at, run=key)])
@@ -997,7 +999,7 @@ class Fleet:
         state = self.state
         times = [
             r.earliest_start
-            for r in state.reservations.values()
+            for r in state.pending_reservations.values()
             if r.state == "Pending" and r.earliest_start > after
         ]
         times += [x.end for x in state.open_leases.values() if x.end is not None and x.end > after]
@@ -1077,7 +1079,7 @@ class Fleet:
         due = sorted(
             (
                 r
-                for r in state.reservations.values()
+                for r in state.pending_reservations.values()
                 if r.state == "Pending" and r.earliest_start <= now
             ),
             key=lambda r: (r.earliest_start, r.name),

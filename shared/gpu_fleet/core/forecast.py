@@ -35,19 +35,20 @@ same timeline; only those that beat the forecast are returned, ranked by that st
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 
+from gpu_fleet.core.capacity_sim import Release, SimTopologyError, pack_request, simulate
 from gpu_fleet.core.envelopes import EnvelopeInfo
 from gpu_fleet.core.gang import reserved_slots
+from gpu_fleet.core.history import duration_history
 from gpu_fleet.core.ledger import FleetState, Reservation
 from gpu_fleet.core.model import Instant, Lease, Node, Run
-from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest, pack_greedy
-from gpu_fleet.core.timeutil import format_instant, parse_duration
+from gpu_fleet.core.pack import PackError, PackPlan, PackRequest, pack_greedy
+from gpu_fleet.core.timeutil import format_instant
 from gpu_fleet.core.topology import Topology, TopologyError, build_topology
 
 Confidence = Literal["exact", "estimated", "bounded", "conservative", "window-aligned"]
@@ -63,16 +64,6 @@ class ForecastError(ValueError):
         super().__init__(message)
         self.kind = kind
         self.message = message
-
-
-@dataclass(frozen=True)
-class Release:
-    """``slots`` of open lease ``lease`` become free at ``at`` (its scheduled end)."""
-
-    at: Instant
-    lease: str
-    slots: tuple[str, ...]
-    estimated: bool = False  # from the run's reported ETA, not a scheduled end
 
 
 @dataclass(frozen=True)
@@ -94,7 +85,8 @@ class Fit:
 
     at: Instant | None
     now_error: PackError | None  # why it does not fit now (``None`` when it does)
-    freed_by: tuple[str, ...] = ()  # leases whose scheduled end the fit waits for
+    freed_by: tuple[str, ...] = ()  # leases whose end the fit waits for (at its instant)
+    uncertain: bool = False  # an estimated end or a modelled lottery draw came before it
 
 
 @dataclass(frozen=True)
@@ -128,10 +120,12 @@ def build_timeline(state: FleetState, flavor: str, run_key: str, now: Instant) -
     run (or names no beneficiary): room cut for someone else is theirs, so it stays held here.
     """
     flavor_nodes = {n.name for n in state.nodes.values() if n.flavor == flavor}
-    typical = typical_durations(state)
     notices: Mapping[str, object] = getattr(state, "preemptions", {})
     releases: list[Release] = []
     unknown: list[str] = []
+    started: dict[str, Instant] = {}  # each run's first open lease start: its age
+    for lease in state.open_leases.values():
+        started[lease.run] = min(started.get(lease.run, lease.start), lease.start)
     for lease in sorted(state.open_leases.values(), key=lambda x: x.id):
         if lease.node not in flavor_nodes or lease.run == run_key:
             continue
@@ -139,7 +133,7 @@ def build_timeline(state: FleetState, flavor: str, run_key: str, now: Instant) -
         if end is not None:
             releases.append(Release(max(end, now), lease.id, lease.slots))
             continue
-        expected = _expected_end(state, lease, now, typical)
+        expected = _expected_end(state, lease, started.get(lease.run, lease.start), now)
         if expected is None:
             unknown.append(lease.id)
         else:
@@ -148,42 +142,18 @@ def build_timeline(state: FleetState, flavor: str, run_key: str, now: Instant) -
     return Timeline(flavor, tuple(releases), tuple(unknown))
 
 
-def typical_durations(state: FleetState) -> dict[tuple[str, str], int]:
-    """Median run time of completed runs per (namespace, flavor), and per ("", flavor).
-
-    A run's time is from its first lease's start to its last lease's closure; only runs that
-    ended ``Completed`` count (a failed or preempted run says little about how long work takes).
-    """
-    spans: dict[str, tuple[Instant, Instant]] = {}
-    for lease in state.leases.values():
-        if lease.closure_reason != "Completed" or lease.closed_at is None:
-            continue
-        lo, hi = spans.get(lease.run, (lease.start, lease.closed_at))
-        spans[lease.run] = (min(lo, lease.start), max(hi, lease.closed_at))
-    samples: dict[tuple[str, str], list[int]] = {}
-    for key, (lo, hi) in spans.items():
-        run = state.runs.get(key)
-        if run is None:
-            continue
-        for group in ((run.metadata.namespace, run.flavor), ("", run.flavor)):
-            samples.setdefault(group, []).append(hi - lo)
-    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
-
-
 def _expected_end(
-    state: FleetState, lease: Lease, now: Instant, typical: Mapping[tuple[str, str], int]
+    state: FleetState, lease: Lease, started: Instant, now: Instant
 ) -> Instant | None:
-    """A lease with no scheduled end: its run's reported ETA, else the history of similar runs."""
+    """A lease with no scheduled end: its run's reported ETA, else the history of similar runs
+    (conditioned on how long the run, started at ``started``, has run; see ``history``)."""
     eta = state.etas.get(lease.run)
     if eta is not None and eta >= now:
         return eta
     run = state.runs.get(lease.run)
     if run is None:
         return None
-    duration = typical.get((run.metadata.namespace, run.flavor), typical.get(("", run.flavor)))
-    if duration is None:
-        return None
-    return max(now, lease.start + duration)
+    return duration_history(state, now).expected_end(run, started, now)
 
 
 def _scheduled_end(lease: Lease, notice: object | None, run_key: str) -> Instant | None:
@@ -198,18 +168,6 @@ def _scheduled_end(lease: Lease, notice: object | None, run_key: str) -> Instant
     return end
 
 
-def pack_request(run: Run, *, width: int | None = None, spares: bool = True) -> PackRequest:
-    """The request admission would pack for ``run`` (optionally at another width, no spares)."""
-    loc = run.spec.locality
-    return PackRequest(
-        flavor=run.flavor,
-        total_gpus=width if width is not None else run.spec.resources.total_gpus,
-        group_gpus=loc.group_gpus if loc is not None else None,
-        allow_cross_group_spread=loc.allow_cross_group_spread if loc is not None else True,
-        spares_per_group=run.spec.spares_per_group if spares else 0,
-    )
-
-
 def earliest_fit(
     state: FleetState,
     run_key: str,
@@ -219,100 +177,35 @@ def earliest_fit(
     *,
     packer: Packer = pack_greedy,
 ) -> Fit:
-    """The first instant on ``timeline`` at which ``request`` packs; ``None`` if none does.
+    """The first instant at which ``request`` packs for ``run_key``; ``None`` if none does.
 
-    The runs queued *ahead* (activation order: reservation earliest start, then admission time,
-    then key) are played forward on the same timeline: whenever capacity frees, each of them that
-    fits takes its slots first, and gives them back after its expected duration (``maxDuration``,
-    else the history of similar runs; never, if unknown).  Without this, a forecast under
-    contention promises the next freed GPUs to everyone in the queue at once.
+    The flavor is played forward the way the engine serves it (``capacity_sim``): the runs
+    queued with it take freed capacity in admission order, reservations of others fall due and
+    the resolver makes room for them, and every run started in the play gives its slots back
+    after its expected duration.  Only this run's own bound is left out: it is the promise
+    the forecast states separately.
 
     Raises ``ForecastError("topology")`` when a node of the flavor lacks a location label.
     """
-    nodes = sorted(state.nodes.values(), key=lambda n: n.name)
-    held = set(state.slot_holder)
-    freed: list[str] = []
-    now_error: PackError | None = None
-    events = [(r.at, i, r.lease, r.slots) for i, r in enumerate(timeline.releases)]
-    heapq.heapify(events)
-    queue = _queued_ahead(state, run_key, request.flavor, now)
-    typical = typical_durations(state) if queue else {}
-    seq = len(events)
-    t = now
-    while True:
-        while events and events[0][0] <= t:
-            _, _, lease, slots = heapq.heappop(events)
-            held.difference_update(slots)
-            freed.append(lease)
-        for ahead in list(queue):
-            plan = _pack_plan(state, ahead.key, nodes, held, pack_request(ahead), packer=packer)
-            if plan is None:
-                continue
-            queue.remove(ahead)
-            slots = plan.slots()
-            held.update(slots)
-            duration = _expected_duration(ahead, typical)
-            if duration is not None:
-                heapq.heappush(events, (t + duration, seq, f"queued:{ahead.key}", slots))
-                seq += 1
-        error = _try_pack(state, run_key, nodes, held, request, packer=packer)
-        if error is None:
-            return Fit(t, now_error, tuple(freed))
-        if t == now:
-            now_error = error
-        if error.kind is PackErrorKind.INVALID_REQUEST or not events:
-            break
-        t = events[0][0]
-    return Fit(None, now_error)
-
-
-def _queued_ahead(state: FleetState, run_key: str, flavor: str, now: Instant) -> list[Run]:
-    """Pending runs of ``flavor`` that the engine will serve before ``run_key``."""
-
-    def order(key: str) -> tuple[Instant, Instant, str]:
-        res = state.pending_reservation(key)
-        due = res.earliest_start if res is not None else now
-        return (due, state.admitted.get(key, now), key)
-
-    mine = order(run_key)
-    ahead = [
-        run
-        for key, run in state.runs.items()
-        if key != run_key
-        and run.flavor == flavor
-        and (st := state.status.get(key)) is not None
-        and st.phase == "Pending"
-        and st.reason in ("Reserved", "Reclaimed", "Unschedulable")
-        and order(key) < mine
-    ]
-    return sorted(ahead, key=lambda r: order(r.key))
-
-
-def _expected_duration(run: Run, typical: Mapping[tuple[str, str], int]) -> int | None:
-    rt = run.spec.runtime
-    if rt is not None and rt.max_duration is not None:
-        return parse_duration(rt.max_duration)
-    return typical.get((run.metadata.namespace, run.flavor), typical.get(("", run.flavor)))
-
-
-def _pack_plan(
-    state: FleetState,
-    run_key: str,
-    nodes: list[Node],
-    held: set[str],
-    request: PackRequest,
-    *,
-    packer: Packer,
-) -> PackPlan | None:
     try:
-        topology = build_topology(nodes, held, request.flavor)
-    except TopologyError as exc:
+        outcome = simulate(
+            state,
+            request.flavor,
+            timeline.releases,
+            now,
+            history=duration_history(state, now),
+            requests={run_key: request},
+            target=run_key,
+            resolve_for=lambda key: key != run_key,
+            packer=packer,
+        )
+    except SimTopologyError as exc:
         raise ForecastError("topology", str(exc)) from exc
-    excluded = reserved_slots(state, run_key, topology)
-    try:
-        return packer(topology, _with_excluded(request, excluded))
-    except PackError:
-        return None
+    now_error = outcome.now_errors.get(run_key)
+    start = outcome.starts.get(run_key)
+    if start is None:
+        return Fit(None, now_error)
+    return Fit(start.at, now_error, start.freed_by, start.uncertain)
 
 
 def fits_when_empty(state: FleetState, run_key: str, request: PackRequest) -> bool:
@@ -465,8 +358,9 @@ def _capacity_wait(
         waits = _last_releases(timeline, fit)
         why = f"when {', '.join(waits)} reach(es) its scheduled end" if waits else "already"
         freed = set(fit.freed_by)
-        if any(r.estimated and r.lease in freed for r in timeline.releases):
-            # A reported ETA is an expectation, not a promise: P50 trusts it, P90 is the bound.
+        if fit.uncertain or any(r.estimated and r.lease in freed for r in timeline.releases):
+            # An estimated end (a reported ETA, similar runs' history) or a lottery draw for a
+            # run ahead is an expectation, not a promise: P50 trusts it, P90 is the bound.
             return ForecastResult(
                 run=run.key,
                 earliest_start=start,
@@ -474,9 +368,9 @@ def _capacity_wait(
                 p90=bound,
                 confidence="estimated",
                 deficit_gpus=deficit,
-                basis=f"capacity: fits at {format_instant(start)} {why} (by an estimated end: "
-                "a reported ETA or similar runs' history); "
-                f"P90 is the {bound_text}",
+                basis=f"capacity: fits at {format_instant(start)} {why} (after estimated "
+                "events: a reported ETA, similar runs' history, or the resolver's lottery for a "
+                f"run queued ahead); P90 is the {bound_text}",
             )
         return ForecastResult(
             run=run.key,
@@ -497,10 +391,11 @@ def _capacity_wait(
     if timeline.unknown and fits_when_empty(state, run.key, request):
         shown = ", ".join(timeline.unknown[:5]) + (" ..." if len(timeline.unknown) > 5 else "")
         basis = (
-            f"unknown: blocking leases have no scheduled end (no maxDuration): {shown}; "
-            f"P90 is the bound: the {bound_text} and the resolver makes room then"
+            f"unknown: blocking leases have no scheduled end (no maxDuration) and no history "
+            f"of similar runs says when they end: {shown}; the {bound_text} and the resolver "
+            "makes room then, so that is the forecast (sooner only if they end first)"
         )
-        return ForecastResult(run.key, bound, None, bound, "bounded", deficit, basis)
+        return ForecastResult(run.key, bound, bound, bound, "bounded", deficit, basis)
     basis = (
         f"the fleet cannot fit {run.spec.resources.total_gpus} GPUs of {run.flavor} for this run "
         f"even with every lease gone ({fit.now_error.message if fit.now_error else 'no fit'}); "

@@ -142,9 +142,7 @@ class Proposer:
     def envelopes_for(
         self, run: Run, owner: str, location: Mapping[str, str] | None
     ) -> list[EnvelopeKey]:
-        loc_key = (
-            None if location is None else tuple(location.get(k) for k in self._sel_keys)
-        )
+        loc_key = None if location is None else tuple(location.get(k) for k in self._sel_keys)
         funding = run.spec.funding
         sponsors = funding.sponsors if funding is not None and funding.allow_borrow else ()
         cache_key = (owner, run.flavor, sponsors, loc_key)

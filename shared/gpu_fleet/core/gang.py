@@ -86,23 +86,47 @@ def commentary(state: FleetState, run: str, at: Instant, message: str) -> RunSta
 
 
 def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> frozenset[str]:
-    """Backfill protection (DESIGN decision 5): free slots inside other runs' intended slices.
+    """Backfill protection (DESIGN decision 5): free slots of other runs' intended slices.
 
-    A run may not take them unless it is the reservation's own run, or its leases are sure to
-    end before the reservation's earliest start (its ``maxDuration`` runs out by then).  Only
-    capacity waits hold a slice; a budget-only wait has nothing to protect.
+    A pending capacity reservation closes its slice to every other run, except to a run whose
+    ``maxDuration`` runs out before the reservation's earliest start (it is gone before the
+    room is needed) and to a run whose *own* reservation is due now and comes first in
+    activation order (earliest start, then name).  Without that last exception two reservations
+    sharing a domain and falling due together would keep each other out of the room the
+    resolver just made for them.  Only capacity waits hold a slice.
     """
     run = state.runs.get(run_key)
     duration = _max_duration(run) if run is not None else None
+    own = state.pending_reservation(run_key)
+    mine = (own.earliest_start, own.name) if own is not None else None
     held: set[str] = set()
-    for res in state.reservations.values():
-        if res.state != "Pending" or res.kind != "capacity" or res.run == run_key:
-            continue
-        if duration is not None and state.clock + duration <= res.earliest_start:
-            continue  # backfill that is gone before the reservation needs the room
-        for node in res.nodes:
-            held.update(topology.free_slots(node) if topology.has_node(node) else ())
+    for nodes, entries in state.protected_slices().items():
+        if protects(entries, run_key, mine, duration, state.clock):
+            for node in nodes:
+                held.update(topology.free_slots(node) if topology.has_node(node) else ())
     return frozenset(held)
+
+
+def protects(
+    entries: Sequence[tuple[Instant, str, str]],
+    run_key: str,
+    mine: tuple[Instant, str] | None,
+    duration: int | None,
+    now: Instant,
+) -> bool:
+    """Is a slice with these reservations (in activation order) closed to ``run_key`` at ``now``?
+
+    ``mine`` is the run's own pending reservation (earliest start, name), if any.  The first
+    entry of another run decides: a due run that comes before it comes before all of them, and
+    a run that ends before it ends before all of them.
+    """
+    for bound, name, owner in entries:
+        if owner == run_key:
+            continue
+        if mine is not None and mine[0] <= now and mine <= (bound, name):
+            return False
+        return duration is None or now + duration > bound
+    return False
 
 
 def _max_duration(run: Run) -> int | None:
@@ -288,6 +312,7 @@ def verify_funded(
     gone = set(closing)
     current = [x for x in inputs.leases if x.id not in gone]
     after = fill(inputs.index, [*current, *new], runs, admitted, inputs.node_labels, now, view)
+
     def waits_for_window(lease: Lease) -> bool:
         # preActivation.allowAdmission: planned against an envelope whose window has not opened;
         # the lease is Unfunded until it does, by design (SPEC §A.1), not born unfunded by mistake.
@@ -319,7 +344,7 @@ def release_reservations(state: FleetState, run: str, at: Instant, reason: str) 
     """Release every pending reservation of ``run`` (its pointers are cleared with it)."""
     return [
         ReservationReleased(at=at, name=res.name, reason=reason)
-        for res in sorted(state.reservations.values(), key=lambda r: r.name)
+        for res in sorted(state.pending_reservations.values(), key=lambda r: r.name)
         if res.run == run and res.state == "Pending"
     ]
 
@@ -345,7 +370,7 @@ def fail_events(  # noqa: PLR0917 - positional shape kept for existing callers
         if lease.id not in skip
     ]
     events.append(status_event(key, now, "Failed", reason, message))
-    for res in sorted(state.reservations.values(), key=lambda r: r.name):
+    for res in sorted(state.pending_reservations.values(), key=lambda r: r.name):
         if res.run == key and res.state == "Pending":
             events.append(ReservationReleased(at=now, name=res.name, reason="run failed"))
     return events

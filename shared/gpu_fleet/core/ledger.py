@@ -14,6 +14,7 @@ Evolution rules for this message family (msgspec tagged union on ``type``):
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,8 +34,10 @@ from gpu_fleet.core.metering import (
 from gpu_fleet.core.model import (
     Budget,
     EnvelopeKey,
+    FundingClass,
     Instant,
     Lease,
+    LeaseRole,
     Node,
     NodeHealth,
     Run,
@@ -226,6 +229,18 @@ class FleetState:
     _evaluations: dict[float, Evaluation] = field(default_factory=dict, repr=False)
     _evaluations_version: int = -1
     _index: EnvelopeIndex | None = None
+    # Reservations still Pending, by name: kept by the fold so lookups never scan the history.
+    pending_reservations: dict[str, Reservation] = field(default_factory=dict, repr=False)
+    _pending_by_run: dict[str, Reservation] = field(default_factory=dict, repr=False)
+    _pending_by_run_version: int = -1
+    _slices: dict[tuple[str, ...], list[tuple[Instant, str, str]]] = field(
+        default_factory=dict, repr=False
+    )
+    _slices_version: int = -1
+    _unfunded_memo: tuple[int, float, bool] | None = field(default=None, repr=False)
+    # Views other pure modules derive from the state, cached as (version, value): a cached
+    # value is valid only while ``version`` is unchanged.
+    derived: dict[str, tuple[int, object]] = field(default_factory=dict, repr=False)
 
     @property
     def index(self) -> EnvelopeIndex:
@@ -283,12 +298,11 @@ class FleetState:
             for bound in (e.start, e.end):
                 if bound is not None and t0 < bound <= t1:
                     return False
-        return not any(
-            x.end is not None and t0 < x.end <= t1 for x in self.open_leases.values()
-        )
+        return not any(x.end is not None and t0 < x.end <= t1 for x in self.open_leases.values())
 
-    def offer_fill(self, at: float, leases_minted: int, lease_ids: frozenset[str],
-                   result: FillResult) -> None:
+    def offer_fill(
+        self, at: float, leases_minted: int, lease_ids: frozenset[str], result: FillResult
+    ) -> None:
         """A decision already matched the world it is about to commit (admission's check).
 
         If the very next funding-relevant change is exactly that commit (``leases_minted``
@@ -321,8 +335,52 @@ class FleetState:
         return [p for p in self.preemptions.values() if p.lease in self.open_leases]
 
     def pending_reservation(self, run: str) -> Reservation | None:
-        found = [r for r in self.reservations.values() if r.run == run and r.state == "Pending"]
-        return max(found, key=lambda r: (r.created_at, r.name)) if found else None
+        """The run's newest pending reservation (indexed once per ledger version)."""
+        return self._pending_index().get(run)
+
+    def _pending_index(self) -> dict[str, Reservation]:
+        if self._pending_by_run_version != self.version:
+            index: dict[str, Reservation] = {}
+            for r in self.pending_reservations.values():
+                cur = index.get(r.run)
+                if cur is None or (r.created_at, r.name) > (cur.created_at, cur.name):
+                    index[r.run] = r
+            self._pending_by_run = index
+            self._pending_by_run_version = self.version
+        return self._pending_by_run
+
+    def has_unfunded_actives(self, at: float) -> bool:
+        """Is any open active lease Unfunded at ``at``?  If not, reclaiming has nothing to draw
+        (phase 0 of the resolver only takes groups whose actives are all Unfunded)."""
+        if self._unfunded_memo is not None and self._unfunded_memo[:2] == (self.version, at):
+            return self._unfunded_memo[2]
+        classes = self.evaluation(at).fill.funding_class
+        found = any(
+            classes.get(x.id, FundingClass.UNFUNDED) is FundingClass.UNFUNDED
+            for x in self.open_leases.values()
+            if x.role is LeaseRole.ACTIVE
+        )
+        self._unfunded_memo = (self.version, at, found)
+        return found
+
+    def protected_slices(self) -> dict[tuple[str, ...], list[tuple[Instant, str, str]]]:
+        """Intended slices of pending capacity reservations (DESIGN decision 5), indexed once per
+        ledger version: slice nodes -> (earliest start, reservation name, run), in activation
+        order.
+
+        Reservations share whole domains, so there are few slices and many reservations: backfill
+        protection asks per slice ("is some other run's bound in it too soon for me?").
+        """
+        if self._slices_version != self.version:
+            index: dict[tuple[str, ...], list[tuple[Instant, str, str]]] = defaultdict(list)
+            for r in self.pending_reservations.values():
+                if r.kind == "capacity" and r.nodes:
+                    index[tuple(r.nodes)].append((r.earliest_start, r.name, r.run))
+            for entries in index.values():
+                entries.sort()
+            self._slices = dict(sorted(index.items()))
+            self._slices_version = self.version
+        return self._slices
 
 
 def _advance_clock(state: FleetState, at: Instant) -> None:
@@ -386,11 +444,14 @@ def fold(state: FleetState, event: Event) -> None:
                     state.held_by_node.get(closed.node, set()).discard(_ordinal(s))
         case ReservationCreated(reservation=res):
             state.reservations[res.name] = res
+            if res.state == "Pending":
+                state.pending_reservations[res.name] = res
         case ReservationReleased(name=name, state=new_state, reason=reason):
             old = state.reservations[name]
             state.reservations[name] = msgspec.structs.replace(
                 old, state=new_state, released_at=event.at, reason=reason or old.reason
             )
+            state.pending_reservations.pop(name, None)
         case LeasePreemptionScheduled(lease=lease_id):
             state.preemptions[lease_id] = event
         case LeasePreemptionCanceled(lease=lease_id):

@@ -461,7 +461,7 @@ def _settle_victim(
     )
     events.extend(
         ReservationReleased(at=now, name=r.name, reason="run failed")
-        for r in sorted(state.reservations.values(), key=lambda r: r.name)
+        for r in sorted(state.pending_reservations.values(), key=lambda r: r.name)
         if r.run == run_key and r.state == "Pending"
     )
     return events

@@ -137,6 +137,9 @@ def restore(data: bytes) -> tuple[FleetState, int] | None:
     }
     state.leases = dict(snap.leases)
     state.reservations = dict(snap.reservations)
+    state.pending_reservations = {
+        name: r for name, r in state.reservations.items() if r.state == "Pending"
+    }
     state.preemptions = dict(snap.preemptions)
     state.history = list(snap.history)
     state.meter = meter

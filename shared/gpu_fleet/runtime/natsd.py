@@ -60,8 +60,16 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            [find_binary(), "-js", "-sd", str(self.store_dir), "-p", str(self.port),
-             "-a", "127.0.0.1"],
+            [
+                find_binary(),
+                "-js",
+                "-sd",
+                str(self.store_dir),
+                "-p",
+                str(self.port),
+                "-a",
+                "127.0.0.1",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
