@@ -150,8 +150,12 @@ def bench(nodes: int, latency_n: int, burst_n: int, clients: int) -> dict[str, f
     with tempfile.TemporaryDirectory(prefix="gpu-fleet-bench-") as tmp:
         inv = Path(tmp) / "inventory.yaml"
         inv.write_text(inventory(nodes))
-        stack = ProcessStack(Path(tmp) / "data", inventory=str(inv), log_level="warning",
-                             services=("binder", "manager"))
+        stack = ProcessStack(
+            Path(tmp) / "data",
+            inventory=str(inv),
+            log_level="warning",
+            services=("binder", "manager"),
+        )
         stack.start()
         try:
             js_rate, rr_rate = asyncio.run(baselines(stack.nats.url, 500))
@@ -168,8 +172,10 @@ def main() -> int:
     args = p.parse_args()
     sizes = [1000] if args.quick else [1000, 10000]
     latency_n, burst_n = (50, 200) if args.quick else (200, 800)
-    print(f"{'nodes':>6} {'p50 ms':>8} {'p99 ms':>8} {'adm/s':>8} {'JS ack/s':>9} {'req/s':>8}"
-          f" {'adm/JS':>7} {'adm/req':>8} {'admitted':>9}")
+    print(
+        f"{'nodes':>6} {'p50 ms':>8} {'p99 ms':>8} {'adm/s':>8} {'JS ack/s':>9} {'req/s':>8}"
+        f" {'adm/JS':>7} {'adm/req':>8} {'admitted':>9}"
+    )
     for n in sizes:
         r = bench(n, latency_n, burst_n, clients=16)
         print(

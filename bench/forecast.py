@@ -26,12 +26,9 @@ instant its status turns Running.  The baseline, measured at the same instant, i
 ``now + (sum of GPU-seconds of the runs queued ahead) / fleet GPUs``.
 
 Two variants: **declared** - every run sets ``runtime.maxDuration`` = its actual duration; and
-**partial** - only ``--declared-share`` of runs (seeded draw) declare it.  The core forecaster
-has no run history yet (docs/forecasting.md "Not yet"), so in the partial variant blockers
-without ``maxDuration`` have no scheduled end: we report the core's answer as it is (P50 may be
-missing), and, as a bench-side workaround, the core's answer on the same state with every
-unknown lease end filled in from the history of similar completed runs (same width class and
-QoS; median of those that already ran longer than the lease's age).
+**partial** - only ``--declared-share`` of runs (seeded draw) declare it, so the forecaster must
+estimate the other leases' ends from the history it has folded (``gpu_fleet.core.history``: a
+censored survival curve of similar runs, conditioned on each lease's age).
 """
 
 from __future__ import annotations
@@ -49,11 +46,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
-
 from _common import load_line, machine_line, median, pct
 from gpu_fleet.core.engine import Fleet
-from gpu_fleet.core.forecast import ForecastError, ForecastResult, forecast
+from gpu_fleet.core.forecast import ForecastError, forecast
 from gpu_fleet.core.ledger import Event, LeaseClosed, RunStatusChanged, RunSubmitted
 from gpu_fleet.core.manifests import validate_manifest
 from gpu_fleet.core.model import API_VERSION, Budget, Node, Run
@@ -92,8 +87,6 @@ class Record:
     p90: int | None
     confidence: str
     earliest: int | None  # the reservation's earliest_start at submission
-    p50_hist: int | None  # bench-side: unknown ends filled from history (partial variant)
-    p90_hist: int | None
     baseline: int
     start: int | None = None
 
@@ -217,12 +210,12 @@ def run_manifest(job: Job, declare: bool) -> Run:
 
 
 # ------------------------------------------------------------------------------------------
-# History of similar runs (bench-side; the core forecaster does not have it yet)
+# History for the baseline (the core forecaster keeps its own, from the ledger)
 # ------------------------------------------------------------------------------------------
 
 
 class History:
-    """Durations of completed runs by class (width class, QoS)."""
+    """Durations of completed runs by class (width class, QoS): the baseline's run lengths."""
 
     def __init__(self) -> None:
         self.by_class: dict[tuple[bool, str], list[int]] = defaultdict(list)
@@ -232,39 +225,9 @@ class History:
         self.by_class[(job.gpus > 1, job.qos)].append(job.duration)
         self.all.append(job.duration)
 
-    def remaining_end(self, job: Job, started: int, now: int) -> int:
-        """Expected end of a run of ``job``'s class that started at ``started`` and still runs:
-        the median of similar past durations longer than its age (doubling its age if none)."""
-        age = now - started
-        past = self.by_class.get((job.gpus > 1, job.qos)) or self.all
-        longer = sorted(d for d in past if d > age)
-        if not longer:
-            return now + max(60, age)
-        return started + longer[len(longer) // 2]
-
     def expected(self, job: Job) -> int:
         past = self.by_class.get((job.gpus > 1, job.qos)) or self.all
         return int(median(past)) if past else 600
-
-
-def forecast_with_history(
-    fleet: Fleet, key: str, now: int, *, jobs: dict[str, Job], starts: dict[str, int], hist: History
-) -> ForecastResult:
-    """The core forecast on the same state with every unknown lease end estimated from history.
-
-    The state is patched in place and restored before returning (nothing is committed)."""
-    state = fleet.state
-    patched = {}
-    for lid, lease in state.open_leases.items():
-        if lease.end is None and lease.run in jobs:
-            run_start = starts.get(lease.run, lease.start)
-            end = hist.remaining_end(jobs[lease.run], run_start, now)
-            patched[lid] = lease
-            state.open_leases[lid] = msgspec.structs.replace(lease, end=end)
-    try:
-        return forecast(state, key, now)
-    finally:
-        state.open_leases.update(patched)
 
 
 # ------------------------------------------------------------------------------------------
@@ -365,7 +328,7 @@ def replay(
             if key in starts:
                 out.immediate += 1
                 continue
-            record_forecast(out, fleet, key, t, by_key, declared, starts, hist, ahead, fleet_gpus)
+            record_forecast(out, fleet, key, t, by_key, declared, ahead, fleet_gpus)
             queued[key] = t
             ahead += by_key[key].gpus * expected_duration(key)
     out.never_started = sum(1 for r in out.records.values() if r.start is None)
@@ -381,8 +344,6 @@ def record_forecast(  # noqa: PLR0917 - a helper of replay's loop
     now: int,
     by_key: dict[str, Job],
     declared: dict[str, bool],
-    starts: dict[str, int],
-    hist: History,
     ahead_gpu_s: int,
     fleet_gpus: int,
 ) -> None:
@@ -391,10 +352,6 @@ def record_forecast(  # noqa: PLR0917 - a helper of replay's loop
     except ForecastError:
         out.forecast_errors += 1
         return
-    p50_h, p90_h = fc.p50, fc.p90
-    if any(x.end is None for x in fleet.state.open_leases.values()):
-        fh = forecast_with_history(fleet, key, now, jobs=by_key, starts=starts, hist=hist)
-        p50_h, p90_h = fh.p50, fh.p90
     res = fleet.state.pending_reservation(key)
     out.records[key] = Record(
         key=key,
@@ -405,8 +362,6 @@ def record_forecast(  # noqa: PLR0917 - a helper of replay's loop
         p90=fc.p90,
         confidence=fc.confidence,
         earliest=res.earliest_start if res is not None else None,
-        p50_hist=p50_h,
-        p90_hist=p90_h,
         baseline=now + math.ceil(ahead_gpu_s / fleet_gpus),
     )
 
@@ -453,16 +408,10 @@ def score(rep: Replay, label: str, p50_of, p90_of) -> Score:
 
 
 def scores(rep: Replay) -> list[Score]:
-    out = [
+    return [
         score(rep, "forecast (core)", lambda r: r.p50, lambda r: r.p90),
         score(rep, "baseline (queue/fleet)", lambda r: r.baseline, lambda r: r.baseline),
     ]
-    if rep.variant != "declared":
-        out.insert(
-            1,
-            score(rep, "forecast + history ends*", lambda r: r.p50_hist, lambda r: r.p90_hist),
-        )
-    return out
 
 
 def table(rep: Replay) -> list[str]:
@@ -566,7 +515,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("  " + line)
         print("  " + goal_line(rep))
     print()
-    print("* bench-side workaround: unknown lease ends estimated from the history of similar runs")
     print(f"total replay wall time {total:.1f} s")
     return 0
 

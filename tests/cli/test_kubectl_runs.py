@@ -43,8 +43,14 @@ def _url(tmp_path: Path) -> Iterator[str]:
     async def seed() -> None:
         assert stack.nc is not None
         for node in parse_inventory(inventory):
-            await call(stack.nc, "node", {"op": "register", "node": {
-                "name": node.name, "gpus": node.gpus, "labels": node.labels}})
+            await call(
+                stack.nc,
+                "node",
+                {
+                    "op": "register",
+                    "node": {"name": node.name, "gpus": node.gpus, "labels": node.labels},
+                },
+            )
 
     asyncio.run_coroutine_threadsafe(seed(), loop).result(60)
     yield stack.nats.url

@@ -337,7 +337,8 @@ class TestActivation:
         f.apply(run("a", "w2", 1), T0 + MINUTE)
         first = f.state.pending_reservation("a/w1")
         second = f.state.pending_reservation("a/w2")
-        assert first is not None and second is not None
+        assert first is not None
+        assert second is not None
         assert (first.earliest_start, first.nodes) == (second.earliest_start, second.nodes)
         f.advance_to(first.earliest_start)
         assert f.state.status["a/w1"].phase == "Running"
@@ -354,7 +355,8 @@ class TestActivation:
         f.apply(run("a", "small", 2), T0 + 2 * MINUTE)  # deficit 2: bound 16 min, earlier
         big = f.state.pending_reservation("a/big")
         small = f.state.pending_reservation("a/small")
-        assert big is not None and small is not None
+        assert big is not None
+        assert small is not None
         assert small.earliest_start < big.earliest_start
         f.reconcile(T0 + 3 * MINUTE)
         assert f.state.status["a/small"].phase == "Pending"  # 2 free GPUs, both big's

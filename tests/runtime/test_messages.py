@@ -27,8 +27,11 @@ def test_api_reply_round_trips_and_ignores_new_fields() -> None:
     """A CLI built today reads a reply from a newer manager."""
     reply = api.Reply(
         ok=False,
-        error=api.ErrorOut(code="validation", message="1 error",
-                           errors=[api.FieldErrorOut("spec.x", "unknown field")]),
+        error=api.ErrorOut(
+            code="validation",
+            message="1 error",
+            errors=[api.FieldErrorOut("spec.x", "unknown field")],
+        ),
     )
     assert api.REPLY_DECODER.decode(api.ENCODER.encode(reply)) == reply
     assert api.REPLY_DECODER.decode(with_extra(reply)) == reply
@@ -68,4 +71,3 @@ def test_old_decoder_rejects_a_changed_field_type_loudly() -> None:
     raw = json.dumps({"seq": "seven", "run": "x", "request": {"flavor": "H", "total_gpus": 1}})
     with pytest.raises(msgspec.ValidationError, match=r"\$\.seq"):
         placement.REQUEST_DECODER.decode(raw.encode())
-

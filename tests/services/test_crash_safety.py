@@ -51,14 +51,18 @@ def run_doc(name: str, gpus: int) -> str:
     )
 
 
-async def call_retrying(nc: nats.aio.client.Client, endpoint: str, body: dict[str, object],
-                        deadline: float) -> object:
+async def call_retrying(
+    nc: nats.aio.client.Client, endpoint: str, body: dict[str, object], deadline: float
+) -> object:
     """What a real client does: retry on unavailability until a deadline."""
     while True:
         try:
             return await call(nc, endpoint, body, timeout=5)
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError,
-                nats.errors.ConnectionClosedError):
+        except (
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+            nats.errors.ConnectionClosedError,
+        ):
             pass
         except ApiCallError as exc:
             if exc.code not in ("unavailable", "conflict"):
@@ -96,8 +100,9 @@ async def connect_retrying(url: str, deadline: float) -> nats.aio.client.Client:
 def _stack(tmp_path: Path) -> ProcessStack:
     inv = tmp_path / "inventory.yaml"
     inv.write_text(INVENTORY)
-    stack = ProcessStack(tmp_path / "data", inventory=str(inv), log_level="warning",
-                         services=("binder", "manager"))
+    stack = ProcessStack(
+        tmp_path / "data", inventory=str(inv), log_level="warning", services=("binder", "manager")
+    )
     stack.start()
     yield stack
     stack.stop()
@@ -112,8 +117,9 @@ async def _burst(stack: ProcessStack, crash: str) -> None:
         await call_retrying(nc, "apply", {"documents": BUDGET}, deadline)
 
         async def submit(i: int) -> None:
-            await call_retrying(nc, "apply", {"documents": run_doc(f"r{i:02d}", 2 + (i % 3) * 2)},
-                                deadline)
+            await call_retrying(
+                nc, "apply", {"documents": run_doc(f"r{i:02d}", 2 + (i % 3) * 2)}, deadline
+            )
             acked.append(f"team/r{i:02d}")
 
         tasks = [asyncio.create_task(submit(i)) for i in range(24)]
@@ -176,8 +182,10 @@ async def test_sigterm_stops_every_service_cleanly(tmp_path: Path) -> None:
             await wait_for_services(nc, ("binder", "manager", "forecaster", "notifier"), 120)
         finally:
             await nc.close()
-        codes = {name: stack.stop_service(name, timeout=20) for name in
-                 ("notifier", "forecaster", "manager", "binder")}
+        codes = {
+            name: stack.stop_service(name, timeout=20)
+            for name in ("notifier", "forecaster", "manager", "binder")
+        }
     finally:
         stack.stop()
     assert codes == {"notifier": 0, "forecaster": 0, "manager": 0, "binder": 0}

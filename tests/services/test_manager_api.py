@@ -17,9 +17,16 @@ from gpu_fleet_manager.service import Manager, ManagerConfig
 T0 = parse_instant("2026-03-02T00:00:00Z")
 
 NODES = [
-    {"name": f"n{i}", "gpus": 8,
-     "labels": {"region": "r1", "cluster": "c1", "fabric.domain": "f1" if i < 2 else "f2",
-                "gpu.flavor": "H100"}}
+    {
+        "name": f"n{i}",
+        "gpus": 8,
+        "labels": {
+            "region": "r1",
+            "cluster": "c1",
+            "fabric.domain": "f1" if i < 2 else "f2",
+            "gpu.flavor": "H100",
+        },
+    }
     for i in range(4)
 ]
 
