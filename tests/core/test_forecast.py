@@ -19,6 +19,7 @@ from gpu_fleet.core.forecast import (
     earliest_fit,
     forecast,
     pack_request,
+    queue_outcome,
 )
 from gpu_fleet.core.ledger import LeasePreemptionScheduled, fold
 from gpu_fleet.core.model import Node, Run
@@ -346,6 +347,43 @@ class TestHistoryOfSimilarRuns:
 
 
 class TestQueueAhead:
+    def test_every_queued_run_is_forecast_as_the_engine_then_starts_it(self) -> None:
+        """Four 8-GPU runs queue behind a blocker on one node, all reserving it with one bound
+        (19 min).  a and b start as the run before them ends (exact: 5 and 10 min).  c could
+        start at 15 min, but it would still run at d's bound, so d's reservation keeps the
+        node from it (decision 5); c and d both start at the bound (bounded).  Then the engine
+        does exactly that."""
+        fleet = fleet_with()
+        fleet.apply(run("t", "blocker", 8, max_duration="5m"), T0)
+        for name in ("a", "b", "c", "d"):
+            fleet.apply(run("t", name, 8, max_duration="5m"), T0 + 1)
+        got = {k: forecast(fleet.state, f"t/{k}", T0 + 1) for k in ("a", "b", "c", "d")}
+        res = fleet.state.pending_reservation("t/d")
+        assert res is not None
+        bound = res.earliest_start
+        assert [(got[k].confidence, got[k].p50) for k in "abcd"] == [
+            ("exact", T0 + 5 * MINUTE),
+            ("exact", T0 + 10 * MINUTE),
+            ("bounded", bound),
+            ("bounded", bound),
+        ]
+        fleet.advance_to(T0 + HOUR)
+        for k in "abcd":
+            first = min(x.start for x in fleet.state.leases_of(f"t/{k}"))
+            assert first == got[k].p50, k
+
+    def test_forecasts_at_one_instant_share_one_play_of_the_queue(self) -> None:
+        fleet = fleet_with()
+        fleet.apply(run("t", "blocker", 8, max_duration="5m"), T0)
+        fleet.apply(run("t", "a", 8, max_duration="5m"), T0 + 1)
+        fleet.apply(run("t", "b", 8, max_duration="5m"), T0 + 1)
+        first = queue_outcome(fleet.state, "H100", T0 + 1)
+        assert first.queued == {"t/a", "t/b"}
+        assert queue_outcome(fleet.state, "H100", T0 + 1) is first
+        assert queue_outcome(fleet.state, "H100", T0 + 2) is not first  # another instant
+        fleet.apply(run("t", "c", 8), T0 + 2)
+        assert "t/c" in queue_outcome(fleet.state, "H100", T0 + 2).queued  # another version
+
     def test_runs_queued_ahead_take_freed_capacity_first(self) -> None:
         """B waits behind A, which waits behind the blocker: B's forecast is when A is done,
         not when the blocker is (the runs ahead are played forward on the timeline)."""

@@ -80,6 +80,7 @@ class Outcome:
     """What the simulation saw: starts, and why each queued run did not fit at ``now``."""
 
     starts: dict[str, Start] = field(default_factory=dict)
+    queued: frozenset[str] = frozenset()  # the runs the walk served (the queue at ``now``)
     now_errors: dict[str, PackError] = field(default_factory=dict)
     unplaceable: set[str] = field(default_factory=set)  # invalid requests: they never start
 
@@ -177,7 +178,7 @@ class Simulation:
         self.queue = [k for k in queue if k in self.requests]
         self.resolve_for = resolve_for
         self.packer = packer
-        self.outcome = Outcome()
+        self.outcome = Outcome(queued=frozenset(self.queue))
         self.held: dict[str, set[int]] = {}
         self.free = 0
         for name, _key, gpus, _labels, ok in self.skeleton.nodes:
@@ -205,6 +206,11 @@ class Simulation:
                 found = state.open_leases.get(unit.key)
                 unit.run = found.run if found is not None else ""
         self.reservations = self._capacity_reservations()
+        # Runs the resolver already cut for (notices pending in their favour): they wait for
+        # the deadlines, and the play must not cut for them a second time.
+        self.awaiting = {
+            p.beneficiary for p in state.pending_preemptions() if p.beneficiary in self.requests
+        }
         self._topology: Topology | None = None
         self._protected: dict[tuple[tuple[str, ...], ...], tuple[frozenset[str], int]] = {}
         self._slice_index: dict[tuple[str, ...], list[tuple[Instant, str, str]]] | None = None
@@ -410,6 +416,8 @@ class Simulation:
             if isinstance(outcome, PackPlan):
                 self._start(key, outcome, t, by_activation=True)
                 continue
+            if key in self.awaiting:
+                continue  # the room is being cut for it: it takes it at the notices' deadline
             if self.reservations.pop(key, None) is not None:  # re-reserved for real
                 self._slice_index = None
                 self._protected.clear()

@@ -41,7 +41,13 @@ from typing import Literal
 
 import msgspec
 
-from gpu_fleet.core.capacity_sim import Release, SimTopologyError, pack_request, simulate
+from gpu_fleet.core.capacity_sim import (
+    Outcome,
+    Release,
+    SimTopologyError,
+    pack_request,
+    simulate,
+)
 from gpu_fleet.core.envelopes import EnvelopeInfo
 from gpu_fleet.core.gang import reserved_slots
 from gpu_fleet.core.history import duration_history
@@ -87,6 +93,7 @@ class Fit:
     now_error: PackError | None  # why it does not fit now (``None`` when it does)
     freed_by: tuple[str, ...] = ()  # leases whose end the fit waits for (at its instant)
     uncertain: bool = False  # an estimated end or a modelled lottery draw came before it
+    by_activation: bool = False  # it starts only when its own reservation falls due
 
 
 @dataclass(frozen=True)
@@ -113,11 +120,13 @@ class ForecastResult:
 # ------------------------------------------------------------------------------------------
 
 
-def build_timeline(state: FleetState, flavor: str, run_key: str, now: Instant) -> Timeline:
+def build_timeline(state: FleetState, flavor: str, run_key: str | None, now: Instant) -> Timeline:
     """Releases of the flavor's open leases; an end already past frees ``now``.
 
     A pending preemption notice ends a lease at its deadline only when it makes room for *this*
     run (or names no beneficiary): room cut for someone else is theirs, so it stays held here.
+    For the whole queue (``run_key=None``) every notice ends its lease at its deadline: the
+    play then hands the room to whoever the engine would.
     """
     flavor_nodes = {n.name for n in state.nodes.values() if n.flavor == flavor}
     notices: Mapping[str, object] = getattr(state, "preemptions", {})
@@ -129,7 +138,10 @@ def build_timeline(state: FleetState, flavor: str, run_key: str, now: Instant) -
     for lease in sorted(state.open_leases.values(), key=lambda x: x.id):
         if lease.node not in flavor_nodes or lease.run == run_key:
             continue
-        end = _scheduled_end(lease, notices.get(lease.id), run_key)
+        notice = notices.get(lease.id)
+        if run_key is None and not _still_wanted(state, notice):
+            notice = None  # the engine cancels a notice whose beneficiary no longer waits
+        end = _scheduled_end(lease, notice, run_key)
         if end is not None:
             releases.append(Release(max(end, now), lease.id, lease.slots))
             continue
@@ -156,14 +168,24 @@ def _expected_end(
     return duration_history(state, now).expected_end(run, started, now)
 
 
-def _scheduled_end(lease: Lease, notice: object | None, run_key: str) -> Instant | None:
+def _still_wanted(state: FleetState, notice: object | None) -> bool:
+    """Does the notice's beneficiary still wait (``resolver.stale_preemptions``' rule)?"""
+    beneficiary = getattr(notice, "beneficiary", "")
+    if not beneficiary:
+        return notice is not None
+    status = state.status.get(beneficiary)
+    return beneficiary in state.runs and status is not None and status.phase == "Pending"
+
+
+def _scheduled_end(lease: Lease, notice: object | None, run_key: str | None) -> Instant | None:
     """The lease's end, brought forward by a preemption notice that benefits ``run_key``.
 
     The notice is read by attribute name so an evolving event type never breaks the forecast.
     """
     end = lease.end
     deadline = getattr(notice, "deadline", None)
-    if isinstance(deadline, int) and getattr(notice, "beneficiary", "") in ("", run_key):
+    beneficiary = getattr(notice, "beneficiary", "")
+    if isinstance(deadline, int) and (run_key is None or beneficiary in ("", run_key)):
         end = deadline if end is None else min(end, deadline)
     return end
 
@@ -206,6 +228,47 @@ def earliest_fit(
     if start is None:
         return Fit(None, now_error)
     return Fit(start.at, now_error, start.freed_by, start.uncertain)
+
+
+def queue_outcome(state: FleetState, flavor: str, now: Instant) -> Outcome:
+    """One play of the flavor's whole queue at ``now``, shared by every forecast taken at the
+    same ledger version and instant (``kubectl runs plan`` for each run, the notifier's
+    forecast events): the cost is one walk per flavor, not one per run."""
+    slot_key = f"forecast.queue:{flavor}"
+    cached = state.derived.get(slot_key)
+    if cached is not None and cached[0] == state.version and isinstance(cached[1], tuple):
+        at, outcome = cached[1]
+        if at == now and isinstance(outcome, Outcome):
+            return outcome
+    timeline = build_timeline(state, flavor, None, now)
+    try:
+        outcome = simulate(
+            state,
+            flavor,
+            timeline.releases,
+            now,
+            history=duration_history(state, now),
+            requests={},
+        )
+    except SimTopologyError as exc:
+        raise ForecastError("topology", str(exc)) from exc
+    state.derived[slot_key] = (state.version, (now, outcome))
+    return outcome
+
+
+def _queued_fit(state: FleetState, run: Run, request: PackRequest, now: Instant) -> Fit | None:
+    """The run's fit from the shared play of its queue (``None``: it is not in that queue)."""
+    outcome = queue_outcome(state, run.flavor, now)
+    if run.key not in outcome.queued:
+        return None
+    nodes = sorted(state.nodes.values(), key=lambda n: n.name)
+    now_error = _try_pack(
+        state, run.key, nodes, set(state.slot_holder), request, packer=pack_greedy
+    )
+    start = outcome.starts.get(run.key)
+    if start is None:
+        return Fit(None, now_error)
+    return Fit(start.at, now_error, start.freed_by, start.uncertain, start.by_activation)
 
 
 def fits_when_empty(state: FleetState, run_key: str, request: PackRequest) -> bool:
@@ -278,7 +341,7 @@ def forecast(state: FleetState, key: str, now: Instant) -> ForecastResult:
         )
     timeline = build_timeline(state, run.flavor, key, now)
     request = pack_request(run)
-    fit = earliest_fit(state, key, request, timeline, now)
+    fit = _queued_fit(state, run, request, now) or earliest_fit(state, key, request, timeline, now)
     deficit = _deficit(run, fit)
     res = state.pending_reservation(key)
     if res is None:
@@ -353,6 +416,20 @@ def _capacity_wait(
     """Scheduled ends before the bound decide exactly; otherwise the bound is the promise."""
     bound = _at_least(res.earliest_start, now)
     bound_text = f"reservation {res.name} activates at {format_instant(bound)}"
+    if fit.by_activation and timeline.unknown:
+        shown = ", ".join(timeline.unknown[:5]) + (" ..." if len(timeline.unknown) > 5 else "")
+        basis = (
+            f"unknown: blocking leases have no scheduled end (no maxDuration) and no history "
+            f"of similar runs says when they end: {shown}; the {bound_text} and the resolver "
+            "makes room then, so that is the forecast (sooner only if they end first)"
+        )
+        return ForecastResult(run.key, bound, bound, bound, "bounded", deficit, basis)
+    if fit.by_activation:
+        basis = (
+            "capacity does not free for this run before its bound (the runs queued ahead take "
+            f"what frees first): the {bound_text} and the resolver makes room then"
+        )
+        return ForecastResult(run.key, bound, bound, bound, "bounded", deficit, basis)
     if fit.at is not None and fit.at <= bound:
         start = _at_least(fit.at, now)
         waits = _last_releases(timeline, fit)
