@@ -101,6 +101,7 @@ class Replay:
     expired: int = 0
     never_started: int = 0
     forecast_errors: int = 0
+    forecast_ms: list[float] = field(default_factory=list)  # wall time of each forecast
     wall_s: float = 0.0
     end_clock: int = 0
 
@@ -347,11 +348,13 @@ def record_forecast(  # noqa: PLR0917 - a helper of replay's loop
     ahead_gpu_s: int,
     fleet_gpus: int,
 ) -> None:
+    t0 = time.perf_counter()
     try:
         fc = forecast(fleet.state, key, now)
     except ForecastError:
         out.forecast_errors += 1
         return
+    out.forecast_ms.append((time.perf_counter() - t0) * 1000)
     res = fleet.state.pending_reservation(key)
     out.records[key] = Record(
         key=key,
@@ -451,6 +454,8 @@ def details(rep: Replay) -> list[str]:
         f"started no later than the reservation's earliest_start: "
         f"{len(by_earliest) / max(1, len(started)):.1%}",
         f"virtual time replayed {(rep.end_clock - T0) / 86_400:.2f} days in {rep.wall_s:.1f} s",
+        f"forecast latency (with remedies): p50 {median(rep.forecast_ms):.1f} ms, "
+        f"p99 {pct(rep.forecast_ms, 99):.1f} ms over {len(rep.forecast_ms)} forecasts",
     ]
 
 

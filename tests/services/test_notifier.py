@@ -211,6 +211,41 @@ async def test_a_lease_nearing_its_end_is_announced_once_ahead_of_it(stack: Stac
 
 
 @pytest.mark.asyncio
+async def test_a_waiting_run_hears_its_forecast_and_again_when_it_changes(stack: Stack) -> None:
+    """run-forecast: a reserved run is told when it will start (P50/P90, confidence), and
+    told again when the world changes the answer - here a run queued ahead of it is deleted."""
+    team = Inbox()
+    await stack.client.subscribe("fleet.notify.org_team.>", cb=team.receive)
+    await stack.add(notifier_for(stack))
+    await stack.apply(run("other", "blocker", 8, ", runtime: {maxDuration: 10m}"))
+    await stack.apply(run("team", "ahead", 8, ", runtime: {maxDuration: 5m}"))
+    await stack.apply(run("team", "waiter", 8, ", runtime: {maxDuration: 5m}"))
+    await caught_up(stack)
+
+    def forecasts(name: str) -> list[notify.Notification]:
+        return [n for n in team.items if n.event == "run-forecast" and n.run == f"team/{name}"]
+
+    await wait_until(lambda: forecasts("waiter") or None, "the waiter's first forecast")
+    first = forecasts("waiter")[-1]
+    assert (first.detail["p50"], first.detail["confidence"]) == (T0 + 15 * 60, "exact")
+    assert first.detail["p90"] == first.detail["earliestStart"] == T0 + 15 * 60
+    assert forecasts("ahead")[-1].detail["p50"] == T0 + 10 * 60
+
+    await stack.api("delete", {"kind": "Run", "namespace": "team", "name": "ahead"})
+    await caught_up(stack)
+    await wait_until(lambda: len(forecasts("waiter")) > 1 or None, "a changed forecast")
+    changed = forecasts("waiter")[-1]
+    assert changed.detail["p50"] == T0 + 10 * 60  # the blocker's end, now that nobody is ahead
+    assert changed.id == f"{changed.seq}:run-forecast:team/waiter"
+    count = len(forecasts("waiter"))
+
+    await stack.apply(run("other", "tick", 1))  # a change that leaves the answer alone
+    await caught_up(stack)
+    await stack.client.flush()
+    assert len(forecasts("waiter")) == count
+
+
+@pytest.mark.asyncio
 async def test_with_the_wall_clock_expiry_is_checked_between_ledger_messages(stack: Stack) -> None:
     """Wall mode warns from its clock, with no ledger event needed (the clock is injected)."""
     team = Inbox()
@@ -339,7 +374,7 @@ class TestDerive:
     def test_an_unknown_event_type_is_skipped_not_fatal(self) -> None:
         notifier = Notifier(LEDGER_CLOCK)
         assert notifier._decode(5, b'{"type": "FromTheFuture", "at": 1}') is None
-        assert notifier._derive(5, b'{"type": "FromTheFuture", "at": 1}') == []
+        assert notifier._derive(5, b'{"type": "FromTheFuture", "at": 1}', at_head=True) == []
         assert notifier.seq == 5
 
 

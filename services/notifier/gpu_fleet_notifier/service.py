@@ -52,6 +52,7 @@ from nats.js.api import (
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from gpu_fleet.core.forecast import ForecastError, ForecastResult, forecast
 from gpu_fleet.core.ledger import (
     EVENT_DECODER,
     Event,
@@ -258,6 +259,57 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
             return []
 
 
+ForecastKey = tuple[Instant | None, Instant | None, Instant | None, str]
+"""What a team is told about a forecast: earliest start, P50, P90, confidence."""
+
+
+def forecast_changes(
+    state: FleetState, now: Instant, announced: Mapping[str, ForecastKey]
+) -> list[ForecastResult]:
+    """Forecasts of runs waiting on a reservation that differ from what was last announced.
+
+    Only runs with a pending reservation are forecast (a start is promised to them); the
+    remedies are skipped.  Every forecast at one ledger version and instant shares one play of
+    its flavor's queue, so this costs one walk per flavor plus a little per run.
+    """
+    out: list[ForecastResult] = []
+    for key in sorted(state.status):
+        st = state.status[key]
+        if st.phase != "Pending" or state.pending_reservation(key) is None:
+            continue
+        try:
+            result = forecast(state, key, now, remedies=False)
+        except ForecastError:
+            continue  # nothing to say (a broken topology is reported by plan and explain)
+        if announced.get(key) != forecast_key(result):
+            out.append(result)
+    return out
+
+
+def forecast_key(result: ForecastResult) -> ForecastKey:
+    return (result.earliest_start, result.p50, result.p90, result.confidence)
+
+
+def forecast_note(
+    state: FleetState, seq: int, result: ForecastResult, at: Instant
+) -> notify.Notification:
+    return _note(
+        state,
+        seq,
+        "run-forecast",
+        result.run,
+        at=at,
+        detail={
+            "earliestStart": result.earliest_start,
+            "p50": result.p50,
+            "p90": result.p90,
+            "confidence": result.confidence,
+            "deficitGPUs": result.deficit_gpus,
+            "basis": result.basis,
+        },
+    )
+
+
 def expiring(
     state: FleetState, now: Instant, lead: int, warned: Mapping[str, Instant]
 ) -> list[Lease]:
@@ -311,6 +363,9 @@ class Notifier(Actor):
         self.sub: JetStreamContext.PullSubscription | None = None
         self.service: Service | None = None
         self._warned: dict[str, Instant] = {}  # lease id -> the end it was announced for
+        # run -> the forecast last announced; not persisted: after a restart every waiting
+        # run's forecast is announced once more (at least once, like everything here).
+        self._announced: dict[str, ForecastKey] = {}
         self._inflight: dict[int, list[notify.Notification]] = {}
         self._failures = 0
         self._last_wall_check: tuple[Instant, int] = (0, 0)
@@ -430,14 +485,34 @@ class Notifier(Actor):
                 )
         self.seq = seq
 
-    def _derive(self, seq: int, data: bytes) -> list[notify.Notification]:
-        """Fold the message at ``seq`` and return what it must announce, in order."""
+    def _derive(self, seq: int, data: bytes, *, at_head: bool) -> list[notify.Notification]:
+        """Fold the message at ``seq`` and return what it must announce, in order.
+
+        Forecasts are recomputed once the notifier has caught up with the ledger (``at_head``):
+        a burst of changes yields one ``run-forecast`` per run whose answer changed, not one per
+        ledger event.
+        """
         event = self._decode(seq, data)
         notes = derive(self.state, seq, event) if event is not None else []
         self._fold(seq, event)
         if self.config.clock == "ledger":
             notes.extend(self._expiring_notes(self.state.clock, seq))
+        if at_head:
+            notes.extend(self._forecast_notes(seq))
         return notes
+
+    def _forecast_notes(self, seq: int) -> list[notify.Notification]:
+        now = self.state.clock
+        if self.config.clock == "wall":
+            now = max(now, self.wall.now())
+        changed = forecast_changes(self.state, now, self._announced)
+        waiting = {
+            k for k, st in self.state.status.items() if st.phase == "Pending"
+        }  # forget runs that started or ended: a new wait is announced afresh
+        self._announced = {k: v for k, v in self._announced.items() if k in waiting}
+        for result in changed:
+            self._announced[result.run] = forecast_key(result)
+        return [forecast_note(self.state, seq, r, now) for r in changed]
 
     def _expiring_notes(self, now: Instant, seq: int) -> list[notify.Notification]:
         leases = expiring(self.state, now, self.config.expiry_lead, self._warned)
@@ -485,7 +560,7 @@ class Notifier(Actor):
                 return
             notes = self._inflight.get(seq)
             if notes is None:
-                notes = self._derive(seq, msg.data)
+                notes = self._derive(seq, msg.data, at_head=meta.num_pending == 0)
                 self._inflight[seq] = notes
             started = time.perf_counter()
             stored = dups = 0

@@ -314,8 +314,11 @@ def _with_excluded(request: PackRequest, excluded: frozenset[str]) -> PackReques
 # ------------------------------------------------------------------------------------------
 
 
-def forecast(state: FleetState, key: str, now: Instant) -> ForecastResult:
+def forecast(state: FleetState, key: str, now: Instant, *, remedies: bool = True) -> ForecastResult:
     """Forecast run ``key`` at ``now``; raise ``ForecastError`` when there is nothing to say.
+
+    ``remedies=False`` skips the what-ifs (each is a play of its own): for callers that only
+    need the start, like the notifier's forecast events.
 
     A running run gets a "runs now" answer (its start, exact); a pending run without a
     reservation gets an informational answer without an earliest start (no promise exists).
@@ -365,7 +368,7 @@ def forecast(state: FleetState, key: str, now: Instant) -> ForecastResult:
         result = _capacity_wait(
             state, run, res, fit, timeline, request=request, now=now, deficit=deficit
         )
-    remedies = _remedies(state, run, res, result, timeline=timeline, now=now)
+    options = _remedies(state, run, res, result, timeline=timeline, now=now) if remedies else ()
     return ForecastResult(
         run=result.run,
         earliest_start=result.earliest_start,
@@ -374,7 +377,7 @@ def forecast(state: FleetState, key: str, now: Instant) -> ForecastResult:
         confidence=result.confidence,
         deficit_gpus=result.deficit_gpus,
         basis=result.basis,
-        remedies=remedies,
+        remedies=options,
     )
 
 

@@ -23,6 +23,7 @@ EVENTS = (
     "lease-closed",
     "lease-expiring",
     "preempted",
+    "run-forecast",
 )
 """Every event name the notifier publishes (the last subject token)."""
 
