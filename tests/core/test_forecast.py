@@ -287,17 +287,27 @@ class TestReportedEta:
         assert fleet.state.etas == {}
 
 
+HISTORY_START = T0 + 4 * HOUR  # the blocker starts after three completed runs of 5, 10, 15 min
+
+
+def waiter_behind_history(age: int) -> tuple[Fleet, int]:
+    """Three completed 8-GPU runs (5, 10, 15 min), then a blocker without maxDuration that has
+    run ``age`` seconds when a 2-GPU waiter arrives.  Returns the fleet and "now"."""
+    fleet = fleet_with()
+    for i, minutes in enumerate((5, 10, 15)):
+        fleet.apply(run("t", f"past{i}", 8), T0 + i * HOUR)
+        fleet.complete(f"t/past{i}", T0 + i * HOUR + minutes * MINUTE)
+    fleet.apply(run("t", "blocker", 8), HISTORY_START)
+    now = HISTORY_START + age
+    fleet.apply(run("t", "waiter", 2), now)
+    return fleet, now
+
+
 class TestHistoryOfSimilarRuns:
     def test_completed_runs_of_the_team_estimate_a_blockers_end(self) -> None:
         """With no maxDuration and no ETA, the median time of the team's completed runs on the
         flavor estimates when a blocker ends (P50), and the bound stays the P90."""
-        fleet = fleet_with()
-        for i, minutes in enumerate((5, 10, 15)):
-            fleet.apply(run("t", f"past{i}", 8), T0 + i * HOUR)
-            fleet.complete(f"t/past{i}", T0 + i * HOUR + minutes * MINUTE)
-        now = T0 + 4 * HOUR
-        fleet.apply(run("t", "blocker", 8), now)
-        fleet.apply(run("t", "waiter", 2), now)
+        fleet, now = waiter_behind_history(0)
         result = forecast(fleet.state, "t/waiter", now)
         assert result.confidence == "estimated"
         assert result.p50 == now + 10 * MINUTE  # the median of 5, 10 and 15 minutes
@@ -318,14 +328,7 @@ class TestHistoryOfSimilarRuns:
     def test_a_blocker_older_than_every_past_run_has_an_unknown_end(self) -> None:
         """Conditioning on age: a blocker that has already outlived every completed run is not
         "due at the median" (that would promise the room now); its end is unknown."""
-        fleet = fleet_with()
-        for i, minutes in enumerate((5, 10, 15)):
-            fleet.apply(run("t", f"past{i}", 8), T0 + i * HOUR)
-            fleet.complete(f"t/past{i}", T0 + i * HOUR + minutes * MINUTE)
-        start = T0 + 4 * HOUR
-        fleet.apply(run("t", "blocker", 8), start)
-        now = start + 20 * MINUTE
-        fleet.apply(run("t", "waiter", 2), now)
+        fleet, now = waiter_behind_history(20 * MINUTE)
         result = forecast(fleet.state, "t/waiter", now)
         assert result.confidence == "bounded"
         assert result.basis.startswith("unknown:")
@@ -333,17 +336,10 @@ class TestHistoryOfSimilarRuns:
     def test_the_remaining_life_is_the_median_of_runs_that_lived_as_long(self) -> None:
         """A blocker 11 minutes old among past runs of 5, 10 and 15 minutes is expected to end
         at 15 (the only past run that lived that long), not at the overall median of 10."""
-        fleet = fleet_with()
-        for i, minutes in enumerate((5, 10, 15)):
-            fleet.apply(run("t", f"past{i}", 8), T0 + i * HOUR)
-            fleet.complete(f"t/past{i}", T0 + i * HOUR + minutes * MINUTE)
-        start = T0 + 4 * HOUR
-        fleet.apply(run("t", "blocker", 8), start)
-        now = start + 11 * MINUTE
-        fleet.apply(run("t", "waiter", 2), now)
+        fleet, now = waiter_behind_history(11 * MINUTE)
         result = forecast(fleet.state, "t/waiter", now)
         assert result.confidence == "estimated"
-        assert result.p50 == start + 15 * MINUTE
+        assert result.p50 == HISTORY_START + 15 * MINUTE
 
 
 class TestQueueAhead:

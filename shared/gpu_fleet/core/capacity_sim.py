@@ -33,6 +33,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from gpu_fleet.core.gang import protects
 from gpu_fleet.core.history import DurationHistory
 from gpu_fleet.core.ledger import FleetState, Reservation
@@ -317,15 +319,7 @@ class Simulation:
             )
         try:
             return self.packer(
-                self.topology(),
-                PackRequest(
-                    flavor=request.flavor,
-                    total_gpus=request.total_gpus,
-                    group_gpus=request.group_gpus,
-                    allow_cross_group_spread=request.allow_cross_group_spread,
-                    spares_per_group=request.spares_per_group,
-                    excluded_slots=excluded,
-                ),
+                self.topology(), msgspec.structs.replace(request, excluded_slots=excluded)
             )
         except PackError as exc:
             return exc

@@ -420,13 +420,7 @@ def _capacity_wait(
     bound = _at_least(res.earliest_start, now)
     bound_text = f"reservation {res.name} activates at {format_instant(bound)}"
     if fit.by_activation and timeline.unknown:
-        shown = ", ".join(timeline.unknown[:5]) + (" ..." if len(timeline.unknown) > 5 else "")
-        basis = (
-            f"unknown: blocking leases have no scheduled end (no maxDuration) and no history "
-            f"of similar runs says when they end: {shown}; the {bound_text} and the resolver "
-            "makes room then, so that is the forecast (sooner only if they end first)"
-        )
-        return ForecastResult(run.key, bound, bound, bound, "bounded", deficit, basis)
+        return _unknown_ends(run, timeline, bound_text, bound, deficit)
     if fit.by_activation:
         basis = (
             "capacity does not free for this run before its bound (the runs queued ahead take "
@@ -469,19 +463,26 @@ def _capacity_wait(
         )
         return ForecastResult(run.key, bound, bound, bound, "bounded", deficit, basis)
     if timeline.unknown and fits_when_empty(state, run.key, request):
-        shown = ", ".join(timeline.unknown[:5]) + (" ..." if len(timeline.unknown) > 5 else "")
-        basis = (
-            f"unknown: blocking leases have no scheduled end (no maxDuration) and no history "
-            f"of similar runs says when they end: {shown}; the {bound_text} and the resolver "
-            "makes room then, so that is the forecast (sooner only if they end first)"
-        )
-        return ForecastResult(run.key, bound, bound, bound, "bounded", deficit, basis)
+        return _unknown_ends(run, timeline, bound_text, bound, deficit)
     basis = (
         f"the fleet cannot fit {run.spec.resources.total_gpus} GPUs of {run.flavor} for this run "
         f"even with every lease gone ({fit.now_error.message if fit.now_error else 'no fit'}); "
         f"the {bound_text} but cannot make room"
     )
     return ForecastResult(run.key, None, None, None, "conservative", deficit, basis)
+
+
+def _unknown_ends(
+    run: Run, timeline: Timeline, bound_text: str, bound: Instant, deficit: int
+) -> ForecastResult:
+    """Blockers with no known end: the bound is the forecast (the resolver makes room then)."""
+    shown = ", ".join(timeline.unknown[:5]) + (" ..." if len(timeline.unknown) > 5 else "")
+    basis = (
+        f"unknown: blocking leases have no scheduled end (no maxDuration) and no history "
+        f"of similar runs says when they end: {shown}; the {bound_text} and the resolver "
+        "makes room then, so that is the forecast (sooner only if they end first)"
+    )
+    return ForecastResult(run.key, bound, bound, bound, "bounded", deficit, basis)
 
 
 def _window_wait(
