@@ -35,17 +35,17 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gpu_fleet.core.gang import protects
+from gpu_fleet.core.gang import max_duration, protects
 from gpu_fleet.core.history import DurationHistory
 from gpu_fleet.core.ledger import FleetState, Reservation
-from gpu_fleet.core.model import LOCATION_KEYS, Instant, Run, slot
+from gpu_fleet.core.model import Instant, Run, slot
 from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest, groups, pack_greedy
 from gpu_fleet.core.resolver import attested_seed
-from gpu_fleet.core.timeutil import parse_duration
 from gpu_fleet.core.topology import (
     Topology,
     TopologyError,
     compile_nodes,
+    domain_location,
     parse_slot,
     topology_from,
 )
@@ -84,7 +84,6 @@ class Outcome:
     starts: dict[str, Start] = field(default_factory=dict)
     queued: frozenset[str] = frozenset()  # the runs the walk served (the queue at ``now``)
     now_errors: dict[str, PackError] = field(default_factory=dict)
-    unplaceable: set[str] = field(default_factory=set)  # invalid requests: they never start
 
 
 @dataclass
@@ -98,22 +97,14 @@ class _Unit:
     estimated: bool
 
 
-def _location(domain_key: str) -> dict[str, str]:
-    """A domain key (``region/cluster/fabric.domain``) as location labels."""
-    return dict(zip(LOCATION_KEYS, domain_key.split("/"), strict=False))
+def _slots(names: Iterable[str]) -> list[tuple[str, int]]:
+    return [p for p in (parse_slot(n) for n in names) if p is not None]
 
 
 def expected_duration(run: Run, history: DurationHistory) -> int | None:
     """A run's expected duration: ``maxDuration``, else the median of similar completed runs."""
-    declared = declared_duration(run)
+    declared = max_duration(run)
     return declared if declared is not None else history.typical(run)
-
-
-def declared_duration(run: Run) -> int | None:
-    rt = run.spec.runtime
-    if rt is None or rt.max_duration is None:
-        return None
-    return parse_duration(rt.max_duration)
 
 
 QUEUED_REASONS = ("Reserved", "Reclaimed", "Unschedulable")
@@ -153,7 +144,7 @@ def needed_gpus(request: PackRequest) -> int:
 
 
 class Simulation:
-    """One forward play of a flavor from ``now``; ``run_until(target)`` or ``run_all()``."""
+    """One forward play of a flavor from ``now``: build it, then ``run_until(target)``."""
 
     def __init__(
         self,
@@ -189,24 +180,23 @@ class Simulation:
             if ok:
                 self.free += gpus - len([i for i in taken if i < gpus])
         self.node_ok = {name: ok for name, _k, _g, _l, ok in self.skeleton.nodes}
-        self.node_domain = {name: key for name, key, _g, _l, _ok in self.skeleton.nodes}
+        self.node_location = {
+            name: domain_location(k) for name, k, _g, _l, _o in self.skeleton.nodes
+        }
         self.units: dict[str, _Unit] = {}
         self.events: list[tuple[Instant, int, str]] = []
         self.seq = 0
         self.freed_now: list[str] = []
         self.uncertain = False
-        for r in releases:
-            parsed = [p for p in (parse_slot(s) for s in r.slots) if p is not None]
-            self._hold_unit(_Unit(r.lease, "", parsed, r.at, r.estimated), take=False)
-        for lease in state.open_leases.values():
-            if lease.id in self.units or lease.node not in self.held:
+        ends = {r.lease: r for r in releases}
+        for _, lease in sorted(state.open_leases.items()):  # an end on the timeline, or held
+            if lease.node not in self.held:
                 continue
-            slots = [p for p in (parse_slot(s) for s in lease.slots) if p is not None]
-            self.units[lease.id] = _Unit(lease.id, lease.run, slots, None, False)
-        for unit in self.units.values():
-            if not unit.run:
-                found = state.open_leases.get(unit.key)
-                unit.run = found.run if found is not None else ""
+            r = ends.get(lease.id)
+            unit = _Unit(lease.id, lease.run, _slots(lease.slots), None, False)
+            if r is not None:
+                unit.end, unit.estimated = r.at, r.estimated
+            self._hold_unit(unit, take=False)
         self.reservations = self._capacity_reservations()
         # Runs the resolver already cut for (notices pending in their favour): they wait for
         # the deadlines, and the play must not cut for them a second time.
@@ -217,7 +207,7 @@ class Simulation:
         self._protected: dict[tuple[tuple[str, ...], ...], tuple[frozenset[str], int]] = {}
         self._slice_index: dict[tuple[str, ...], list[tuple[Instant, str, str]]] | None = None
         self._durations: dict[str, int | None] = {
-            key: declared_duration(run) if (run := state.runs.get(key)) is not None else None
+            key: max_duration(run) if (run := state.runs.get(key)) is not None else None
             for key in self.queue
         }
         self._needs: dict[str, int] = {key: needed_gpus(self.requests[key]) for key in self.queue}
@@ -306,9 +296,9 @@ class Simulation:
         self._protected[names] = result
         return result
 
-    def _try(self, key: str, t: Instant, *, protect: bool = True) -> PackPlan | PackError:
+    def _try(self, key: str, t: Instant) -> PackPlan | PackError:
         request = self.requests[key]
-        excluded, count = self._excluded(key, t) if protect else (frozenset(), 0)
+        excluded, count = self._excluded(key, t)
         need = self._needs[key]
         if self.free - count < need and not (key == self.target and t == self.now):
             short = need - max(0, self.free - count)
@@ -327,7 +317,7 @@ class Simulation:
     def _start(self, key: str, plan: PackPlan, t: Instant, *, by_activation: bool) -> None:
         run = self.state.runs.get(key)  # None: a hypothetical run (a test, a what-if)
         duration = expected_duration(run, self.history) if run is not None else None
-        slots = [p for p in (parse_slot(s) for s in plan.slots()) if p is not None]
+        slots = _slots(plan.slots())
         estimated = self._durations.get(key) is None
         self._hold_unit(
             _Unit(f"sim:{key}", key, slots, None if duration is None else t + duration, estimated),
@@ -338,6 +328,10 @@ class Simulation:
 
     def _dequeue(self, key: str) -> None:
         self.queue.remove(key)
+        self._drop_reservation(key)
+
+    def _drop_reservation(self, key: str) -> None:
+        """The run's slice is no longer promised (it started, or its bound passed)."""
         if self.reservations.pop(key, None) is not None:
             self._slice_index = None
             self._protected.clear()
@@ -346,14 +340,14 @@ class Simulation:
 
     def _make_room(self, key: str, res: Reservation, t: Instant) -> PackPlan | None:
         """Cut running work in the reservation's scope by the lottery's draw until ``key`` fits."""
-        scope = _location(res.domain)
+        scope = domain_location(res.domain)
         family = self.state.index.family
         notices = {p.lease for p in self.state.pending_preemptions()}
         by_owner: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         for unit in self.units.values():
             if unit.run == key or unit.key in notices or not unit.slots:
                 continue
-            if unit.key not in self.units or not self._in_scope(unit, scope):
+            if not self._in_scope(unit, scope):
                 continue
             run = self.state.runs.get(unit.run)
             owner = family.owner_of(run.metadata.namespace) if run is not None else ""
@@ -377,12 +371,10 @@ class Simulation:
             self.uncertain = True
 
     def _in_scope(self, unit: _Unit, scope: Mapping[str, str]) -> bool:
-        for node, _ in unit.slots:
-            domain = self.node_domain.get(node, "")
-            parts = _location(domain)
-            if all(parts.get(k) == v for k, v in scope.items() if v):
-                return True
-        return False
+        return any(
+            all(self.node_location.get(node, {}).get(k) == v for k, v in scope.items())
+            for node, _ in unit.slots
+        )
 
     # -- the walk ----------------------------------------------------------------------------
 
@@ -412,9 +404,7 @@ class Simulation:
                 continue
             if key in self.awaiting:
                 continue  # the room is being cut for it: it takes it at the notices' deadline
-            if self.reservations.pop(key, None) is not None:  # re-reserved for real
-                self._slice_index = None
-                self._protected.clear()
+            self._drop_reservation(key)  # the engine re-reserves it: that slice is gone
             if res.kind == "capacity" and self.resolve_for(key):
                 plan = self._make_room(key, res, t)
                 if plan is not None:
@@ -438,8 +428,7 @@ class Simulation:
             if t == self.now:
                 self.outcome.now_errors[key] = outcome
             if outcome.kind is PackErrorKind.INVALID_REQUEST:
-                self._dequeue(key)
-                self.outcome.unplaceable.add(key)
+                self._dequeue(key)  # an invalid request never starts
 
     def _next_instant(self) -> Instant | None:
         """The next instant anything can change: an end, or a reservation falling due."""

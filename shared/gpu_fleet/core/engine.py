@@ -70,7 +70,6 @@ from gpu_fleet.core.ledger import (
 )
 from gpu_fleet.core.metering import Evaluation, evaluate
 from gpu_fleet.core.model import (
-    LOCATION_KEYS,
     Budget,
     EnvelopeKey,
     FundingClass,
@@ -91,7 +90,7 @@ from gpu_fleet.core.resolver import (
     waiting_for_preemptions,
 )
 from gpu_fleet.core.timeutil import format_instant, parse_duration
-from gpu_fleet.core.topology import Topology, TopologyError
+from gpu_fleet.core.topology import Topology, TopologyError, domain_location
 
 __all__ = [
     "TERMINAL",
@@ -298,7 +297,7 @@ def _reclaim_for_admission(
         return None  # nothing Unfunded anywhere: phase 0 would draw nobody
     ev = state.evaluation(now)
     shortfall = sorted(pack_error.shortfall)
-    scope = _scope_labels(shortfall[0]) if len(shortfall) == 1 else {}
+    scope = domain_location(shortfall[0]) if len(shortfall) == 1 else {}
     resolution = resolve(
         deficit=max(1, pack_error.deficit),
         flavor=run.flavor,
@@ -343,13 +342,6 @@ def _reclaim_for_admission(
     out.events.extend(_start_events(state, run, leases, now, "admitted"))
     out.started = True
     return out
-
-
-def _scope_labels(domain: str) -> dict[str, str]:
-    """``region/cluster/fabric`` back to the label map a scope is matched with."""
-    if not domain:
-        return {}
-    return dict(zip(LOCATION_KEYS, domain.split("/"), strict=False))
 
 
 def _start_events(
@@ -431,7 +423,7 @@ def _reserve(  # noqa: PLR0917 - one positional call shape, shared with the fore
                 key, now, "Pending", "Unschedulable", f"no capacity in any matching domain: {why}"
             )
         ]
-    scope_labels = dict(zip(("region", "cluster", "fabric.domain"), scope.split("/"), strict=False))
+    scope_labels = domain_location(scope)
     candidates = [
         e
         for e in index.of_owner(owner, run.flavor)
@@ -652,7 +644,7 @@ def _make_room(
     (``needed - free``; all of ``needed`` when free GPUs exist but are fragmented).
     """
     index = state.index
-    scope = _scope_labels(res.domain)
+    scope = domain_location(res.domain)
     sizes = groups(run.spec.resources.total_gpus, run.group_gpus)
     needed = run.spec.resources.total_gpus + run.spec.spares_per_group * len(sizes)
     ev = state.evaluation(now)
@@ -743,7 +735,7 @@ def _hypothetical_classes(
         n.name
         for n in state.nodes.values()
         if n.flavor == run.flavor
-        and all(n.labels.get(k) == v for k, v in _scope_labels(res.domain).items())
+        and all(n.labels.get(k) == v for k, v in domain_location(res.domain).items())
     )
     inputs = state.funding_inputs()
     if not nodes:

@@ -234,26 +234,22 @@ def queue_outcome(state: FleetState, flavor: str, now: Instant) -> Outcome:
     """One play of the flavor's whole queue at ``now``, shared by every forecast taken at the
     same ledger version and instant (``kubectl runs plan`` for each run, the notifier's
     forecast events): the cost is one walk per flavor, not one per run."""
-    slot_key = f"forecast.queue:{flavor}"
-    cached = state.derived.get(slot_key)
-    if cached is not None and cached[0] == state.version and isinstance(cached[1], tuple):
-        at, outcome = cached[1]
-        if at == now and isinstance(outcome, Outcome):
-            return outcome
-    timeline = build_timeline(state, flavor, None, now)
-    try:
-        outcome = simulate(
-            state,
-            flavor,
-            timeline.releases,
-            now,
-            history=duration_history(state, now),
-            requests={},
-        )
-    except SimTopologyError as exc:
-        raise ForecastError("topology", str(exc)) from exc
-    state.derived[slot_key] = (state.version, (now, outcome))
-    return outcome
+
+    def play() -> Outcome:
+        timeline = build_timeline(state, flavor, None, now)
+        try:
+            return simulate(
+                state,
+                flavor,
+                timeline.releases,
+                now,
+                history=duration_history(state, now),
+                requests={},
+            )
+        except SimTopologyError as exc:
+            raise ForecastError("topology", str(exc)) from exc
+
+    return state.cached(f"forecast.queue:{flavor}", play, at=now)
 
 
 def _queued_fit(state: FleetState, run: Run, request: PackRequest, now: Instant) -> Fit | None:

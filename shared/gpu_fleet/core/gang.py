@@ -96,7 +96,7 @@ def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> froze
     resolver just made for them.  Only capacity waits hold a slice.
     """
     run = state.runs.get(run_key)
-    duration = _max_duration(run) if run is not None else None
+    duration = max_duration(run) if run is not None else None
     own = state.pending_reservation(run_key)
     mine = (own.earliest_start, own.name) if own is not None else None
     held: set[str] = set()
@@ -129,7 +129,8 @@ def protects(
     return False
 
 
-def _max_duration(run: Run) -> int | None:
+def max_duration(run: Run) -> int | None:
+    """The run's ``spec.runtime.maxDuration`` in seconds (``None``: no scheduled end)."""
     rt = run.spec.runtime
     if rt is None or rt.max_duration is None:
         return None

@@ -108,16 +108,10 @@ class DurationHistory:
 
 def duration_history(state: FleetState, now: Instant) -> DurationHistory:
     """The history as the ledger holds it at ``now`` (computed once per version and instant)."""
-    cached = state.derived.get("duration_history")
-    if (
-        cached is not None
-        and cached[0] == state.version
-        and isinstance(cached[1], tuple)
-        and cached[1][0] == now
-    ):
-        history = cached[1][1]
-        assert isinstance(history, DurationHistory)
-        return history
+    return state.cached("duration_history", lambda: _fit(state, now), at=now)
+
+
+def _fit(state: FleetState, now: Instant) -> DurationHistory:
     spans: dict[str, tuple[Instant, Instant]] = {}
     for lease in state.leases.values():
         if lease.closure_reason != "Completed" or lease.closed_at is None:
@@ -132,9 +126,7 @@ def duration_history(state: FleetState, now: Instant) -> DurationHistory:
         _observe(observations, state.runs.get(key), hi - lo, True)
     for key, since in running.items():
         _observe(observations, state.runs.get(key), max(0, now - since), False)
-    history = DurationHistory({k: Curve.fit(v) for k, v in sorted(observations.items())})
-    state.derived["duration_history"] = (state.version, (now, history))
-    return history
+    return DurationHistory({k: Curve.fit(v) for k, v in sorted(observations.items())})
 
 
 def _observe(

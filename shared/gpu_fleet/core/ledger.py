@@ -15,9 +15,9 @@ Evolution rules for this message family (msgspec tagged union on ``type``):
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar, cast
 
 import msgspec
 
@@ -43,6 +43,8 @@ from gpu_fleet.core.model import (
     Run,
 )
 from gpu_fleet.core.topology import Skeleton, compile_nodes
+
+_T = TypeVar("_T")
 
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -231,16 +233,8 @@ class FleetState:
     _index: EnvelopeIndex | None = None
     # Reservations still Pending, by name: kept by the fold so lookups never scan the history.
     pending_reservations: dict[str, Reservation] = field(default_factory=dict, repr=False)
-    _pending_by_run: dict[str, Reservation] = field(default_factory=dict, repr=False)
-    _pending_by_run_version: int = -1
-    _slices: dict[tuple[str, ...], list[tuple[Instant, str, str]]] = field(
-        default_factory=dict, repr=False
-    )
-    _slices_version: int = -1
-    _unfunded_memo: tuple[int, float, bool] | None = field(default=None, repr=False)
-    # Views other pure modules derive from the state, cached as (version, value): a cached
-    # value is valid only while ``version`` is unchanged.
-    derived: dict[str, tuple[int, object]] = field(default_factory=dict, repr=False)
+    # Views derived from the state (see ``cached``): name -> (version, argument, value).
+    _derived: dict[str, tuple[int, object, object]] = field(default_factory=dict, repr=False)
 
     @property
     def index(self) -> EnvelopeIndex:
@@ -334,34 +328,45 @@ class FleetState:
         order - which is the resolver's cut order, so closures replay in the order decided."""
         return [p for p in self.preemptions.values() if p.lease in self.open_leases]
 
+    def cached(self, name: str, compute: Callable[[], _T], *, at: object = None) -> _T:
+        """A view derived from the state, computed once per ledger version (and ``at``).
+
+        Only the latest (version, ``at``) is kept per name, so a service forecasting at the
+        wall clock does not accumulate one entry per instant.  ``compute`` must be a pure
+        function of the folded state (and ``at``); callers treat the value as read-only.
+        """
+        hit = self._derived.get(name)
+        if hit is not None and hit[0] == self.version and hit[1] == at:
+            return cast(_T, hit[2])
+        value = compute()
+        self._derived[name] = (self.version, at, value)
+        return value
+
     def pending_reservation(self, run: str) -> Reservation | None:
         """The run's newest pending reservation (indexed once per ledger version)."""
-        return self._pending_index().get(run)
+        return self.cached("pending_by_run", self._pending_by_run).get(run)
 
-    def _pending_index(self) -> dict[str, Reservation]:
-        if self._pending_by_run_version != self.version:
-            index: dict[str, Reservation] = {}
-            for r in self.pending_reservations.values():
-                cur = index.get(r.run)
-                if cur is None or (r.created_at, r.name) > (cur.created_at, cur.name):
-                    index[r.run] = r
-            self._pending_by_run = index
-            self._pending_by_run_version = self.version
-        return self._pending_by_run
+    def _pending_by_run(self) -> dict[str, Reservation]:
+        index: dict[str, Reservation] = {}
+        for r in self.pending_reservations.values():
+            cur = index.get(r.run)
+            if cur is None or (r.created_at, r.name) > (cur.created_at, cur.name):
+                index[r.run] = r
+        return index
 
     def has_unfunded_actives(self, at: float) -> bool:
         """Is any open active lease Unfunded at ``at``?  If not, reclaiming has nothing to draw
         (phase 0 of the resolver only takes groups whose actives are all Unfunded)."""
-        if self._unfunded_memo is not None and self._unfunded_memo[:2] == (self.version, at):
-            return self._unfunded_memo[2]
-        classes = self.evaluation(at).fill.funding_class
-        found = any(
-            classes.get(x.id, FundingClass.UNFUNDED) is FundingClass.UNFUNDED
-            for x in self.open_leases.values()
-            if x.role is LeaseRole.ACTIVE
-        )
-        self._unfunded_memo = (self.version, at, found)
-        return found
+
+        def compute() -> bool:
+            classes = self.evaluation(at).fill.funding_class
+            return any(
+                classes.get(x.id, FundingClass.UNFUNDED) is FundingClass.UNFUNDED
+                for x in self.open_leases.values()
+                if x.role is LeaseRole.ACTIVE
+            )
+
+        return self.cached("has_unfunded_actives", compute, at=at)
 
     def protected_slices(self) -> dict[tuple[str, ...], list[tuple[Instant, str, str]]]:
         """Intended slices of pending capacity reservations (DESIGN decision 5), indexed once per
@@ -371,16 +376,16 @@ class FleetState:
         Reservations share whole domains, so there are few slices and many reservations: backfill
         protection asks per slice ("is some other run's bound in it too soon for me?").
         """
-        if self._slices_version != self.version:
-            index: dict[tuple[str, ...], list[tuple[Instant, str, str]]] = defaultdict(list)
-            for r in self.pending_reservations.values():
-                if r.kind == "capacity" and r.nodes:
-                    index[tuple(r.nodes)].append((r.earliest_start, r.name, r.run))
-            for entries in index.values():
-                entries.sort()
-            self._slices = dict(sorted(index.items()))
-            self._slices_version = self.version
-        return self._slices
+        return self.cached("protected_slices", self._protected_slices)
+
+    def _protected_slices(self) -> dict[tuple[str, ...], list[tuple[Instant, str, str]]]:
+        index: dict[tuple[str, ...], list[tuple[Instant, str, str]]] = defaultdict(list)
+        for r in self.pending_reservations.values():
+            if r.kind == "capacity" and r.nodes:
+                index[tuple(r.nodes)].append((r.earliest_start, r.name, r.run))
+        for entries in index.values():
+            entries.sort()
+        return dict(sorted(index.items()))
 
 
 def _advance_clock(state: FleetState, at: Instant) -> None:

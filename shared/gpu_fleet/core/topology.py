@@ -55,6 +55,14 @@ def node_location(labels: Mapping[str, str]) -> dict[str, str]:
     return {k: labels[k] for k in LOCATION_KEYS if k in labels}
 
 
+def domain_location(domain_key: str) -> dict[str, str]:
+    """A domain key (``region/cluster/fabric.domain``, as ``compile_nodes`` joins it) back to
+    the location labels a scope is matched with; ``{}`` for the empty key (no scope)."""
+    if not domain_key:
+        return {}
+    return dict(zip(LOCATION_KEYS, domain_key.split("/"), strict=False))
+
+
 def parse_slot(value: str) -> tuple[str, int] | None:
     """Split ``node#i`` into ``(node, i)``; ``None`` for anything that is not a slot string."""
     node, sep, ordinal = value.rpartition("#")
