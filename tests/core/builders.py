@@ -19,6 +19,7 @@ from gpu_fleet.core.metering import Evaluation, FundingInputs, Meter, evaluate
 from gpu_fleet.core.model import (
     Budget,
     EnvelopeKey,
+    FundingClass,
     Instant,
     Lease,
     LeaseRole,
@@ -36,6 +37,13 @@ MINUTE = 60
 T0: Instant = int(dt.datetime(2026, 3, 2, tzinfo=dt.UTC).timestamp())
 YEAR_START = "2026-01-01T00:00:00Z"
 YEAR_END = "2027-01-01T00:00:00Z"
+
+
+# Funding classes by their short names, as the tests assert them.
+OWNED = FundingClass.OWNED
+SHARED = FundingClass.SHARED
+BORROWED = FundingClass.BORROWED
+UNFUNDED = FundingClass.UNFUNDED
 
 
 def iso(t: Instant) -> str:

@@ -5,7 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from builders import A100, HOUR, MINUTE, T0, budget, env, key, node, run
+from builders import (
+    A100,
+    BORROWED,
+    HOUR,
+    MINUTE,
+    OWNED,
+    SHARED,
+    T0,
+    UNFUNDED,
+    budget,
+    env,
+    key,
+    node,
+    run,
+)
 
 from gpu_fleet.core.engine import CommandError, Fleet, Settings
 from gpu_fleet.core.ledger import (
@@ -19,10 +33,6 @@ from gpu_fleet.core.ledger import (
 )
 from gpu_fleet.core.metering import Evaluation, evaluate
 from gpu_fleet.core.model import FundingClass, MintReason, Node
-
-OWNED = FundingClass.OWNED
-SHARED = FundingClass.SHARED
-UNFUNDED = FundingClass.UNFUNDED
 
 
 def fleet_with(
@@ -126,7 +136,7 @@ class TestAdmission:
         assert run_classes(fleet, "s/own") == [OWNED]
         events = fleet.apply(run("b", "small", 2, sponsors=["org:s"]), T0 + HOUR)
         assert [e.lease.minted_payer.key for e in of_type(events, LeaseMinted)] == [key("s")]
-        assert run_classes(fleet, "b/small") == [FundingClass.BORROWED]
+        assert run_classes(fleet, "b/small") == [BORROWED]
 
 
 class TestReservations:

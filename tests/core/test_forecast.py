@@ -130,7 +130,15 @@ class TestCapacityWait:
         got = forecast(fleet.state, "t/w", T0 + 12 * MINUTE)  # expiry not reconciled yet
         assert got.earliest_start == T0 + 12 * MINUTE
 
-    def test_a_preemption_notice_for_this_run_brings_the_start_forward(self) -> None:
+    @pytest.mark.parametrize(
+        ("beneficiary", "start"),
+        [("t/w", T0 + 2 * MINUTE), ("t/else", T0 + 10 * MINUTE)],
+        ids=["for-this-run-brings-the-start-forward", "for-someone-else-does-not"],
+    )
+    def test_a_preemption_notice(self, beneficiary: str, start: int) -> None:
+        """A notice ends its lease at the deadline for the run it cuts for; a notice whose
+        beneficiary does not wait (here: no such run) is cancelled by the engine, so the
+        lease keeps its scheduled end."""
         fleet = waiting_behind(run("t", "blocker", 6, max_duration="10m"), run("t", "w", 4))
         (lease, *_) = fleet.state.leases_of("t/blocker", open_only=True)
         notice = LeasePreemptionScheduled(
@@ -141,26 +149,10 @@ class TestCapacityWait:
             reason="RandomPreempt(0x1)",
             kind="Lottery",
             seed="0x1",
-            beneficiary="t/w",
+            beneficiary=beneficiary,
         )
         fold(fleet.state, notice)
-        assert forecast(fleet.state, "t/w", T0).earliest_start == T0 + 2 * MINUTE
-
-    def test_a_preemption_notice_for_someone_else_does_not(self) -> None:
-        fleet = waiting_behind(run("t", "blocker", 6, max_duration="10m"), run("t", "w", 4))
-        (lease, *_) = fleet.state.leases_of("t/blocker", open_only=True)
-        notice = LeasePreemptionScheduled(
-            at=T0,
-            lease=lease.id,
-            run="t/blocker",
-            deadline=T0 + 2 * MINUTE,
-            reason="RandomPreempt(0x1)",
-            kind="Lottery",
-            seed="0x1",
-            beneficiary="t/else",
-        )
-        fold(fleet.state, notice)
-        assert forecast(fleet.state, "t/w", T0).earliest_start == T0 + 10 * MINUTE
+        assert forecast(fleet.state, "t/w", T0).earliest_start == start
 
 
 class TestRemedies:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 from builders import (
     A100,
+    BORROWED,
     HOUR,
+    OWNED,
+    SHARED,
     T0,
+    UNFUNDED,
     World,
     budget,
     cap,
@@ -21,11 +25,6 @@ from builders import (
 from gpu_fleet.core.envelopes import build_index
 from gpu_fleet.core.funding import HoursView, senior_width
 from gpu_fleet.core.model import Budget, FundingClass, LeaseRole
-
-OWNED = FundingClass.OWNED
-SHARED = FundingClass.SHARED
-BORROWED = FundingClass.BORROWED
-UNFUNDED = FundingClass.UNFUNDED
 
 PARENT = budget("p", "org:p", [env("e", 8)])
 

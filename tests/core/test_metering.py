@@ -5,9 +5,13 @@ from __future__ import annotations
 import pytest
 from builders import (
     A100,
+    BORROWED,
     HOUR,
     MINUTE,
+    OWNED,
+    SHARED,
     T0,
+    UNFUNDED,
     World,
     budget,
     env,
@@ -22,11 +26,6 @@ from gpu_fleet.core.engine import Fleet, Settings
 from gpu_fleet.core.ledger import check_invariants
 from gpu_fleet.core.metering import Meter, advance_meter, evaluate
 from gpu_fleet.core.model import FundingClass, LeaseRole
-
-OWNED = FundingClass.OWNED
-SHARED = FundingClass.SHARED
-BORROWED = FundingClass.BORROWED
-UNFUNDED = FundingClass.UNFUNDED
 
 PARENT = budget("p", "org:p", [env("e", 4)])
 CHILD = budget("c", "org:c", [env("e", 1, flavor=A100)], parents=["org:p"])
