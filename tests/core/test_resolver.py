@@ -306,13 +306,21 @@ TEAM = budget("a", "org:a", [env("e", 16)])
 VICTIM = budget("b", "org:b", [env("e", 16)])
 
 
+def waiter_behind_holder(
+    *, holder: Run | None = None, settings: Settings | None = None
+) -> tuple[Fleet, Reservation]:
+    """``a/waiter`` (4 GPUs) reserved behind ``b/holder`` on one 4-GPU node."""
+    f = fleet([node("n1", 4)], [TEAM, VICTIM, holder or run("b", "holder", 4)], settings)
+    f.apply(run("a", "waiter", 4), T0 + MINUTE)
+    res = f.state.pending_reservation("a/waiter")
+    assert res is not None
+    return f, res
+
+
 class TestActivation:
     def test_a_due_reservation_cuts_and_starts_at_the_same_instant(self) -> None:
         holder = run("b", "holder", 4)
-        f = fleet([node("n1", 4)], [TEAM, VICTIM, holder])
-        f.apply(run("a", "waiter", 4), T0 + MINUTE)
-        res = f.state.pending_reservation("a/waiter")
-        assert res is not None
+        f, res = waiter_behind_holder(holder=holder)
         assert res.deficit_gpus == 4
         f.advance_to(res.earliest_start)
         assert f.state.status["a/waiter"].phase == "Running"
@@ -409,10 +417,7 @@ class TestActivation:
 
     def test_a_stale_reservation_never_resurrects_a_failed_run(self) -> None:
         """SPEC §F.1.11."""
-        f = fleet([node("n1", 4)], [TEAM, VICTIM, run("b", "holder", 4)])
-        f.apply(run("a", "waiter", 4), T0 + MINUTE)
-        res = f.state.pending_reservation("a/waiter")
-        assert res is not None
+        f, res = waiter_behind_holder()
         f.fail("a/waiter", T0 + 2 * MINUTE)
         stale: Reservation = msgspec.structs.replace(res, state="Pending")
         act = activate_reservation(f.state, stale, T0 + HOUR, f.planner, f.settings)
@@ -420,14 +425,7 @@ class TestActivation:
         assert open_width(f, "b/holder") == 4
 
     def test_a_deleted_beneficiary_cancels_its_pending_notices(self) -> None:
-        f = fleet(
-            [node("n1", 4)],
-            [TEAM, VICTIM, run("b", "holder", 4)],
-            Settings(preemption_grace=10 * MINUTE),
-        )
-        f.apply(run("a", "waiter", 4), T0 + MINUTE)
-        res = f.state.pending_reservation("a/waiter")
-        assert res is not None
+        f, res = waiter_behind_holder(settings=Settings(preemption_grace=10 * MINUTE))
         f.advance_to(res.earliest_start)
         assert f.state.pending_preemptions()
         f.delete("Run", "a", "waiter", res.earliest_start + MINUTE)
@@ -441,14 +439,7 @@ class TestPreemptionNotice:
     """DESIGN decision 3: a cut is announced first and takes effect at its deadline."""
 
     def test_the_cut_waits_for_the_grace_and_the_run_starts_then(self) -> None:
-        f = fleet(
-            [node("n1", 4)],
-            [TEAM, VICTIM, run("b", "holder", 4)],
-            Settings(preemption_grace=5 * MINUTE),
-        )
-        f.apply(run("a", "waiter", 4), T0 + MINUTE)
-        res = f.state.pending_reservation("a/waiter")
-        assert res is not None
+        f, res = waiter_behind_holder(settings=Settings(preemption_grace=5 * MINUTE))
         due = res.earliest_start
         f.advance_to(due)
         (notice,) = f.state.pending_preemptions()
@@ -472,14 +463,9 @@ class TestPreemptionNotice:
             holder,
             spec=msgspec.structs.replace(holder.spec, runtime=Runtime(preemption_grace="3h")),
         )
-        f = fleet(
-            [node("n1", 4)],
-            [TEAM, VICTIM, holder],
-            Settings(preemption_grace=0, preemption_grace_max=HOUR),
+        f, res = waiter_behind_holder(
+            holder=holder, settings=Settings(preemption_grace=0, preemption_grace_max=HOUR)
         )
-        f.apply(run("a", "waiter", 4), T0 + MINUTE)
-        res = f.state.pending_reservation("a/waiter")
-        assert res is not None
         f.advance_to(res.earliest_start)
         notices = [e for e in f.state.history if isinstance(e, LeasePreemptionScheduled)]
         assert [n.deadline - n.at for n in notices] == [HOUR]
@@ -516,14 +502,7 @@ class TestReplay:
     def test_the_ledger_replays_notices_cancellations_and_cuts(self, withdraw: bool) -> None:
         """New event types survive the wire and fold to the same state (DESIGN: the ledger is
         the system of record; a replay reproduces every decision)."""
-        f = fleet(
-            [node("n1", 4)],
-            [TEAM, VICTIM, run("b", "holder", 4)],
-            Settings(preemption_grace=5 * MINUTE),
-        )
-        f.apply(run("a", "waiter", 4), T0 + MINUTE)
-        res = f.state.pending_reservation("a/waiter")
-        assert res is not None
+        f, res = waiter_behind_holder(settings=Settings(preemption_grace=5 * MINUTE))
         f.advance_to(res.earliest_start)
         if withdraw:
             f.delete("Run", "a", "waiter", res.earliest_start + MINUTE)
