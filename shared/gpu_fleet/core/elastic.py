@@ -23,11 +23,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from gpu_fleet.core.cover import CoverFailure, CoverRequest, cover
+from gpu_fleet.core.cover import CoverFailure
 from gpu_fleet.core.gang import (
     Planner,
     Settings,
     commentary,
+    cover_run,
     domain_of,
     first_location,
     mint_leases,
@@ -107,23 +108,13 @@ def _grow(
         return _waiting(state, run, now, str(exc))
     if isinstance(packed, PackError):
         return _waiting(state, run, now, packed.message)
-    ev = state.evaluation(now)
-    index = state.index
-    hours = state.meter.hours_view(index, settings.period_hours)
-    result = cover(
-        index,
-        ev,
-        CoverRequest(
-            run=run,
-            quantity=delta,
-            location=first_location(topology, packed),
-            now=now,
-            admitted=state.admitted.get(run.key, now),
-            already_borrowed=ev.runs[run.key].borrowed if run.key in ev.runs else 0,
-        ),
-        remaining_hours=hours.remaining_envelope,
-        remaining_cap_hours=hours.remaining_cap,
-        period_hours=settings.period_hours,
+    result = cover_run(
+        state,
+        run,
+        quantity=delta,
+        location=first_location(topology, packed),
+        now=now,
+        settings=settings,
     )
     if isinstance(result, CoverFailure):
         return _waiting(state, run, now, result.message)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gpu_fleet.core.cover import CoverFailure, CoverPlan, CoverReason, CoverRequest, cover
+from gpu_fleet.core.cover import CoverFailure, CoverPlan, CoverReason
 from gpu_fleet.core.elastic import elastic_step
 from gpu_fleet.core.failures import handle_node_failure, top_up
 from gpu_fleet.core.funding import fill
@@ -38,6 +38,7 @@ from gpu_fleet.core.gang import (
     Settings,
     checkpoint_deadline,
     commentary,
+    cover_run,
     fail_events,
     first_location,
     mint_leases,
@@ -222,8 +223,7 @@ def _admit(
         out.events.extend(_reserve(state, run, now, settings, topology, None, packed, None))
         return out
     out.plan = packed
-    ev = state.evaluation(now)
-    result = _cover(state, run, plan=packed, topology=topology, now=now, settings=settings, ev=ev)
+    result = _cover(state, run, plan=packed, topology=topology, now=now, settings=settings)
     out.cover_result = result
     if isinstance(result, CoverFailure):
         if result.reason is CoverReason.INVALID_REQUEST:
@@ -254,26 +254,15 @@ def _cover(
     topology: Topology,
     now: Instant,
     settings: Settings,
-    ev: Evaluation,
 ) -> CoverPlan | CoverFailure:
     """Ordinary admission's cover: the plan's location, conservative ranking (SPEC §B.5)."""
-    index = state.index
-    rf = ev.runs.get(run.key)
-    hours = state.meter.hours_view(index, settings.period_hours)
-    return cover(
-        index,
-        ev,
-        CoverRequest(
-            run=run,
-            quantity=plan.total_gpus + plan.total_spares,
-            location=first_location(topology, plan),
-            now=now,
-            admitted=state.admitted.get(run.key, now),
-            already_borrowed=rf.borrowed if rf is not None else 0,
-        ),
-        remaining_hours=hours.remaining_envelope,
-        remaining_cap_hours=hours.remaining_cap,
-        period_hours=settings.period_hours,
+    return cover_run(
+        state,
+        run,
+        quantity=plan.total_gpus + plan.total_spares,
+        location=first_location(topology, plan),
+        now=now,
+        settings=settings,
     )
 
 
@@ -323,7 +312,7 @@ def _reclaim_for_admission(
         return None
     if isinstance(packed, PackError):
         return None
-    result = _cover(state, run, plan=packed, topology=topology, now=now, settings=settings, ev=ev)
+    result = _cover(state, run, plan=packed, topology=topology, now=now, settings=settings)
     if isinstance(result, CoverFailure):
         return None
     segments = [(s.payer.key, s.payer.owner, s.quantity) for s in result.segments]
@@ -647,24 +636,14 @@ def _make_room(
     scope = domain_location(res.domain)
     sizes = groups(run.spec.resources.total_gpus, run.group_gpus)
     needed = run.spec.resources.total_gpus + run.spec.spares_per_group * len(sizes)
-    ev = state.evaluation(now)
-    rf = ev.runs.get(run.key)
-    hours = state.meter.hours_view(index, settings.period_hours)
-    plan = cover(
-        index,
-        ev,
-        CoverRequest(
-            run=run,
-            quantity=needed,
-            location=scope or None,
-            now=now,
-            admitted=state.admitted.get(run.key, now),
-            conservative=False,
-            already_borrowed=rf.borrowed if rf is not None else 0,
-        ),
-        remaining_hours=hours.remaining_envelope,
-        remaining_cap_hours=hours.remaining_cap,
-        period_hours=settings.period_hours,
+    plan = cover_run(
+        state,
+        run,
+        quantity=needed,
+        location=scope or None,
+        now=now,
+        settings=settings,
+        conservative=False,
     )
     if isinstance(plan, CoverFailure):
         return [], UNFUNDED_DEMAND

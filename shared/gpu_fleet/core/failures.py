@@ -39,13 +39,14 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gpu_fleet.core.cover import CoverFailure, CoverRequest, cover
+from gpu_fleet.core.cover import CoverFailure
 from gpu_fleet.core.funding import fill
 from gpu_fleet.core.gang import (
     Planner,
     Settings,
     checkpoint_deadline,
     checkpoint_seconds,
+    cover_run,
     domain_of,
     lease_id,
     mint_leases,
@@ -447,24 +448,13 @@ def top_up(
     quantity = sum(g.size for g in plans.groups)
     if sum(x.width for x in actives) + quantity < run.min_width:
         return TopUp([], False)  # re-placing the lost groups would still not make it runnable
-    ev = state.evaluation(now)
-    index = state.index
-    hours = state.meter.hours_view(index, settings.period_hours)
-    topology_location = _plan_location(state, plans)
-    result = cover(
-        index,
-        ev,
-        CoverRequest(
-            run=run,
-            quantity=quantity,
-            location=topology_location,
-            now=now,
-            admitted=state.admitted.get(run.key, now),
-            already_borrowed=ev.runs[run.key].borrowed if run.key in ev.runs else 0,
-        ),
-        remaining_hours=hours.remaining_envelope,
-        remaining_cap_hours=hours.remaining_cap,
-        period_hours=settings.period_hours,
+    result = cover_run(
+        state,
+        run,
+        quantity=quantity,
+        location=_plan_location(state, plans),
+        now=now,
+        settings=settings,
     )
     if isinstance(result, CoverFailure):
         return TopUp([], False)

@@ -35,6 +35,7 @@ same timeline; only those that beat the forecast are returned, ranked by that st
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -364,16 +365,10 @@ def forecast(state: FleetState, key: str, now: Instant, *, remedies: bool = True
         result = _capacity_wait(
             state, run, res, fit, timeline, request=request, now=now, deficit=deficit
         )
-    options = _remedies(state, run, res, result, timeline=timeline, now=now) if remedies else ()
-    return ForecastResult(
-        run=result.run,
-        earliest_start=result.earliest_start,
-        p50=result.p50,
-        p90=result.p90,
-        confidence=result.confidence,
-        deficit_gpus=result.deficit_gpus,
-        basis=result.basis,
-        remedies=options,
+    if not remedies:
+        return result
+    return dataclasses.replace(
+        result, remedies=_remedies(state, run, res, result, timeline=timeline, now=now)
     )
 
 
@@ -427,8 +422,7 @@ def _capacity_wait(
         start = _at_least(fit.at, now)
         waits = _last_releases(timeline, fit)
         why = f"when {', '.join(waits)} reach(es) its scheduled end" if waits else "already"
-        freed = set(fit.freed_by)
-        if fit.uncertain or any(r.estimated and r.lease in freed for r in timeline.releases):
+        if fit.uncertain:
             # An estimated end (a reported ETA, similar runs' history) or a lottery draw for a
             # run ahead is an expectation, not a promise: P50 trusts it, P90 is the bound.
             return ForecastResult(

@@ -13,9 +13,10 @@ Everything here is pure: it reads ``FleetState`` and returns values or events.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from gpu_fleet.core.cover import CoverFailure, CoverPlan, CoverRequest, cover
 from gpu_fleet.core.envelopes import location_of
 from gpu_fleet.core.funding import fill
 from gpu_fleet.core.ledger import (
@@ -127,6 +128,40 @@ def protects(
             return False
         return duration is None or now + duration > bound
     return False
+
+
+def cover_run(
+    state: FleetState,
+    run: Run,
+    *,
+    quantity: int,
+    location: Mapping[str, str] | None,
+    now: Instant,
+    settings: Settings,
+    conservative: bool = True,
+) -> CoverPlan | CoverFailure:
+    """Cover ``quantity`` GPUs of ``run`` at ``location`` from the evaluation at ``now``, with
+    the GPU-hours left and the run's current borrowing: the one call admission, activation,
+    elastic growth and top-ups share (they differ only in what, where and how senior)."""
+    ev = state.evaluation(now)
+    rf = ev.runs.get(run.key)
+    hours = state.meter.hours_view(state.index, settings.period_hours)
+    return cover(
+        state.index,
+        ev,
+        CoverRequest(
+            run=run,
+            quantity=quantity,
+            location=location,
+            now=now,
+            admitted=state.admitted.get(run.key, now),
+            conservative=conservative,
+            already_borrowed=rf.borrowed if rf is not None else 0,
+        ),
+        remaining_hours=hours.remaining_envelope,
+        remaining_cap_hours=hours.remaining_cap,
+        period_hours=settings.period_hours,
+    )
 
 
 def max_duration(run: Run) -> int | None:
