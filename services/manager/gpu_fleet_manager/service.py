@@ -394,9 +394,7 @@ class Manager(Actor):
 
         def run(now: Instant) -> dict[str, Any]:
             fleet = self._require_fleet()
-            r = fleet.state.runs.get(key)
-            if r is None:
-                raise CommandError(f"run {key} not found")
+            r = fleet.require_run(key)
             if r.spec.malleable is None:
                 raise CommandError("run is not malleable")
             if req.desired is not None:
@@ -421,9 +419,7 @@ class Manager(Actor):
 
         def run(now: Instant) -> dict[str, Any]:
             fleet = self._require_fleet()
-            r = fleet.state.runs.get(key)
-            if r is None:
-                raise CommandError(f"run {key} not found")
+            r = fleet.require_run(key)
             funding = r.spec.funding
             current = list(funding.sponsors) if funding else []
             if req.op == "list":

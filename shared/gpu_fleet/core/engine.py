@@ -937,10 +937,15 @@ class Fleet:
             raise CommandError(f"eta {format_instant(eta)} is in the past")
         return self.commit([RunEtaReported(at=at, run=key, eta=eta)])
 
-    def shrink(self, key: str, desired: int, at: Instant) -> list[Event]:
+    def require_run(self, key: str) -> Run:
+        """The run ``key``, or a ``CommandError`` a caller can show as it is."""
         run = self.state.runs.get(key)
         if run is None:
             raise CommandError(f"run {key} not found")
+        return run
+
+    def shrink(self, key: str, desired: int, at: Instant) -> list[Event]:
+        run = self.require_run(key)
         m = run.spec.malleable
         if m is None:
             raise CommandError(f"run {key} is not malleable")
