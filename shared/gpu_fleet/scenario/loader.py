@@ -36,7 +36,7 @@ from gpu_fleet.core.manifests import (
     ManifestError,
     load_documents,
     validate_manifest,
-    validate_node,
+    validate_nodes,
 )
 from gpu_fleet.core.model import Budget, Instant, Node, Run, run_key, to_instant
 from gpu_fleet.core.timeutil import DurationError, format_instant, parse_duration, parse_instant
@@ -298,24 +298,11 @@ def _parse_nodes(raw: object, errors: list[str]) -> list[Node]:
     if not isinstance(items, list):
         errors.append("fleet.nodes: must be a list")
         return []
-    nodes: list[Node] = []
-    first_seen: dict[str, int] = {}
-    for i, item in enumerate(items):
-        path = f"fleet.nodes[{i}]"
-        try:
-            node = validate_node(item, path)
-        except ManifestError as exc:
-            errors.extend(_manifest_errors(exc))
-            continue
-        if node.name in first_seen:
-            errors.append(
-                f"{path}.name: duplicate node name {node.name!r} "
-                f"(also at fleet.nodes[{first_seen[node.name]}])"
-            )
-            continue
-        first_seen[node.name] = i
-        nodes.append(node)
-    return nodes
+    try:
+        return validate_nodes(items, "fleet.nodes")
+    except ManifestError as exc:
+        errors.extend(_manifest_errors(exc))
+        return []
 
 
 def _parse_objects(raw: object, errors: list[str]) -> list[Budget | Run]:
