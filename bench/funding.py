@@ -49,8 +49,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from _common import load_line, machine_line, median, pct, repeat_adaptive, timed
-from gpu_fleet.core.cover import CoverFailure, CoverRequest, cover
-from gpu_fleet.core.envelopes import build_index, location_of
+from gpu_fleet.core.funding import (
+    CoverFailure,
+    CoverRequest,
+    Evaluation,
+    FundingInputs,
+    build_index,
+    cover,
+    evaluate,
+    location_of,
+)
 from gpu_fleet.core.ledger import (
     BudgetApplied,
     Event,
@@ -60,7 +68,6 @@ from gpu_fleet.core.ledger import (
     RunSubmitted,
     fold_all,
 )
-from gpu_fleet.core.metering import Evaluation, FundingInputs, evaluate
 from gpu_fleet.core.model import (
     AggregateCap,
     Budget,

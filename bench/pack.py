@@ -26,28 +26,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gpu_fleet.core.model import Node
-from gpu_fleet.core.pack import (
+from gpu_fleet.core.placement import (
     Decision,
     PackError,
     PackErrorKind,
     PackPlan,
     PackRequest,
+    PlannerSettings,
+    Topology,
     Work,
+    build_topology,
     decide_greedy,
     decide_spares,
+    model_size,
     pack_greedy,
+    plan_batch,
     plan_cost,
+    plan_placement,
     realize,
+    span_lower_bound,
     validate,
 )
-from gpu_fleet.core.packing_cpsat import (
-    PlannerSettings,
-    model_size,
-    plan_batch,
-    plan_placement,
-    span_lower_bound,
-)
-from gpu_fleet.core.topology import Topology, build_topology
 
 FLAVOR = "H100-80GB"
 GPUS_PER_NODE = 8

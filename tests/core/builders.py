@@ -13,9 +13,17 @@ from typing import Any
 
 import msgspec
 
-from gpu_fleet.core.envelopes import EnvelopeIndex, build_index
-from gpu_fleet.core.funding import FillResult, HoursView, fill
-from gpu_fleet.core.metering import Evaluation, FundingInputs, Meter, evaluate
+from gpu_fleet.core.funding import (
+    EnvelopeIndex,
+    Evaluation,
+    FillResult,
+    FundingInputs,
+    HoursView,
+    Meter,
+    build_index,
+    evaluate,
+    fill,
+)
 from gpu_fleet.core.model import (
     Budget,
     EnvelopeKey,

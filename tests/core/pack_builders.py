@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from hypothesis import strategies as st
 
 from gpu_fleet.core.model import Node, NodeHealth
-from gpu_fleet.core.pack import PackPlan, PackRequest
-from gpu_fleet.core.topology import Topology, build_topology
+from gpu_fleet.core.placement import PackPlan, PackRequest, Topology, build_topology
 
 H100 = "H100-80GB"
 A = "us-west/gpu-a/A"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from builders import A100, HOUR, T0, World, budget, cap, env, key, lease, payer, run
 
-from gpu_fleet.core.cover import CoverFailure, CoverPlan, CoverReason, CoverRequest, cover
+from gpu_fleet.core.funding import CoverFailure, CoverPlan, CoverReason, CoverRequest, cover
 from gpu_fleet.core.model import Run
 
 R1 = {"region": "r1", "cluster": "c1", "fabric.domain": "f1"}

@@ -8,7 +8,7 @@ import msgspec
 from builders import MINUTE, T0, budget, env, node, run
 
 from gpu_fleet.core.engine import Fleet
-from gpu_fleet.core.metering import evaluate
+from gpu_fleet.core.funding import evaluate
 from gpu_fleet.core.model import Funding, FundingClass, Lease, LeaseRole, MintReason, Node, Run
 
 

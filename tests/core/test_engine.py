@@ -22,6 +22,7 @@ from builders import (
 )
 
 from gpu_fleet.core.engine import CommandError, Fleet, Settings
+from gpu_fleet.core.funding import Evaluation, evaluate
 from gpu_fleet.core.ledger import (
     Event,
     LeaseClosed,
@@ -31,7 +32,6 @@ from gpu_fleet.core.ledger import (
     RunStatusChanged,
     check_invariants,
 )
-from gpu_fleet.core.metering import Evaluation, evaluate
 from gpu_fleet.core.model import FundingClass, MintReason, Node
 
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 from builders import budget
 
-from gpu_fleet.core.family import ConflictKind, Tier, derive_family
+from gpu_fleet.core.funding import ConflictKind, Tier, derive_family
 from gpu_fleet.core.model import Budget
 
 

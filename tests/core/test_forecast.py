@@ -18,9 +18,9 @@ from gpu_fleet.core.forecast import (
     build_timeline,
     earliest_fit,
     forecast,
-    pack_request,
     queue_outcome,
 )
+from gpu_fleet.core.forecast.queue_play import pack_request
 from gpu_fleet.core.ledger import LeasePreemptionScheduled, fold
 from gpu_fleet.core.model import Node, Run
 

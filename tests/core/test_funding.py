@@ -22,8 +22,7 @@ from builders import (
     run,
 )
 
-from gpu_fleet.core.envelopes import build_index
-from gpu_fleet.core.funding import HoursView, senior_width
+from gpu_fleet.core.funding import HoursView, build_index, senior_width
 from gpu_fleet.core.model import Budget, FundingClass, LeaseRole
 
 PARENT = budget("p", "org:p", [env("e", 8)])

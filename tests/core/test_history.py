@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_fleet.core.history import Curve
+from gpu_fleet.core.forecast import Curve
 
 
 class TestCurve:

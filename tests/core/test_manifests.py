@@ -20,9 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpu_fleet.core.manifests import (
-    DNS_LABEL_RULE,
-    DNS_SUBDOMAIN_RULE,
-    RESERVED_ENV,
     FieldError,
     ManifestError,
     load_documents,
@@ -31,6 +28,7 @@ from gpu_fleet.core.manifests import (
     validate_manifest,
     validate_node,
 )
+from gpu_fleet.core.manifests.rules import DNS_LABEL_RULE, DNS_SUBDOMAIN_RULE, RESERVED_ENV
 from gpu_fleet.core.model import API_VERSION, Budget, Node, NodeHealth, Run
 
 UTC = dt.UTC

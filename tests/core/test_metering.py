@@ -23,8 +23,8 @@ from builders import (
 )
 
 from gpu_fleet.core.engine import Fleet, Settings
+from gpu_fleet.core.funding import Meter, advance_meter, evaluate
 from gpu_fleet.core.ledger import check_invariants
-from gpu_fleet.core.metering import Meter, advance_meter, evaluate
 from gpu_fleet.core.model import FundingClass, LeaseRole
 
 PARENT = budget("p", "org:p", [env("e", 4)])

@@ -9,17 +9,17 @@ from hypothesis import HealthCheck, given, settings
 from pack_builders import H100, A, B, check_plan, fleets, node, req, requests, slots, topo
 
 from gpu_fleet.core.model import Node, NodeHealth
-from gpu_fleet.core.pack import (
+from gpu_fleet.core.placement import (
     NodeAllocation,
     PackError,
     PackErrorKind,
     PackPlan,
     PackRequest,
+    Topology,
     groups,
     pack_greedy,
     plan_cost,
 )
-from gpu_fleet.core.topology import Topology
 
 
 def apply(t: Topology, plan: PackPlan, nodes: Sequence[Node], held: Sequence[str]) -> Topology:

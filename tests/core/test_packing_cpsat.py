@@ -10,19 +10,17 @@ from hypothesis import strategies as st
 from pack_builders import A, B, C, check_plan, fleets, node, req, requests, slots, topo
 
 from gpu_fleet.core.model import Node, NodeHealth
-from gpu_fleet.core.pack import (
+from gpu_fleet.core.placement import (
     NodeAllocation,
     PackError,
     PackErrorKind,
     PackPlan,
     PackRequest,
-    pack_greedy,
-    plan_cost,
-)
-from gpu_fleet.core.packing_cpsat import (
     PlannerSettings,
     model_size,
+    pack_greedy,
     plan_batch,
+    plan_cost,
     plan_placement,
 )
 

@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpu_fleet.core.engine import Fleet
-from gpu_fleet.core.envelopes import build_index
-from gpu_fleet.core.family import Tier
+from gpu_fleet.core.funding import Tier, build_index
 from gpu_fleet.core.ledger import LeaseClosed, check_invariants
 from gpu_fleet.core.model import Budget, EnvelopeKey, FundingClass, Lease, Payer, Run
 

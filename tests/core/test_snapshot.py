@@ -7,9 +7,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gpu_fleet.core import snapshot
 from gpu_fleet.core.engine import Fleet
-from gpu_fleet.core.ledger import fold, fold_all
+from gpu_fleet.core.ledger import fold, fold_all, snapshot
 from gpu_fleet.scenario.loader import load_scenario_file
 from gpu_fleet.scenario.runner import build_report, run_scenario
 

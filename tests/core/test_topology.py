@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpu_fleet.core.model import Node, NodeHealth
-from gpu_fleet.core.topology import (
+from gpu_fleet.core.placement import (
     Domain,
     TopologyError,
     build_topology,

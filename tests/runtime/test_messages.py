@@ -12,7 +12,7 @@ import json
 import msgspec
 import pytest
 
-from gpu_fleet.core.pack import PackPlan, PackRequest
+from gpu_fleet.core.placement import PackPlan, PackRequest
 from gpu_fleet.messages import api, placement
 
 

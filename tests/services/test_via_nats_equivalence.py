@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpu_fleet.cli.via_nats import run_via_nats
-from gpu_fleet.core.packing_cpsat import plan_placement
+from gpu_fleet.core.placement import plan_placement
 from gpu_fleet.scenario.loader import load_scenario_file
 from gpu_fleet.scenario.runner import run_scenario
 

@@ -16,9 +16,13 @@ import msgspec
 import structlog
 from nats.micro.request import Request
 
-from gpu_fleet.core.pack import PackError
-from gpu_fleet.core.packing_cpsat import PlannerSettings, plan_placement
-from gpu_fleet.core.topology import TopologyError, topology_from
+from gpu_fleet.core.placement import (
+    PackError,
+    PlannerSettings,
+    TopologyError,
+    plan_placement,
+    topology_from,
+)
 from gpu_fleet.messages import placement
 from gpu_fleet.runtime.follower_service import FollowerService, Handler
 from gpu_fleet_binder import __version__

@@ -23,14 +23,19 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from gpu_fleet import views
-from gpu_fleet.core import snapshot
 from gpu_fleet.core.engine import CommandError, Settings
+from gpu_fleet.core.ledger import snapshot
 from gpu_fleet.core.manifests import ManifestError, parse_manifests, validate_node
 from gpu_fleet.core.model import Funding, Instant, Node, NodeHealth, Run, run_key
-from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest
-from gpu_fleet.core.packing_cpsat import plan_placement
+from gpu_fleet.core.placement import (
+    PackError,
+    PackErrorKind,
+    PackPlan,
+    PackRequest,
+    Topology,
+    plan_placement,
+)
 from gpu_fleet.core.timeutil import format_instant, parse_instant
-from gpu_fleet.core.topology import Topology
 from gpu_fleet.messages import api, placement, subjects
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, VirtualClock, WallClock

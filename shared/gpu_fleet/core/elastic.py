@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from gpu_fleet.core.cover import CoverFailure
+from gpu_fleet.core.funding.cover import CoverFailure
 from gpu_fleet.core.gang import (
     Planner,
     Settings,
@@ -35,10 +35,11 @@ from gpu_fleet.core.gang import (
     plan_pack,
     verify_funded,
 )
-from gpu_fleet.core.ledger import Event, FleetState, LeaseClosed, LeaseMinted
+from gpu_fleet.core.ledger.events import Event, LeaseClosed, LeaseMinted
+from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import FundingClass, Instant, Lease, LeaseRole, MintReason, Run
-from gpu_fleet.core.pack import PackError
-from gpu_fleet.core.topology import TopologyError
+from gpu_fleet.core.placement.pack import PackError
+from gpu_fleet.core.placement.topology import TopologyError
 
 
 @dataclass

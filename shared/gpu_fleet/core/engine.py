@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gpu_fleet.core.cover import CoverFailure, CoverPlan, CoverReason
 from gpu_fleet.core.elastic import elastic_step
 from gpu_fleet.core.failures import handle_node_failure, top_up
-from gpu_fleet.core.funding import fill
+from gpu_fleet.core.funding.cover import CoverFailure, CoverPlan, CoverReason
+from gpu_fleet.core.funding.matching import fill
+from gpu_fleet.core.funding.metering import Evaluation, evaluate
 from gpu_fleet.core.gang import (
     TERMINAL,
     Planner,
@@ -49,11 +50,10 @@ from gpu_fleet.core.gang import (
     status_event,
     verify_funded,
 )
-from gpu_fleet.core.ledger import (
+from gpu_fleet.core.ledger.events import (
     BudgetApplied,
     BudgetDeleted,
     Event,
-    FleetState,
     LeaseClosed,
     LeaseMinted,
     LeasePreemptionScheduled,
@@ -67,9 +67,8 @@ from gpu_fleet.core.ledger import (
     RunStatusChanged,
     RunSubmitted,
     RunUpdated,
-    fold,
 )
-from gpu_fleet.core.metering import Evaluation, evaluate
+from gpu_fleet.core.ledger.state import FleetState, fold
 from gpu_fleet.core.model import (
     Budget,
     EnvelopeKey,
@@ -82,7 +81,8 @@ from gpu_fleet.core.model import (
     NodeHealth,
     Run,
 )
-from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, groups, pack_greedy
+from gpu_fleet.core.placement.pack import PackError, PackErrorKind, PackPlan, groups, pack_greedy
+from gpu_fleet.core.placement.topology import Topology, TopologyError, domain_location
 from gpu_fleet.core.resolver import (
     apply_resolution,
     close_preempted,
@@ -91,7 +91,6 @@ from gpu_fleet.core.resolver import (
     waiting_for_preemptions,
 )
 from gpu_fleet.core.timeutil import format_instant, parse_duration
-from gpu_fleet.core.topology import Topology, TopologyError, domain_location
 
 __all__ = [
     "TERMINAL",

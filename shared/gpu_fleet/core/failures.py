@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gpu_fleet.core.cover import CoverFailure
-from gpu_fleet.core.funding import fill
+from gpu_fleet.core.funding.cover import CoverFailure
+from gpu_fleet.core.funding.matching import fill
+from gpu_fleet.core.funding.metering import Evaluation
 from gpu_fleet.core.gang import (
     Planner,
     Settings,
@@ -55,14 +56,8 @@ from gpu_fleet.core.gang import (
     status_event,
     verify_funded,
 )
-from gpu_fleet.core.ledger import (
-    Event,
-    FleetState,
-    LeaseClosed,
-    LeaseMinted,
-    RunStatusChanged,
-)
-from gpu_fleet.core.metering import Evaluation
+from gpu_fleet.core.ledger.events import Event, LeaseClosed, LeaseMinted, RunStatusChanged
+from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import (
     FundingClass,
     Instant,
@@ -72,9 +67,9 @@ from gpu_fleet.core.model import (
     Payer,
     Run,
 )
-from gpu_fleet.core.pack import GroupPlacement, PackError, PackPlan
+from gpu_fleet.core.placement.pack import GroupPlacement, PackError, PackPlan
+from gpu_fleet.core.placement.topology import TopologyError
 from gpu_fleet.core.timeutil import format_instant
-from gpu_fleet.core.topology import TopologyError
 
 
 @dataclass

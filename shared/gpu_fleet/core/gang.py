@@ -13,20 +13,20 @@ Everything here is pure: it reads ``FleetState`` and returns values or events.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from gpu_fleet.core.cover import CoverFailure, CoverPlan, CoverRequest, cover
-from gpu_fleet.core.envelopes import location_of
-from gpu_fleet.core.funding import fill
-from gpu_fleet.core.ledger import (
+from gpu_fleet.core.funding.cover import CoverFailure, CoverPlan, CoverRequest, cover
+from gpu_fleet.core.funding.envelopes import location_of
+from gpu_fleet.core.funding.matching import fill
+from gpu_fleet.core.ledger.events import (
     Event,
-    FleetState,
     LeaseClosed,
     ReservationReleased,
     RunPhase,
     RunStatusChanged,
 )
+from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import (
     LOCATION_KEYS,
     EnvelopeKey,
@@ -36,11 +36,9 @@ from gpu_fleet.core.model import (
     MintReason,
     Run,
 )
-from gpu_fleet.core.pack import PackError, PackPlan, PackRequest
+from gpu_fleet.core.placement.pack import PackError, PackPlan, PackRequest, Planner
+from gpu_fleet.core.placement.topology import Topology, topology_from
 from gpu_fleet.core.timeutil import parse_duration
-from gpu_fleet.core.topology import Topology, topology_from
-
-Planner = Callable[[Topology, PackRequest], PackPlan]
 
 TERMINAL = ("Completed", "Failed")
 

@@ -51,14 +51,14 @@ from gpu_fleet.core.gang import (
     release_reservations,
     status_event,
 )
-from gpu_fleet.core.ledger import (
+from gpu_fleet.core.ledger.events import (
     Event,
-    FleetState,
     LeaseClosed,
     LeasePreemptionCanceled,
     LeasePreemptionScheduled,
     ReservationReleased,
 )
+from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import (
     FundingClass,
     Instant,

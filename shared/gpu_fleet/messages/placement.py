@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from gpu_fleet.core.pack import PackPlan, PackRequest
+from gpu_fleet.core.placement import PackPlan, PackRequest
 
 
 class PlaceRequest(msgspec.Struct, frozen=True, kw_only=True):

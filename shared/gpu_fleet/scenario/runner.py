@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gpu_fleet.core.engine import Fleet, Planner, Settings
+from gpu_fleet.core.funding import Evaluation, evaluate
 from gpu_fleet.core.ledger import (
     Event,
     FleetState,
@@ -21,7 +22,6 @@ from gpu_fleet.core.ledger import (
     ReservationReleased,
     RunStatusChanged,
 )
-from gpu_fleet.core.metering import Evaluation, evaluate
 from gpu_fleet.core.model import EnvelopeKey, Instant, Lease, LeaseRole, MintReason, NodeHealth
 from gpu_fleet.core.timeutil import format_instant
 from gpu_fleet.scenario.loader import (

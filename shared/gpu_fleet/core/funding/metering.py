@@ -20,8 +20,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gpu_fleet.core.envelopes import EnvelopeIndex
-from gpu_fleet.core.funding import Accepted, FillResult, HoursView, fill
+from gpu_fleet.core.funding.envelopes import EnvelopeIndex
+from gpu_fleet.core.funding.matching import Accepted, FillResult, HoursView, fill
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
 
 _MIN_STEP = 1e-3  # seconds; keeps a float crossing from stalling the fold

@@ -36,30 +36,30 @@ same timeline; only those that beat the forecast are returned, ranked by that st
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 
-from gpu_fleet.core.capacity_sim import (
+from gpu_fleet.core.forecast.history import duration_history
+from gpu_fleet.core.forecast.queue_play import (
     Outcome,
     Release,
     SimTopologyError,
     pack_request,
     simulate,
 )
-from gpu_fleet.core.envelopes import EnvelopeInfo
+from gpu_fleet.core.funding.envelopes import EnvelopeInfo
 from gpu_fleet.core.gang import reserved_slots
-from gpu_fleet.core.history import duration_history
-from gpu_fleet.core.ledger import FleetState, Reservation
+from gpu_fleet.core.ledger.events import Reservation
+from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import Instant, Lease, Node, Run
-from gpu_fleet.core.pack import PackError, PackPlan, PackRequest, pack_greedy
+from gpu_fleet.core.placement.pack import PackError, PackRequest, Planner, pack_greedy
+from gpu_fleet.core.placement.topology import TopologyError, build_topology
 from gpu_fleet.core.timeutil import format_instant
-from gpu_fleet.core.topology import Topology, TopologyError, build_topology
 
 Confidence = Literal["exact", "estimated", "bounded", "conservative", "window-aligned"]
-Packer = Callable[[Topology, PackRequest], PackPlan]
 
 TERMINAL = ("Completed", "Failed")
 
@@ -198,7 +198,7 @@ def earliest_fit(
     timeline: Timeline,
     now: Instant,
     *,
-    packer: Packer = pack_greedy,
+    packer: Planner = pack_greedy,
 ) -> Fit:
     """The first instant at which ``request`` packs for ``run_key``; ``None`` if none does.
 
@@ -281,7 +281,7 @@ def _try_pack(
     held: set[str],
     request: PackRequest,
     *,
-    packer: Packer,
+    packer: Planner,
 ) -> PackError | None:
     try:
         topology = build_topology(nodes, held, request.flavor)

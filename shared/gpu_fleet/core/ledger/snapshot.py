@@ -16,15 +16,9 @@ from collections import defaultdict
 
 import msgspec
 
-from gpu_fleet.core.ledger import (
-    Event,
-    FleetState,
-    LeasePreemptionScheduled,
-    Reservation,
-    RunPhase,
-    RunStatus,
-)
-from gpu_fleet.core.metering import Meter
+from gpu_fleet.core.funding.metering import Meter
+from gpu_fleet.core.ledger.events import Event, LeasePreemptionScheduled, Reservation, RunPhase
+from gpu_fleet.core.ledger.state import FleetState, RunStatus
 from gpu_fleet.core.model import Budget, EnvelopeKey, FundingClass, Instant, Lease, Node, Run
 
 FORMAT = 1

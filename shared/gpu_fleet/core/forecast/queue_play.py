@@ -35,13 +35,21 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from gpu_fleet.core.forecast.history import DurationHistory
 from gpu_fleet.core.gang import max_duration, protects
-from gpu_fleet.core.history import DurationHistory
-from gpu_fleet.core.ledger import FleetState, Reservation
+from gpu_fleet.core.ledger.events import Reservation
+from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import Instant, Run, slot
-from gpu_fleet.core.pack import PackError, PackErrorKind, PackPlan, PackRequest, groups, pack_greedy
-from gpu_fleet.core.resolver import attested_seed
-from gpu_fleet.core.topology import (
+from gpu_fleet.core.placement.pack import (
+    PackError,
+    PackErrorKind,
+    PackPlan,
+    PackRequest,
+    Planner,
+    groups,
+    pack_greedy,
+)
+from gpu_fleet.core.placement.topology import (
     Topology,
     TopologyError,
     compile_nodes,
@@ -49,8 +57,7 @@ from gpu_fleet.core.topology import (
     parse_slot,
     topology_from,
 )
-
-Packer = Callable[[Topology, PackRequest], PackPlan]
+from gpu_fleet.core.resolver import attested_seed
 
 
 class SimTopologyError(ValueError):
@@ -157,7 +164,7 @@ class Simulation:
         requests: Mapping[str, PackRequest],
         queue: Sequence[str],
         resolve_for: Callable[[str], bool] = lambda key: True,
-        packer: Packer = pack_greedy,
+        packer: Planner = pack_greedy,
     ) -> None:
         try:  # compiled afresh: one pass over the nodes, and never a stale cache
             self.skeleton = compile_nodes(list(state.nodes.values()), flavor)
@@ -462,7 +469,7 @@ def simulate(
     requests: Mapping[str, PackRequest],
     target: str | None = None,
     resolve_for: Callable[[str], bool] = lambda key: True,
-    packer: Packer = pack_greedy,
+    packer: Planner = pack_greedy,
 ) -> Outcome:
     """Play ``flavor`` forward from ``now``; ``requests`` overrides queued runs' requests.
 

@@ -37,12 +37,12 @@ domains holding busy GPUs, largest first.  The forecaster turns this into ``defi
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import msgspec
 
 from gpu_fleet.core.model import slot
-from gpu_fleet.core.topology import Topology, parse_slot
+from gpu_fleet.core.placement.topology import Topology, parse_slot
 
 
 class PackErrorKind(enum.StrEnum):
@@ -486,6 +486,10 @@ def realize(work: Work, request: PackRequest, decision: Decision, solver: str) -
         total_spares=request.spares_per_group * len(out),
         solver=solver,
     )
+
+
+Planner = Callable[[Topology, PackRequest], PackPlan]
+"""A placement planner: the greedy packer, or CP-SAT seeded by it; the engine takes either."""
 
 
 def pack_greedy(topology: Topology, request: PackRequest) -> PackPlan:

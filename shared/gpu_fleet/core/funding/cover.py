@@ -23,10 +23,10 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gpu_fleet.core.envelopes import EnvelopeIndex, EnvelopeInfo
-from gpu_fleet.core.family import Tier
-from gpu_fleet.core.funding import LOAN, SPONSOR, Accepted, FillResult, Proposer
-from gpu_fleet.core.metering import Evaluation
+from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo
+from gpu_fleet.core.funding.family import Tier
+from gpu_fleet.core.funding.matching import LOAN, SPONSOR, Accepted, FillResult, Proposer
+from gpu_fleet.core.funding.metering import Evaluation
 from gpu_fleet.core.model import EnvelopeKey, Instant, Payer, Run, run_key
 
 _CONSERVATIVE = "\U0010ffff"  # sorts after every run key: same-tier, same-time peers are senior

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from gpu_fleet.core.family import Family, derive_family
+from gpu_fleet.core.funding.family import Family, derive_family
 from gpu_fleet.core.model import (
     LOCATION_KEYS,
     Budget,

@@ -25,7 +25,7 @@ import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gpu_fleet.core.ledger import FleetState
+from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import Instant, Run
 
 MIN_EVENTS = 5

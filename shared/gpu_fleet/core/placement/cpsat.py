@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import msgspec
 from ortools.sat.python import cp_model
 
-from gpu_fleet.core.pack import (
+from gpu_fleet.core.placement.pack import (
     Decision,
     PackError,
     PackErrorKind,
@@ -76,7 +76,7 @@ from gpu_fleet.core.pack import (
     single_domain_candidates,
     validate,
 )
-from gpu_fleet.core.topology import Topology
+from gpu_fleet.core.placement.topology import Topology
 
 SOLVER = "cp-sat"
 _RANDOM_SEED = 20240101

@@ -33,8 +33,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gpu_fleet.core.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
-from gpu_fleet.core.family import Tier
+from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
+from gpu_fleet.core.funding.family import Tier
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 
 HOURS_EPSILON = 1e-6

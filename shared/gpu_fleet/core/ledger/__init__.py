@@ -1,0 +1,69 @@
+"""The system of record: the ledger's events, the state folded from them, and snapshots of it.
+
+Live state is a deterministic fold of the events (``events`` is the schema and its evolution
+rules, ``state`` the fold and the invariants, ``snapshot`` a faster start from a saved fold).
+
+This package must never decide anything: it records decisions and folds them, it makes none.
+"""
+
+from gpu_fleet.core.ledger.events import (
+    EVENT_DECODER,
+    EVENT_ENCODER,
+    BudgetApplied,
+    BudgetDeleted,
+    Event,
+    LeaseClosed,
+    LeaseMinted,
+    LeasePreemptionCanceled,
+    LeasePreemptionScheduled,
+    NodeHealthChanged,
+    NodeRegistered,
+    Reservation,
+    ReservationCreated,
+    ReservationReleased,
+    RunDeleted,
+    RunEtaReported,
+    RunPhase,
+    RunStatusChanged,
+    RunSubmitted,
+    RunUpdated,
+)
+from gpu_fleet.core.ledger.snapshot import Snapshot
+from gpu_fleet.core.ledger.state import (
+    FleetState,
+    LedgerError,
+    RunStatus,
+    check_invariants,
+    fold,
+    fold_all,
+)
+
+__all__ = [
+    "EVENT_DECODER",
+    "EVENT_ENCODER",
+    "BudgetApplied",
+    "BudgetDeleted",
+    "Event",
+    "FleetState",
+    "LeaseClosed",
+    "LeaseMinted",
+    "LeasePreemptionCanceled",
+    "LeasePreemptionScheduled",
+    "LedgerError",
+    "NodeHealthChanged",
+    "NodeRegistered",
+    "Reservation",
+    "ReservationCreated",
+    "ReservationReleased",
+    "RunDeleted",
+    "RunEtaReported",
+    "RunPhase",
+    "RunStatus",
+    "RunStatusChanged",
+    "RunSubmitted",
+    "RunUpdated",
+    "Snapshot",
+    "check_invariants",
+    "fold",
+    "fold_all",
+]
