@@ -15,7 +15,7 @@ from builders import HOUR, MINUTE, T0, budget, env, node, run
 from gpu_fleet.core.engine import Fleet, Settings
 from gpu_fleet.core.ledger import LeaseClosed, LeaseMinted, RunStatusChanged, RunSubmitted
 from gpu_fleet.core.model import Lease, LeaseRole, MintReason, Node, NodeHealth, Run, Runtime
-from gpu_fleet.scenario.runner import build_report
+from gpu_fleet.views import build_report
 
 TEAM = budget("a", "org:a", [env("e", 16)])
 

@@ -15,11 +15,13 @@ import msgspec
 import pytest
 from builders import HOUR, MINUTE, T0, budget, env, lease, node, run
 
-from gpu_fleet.core.engine import (
-    UNFUNDED_DEMAND,
-    Fleet,
-    Settings,
-    activate_reservation,
+from gpu_fleet.core.engine import UNFUNDED_DEMAND, Fleet, Settings, activate_reservation
+from gpu_fleet.core.engine.resolver import (
+    CutKind,
+    Resolution,
+    attested_seed,
+    resolve,
+    unbound_bucket,
 )
 from gpu_fleet.core.ledger import (
     EVENT_DECODER,
@@ -31,14 +33,7 @@ from gpu_fleet.core.ledger import (
     fold_all,
 )
 from gpu_fleet.core.model import FundingClass, Lease, LeaseRole, Node, NodeHealth, Run, Runtime
-from gpu_fleet.core.resolver import (
-    CutKind,
-    Resolution,
-    attested_seed,
-    resolve,
-    unbound_bucket,
-)
-from gpu_fleet.scenario.runner import build_report
+from gpu_fleet.views import build_report
 
 H100 = "H100"
 NODES: dict[str, Node] = {

@@ -10,7 +10,8 @@ import pytest
 from gpu_fleet.core.engine import Fleet
 from gpu_fleet.core.ledger import fold, fold_all, snapshot
 from gpu_fleet.scenario.loader import load_scenario_file
-from gpu_fleet.scenario.runner import build_report, run_scenario
+from gpu_fleet.scenario.runner import run_scenario
+from gpu_fleet.views import build_report
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "scenarios"
 OWN = Path(__file__).resolve().parents[1] / "scenarios" / "data"

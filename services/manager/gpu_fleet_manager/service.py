@@ -46,7 +46,7 @@ from gpu_fleet.runtime.ledger_stream import (
     LedgerUnavailableError,
 )
 from gpu_fleet.runtime.snapshots import SnapshotStore
-from gpu_fleet.scenario.runner import build_report
+from gpu_fleet.views import build_report
 from gpu_fleet_manager import __version__
 from gpu_fleet_manager.writer import LedgerFleet
 
@@ -291,7 +291,7 @@ class Manager(Actor):
             self._require_fleet()
             try:
                 return fn(self.clock.now())
-            except views.NotFound as exc:
+            except views.NotFoundError as exc:
                 raise ApiError("not_found", str(exc)) from exc
 
     def _wrap(

@@ -14,8 +14,9 @@ import asyncio
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
-from gpu_fleet.core.engine import Fleet, Planner, Settings
+from gpu_fleet.core.engine import Fleet, Settings
 from gpu_fleet.core.ledger import Event
+from gpu_fleet.core.placement.pack import Planner
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 
 T = TypeVar("T")

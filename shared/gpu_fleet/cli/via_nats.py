@@ -30,7 +30,8 @@ from gpu_fleet.scenario.loader import (
     Scenario,
     ShrinkStep,
 )
-from gpu_fleet.scenario.runner import build_report, settings_of
+from gpu_fleet.scenario.runner import settings_of
+from gpu_fleet.views import build_report
 
 
 async def _report(stack: InProcessStack, scenario: Scenario, label: str, at: Instant) -> Any:

@@ -1,23 +1,10 @@
 """When a waiting run will start, and what would make it sooner (DESIGN decision 4): the forecast,
-the play of the queue forward, and the history of run durations.
+its capacity timeline, the play of the queue forward, and the history of run durations.
 
 This package must never decide: the engine's decisions are events; a forecast only predicts them.
 """
 
-from gpu_fleet.core.forecast.forecast import (
-    TERMINAL,
-    Confidence,
-    Fit,
-    ForecastError,
-    ForecastResult,
-    RemedyOption,
-    Timeline,
-    build_timeline,
-    earliest_fit,
-    fits_when_empty,
-    forecast,
-    queue_outcome,
-)
+from gpu_fleet.core.forecast.forecast import Confidence, ForecastResult, RemedyOption, forecast
 from gpu_fleet.core.forecast.history import MIN_EVENTS, Curve, DurationHistory, duration_history
 from gpu_fleet.core.forecast.queue_play import (
     QUEUED_REASONS,
@@ -32,11 +19,19 @@ from gpu_fleet.core.forecast.queue_play import (
     queue_of,
     simulate,
 )
+from gpu_fleet.core.forecast.timeline import (
+    Fit,
+    ForecastError,
+    Timeline,
+    build_timeline,
+    earliest_fit,
+    fits_when_empty,
+    queue_outcome,
+)
 
 __all__ = [
     "MIN_EVENTS",
     "QUEUED_REASONS",
-    "TERMINAL",
     "Confidence",
     "Curve",
     "DurationHistory",

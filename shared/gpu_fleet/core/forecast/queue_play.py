@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from gpu_fleet.core.engine.gang import max_duration, protects
+from gpu_fleet.core.engine.resolver import attested_seed
 from gpu_fleet.core.forecast.history import DurationHistory
-from gpu_fleet.core.gang import max_duration, protects
 from gpu_fleet.core.ledger.events import Reservation
 from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import Instant, Run, slot
@@ -57,7 +58,6 @@ from gpu_fleet.core.placement.topology import (
     parse_slot,
     topology_from,
 )
-from gpu_fleet.core.resolver import attested_seed
 
 
 class SimTopologyError(ValueError):

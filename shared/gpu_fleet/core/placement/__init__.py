@@ -4,14 +4,13 @@ This is the binder's whole core; it must never know who pays (funding) or what t
 """
 
 from gpu_fleet.core.placement.cpsat import (
-    DEFAULT_SETTINGS,
     SOLVER,
-    PlannerSettings,
     model_size,
     plan_batch,
     plan_placement,
     span_lower_bound,
 )
+from gpu_fleet.core.placement.cpsat_model import DEFAULT_SETTINGS, PlannerSettings
 from gpu_fleet.core.placement.pack import (
     Decision,
     GroupPlacement,

@@ -2,11 +2,10 @@
 
 Admission, reservation activation, the resolver, node-failure swaps, checkpoint top-ups and
 elastic growth all lower a run to a pack request, plan it on a topology snapshot of the folded
-ledger, check who pays, and mint or close leases.  They live here, below ``engine``, so that the
-decision modules (``resolver``, ``failures``, ``elastic``) and the ``Fleet`` committer can share
-one implementation without importing each other in a cycle.  ``engine`` re-exports the public
-names (``Settings``, ``Planner``, ``plan_pack``, ``mint_leases``) so callers keep importing them
-from where they always did.
+ledger, check who pays, and mint or close leases.  They live here, at the bottom of the engine
+package, so that the decision modules (``admission``, ``activation``, ``resolver``, ``failures``,
+``elastic``) and the ``Fleet`` committer share one implementation without importing each other
+in a cycle.
 
 Everything here is pure: it reads ``FleetState`` and returns values or events.
 """

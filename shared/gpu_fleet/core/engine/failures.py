@@ -39,11 +39,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gpu_fleet.core.funding.cover import CoverFailure
-from gpu_fleet.core.funding.matching import fill
-from gpu_fleet.core.funding.metering import Evaluation
-from gpu_fleet.core.gang import (
-    Planner,
+from gpu_fleet.core.engine.gang import (
     Settings,
     checkpoint_deadline,
     checkpoint_seconds,
@@ -56,6 +52,9 @@ from gpu_fleet.core.gang import (
     status_event,
     verify_funded,
 )
+from gpu_fleet.core.funding.cover import CoverFailure
+from gpu_fleet.core.funding.matching import fill
+from gpu_fleet.core.funding.metering import Evaluation
 from gpu_fleet.core.ledger.events import Event, LeaseClosed, LeaseMinted, RunStatusChanged
 from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import (
@@ -67,7 +66,7 @@ from gpu_fleet.core.model import (
     Payer,
     Run,
 )
-from gpu_fleet.core.placement.pack import GroupPlacement, PackError, PackPlan
+from gpu_fleet.core.placement.pack import GroupPlacement, PackError, PackPlan, Planner
 from gpu_fleet.core.placement.topology import TopologyError
 from gpu_fleet.core.timeutil import format_instant
 

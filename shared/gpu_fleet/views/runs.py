@@ -12,15 +12,11 @@ from gpu_fleet.core.forecast import ForecastError, forecast
 from gpu_fleet.core.ledger import FleetState, LeaseClosed, RunStatusChanged
 from gpu_fleet.core.model import Instant
 from gpu_fleet.core.timeutil import format_instant
-from gpu_fleet.scenario.runner import build_report
+from gpu_fleet.views.report import build_report
 
 
 class NotFoundError(LookupError):
     """The named object does not exist."""
-
-
-NotFound = NotFoundError
-"""Former name, still caught by ``gpu_fleet_manager.service``; drop once it uses NotFoundError."""
 
 
 def _report(state: FleetState, at: Instant) -> dict[str, Any]:

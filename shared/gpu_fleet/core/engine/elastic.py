@@ -23,9 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from gpu_fleet.core.funding.cover import CoverFailure
-from gpu_fleet.core.gang import (
-    Planner,
+from gpu_fleet.core.engine.gang import (
     Settings,
     commentary,
     cover_run,
@@ -35,10 +33,11 @@ from gpu_fleet.core.gang import (
     plan_pack,
     verify_funded,
 )
+from gpu_fleet.core.funding.cover import CoverFailure
 from gpu_fleet.core.ledger.events import Event, LeaseClosed, LeaseMinted
 from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import FundingClass, Instant, Lease, LeaseRole, MintReason, Run
-from gpu_fleet.core.placement.pack import PackError
+from gpu_fleet.core.placement.pack import PackError, Planner
 from gpu_fleet.core.placement.topology import TopologyError
 
 

@@ -43,7 +43,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gpu_fleet.core.gang import (
+from gpu_fleet.core.engine.gang import (
     Settings,
     checkpoint_deadline,
     commentary,
@@ -57,6 +57,7 @@ from gpu_fleet.core.ledger.events import (
     LeasePreemptionCanceled,
     LeasePreemptionScheduled,
     ReservationReleased,
+    RunStatusChanged,
 )
 from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import (
@@ -470,3 +471,24 @@ def _settle_victim(
 def waiting_for_preemptions(state: FleetState, run_key: str) -> list[LeasePreemptionScheduled]:
     """Notices still pending in ``run_key``'s favour: it waits for them instead of re-cutting."""
     return [p for p in state.pending_preemptions() if p.beneficiary == run_key]
+
+
+WAITING_FOR_PREEMPTIONS = "waiting for preemptions in its favour"
+
+
+def awaiting_notices(
+    state: FleetState, run_key: str, events: Sequence[Event], now: Instant
+) -> RunStatusChanged | None:
+    """A commentary for a beneficiary whose room frees only when the notices run out."""
+    deadlines = [e.deadline for e in events if isinstance(e, LeasePreemptionScheduled)]
+    if not deadlines or max(deadlines) <= now:
+        return None
+    gpus = sum(
+        state.leases[e.lease].width for e in events if isinstance(e, LeasePreemptionScheduled)
+    )
+    return commentary(
+        state,
+        run_key,
+        now,
+        f"waiting for {gpus} GPUs under preemption notice until {format_instant(max(deadlines))}",
+    )

@@ -1,0 +1,326 @@
+"""``Fleet``: the in-memory committer of decisions, and the order of work at one instant.
+
+``Fleet`` is the committer the scenario runner and the CLI's local mode use; the manager service
+commits the same events to JetStream (with an expected-last-sequence check) and folds them the
+same way.  Because decisions read only folded state and the instant passed in, a replay of the
+ledger reproduces every one of them.
+
+Order of work at one instant (scenario-format.md): first what ends (lease expiry, preemption
+deadlines, checkpoint deadlines), then reservation activations (earliest start, then name),
+then admissions of pending runs (admission time, then run key), then elastic growth and
+voluntary shrinks; a step scheduled at that instant comes after all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from gpu_fleet.core.engine.activation import activate_reservation
+from gpu_fleet.core.engine.admission import admit
+from gpu_fleet.core.engine.elastic import elastic_step
+from gpu_fleet.core.engine.failures import handle_node_failure
+from gpu_fleet.core.engine.gang import (
+    TERMINAL,
+    Settings,
+    checkpoint_deadline,
+    fail_events,
+    status_event,
+)
+from gpu_fleet.core.engine.resolver import close_preempted, stale_preemptions
+from gpu_fleet.core.ledger.events import (
+    BudgetApplied,
+    BudgetDeleted,
+    Event,
+    LeaseClosed,
+    NodeHealthChanged,
+    NodeRegistered,
+    ReservationReleased,
+    RunDeleted,
+    RunEtaReported,
+    RunStatusChanged,
+    RunSubmitted,
+    RunUpdated,
+)
+from gpu_fleet.core.ledger.state import FleetState, fold
+from gpu_fleet.core.model import (
+    Budget,
+    Instant,
+    Node,
+    NodeHealth,
+    Run,
+)
+from gpu_fleet.core.placement.pack import Planner, pack_greedy
+from gpu_fleet.core.timeutil import format_instant
+
+
+class CommandError(ValueError):
+    """A command that cannot apply (unknown run, wrong state); nothing was changed."""
+
+
+class Fleet:
+    """Folded state plus the decision loop; what the scenario runner and local CLI drive."""
+
+    def __init__(self, settings: Settings | None = None, planner: Planner | None = None) -> None:
+        self.settings = settings or Settings()
+        self.planner: Planner = planner or pack_greedy
+        self.state = FleetState(settings_period_hours=self.settings.period_hours)
+
+    # -- committing ---------------------------------------------------------------------------
+    def commit(self, events: Iterable[Event]) -> list[Event]:
+        done: list[Event] = []
+        for e in events:
+            fold(self.state, e)
+            done.append(e)
+        return done
+
+    # -- commands -----------------------------------------------------------------------------
+    def register_node(self, node: Node, at: Instant) -> None:
+        self.commit([NodeRegistered(at=at, node=node)])
+
+    def apply(self, manifest: Budget | Run, at: Instant) -> list[Event]:
+        if isinstance(manifest, Budget):
+            events = self.commit([BudgetApplied(at=at, budget=manifest)])
+        elif manifest.key in self.state.runs:
+            events = self.commit([RunUpdated(at=at, run=manifest)])
+        else:
+            events = self.commit([RunSubmitted(at=at, run=manifest)])
+        return events + self.reconcile(at)
+
+    def delete(self, kind: str, namespace: str, name: str, at: Instant) -> list[Event]:
+        key = f"{namespace}/{name}"
+        if kind == "Budget":
+            if key not in self.state.budgets:
+                raise CommandError(f"budget {key} not found")
+            events = self.commit([BudgetDeleted(at=at, namespace=namespace, name=name)])
+        else:
+            if key not in self.state.runs:
+                raise CommandError(f"run {key} not found")
+            closing: list[Event] = [
+                LeaseClosed(at=at, lease=x.id, reason="RunDeleted")
+                for x in self.state.leases_of(key, open_only=True)
+            ]
+            closing += [
+                ReservationReleased(at=at, name=r.name, state="Failed", reason="run deleted")
+                for r in sorted(self.state.pending_reservations.values(), key=lambda r: r.name)
+                if r.run == key and r.state == "Pending"
+            ]
+            events = self.commit([*closing, RunDeleted(at=at, run=key)])
+        return events + self.reconcile(at)
+
+    def complete(self, key: str, at: Instant) -> list[Event]:
+        self._require_running(key)
+        events: list[Event] = [
+            LeaseClosed(at=at, lease=x.id, reason="Completed")
+            for x in self.state.leases_of(key, open_only=True)
+        ]
+        events.append(
+            status_event(
+                key, at, "Completed", "AllSucceeded", "run completed: all active pods succeeded"
+            )
+        )
+        return self.commit(events) + self.reconcile(at)
+
+    def fail(self, key: str, at: Instant) -> list[Event]:
+        self._require_running(key)
+        events = fail_events(
+            self.state,
+            key,
+            at,
+            "WorkloadFailed",
+            "workload failed; failing the gang",
+            "WorkloadFailed",
+        )
+        return self.commit(events) + self.reconcile(at)
+
+    def set_node_health(self, node: str, health: NodeHealth, at: Instant) -> list[Event]:
+        """Record a node's health; a node newly *fenced* has failed (SPEC §B.13).
+
+        Cordoning only stops new work landing there (topology offers no free slot on it); the
+        leases on a cordoned node are untouched - cordon is not failure (DESIGN decision 7).
+        """
+        if node not in self.state.nodes:
+            raise CommandError(f"node {node} not found")
+        before = self.state.nodes[node].health
+        events = self.commit([NodeHealthChanged(at=at, node=node, health=health)])
+        if health is NodeHealth.FENCED and before is not NodeHealth.FENCED:
+            events += self.commit(handle_node_failure(self.state, node, at, self.settings))
+        return events + self.reconcile(at)
+
+    def report_eta(self, key: str, eta: Instant, at: Instant) -> list[Event]:
+        """Record a run's expected completion (the forecaster plans with it)."""
+        self._require_running(key)
+        if eta < at:
+            raise CommandError(f"eta {format_instant(eta)} is in the past")
+        return self.commit([RunEtaReported(at=at, run=key, eta=eta)])
+
+    def require_run(self, key: str) -> Run:
+        """The run ``key``, or a ``CommandError`` a caller can show as it is."""
+        run = self.state.runs.get(key)
+        if run is None:
+            raise CommandError(f"run {key} not found")
+        return run
+
+    def shrink(self, key: str, desired: int, at: Instant) -> list[Event]:
+        run = self.require_run(key)
+        m = run.spec.malleable
+        if m is None:
+            raise CommandError(f"run {key} is not malleable")
+        if not m.min_total_gpus <= desired <= m.max_total_gpus:
+            raise CommandError(
+                f"desired GPUs {desired} must be within [{m.min_total_gpus}, {m.max_total_gpus}]"
+            )
+        updated = msgspec.structs.replace(
+            run,
+            spec=msgspec.structs.replace(
+                run.spec, malleable=msgspec.structs.replace(m, desired_total_gpus=desired)
+            ),
+        )
+        return self.commit([RunUpdated(at=at, run=updated)]) + self.reconcile(at)
+
+    def _require_running(self, key: str) -> None:
+        st = self.state.status.get(key)
+        if key not in self.state.runs or st is None:
+            raise CommandError(f"run {key} not found")
+        if st.phase in TERMINAL:
+            raise CommandError(f"run {key} is already {st.phase}")
+
+    # -- time ---------------------------------------------------------------------------------
+    def next_due(self, after: Instant) -> Instant | None:
+        """The earliest instant after ``after`` at which something falls due by itself:
+        a reservation, a lease's scheduled end, a preemption deadline, a checkpoint deadline."""
+        state = self.state
+        times = [
+            r.earliest_start
+            for r in state.pending_reservations.values()
+            if r.state == "Pending" and r.earliest_start > after
+        ]
+        times += [x.end for x in state.open_leases.values() if x.end is not None and x.end > after]
+        times += [p.deadline for p in state.pending_preemptions() if p.deadline > after]
+        for key in state.status:
+            deadline = checkpoint_deadline(state, key)
+            if deadline is not None and deadline > after:
+                times.append(deadline)
+        return min(times) if times else None
+
+    def advance_to(self, until: Instant) -> list[Event]:
+        """Run everything that falls due up to and including ``until``, in time order."""
+        events: list[Event] = []
+        while True:
+            t = self.next_due(self.state.clock)
+            if t is None or t > until:
+                break
+            events += self.reconcile(t)
+        if until > self.state.clock:
+            events += self.reconcile(until)
+        return events
+
+    def reconcile(self, now: Instant) -> list[Event]:
+        """Everything due at ``now``: what ends (expiries, preemption and checkpoint deadlines),
+        then activations, then pending admissions, then elastic growth and shrinks."""
+        state = self.state
+        done: list[Event] = []
+        state.clock = max(state.clock, now)
+        expired = sorted(
+            (x for x in state.open_leases.values() if x.end is not None and x.end <= now),
+            key=lambda x: x.id,
+        )
+        for run_key in sorted({x.run for x in expired}):
+            done += self.commit(
+                fail_events(
+                    state, run_key, now, "Expired", "reached spec.runtime.maxDuration", "Expired"
+                )
+            )
+        done += self.commit(stale_preemptions(state, now))
+        due_cuts = [p for p in state.pending_preemptions() if p.deadline <= now]
+        if due_cuts:
+            done += self.commit(close_preempted(state, due_cuts, now))
+        for key in sorted(state.status):
+            deadline = checkpoint_deadline(state, key)
+            if deadline is not None and deadline <= now and state.status[key].phase == "Pending":
+                done += self.commit(
+                    fail_events(
+                        state,
+                        key,
+                        now,
+                        "CheckpointExpired",
+                        f"checkpoint grace expired at {format_instant(deadline)}",
+                    )
+                )
+        done += self._activate_due(now)
+        pending = sorted(
+            (
+                k
+                for k, st in state.status.items()
+                if st.phase in ("Pending", "Waiting") and k in state.runs
+            ),
+            key=lambda k: (state.admitted.get(k, 0), k),
+        )
+        for key in pending:
+            st = state.status[key]
+            if st.phase not in ("Pending", "Waiting"):
+                continue
+            attempt = admit(state, state.runs[key], now, self.planner, self.settings)
+            events = [e for e in attempt.events if not _same_status(state, e)]
+            done += self.commit(events)
+        done += self._elastic(now)
+        return done
+
+    def _activate_due(self, now: Instant) -> list[Event]:
+        state = self.state
+        done: list[Event] = []
+        due = sorted(
+            (
+                r
+                for r in state.pending_reservations.values()
+                if r.state == "Pending" and r.earliest_start <= now
+            ),
+            key=lambda r: (r.earliest_start, r.name),
+        )
+        for res in due:
+            if state.reservations[res.name].state != "Pending":
+                continue
+            act = activate_reservation(state, res, now, self.planner, self.settings)
+            done += self.commit([e for e in act.events if not _same_status(state, e)])
+            current = state.reservations[res.name]
+            if act.retry and current.state == "Pending":
+                again = activate_reservation(
+                    state, current, now, self.planner, self.settings, make_room=False
+                )
+                done += self.commit([e for e in again.events if not _same_status(state, e)])
+        return done
+
+    def _elastic(self, now: Instant) -> list[Event]:
+        state = self.state
+        done: list[Event] = []
+        running = sorted(
+            (
+                k
+                for k, st in state.status.items()
+                if st.phase == "Running" and k in state.runs and state.runs[k].spec.malleable
+            ),
+            key=lambda k: (state.admitted.get(k, 0), k),
+        )
+        for key in running:
+            run = state.runs[key]
+            m = run.spec.malleable
+            assert m is not None
+            for _ in range(2 + m.max_total_gpus // max(1, m.step_gpus)):
+                step = elastic_step(state, state.runs[key], now, self.planner, self.settings)
+                done += self.commit([e for e in step.events if not _same_status(state, e)])
+                if not step.progressed:
+                    break
+        return done
+
+
+def _same_status(state: FleetState, e: Event) -> bool:
+    """Skip a status write that changes nothing (keeps the ledger free of no-op churn)."""
+    if not isinstance(e, RunStatusChanged):
+        return False
+    cur = state.status.get(e.run)
+    return cur is not None and (cur.phase, cur.reason, cur.message) == (
+        e.phase,
+        e.reason,
+        e.message,
+    )

@@ -1,0 +1,183 @@
+"""Reservations: the promise, with a bound, made to a run that cannot start now (SPEC §B.9 with
+DESIGN decision 4).
+
+A reservation names the run's intended slice (its scope and nodes, protected from backfill), the
+envelope that will pay, the kind of wait (capacity, window, budget), the deficit and the
+earliest start at which it activates.
+"""
+
+from __future__ import annotations
+
+from gpu_fleet.core.engine.gang import Settings, status_event
+from gpu_fleet.core.funding.cover import CoverFailure, CoverReason
+from gpu_fleet.core.funding.metering import Evaluation
+from gpu_fleet.core.ledger.events import (
+    Event,
+    Reservation,
+    ReservationCreated,
+    ReservationReleased,
+)
+from gpu_fleet.core.ledger.state import FleetState
+from gpu_fleet.core.model import (
+    FundingClass,
+    Instant,
+    Run,
+)
+from gpu_fleet.core.placement.pack import PackError, PackErrorKind, PackPlan
+from gpu_fleet.core.placement.topology import Topology, domain_location
+from gpu_fleet.core.timeutil import format_instant
+
+
+def _remedies(state: FleetState, run: Run, ev: Evaluation | None) -> tuple[str, ...]:
+    out: list[str] = []
+    if ev is not None:
+        flavor_envs = [u for u in ev.envelopes.values() if u.flavor == run.flavor]
+        unfunded = any(
+            state.open_leases[lid].run != run.key
+            and ev.lease_class(lid) is FundingClass.UNFUNDED
+            and state.runs.get(state.open_leases[lid].run) is not None
+            and state.runs[state.open_leases[lid].run].flavor == run.flavor
+            for lid in ev.fill.funding_class
+        )
+        if unfunded:
+            out.append("Reclaim unfunded capacity in scope")
+        if any(u.spare > 0 for u in flavor_envs):
+            out.append("Drop spares in scope")
+    if any(
+        r.spec.malleable is not None and r.key != run.key and r.flavor == run.flavor
+        for r in state.runs.values()
+    ):
+        out.append("Shrink elastic runs by step size")
+    out.append("Run fair lottery if deficit remains")
+    return tuple(out)
+
+
+def reserve(  # noqa: PLR0917 - one positional call shape, shared with the forecaster's tests
+    state: FleetState,
+    run: Run,
+    now: Instant,
+    settings: Settings,
+    topology: Topology,
+    plan: PackPlan | None,
+    pack_error: PackError | None,
+    cover_failure: CoverFailure | None,
+) -> list[Event]:
+    """Write a reservation for a run that cannot start now (or keep the one it has)."""
+    key = run.key
+    existing = state.pending_reservation(key)
+    if existing is not None and existing.earliest_start > now:
+        return []  # a reservation is a promise with a bound: keep it stable until it is due
+    index = state.index
+    owner = index.family.owner_of(run.metadata.namespace)
+    if plan is not None and plan.groups:
+        scope = plan.groups[0].domain
+        nodes = plan.nodes()
+    elif pack_error is not None and pack_error.shortfall:
+        scope = sorted(pack_error.shortfall.items(), key=lambda kv: (kv[1], kv[0]))[0][0]
+        # The intended slice is the domain closest to fitting: its nodes are protected from
+        # backfill until the reservation activates (DESIGN decision 5).
+        nodes = topology.domain(scope).nodes if topology.has_domain(scope) else ()
+    else:
+        domains = topology.domains()
+        scope = domains[0].key if domains else ""
+        nodes = ()
+    if not scope and not nodes:
+        why = pack_error.message if pack_error is not None else "no matching domain"
+        return [
+            status_event(
+                key, now, "Pending", "Unschedulable", f"no capacity in any matching domain: {why}"
+            )
+        ]
+    scope_labels = domain_location(scope)
+    candidates = [
+        e
+        for e in index.of_owner(owner, run.flavor)
+        if all(v == "*" or scope_labels.get(k, v) == v for k, v in e.selector.items())
+    ]
+    candidates.sort(key=lambda e: e.key.envelope)
+    paying = candidates[0] if candidates else None
+    if (
+        paying is not None
+        and paying.start is not None
+        and paying.start > now
+        and not (paying.pre_reservations)
+    ):
+        return [
+            status_event(
+                key,
+                now,
+                "Pending",
+                "Unschedulable",
+                f"reservation planning failed: envelope {paying.key} does not allow "
+                "reservations before its window",
+            )
+        ]
+    ev = state.evaluation(now)
+    confidence = "conservative"
+    if pack_error is not None:
+        kind = "capacity"
+        deficit = (
+            max(1, pack_error.deficit) if pack_error.deficit else run.spec.resources.total_gpus
+        )
+        if pack_error.kind is PackErrorKind.INSUFFICIENT_TOPOLOGY:
+            reason = "no single domain satisfies run grouping"
+        else:
+            reason = f"cluster short by {deficit} GPUs in scope"
+        lead = settings.activation_lead + settings.activation_lead_per_gpu * deficit
+        earliest = now + max(60, lead)
+    else:
+        assert cover_failure is not None
+        deficit = 0
+        if cover_failure.reason is CoverReason.WINDOW_CLOSED and cover_failure.window_opens:
+            kind = "window"
+            confidence = "window-aligned"
+            earliest = max(now + 1, cover_failure.window_opens + settings.window_activation_delay)
+            reason = f"budget window opens at {format_instant(cover_failure.window_opens)}"
+        else:
+            kind = "budget"
+            earliest = now + max(60, settings.activation_lead)
+            reason = {
+                CoverReason.INSUFFICIENT_CAPACITY: (
+                    f"budget headroom short by {cover_failure.shortfall} GPUs"
+                ),
+                CoverReason.BORROW_LIMIT: "borrow limit exhausted for requested width",
+                CoverReason.ACL_DENIED: "borrowing policy rejected request",
+                CoverReason.HOURS_EXHAUSTED: "GPU-hours short for requested width",
+                CoverReason.NO_ENVELOPE: "no eligible envelope available",
+            }.get(cover_failure.reason, "reservation pending")
+            if cover_failure.reason is CoverReason.NO_ENVELOPE:
+                confidence = "window-aligned"
+    name = f"{run.metadata.name}-res-{now}"
+    if name in state.reservations:
+        name = f"{name}-{sum(1 for r in state.reservations if r.startswith(name))}"
+    res = Reservation(
+        name=name,
+        run=key,
+        kind=kind,  # type: ignore[arg-type]
+        domain=scope,
+        nodes=tuple(nodes),
+        paying_envelope=str(paying.key) if paying is not None else "",
+        earliest_start=earliest,
+        deficit_gpus=deficit,
+        confidence=confidence,
+        reason=reason,
+        remedies=_remedies(state, run, ev),
+        created_at=now,
+    )
+    events: list[Event] = []
+    if existing is not None:
+        events.append(ReservationReleased(at=now, name=existing.name, reason="Superseded"))
+    events.append(ReservationCreated(at=now, reservation=res))
+    attempts = cover_failure.attempts if cover_failure is not None else ()
+    events.append(
+        status_event(
+            key,
+            now,
+            "Pending",
+            "Reserved",
+            f"reservation {name} scheduled for {format_instant(earliest)} (deficit {deficit} GPUs)",
+            why=reason,
+            tried=[a.describe() for a in attempts],
+        )
+    )
+    return events
