@@ -166,16 +166,57 @@ def resolve(
     evaluation phase 0 trusts (``None`` skips phase 0).  ``owner_of`` maps a namespace to its
     derived owner ("" when unbound).  A lottery that cannot clear the deficit discards the
     whole result (``error`` says why) - half a resolution would cut people for nothing.
+
+    The four phases run in the fixed order of the contention rule and share one accumulator of
+    cuts; each stops as soon as the deficit is cleared.
     """
     seed, seed_int = attested_seed(seed_source, now)
-    rng = random.Random(seed_int)
+    groups = _groups_in_scope(
+        leases,
+        runs=runs,
+        flavor=flavor,
+        scope=scope,
+        nodes=nodes,
+        skip_runs=set(exclude_runs),
+        skip_leases=set(exclude_leases),
+    )
+    acc = _Cuts(seed, deficit, random.Random(seed_int), runs, owner_of, _active_widths(leases))
+    ordered = sorted(groups, key=lambda g: (g.run, g.index))
+    if classes is not None:
+        _reclaim_unfunded(acc, ordered, classes)
+    if only_unfunded:
+        return acc.resolution()
+    _drop_spares(acc, ordered)
+    _shrink_malleable(acc, groups)
+    if acc.left <= 0:
+        return acc.resolution()
+    return acc.resolution(error=_lottery(acc, ordered))
+
+
+_BOTH = (LeaseRole.ACTIVE, LeaseRole.SPARE)
+
+
+def _active_widths(leases: Sequence[Lease]) -> dict[str, int]:
+    """Active GPUs per run, over every open lease (in scope or not): the minimum-width guard."""
     width: dict[str, int] = defaultdict(int)
     for lease in leases:
         if lease.is_open and lease.role is LeaseRole.ACTIVE:
             width[lease.run] += lease.width
+    return width
+
+
+def _groups_in_scope(
+    leases: Sequence[Lease],
+    *,
+    runs: Mapping[str, Run],
+    flavor: str,
+    scope: Mapping[str, str],
+    nodes: Mapping[str, Node],
+    skip_runs: Collection[str],
+    skip_leases: Collection[str],
+) -> list[_Group]:
+    """The gang groups the resolver may cut: open, this flavor, in scope, not excluded."""
     groups: dict[tuple[str, int], _Group] = {}
-    skip_runs = set(exclude_runs)
-    skip_leases = set(exclude_leases)
     for lease in sorted(leases, key=lambda x: x.id):
         run = runs.get(lease.run)
         if (
@@ -189,89 +230,127 @@ def resolve(
             continue
         g = groups.setdefault((lease.run, lease.group), _Group(lease.run, lease.group))
         g.leases.append(lease)
-    ordered = sorted(groups.values(), key=lambda g: (g.run, g.index))
+    return list(groups.values())
 
-    def bucket(run_key: str) -> str:
-        run = runs[run_key]
-        return owner_of(run.metadata.namespace) or unbound_bucket(run.metadata.namespace)
 
-    cut: dict[str, Cut] = {}
-    left = deficit
+@dataclass
+class _Cuts:
+    """The cuts decided so far, the deficit left, and the one seeded draw every phase shares."""
 
-    def take(kind: CutKind, g: _Group, reason: str, roles: Collection[LeaseRole]) -> None:
-        nonlocal left
-        for lease in g.open(cut):
+    seed: str
+    deficit: int
+    rng: random.Random
+    runs: Mapping[str, Run]
+    owner_of: Callable[[str], str]
+    width: dict[str, int]
+    cut: dict[str, Cut] = field(default_factory=dict)
+    left: int = 0
+
+    def __post_init__(self) -> None:
+        self.left = self.deficit
+
+    def bucket(self, run_key: str) -> str:
+        """The lottery's first draw is by owner, so a team with many runs gets no more tickets."""
+        run = self.runs[run_key]
+        return self.owner_of(run.metadata.namespace) or unbound_bucket(run.metadata.namespace)
+
+    def take(
+        self, kind: CutKind, g: _Group, reason: str, roles: Collection[LeaseRole] = _BOTH
+    ) -> None:
+        for lease in g.open(self.cut):
             if lease.role in roles:
-                cut[lease.id] = Cut(kind, lease.id, lease.run, lease.group, lease.width, reason)
-                left -= lease.width
-                if lease.role is LeaseRole.ACTIVE:
-                    width[lease.run] -= lease.width
-
-    def draw(tokens: dict[str, list[_Group]]) -> _Group:
-        owners = sorted(o for o, ts in tokens.items() if ts)
-        owner = owners[rng.randrange(len(owners))]
-        pool = tokens[owner]
-        return pool.pop(rng.randrange(len(pool)))
-
-    both = (LeaseRole.ACTIVE, LeaseRole.SPARE)
-    # Phase 0: reclaim Unfunded groups (a group with only spares is not a token).
-    if classes is not None and left > 0:
-        tokens: dict[str, list[_Group]] = defaultdict(list)
-        for g in ordered:
-            actives = [x for x in g.leases if x.role is LeaseRole.ACTIVE]
-            if actives and all(
-                classes.get(x.id, FundingClass.UNFUNDED) is FundingClass.UNFUNDED for x in actives
-            ):
-                tokens[bucket(g.run)].append(g)
-        while left > 0 and any(tokens.values()):
-            take(CutKind.RECLAIM_UNFUNDED, draw(tokens), f"ReclaimUnfunded({seed})", both)
-    if only_unfunded:
-        return Resolution(seed, deficit, tuple(cut.values()))
-    # Phase 1: drop spares, and nothing else of their group.
-    for g in ordered:
-        if left <= 0:
-            break
-        for lease in g.open(cut):
-            if left <= 0:
-                break
-            if lease.role is LeaseRole.SPARE:
-                cut[lease.id] = Cut(
-                    CutKind.DROP_SPARE, lease.id, lease.run, lease.group, lease.width, "DropSpare"
+                self.cut[lease.id] = Cut(
+                    kind, lease.id, lease.run, lease.group, lease.width, reason
                 )
-                left -= lease.width
-    # Phase 2: shrink malleable runs, highest group first, never below their minimum.
-    malleable = [g for g in groups.values() if runs[g.run].spec.malleable is not None]
+                self.left -= lease.width
+                if lease.role is LeaseRole.ACTIVE:
+                    self.width[lease.run] -= lease.width
+
+    def take_lease(self, lease: Lease) -> None:
+        """One spare lease, and nothing else of its group (phase 1)."""
+        self.cut[lease.id] = Cut(
+            CutKind.DROP_SPARE, lease.id, lease.run, lease.group, lease.width, "DropSpare"
+        )
+        self.left -= lease.width
+
+    def draw(self, tokens: dict[str, list[_Group]]) -> _Group:
+        """Owner first, then one of that owner's groups, both uniformly with the attested seed."""
+        owners = sorted(o for o, ts in tokens.items() if ts)
+        owner = owners[self.rng.randrange(len(owners))]
+        pool = tokens[owner]
+        return pool.pop(self.rng.randrange(len(pool)))
+
+    def resolution(self, error: str | None = None) -> Resolution:
+        if error is not None:
+            return Resolution(self.seed, self.deficit, error=error)
+        return Resolution(self.seed, self.deficit, tuple(self.cut.values()))
+
+
+def _reclaim_unfunded(
+    acc: _Cuts, ordered: Sequence[_Group], classes: Mapping[str, FundingClass]
+) -> None:
+    """Phase 0: reclaim Unfunded groups by lottery (a group with only spares is not a token)."""
+    if acc.left <= 0:
+        return
+    tokens: dict[str, list[_Group]] = defaultdict(list)
+    for g in ordered:
+        actives = [x for x in g.leases if x.role is LeaseRole.ACTIVE]
+        if actives and all(
+            classes.get(x.id, FundingClass.UNFUNDED) is FundingClass.UNFUNDED for x in actives
+        ):
+            tokens[acc.bucket(g.run)].append(g)
+    while acc.left > 0 and any(tokens.values()):
+        acc.take(CutKind.RECLAIM_UNFUNDED, acc.draw(tokens), f"ReclaimUnfunded({acc.seed})")
+
+
+def _drop_spares(acc: _Cuts, ordered: Sequence[_Group]) -> None:
+    """Phase 1: drop spares, and nothing else of their group."""
+    for g in ordered:
+        if acc.left <= 0:
+            return
+        for lease in g.open(acc.cut):
+            if acc.left <= 0:
+                return
+            if lease.role is LeaseRole.SPARE:
+                acc.take_lease(lease)
+
+
+def _shrink_malleable(acc: _Cuts, groups: Sequence[_Group]) -> None:
+    """Phase 2: shrink malleable runs, highest group first, never below their minimum."""
+    malleable = [g for g in groups if acc.runs[g.run].spec.malleable is not None]
     malleable.sort(key=lambda g: (g.run, -g.index))  # numeric, highest first (SPEC §F.1.6)
     for g in malleable:
-        if left <= 0:
-            break
-        active = g.active(cut)
-        if active > 0 and width[g.run] - active >= runs[g.run].min_width:
-            take(CutKind.SHRINK, g, "Shrink", both)
-    if left <= 0:
-        return Resolution(seed, deficit, tuple(cut.values()))
+        if acc.left <= 0:
+            return
+        active = g.active(acc.cut)
+        if active > 0 and acc.width[g.run] - active >= acc.runs[g.run].min_width:
+            acc.take(CutKind.SHRINK, g, "Shrink")
 
-    # Phase 3: the lottery over whole groups; malleable groups only while the run keeps its min.
+
+def _lottery(acc: _Cuts, ordered: Sequence[_Group]) -> str | None:
+    """Phase 3: the lottery over whole groups; malleable groups only while the run keeps its
+    minimum.  Returns why it could not clear the deficit, or None."""
+
     def eligible(g: _Group) -> bool:
-        active = g.active(cut)
+        active = g.active(acc.cut)
         if active <= 0:
             return False
-        run = runs[g.run]
-        return run.spec.malleable is None or width[g.run] - active >= run.min_width
+        run = acc.runs[g.run]
+        return run.spec.malleable is None or acc.width[g.run] - active >= run.min_width
 
     lottery: dict[str, list[_Group]] = defaultdict(list)
     for g in ordered:
         if eligible(g):
-            lottery[bucket(g.run)].append(g)
+            lottery[acc.bucket(g.run)].append(g)
     if not any(lottery.values()):
-        return Resolution(seed, deficit, error="no candidates available for lottery")
-    while left > 0:
+        return "no candidates available for lottery"
+    while acc.left > 0:
         for owner in list(lottery):
             lottery[owner] = [g for g in lottery[owner] if eligible(g)]
         if not any(lottery.values()):
-            return Resolution(seed, deficit, error="lottery exhausted before clearing deficit")
-        take(CutKind.LOTTERY, draw(lottery), f"RandomPreempt({seed})", both)
-    return Resolution(seed, deficit, tuple(cut.values()))
+            return "lottery exhausted before clearing deficit"
+        acc.take(CutKind.LOTTERY, acc.draw(lottery), f"RandomPreempt({acc.seed})")
+    return None
 
 
 # ------------------------------------------------------------------------------------------
