@@ -186,7 +186,7 @@ def span_lower_bound(frees: dict[str, int], request: PackRequest, sizes: Sequenc
 
 
 # --------------------------------------------------------------------------------------------
-# The model
+# The size of the model, for tests and the bench
 # --------------------------------------------------------------------------------------------
 
 
