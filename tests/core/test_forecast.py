@@ -336,11 +336,12 @@ class TestHistoryOfSimilarRuns:
 
 class TestQueueAhead:
     def test_every_queued_run_is_forecast_as_the_engine_then_starts_it(self) -> None:
-        """Four 8-GPU runs queue behind a blocker on one node, all reserving it with one bound
-        (19 min).  a and b start as the run before them ends (exact: 5 and 10 min).  c could
-        start at 15 min, but it would still run at d's bound, so d's reservation keeps the
-        node from it (decision 5); c and d both start at the bound (bounded).  Then the engine
-        does exactly that."""
+        """Four 8-GPU runs queue behind a blocker on one node.  a's reservation is set at the
+        blocker's scheduled end (5 min, its natural start); b, c and d reserve the node with one
+        bound (19 min).  a, b and c each start as the run before them ends (exact: 5, 10 and 15
+        min): the node's room goes to the reservation promised it first, at once (work
+        conservation).  d, last in line, starts at its bound, when the resolver makes room
+        (bounded).  Then the engine does exactly that."""
         fleet = fleet_with()
         fleet.apply(run("t", "blocker", 8, max_duration="5m"), T0)
         for name in ("a", "b", "c", "d"):
@@ -352,7 +353,7 @@ class TestQueueAhead:
         assert [(got[k].confidence, got[k].p50) for k in "abcd"] == [
             ("exact", T0 + 5 * MINUTE),
             ("exact", T0 + 10 * MINUTE),
-            ("bounded", bound),
+            ("exact", T0 + 15 * MINUTE),
             ("bounded", bound),
         ]
         fleet.advance_to(T0 + HOUR)

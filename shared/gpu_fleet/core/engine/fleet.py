@@ -6,9 +6,12 @@ same way.  Because decisions read only folded state and the instant passed in, a
 ledger reproduces every one of them.
 
 Order of work at one instant (scenario-format.md): first what ends (lease expiry, preemption
-deadlines, checkpoint deadlines), then reservation activations (earliest start, then name),
-then admissions of pending runs (admission time, then run key), then elastic growth and
-voluntary shrinks; a step scheduled at that instant comes after all of them.
+deadlines, checkpoint deadlines, voluntary shrinks), then reservation activations (earliest
+start, then name), then admissions of pending runs (runs with a pending reservation in the
+order they were promised their slices, then the others by admission time and run key), then
+elastic growth; a step scheduled at that instant comes after all of them.  So whatever frees
+at an instant, by any path, is offered to every waiting run at that same instant (work
+conservation).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from gpu_fleet.core.ledger.state import FleetState, fold
 from gpu_fleet.core.model import (
     Budget,
     Instant,
+    LeaseRole,
     Node,
     NodeHealth,
     Run,
@@ -217,8 +221,8 @@ class Fleet:
         return events
 
     def reconcile(self, now: Instant) -> list[Event]:
-        """Everything due at ``now``: what ends (expiries, preemption and checkpoint deadlines),
-        then activations, then pending admissions, then elastic growth and shrinks."""
+        """Everything due at ``now``: what ends (expiries, preemption and checkpoint deadlines,
+        voluntary shrinks), then activations, then pending admissions, then elastic growth."""
         state = self.state
         done: list[Event] = []
         state.clock = max(state.clock, now)
@@ -248,14 +252,40 @@ class Fleet:
                         f"checkpoint grace expired at {format_instant(deadline)}",
                     )
                 )
+        done += self._shrink(now)
         done += self._activate_due(now)
+        done += self._admit_pending(now)
+        done += self._elastic(now)
+        return done
+
+    def _admit_pending(self, now: Instant) -> list[Event]:
+        """Try every waiting run once: runs with a pending reservation first, in the order
+        their slices were promised (``FleetState.promise_order``), then the others in
+        admission order.
+
+        Work conservation: whatever has freed by now goes to the reservations that fit, and not
+        only when they fall due.  The order matters: a reservation behind another in a shared
+        slice is kept out until the one ahead has started (``gang.protects``), so trying it
+        first would leave it waiting until the next instant anything happens.
+        """
+        state = self.state
+        done: list[Event] = []
+
+        line = state.promise_order()
+
+        def order(key: str) -> tuple[int, Instant, str]:
+            res = state.pending_reservation(key)
+            if res is not None:
+                return (0, line[res.name], "")
+            return (1, state.admitted.get(key, 0), key)
+
         pending = sorted(
             (
                 k
                 for k, st in state.status.items()
                 if st.phase in ("Pending", "Waiting") and k in state.runs
             ),
-            key=lambda k: (state.admitted.get(k, 0), k),
+            key=order,
         )
         for key in pending:
             st = state.status[key]
@@ -264,7 +294,6 @@ class Fleet:
             attempt = admit(state, state.runs[key], now, self.planner, self.settings)
             events = [e for e in attempt.events if not _same_status(state, e)]
             done += self.commit(events)
-        done += self._elastic(now)
         return done
 
     def _activate_due(self, now: Instant) -> list[Event]:
@@ -291,7 +320,12 @@ class Fleet:
                 done += self.commit([e for e in again.events if not _same_status(state, e)])
         return done
 
-    def _elastic(self, now: Instant) -> list[Event]:
+    def _shrink(self, now: Instant) -> list[Event]:
+        """Voluntary shrinks, with what ends: the GPUs they give back are free for this
+        instant's activations and admissions, not only for the next instant's."""
+        return self._elastic(now, shrinking=True)
+
+    def _elastic(self, now: Instant, *, shrinking: bool = False) -> list[Event]:
         state = self.state
         done: list[Event] = []
         running = sorted(
@@ -306,12 +340,18 @@ class Fleet:
             run = state.runs[key]
             m = run.spec.malleable
             assert m is not None
+            if shrinking and run.desired_width >= _allocated(state, key):
+                continue
             for _ in range(2 + m.max_total_gpus // max(1, m.step_gpus)):
                 step = elastic_step(state, state.runs[key], now, self.planner, self.settings)
                 done += self.commit([e for e in step.events if not _same_status(state, e)])
                 if not step.progressed:
                     break
         return done
+
+
+def _allocated(state: FleetState, key: str) -> int:
+    return sum(x.width for x in state.leases_of(key, open_only=True) if x.role is LeaseRole.ACTIVE)
 
 
 def _same_status(state: FleetState, e: Event) -> bool:

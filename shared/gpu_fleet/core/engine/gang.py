@@ -25,7 +25,7 @@ from gpu_fleet.core.ledger.events import (
     RunPhase,
     RunStatusChanged,
 )
-from gpu_fleet.core.ledger.state import FleetState
+from gpu_fleet.core.ledger.state import FleetState, SliceEntry
 from gpu_fleet.core.model import (
     LOCATION_KEYS,
     EnvelopeKey,
@@ -86,12 +86,16 @@ def commentary(state: FleetState, run: str, at: Instant, message: str) -> RunSta
 def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> frozenset[str]:
     """Backfill protection (DESIGN decision 5): free slots of other runs' intended slices.
 
-    A pending capacity reservation closes its slice to every other run, except to a run whose
-    ``maxDuration`` runs out before the reservation's earliest start (it is gone before the
-    room is needed) and to a run whose *own* reservation is due now and comes first in
-    activation order (earliest start, then name).  Without that last exception two reservations
-    sharing a domain and falling due together would keep each other out of the room the
-    resolver just made for them.  Only capacity waits hold a slice.
+    A pending reservation that waits for capacity closes its slice to every other run, except
+    to a run whose ``maxDuration`` runs out before the reservation's earliest start (it is gone
+    before the room is needed), to a run whose *own* reservation in that slice came first
+    (``protects``), and to a run whose own reservation is due now and comes first in activation
+    order (earliest start, then name).  The first-comer exception is work conservation: room
+    that frees in a slice goes at once to the reservation that was promised the slice first,
+    if it fits, not at its bound; a later comer waits behind it (it would delay it).  The due
+    exception keeps two reservations falling due together from keeping each other out of the
+    room the resolver just made for them.  Only waits with a physical deficit hold a slice
+    (``Reservation.holds_slice``).
     """
     run = state.runs.get(run_key)
     duration = max_duration(run) if run is not None else None
@@ -106,7 +110,7 @@ def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> froze
 
 
 def protects(
-    entries: Sequence[tuple[Instant, str, str]],
+    entries: Sequence[SliceEntry],
     run_key: str,
     mine: tuple[Instant, str] | None,
     duration: int | None,
@@ -114,13 +118,20 @@ def protects(
 ) -> bool:
     """Is a slice with these reservations (in activation order) closed to ``run_key`` at ``now``?
 
-    ``mine`` is the run's own pending reservation (earliest start, name), if any.  The first
-    entry of another run decides: a due run that comes before it comes before all of them, and
-    a run that ends before it ends before all of them.
+    ``mine`` is the run's own pending reservation (earliest start, name), if any.  When that
+    reservation is in this slice, the reservations made after it (``SliceEntry.line``: the
+    line is the order in which the slice was promised) do not keep the run out: it is ahead of
+    them.  Of the rest, the first entry of another run decides: a due run that comes before it
+    comes before all of them, and a run that ends before it ends before all of them.  (Letting
+    a later comer with a sooner bound in early would undo backfill protection: a small run
+    arriving just after a big one gets a shorter lead, hence a sooner bound.)
     """
-    for bound, name, owner in entries:
+    own = next((e for e in entries if e.run == run_key), None)
+    for bound, name, owner, line in entries:
         if owner == run_key:
             continue
+        if own is not None and own.line < line:
+            continue  # promised the slice after this run: behind it in line
         if mine is not None and mine[0] <= now and mine <= (bound, name):
             return False
         return duration is None or now + duration > bound

@@ -12,9 +12,10 @@ slots, with no ledger and no funding:
    the lottery's two-stage draw (an owner uniformly, then one of its runs) over running work in
    the reservation's scope, seeded like the real one (``attested_seed``), so one simulation is
    reproducible;
-3. **admissions** - every other queued run in admission order (the engine's backfill), each
-   kept off the free slots of other runs' intended slices unless its ``maxDuration`` ends
-   before that reservation activates.
+3. **admissions** - every other queued run, those still holding a reservation first in the
+   order the promises were made, then the rest in admission order (the engine's backfill),
+   each kept off the free slots of other runs' intended slices unless its ``maxDuration`` ends
+   before that reservation activates or it was promised that slice first.
 
 The answer for one run is its simulated start and *how* it started (naturally, or by its own
 activation), plus whether anything uncertain happened before it (an estimated end, a lottery
@@ -39,7 +40,7 @@ from gpu_fleet.core.engine.gang import max_duration, protects
 from gpu_fleet.core.engine.resolver import attested_seed
 from gpu_fleet.core.forecast.history import DurationHistory
 from gpu_fleet.core.ledger.events import Reservation
-from gpu_fleet.core.ledger.state import FleetState
+from gpu_fleet.core.ledger.state import FleetState, SliceEntry
 from gpu_fleet.core.model import Instant, Run, slot
 from gpu_fleet.core.placement.pack import (
     PackError,
@@ -212,7 +213,7 @@ class Simulation:
         }
         self._topology: Topology | None = None
         self._protected: dict[tuple[tuple[str, ...], ...], tuple[frozenset[str], int]] = {}
-        self._slice_index: dict[tuple[str, ...], list[tuple[Instant, str, str]]] | None = None
+        self._slice_index: dict[tuple[str, ...], list[SliceEntry]] | None = None
         self._durations: dict[str, int | None] = {
             key: max_duration(run) if (run := state.runs.get(key)) is not None else None
             for key in self.queue
@@ -264,10 +265,10 @@ class Simulation:
             self._topology = topology_from(self.skeleton, self.held)
         return self._topology
 
-    def _slices(self) -> dict[tuple[str, ...], list[tuple[Instant, str, str]]]:
+    def _slices(self) -> dict[tuple[str, ...], list[SliceEntry]]:
         """Intended slices still promised: nodes -> (bound, name, run) in activation order."""
         if self._slice_index is None:
-            index: dict[tuple[str, ...], list[tuple[Instant, str, str]]] = {}
+            index: dict[tuple[str, ...], list[SliceEntry]] = {}
             for nodes, entries in self.state.protected_slices().items():
                 kept = [e for e in entries if e[2] in self.reservations]
                 if kept:
@@ -417,7 +418,7 @@ class Simulation:
                 if plan is not None:
                     self._start(key, plan, t, by_activation=True)
         floor = min((self._needs[k] for k in self.queue), default=0)
-        for key in list(self.queue):
+        for key in self._admission_order():
             if self.free < floor and t != self.now:
                 break  # nothing queued fits in the free count: skip the rest of the queue
             outcome = self._try(key, t)
@@ -436,6 +437,18 @@ class Simulation:
                 self.outcome.now_errors[key] = outcome
             if outcome.kind is PackErrorKind.INVALID_REQUEST:
                 self._dequeue(key)  # an invalid request never starts
+
+    def _admission_order(self) -> list[str]:
+        """The engine's order (``Fleet._admit_pending``): runs still holding a reservation in
+        the order the promises were made, then the rest of the queue in admission order."""
+        line = self.state.promise_order()
+        place = {key: i for i, key in enumerate(self.queue)}
+
+        def order(key: str) -> tuple[int, int]:
+            res = self.reservations.get(key)
+            return (0, line.get(res.name, 0)) if res is not None else (1, place[key])
+
+        return sorted(self.queue, key=order)
 
     def _next_instant(self) -> Instant | None:
         """The next instant anything can change: an end, or a reservation falling due."""

@@ -107,6 +107,17 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     created_at: Instant
     released_at: Instant | None = None
 
+    @property
+    def holds_slice(self) -> bool:
+        """Does this wait keep others out of its intended slice (DESIGN decision 5)?
+
+        A capacity wait does, and so does a window wait that is also short of GPUs in its
+        slice (``deficit_gpus > 0``): it activates when the window opens and the resolver makes
+        room then, so backfill must not fill that room meanwhile.  A budget-only wait, or a
+        window wait with the capacity already there, holds nothing.
+        """
+        return self.kind != "budget" and self.deficit_gpus > 0 and bool(self.nodes)
+
 
 class ReservationCreated(_Event, tag="ReservationCreated", kw_only=True, frozen=True):
     reservation: Reservation

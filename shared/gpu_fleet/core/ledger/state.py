@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import NamedTuple, TypeVar, cast
 
 import msgspec
 
@@ -57,6 +57,20 @@ from gpu_fleet.core.model import (
 from gpu_fleet.core.placement.topology import Skeleton, compile_nodes
 
 _T = TypeVar("_T")
+
+
+class SliceEntry(NamedTuple):
+    """One reservation waiting in an intended slice, as backfill protection reads it.
+
+    Tuples sort in activation order (earliest start, then name).  ``line`` is the reservation's
+    place in the order the promises were made (``FleetState.promise_order``): the first comer
+    is first in line for room that frees there before anyone falls due (``gang.protects``).
+    """
+
+    earliest_start: Instant
+    name: str
+    run: str
+    line: int
 
 
 class LedgerError(ValueError):
@@ -238,21 +252,32 @@ class FleetState:
 
         return self.cached("has_unfunded_actives", compute, at=at)
 
-    def protected_slices(self) -> dict[tuple[str, ...], list[tuple[Instant, str, str]]]:
-        """Intended slices of pending capacity reservations (DESIGN decision 5), indexed once per
-        ledger version: slice nodes -> (earliest start, reservation name, run), in activation
-        order.
+    def protected_slices(self) -> dict[tuple[str, ...], list[SliceEntry]]:
+        """Intended slices of pending reservations that hold one (``Reservation.holds_slice``,
+        DESIGN decision 5), indexed once per ledger version: slice nodes -> (earliest start,
+        reservation name, run, place in line), in activation order.
 
         Reservations share whole domains, so there are few slices and many reservations: backfill
         protection asks per slice ("is some other run's bound in it too soon for me?").
         """
         return self.cached("protected_slices", self._protected_slices)
 
-    def _protected_slices(self) -> dict[tuple[str, ...], list[tuple[Instant, str, str]]]:
-        index: dict[tuple[str, ...], list[tuple[Instant, str, str]]] = defaultdict(list)
+    def promise_order(self) -> dict[str, int]:
+        """Pending reservations by the order they were made: ledger order, which the fold keeps
+        as ``pending_reservations``' insertion order (a snapshot restores it the same way).
+        Finer than ``created_at``: two runs reserving in the same second keep their order."""
+        return self.cached(
+            "promise_order", lambda: {name: i for i, name in enumerate(self.pending_reservations)}
+        )
+
+    def _protected_slices(self) -> dict[tuple[str, ...], list[SliceEntry]]:
+        index: dict[tuple[str, ...], list[SliceEntry]] = defaultdict(list)
+        line = self.promise_order()
         for r in self.pending_reservations.values():
-            if r.kind == "capacity" and r.nodes:
-                index[tuple(r.nodes)].append((r.earliest_start, r.name, r.run))
+            if r.holds_slice:
+                index[tuple(r.nodes)].append(
+                    SliceEntry(r.earliest_start, r.name, r.run, line[r.name])
+                )
         for entries in index.values():
             entries.sort()
         return dict(sorted(index.items()))
