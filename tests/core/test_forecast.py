@@ -90,7 +90,12 @@ class TestCapacityWait:
         fleet = waiting_behind(run("t", "blocker", 6, max_duration="10m"), run("t", "w", 4))
         res = fleet.state.pending_reservation("t/w")
         assert res is not None
-        assert (res.kind, res.earliest_start) == ("capacity", BOUND)
+        # The promise is the sooner of the natural start and the bound (DESIGN decision 4).
+        assert (res.kind, res.earliest_start, res.confidence) == (
+            "capacity",
+            T0 + 10 * MINUTE,
+            "exact",
+        )
 
         got = forecast(fleet.state, "t/w", T0)
 

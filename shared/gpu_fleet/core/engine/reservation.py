@@ -8,7 +8,9 @@ earliest start at which it activates.
 
 from __future__ import annotations
 
-from gpu_fleet.core.engine.gang import Settings, status_event
+from collections.abc import Sequence
+
+from gpu_fleet.core.engine.gang import Settings, cover_run, plan_pack, status_event
 from gpu_fleet.core.funding.cover import CoverFailure, CoverReason
 from gpu_fleet.core.funding.metering import Evaluation
 from gpu_fleet.core.ledger.events import (
@@ -22,9 +24,10 @@ from gpu_fleet.core.model import (
     FundingClass,
     Instant,
     Run,
+    slot,
 )
-from gpu_fleet.core.placement.pack import PackError, PackErrorKind, PackPlan
-from gpu_fleet.core.placement.topology import Topology, domain_location
+from gpu_fleet.core.placement.pack import PackError, PackErrorKind, PackPlan, groups, pack_greedy
+from gpu_fleet.core.placement.topology import Topology, TopologyError, domain_location
 from gpu_fleet.core.timeutil import format_instant
 
 
@@ -50,6 +53,101 @@ def _remedies(state: FleetState, run: Run, ev: Evaluation | None) -> tuple[str, 
         out.append("Shrink elastic runs by step size")
     out.append("Run fair lottery if deficit remains")
     return tuple(out)
+
+
+def _window_opens(
+    state: FleetState, run: Run, scope: str, now: Instant, settings: Settings
+) -> Instant | None:
+    """When the run's budget window opens, if only a window not yet open keeps it unfunded.
+
+    Asked for a run that is also short of GPUs: such a wait is a *window* wait all the same
+    (DESIGN decision 4), so it activates at the opening rather than at a lead bound that would
+    find the demand unfunded and start the lead over again.
+    """
+    sizes = groups(run.spec.resources.total_gpus, run.group_gpus)
+    result = cover_run(
+        state,
+        run,
+        quantity=run.spec.resources.total_gpus + run.spec.spares_per_group * len(sizes),
+        location=domain_location(scope) or None,
+        now=now,
+        settings=settings,
+    )
+    if isinstance(result, CoverFailure) and result.reason is CoverReason.WINDOW_CLOSED:
+        return result.window_opens
+    return None
+
+
+def _natural_start(
+    state: FleetState, run: Run, nodes: Sequence[str], now: Instant, bound: Instant
+) -> Instant | None:
+    """The first scheduled lease end before ``bound`` after which ``run`` packs in ``nodes``.
+
+    DESIGN decision 4: a reservation's earliest start is the sooner of this natural start and
+    its activation bound.  Only scheduled ends count (``Lease.end``, from ``maxDuration``): the
+    engine closes those leases then, so the room is certain; estimated ends are the
+    forecaster's and never move a promise.  The search stays in the intended slice, which is
+    protected from backfill until then, and other reservations' slices stay closed at every
+    instant, so the start found here takes no room already promised.  The greedy packer
+    decides (as in the forecast), so every committer finds the same instant.  The full play of
+    the queue is the forecaster's (``forecast.queue_play``), above the engine; this may be
+    later than its answer, never earlier than what happens.
+    """
+    inside = set(nodes)
+    ending = sorted(
+        (
+            x
+            for x in state.open_leases.values()
+            if x.end is not None and now < x.end < bound and x.node in inside
+        ),
+        key=lambda x: (x.end or 0, x.id),
+    )
+    if not ending:
+        return None
+    closed = {
+        slot(node.name, i)
+        for node in state.nodes.values()
+        if node.flavor == run.flavor
+        for i in range(node.gpus)
+        if node.name not in inside
+    }
+    for slice_nodes, entries in state.protected_slices().items():
+        if any(e.run != run.key for e in entries):
+            closed.update(
+                slot(n, i)
+                for n in slice_nodes
+                if n in state.nodes
+                for i in range(state.nodes[n].gpus)
+            )
+    sizes = groups(run.spec.resources.total_gpus, run.group_gpus)
+    needed = run.spec.resources.total_gpus + run.spec.spares_per_group * len(sizes)
+    free = sum(
+        1
+        for n in inside
+        if n in state.nodes
+        for i in range(state.nodes[n].gpus)
+        if slot(n, i) not in closed and slot(n, i) not in state.slot_holder
+    )
+    released: list[str] = []
+    for i, lease in enumerate(ending):
+        released.extend(lease.slots)
+        free += sum(1 for s in lease.slots if s not in closed)
+        if free < needed or (i + 1 < len(ending) and ending[i + 1].end == lease.end):
+            continue  # too few GPUs yet, or more leases end at this same instant
+        try:
+            _, _, packed = plan_pack(
+                state,
+                run,
+                pack_greedy,
+                protect_reservations=False,
+                released=released,
+                excluded=closed,
+            )
+        except TopologyError:
+            return None
+        if isinstance(packed, PackPlan):
+            return lease.end
+    return None
 
 
 def reserve(  # noqa: PLR0917 - one positional call shape, shared with the forecaster's tests
@@ -125,6 +223,20 @@ def reserve(  # noqa: PLR0917 - one positional call shape, shared with the forec
             reason = f"cluster short by {deficit} GPUs in scope"
         lead = settings.activation_lead + settings.activation_lead_per_gpu * deficit
         earliest = now + max(60, lead)
+        opens = _window_opens(state, run, scope, now, settings)
+        if opens is not None:
+            # A window wait activates when the window opens, whatever else it waits for: the
+            # demand is fundable from then on, so the resolver makes room then (DESIGN 4).
+            kind = "window"
+            confidence = "window-aligned"
+            earliest = max(now + 1, opens + settings.window_activation_delay)
+            reason = f"budget window opens at {format_instant(opens)}; {reason}"
+        else:
+            natural = _natural_start(state, run, nodes, now, earliest)
+            if natural is not None:
+                earliest = natural
+                confidence = "exact"
+                reason = f"{reason}; scheduled lease ends free it at {format_instant(natural)}"
     else:
         assert cover_failure is not None
         deficit = 0

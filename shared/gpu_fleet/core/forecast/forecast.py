@@ -188,6 +188,16 @@ def _capacity_wait(
     """Scheduled ends before the bound decide exactly; otherwise the bound is the promise."""
     bound = _at_least(res.earliest_start, now)
     bound_text = f"reservation {res.name} activates at {format_instant(bound)}"
+    if fit.by_activation and res.confidence == "exact" and not fit.uncertain:
+        # The engine set the reservation at the natural start: scheduled lease ends free its
+        # slice then (DESIGN decision 4), and nothing estimated came before.
+        waits = _last_releases(timeline, fit)
+        why = f" ({', '.join(waits)})" if waits else ""
+        basis = (
+            f"capacity: scheduled lease ends{why} free its slice at {format_instant(bound)}, "
+            f"sooner than the activation bound: the {bound_text}"
+        )
+        return ForecastResult(run.key, bound, bound, bound, "exact", deficit, basis)
     if fit.by_activation and timeline.unknown:
         return _unknown_ends(run, timeline, bound_text, bound, deficit)
     if fit.by_activation:
@@ -256,11 +266,17 @@ def _unknown_ends(
 def _window_wait(
     run: Run, res: Reservation, fit: Fit, timeline: Timeline, now: Instant
 ) -> ForecastResult:
-    """A budget window opens at the bound; capacity that frees later than that decides."""
+    """A budget window opens at the bound; capacity that frees later than that decides, unless
+    the wait is short of GPUs too: then the resolver makes room when the window opens."""
     opens = _at_least(res.earliest_start, now)
     basis = (
         f"budget window: reservation {res.name} activates at {format_instant(opens)} ({res.reason})"
     )
+    if res.deficit_gpus > 0:
+        basis += "; it is short of GPUs too: the resolver makes room then for what has not freed"
+        return ForecastResult(
+            run.key, opens, opens, opens, "window-aligned", res.deficit_gpus, basis
+        )
     if fit.at is not None and fit.at > opens:
         start = fit.at
         basis += f"; capacity frees by scheduled ends only at {format_instant(start)}"

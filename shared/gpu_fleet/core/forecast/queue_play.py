@@ -413,7 +413,7 @@ class Simulation:
             if key in self.awaiting:
                 continue  # the room is being cut for it: it takes it at the notices' deadline
             self._drop_reservation(key)  # the engine re-reserves it: that slice is gone
-            if res.kind == "capacity" and self.resolve_for(key):
+            if (res.kind == "capacity" or res.holds_slice) and self.resolve_for(key):
                 plan = self._make_room(key, res, t)
                 if plan is not None:
                     self._start(key, plan, t, by_activation=True)
