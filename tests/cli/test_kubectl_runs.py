@@ -148,3 +148,21 @@ def test_eta_is_recorded_and_a_bad_time_names_the_field(
     code, _, err = kubectl(capsys, url, "eta", "train-8", "tomorrow", "-n", "rai")
     assert code == 2
     assert "error: eta:" in err
+
+
+def test_complete_of_a_failed_run_says_why_and_exits_1(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Failed is terminal (DESIGN decision 7): a late ``complete`` is refused in one line, exit
+    1 (the request was fine; the run's state refuses it), and the run stays Failed."""
+    for path in sorted((EXAMPLES / "manifests").glob("0[12]-*.yaml")):
+        assert kubectl(capsys, url, "submit", "-f", str(path))[0] == 0
+    assert kubectl(capsys, url, "fail", "train-8", "-n", "rai")[0] == 0
+    code, out, err = kubectl(capsys, url, "complete", "train-8", "-n", "rai")
+    assert code == 1
+    assert out == ""
+    assert (
+        err == "error: cannot complete run rai/train-8: it is already Failed, which is terminal\n"
+    )
+    code, out, _ = kubectl(capsys, url, "get", "train-8", "-n", "rai", "-o", "json")
+    assert json.loads(out)["phase"] == "Failed"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -215,7 +215,8 @@ class TestParse:
             "expect[7]: names several things to check (run, leases); one each",
             "expect[8].report: must be a non-empty report label",
             "expect[9].colour: unknown field",
-            "expect[10]: must name one of run, leases, reservation or budget, or carry text",
+            "expect[10]: must name one of run, leases, rejections, reservation or budget, "
+            "or carry text",
             "expect[11].reservation: must be true or false in a run expectation",
             "expect[12].earliestStart: must be an RFC 3339 timestamp or null",
             "expect[13].gpuHoursUsed: must be a number",
@@ -241,7 +242,8 @@ class TestParse:
 
     def test_custom_path_prefix(self) -> None:
         assert parse_errors([{}]) == [
-            "expect[0]: must name one of run, leases, reservation or budget, or carry text"
+            "expect[0]: must name one of run, leases, rejections, reservation or budget, "
+            "or carry text"
         ]
         with pytest.raises(ExpectationError) as info:
             parse_expectations([{"run": 1}], path="doc.expect")
@@ -461,6 +463,40 @@ class TestLeasesExpectation:
         report = {"reports": [{"label": "final"}]}
         assert check_one({"leases": {"where": {"run": "a/b"}, "count": 0}}, report).ok
         assert not check_one({"leases": {"where": {"run": "a/b"}, "min": 1}}, report).ok
+
+
+class TestRejectionsExpectation:
+    """Refused steps are counted like leases, over the report's ``rejections`` list."""
+
+    REJECTED: ClassVar[dict[str, object]] = {
+        "step": 3,
+        "at": "2026-01-05T00:10:00Z",
+        "action": "complete",
+        "target": "rai/ra1",
+        "reason": "cannot complete run rai/ra1: it is already Failed, which is terminal",
+    }
+
+    def report(self) -> dict[str, Any]:
+        document = make_report()
+        document["reports"][1]["rejections"] = [self.REJECTED]
+        return document
+
+    def test_count_by_filter(self) -> None:
+        where = {"step": 3, "action": "complete", "reason": "cannot complete run rai/ra1*"}
+        assert check_one({"rejections": {"where": where, "count": 1}}, self.report()).ok
+        miss = check_one({"rejections": {"where": {"step": 4}, "count": 1}}, self.report())
+        assert miss == Outcome(
+            0, False, "[final] rejections where {step: 4}: expected count 1, found 0"
+        )
+
+    def test_a_report_without_rejections_counts_zero(self) -> None:
+        assert check_one({"rejections": {"count": 0}}).ok
+        assert not check_one({"rejections": {"min": 1}}).ok
+
+    def test_unknown_field(self) -> None:
+        assert parse_errors([{"rejections": {"count": 0}, "phase": "x"}]) == [
+            "expect[0].phase: unknown field for a rejections expectation"
+        ]
 
 
 class TestReservationExpectation:

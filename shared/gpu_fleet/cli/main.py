@@ -135,6 +135,19 @@ def render_report(report: dict[str, Any]) -> str:
                 "    ",
             )
         )
+    rejected = report.get("rejections") or []
+    if rejected:
+        out.append(f"  Rejected steps ({len(rejected)}; nothing changed, the scenario went on)")
+        out.append(
+            _table(
+                ["STEP", "AT", "ACTION", "TARGET", "REASON"],
+                [
+                    [f"steps[{r['step']}]", r["at"], r["action"], r["target"], r["reason"]]
+                    for r in rejected
+                ],
+                "    ",
+            )
+        )
     out.append("  Budgets")
     out.append(
         _table(
@@ -183,11 +196,17 @@ def _cmd_scenario_run(args: argparse.Namespace) -> int:
             # `scenario run` and `validate` start in about half the time without them.
             import asyncio  # noqa: PLC0415 - deferred, see above
 
+            from gpu_fleet.cli.stack import ApiCallError  # noqa: PLC0415 - deferred
             from gpu_fleet.cli.via_nats import run_via_nats  # noqa: PLC0415 - deferred
             from gpu_fleet.runtime import logs  # noqa: PLC0415 - deferred
 
             logs.configure("scenario", "error", sys.stderr)
-            report = asyncio.run(run_via_nats(scenario))
+            try:
+                report = asyncio.run(run_via_nats(scenario))
+            except (ApiCallError, TimeoutError) as exc:
+                # Refused steps are reported, not raised: this is the stack itself failing.
+                print(f"error: {path}: the fleet services failed: {exc}", file=sys.stderr)
+                return EXIT_FAILED
         else:
             report = run_scenario(scenario)
         outcomes = check_expectations(report, scenario.expectations) if args.check else []

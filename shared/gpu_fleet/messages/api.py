@@ -81,7 +81,9 @@ class FieldErrorOut(msgspec.Struct, frozen=True):
 
 
 class ErrorOut(msgspec.Struct, frozen=True, kw_only=True):
-    code: Literal["validation", "not_found", "conflict", "unavailable", "bad_request", "internal"]
+    code: Literal[
+        "validation", "not_found", "conflict", "rejected", "unavailable", "bad_request", "internal"
+    ]
     message: str
     errors: list[FieldErrorOut] = msgspec.field(default_factory=list)
 
@@ -100,6 +102,7 @@ STATUS_CODES = {
     "bad_request": "400",
     "not_found": "404",
     "conflict": "409",
+    "rejected": "409",  # the object's state refuses the command (a Failed run cannot complete)
     "unavailable": "503",
     "internal": "500",
 }

@@ -34,7 +34,7 @@ import msgspec
 from gpu_fleet.core.model import to_instant
 from gpu_fleet.core.timeutil import format_instant, parse_instant
 
-ExpectationKind = Literal["run", "leases", "reservation", "budget", "text"]
+ExpectationKind = Literal["run", "leases", "rejections", "reservation", "budget", "text"]
 
 FUNDING_CLASSES: Final = ("owned", "shared", "borrowed", "unfunded")
 ENVELOPE_INT_FIELDS: Final = ("concurrency", "headroom", *FUNDING_CLASSES)
@@ -47,7 +47,7 @@ _RUN_FIELDS: Final = frozenset(
 )
 _COMMON_FIELDS: Final = frozenset({"report", "text"})
 _BUDGET_FIELDS: Final = frozenset({"envelope", *ENVELOPE_INT_FIELDS, "gpuHoursUsed"})
-_KIND_KEYS: Final = ("run", "leases", "budget")
+_KIND_KEYS: Final = ("run", "leases", "rejections", "budget")
 
 _RFC3339: Final = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})$"
@@ -85,6 +85,8 @@ class Expectation(msgspec.Struct, frozen=True, kw_only=True):
             return "run"
         if "leases" in self.raw:
             return "leases"
+        if "rejections" in self.raw:
+            return "rejections"
         if "budget" in self.raw:
             return "budget"
         if "reservation" in self.raw:
@@ -192,12 +194,15 @@ def _parse_run(raw: Mapping[str, object], path: str, errors: list[str]) -> None:
                     _check_count(gpus, f"{path}.funding.{cls}", errors)
 
 
-def _parse_leases(raw: Mapping[str, object], path: str, errors: list[str]) -> None:
+def _parse_leases(
+    raw: Mapping[str, object], path: str, errors: list[str], section: str = "leases"
+) -> None:
+    """A count over one of a report's lists: ``leases``, or ``rejections`` (refused steps)."""
     for key in raw:
-        if key not in _COMMON_FIELDS and key != "leases":
-            errors.append(f"{path}.{key}: unknown field for a leases expectation")
-    leases = raw["leases"]
-    lpath = f"{path}.leases"
+        if key not in _COMMON_FIELDS and key != section:
+            errors.append(f"{path}.{key}: unknown field for a {section} expectation")
+    leases = raw[section]
+    lpath = f"{path}.{section}"
     if not isinstance(leases, Mapping):
         errors.append(f"{lpath}: must be a mapping with where and count or min")
         return
@@ -306,12 +311,13 @@ def collect_expectations(raw: object, path: str = "expect") -> tuple[list[Expect
                 errors.append(f"{ipath}.{extra[0]}: unknown field")
             elif text is None:
                 errors.append(
-                    f"{ipath}: must name one of run, leases, reservation or budget, or carry text"
+                    f"{ipath}: must name one of run, leases, rejections, reservation or "
+                    "budget, or carry text"
                 )
         elif kinds[0] == "run":
             _parse_run(entry, ipath, errors)
-        elif kinds[0] == "leases":
-            _parse_leases(entry, ipath, errors)
+        elif kinds[0] in ("leases", "rejections"):
+            _parse_leases(entry, ipath, errors, kinds[0])
         elif kinds[0] == "budget":
             _parse_budget(entry, ipath, errors)
         else:
@@ -501,16 +507,18 @@ def _instant_eq(expected: object, actual: object) -> bool:
 
 
 def _describe_filter(where: Mapping[str, object]) -> str:
-    return _show(dict(where)) if where else "{} (all leases)"
+    return _show(dict(where)) if where else "{} (all)"
 
 
-def _check_leases(report: Mapping[str, object], e: Expectation) -> tuple[bool, str]:
-    spec = e.raw["leases"]
+def _check_leases(
+    report: Mapping[str, object], e: Expectation, section: str = "leases"
+) -> tuple[bool, str]:
+    spec = e.raw[section]
     assert isinstance(spec, Mapping)
     where_raw = spec.get("where") or {}
     assert isinstance(where_raw, Mapping)
     where: dict[str, object] = {str(k): v for k, v in where_raw.items()}
-    leases = _records(report.get("leases"), "leases")
+    leases = _records(report.get(section), section)
     hits = [
         lease
         for lease in leases
@@ -523,13 +531,13 @@ def _check_leases(report: Mapping[str, object], e: Expectation) -> tuple[bool, s
         minimum = spec["min"]
         assert isinstance(minimum, int)
         bound, ok = f"at least {minimum}", found >= minimum
-    message = f"leases where {_describe_filter(where)}: expected {bound}, found {found}"
+    message = f"{section} where {_describe_filter(where)}: expected {bound}, found {found}"
     if not ok and hits:
-        ids = ", ".join(str(h.get("id")) for h in hits[:5])
+        ids = ", ".join(str(h.get("id", h.get("step"))) for h in hits[:5])
         message += f" (ids: {ids}{', ...' if found > 5 else ''})"
     unknown = [f for f in where if leases and all(resolve(x, f) is MISSING for x in leases)]
     if unknown:
-        message += f" (no lease has field {', '.join(unknown)})"
+        message += f" (no {section[:-1]} has field {', '.join(unknown)})"
     return ok, message
 
 
@@ -608,8 +616,8 @@ def check_expectation(document: Mapping[str, object], e: Expectation) -> Outcome
         report = _find_report(document, e.report)
         if kind == "run":
             ok, message = _check_run(report, e)
-        elif kind == "leases":
-            ok, message = _check_leases(report, e)
+        elif kind in ("leases", "rejections"):
+            ok, message = _check_leases(report, e, kind)
         elif kind == "reservation":
             ok, message = _check_reservation(report, e)
         else:

@@ -642,4 +642,8 @@ def load_scenario_file(path: str | os.PathLike[str]) -> Scenario:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScenarioError([f"{os.fspath(path)}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(
+            [f"{os.fspath(path)}: not UTF-8 text (invalid byte at offset {exc.start})"]
+        ) from None
     return load_scenario(text, source=os.fspath(path))

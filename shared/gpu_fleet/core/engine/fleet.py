@@ -17,6 +17,7 @@ conservation).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import msgspec
 
@@ -58,9 +59,23 @@ from gpu_fleet.core.model import (
 from gpu_fleet.core.placement.pack import Planner, pack_greedy
 from gpu_fleet.core.timeutil import format_instant
 
+CommandErrorCode = Literal["not_found", "rejected", "bad_request"]
+
 
 class CommandError(ValueError):
-    """A command that cannot apply (unknown run, wrong state); nothing was changed."""
+    """A command that cannot apply; nothing was changed.
+
+    ``code`` says why, for the API's error code and the CLI's exit status: ``not_found`` (no
+    such object), ``rejected`` (the object's state refuses the command: a Failed run cannot
+    complete, Failed is terminal) or ``bad_request`` (the command itself is wrong).  Without an
+    explicit code, a message saying "not found" is ``not_found``, anything else ``bad_request``.
+    """
+
+    def __init__(self, message: str, code: CommandErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.code: CommandErrorCode = code or (
+            "not_found" if "not found" in message else "bad_request"
+        )
 
 
 class Fleet:
@@ -114,7 +129,7 @@ class Fleet:
         return events + self.reconcile(at)
 
     def complete(self, key: str, at: Instant) -> list[Event]:
-        self._require_running(key)
+        self._require_running(key, "complete")
         events: list[Event] = [
             LeaseClosed(at=at, lease=x.id, reason="Completed")
             for x in self.state.leases_of(key, open_only=True)
@@ -127,7 +142,7 @@ class Fleet:
         return self.commit(events) + self.reconcile(at)
 
     def fail(self, key: str, at: Instant) -> list[Event]:
-        self._require_running(key)
+        self._require_running(key, "fail")
         events = fail_events(
             self.state,
             key,
@@ -154,7 +169,7 @@ class Fleet:
 
     def report_eta(self, key: str, eta: Instant, at: Instant) -> list[Event]:
         """Record a run's expected completion (the forecaster plans with it)."""
-        self._require_running(key)
+        self._require_running(key, "report an eta for")
         if eta < at:
             raise CommandError(f"eta {format_instant(eta)} is in the past")
         return self.commit([RunEtaReported(at=at, run=key, eta=eta)])
@@ -183,12 +198,17 @@ class Fleet:
         )
         return self.commit([RunUpdated(at=at, run=updated)]) + self.reconcile(at)
 
-    def _require_running(self, key: str) -> None:
+    def _require_running(self, key: str, verb: str) -> None:
+        """Refuse ``verb`` on a run that does not exist or has ended (DESIGN decision 7: Failed
+        is terminal, so a late completion is refused, never recorded)."""
         st = self.state.status.get(key)
         if key not in self.state.runs or st is None:
             raise CommandError(f"run {key} not found")
         if st.phase in TERMINAL:
-            raise CommandError(f"run {key} is already {st.phase}")
+            raise CommandError(
+                f"cannot {verb} run {key}: it is already {st.phase}, which is terminal",
+                "rejected",
+            )
 
     # -- time ---------------------------------------------------------------------------------
     def next_due(self, after: Instant) -> Instant | None:
