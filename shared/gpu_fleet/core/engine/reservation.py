@@ -9,9 +9,11 @@ earliest start at which it activates.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from gpu_fleet.core.engine.gang import Settings, cover_run, plan_pack, status_event
 from gpu_fleet.core.funding.cover import CoverFailure, CoverReason
+from gpu_fleet.core.funding.envelopes import EnvelopeInfo
 from gpu_fleet.core.funding.metering import Evaluation
 from gpu_fleet.core.ledger.events import (
     Event,
@@ -150,6 +152,26 @@ def _natural_start(
     return None
 
 
+@dataclass(frozen=True)
+class _Wait:
+    """What a run waits for: the kind, the GPUs still to free, when it activates, and why."""
+
+    kind: str
+    deficit: int
+    earliest: Instant
+    confidence: str
+    reason: str
+
+
+_BUDGET_REASONS = {
+    CoverReason.INSUFFICIENT_CAPACITY: "budget headroom short by {shortfall} GPUs",
+    CoverReason.BORROW_LIMIT: "borrow limit exhausted for requested width",
+    CoverReason.ACL_DENIED: "borrowing policy rejected request",
+    CoverReason.HOURS_EXHAUSTED: "GPU-hours short for requested width",
+    CoverReason.NO_ENVELOPE: "no eligible envelope available",
+}
+
+
 def reserve(  # noqa: PLR0917 - one positional call shape, shared with the forecaster's tests
     state: FleetState,
     run: Run,
@@ -160,49 +182,36 @@ def reserve(  # noqa: PLR0917 - one positional call shape, shared with the forec
     pack_error: PackError | None,
     cover_failure: CoverFailure | None,
 ) -> list[Event]:
-    """Write a reservation for a run that cannot start now (or keep the one it has)."""
-    key = run.key
-    existing = state.pending_reservation(key)
+    """Write a reservation for a run that cannot start now (or keep the one it has).
+
+    Four steps, each its own function: the intended slice (scope and nodes), the envelope that
+    will pay, the wait (kind, deficit, earliest start, reason), then the events.
+    """
+    existing = state.pending_reservation(run.key)
     if existing is not None and existing.earliest_start > now:
         return []  # a reservation is a promise with a bound: keep it stable until it is due
-    index = state.index
-    owner = index.family.owner_of(run.metadata.namespace)
-    if plan is not None and plan.groups:
-        scope = plan.groups[0].domain
-        nodes = plan.nodes()
-    elif pack_error is not None and pack_error.shortfall:
-        scope = sorted(pack_error.shortfall.items(), key=lambda kv: (kv[1], kv[0]))[0][0]
-        # The intended slice is the domain closest to fitting: its nodes are protected from
-        # backfill until the reservation activates (DESIGN decision 5).
-        nodes = topology.domain(scope).nodes if topology.has_domain(scope) else ()
-    else:
-        domains = topology.domains()
-        scope = domains[0].key if domains else ""
-        nodes = ()
+    scope, nodes = _intended_slice(topology, plan, pack_error)
     if not scope and not nodes:
         why = pack_error.message if pack_error is not None else "no matching domain"
         return [
             status_event(
-                key, now, "Pending", "Unschedulable", f"no capacity in any matching domain: {why}"
+                run.key,
+                now,
+                "Pending",
+                "Unschedulable",
+                f"no capacity in any matching domain: {why}",
             )
         ]
-    scope_labels = domain_location(scope)
-    candidates = [
-        e
-        for e in index.of_owner(owner, run.flavor)
-        if all(v == "*" or scope_labels.get(k, v) == v for k, v in e.selector.items())
-    ]
-    candidates.sort(key=lambda e: e.key.envelope)
-    paying = candidates[0] if candidates else None
+    paying = _paying_envelope(state, run, scope)
     if (
         paying is not None
         and paying.start is not None
         and paying.start > now
-        and not (paying.pre_reservations)
+        and not paying.pre_reservations
     ):
         return [
             status_event(
-                key,
+                run.key,
                 now,
                 "Pending",
                 "Unschedulable",
@@ -210,70 +219,145 @@ def reserve(  # noqa: PLR0917 - one positional call shape, shared with the forec
                 "reservations before its window",
             )
         ]
-    ev = state.evaluation(now)
-    confidence = "conservative"
     if pack_error is not None:
-        kind = "capacity"
-        deficit = (
-            max(1, pack_error.deficit) if pack_error.deficit else run.spec.resources.total_gpus
+        wait = _capacity_wait(
+            state, run, pack_error, scope=scope, nodes=nodes, now=now, settings=settings
         )
-        if pack_error.kind is PackErrorKind.INSUFFICIENT_TOPOLOGY:
-            reason = "no single domain satisfies run grouping"
-        else:
-            reason = f"cluster short by {deficit} GPUs in scope"
-        lead = settings.activation_lead + settings.activation_lead_per_gpu * deficit
-        earliest = now + max(60, lead)
-        opens = _window_opens(state, run, scope, now, settings)
-        if opens is not None:
-            # A window wait activates when the window opens, whatever else it waits for: the
-            # demand is fundable from then on, so the resolver makes room then (DESIGN 4).
-            kind = "window"
-            confidence = "window-aligned"
-            earliest = max(now + 1, opens + settings.window_activation_delay)
-            reason = f"budget window opens at {format_instant(opens)}; {reason}"
-        else:
-            natural = _natural_start(state, run, nodes, now, earliest)
-            if natural is not None:
-                earliest = natural
-                confidence = "exact"
-                reason = f"{reason}; scheduled lease ends free it at {format_instant(natural)}"
     else:
         assert cover_failure is not None
-        deficit = 0
-        if cover_failure.reason is CoverReason.WINDOW_CLOSED and cover_failure.window_opens:
-            kind = "window"
-            confidence = "window-aligned"
-            earliest = max(now + 1, cover_failure.window_opens + settings.window_activation_delay)
-            reason = f"budget window opens at {format_instant(cover_failure.window_opens)}"
-        else:
-            kind = "budget"
-            earliest = now + max(60, settings.activation_lead)
-            reason = {
-                CoverReason.INSUFFICIENT_CAPACITY: (
-                    f"budget headroom short by {cover_failure.shortfall} GPUs"
-                ),
-                CoverReason.BORROW_LIMIT: "borrow limit exhausted for requested width",
-                CoverReason.ACL_DENIED: "borrowing policy rejected request",
-                CoverReason.HOURS_EXHAUSTED: "GPU-hours short for requested width",
-                CoverReason.NO_ENVELOPE: "no eligible envelope available",
-            }.get(cover_failure.reason, "reservation pending")
-            if cover_failure.reason is CoverReason.NO_ENVELOPE:
-                confidence = "window-aligned"
+        wait = _budget_wait(cover_failure, now, settings)
+    return _reservation_events(
+        state,
+        run,
+        existing=existing,
+        scope=scope,
+        nodes=nodes,
+        paying=paying,
+        wait=wait,
+        cover_failure=cover_failure,
+        now=now,
+    )
+
+
+def _intended_slice(
+    topology: Topology, plan: PackPlan | None, pack_error: PackError | None
+) -> tuple[str, tuple[str, ...]]:
+    """The domain the run is promised, and its nodes (protected from backfill, DESIGN 5)."""
+    if plan is not None and plan.groups:
+        return plan.groups[0].domain, tuple(plan.nodes())
+    if pack_error is not None and pack_error.shortfall:
+        # The intended slice is the domain closest to fitting: its nodes are protected from
+        # backfill until the reservation activates (DESIGN decision 5).
+        scope = sorted(pack_error.shortfall.items(), key=lambda kv: (kv[1], kv[0]))[0][0]
+        return scope, tuple(topology.domain(scope).nodes) if topology.has_domain(scope) else ()
+    domains = topology.domains()
+    return (domains[0].key if domains else ""), ()
+
+
+def _paying_envelope(state: FleetState, run: Run, scope: str) -> EnvelopeInfo | None:
+    """The owner's first envelope (by name) of the run's flavor whose selector admits the scope."""
+    index = state.index
+    owner = index.family.owner_of(run.metadata.namespace)
+    scope_labels = domain_location(scope)
+    candidates = [
+        e
+        for e in index.of_owner(owner, run.flavor)
+        if all(v == "*" or scope_labels.get(k, v) == v for k, v in e.selector.items())
+    ]
+    return min(candidates, key=lambda e: e.key.envelope) if candidates else None
+
+
+def _capacity_wait(
+    state: FleetState,
+    run: Run,
+    pack_error: PackError,
+    *,
+    scope: str,
+    nodes: Sequence[str],
+    now: Instant,
+    settings: Settings,
+) -> _Wait:
+    """Short of GPUs: activate at the sooner of the natural start and the lead bound, or at the
+    window's opening when a window not yet open is all that keeps the demand unfunded."""
+    deficit = max(1, pack_error.deficit) if pack_error.deficit else run.spec.resources.total_gpus
+    if pack_error.kind is PackErrorKind.INSUFFICIENT_TOPOLOGY:
+        reason = "no single domain satisfies run grouping"
+    else:
+        reason = f"cluster short by {deficit} GPUs in scope"
+    lead = settings.activation_lead + settings.activation_lead_per_gpu * deficit
+    bound = now + max(60, lead)
+    opens = _window_opens(state, run, scope, now, settings)
+    if opens is not None:
+        # A window wait activates when the window opens, whatever else it waits for: the
+        # demand is fundable from then on, so the resolver makes room then (DESIGN 4).
+        return _Wait(
+            "window",
+            deficit,
+            max(now + 1, opens + settings.window_activation_delay),
+            "window-aligned",
+            f"budget window opens at {format_instant(opens)}; {reason}",
+        )
+    natural = _natural_start(state, run, nodes, now, bound)
+    if natural is not None:
+        return _Wait(
+            "capacity",
+            deficit,
+            natural,
+            "exact",
+            f"{reason}; scheduled lease ends free it at {format_instant(natural)}",
+        )
+    return _Wait("capacity", deficit, bound, "conservative", reason)
+
+
+def _budget_wait(cover_failure: CoverFailure, now: Instant, settings: Settings) -> _Wait:
+    """Capacity is there but no envelope pays: a window wait, or a budget-only wait that
+    activates at the lead bound and cuts nobody (DESIGN 4)."""
+    opens = cover_failure.window_opens
+    if cover_failure.reason is CoverReason.WINDOW_CLOSED and opens:
+        return _Wait(
+            "window",
+            0,
+            max(now + 1, opens + settings.window_activation_delay),
+            "window-aligned",
+            f"budget window opens at {format_instant(opens)}",
+        )
+    reason = _BUDGET_REASONS.get(cover_failure.reason, "reservation pending").format(
+        shortfall=cover_failure.shortfall
+    )
+    confidence = (
+        "window-aligned" if cover_failure.reason is CoverReason.NO_ENVELOPE else "conservative"
+    )
+    return _Wait("budget", 0, now + max(60, settings.activation_lead), confidence, reason)
+
+
+def _reservation_events(
+    state: FleetState,
+    run: Run,
+    *,
+    existing: Reservation | None,
+    scope: str,
+    nodes: Sequence[str],
+    paying: EnvelopeInfo | None,
+    wait: _Wait,
+    cover_failure: CoverFailure | None,
+    now: Instant,
+) -> list[Event]:
+    """The new reservation (superseding the old one) and the run's Reserved status."""
     name = f"{run.metadata.name}-res-{now}"
     if name in state.reservations:
         name = f"{name}-{sum(1 for r in state.reservations if r.startswith(name))}"
     res = Reservation(
         name=name,
-        run=key,
-        kind=kind,  # type: ignore[arg-type]
+        run=run.key,
+        kind=wait.kind,  # type: ignore[arg-type]
         domain=scope,
         nodes=tuple(nodes),
         paying_envelope=str(paying.key) if paying is not None else "",
-        earliest_start=earliest,
-        deficit_gpus=deficit,
-        confidence=confidence,
-        reason=reason,
-        remedies=_remedies(state, run, ev),
+        earliest_start=wait.earliest,
+        deficit_gpus=wait.deficit,
+        confidence=wait.confidence,
+        reason=wait.reason,
+        remedies=_remedies(state, run, state.evaluation(now)),
         created_at=now,
     )
     events: list[Event] = []
@@ -283,12 +367,13 @@ def reserve(  # noqa: PLR0917 - one positional call shape, shared with the forec
     attempts = cover_failure.attempts if cover_failure is not None else ()
     events.append(
         status_event(
-            key,
+            run.key,
             now,
             "Pending",
             "Reserved",
-            f"reservation {name} scheduled for {format_instant(earliest)} (deficit {deficit} GPUs)",
-            why=reason,
+            f"reservation {name} scheduled for {format_instant(wait.earliest)} "
+            f"(deficit {wait.deficit} GPUs)",
+            why=wait.reason,
             tried=[a.describe() for a in attempts],
         )
     )
