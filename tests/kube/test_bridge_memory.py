@@ -1,0 +1,227 @@
+"""The bridge's reconcile logic against the in-memory fake of the API (no HTTP), with the real
+fleet behind it: a nats-server, the binder and the manager (virtual clock), over NATS only.
+
+Each test waits on conditions with bounded polling, never on time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from _kube import Stack, budget_obj, gpu_node, new_store, run_obj, wait_until
+
+from gpu_fleet.kube.bridge import BridgeConfig, KubeBridge
+from gpu_fleet.kube.objects import FINALIZER
+from gpu_fleet.kubesim.kubelet import SimKubelet
+from gpu_fleet.kubesim.memory import MemoryClient
+from gpu_fleet.kubesim.store import Store
+
+pytestmark = pytest.mark.asyncio
+
+
+class Cluster:
+    """The emulator store, its kubelet, the fleet stack and one bridge (both halves)."""
+
+    def __init__(self, stack: Stack, store: Store, kubelet: SimKubelet, bridge: KubeBridge):
+        self.stack = stack
+        self.store = store
+        self.kubelet = kubelet
+        self.bridge = bridge
+        self.client = MemoryClient(store)
+
+    def rt(self, plural: str, group: str = "") -> Any:
+        return self.store.find(group, plural)
+
+    def create(self, plural: str, ns: str | None, body: dict[str, Any], group: str = "") -> Any:
+        return self.store.create(self.rt(plural, group), ns, body)
+
+    def runs(self) -> Any:
+        return self.rt("runs", "rq.davidlangworthy.io")
+
+    def run(self, ns: str, name: str) -> dict[str, Any]:
+        return self.store.get(self.runs(), ns, name)
+
+    def pods(self, ns: str, run: str) -> list[dict[str, Any]]:
+        items, _ = self.store.list(self.rt("pods"), ns, f"rq.davidlangworthy.io/run={run}")
+        return items
+
+    async def api(self, endpoint: str, body: dict[str, Any]) -> Any:
+        return await self.stack.api(endpoint, body)
+
+
+@pytest_asyncio.fixture(name="cluster")
+async def _cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    stack = Stack(tmp_path)
+    store = new_store()
+    kubelet = SimKubelet(store)
+    bridge = KubeBridge(
+        BridgeConfig(nats_url="", resync_seconds=2.0, forecasts=True),
+        client_factory=lambda: MemoryClient(store, bookmark_every=0.5),
+    )
+    try:
+        await stack.start()
+        bridge.config.nats_url = stack.url
+        await kubelet.start()
+        for name, clique in (("a1", "A"), ("a2", "A"), ("b1", "B"), ("b2", "B")):
+            store.create(store.find("", "nodes"), None, gpu_node(name, clique=clique))
+        await bridge.start()
+        yield Cluster(stack, store, kubelet, bridge)
+    finally:
+        await bridge.stop()
+        await kubelet.stop()
+        await stack.stop()
+
+
+async def _leases(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
+    return list(await cluster.api("leases", {"namespace": ns, "name": name}))
+
+
+async def test_nodes_feed_the_topology_with_mapped_labels(cluster: Cluster) -> None:
+    async def registered() -> Any:
+        report = await cluster.api("report", {})
+        del report
+        state = cluster.bridge.state
+        return len(state.nodes) == 4 and state.nodes
+
+    nodes = await wait_until(registered, "four nodes registered")
+    assert nodes["a1"].gpus == 8
+    assert nodes["a1"].labels["fabric.domain"] == "A"
+    assert nodes["a1"].labels["gpu.flavor"] == "H100"  # through the alias map
+    assert nodes["b2"].labels["region"] == "r"
+
+
+async def test_gang_run_becomes_bound_pods_in_one_domain_then_completes(cluster: Cluster) -> None:
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
+    cluster.create("budgets", "rai", budget_obj("rai", "org:ai:rai"), "rq.davidlangworthy.io")
+    cluster.create(
+        "runs", "rai", run_obj("rai", "train", 8, gpus_per_pod=2), "rq.davidlangworthy.io"
+    )
+
+    def bound() -> list[dict[str, Any]] | None:
+        pods = cluster.pods("rai", "train")
+        ok = len(pods) == 4 and all(p["spec"].get("nodeName") for p in pods)
+        return pods if ok else None
+
+    pods = await wait_until(bound, "4 pods bound")
+    names = sorted(p["metadata"]["name"] for p in pods)
+    assert names == [f"train-active-{i}" for i in range(4)]
+    nodes = {p["spec"]["nodeName"] for p in pods}
+    assert nodes <= {"a1", "a2"} or nodes <= {"b1", "b2"}  # one fabric domain
+    leases = await _leases(cluster, "rai", "train")
+    assert {x["node"] for x in leases} == nodes
+    pod0 = next(p for p in pods if p["metadata"]["name"] == "train-active-0")
+    c = pod0["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["MASTER_ADDR"] == "train-active-0.train.rai.svc"
+    assert env["WORLD_SIZE"] == "8"
+    assert env["NNODES"] == "4"
+    assert env["NODE_RANK"] == "0"
+    assert pod0["spec"]["schedulerName"] == "gpu-fleet"
+    assert pod0["metadata"]["ownerReferences"][0]["kind"] == "Run"
+    assert pod0["metadata"]["labels"]["team"] == "rai"
+    svc = cluster.store.get(cluster.rt("services"), "rai", "train")
+    assert svc["spec"]["clusterIP"] == "None"
+
+    def running_status() -> dict[str, Any] | None:
+        st = cluster.run("rai", "train").get("status") or {}
+        return st if st.get("phase") == "Running" else None
+
+    st = await wait_until(running_status, "Run status Running")
+    conds = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conds == {
+        "Admitted": "True",
+        "Scheduled": "True",
+        "Running": "True",
+        "Completed": "False",
+        "Failed": "False",
+        "Blocked": "False",
+    }
+    assert st["width"]["allocated"] == 8
+    assert st["funding"]["ownedGPUs"] == 8
+    assert st["observedGeneration"] == 1
+    assert FINALIZER in cluster.run("rai", "train")["metadata"]["finalizers"]
+
+    await wait_until(
+        lambda: all(p["status"]["phase"] == "Running" for p in cluster.pods("rai", "train")),
+        "kubelet started the pods",
+    )
+    assert cluster.kubelet.finish_run("rai", "train") == [f"train-active-{i}" for i in range(4)]
+
+    def completed() -> dict[str, Any] | None:
+        s = cluster.run("rai", "train").get("status") or {}
+        return s if s.get("phase") == "Completed" else None
+
+    st = await wait_until(completed, "Run status Completed")
+    assert {c["type"] for c in st["conditions"] if c["status"] == "True"} == {
+        "Admitted",
+        "Completed",
+    }
+    leases = await _leases(cluster, "rai", "train")
+    assert leases
+    assert all(x["closureReason"] == "Completed" for x in leases)
+    await wait_until(lambda: not cluster.pods("rai", "train"), "pods of closed leases deleted")
+
+
+async def test_deleting_a_run_closes_its_leases_before_it_goes(cluster: Cluster) -> None:
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
+    cluster.create("budgets", "rai", budget_obj("rai", "org:ai:rai"), "rq.davidlangworthy.io")
+    cluster.create("runs", "rai", run_obj("rai", "gone", 4), "rq.davidlangworthy.io")
+    await wait_until(lambda: len(cluster.pods("rai", "gone")) == 4, "pods created")
+    await wait_until(
+        lambda: FINALIZER in (cluster.run("rai", "gone")["metadata"].get("finalizers") or []),
+        "finalizer added",
+    )
+    cluster.store.delete(cluster.runs(), "rai", "gone")
+    assert cluster.run("rai", "gone")["metadata"]["deletionTimestamp"]  # held by the finalizer
+
+    def gone() -> bool:
+        try:
+            cluster.run("rai", "gone")
+        except Exception:
+            return True
+        return False
+
+    await wait_until(gone, "Run object removed once its leases closed")
+    assert "rai/gone" not in cluster.bridge.state.runs
+    await wait_until(lambda: not cluster.pods("rai", "gone"), "pods garbage-collected")
+
+
+async def test_a_failed_pod_fails_the_gang_under_policy_fail(cluster: Cluster) -> None:
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
+    cluster.create("budgets", "rai", budget_obj("rai", "org:ai:rai"), "rq.davidlangworthy.io")
+    cluster.create("runs", "rai", run_obj("rai", "flaky", 2), "rq.davidlangworthy.io")
+    await wait_until(
+        lambda: [p for p in cluster.pods("rai", "flaky") if p["status"]["phase"] == "Running"][1:],
+        "two pods running",
+    )
+    cluster.kubelet.finish("rai", "flaky-active-1", "Failed", exit_code=3)
+
+    def failed() -> dict[str, Any] | None:
+        s = cluster.run("rai", "flaky").get("status") or {}
+        return s if s.get("phase") == "Failed" else None
+
+    st = await wait_until(failed, "Run Failed")
+    assert st["reason"] == "WorkloadFailed"
+    leases = await _leases(cluster, "rai", "flaky")
+    assert all(x["closureReason"] for x in leases)
+
+
+async def test_invalid_spec_is_reported_in_status_and_nothing_is_applied(cluster: Cluster) -> None:
+    bad = run_obj("rai", "bad", 4)
+    bad["spec"]["resources"]["totalGPUs"] = -1
+    cluster.create("runs", "rai", bad, "rq.davidlangworthy.io")
+
+    def reported() -> dict[str, Any] | None:
+        s = cluster.run("rai", "bad").get("status") or {}
+        return s if s.get("reason") == "InvalidSpec" else None
+
+    st = await wait_until(reported, "InvalidSpec status")
+    assert "totalGPUs" in st["message"]
+    admitted = next(c for c in st["conditions"] if c["type"] == "Admitted")
+    assert (admitted["status"], admitted["reason"]) == ("False", "InvalidSpec")
+    assert "rai/bad" not in cluster.bridge.state.runs
