@@ -7,7 +7,10 @@ import asyncio
 import os
 import sys
 
+from gpu_fleet.kube import settings as kube_settings
+from gpu_fleet.kube.bridge import BridgeConfig, KubeBridge
 from gpu_fleet.runtime import logs
+from gpu_fleet.runtime.together import run_together
 from gpu_fleet_binder.service import Binder, BinderConfig
 
 
@@ -16,13 +19,29 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu-fleet-binder", description=__doc__)
     p.add_argument("--nats-url", default=env("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"))
     p.add_argument("--log-level", default=env("GPU_FLEET_LOG_LEVEL", "info"))
+    kube_settings.add_arguments(p)
     args = p.parse_args(argv)
     logs.configure("binder", args.log_level)
+    conn = kube_settings.connection(args)
+    try:
+        mapping = kube_settings.mapping(args.kube_mapping)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     async def amain() -> None:
         binder = Binder(BinderConfig(nats_url=args.nats_url))
-        binder.install_signal_handlers()
-        await binder.run()
+        if not conn.configured:
+            binder.install_signal_handlers()
+            await binder.run()
+            return
+        # Binder side of the Kubernetes bridge: nodes to topology, pods created and bound.
+        bridge = KubeBridge(
+            BridgeConfig(
+                nats_url=args.nats_url, connection=conn, objects=False, pods=True, mapping=mapping
+            )
+        )
+        await run_together(binder, bridge)
 
     asyncio.run(amain())
     return 0

@@ -267,7 +267,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     from gpu_fleet.cli.up import default_inventory, up  # noqa: PLC0415 - deferred, as for demo
 
-    return up(args.data_dir, args.inventory or default_inventory(), args.port, args.log_level)
+    kube = []
+    if args.kube_url:
+        kube += ["--kube-url", args.kube_url]
+    if args.kubeconfig:
+        kube += ["--kubeconfig", args.kubeconfig]
+    # With a cluster, nodes come from it: the sample inventory is used only when asked for.
+    inventory = args.inventory or (None if kube else default_inventory())
+    return up(args.data_dir, inventory, args.port, args.log_level, kube_args=kube)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--inventory", default=None, help="node inventory YAML")
     upp.add_argument("--port", type=int, default=4222)
     upp.add_argument("--log-level", default="info")
+    upp.add_argument(
+        "--kube-url", default=None, help="Kubernetes API server: run the bridge (e.g. an emulator)"
+    )
+    upp.add_argument("--kubeconfig", default=None, help="Kubernetes API server from a kubeconfig")
     upp.set_defaults(func=_cmd_up)
     return parser
 

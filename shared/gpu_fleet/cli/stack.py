@@ -191,8 +191,10 @@ class ProcessStack:
         log_level: str = "info",
         services: tuple[str, ...] = SERVICES,
         port: int | None = None,
+        kube_args: list[str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.kube_args = list(kube_args or [])  # --kube-url/--kubeconfig for manager and binder
         self.nats = EmbeddedNats(self.data_dir / "nats", port=port)
         self.inventory = inventory
         self.log_level = log_level
@@ -211,6 +213,8 @@ class ProcessStack:
         ]
         if name == "manager" and self.inventory:
             args += ["--inventory", self.inventory]
+        if name in ("manager", "binder"):
+            args += self.kube_args
         log_path = self.data_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(

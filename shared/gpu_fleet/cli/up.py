@@ -22,8 +22,16 @@ def default_inventory() -> str | None:
     return str(path) if path.exists() else None
 
 
-def up(data_dir: str, inventory: str | None, port: int, log_level: str) -> int:
-    stack = ProcessStack(data_dir, inventory=inventory, log_level=log_level, port=port)
+def up(
+    data_dir: str,
+    inventory: str | None,
+    port: int,
+    log_level: str,
+    kube_args: list[str] | None = None,
+) -> int:
+    stack = ProcessStack(
+        data_dir, inventory=inventory, log_level=log_level, port=port, kube_args=kube_args
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, _: object) -> None:
@@ -34,6 +42,8 @@ def up(data_dir: str, inventory: str | None, port: int, log_level: str) -> int:
     stack.start()
     print(f"gpu-fleet is up: NATS at {stack.nats.url} (JetStream data in {data_dir}/nats)")
     print(f"  services: {', '.join(SERVICES)} (logs in {data_dir}/<service>.log)")
+    if kube_args:
+        print(f"  kubernetes bridge: {' '.join(kube_args)} (manager: runs/budgets, binder: pods)")
     print(f"  try:      export GPU_FLEET_NATS_URL={stack.nats.url}; kubectl runs get -A")
     print("  stop:     Ctrl-C")
     restarts: dict[str, int] = {}

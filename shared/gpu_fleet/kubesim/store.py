@@ -519,8 +519,7 @@ class Store:
     # -- watches ----------------------------------------------------------------------------
     def compact(self) -> None:
         """Forget the history so far: a watch from an older resourceVersion gets 410."""
-        if self.history:
-            self.compacted_rv = self.history[-1].rv
+        self.compacted_rv = self.rv
         self.history = []
 
     async def watch(
