@@ -15,7 +15,7 @@ import pytest_asyncio
 from _kube import Stack, budget_obj, gpu_node, new_store, run_obj, wait_until
 
 from gpu_fleet.kube.bridge import BridgeConfig, KubeBridge
-from gpu_fleet.kube.objects import NODES, PODS, RUNS, BUDGETS
+from gpu_fleet.kube.objects import BUDGETS, NODES, PODS, RUNS
 from gpu_fleet.kube.wire import Connection, WireClient, connect
 from gpu_fleet.kubesim.kubelet import SimKubelet
 from gpu_fleet.kubesim.server import ApiServer
