@@ -225,3 +225,102 @@ async def test_invalid_spec_is_reported_in_status_and_nothing_is_applied(cluster
     admitted = next(c for c in st["conditions"] if c["type"] == "Admitted")
     assert (admitted["status"], admitted["reason"]) == ("False", "InvalidSpec")
     assert "rai/bad" not in cluster.bridge.state.runs
+
+
+async def test_node_health_cordon_suspect_fence_and_left_out_nodes(cluster: Cluster) -> None:
+    state = lambda: cluster.bridge.state  # noqa: E731 - re-read: the follower replaces nothing, but reads stay fresh
+    await wait_until(lambda: len(state().nodes) == 4, "nodes registered")
+    nodes = cluster.rt("nodes")
+
+    def health(name: str) -> str:
+        return state().nodes[name].health.value
+
+    cluster.store.patch(nodes, None, "a1", {"spec": {"unschedulable": True}})
+    await wait_until(lambda: health("a1") == "Cordoned", "cordon")
+    cluster.store.patch(nodes, None, "a1", {"spec": {"unschedulable": None}})
+    await wait_until(lambda: health("a1") == "Ready", "uncordon")
+
+    ready_unknown = {"status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}}
+    cluster.store.patch(nodes, None, "a2", ready_unknown, "status")  # the kubelet went quiet
+    await wait_until(lambda: health("a2") == "Cordoned", "suspect: no new placement")
+
+    taint = {"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}
+    cluster.store.patch(nodes, None, "b1", {"spec": {"taints": [taint]}})
+    await wait_until(lambda: health("b1") == "Fenced", "out-of-service taint fences")
+
+    cluster.store.delete(nodes, None, "b2")
+    await wait_until(lambda: health("b2") == "Fenced", "a deleted node is fenced")
+
+    # A GPU node without a fabric label is left out and reported; the rest goes on.
+    bare = gpu_node("c1")
+    del bare["metadata"]["labels"]["nvidia.com/gpu.clique"]
+    cluster.store.create(nodes, None, bare)
+    cluster.store.create(nodes, None, gpu_node("c2", clique="C"))
+    await wait_until(lambda: "c2" in state().nodes, "c2 registered")
+    assert "c1" not in state().nodes
+    assert "fabric.domain" in cluster.bridge.problems["c1"]
+
+    # GPUs used by pods gpu-fleet does not manage are not offered.
+    cluster.store.create(
+        cluster.rt("pods"),
+        "other",
+        {
+            "metadata": {"name": "squatter"},
+            "spec": {
+                "nodeName": "c2",
+                "containers": [
+                    {"name": "x", "image": "x", "resources": {"limits": {"nvidia.com/gpu": "3"}}}
+                ],
+            },
+        },
+    )
+    await wait_until(lambda: state().nodes["c2"].gpus == 5, "c2 offers 8 - 3 GPUs")
+
+
+async def test_a_fenced_node_ends_the_gang_and_its_pods_go(cluster: Cluster) -> None:
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
+    cluster.create("budgets", "rai", budget_obj("rai", "org:ai:rai"), "rq.davidlangworthy.io")
+    cluster.create(
+        "runs", "rai", run_obj("rai", "solo", 8, gpus_per_pod=8), "rq.davidlangworthy.io"
+    )
+    pods = await wait_until(
+        lambda: [p for p in cluster.pods("rai", "solo") if p["spec"].get("nodeName")], "bound"
+    )
+    node = pods[0]["spec"]["nodeName"]
+    taint = {"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}
+    cluster.store.patch(cluster.rt("nodes"), None, node, {"spec": {"taints": [taint]}})
+
+    def failed() -> dict[str, Any] | None:
+        s = cluster.run("rai", "solo").get("status") or {}
+        return s if s.get("phase") == "Failed" else None
+
+    st = await wait_until(failed, "the run fails without a spare")
+    assert st["reason"] == "NodeFailureNoSpare"
+    await wait_until(lambda: not cluster.pods("rai", "solo"), "its pods deleted")
+
+
+async def test_spec_changes_apply_once_per_generation(cluster: Cluster) -> None:
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
+    cluster.create("budgets", "rai", budget_obj("rai", "org:ai:rai"), "rq.davidlangworthy.io")
+    cluster.create("runs", "rai", run_obj("rai", "gen", 2), "rq.davidlangworthy.io")
+
+    def observed(gen: int) -> bool:
+        s = cluster.run("rai", "gen").get("status") or {}
+        return s.get("observedGeneration") == gen and s.get("phase") == "Running"
+
+    await wait_until(lambda: observed(1), "generation 1 observed")
+    applies = cluster.bridge.commands
+    seq = cluster.bridge.follower.seq if cluster.bridge.follower else 0
+    # Label changes are not spec changes: no new generation, nothing re-applied.
+    cluster.store.patch(cluster.runs(), "rai", "gen", {"metadata": {"labels": {"x": "y"}}})
+    await cluster.bridge.reconcile_once()
+    assert cluster.bridge.commands == applies
+    assert cluster.bridge.follower is not None
+    assert cluster.bridge.follower.seq == seq
+    # A spec change is one RunUpdated, keyed by the new generation.
+    cluster.store.patch(cluster.runs(), "rai", "gen", {"spec": {"runtime": {"maxDuration": "9h"}}})
+    await wait_until(lambda: observed(2), "generation 2 observed")
+    run = cluster.bridge.state.runs["rai/gen"]
+    assert run.metadata.annotations["rq.davidlangworthy.io/generation"] == "2"
+    assert run.spec.runtime is not None
+    assert run.spec.runtime.max_duration == "9h"
