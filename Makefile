@@ -25,7 +25,7 @@ SCENARIO_FLAGS ?=
 # bench/_*.py are shared helpers, not scripts.
 BENCHES := $(sort $(filter-out bench/_%,$(wildcard bench/*.py)))
 
-.PHONY: help venv lint test demo bench bench-quick scenarios crds crds-check clean distclean
+.PHONY: help venv lint test demo demo-k8s bench bench-quick scenarios crds crds-check clean distclean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -79,3 +79,6 @@ clean:  ## remove caches and build output (keeps .venv)
 
 distclean: clean  ## clean, and remove .venv
 	rm -rf $(VENV)
+
+demo-k8s: $(STAMP)  ## the stack against an emulated Kubernetes API server: kubectl apply a gang Run, see bound pods, status, completion
+	$(BIN)/python -m gpu_fleet.kubesim.demo --root .

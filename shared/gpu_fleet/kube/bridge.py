@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ from gpu_fleet.kube.objects import (
     uid_of,
 )
 from gpu_fleet.kube.pods import PodIntent, PodSettings, headless_service, run_pods
-from gpu_fleet.kube.status import budget_status, rejected_status, run_status
+from gpu_fleet.kube.status import budget_status, merge_patch_to, rejected_status, run_status
 from gpu_fleet.kube.wire import Connection
 from gpu_fleet.messages import api, subjects
 from gpu_fleet.messages import forecast as forecast_msgs
@@ -157,6 +157,7 @@ class KubeBridge(Actor):
         self.client: KubeClient | None = None
         self.nc: Client | None = None
         self.follower: LedgerFollower | None = None
+        self.ledger: LedgerStream | None = None
         self.informers: dict[str, Informer] = {}
         self._dirty = asyncio.Event()
         self.passes = 0
@@ -170,6 +171,7 @@ class KubeBridge(Actor):
         self.nc = await connect(self.config.nats_url, "gpu-fleet-kube-bridge")
         ledger = LedgerStream(self.nc)
         await ledger.ensure()
+        self.ledger = ledger
         self.follower = LedgerFollower(ledger, on_event=lambda *_: self.kick())
         await self.follower.catch_up()
         if self._client_factory is not None:
@@ -195,6 +197,22 @@ class KubeBridge(Actor):
             objects=self.config.objects,
             pods=self.config.pods,
         )
+
+    async def stop(self) -> None:
+        """Cancel the root tasks until they have ended, then stop as every actor does.
+
+        nats-py waits with ``asyncio.wait_for``, which on Python 3.11 can swallow a
+        cancellation that races its timeout; the follower (or a request in a pass) then treats
+        it as a timeout and loops on, and one ``cancel()`` is not enough.
+        """
+        for _ in range(100):
+            pending = [t for t in self._tasks if not t.done()]
+            if not pending:
+                break
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=0.1)
+        await super().stop()
 
     async def _on_stop(self) -> None:
         if self.client is not None:
@@ -253,6 +271,27 @@ class KubeBridge(Actor):
         except FleetApiError:
             return
         await self.follower.wait_for(seq, self.config.api_timeout)
+
+    async def _at_batch_boundary(self, attempts: int = 20) -> bool:
+        """Wait until the follower sits exactly at the stream's last sequence.
+
+        The manager appends each decision as one atomic batch, but the follower folds it event
+        by event, so between two awaits it may hold half a decision (two of a gang's four
+        leases).  The stream only ever holds whole batches, so "folded up to the stream's last
+        sequence" is a batch boundary; callers read the state synchronously right after.
+        """
+        assert self.follower is not None
+        assert self.ledger is not None
+        for _ in range(attempts):
+            try:
+                last = await self.ledger.last_seq()
+            except (nats.errors.Error, TimeoutError):
+                return False
+            if not await self.follower.wait_for(last, self.config.api_timeout):
+                return False
+            if self.follower.seq == last:
+                return True
+        return False
 
     @property
     def state(self) -> FleetState:
@@ -415,6 +454,9 @@ class KubeBridge(Actor):
         return out
 
     async def _write_status(self) -> None:
+        if not await self._at_batch_boundary():
+            self.kick()
+            return
         now = _now()
         state = self.state
         for obj in self.informers["runs"].items():
@@ -444,7 +486,8 @@ class KubeBridge(Actor):
                 if mark in self.rejected:
                     want["message"] = f"generation {mark[1]} rejected: {self.rejected[mark]}"
             if want != previous:
-                await self._patch_quietly(RUNS, obj, {"status": want}, "status")
+                patch = {"status": merge_patch_to(previous, want)}
+                await self._patch_quietly(RUNS, obj, patch, "status")
         for obj in self.informers["budgets"].items():
             if is_deleting(obj):
                 continue
@@ -457,7 +500,8 @@ class KubeBridge(Actor):
                 state, b, int(b.metadata.annotations.get(A_GENERATION, "1")), previous, now
             )
             if want != previous:
-                await self._patch_quietly(BUDGETS, obj, {"status": want}, "status")
+                patch = {"status": merge_patch_to(previous, want)}
+                await self._patch_quietly(BUDGETS, obj, patch, "status")
 
     # -- pods side: nodes ------------------------------------------------------------------------
     async def _nodes(self) -> None:
@@ -531,8 +575,18 @@ class KubeBridge(Actor):
 
     async def _pods(self) -> None:
         assert self.client is not None
+        if not await self._at_batch_boundary():
+            self.kick()
+            return
         state = self.state
         intents, objs, noticed = self._intents()
+        running = {
+            key: (run.spec.roles[0].failure_policy if run.spec.roles else "Fail")
+            for key in intents
+            if (run := state.runs.get(key)) is not None
+            and (st := state.status.get(key)) is not None
+            and st.phase == "Running"
+        }
         wanted = {(i.namespace, i.name): i for pods in intents.values() for i in pods}
         deadlines = {p.lease: p.deadline for p in state.pending_preemptions()}
         clock = state.clock
@@ -582,7 +636,7 @@ class KubeBridge(Actor):
                     )
                     continue
                 await self._bind(intent, uids[intent.name])
-        await self._outcomes(intents, pods)
+        await self._outcomes(intents, pods, running)
 
     async def _ensure_service(self, run: Run, obj: Obj) -> None:
         assert self.client is not None
@@ -638,15 +692,17 @@ class KubeBridge(Actor):
             pass
 
     async def _outcomes(
-        self, intents: dict[str, list[PodIntent]], pods: dict[tuple[str, str], Obj]
+        self,
+        intents: dict[str, list[PodIntent]],
+        pods: dict[tuple[str, str], Obj],
+        running: Mapping[str, str],
     ) -> None:
-        """All active pods Succeeded -> complete; a Failed one under ``Fail`` -> fail."""
-        state = self.state
-        for key in sorted(intents):
-            st = state.status.get(key)
-            run = state.runs.get(key)
-            if st is None or run is None or st.phase != "Running":
-                continue
+        """All active pods Succeeded -> complete; a Failed one under ``Fail`` -> fail.
+        ``running``: the runs the ledger had Running when the intents were taken, and their
+        roles' failure policy."""
+        for key in sorted(running):
+            policy = running[key]
+            ns, _, name = key.partition("/")
             active = [i for i in intents[key] if i.role is LeaseRole.ACTIVE]
             if not active:
                 continue
@@ -654,13 +710,10 @@ class KubeBridge(Actor):
                 ((pods.get((i.namespace, i.name)) or {}).get("status") or {}).get("phase")
                 for i in active
             ]
-            policy = run.spec.roles[0].failure_policy if run.spec.roles else "Fail"
             failed = [i.name for i, p in zip(active, phases, strict=True) if p == "Failed"]
             if failed and policy != "Ignore":
                 try:
-                    await self._api(
-                        "fail", {"namespace": run.metadata.namespace, "name": run.metadata.name}
-                    )
+                    await self._api("fail", {"namespace": ns, "name": name})
                     log.info("kube.run_failed", run=key, pods=failed, policy=policy)
                 except FleetApiError as exc:
                     log.info("kube.fail_skipped", run=key, error=exc.message)
@@ -668,9 +721,7 @@ class KubeBridge(Actor):
             done = ("Succeeded", "Failed") if policy == "Ignore" else ("Succeeded",)
             if all(p in done for p in phases) and "Succeeded" in phases:
                 try:
-                    await self._api(
-                        "complete", {"namespace": run.metadata.namespace, "name": run.metadata.name}
-                    )
+                    await self._api("complete", {"namespace": ns, "name": name})
                     log.info("kube.run_completed", run=key, pods=len(active))
                 except FleetApiError as exc:
                     log.info("kube.complete_skipped", run=key, error=exc.message)

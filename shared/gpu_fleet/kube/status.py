@@ -20,6 +20,18 @@ RUN_CONDITIONS = ("Admitted", "Scheduled", "Running", "Completed", "Failed", "Bl
 NOT_ADMITTED = ("Unschedulable", "Unfunded", "InvalidSpec")
 
 
+def merge_patch_to(previous: Obj | None, want: Obj) -> Obj:
+    """A JSON merge patch that turns ``previous`` into ``want``: fields ``want`` no longer has
+    are sent as ``null`` (a merge patch keeps what it does not mention)."""
+    out: Obj = dict(want)
+    for k, v in (previous or {}).items():
+        if k not in want:
+            out[k] = None
+        elif isinstance(v, dict) and isinstance(want[k], dict):
+            out[k] = merge_patch_to(v, want[k])
+    return out
+
+
 def true_conditions(phase: str, reason: str) -> tuple[str, ...]:
     """Which Run conditions a state turns on (SPEC §A.6 table)."""
     if phase == "Running":

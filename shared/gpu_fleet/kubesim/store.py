@@ -567,7 +567,10 @@ class Store:
                 if wait is not None and wait <= 0:
                     return
                 try:
-                    change = await asyncio.wait_for(w.queue.get(), wait)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                    # cancellation that races the queue, and the watch would never end.
+                    async with asyncio.timeout(wait):
+                        change = await w.queue.get()
                 except TimeoutError:
                     if deadline is not None and loop.time() >= deadline:
                         return
