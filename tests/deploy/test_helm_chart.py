@@ -373,24 +373,50 @@ def _allows(rules: list[Manifest], group: str, resource: str, verb: str) -> bool
     )
 
 
-def test_rbac_covers_nodes_pods_and_every_shipped_crd(chart: helm.Chart) -> None:
-    docs = render(chart)
-    rules = _rules(docs)
-    for verb in ("get", "list", "watch"):
-        assert _allows(rules, "", "nodes", verb)
-    for verb in ("get", "list", "watch", "create", "delete"):
-        assert _allows(rules, "", "pods", verb)
-    assert _allows(rules, "", "pods/binding", "create")
-    plurals = {"runs", "budgets", "reservations", "gpuleases"}
-    for crd in chart.crds:
-        spec = yaml.safe_load(crd["data"])["spec"]
-        assert spec["group"] == CRD_GROUP
-        plurals.add(spec["names"]["plural"])
-    for plural in plurals:
-        for verb in ("get", "list", "watch", "create", "update", "patch", "delete"):
-            assert _allows(rules, CRD_GROUP, plural, verb), (plural, verb)
-        for verb in ("get", "update", "patch"):
-            assert _allows(rules, CRD_GROUP, f"{plural}/status", verb), (plural, verb)
+def test_rbac_is_exactly_what_the_kubernetes_bridge_touches(chart: helm.Chart) -> None:
+    rules = _rules(render(chart))
+    granted = {
+        (group, resource, verb)
+        for r in rules
+        for group in r["apiGroups"]
+        for resource in r["resources"]
+        for verb in r["verbs"]
+    }
+    want = {("", "nodes", v) for v in ("get", "list", "watch")}
+    want |= {("", "pods", v) for v in ("get", "list", "watch", "create", "delete")}
+    want |= {("", "pods/binding", "create"), ("", "services", "get"), ("", "services", "create")}
+    for plural in ("runs", "budgets"):
+        want |= {(CRD_GROUP, plural, v) for v in ("get", "list", "watch", "patch")}
+        want |= {(CRD_GROUP, f"{plural}/status", v) for v in ("get", "patch")}
+    want.add((CRD_GROUP, "runs/finalizers", "update"))
+    assert granted == want
+
+
+def test_the_bridge_runs_in_cluster_with_the_label_mapping_from_values(chart: helm.Chart) -> None:
+    from gpu_fleet.kube.settings import mapping  # noqa: PLC0415 - the services' own parser
+
+    values = {
+        "kubernetes": {
+            "clusterName": "west",
+            "labelSources": {"fabric.domain": ["topology.k8s.aws/network-node-layer-3"]},
+            "flavorAliases": {"Tesla-X": "X"},
+        }
+    }
+    deps = deployments(render(chart, values))
+    for component in ("manager", "binder"):
+        env = {e["name"]: e.get("value") for e in container(deps[component])["env"]}
+        assert env["GPU_FLEET_KUBE_IN_CLUSTER"] == "true"
+        m = mapping(env["GPU_FLEET_KUBE_MAPPING"])
+        assert m.cluster_name == "west"
+        assert m.sources["fabric.domain"] == ("topology.k8s.aws/network-node-layer-3",)
+        assert m.flavor_aliases["Tesla-X"] == "X"
+    for component in ("forecaster", "notifier"):
+        names = {e["name"] for e in container(deps[component])["env"]}
+        assert "GPU_FLEET_KUBE_IN_CLUSTER" not in names
+    off = render(chart, {"kubernetes": {"enabled": False}})
+    assert of_kind(off, "ClusterRole") == []
+    env = {e["name"] for e in container(deployments(off)["manager"])["env"]}
+    assert "GPU_FLEET_KUBE_IN_CLUSTER" not in env
 
 
 def test_rbac_binds_the_service_account_the_pods_use(chart: helm.Chart) -> None:

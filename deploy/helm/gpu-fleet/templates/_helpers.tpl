@@ -187,3 +187,16 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
 {{- end }}
+
+{{/*
+Environment of the Kubernetes bridge (manager and binder): in-cluster config and the node label
+mapping as JSON (gpu_fleet.kube.settings reads GPU_FLEET_KUBE_MAPPING).
+*/}}
+{{- define "gpu-fleet.kubeEnv" -}}
+{{- $k := .Values.kubernetes -}}
+{{- $mapping := dict "clusterName" $k.clusterName "sources" $k.labelSources "flavorAliases" $k.flavorAliases -}}
+- name: GPU_FLEET_KUBE_IN_CLUSTER
+  value: "true"
+- name: GPU_FLEET_KUBE_MAPPING
+  value: {{ $mapping | toJson | quote }}
+{{- end }}
