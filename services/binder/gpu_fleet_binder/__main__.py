@@ -7,8 +7,7 @@ import asyncio
 import os
 import sys
 
-from gpu_fleet.kube import settings as kube_settings
-from gpu_fleet.kube.bridge import BridgeConfig, KubeBridge
+from gpu_fleet import kube
 from gpu_fleet.runtime import logs
 from gpu_fleet.runtime.together import run_together
 from gpu_fleet_binder.service import Binder, BinderConfig
@@ -19,12 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu-fleet-binder", description=__doc__)
     p.add_argument("--nats-url", default=env("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"))
     p.add_argument("--log-level", default=env("GPU_FLEET_LOG_LEVEL", "info"))
-    kube_settings.add_arguments(p)
+    kube.add_arguments(p)
     args = p.parse_args(argv)
     logs.configure("binder", args.log_level)
-    conn = kube_settings.connection(args)
+    conn = kube.connection(args)
     try:
-        mapping = kube_settings.mapping(args.kube_mapping)
+        mapping = kube.mapping(args.kube_mapping)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -36,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             await binder.run()
             return
         # Binder side of the Kubernetes bridge: nodes to topology, pods created and bound.
-        bridge = KubeBridge(
-            BridgeConfig(
+        bridge = kube.KubeBridge(
+            kube.BridgeConfig(
                 nats_url=args.nats_url, connection=conn, objects=False, pods=True, mapping=mapping
             )
         )

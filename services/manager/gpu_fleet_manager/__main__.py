@@ -11,11 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from gpu_fleet import kube
 from gpu_fleet.core.engine import Settings
 from gpu_fleet.core.manifests import ManifestError, parse_inventory
 from gpu_fleet.core.timeutil import parse_duration, parse_instant
-from gpu_fleet.kube import settings as kube_settings
-from gpu_fleet.kube.bridge import BridgeConfig, KubeBridge
 from gpu_fleet.runtime import logs
 from gpu_fleet.runtime.together import run_together
 from gpu_fleet_manager.service import Manager, ManagerConfig
@@ -39,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("GPU_FLEET_SNAPSHOT_EVERY", "500")),
         help="ledger batches between state snapshots (0 disables them)",
     )
-    kube_settings.add_arguments(p)
+    kube.add_arguments(p)
     return p
 
 
@@ -67,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         snapshot_every=max(0, args.snapshot_every),
     )
 
-    conn = kube_settings.connection(args)
+    conn = kube.connection(args)
     try:
-        mapping = kube_settings.mapping(args.kube_mapping)
+        mapping = kube.mapping(args.kube_mapping)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -81,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             await manager.run()
             return
         # Manager side of the Kubernetes bridge: Run/Budget objects in, status out.
-        bridge = KubeBridge(
-            BridgeConfig(
+        bridge = kube.KubeBridge(
+            kube.BridgeConfig(
                 nats_url=args.nats_url, connection=conn, objects=True, pods=False, mapping=mapping
             )
         )

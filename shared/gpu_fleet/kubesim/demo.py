@@ -127,8 +127,9 @@ POD_COLUMNS = (
 )
 
 
-async def run_demo(root: Path, data: Path) -> int:
-    logs.configure("demo", "warning")
+async def run_demo(root: Path, data: Path, *, quiet_logs: bool = True) -> int:
+    if quiet_logs:
+        logs.configure("demo", "warning")
     store = Store()
     server = ApiServer(store, bookmark_every=5.0)
     kubelet = SimKubelet(store)
