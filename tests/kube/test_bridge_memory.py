@@ -324,3 +324,77 @@ async def test_spec_changes_apply_once_per_generation(cluster: Cluster) -> None:
     assert run.metadata.annotations["rq.davidlangworthy.io/generation"] == "2"
     assert run.spec.runtime is not None
     assert run.spec.runtime.max_duration == "9h"
+
+
+async def test_a_restarted_bridge_converges_with_no_duplicate_and_no_leak(cluster: Cluster) -> None:
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
+    cluster.create("budgets", "rai", budget_obj("rai", "org:ai:rai"), "rq.davidlangworthy.io")
+    cluster.create(
+        "runs", "rai", run_obj("rai", "keep", 4, gpus_per_pod=2), "rq.davidlangworthy.io"
+    )
+
+    def both_bound() -> list[dict[str, Any]] | None:
+        bound = [p for p in cluster.pods("rai", "keep") if p["spec"].get("nodeName")]
+        return bound if len(bound) == 2 else None
+
+    pods = await wait_until(both_bound, "both pods bound")
+    placed = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in pods}
+    await cluster.bridge.stop()
+    # While no bridge runs: a pod is lost, and a pod of a lease that is not open shows up (left
+    # by a crash of an earlier incarnation).
+    cluster.store.delete(cluster.rt("pods"), "rai", "keep-active-1")
+    leak = run_pods_leak(cluster, "keep-active-9")
+    cluster.store.create(cluster.rt("pods"), "rai", leak)
+    # Two bridges at once (a restart overlapping a slow shutdown) must not fight either.
+    bridges = [
+        KubeBridge(
+            BridgeConfig(nats_url=cluster.stack.url, resync_seconds=2.0),
+            client_factory=lambda: MemoryClient(cluster.store, bookmark_every=0.5),
+        )
+        for _ in range(2)
+    ]
+    try:
+        for b in bridges:
+            await b.start()
+
+        def converged() -> dict[str, str] | None:
+            now = {
+                p["metadata"]["name"]: p["spec"].get("nodeName")
+                for p in cluster.pods("rai", "keep")
+            }
+            return now if now == placed else None
+
+        await wait_until(
+            converged, "the lost pod re-created and bound where its lease is, the leak gone"
+        )
+        names = [p["metadata"]["name"] for p in cluster.pods("rai", "keep")]
+        assert sorted(names) == ["keep-active-0", "keep-active-1"]
+        assert cluster.run("rai", "keep")["status"]["phase"] == "Running"
+    finally:
+        for b in bridges:
+            await b.stop()
+
+
+def run_pods_leak(cluster: Cluster, name: str) -> dict[str, Any]:
+    """A managed pod naming a lease that was never open."""
+    owner = cluster.run("rai", "keep")
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {
+                "rq.davidlangworthy.io/run": "keep",
+                "rq.davidlangworthy.io/role": "Active",
+                "app.kubernetes.io/managed-by": "gpu-fleet",
+            },
+            "annotations": {"rq.davidlangworthy.io/lease": "rai/keep@0#999"},
+            "ownerReferences": [
+                {
+                    "apiVersion": "rq.davidlangworthy.io/v1",
+                    "kind": "Run",
+                    "name": "keep",
+                    "uid": owner["metadata"]["uid"],
+                }
+            ],
+        },
+        "spec": {"nodeName": "a1", "containers": [{"name": "workload", "image": "x"}]},
+    }
