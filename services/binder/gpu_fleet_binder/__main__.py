@@ -28,22 +28,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    async def amain() -> None:
+    async def amain() -> int:
         binder = Binder(BinderConfig(nats_url=args.nats_url))
         if not conn.configured:
-            binder.install_signal_handlers()
-            await binder.run()
-            return
+            return await binder.serve()
         # Binder side of the Kubernetes bridge: nodes to topology, pods created and bound.
         bridge = kube.KubeBridge(
             kube.BridgeConfig(
                 nats_url=args.nats_url, connection=conn, objects=False, pods=True, mapping=mapping
             )
         )
-        await run_together(binder, bridge)
+        return await run_together(binder, bridge)
 
-    asyncio.run(amain())
-    return 0
+    # Non-zero when the service stopped because something broke (e.g. its NATS
+    # connection closed for good): the supervisor then starts a fresh process.
+    return asyncio.run(amain())
 
 
 if __name__ == "__main__":

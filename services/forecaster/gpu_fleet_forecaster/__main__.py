@@ -30,13 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure("forecaster", args.log_level)
 
-    async def amain() -> None:
-        forecaster = Forecaster(ForecasterConfig(nats_url=args.nats_url, clock=args.clock))
-        forecaster.install_signal_handlers()
-        await forecaster.run()
+    async def amain() -> int:
+        return await Forecaster(ForecasterConfig(nats_url=args.nats_url, clock=args.clock)).serve()
 
-    asyncio.run(amain())
-    return 0
+    # Non-zero when the service stopped because something broke (e.g. its NATS
+    # connection closed for good): the supervisor then starts a fresh process.
+    return asyncio.run(amain())
 
 
 if __name__ == "__main__":

@@ -73,22 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    async def amain() -> None:
+    async def amain() -> int:
         manager = Manager(config)
         if not conn.configured:
-            manager.install_signal_handlers()
-            await manager.run()
-            return
+            return await manager.serve()
         # Manager side of the Kubernetes bridge: Run/Budget objects in, status out.
         bridge = kube.KubeBridge(
             kube.BridgeConfig(
                 nats_url=args.nats_url, connection=conn, objects=True, pods=False, mapping=mapping
             )
         )
-        await run_together(manager, bridge)
+        return await run_together(manager, bridge)
 
-    asyncio.run(amain())
-    return 0
+    # Non-zero when the service stopped because something broke (e.g. its NATS
+    # connection closed for good): the supervisor then starts a fresh process.
+    return asyncio.run(amain())
 
 
 if __name__ == "__main__":

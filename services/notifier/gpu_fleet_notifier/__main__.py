@@ -44,13 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         nats_url=args.nats_url, clock=args.clock, expiry_lead=lead, durable=args.durable
     )
 
-    async def amain() -> None:
-        notifier = Notifier(config)
-        notifier.install_signal_handlers()
-        await notifier.run()
+    async def amain() -> int:
+        return await Notifier(config).serve()
 
-    asyncio.run(amain())
-    return 0
+    # Non-zero when the service stopped because something broke (e.g. its NATS
+    # connection closed for good): the supervisor then starts a fresh process.
+    return asyncio.run(amain())
 
 
 if __name__ == "__main__":

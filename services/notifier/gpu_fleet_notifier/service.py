@@ -374,7 +374,7 @@ class Notifier(Actor):
 
     # -- lifecycle -------------------------------------------------------------------------
     async def _on_start(self) -> None:
-        self.nc = await connect(self.config.nats_url, "gpu-fleet-notifier")
+        self.nc = await connect(self.config.nats_url, "gpu-fleet-notifier", on_closed=self.abort)
         self.js = self.nc.jetstream(timeout=self.config.publish_timeout)
         await LedgerStream(self.nc).ensure()
         await self._ensure_notify_stream()
@@ -412,7 +412,8 @@ class Notifier(Actor):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._consumer_done.wait(), self.config.fetch_timeout + 5.0)
         if self.service is not None:
-            await self.service.stop()
+            with contextlib.suppress(nats.errors.Error):  # a closed connection: nothing to stop
+                await self.service.stop()
         if self.sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self.sub.unsubscribe()

@@ -8,6 +8,10 @@
   loops is worse than a restarted service.
 * SIGTERM only sets a flag; shutdown then follows the normal path: stop taking work, let
   in-flight handlers finish within a budget, drain NATS.
+* ``exit_code`` says how the actor ended: 0 for a requested stop, 1 when it stopped because
+  something broke (a root task died, or ``abort`` was called, e.g. when the NATS connection
+  closed for good).  ``serve`` returns it, so the process exits non-zero and whatever
+  supervises it (``gpu-fleet up``, compose ``restart:``, Kubernetes) starts a fresh one.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class Actor:
         self._stopped = asyncio.Event()
         self._started = False
         self._stopping = False
+        self.exit_code = 0
+        self.failure: str | None = None
 
     # -- subclass hooks --------------------------------------------------------------------
     async def _on_start(self) -> None:
@@ -54,15 +60,18 @@ class Actor:
             await coro
             if not self._stopping:
                 log.error("actor.task_returned", actor=self.name, task=name)
+                self.exit_code = 1
         except asyncio.CancelledError:
             if not self._stopping:
                 log.warning("actor.task_cancelled", actor=self.name, task=name)
+                self.exit_code = 1
             raise
         except Exception:
             if self._stopping:  # e.g. a follower seeing its connection drain during shutdown
                 log.debug("actor.task_ended_during_stop", actor=self.name, task=name)
             else:
                 log.exception("actor.task_crashed", actor=self.name, task=name)
+                self.exit_code = 1
         finally:
             self._stop_requested.set()
 
@@ -74,6 +83,21 @@ class Actor:
         log.info("actor.started", actor=self.name)
 
     def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def abort(self, reason: str) -> None:
+        """Stop because something broke (exit code 1); ignored once a stop is under way.
+
+        Used as the NATS ``on_closed`` hook: a closed connection never comes back, so the only
+        way to serve again is a new process.  Our own drain at shutdown also closes the
+        connection, which is why a stop already under way is not a failure.
+        """
+        if self._stopping:
+            return
+        if self.failure is None:
+            log.error("actor.aborted", actor=self.name, reason=reason)
+            self.failure = reason
+        self.exit_code = 1
         self._stop_requested.set()
 
     async def stop(self) -> None:
@@ -108,6 +132,16 @@ class Actor:
             await self._stop_requested.wait()
         finally:
             await self.stop()
+
+    async def serve(self) -> int:
+        """What a service's ``main`` runs: signals stop it, and the exit code says how it ended."""
+        self.install_signal_handlers()
+        try:
+            await self.run()
+        except Exception:
+            log.exception("actor.start_failed", actor=self.name)
+            return 1
+        return self.exit_code
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

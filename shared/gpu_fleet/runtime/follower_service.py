@@ -8,8 +8,10 @@ the connection was still up; then drain.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 
+import nats.errors
 import nats.micro
 from nats.aio.client import Client
 from nats.micro.request import Request
@@ -41,7 +43,7 @@ class FollowerService(Actor):
         raise NotImplementedError
 
     async def _on_start(self) -> None:
-        self.nc = await connect(self.nats_url, self.service_name)
+        self.nc = await connect(self.nats_url, self.service_name, on_closed=self.abort)
         ledger = LedgerStream(self.nc)
         await ledger.ensure()
         self.follower = LedgerFollower(ledger)
@@ -56,6 +58,7 @@ class FollowerService(Actor):
         await self.nc.flush()  # the subscriptions reached the server: no "no responders" race
 
     async def _on_stop(self) -> None:
-        if self.service is not None:
-            await self.service.stop()
+        if self.service is not None and self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(nats.errors.Error):  # closed meanwhile: nothing to stop
+                await self.service.stop()
         await drain(self.nc)

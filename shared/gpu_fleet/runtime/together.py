@@ -14,7 +14,8 @@ import signal
 from gpu_fleet.runtime.actor import Actor
 
 
-async def run_together(*actors: Actor, signals: bool = True) -> None:
+async def run_together(*actors: Actor, signals: bool = True) -> int:
+    """Run ``actors`` until one ends; return the exit code (1 if any of them failed)."""
     loop = asyncio.get_running_loop()
 
     def stop_all() -> None:
@@ -30,4 +31,7 @@ async def run_together(*actors: Actor, signals: bool = True) -> None:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop_all()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    if any(isinstance(r, BaseException) for r in results):
+        return 1
+    return max((a.exit_code for a in actors), default=0)
