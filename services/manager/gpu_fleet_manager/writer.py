@@ -14,12 +14,15 @@ import asyncio
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
+import structlog
+
 from gpu_fleet.core.engine import Fleet, Settings
-from gpu_fleet.core.ledger import Event
+from gpu_fleet.core.ledger import Event, LedgerError
 from gpu_fleet.core.placement.pack import Planner
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 
 T = TypeVar("T")
+log = structlog.get_logger("gpu_fleet.manager")
 
 
 class LedgerFleet(Fleet):
@@ -52,7 +55,17 @@ class LedgerFleet(Fleet):
         return done
 
     def replay(self, event: Event | None, seq: int) -> None:
-        """Fold an event read back from the stream (no append); skip unknown event types."""
+        """Fold an event read back from the stream (no append).
+
+        Skipped, with its sequence logged: a message that is no event we know (``None``), and
+        an event the fold refuses (which then changed nothing).  Every reader skips the same
+        sequences, so they still agree; dying on one would stop the fleet API for good.
+        """
         if event is not None:
-            super().commit([event])
+            try:
+                super().commit([event])
+            except LedgerError as exc:
+                log.error(
+                    "ledger.event_refused", seq=seq, type=type(event).__name__, error=str(exc)
+                )
         self.seq = seq

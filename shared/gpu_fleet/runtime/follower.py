@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import structlog
 
-from gpu_fleet.core.ledger import Event, FleetState, fold
+from gpu_fleet.core.ledger import Event, FleetState, LedgerError, fold
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 
 log = structlog.get_logger("gpu_fleet.follower")
@@ -36,8 +36,12 @@ class LedgerFollower:
             return  # an ordered consumer may redeliver after a reconnect; folding is not idempotent
         self.seq = seq
         if event is None:
-            return  # a newer event type: skipped, but its sequence is passed
-        fold(self.state, event)
+            return  # not an event we know (newer type, or garbage): skipped, sequence passed
+        try:
+            fold(self.state, event)
+        except LedgerError as exc:  # refused by the fold, which then changed nothing
+            log.error("ledger.event_refused", seq=seq, type=type(event).__name__, error=str(exc))
+            return
         if self.on_event is not None:
             self.on_event(seq, event, self.state)
 

@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from gpu_fleet.core.ledger import EVENT_DECODER, EVENT_ENCODER, Event
+from gpu_fleet.core.names import clamp
 
 log = structlog.get_logger("gpu_fleet.ledger")
 
@@ -39,17 +40,37 @@ class LedgerUnavailableError(RuntimeError):
     """The stream did not answer (NATS down or JetStream not ready); nothing was appended."""
 
 
+class LedgerEventTooLargeError(ValueError):
+    """An event would not fit one NATS message; nothing was appended.
+
+    Checked before publishing because the server answers an oversized message by closing the
+    connection, which nats-py never reopens.  The API bounds objects well below this
+    (``ApiLimits.max_object_bytes``), so this is the last line of defence, not the rule.
+    """
+
+
+HEADER_ROOM = 1024
+"""Bytes of ``max_payload`` kept for the batch headers of an appended event."""
+
+
 def decode_event(seq: int, data: bytes) -> Event | None:
-    """Decode one ledger message; ``None`` (logged) for an event type this version predates.
+    """Decode one ledger message; ``None`` (logged with its sequence) when it is not an event.
 
     A newer manager may append an event type an older follower does not know yet (rolling
-    upgrade).  Skipping it - while still advancing past its sequence - keeps the follower
-    alive; unknown *fields* are already ignored by the decoder itself.
+    upgrade), and anyone allowed to publish on ``fleet.ledger.>`` can put garbage on the stream
+    (issue 19: a non-JSON message used to raise ``msgspec.DecodeError`` out of every reader,
+    killing the binder's and forecaster's followers and failing every manager command).
+    Skipping it - while still advancing past its sequence - keeps every reader alive and all of
+    them agree, since they all skip the same sequence; unknown *fields* are already ignored by
+    the decoder itself.
     """
     try:
         event: Event = EVENT_DECODER.decode(data)
     except msgspec.ValidationError as exc:
-        log.warning("ledger.unknown_event", seq=seq, error=str(exc))
+        log.warning("ledger.unknown_event", seq=seq, error=clamp(str(exc), 200))
+        return None
+    except msgspec.DecodeError as exc:
+        log.error("ledger.undecodable_event", seq=seq, bytes=len(data), error=clamp(str(exc), 200))
         return None
     return event
 
@@ -91,15 +112,21 @@ class LedgerStream:
         """Append ``events`` atomically after ``expected_last_seq``; return the new last seq."""
         if not events:
             return expected_last_seq
+        encoded = [EVENT_ENCODER.encode(event) for event in events]
+        limit = self.nc.max_payload - HEADER_ROOM
+        for event, data in zip(events, encoded, strict=True):
+            if len(data) > limit:
+                raise LedgerEventTooLargeError(
+                    f"{type(event).__name__} event is {len(data)} bytes; a ledger message"
+                    f" holds at most {limit}"
+                )
         batch = uuid.uuid4().hex
         try:
-            for i, event in enumerate(events[:-1], start=1):
+            for i, (event, data) in enumerate(zip(events[:-1], encoded, strict=False), start=1):
                 headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i)}
                 if i == 1:
                     headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
-                await self.nc.publish(
-                    subject_for(event), EVENT_ENCODER.encode(event), headers=headers
-                )
+                await self.nc.publish(subject_for(event), data, headers=headers)
             n = len(events)
             headers = {
                 "Nats-Batch-Id": batch,
@@ -110,7 +137,7 @@ class LedgerStream:
                 headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
             reply = await self.nc.request(
                 subject_for(events[-1]),
-                EVENT_ENCODER.encode(events[-1]),
+                encoded[-1],
                 timeout=self.timeout,
                 headers=headers,
             )
