@@ -24,7 +24,9 @@ from gpu_fleet.core.placement import (
     topology_from,
 )
 from gpu_fleet.messages import placement
+from gpu_fleet.runtime import replies
 from gpu_fleet.runtime.follower_service import FollowerService, Handler
+from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet_binder import __version__
 
 log = structlog.get_logger("gpu_fleet.binder")
@@ -35,6 +37,7 @@ class BinderConfig:
     nats_url: str
     wait_timeout: float = 4.0
     planner: PlannerSettings = field(default_factory=PlannerSettings)
+    limits: ApiLimits = field(default_factory=ApiLimits)
 
 
 class Binder(FollowerService):
@@ -54,16 +57,21 @@ class Binder(FollowerService):
 
     async def place(self, req: Request) -> None:
         started = time.perf_counter()
+        limit = self.config.limits.max_request_bytes
+        if len(req.data) > limit:
+            message = f"invalid place request: {len(req.data)} bytes; the limit is {limit}"
+            await replies.respond_text_error(req, "413", message)
+            return
         try:
             request = placement.REQUEST_DECODER.decode(req.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            await req.respond_error("400", f"invalid place request: {exc}")
+            await replies.respond_text_error(req, "400", f"invalid place request: {exc}")
             return
         follower = self.follower
         assert follower is not None
         if not await follower.wait_for(request.seq, self.config.wait_timeout):
-            await req.respond_error(
-                "503", f"ledger sequence {request.seq} not folded yet (at {follower.seq})"
+            await replies.respond_text_error(
+                req, "503", f"ledger sequence {request.seq} not folded yet (at {follower.seq})"
             )
             return
         state = follower.state
@@ -80,11 +88,14 @@ class Binder(FollowerService):
                 ),
             )
         except TopologyError as exc:
-            await req.respond_error("422", str(exc))
+            await replies.respond_text_error(req, "422", str(exc))
             return
         ms = (time.perf_counter() - started) * 1000
         reply = msgspec.structs.replace(reply, solver_ms=round(ms, 3))
-        await req.respond(placement.ENCODER.encode(reply))
+        max_payload = self.nc.max_payload if self.nc is not None else 1024 * 1024
+        budget = replies.reply_budget(max_payload, self.config.limits)
+        if not await replies.respond(req, placement.ENCODER.encode(reply), budget):
+            return
         self.placed += 1
         log.info(
             "binder.place",

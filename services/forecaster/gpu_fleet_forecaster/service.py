@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
@@ -23,10 +23,13 @@ from nats.micro.request import Request
 from gpu_fleet.core.forecast import ForecastError, ForecastResult, forecast
 from gpu_fleet.core.ledger import FleetState
 from gpu_fleet.core.model import Instant, run_key
+from gpu_fleet.core.names import clamp, dns_label_problem
 from gpu_fleet.messages import forecast as messages
 from gpu_fleet.messages import subjects
+from gpu_fleet.runtime import replies
 from gpu_fleet.runtime.clock import WallClock
 from gpu_fleet.runtime.follower_service import FollowerService, Handler
+from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet_forecaster import __version__
 
 log = structlog.get_logger("gpu_fleet.forecaster")
@@ -42,6 +45,7 @@ class ForecasterConfig:
     nats_url: str
     clock: Literal["wall", "ledger"] = "wall"
     wait_timeout: float = 4.0  # how long a request may wait for its ledger sequence
+    limits: ApiLimits = field(default_factory=ApiLimits)
 
 
 def build(nats_url: str, *, clock: Literal["wall", "ledger"] = "wall") -> Forecaster:
@@ -83,6 +87,25 @@ class Forecaster(FollowerService):
     def endpoints(self) -> Mapping[str, Handler]:
         return {ENDPOINT: self.run_forecast}
 
+    def _budget(self) -> int:
+        max_payload = self.nc.max_payload if self.nc is not None else 1024 * 1024
+        return replies.reply_budget(max_payload, self.config.limits)
+
+    def _problem(self, data: bytes) -> str | None:
+        """Why a request body is refused (size, shape, names), or None; never echoes it."""
+        limit = self.config.limits.max_request_bytes
+        if len(data) > limit:
+            return f"request is {len(data)} bytes; the limit is {limit}"
+        try:
+            request = messages.REQUEST_DECODER.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return clamp(str(exc), 200)
+        for path, value in (("namespace", request.namespace), ("name", request.name)):
+            problem = dns_label_problem(value)
+            if problem is not None:
+                return f"{path}: {problem}"
+        return None
+
     def now(self, state: FleetState) -> Instant:
         """The forecast instant: never before the ledger's own clock (time comes from events)."""
         if self.config.clock == "ledger":
@@ -91,18 +114,18 @@ class Forecaster(FollowerService):
 
     async def run_forecast(self, req: Request) -> None:
         started = time.perf_counter()
-        try:
-            request = messages.REQUEST_DECODER.decode(req.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            await req.respond_error("400", f"invalid forecast request: {exc}")
-            log.info("forecaster.forecast", outcome="bad_request", error=str(exc))
+        problem = self._problem(req.data)
+        if problem is not None:
+            await replies.respond_text_error(req, "400", f"invalid forecast request: {problem}")
+            log.info("forecaster.forecast", outcome="bad_request", error=clamp(problem, 200))
             return
+        request = messages.REQUEST_DECODER.decode(req.data)
         key = run_key(request.namespace, request.name)
         follower = self.follower
         assert follower is not None
         if not await follower.wait_for(request.seq, self.config.wait_timeout):
-            await req.respond_error(
-                "503", f"ledger sequence {request.seq} not folded yet (at {follower.seq})"
+            await replies.respond_text_error(
+                req, "503", f"ledger sequence {request.seq} not folded yet (at {follower.seq})"
             )
             log.info("forecaster.forecast", run=key, seq=request.seq, outcome="not_folded")
             return
@@ -113,14 +136,16 @@ class Forecaster(FollowerService):
         try:
             result = forecast(state, key, now)
         except ForecastError as exc:
-            await req.respond_error(ERROR_CODES[exc.kind], exc.message)
+            await replies.respond_text_error(req, ERROR_CODES[exc.kind], exc.message)
             log.info("forecaster.forecast", run=key, seq=seq, outcome=exc.kind, error=exc.message)
             return
         except Exception:  # a bug: answer with a code and a safe text, keep the details here
             log.exception("forecaster.forecast", run=key, seq=seq, outcome="internal")
-            await req.respond_error("500", "internal error; see the forecaster log")
+            await replies.respond_text_error(req, "500", "internal error; see the forecaster log")
             return
-        await req.respond(messages.ENCODER.encode(to_message(result, seq, now)))
+        body = messages.ENCODER.encode(to_message(result, seq, now))
+        if not await replies.respond(req, body, self._budget()):
+            return
         self.answered += 1
         log.info(
             "forecaster.forecast",

@@ -9,6 +9,7 @@ stream and retries.  Read requests take the same lock so they never see a half-a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,9 +25,11 @@ from nats.micro.service import Service
 
 from gpu_fleet import views
 from gpu_fleet.core.engine import CommandError, Settings
+from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.ledger import snapshot
 from gpu_fleet.core.manifests import ManifestError, parse_manifests, validate_node
-from gpu_fleet.core.model import Funding, Instant, Node, NodeHealth, Run, run_key
+from gpu_fleet.core.model import Budget, Funding, Instant, Node, NodeHealth, Run, run_key
+from gpu_fleet.core.names import clamp
 from gpu_fleet.core.placement import (
     PackError,
     PackErrorKind,
@@ -37,30 +40,28 @@ from gpu_fleet.core.placement import (
 )
 from gpu_fleet.core.timeutil import format_instant, parse_instant
 from gpu_fleet.messages import api, placement, subjects
+from gpu_fleet.messages.validation import Requests
+from gpu_fleet.runtime import paging, replies
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, VirtualClock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.ledger_stream import (
     LedgerConflictError,
+    LedgerEventTooLargeError,
     LedgerStream,
     LedgerUnavailableError,
 )
+from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet.runtime.snapshots import SnapshotStore
 from gpu_fleet.views import build_report
 from gpu_fleet_manager import __version__
+from gpu_fleet_manager.boundary import ApiError, decode_request, object_too_large
 from gpu_fleet_manager.writer import LedgerFleet
 
 log = structlog.get_logger("gpu_fleet.manager")
 SNAPSHOT_NAME = "manager"
 T = TypeVar("T")
-
-
-class ApiError(Exception):
-    def __init__(self, code: str, message: str, errors: list[api.FieldErrorOut] | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.errors = errors or []
+R = TypeVar("R", bound=Requests)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class ManagerConfig:
     binder_timeout: float = 5.0
     use_binder: bool = True
     snapshot_every: int = 500  # appended batches between snapshots (0: never)
+    limits: ApiLimits = field(default_factory=ApiLimits)  # request, reply, page, object sizes
 
 
 class Manager(Actor):
@@ -97,7 +99,7 @@ class Manager(Actor):
 
     # -- lifecycle -------------------------------------------------------------------------
     async def _on_start(self) -> None:
-        self.nc = await connect(self.config.nats_url, "gpu-fleet-manager")
+        self.nc = await connect(self.config.nats_url, "gpu-fleet-manager", on_closed=self.abort)
         self.ledger = LedgerStream(self.nc)
         await self.ledger.ensure()
         self.snapshots = SnapshotStore(self.nc)
@@ -118,8 +120,11 @@ class Manager(Actor):
             self.spawn("reconcile ticker", self._ticker())
 
     async def _on_stop(self) -> None:
+        if self.nc is None or self.nc.is_closed:
+            return  # the connection is gone for good: nothing to stop, drain or save through
         if self.service is not None:
-            await self.service.stop()
+            with contextlib.suppress(nats.errors.Error):  # closed meanwhile: nothing to stop
+                await self.service.stop()
         async with self.lock:  # let the in-flight command finish, then save a snapshot
             if self.config.snapshot_every and self.fleet is not None:
                 await self._save_snapshot()
@@ -280,6 +285,10 @@ class Manager(Actor):
                         log.warning("ledger.rebuild_failed", error=type(rebuild_exc).__name__)
                         self.fleet = None
                     raise ApiError("unavailable", f"ledger unavailable: {exc}; retry") from exc
+                except LedgerEventTooLargeError as exc:
+                    log.warning("ledger.event_too_large", error=str(exc))
+                    await self._rebuild()  # the decision was folded locally, not appended
+                    raise ApiError("bad_request", str(exc), status="413") from exc
                 except CommandError as exc:
                     raise ApiError(exc.code, str(exc)) from exc
             raise AssertionError("unreachable")
@@ -301,35 +310,58 @@ class Manager(Actor):
             started = time.perf_counter()
             try:
                 result = await handler(req.data)
-                await req.respond(api.ENCODER.encode(api.Reply(ok=True, result=result)))
+                body = api.ENCODER.encode(api.Reply(ok=True, result=result))
+                sent = await replies.respond(req, body, self._reply_budget())
                 log.info(
                     "api.request",
                     endpoint=name,
-                    outcome="ok",
+                    outcome="ok" if sent else "too_large",
                     ms=round((time.perf_counter() - started) * 1000, 2),
                 )
             except ApiError as exc:
-                body = api.Reply(
-                    ok=False,
-                    error=api.ErrorOut(code=exc.code, message=exc.message, errors=exc.errors),  # type: ignore[arg-type]
-                )
-                await req.respond_error(
-                    api.STATUS_CODES.get(exc.code, "500"),
-                    exc.message,
-                    data=api.ENCODER.encode(body),
-                )
-                log.info("api.request", endpoint=name, outcome=exc.code, error=exc.message)
+                error = replies.error_out(exc.code, exc.message, exc.errors)
+                await replies.respond_error(req, exc.status, error)
+                log.info("api.request", endpoint=name, outcome=exc.code, error=error.message)
+            except nats.errors.Error as exc:  # the reply itself failed: nobody to tell
+                log.warning("api.reply_failed", endpoint=name, error=type(exc).__name__)
             except Exception:
                 log.exception("api.request", endpoint=name, outcome="internal")
-                body = api.Reply(
-                    ok=False,
-                    error=api.ErrorOut(code="internal", message="internal error; see manager log"),
-                )
-                await req.respond_error("500", "internal error", data=api.ENCODER.encode(body))
+                error = replies.error_out("internal", "internal error; see manager log")
+                with contextlib.suppress(nats.errors.Error):
+                    await replies.respond_error(req, "500", error)
             finally:
                 structlog.contextvars.unbind_contextvars("endpoint")
 
         return handle
+
+    def _reply_budget(self) -> int:
+        max_payload = self.nc.max_payload if self.nc is not None else 1024 * 1024
+        return replies.reply_budget(max_payload, self.config.limits)
+
+    def _decode(self, data: bytes, typ: type[R]) -> R:
+        return decode_request(data, typ, self.config.limits)
+
+    def _page(
+        self,
+        listing: str,
+        items: list[dict[str, Any]],
+        key: Callable[[dict[str, Any]], paging.Key],
+        limit: int | None,
+        token: str | None,
+    ) -> api.ListPage:
+        try:
+            return paging.page(
+                listing,
+                items,
+                key,
+                limit=limit or self.config.limits.page_size,
+                token=token,
+                budget=self._reply_budget(),
+                encode=api.ENCODER.encode,
+            )
+        except paging.ContinueTokenError as exc:
+            error = api.FieldErrorOut("continue", str(exc))
+            raise ApiError("validation", f"invalid request: continue: {exc}", [error]) from exc
 
     # -- endpoints --------------------------------------------------------------------------
     def _endpoints(self) -> dict[str, Callable[[bytes], Awaitable[Any]]]:
@@ -353,7 +385,7 @@ class Manager(Actor):
         }
 
     async def apply(self, data: bytes) -> Any:
-        req = _decode(data, api.ApplyRequest)
+        req = self._decode(data, api.ApplyRequest)
         try:
             manifests = parse_manifests(req.documents, source=req.source)
         except ManifestError as exc:
@@ -362,9 +394,34 @@ class Manager(Actor):
                 f"{len(exc.errors)} validation error(s)",
                 [api.FieldErrorOut(e.path, e.message) for e in exc.errors],
             ) from exc
+        oversized = [
+            error
+            for m in manifests
+            if (
+                error := object_too_large(
+                    len(msgspec.json.encode(m)),
+                    self.config.limits,
+                    f"{type(m).__name__} {m.key}",
+                )
+            )
+        ]
+        if oversized:
+            raise ApiError("validation", f"{len(oversized)} validation error(s)", oversized)
+        budgets = [m for m in manifests if isinstance(m, Budget)]
 
         def run(now: Instant) -> list[dict[str, str]]:
             fleet = self._require_fleet()
+            # Checked against the whole apply before anything is committed, so a refused
+            # cycle leaves every other object of the request unapplied too.
+            cycle = parent_cycle(fleet.state.budgets.values(), budgets) if budgets else None
+            if cycle is not None:
+                budget, path = cycle
+                message = f"Budget {budget.key}: parents form a cycle: {path}"
+                raise ApiError(
+                    "validation",
+                    "1 validation error(s)",
+                    [api.FieldErrorOut("spec.parents", message)],
+                )
             out = []
             for m in manifests:
                 existed = (
@@ -386,14 +443,14 @@ class Manager(Actor):
         return await self._mutate(run)
 
     async def delete(self, data: bytes) -> Any:
-        req = _decode(data, api.DeleteRequest)
+        req = self._decode(data, api.DeleteRequest)
         await self._mutate(
             lambda now: self._require_fleet().delete(req.kind, req.namespace, req.name, now)
         )
         return {"deleted": f"{req.kind} {req.namespace}/{req.name}"}
 
     async def shrink(self, data: bytes) -> Any:
-        req = _decode(data, api.ShrinkRequest)
+        req = self._decode(data, api.ShrinkRequest)
         key = run_key(req.namespace, req.name)
 
         def run(now: Instant) -> dict[str, Any]:
@@ -412,7 +469,7 @@ class Manager(Actor):
         return await self._mutate(run)
 
     async def sponsors(self, data: bytes) -> Any:
-        req = _decode(data, api.SponsorsRequest)
+        req = self._decode(data, api.SponsorsRequest)
         key = run_key(req.namespace, req.name)
 
         def run(now: Instant) -> dict[str, Any]:
@@ -454,31 +511,31 @@ class Manager(Actor):
         return await self._mutate(run)
 
     async def complete(self, data: bytes) -> Any:
-        req = _decode(data, api.RunRef)
+        req = self._decode(data, api.RunRef)
         key = run_key(req.namespace, req.name)
         await self._mutate(lambda now: self._require_fleet().complete(key, now))
         return {"run": key, "phase": "Completed"}
 
     async def eta(self, data: bytes) -> Any:
-        req = _decode(data, api.EtaRequest)
+        req = self._decode(data, api.EtaRequest)
         key = run_key(req.namespace, req.name)
         try:
             when = req.eta if isinstance(req.eta, int) else parse_instant(req.eta)
         except ValueError as exc:
             raise ApiError(
-                "validation", "invalid eta", [api.FieldErrorOut("eta", str(exc))]
+                "validation", "invalid eta", [api.FieldErrorOut("eta", clamp(str(exc), 200))]
             ) from exc
         await self._mutate(lambda now: self._require_fleet().report_eta(key, when, now))
         return {"run": key, "eta": format_instant(when)}
 
     async def fail(self, data: bytes) -> Any:
-        req = _decode(data, api.RunRef)
+        req = self._decode(data, api.RunRef)
         key = run_key(req.namespace, req.name)
         await self._mutate(lambda now: self._require_fleet().fail(key, now))
         return {"run": key, "phase": "Failed"}
 
     async def node(self, data: bytes) -> Any:
-        req = _decode(data, api.NodeRequest)
+        req = self._decode(data, api.NodeRequest)
         if req.op == "register":
             try:
                 node = validate_node(req.node, "node")
@@ -488,6 +545,9 @@ class Manager(Actor):
                     "invalid node",
                     [api.FieldErrorOut(e.path, e.message) for e in exc.errors],
                 ) from exc
+            too_large = object_too_large(len(msgspec.json.encode(node)), self.config.limits, "node")
+            if too_large is not None:
+                raise ApiError("validation", "invalid node", [too_large])
 
             def reg(now: Instant) -> dict[str, Any]:
                 fleet = self._require_fleet()
@@ -505,7 +565,7 @@ class Manager(Actor):
         return {"node": req.name, "health": health.value}
 
     async def get(self, data: bytes) -> Any:
-        req = _decode(data, api.RunRef)
+        req = self._decode(data, api.RunRef)
         return await self._read(
             lambda now: views.run_view(
                 self._require_fleet().state, run_key(req.namespace, req.name), now
@@ -513,13 +573,14 @@ class Manager(Actor):
         )
 
     async def list_runs(self, data: bytes) -> Any:
-        req = _decode(data or b"{}", api.ListRequest)
-        return await self._read(
+        req = self._decode(data, api.ListRequest)
+        runs = await self._read(
             lambda now: views.list_runs(self._require_fleet().state, now, req.namespace)
         )
+        return self._page("runs", runs, _object_key, req.limit, req.continue_)
 
     async def explain(self, data: bytes) -> Any:
-        req = _decode(data, api.RunRef)
+        req = self._decode(data, api.RunRef)
         rows = await self._read(
             lambda now: views.explain(
                 self._require_fleet().state, run_key(req.namespace, req.name), now
@@ -528,19 +589,21 @@ class Manager(Actor):
         return [{"field": f, "value": v} for f, v in rows]
 
     async def leases(self, data: bytes) -> Any:
-        req = _decode(data or b"{}", api.LeasesRequest)
-        return await self._read(
+        req = self._decode(data, api.LeasesRequest)
+        leases = await self._read(
             lambda now: views.leases(self._require_fleet().state, now, req.namespace, req.name)
         )
+        return self._page("leases", leases, _lease_key, req.limit, req.continue_)
 
     async def budgets(self, data: bytes) -> Any:
-        req = _decode(data or b"{}", api.ListRequest)
-        return await self._read(
+        req = self._decode(data, api.ListRequest)
+        budgets = await self._read(
             lambda now: views.budgets(self._require_fleet().state, now, req.namespace)
         )
+        return self._page("budgets", budgets, _object_key, req.limit, req.continue_)
 
     async def clock_endpoint(self, data: bytes) -> Any:
-        req = _decode(data or b"{}", api.ClockRequest)
+        req = self._decode(data, api.ClockRequest)
         if req.advance_to is not None:
             clock = self.clock
             if not isinstance(clock, VirtualClock):
@@ -562,7 +625,7 @@ class Manager(Actor):
         return {"now": now, "iso": format_instant(now), "virtual": self.clock.virtual}
 
     async def report(self, data: bytes) -> Any:
-        req = _decode(data or b"{}", api.ReportRequest)
+        req = self._decode(data, api.ReportRequest)
         return await self._read(
             lambda now: build_report(self._require_fleet().state, req.label, now)
         )
@@ -572,13 +635,14 @@ class Manager(Actor):
         return await self._read(lambda _: {"seq": self._require_fleet().seq})
 
 
-def _decode(data: bytes, typ: type[T]) -> T:
-    try:
-        return msgspec.json.decode(data or b"{}", type=typ)
-    except msgspec.ValidationError as exc:
-        raise ApiError("bad_request", f"invalid request: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise ApiError("bad_request", f"request is not JSON: {exc}") from exc
+def _object_key(item: dict[str, Any]) -> paging.Key:
+    """Runs and budgets page in ``namespace/name`` order, the order the views list them in."""
+    return (f"{item['namespace']}/{item['name']}",)
+
+
+def _lease_key(item: dict[str, Any]) -> paging.Key:
+    """Leases page in (start, id) order, the order the views list them in."""
+    return (str(item["start"]), str(item["id"]))
 
 
 def _plan_fits(topology: Topology, request: PackRequest, plan: PackPlan) -> bool:

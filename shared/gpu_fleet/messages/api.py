@@ -59,12 +59,22 @@ class EtaRequest(_Req, kw_only=True, frozen=True):
 
 
 class ListRequest(_Req, frozen=True, kw_only=True):
+    """A list of runs or budgets, a page at a time (``limit``/``continue``, as Kubernetes lists).
+
+    The reply is a ``ListPage``-shaped result.  Without ``limit`` the manager still pages, at its
+    configured page size and reply size bound, so no list reply can outgrow the connection.
+    """
+
     namespace: str | None = None
+    limit: int | None = None
+    continue_: str | None = msgspec.field(default=None, name="continue")
 
 
 class LeasesRequest(_Req, frozen=True, kw_only=True):
     namespace: str | None = None
     name: str | None = None
+    limit: int | None = None
+    continue_: str | None = msgspec.field(default=None, name="continue")
 
 
 class ClockRequest(_Req, frozen=True, kw_only=True):
@@ -80,10 +90,13 @@ class FieldErrorOut(msgspec.Struct, frozen=True):
     message: str
 
 
+ErrorCode = Literal[
+    "validation", "not_found", "conflict", "rejected", "unavailable", "bad_request", "internal"
+]
+
+
 class ErrorOut(msgspec.Struct, frozen=True, kw_only=True):
-    code: Literal[
-        "validation", "not_found", "conflict", "rejected", "unavailable", "bad_request", "internal"
-    ]
+    code: ErrorCode
     message: str
     errors: list[FieldErrorOut] = msgspec.field(default_factory=list)
 
@@ -92,6 +105,20 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True):
     ok: bool
     result: Any = None
     error: ErrorOut | None = None
+
+
+class ListMeta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Kubernetes' list metadata: ``continue`` is set while more items follow."""
+
+    continue_: str = msgspec.field(default="", name="continue")
+    remaining_item_count: int | None = msgspec.field(default=None, name="remainingItemCount")
+
+
+class ListPage(msgspec.Struct, frozen=True, kw_only=True):
+    """The result of a list endpoint: one page of items and where the next page starts."""
+
+    items: list[Any]
+    metadata: ListMeta = msgspec.field(default_factory=ListMeta)
 
 
 ENCODER = msgspec.json.Encoder()
