@@ -5,16 +5,31 @@ is ninety and an unquoted instant is a ``datetime``.  Our loader resolves plain 
 1.2 way (only ``true``/``false`` are booleans, decimal numbers only, timestamps stay strings) and
 rejects duplicate keys, which PyYAML silently overwrites.
 
+Input is bounded *after* alias expansion: a YAML alias bomb (a few hundred bytes of nested
+anchors that expand to billions of nodes) is cheap for PyYAML, which shares the aliased objects,
+but every reader that walks or re-encodes the documents pays the expanded size - issue 19's CLI
+hung re-wrapping one.  Each document is measured on its node graph before it is constructed, in
+time linear in the graph (shared nodes are measured once), and refused over ``MAX_NODES``
+nodes, ``MAX_SCALAR_CHARS`` characters of scalars or ``MAX_DEPTH`` levels of nesting, and when
+an alias contains itself.  JSON documents get the same bounds.
+
 This module is pure: it parses text it is given and never reads files.
 """
 
 import re
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import yaml
 
 from gpu_fleet.core.manifests.errors import FieldError, ManifestError
+
+MAX_NODES: Final = 100_000
+"""Nodes (mappings, sequences, keys and scalars) in one document once aliases are expanded."""
+MAX_SCALAR_CHARS: Final = 4 * 1024 * 1024
+"""Characters of scalars in one document once aliases are expanded."""
+MAX_DEPTH: Final = 64
+"""Levels of nesting in one document (a pod template needs about a dozen)."""
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _YAML11_TAGS_DROPPED = frozenset(
@@ -36,6 +51,30 @@ class _Loader(yaml.SafeLoader):
     only in decimal (or ``.inf``/``.nan``, which the float check then rejects), and everything else
     stays a string; timestamps are parsed by the validator, which can say what is wrong with them.
     """
+
+    document = -1  # index of the document being loaded, for ``documents[i]`` in bound errors
+    depth = 0  # nesting of the node being composed
+
+    def compose_document(self) -> yaml.Node | None:
+        self.document += 1
+        return super().compose_document()
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # The composer recurses per level and PyYAML's scanner slows down with flow nesting, so
+        # a deep document is cut off here, while composing, long before Python's own limit.
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _BoundError(self.document, f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        problem = _graph_problem(node)
+        if problem is not None:
+            raise _BoundError(self.document, problem)
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[object] = set()
@@ -74,6 +113,107 @@ _Loader.add_implicit_resolver(
 )
 
 
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes exactly the strings ``_Loader`` would not read back as strings.
+
+    The emitter writes a string plain only when its resolvers say a plain scalar would be a
+    string, so giving it the loader's resolvers (YAML 1.2 core schema) makes
+    ``load_documents(dump_documents(docs)) == docs`` hold: with PyYAML's own YAML 1.1
+    resolvers the string ``1e5`` would go out plain and come back a float.
+    """
+
+
+_Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
+
+
+def dump_documents(documents: list[object]) -> str:
+    """YAML text of ``documents``, one per document in order (``None`` as ``null``), that
+    ``load_documents`` reads back equal; the CLI re-sends documents it had to default this way.
+    """
+    return yaml.dump_all(
+        documents, Dumper=_Dumper, explicit_start=True, allow_unicode=True, sort_keys=False
+    )
+
+
+class _BoundError(Exception):
+    """A document over the bounds; carries its index in the stream."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(problem)
+        self.index = index
+        self.problem = problem
+
+
+def _measure(root: object, children: Any, scalar_chars: Any, identity: Any = id) -> str | None:
+    """Why the expanded tree under ``root`` is over a bound, or None.
+
+    Post-order over the graph with an explicit stack (no recursion, so depth cannot crash us),
+    memoised per node so an alias is measured once however often it is used.  A node met again
+    while it is still open is its own ancestor: a recursive alias, infinite once expanded.
+    """
+    done: dict[int, tuple[int, int, int]] = {}  # node -> (nodes, scalar chars, depth)
+    open_nodes: set[int] = set()
+    stack: list[tuple[object, bool]] = [(root, False)]
+    while stack:
+        node, closing = stack.pop()
+        key = identity(node)
+        kids = children(node)
+        if closing:
+            open_nodes.discard(key)
+            nodes = 1 + sum(done[identity(k)][0] for k in kids)
+            chars = scalar_chars(node) + sum(done[identity(k)][1] for k in kids)
+            depth = 1 + max((done[identity(k)][2] for k in kids), default=0)
+            if nodes > MAX_NODES:
+                return f"more than {MAX_NODES} nodes once aliases are expanded"
+            if chars > MAX_SCALAR_CHARS:
+                return f"more than {MAX_SCALAR_CHARS} characters once aliases are expanded"
+            if depth > MAX_DEPTH:
+                return f"nested more than {MAX_DEPTH} levels deep"
+            done[key] = (nodes, chars, depth)
+            continue
+        if key in done:
+            continue
+        if key in open_nodes:
+            return "an alias refers to a node that contains it (infinite once expanded)"
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if identity(k) not in done)
+    return None
+
+
+def _node_children(node: object) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _node_chars(node: object) -> int:
+    return len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+
+
+def _graph_problem(node: yaml.Node) -> str | None:
+    return _measure(node, _node_children, _node_chars)
+
+
+def _value_children(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [part for pair in value.items() for part in pair]
+    if isinstance(value, list):
+        return value
+    return []
+
+
+def _value_chars(value: object) -> int:
+    return len(value) if isinstance(value, str) else 0
+
+
+def value_problem(value: object) -> str | None:
+    """The same bounds for a decoded value (JSON text, or a caller's own structure)."""
+    return _measure(value, _value_children, _value_chars)
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """``line L, column C: problem`` (1-based), which is how editors address a position."""
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
@@ -81,8 +221,14 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
         text = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
         if exc.context:
             text += f" ({exc.context})"
-        return text
-    return str(exc)
+        return " ".join(text.split())
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        return (
+            f"character {exc.position + 1}: unacceptable character #x{exc.character:04x}"
+            if isinstance(exc.character, int)
+            else f"character {exc.position + 1}: invalid byte"
+        )
+    return " ".join(str(exc).split())
 
 
 def load_documents(text: str, source: str = "<input>") -> list[object]:
@@ -93,14 +239,29 @@ def load_documents(text: str, source: str = "<input>") -> list[object]:
     loader described on ``_Loader``.  Other modules reading user YAML (scenario files) should
     load through here so they resolve scalars the same way.
 
-    Raises ManifestError (path = ``source``) with the line and column of a syntax error.
+    Raises ManifestError (path = ``source``) with the line and column of a syntax error, or
+    (path = ``documents[i]``) naming the bound a document exceeds.
     """
     if text.lstrip().startswith(("{", "[")):
         try:
-            return [msgspec.json.decode(text)]
+            value = msgspec.json.decode(text)
         except msgspec.DecodeError:
-            pass
+            pass  # not JSON after all: the YAML loader says what is wrong
+        except RecursionError:
+            too_deep = f"nested more than {MAX_DEPTH} levels deep"
+            raise ManifestError([FieldError("documents[0]", too_deep)], source=source) from None
+        else:
+            over = value_problem(value)
+            if over is not None:
+                raise ManifestError([FieldError("documents[0]", over)], source=source)
+            return [value]
     try:
         return list(yaml.load_all(text, Loader=_Loader))  # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ManifestError([FieldError(source, _yaml_problem(exc))], source=source) from exc
+    except _BoundError as exc:
+        path = f"documents[{exc.index}]"
+        raise ManifestError([FieldError(path, exc.problem)], source=source) from None
+    except RecursionError:  # the composer recurses per level, before our bound can see it
+        problem = f"nested more than {MAX_DEPTH} levels deep"
+        raise ManifestError([FieldError(source, problem)], source=source) from None

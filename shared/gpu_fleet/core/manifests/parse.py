@@ -98,7 +98,11 @@ def parse_manifests(text: str, source: str = "<input>") -> list[Budget | Run]:
     count, so the index matches what the user sees).  All documents are checked before anything is
     returned: one bad document fails the whole input, so an apply is all or nothing.
     """
-    documents = load_documents(text, source)
+    return parse_documents(load_documents(text, source), source)
+
+
+def parse_documents(documents: list[object], source: str = "<input>") -> list[Budget | Run]:
+    """``parse_manifests`` for documents already loaded (``load_documents``, ``load_source``)."""
     present = [(i, doc) for i, doc in enumerate(documents) if doc is not None]
     multi = len(present) > 1
     errs = ErrorList()
