@@ -1,5 +1,7 @@
 """``gpu-fleet``: the operator and developer command line.
 
+The help text is ``DESCRIPTION`` (plain text for a terminal), not this docstring.
+
 Exit codes follow the usual convention: 0 done, 1 a check failed or a command could not apply,
 2 usage or validation errors (the message names the field and the rule).  Errors are one-liners
 on stderr, never tracebacks.
@@ -14,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpu_fleet.core.manifests import ManifestError, parse_manifests
+from gpu_fleet.core.funding.cycles import parent_cycle
+from gpu_fleet.core.manifests import ManifestError, load_source, parse_documents
+from gpu_fleet.core.model import Budget
 from gpu_fleet.scenario.expectations import check_expectations
 from gpu_fleet.scenario.loader import ScenarioError, load_scenario_file
 from gpu_fleet.scenario.runner import run_scenario
@@ -22,6 +26,7 @@ from gpu_fleet.scenario.runner import run_scenario
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+DESCRIPTION = "gpu-fleet: run the stack locally (up, demo), validate manifests, and run scenarios."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,8 +193,9 @@ def _cmd_scenario_run(args: argparse.Namespace) -> int:
             print(f"error: {path}: no such file", file=sys.stderr)
             return EXIT_USAGE
         except ScenarioError as exc:
-            for line in str(exc).splitlines():
-                print(f"error: {path}: {line}", file=sys.stderr)
+            for line in exc.errors:  # file-level lines already start with the file's name
+                where = "" if line.startswith(f"{path}: ") else f"{path}: "
+                print(f"error: {where}{line}", file=sys.stderr)
             return EXIT_USAGE
         if args.via_nats:
             # Deferred: only --via-nats needs asyncio, nats and the services; the in-process
@@ -238,22 +244,38 @@ def _cmd_scenario_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    """Check files the way ``kubectl runs submit`` and the manager will (the same loader).
+
+    Parent cycles are checked across every valid Budget of the files given, as one apply of
+    them all would be.
+    """
     status = EXIT_OK
+    budgets: list[Budget] = []
     for path in args.files:
         try:
-            text = Path(path).read_text()
+            data = Path(path).read_bytes()
         except OSError as exc:
             print(f"error: {path}: {exc.strerror}", file=sys.stderr)
             return EXIT_USAGE
         try:
-            manifests = parse_manifests(text, source=path)
+            manifests = parse_documents(load_source(data, path), source=path)
         except ManifestError as exc:
-            for line in str(exc).splitlines():
-                print(f"error: {path}: {line}", file=sys.stderr)
+            for e in exc.errors:
+                where = f"{path}: " if e.path == path else f"{path}: {e.path}: "
+                print(f"error: {where}{e.message}", file=sys.stderr)
             status = EXIT_USAGE
             continue
         for m in manifests:
             print(f"{path}: {type(m).__name__} {m.metadata.namespace}/{m.metadata.name}: valid")
+        budgets.extend(m for m in manifests if isinstance(m, Budget))
+    cycle = parent_cycle([], budgets)
+    if cycle is not None:
+        budget, path = cycle
+        print(
+            f"error: Budget {budget.key}: spec.parents: parents form a cycle: {path}",
+            file=sys.stderr,
+        )
+        status = EXIT_USAGE
     return status
 
 
@@ -278,13 +300,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gpu-fleet", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="gpu-fleet", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     scenario = sub.add_parser("scenario", help="run scenario files through the core")
     scenario_sub = scenario.add_subparsers(dest="scenario_command", required=True)
     run = scenario_sub.add_parser("run", help="run one or more scenario files")
-    run.add_argument("files", nargs="+", metavar="FILE")
-    run.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    run.add_argument("files", nargs="+", metavar="FILE", help="scenario YAML files")
+    run.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="report format"
+    )
     run.add_argument(
         "--check",
         action="store_true",
@@ -297,18 +321,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_cmd_scenario_run)
     validate = sub.add_parser("validate", help="validate Budget/Run manifests")
-    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="YAML or JSON manifest files")
     validate.set_defaults(func=_cmd_validate)
     demo = sub.add_parser("demo", help="start the stack, submit the examples, show the results")
-    demo.add_argument("--examples", default=str(Path.cwd() / "examples"))
-    demo.add_argument("--inventory", default=None)
+    demo.add_argument(
+        "--examples",
+        default=str(Path.cwd() / "examples"),
+        help="folder with inventory.yaml and manifests/ (default ./examples)",
+    )
+    demo.add_argument(
+        "--inventory", default=None, help="node inventory YAML (default EXAMPLES/inventory.yaml)"
+    )
     demo.add_argument("--keep", default=None, help="keep data and logs in this folder")
     demo.set_defaults(func=_cmd_demo)
     upp = sub.add_parser("up", help="embedded NATS + all four services until Ctrl-C")
-    upp.add_argument("--data-dir", default=".gpu-fleet")
-    upp.add_argument("--inventory", default=None, help="node inventory YAML")
-    upp.add_argument("--port", type=int, default=4222)
-    upp.add_argument("--log-level", default="info")
+    upp.add_argument(
+        "--data-dir",
+        default=".gpu-fleet",
+        help="JetStream files (the ledger) and service logs; kept across restarts"
+        " (default .gpu-fleet)",
+    )
+    upp.add_argument(
+        "--inventory",
+        default=None,
+        help="node inventory YAML registered by the manager (default ./examples/inventory.yaml"
+        " if present)",
+    )
+    upp.add_argument(
+        "--port", type=int, default=4222, help="NATS client port on 127.0.0.1 (default 4222)"
+    )
+    upp.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="service log level (default info)",
+    )
     upp.add_argument(
         "--kube-url", default=None, help="Kubernetes API server: run the bridge (e.g. an emulator)"
     )

@@ -35,6 +35,7 @@ import msgspec
 from gpu_fleet.core.manifests import (
     ManifestError,
     load_documents,
+    load_source,
     validate_manifest,
     validate_nodes,
 )
@@ -572,12 +573,27 @@ def load_scenario(text: str, source: str = "<scenario>") -> Scenario:
     try:
         documents = load_documents(text, source)
     except ManifestError as exc:
-        raise ScenarioError(
-            [f"{source}: not valid YAML: {fe.message}" for fe in exc.errors]
-        ) from None
-    if len(documents) > 1:
-        raise ScenarioError([f"{source}: expected one YAML document, got {len(documents)}"])
-    return parse_scenario(documents[0] if documents else None, source)
+        raise _file_error(exc, source) from None
+    return _scenario_of(documents, source)
+
+
+def _file_error(exc: ManifestError, source: str) -> ScenarioError:
+    """A loader error as scenario lines: ``<file>: not valid YAML: [documents[i]: ]reason``."""
+    return ScenarioError(
+        [
+            f"{source}: not valid YAML: "
+            + (fe.message if fe.path == source else f"{fe.path}: {fe.message}")
+            for fe in exc.errors
+        ]
+    )
+
+
+def _scenario_of(documents: list[object], source: str) -> Scenario:
+    """The one document of a scenario file (empty documents around it are fine)."""
+    present = [doc for doc in documents if doc is not None]
+    if len(present) > 1:
+        raise ScenarioError([f"{source}: expected one YAML document, got {len(present)}"])
+    return parse_scenario(present[0] if present else None, source)
 
 
 def parse_scenario(raw: object, source: str = "<scenario>") -> Scenario:
@@ -636,14 +652,18 @@ def parse_scenario(raw: object, source: str = "<scenario>") -> Scenario:
 
 
 def load_scenario_file(path: str | os.PathLike[str]) -> Scenario:
-    """Read and load a scenario file; ``source`` is the path as given."""
-    file = Path(path)
+    """Read and load a scenario file; ``source`` is the path as given.
+
+    The bytes go through ``load_source``, the loader ``kubectl runs submit`` and ``gpu-fleet
+    validate`` use, so a binary, empty or ``---``-only file gets the same one-line reason.
+    """
+    source = os.fspath(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise ScenarioError([f"{os.fspath(path)}: cannot read: {exc.strerror}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ScenarioError(
-            [f"{os.fspath(path)}: not UTF-8 text (invalid byte at offset {exc.start})"]
-        ) from None
-    return load_scenario(text, source=os.fspath(path))
+        raise ScenarioError([f"{source}: cannot read: {exc.strerror}"]) from None
+    try:
+        documents = load_source(data, source)
+    except ManifestError as exc:
+        raise _file_error(exc, source) from None
+    return _scenario_of(documents, source)
