@@ -90,7 +90,7 @@ def test_submit_examples_then_read_everything(url: str, capsys: pytest.CaptureFi
 def test_invalid_manifest_exits_2_naming_the_field(
     url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """A validation error exits 2 and names the field path and rule, one line each."""
+    """A validation error exits 2 and names the file, the field path and rule, one line each."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "apiVersion: rq.davidlangworthy.io/v1\nkind: Run\nmetadata: {name: x}\n"
@@ -99,7 +99,7 @@ def test_invalid_manifest_exits_2_naming_the_field(
     )
     code, _, err = kubectl(capsys, url, "submit", "-f", str(bad))
     assert code == 2
-    assert "error: spec.malleable.stepGPUs: must be >= 1" in err
+    assert f"error: {bad}: spec.malleable.stepGPUs: must be >= 1" in err
     assert "Traceback" not in err
 
 

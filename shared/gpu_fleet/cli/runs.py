@@ -2,8 +2,14 @@
 
 It talks to the fleet API over NATS (``--nats-url`` or ``GPU_FLEET_NATS_URL``); it never decides
 anything itself - what it prints is what the manager folded from the ledger.  Exit codes: 0 ok,
-1 the request failed (not found, unavailable), 2 usage or validation errors (each field error
-is printed as ``error: <path>: <reason>``).  Errors are one line, never a traceback.
+1 the request failed (not found, unavailable, outcome unknown), 2 usage or validation errors
+(each field error is printed as ``error: <path>: <reason>``, prefixed by the file for
+``submit``).  Errors are one line, never a traceback.
+
+Global options (``--nats-url``, ``-n``, ``-o``, ``--timeout``) work before the verb, as with
+``kubectl --server X get pods``, and after it; a value given after the verb wins.  Lists are
+read a page at a time (``limit``/``continue``) and printed whole.  The help text is plain
+(``DESCRIPTION``), not this docstring: a terminal shows no reStructuredText.
 """
 
 from __future__ import annotations
@@ -23,11 +29,26 @@ import nats.errors
 import yaml
 
 from gpu_fleet.cli.stack import ApiCallError, call
-from gpu_fleet.core.manifests import load_documents
+from gpu_fleet.core.manifests import ManifestError, dump_documents, load_source
 from gpu_fleet.core.timeutil import format_instant
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TERMINAL = ("Completed", "Failed")
+DESCRIPTION = (
+    "Submit, follow and explain gpu-fleet runs and budgets over the fleet API (NATS). "
+    "Installed as kubectl-runs, so 'kubectl runs VERB' works too."
+)
+PAGE_LIMIT = 500
+"""Items asked for per list page; the manager may return fewer (its reply size bound)."""
+
+
+class OutcomeUnknownError(Exception):
+    """A mutating request was sent but no answer came back: it may or may not have applied."""
+
+    def __init__(self, what: str, check: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.check = check
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,22 +86,102 @@ def _ref(args: argparse.Namespace) -> dict[str, str]:
 # -- commands ---------------------------------------------------------------------------------
 
 
+async def api(nc: Any, args: argparse.Namespace, endpoint: str, body: dict[str, Any]) -> Any:
+    """One fleet API call with the ``--timeout`` the user gave."""
+    return await call(nc, endpoint, body, timeout=args.timeout)
+
+
+async def list_all(
+    nc: Any, args: argparse.Namespace, endpoint: str, body: dict[str, Any]
+) -> list[Any]:
+    """Every item of a list endpoint, following ``metadata.continue`` page by page.
+
+    A manager from before paging answers with a bare list; that is the whole list.
+    """
+    items: list[Any] = []
+    token = ""
+    while True:
+        request = {**body, "limit": PAGE_LIMIT, "continue": token or None}
+        page = await api(nc, args, endpoint, request)
+        if isinstance(page, list):
+            return page
+        items.extend(page.get("items") or [])
+        token = (page.get("metadata") or {}).get("continue") or ""
+        if not token:
+            return items
+
+
+def _read_source(path: str) -> bytes:
+    return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+
+
+def _source_errors(path: str, exc: ManifestError) -> list[str]:
+    """One line per problem, each naming the file: ``error: FILE: documents[1].spec.x: ...``."""
+    return [
+        f"error: {path}: {e.message}" if e.path == (exc.source or path) else f"error: {path}: {e}"
+        for e in exc.errors
+    ]
+
+
+def _submitted_names(documents: list[object]) -> list[str]:
+    """``Kind namespace/name`` of each document that names itself, for the unknown-outcome hint."""
+    names = []
+    for doc in documents:
+        if isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):
+            meta = doc["metadata"]
+            names.append(f"{doc.get('kind')} {meta.get('namespace')}/{meta.get('name')}")
+    return names
+
+
+def _check_hint(names: list[str]) -> str:
+    runs = [n.split(" ", 1)[1] for n in names if n.startswith("Run ")]
+    if runs:
+        return "; ".join(f"kubectl runs get {ref}" for ref in runs)
+    return "kubectl runs budgets -A"
+
+
 async def cmd_submit(nc: Any, args: argparse.Namespace) -> int:
-    docs: list[str] = []
+    """Submit every file; all are read and checked here first, so a bad file sends nothing.
+
+    A request that times out may still have been committed (the manager appends to the ledger
+    before it answers), so that is reported as "outcome unknown" with the way to check, never
+    as a failure: re-submitting the same file is safe either way (apply creates or updates).
+    """
+    prepared: list[tuple[str, str, list[object]]] = []
     for path in args.file:
         try:
-            text = sys.stdin.read() if path == "-" else Path(path).read_text()
+            data = _read_source(path)
         except OSError as exc:
             print(f"error: {path}: {exc.strerror}", file=sys.stderr)
             return EXIT_USAGE
-        docs.append(_with_namespace(text, args.namespace, args.follow))
+        try:
+            documents = load_source(data, path)
+        except ManifestError as exc:
+            for line in _source_errors(path, exc):
+                print(line, file=sys.stderr)
+            return EXIT_USAGE
+        documents = _with_namespace(documents, args.namespace, args.follow)
+        prepared.append((path, dump_documents(documents), documents))
     results: list[Any] = []
-    for path, text in zip(args.file, docs, strict=True):
-        results.extend(await call(nc, "apply", {"documents": text, "source": path}))
+    for path, text, documents in prepared:
+        try:
+            applied = await api(nc, args, "apply", {"documents": text, "source": path})
+        except ApiCallError as exc:
+            exc.errors = [{**e, "path": f"{path}: {e.get('path')}"} for e in exc.errors]
+            raise
+        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+            names = _submitted_names(documents)
+            raise OutcomeUnknownError(
+                f"{path}: no answer within {args.timeout:g}s ({type(exc).__name__}); the"
+                " submission may or may not have been applied"
+                f" ({', '.join(names) or 'unnamed documents'})",
+                _check_hint(names),
+            ) from exc
+        results.extend(applied)
     rows = [[f"{r['namespace']}/{r['name']}", r["kind"], r["action"]] for r in results]
     runs = [r for r in results if r["kind"] == "Run"]
     for r in runs:
-        view = await call(nc, "get", {"namespace": r["namespace"], "name": r["name"]})
+        view = await api(nc, args, "get", {"namespace": r["namespace"], "name": r["name"]})
         r["phase"] = view["phase"]
         r["message"] = view["message"]
     render = table(
@@ -92,14 +193,16 @@ async def cmd_submit(nc: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _with_namespace(text: str, namespace: str, follow: list[str] | None) -> str:
-    """Default the namespace of documents that omit it, and append ``--follow`` edges."""
-    try:
-        raw_docs = load_documents(text)
-    except Exception:  # the manager reports parse errors with their position
-        return text
-    out = []
-    for doc in raw_docs:
+def _with_namespace(
+    documents: list[object], namespace: str, follow: list[str] | None
+) -> list[object]:
+    """Default the namespace of documents that omit it, and append ``--follow`` edges.
+
+    Documents keep their positions (empty ones stay ``None``), so the manager's
+    ``documents[i]`` paths point at the user's own file.
+    """
+    out: list[object] = []
+    for doc in documents:
         if isinstance(doc, dict):
             meta = doc.setdefault("metadata", {})
             if isinstance(meta, dict) and "namespace" not in meta:
@@ -114,7 +217,7 @@ def _with_namespace(text: str, namespace: str, follow: list[str] | None) -> str:
                 if isinstance(fol, dict):
                     fol["after"] = after
         out.append(doc)
-    return json.dumps({"kind": "List", "items": out}) if len(out) != 1 else json.dumps(out[0])
+    return out
 
 
 async def _forecast(nc: Any, ref: dict[str, str]) -> Any:
@@ -153,7 +256,7 @@ def _plan_rows(view: dict[str, Any], forecast: Any) -> list[list[object]]:
 
 async def cmd_plan(nc: Any, args: argparse.Namespace) -> int:
     ref = _ref(args)
-    view = await call(nc, "get", ref)
+    view = await api(nc, args, "get", ref)
     forecast = await _forecast(nc, ref)
     _emit(
         args,
@@ -168,7 +271,7 @@ async def cmd_watch(nc: Any, args: argparse.Namespace) -> int:
     i = 0
     while True:
         i += 1
-        view = await call(nc, "get", ref)
+        view = await api(nc, args, "get", ref)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         title = f"[{stamp}] iteration {i}"
         _emit(args, view, table(title, ["Field", "Value"], _plan_rows(view, None)))
@@ -178,7 +281,7 @@ async def cmd_watch(nc: Any, args: argparse.Namespace) -> int:
 
 
 async def cmd_explain(nc: Any, args: argparse.Namespace) -> int:
-    rows = await call(nc, "explain", _ref(args))
+    rows = await api(nc, args, "explain", _ref(args))
     _emit(
         args,
         rows,
@@ -189,11 +292,11 @@ async def cmd_explain(nc: Any, args: argparse.Namespace) -> int:
 
 async def cmd_get(nc: Any, args: argparse.Namespace) -> int:
     if args.run:
-        view = await call(nc, "get", _ref(args))
+        view = await api(nc, args, "get", _ref(args))
         views = [view]
     else:
         namespace = None if args.all_namespaces else args.namespace
-        views = await call(nc, "list", {"namespace": namespace})
+        views = await list_all(nc, args, "list", {"namespace": namespace})
     rows = [
         [
             f"{v['namespace']}/{v['name']}",
@@ -234,7 +337,7 @@ async def cmd_leases(nc: Any, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"namespace": None if args.all_namespaces else args.namespace}
     if args.run:
         body = _ref(args)
-    leases = await call(nc, "leases", body)
+    leases = await list_all(nc, args, "leases", body)
     rows = [
         [
             x["id"],
@@ -270,7 +373,7 @@ def _payer(p: Any) -> str:
 
 async def cmd_budgets(nc: Any, args: argparse.Namespace) -> int:
     namespace = None if args.all_namespaces else args.namespace
-    budgets = await call(nc, "budgets", {"namespace": namespace})
+    budgets = await list_all(nc, args, "budgets", {"namespace": namespace})
     rows = [
         [
             f"{b['namespace']}/{b['name']}",
@@ -319,7 +422,7 @@ async def cmd_sponsors(nc: Any, args: argparse.Namespace) -> int:
         body["sponsor"] = args.sponsor
         if args.max:
             body["max_borrow"] = args.max
-    result = await call(nc, "sponsors", body)
+    result = await api(nc, args, "sponsors", body)
     _emit(args, result, table("Run Sponsors", ["Sponsor"], [[s] for s in result["sponsors"]]))
     return EXIT_OK
 
@@ -328,7 +431,7 @@ async def cmd_shrink(nc: Any, args: argparse.Namespace) -> int:
     if args.by <= 0:
         print("error: --by must be > 0", file=sys.stderr)
         return EXIT_USAGE
-    result = await call(nc, "shrink", {**_ref(args), "by": args.by})
+    result = await api(nc, args, "shrink", {**_ref(args), "by": args.by})
     _emit(
         args,
         result,
@@ -340,10 +443,10 @@ async def cmd_shrink(nc: Any, args: argparse.Namespace) -> int:
 async def cmd_simple(nc: Any, args: argparse.Namespace) -> int:
     """complete | fail | delete."""
     if args.command == "delete":
-        result = await call(nc, "delete", {"kind": "Run", **_ref(args)})
+        result = await api(nc, args, "delete", {"kind": "Run", **_ref(args)})
         _emit(args, result, f"deleted run {_ref(args)['namespace']}/{_ref(args)['name']}")
         return EXIT_OK
-    result = await call(nc, args.command, _ref(args))
+    result = await api(nc, args, args.command, _ref(args))
     _emit(
         args,
         result,
@@ -353,13 +456,13 @@ async def cmd_simple(nc: Any, args: argparse.Namespace) -> int:
 
 
 async def cmd_eta(nc: Any, args: argparse.Namespace) -> int:
-    result = await call(nc, "eta", {**_ref(args), "eta": args.time})
+    result = await api(nc, args, "eta", {**_ref(args), "eta": args.time})
     _emit(args, result, table("ETA Set", ["Run", "ETA"], [[result["run"], result["eta"]]]))
     return EXIT_OK
 
 
 async def cmd_node(nc: Any, args: argparse.Namespace) -> int:
-    result = await call(nc, "node", {"op": args.op, "name": args.node})
+    result = await api(nc, args, "node", {"op": args.op, "name": args.node})
     _emit(args, result, f"node {result['node']}: {result['health']}")
     return EXIT_OK
 
@@ -389,15 +492,51 @@ def cmd_completions(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common(defaults: bool) -> _Parser:
+    """The global options, once with their defaults (for the top level) and once without.
+
+    argparse copies a subparser's defaults over the namespace the top-level parser filled in,
+    so with defaults on both ``kubectl runs --nats-url URL get -A`` dialled the default URL
+    (issue 19).  The subcommands' copy uses ``SUPPRESS``: an option given after the verb still
+    wins, one given before it survives, and the top level supplies the defaults.
+    """
     env = os.environ.get
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
     # A _Parser too, so that it types as a parent of the _Parser subcommands.
     common = _Parser(add_help=False)
-    common.add_argument("--nats-url", default=env("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"))
-    common.add_argument("-n", "--namespace", default=env("GPU_FLEET_NAMESPACE", "default"))
-    common.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-    common.add_argument("--timeout", type=float, default=30.0)
-    p = _Parser(prog="kubectl runs", description=(__doc__ or "").splitlines()[0], parents=[common])
+    common.add_argument(
+        "--nats-url",
+        default=default(env("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222")),
+        help="NATS server of the fleet (env GPU_FLEET_NATS_URL; default nats://127.0.0.1:4222)",
+    )
+    common.add_argument(
+        "-n",
+        "--namespace",
+        default=default(env("GPU_FLEET_NAMESPACE", "default")),
+        help="namespace of the run, and of documents that omit one (env GPU_FLEET_NAMESPACE)",
+    )
+    common.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json", "yaml"),
+        default=default("table"),
+        help="output format (default table)",
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=default(30.0),
+        help="seconds to wait for each answer from the fleet (default 30)",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(defaults=False)
+    p = _Parser(prog="kubectl runs", description=DESCRIPTION, parents=[_common(defaults=True)])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(
@@ -497,9 +636,19 @@ async def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    except nats.errors.TimeoutError:
-        print("error: the manager did not answer in time", file=sys.stderr)
+    except OutcomeUnknownError as exc:
+        print(f"error: outcome unknown: {exc.what}; check with: {exc.check}", file=sys.stderr)
         return EXIT_FAILED
+    except nats.errors.TimeoutError:
+        print(f"error: the manager did not answer within {args.timeout:g}s", file=sys.stderr)
+        return EXIT_FAILED
+    except nats.errors.MaxPayloadError:
+        print(
+            "error: the request is larger than the NATS server accepts (max_payload);"
+            " split the file",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     finally:
         await nc.close()
 
