@@ -13,9 +13,10 @@ from pathlib import Path
 
 from gpu_fleet import kube
 from gpu_fleet.core.engine import Settings
-from gpu_fleet.core.manifests import ManifestError, parse_inventory
+from gpu_fleet.core.manifests import ManifestError, decode_text, parse_inventory
 from gpu_fleet.core.timeutil import parse_duration, parse_instant
 from gpu_fleet.runtime import logs
+from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet.runtime.together import run_together
 from gpu_fleet_manager.service import Manager, ManagerConfig
 
@@ -38,6 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("GPU_FLEET_SNAPSHOT_EVERY", "500")),
         help="ledger batches between state snapshots (0 disables them)",
     )
+    limits = ApiLimits()
+    for flag, var, value, text in (
+        (
+            "--max-request-bytes",
+            "MAX_REQUEST_BYTES",
+            limits.max_request_bytes,
+            "requests larger than this are refused (413) before decoding",
+        ),
+        (
+            "--max-reply-bytes",
+            "MAX_REPLY_BYTES",
+            limits.max_reply_bytes,
+            "upper bound of a reply (the NATS server's max_payload lowers it)",
+        ),
+        (
+            "--page-size",
+            "PAGE_SIZE",
+            limits.page_size,
+            "list items per page when a request gives no limit",
+        ),
+        (
+            "--max-object-bytes",
+            "MAX_OBJECT_BYTES",
+            limits.max_object_bytes,
+            "largest Budget, Run or node once encoded",
+        ),
+    ):
+        p.add_argument(
+            flag,
+            type=int,
+            default=int(env(f"GPU_FLEET_{var}", str(value))),
+            help=f"{text} (env GPU_FLEET_{var}; default {value})",
+        )
     kube.add_arguments(p)
     return p
 
@@ -48,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     nodes = []
     if args.inventory:
         try:
-            nodes = parse_inventory(Path(args.inventory).read_text(), source=args.inventory)
+            text = decode_text(Path(args.inventory).read_bytes(), args.inventory)
+            nodes = parse_inventory(text, source=args.inventory)
         except (OSError, ManifestError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -64,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         tick_seconds=max(0.05, parse_duration(args.tick) or 1),
         use_binder=not args.no_binder,
         snapshot_every=max(0, args.snapshot_every),
+        limits=ApiLimits(
+            max_request_bytes=max(1024, args.max_request_bytes),
+            max_reply_bytes=max(4096, args.max_reply_bytes),
+            page_size=max(1, args.page_size),
+            max_object_bytes=max(1024, args.max_object_bytes),
+        ),
     )
 
     conn = kube.connection(args)

@@ -348,7 +348,25 @@ class Manager(Actor):
         key: Callable[[dict[str, Any]], paging.Key],
         limit: int | None,
         token: str | None,
-    ) -> api.ListPage:
+    ) -> api.ListPage | list[dict[str, Any]]:
+        """A page (``ListPage``) when the client pages; the bare list for one that does not.
+
+        A request without ``limit`` and ``continue`` comes from a client written before lists
+        paged, which expects a JSON list: it still gets one while the list fits one reply, and
+        a 413 asking for ``limit``/``continue`` once it would not (never an oversized reply).
+        """
+        if limit is None and token is None:
+            whole = sorted(items, key=key)
+            size = len(api.ENCODER.encode(whole)) + paging.PAGE_OVERHEAD
+            if size <= self._reply_budget():
+                return whole
+            raise ApiError(
+                "bad_request",
+                f"the {listing} list is {size} bytes, over the reply limit of"
+                f" {self._reply_budget()}; page it with limit and continue",
+                [api.FieldErrorOut("limit", "required for a list this large")],
+                status="413",
+            )
         try:
             return paging.page(
                 listing,
