@@ -32,6 +32,7 @@ from typing import Final
 
 import msgspec
 
+from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.manifests import (
     ManifestError,
     load_documents,
@@ -319,6 +320,22 @@ def _parse_objects(raw: object, errors: list[str]) -> list[Budget | Run]:
         except ManifestError as exc:
             errors.extend(_manifest_errors(exc))
     return objects
+
+
+def _check_parent_cycles(objects: list[Budget | Run], steps: list[Step], errors: list[str]) -> None:
+    """Budgets are applied in file order (objects, then steps); one closing a parent cycle
+    would be refused by the engine mid-run, so the file is refused up front instead."""
+    applied: list[Budget] = []
+    where = [(f"objects[{i}]", m) for i, m in enumerate(objects)]
+    where += [(f"steps[{s.index}].apply", s.manifest) for s in steps if isinstance(s, ApplyStep)]
+    for path, manifest in where:
+        if not isinstance(manifest, Budget):
+            continue
+        cycle = parent_cycle(applied, [manifest])
+        if cycle is not None:
+            errors.append(f"{path}.spec.parents: parents form a cycle: {cycle[1]}")
+            continue
+        applied = [b for b in applied if b.key != manifest.key] + [manifest]
 
 
 class _Known:
@@ -629,6 +646,8 @@ def parse_scenario(raw: object, source: str = "<scenario>") -> Scenario:
     objects = _parse_objects(raw.get("objects"), errors)
     known = _Known(nodes, objects)
     steps = _parse_steps(raw.get("steps"), start, known, errors)
+
+    _check_parent_cycles(objects, steps, errors)
 
     expectations, expectation_errors = collect_expectations(raw.get("expect"), "expect")
     errors.extend(expectation_errors)

@@ -33,6 +33,7 @@ from gpu_fleet.core.engine.gang import (
     status_event,
 )
 from gpu_fleet.core.engine.resolver import close_preempted, stale_preemptions
+from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.ledger.events import (
     BudgetApplied,
     BudgetDeleted,
@@ -100,6 +101,9 @@ class Fleet:
 
     def apply(self, manifest: Budget | Run, at: Instant) -> list[Event]:
         if isinstance(manifest, Budget):
+            cycle = parent_cycle(self.state.budgets.values(), [manifest])
+            if cycle is not None:
+                raise CommandError(f"budget {manifest.key}: parents form a cycle: {cycle[1]}")
             events = self.commit([BudgetApplied(at=at, budget=manifest)])
         elif manifest.key in self.state.runs:
             events = self.commit([RunUpdated(at=at, run=manifest)])
