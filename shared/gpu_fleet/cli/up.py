@@ -1,7 +1,15 @@
 """``gpu-fleet up``: the whole stack on an embedded NATS server, as separate processes.
 
-A small supervisor: a service that dies is restarted (with a growing delay), because the ledger
-makes every service restartable at any point.  SIGINT/SIGTERM stop everything cleanly.
+A small supervisor watches every child - nats-server and the four services alike - because the
+ledger makes each of them restartable at any point: a child that dies is started again (NATS
+on the same port and data directory, so the ledger and the services' reconnects find it), after
+a delay that grows with each death in a row (``RESTART_DELAYS``).  A child that stayed up for
+``HEALTHY_AFTER`` seconds before dying starts the sequence afresh: deaths hours apart are not a
+crash loop (issue 19: the delay never reset, and a dead nats-server was never noticed at all).
+
+Restarts are scheduled, not slept: one tick checks every child and starts those whose delay has
+passed, so one child's back-off never delays noticing another's death, nor Ctrl-C.  SIGINT and
+SIGTERM stop everything cleanly.  The clock is injected so the policy is tested without sleeping.
 """
 
 from __future__ import annotations
@@ -10,16 +18,150 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TextIO
 
 from gpu_fleet.cli.stack import SERVICES, ProcessStack
+from gpu_fleet.runtime.natsd import NatsServerError
 
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
+"""Seconds before restarting a child after its 1st, 2nd, ... death in a row (then the last)."""
+HEALTHY_AFTER = 60.0
+"""Seconds a child must have run before a death counts as the first of a new sequence."""
+TICK = 0.5
+"""Seconds between checks of the children."""
+
+
+class Child(Protocol):
+    """One supervised process: its name, whether it runs, how it exited, how to start it."""
+
+    name: str
+
+    def running(self) -> bool: ...
+
+    def exit_code(self) -> int | None: ...
+
+    def start(self) -> None: ...
+
+
+class NatsChild:
+    """The embedded nats-server; ``start`` reuses its port and JetStream directory."""
+
+    name = "nats-server"
+
+    def __init__(self, stack: ProcessStack) -> None:
+        self.stack = stack
+
+    def running(self) -> bool:
+        proc = self.stack.nats.proc
+        return proc is not None and proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        proc = self.stack.nats.proc
+        return proc.returncode if proc is not None else None
+
+    def start(self) -> None:
+        self.stack.nats.proc = None  # forget the dead process; start() then spawns a new one
+        self.stack.nats.start()
+
+
+class ServiceChild:
+    """One service process of the stack."""
+
+    def __init__(self, stack: ProcessStack, name: str) -> None:
+        self.stack = stack
+        self.name = name
+
+    def running(self) -> bool:
+        proc = self.stack.procs.get(self.name)
+        return proc is not None and proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        proc = self.stack.procs.get(self.name)
+        return proc.returncode if proc is not None else None
+
+    def start(self) -> None:
+        self.stack.procs.pop(self.name, None)
+        self.stack.spawn(self.name)
+
+
+@dataclass
+class _State:
+    started_at: float
+    deaths: int = 0  # deaths in a row (reset by a healthy run)
+    restart_at: float | None = None  # when a dead child is due to start again
+
+
+@dataclass
+class Supervisor:
+    """Restart dead children with a back-off that resets after a healthy run."""
+
+    children: list[Child]
+    clock: Callable[[], float] = time.monotonic
+    delays: tuple[float, ...] = RESTART_DELAYS
+    healthy_after: float = HEALTHY_AFTER
+    out: TextIO = sys.stderr
+    _states: dict[str, _State] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        now = self.clock()
+        self._states = {c.name: _State(started_at=now) for c in self.children}
+
+    def delay_after_death(self, name: str) -> float:
+        """Count one more death of ``name`` and return how long to wait before restarting it."""
+        state = self._states[name]
+        if self.clock() - state.started_at >= self.healthy_after:
+            state.deaths = 0  # it ran long enough: this is a new sequence, not a crash loop
+        delay = self.delays[min(state.deaths, len(self.delays) - 1)]
+        state.deaths += 1
+        return delay
+
+    def tick(self) -> list[str]:
+        """Check every child once; start those due.  Returns the names (re)started."""
+        started = []
+        for child in self.children:  # nats-server first: the services need it
+            state = self._states[child.name]
+            if state.restart_at is None:
+                if child.running():
+                    continue
+                delay = self.delay_after_death(child.name)
+                state.restart_at = self.clock() + delay
+                print(
+                    f"{child.name} exited (code {child.exit_code()}); restarting in {delay:g}s",
+                    file=self.out,
+                    flush=True,
+                )
+            if self.clock() < state.restart_at:
+                continue
+            try:
+                child.start()
+            except (OSError, NatsServerError) as exc:
+                delay = self.delay_after_death(child.name)
+                state.restart_at = self.clock() + delay
+                print(
+                    f"{child.name} did not start ({exc}); retrying in {delay:g}s",
+                    file=self.out,
+                    flush=True,
+                )
+                continue
+            state.started_at = self.clock()
+            state.restart_at = None
+            started.append(child.name)
+            print(f"{child.name} restarted", file=self.out, flush=True)
+        return started
 
 
 def default_inventory() -> str | None:
     path = Path.cwd() / "examples" / "inventory.yaml"
     return str(path) if path.exists() else None
+
+
+def supervisor_for(stack: ProcessStack) -> Supervisor:
+    children: list[Child] = [NatsChild(stack)]
+    children += [ServiceChild(stack, name) for name in stack.services]
+    return Supervisor(children)
 
 
 def up(
@@ -46,17 +188,10 @@ def up(
         print(f"  kubernetes bridge: {' '.join(kube_args)} (manager: runs/budgets, binder: pods)")
     print(f"  try:      export GPU_FLEET_NATS_URL={stack.nats.url}; kubectl runs get -A")
     print("  stop:     Ctrl-C")
-    restarts: dict[str, int] = {}
+    supervisor = supervisor_for(stack)
     try:
-        while not stop.wait(0.5):
-            for name in stack.dead():
-                n = restarts.get(name, 0)
-                delay = RESTART_DELAYS[min(n, len(RESTART_DELAYS) - 1)]
-                print(f"service {name} exited; restarting in {delay}s", file=sys.stderr)
-                time.sleep(delay)
-                stack.procs.pop(name, None)
-                stack.spawn(name)
-                restarts[name] = n + 1
+        while not stop.wait(TICK):
+            supervisor.tick()
     finally:
         print("stopping gpu-fleet ...")
         stack.stop()
