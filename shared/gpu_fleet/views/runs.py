@@ -12,6 +12,7 @@ from gpu_fleet.core.forecast import ForecastError, forecast
 from gpu_fleet.core.ledger import FleetState, LeaseClosed, RunStatusChanged
 from gpu_fleet.core.model import Instant
 from gpu_fleet.core.timeutil import format_instant
+from gpu_fleet.views.idle import idle_rows
 from gpu_fleet.views.report import build_report
 
 
@@ -140,6 +141,7 @@ def explain(state: FleetState, key: str, at: Instant) -> list[tuple[str, str]]:
         rows.append(("Confidence", res["confidence"]))
         if res["remedies"]:
             rows.append(("Remedies", "; ".join(res["remedies"])))
+    rows.extend(idle_rows(state, key))
     for e in state.history:
         if isinstance(e, LeaseClosed):
             lease = state.leases.get(e.lease)
