@@ -8,7 +8,9 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import nats
 import pytest
 
 from gpu_fleet.cli import runs
@@ -166,3 +168,93 @@ def test_complete_of_a_failed_run_says_why_and_exits_1(
     )
     code, out, _ = kubectl(capsys, url, "get", "train-8", "-n", "rai", "-o", "json")
     assert json.loads(out)["phase"] == "Failed"
+
+
+def test_global_options_before_the_verb_are_kept(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Break 2: ``kubectl runs --nats-url URL get -A`` dialled the default URL (the subcommand's
+    default overwrote the global flag).  Every global option now works before the verb, and
+    one given after the verb still wins."""
+    monkeypatch.setenv("GPU_FLEET_NATS_URL", "nats://127.0.0.1:1")  # the default: unreachable
+    for path in sorted((EXAMPLES / "manifests").glob("0[12]-*.yaml")):
+        assert runs.main(["--nats-url", url, "submit", "-f", str(path)]) == 0
+    capsys.readouterr()
+    argv = ["--nats-url", url, "-n", "rai", "-o", "json", "--timeout", "20", "get", "train-8"]
+    assert runs.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["name"] == "train-8", err
+    assert runs.main(["--nats-url", url, "-o", "yaml", "get", "-A"]) == 0
+    out, _ = capsys.readouterr()
+    assert "name: train-8" in out
+    assert runs.main(["--nats-url", "nats://127.0.0.1:1", "budgets", "-A", "--nats-url", url]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("Budget Usage")
+
+
+def test_lists_are_read_page_by_page(
+    url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI follows ``continue`` until the last page and prints the list whole."""
+    manifest = tmp_path / "paged.yaml"
+    manifest.write_text(
+        "---\n".join(
+            "apiVersion: rq.davidlangworthy.io/v1\nkind: Run\n"
+            f"metadata: {{name: p{i}, namespace: paged}}\n"
+            "spec: {resources: {gpuType: H100, totalGPUs: 1}}\n"
+            for i in range(5)
+        )
+    )
+    assert runs.main(["--nats-url", url, "submit", "-f", str(manifest)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(runs, "PAGE_LIMIT", 2)  # three pages of 2, 2 and 1
+    assert runs.main(["--nats-url", url, "-o", "json", "-n", "paged", "get"]) == 0
+    names = [v["name"] for v in json.loads(capsys.readouterr()[0])]
+    assert names == [f"p{i}" for i in range(5)]
+
+
+@pytest.fixture(name="silent_manager")
+def _silent_manager(nats_server: Any) -> Iterator[str]:
+    """A NATS server where something takes ``fleet.api.apply`` requests and never answers:
+    what a client sees when the manager dies after receiving a submit (committed or not)."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: list[Any] = []
+
+    async def swallow() -> None:
+        nc = await nats.connect(nats_server.url)
+        holder.append(nc)
+
+        async def ignore(_: Any) -> None:
+            return None
+
+        await nc.subscribe("fleet.api.apply", cb=ignore)
+        await nc.flush()
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(swallow(), loop).result(30)
+    assert ready.wait(30)
+    yield nats_server.url
+    asyncio.run_coroutine_threadsafe(holder[0].close(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(30)
+    loop.close()
+
+
+def test_a_timed_out_submit_says_the_outcome_is_unknown_and_how_to_check(
+    silent_manager: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Break 8: a submit the manager received but never answered was reported as failed,
+    although it may have been committed.  Now it says so, and how to check."""
+    path = EXAMPLES / "manifests" / "02-single-domain.yaml"
+    argv = ["--nats-url", silent_manager, "--timeout", "0.5", "submit", "-f", str(path)]
+    code = runs.main(argv)
+    _, err = capsys.readouterr()
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: outcome unknown: {path}: no answer within 0.5s")
+    assert "may or may not have been applied (Run rai/train-8)" in lines[0]
+    assert lines[0].endswith("check with: kubectl runs get rai/train-8")

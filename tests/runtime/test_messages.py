@@ -71,3 +71,19 @@ def test_old_decoder_rejects_a_changed_field_type_loudly() -> None:
     raw = json.dumps({"seq": "seven", "run": "x", "request": {"flavor": "H", "total_gpus": 1}})
     with pytest.raises(msgspec.ValidationError, match=r"\$\.seq"):
         placement.REQUEST_DECODER.decode(raw.encode())
+
+
+def test_list_requests_carry_paging_and_a_page_reads_like_a_kubernetes_list() -> None:
+    """``continue`` is the wire name (a Python keyword, so the field is ``continue_``); a page
+    omits ``continue`` and ``remainingItemCount`` when nothing follows, as Kubernetes does."""
+    req = msgspec.json.decode(b'{"limit": 2, "continue": "abc"}', type=api.ListRequest)
+    assert (req.limit, req.continue_) == (2, "abc")
+    assert msgspec.json.decode(b"{}", type=api.LeasesRequest).continue_ is None
+    last = api.ListPage(items=[1])
+    assert json.loads(api.ENCODER.encode(last)) == {"items": [1], "metadata": {}}
+    more = api.ListPage(items=[1], metadata=api.ListMeta(continue_="t", remaining_item_count=3))
+    assert json.loads(api.ENCODER.encode(more))["metadata"] == {
+        "continue": "t",
+        "remainingItemCount": 3,
+    }
+    assert msgspec.json.decode(with_extra(more), type=api.ListPage) == more

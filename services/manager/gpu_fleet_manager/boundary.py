@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import msgspec
 
+from gpu_fleet.core.engine import CommandError
+from gpu_fleet.core.engine.fleet import CommandErrorCode
 from gpu_fleet.core.names import quote
 from gpu_fleet.messages import api
 from gpu_fleet.messages.validation import Requests, request_problems
@@ -29,6 +31,15 @@ R = TypeVar("R", bound=Requests)
 
 REQUEST = "<request>"
 """The path of an error about the whole request body."""
+
+
+class FieldRefusedError(CommandError):
+    """A command refused because of one request field (``by``, ``sponsor``, ...): the error
+    reply names that field instead of the object the request is about."""
+
+    def __init__(self, path: str, message: str, code: CommandErrorCode | None = None) -> None:
+        super().__init__(message, code)
+        self.path = path
 
 
 class ApiError(Exception):

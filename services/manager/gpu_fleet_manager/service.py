@@ -55,7 +55,13 @@ from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet.runtime.snapshots import SnapshotStore
 from gpu_fleet.views import build_report
 from gpu_fleet_manager import __version__
-from gpu_fleet_manager.boundary import ApiError, decode_request, object_too_large
+from gpu_fleet_manager.boundary import (
+    REQUEST,
+    ApiError,
+    FieldRefusedError,
+    decode_request,
+    object_too_large,
+)
 from gpu_fleet_manager.writer import LedgerFleet
 
 log = structlog.get_logger("gpu_fleet.manager")
@@ -288,9 +294,14 @@ class Manager(Actor):
                 except LedgerEventTooLargeError as exc:
                     log.warning("ledger.event_too_large", error=str(exc))
                     await self._rebuild()  # the decision was folded locally, not appended
-                    raise ApiError("bad_request", str(exc), status="413") from exc
+                    error = api.FieldErrorOut(REQUEST, str(exc))
+                    raise ApiError("bad_request", str(exc), [error], status="413") from exc
                 except CommandError as exc:
-                    raise ApiError(exc.code, str(exc)) from exc
+                    # The object the request names is what is missing or in the wrong state,
+                    # unless the refusal says which other field it is about.
+                    path = exc.path if isinstance(exc, FieldRefusedError) else "name"
+                    error = api.FieldErrorOut(path, str(exc))
+                    raise ApiError(exc.code, str(exc), [error]) from exc
             raise AssertionError("unreachable")
 
     async def _read(self, fn: Callable[[Instant], T]) -> T:
@@ -300,7 +311,9 @@ class Manager(Actor):
             try:
                 return fn(self.clock.now())
             except views.NotFoundError as exc:
-                raise ApiError("not_found", str(exc)) from exc
+                raise ApiError(
+                    "not_found", str(exc), [api.FieldErrorOut("name", str(exc))]
+                ) from exc
 
     def _wrap(
         self, name: str, handler: Callable[[bytes], Awaitable[Any]]
@@ -412,6 +425,12 @@ class Manager(Actor):
                 f"{len(exc.errors)} validation error(s)",
                 [api.FieldErrorOut(e.path, e.message) for e in exc.errors],
             ) from exc
+        if not manifests:
+            raise ApiError(
+                "validation",
+                "nothing to apply",
+                [api.FieldErrorOut("documents", "must hold at least one Budget or Run")],
+            )
         oversized = [
             error
             for m in manifests
@@ -479,9 +498,16 @@ class Manager(Actor):
             elif req.by is not None and req.by > 0:
                 desired = r.desired_width - req.by
             else:
-                raise CommandError("--by must be > 0")
+                raise FieldRefusedError("by", "--by must be > 0")
             # The engine checks the rest, with the words the in-process runner reports too.
-            fleet.shrink(key, desired, now)
+            try:
+                fleet.shrink(key, desired, now)
+            except CommandError as exc:
+                if exc.code == "not_found":
+                    raise
+                # Not malleable is about the run itself; anything else about the width asked.
+                field = "name" if r.spec.malleable is None else "desired" if req.desired else "by"
+                raise FieldRefusedError(field, str(exc), exc.code) from exc
             return {"run": key, "desiredGPUs": desired}
 
         return await self._mutate(run)
@@ -501,16 +527,18 @@ class Manager(Actor):
                     "allowBorrow": bool(funding and funding.allow_borrow),
                 }
             if not req.sponsor:
-                raise CommandError("sponsor is required")
+                raise FieldRefusedError("sponsor", "sponsor is required")
             if funding is not None and not funding.allow_borrow and req.op == "add":
-                raise CommandError("run does not allow borrowing; edit spec to enable it")
+                raise FieldRefusedError(
+                    "op", "run does not allow borrowing; edit spec to enable it"
+                )
             if req.op == "add":
                 if req.sponsor not in current:
                     current.append(req.sponsor)
             elif req.sponsor in current:
                 current.remove(req.sponsor)
             else:
-                raise CommandError(f"sponsor {req.sponsor} not found on run {key}")
+                raise FieldRefusedError("sponsor", f"sponsor {req.sponsor} not found on run {key}")
             new_funding = msgspec.structs.replace(
                 funding or Funding(allow_borrow=True),
                 sponsors=tuple(current),
@@ -625,14 +653,12 @@ class Manager(Actor):
         if req.advance_to is not None:
             clock = self.clock
             if not isinstance(clock, VirtualClock):
-                raise ApiError(
-                    "bad_request", "the clock is the wall clock; start with --clock virtual"
-                )
+                message = "the clock is the wall clock; start with --clock virtual"
+                raise ApiError("bad_request", message, [api.FieldErrorOut("advance_to", message)])
             target = req.advance_to
             if target < clock.now():
-                raise ApiError(
-                    "bad_request", f"cannot move the clock back to {format_instant(target)}"
-                )
+                message = f"cannot move the clock back to {format_instant(target)}"
+                raise ApiError("bad_request", message, [api.FieldErrorOut("advance_to", message)])
 
             def advance(_: Instant) -> None:
                 clock.set(target)

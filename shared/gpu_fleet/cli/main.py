@@ -246,8 +246,8 @@ def _cmd_scenario_run(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     """Check files the way ``kubectl runs submit`` and the manager will (the same loader).
 
-    Parent cycles are checked across every valid Budget of the files given, as one apply of
-    them all would be.
+    Parent cycles are checked across every valid Budget of the files given, in order, as
+    applying them one after the other would.
     """
     status = EXIT_OK
     budgets: list[Budget] = []

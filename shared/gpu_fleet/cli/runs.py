@@ -140,28 +140,42 @@ def _check_hint(names: list[str]) -> str:
     return "kubectl runs budgets -A"
 
 
-async def cmd_submit(nc: Any, args: argparse.Namespace) -> int:
-    """Submit every file; all are read and checked here first, so a bad file sends nothing.
+Prepared = list[tuple[str, str, list[object]]]
+"""Per file to submit: its name, the text to send, its documents."""
 
-    A request that times out may still have been committed (the manager appends to the ledger
-    before it answers), so that is reported as "outcome unknown" with the way to check, never
-    as a failure: re-submitting the same file is safe either way (apply creates or updates).
+
+def prepare_submit(args: argparse.Namespace) -> Prepared | None:
+    """Read and check every file before anything is sent (or NATS is even dialled).
+
+    Returns None after printing one ``error: FILE: ...`` line per problem: a bad file, like an
+    unreadable one, is a usage error (exit 2) and nothing of the submission is sent.
     """
-    prepared: list[tuple[str, str, list[object]]] = []
+    prepared: Prepared = []
     for path in args.file:
         try:
             data = _read_source(path)
         except OSError as exc:
             print(f"error: {path}: {exc.strerror}", file=sys.stderr)
-            return EXIT_USAGE
+            return None
         try:
             documents = load_source(data, path)
         except ManifestError as exc:
             for line in _source_errors(path, exc):
                 print(line, file=sys.stderr)
-            return EXIT_USAGE
+            return None
         documents = _with_namespace(documents, args.namespace, args.follow)
         prepared.append((path, dump_documents(documents), documents))
+    return prepared
+
+
+async def cmd_submit(nc: Any, args: argparse.Namespace) -> int:
+    """Submit every file prepared by ``prepare_submit``, in order.
+
+    A request that times out may still have been committed (the manager appends to the ledger
+    before it answers), so that is reported as "outcome unknown" with the way to check, never
+    as a failure: re-submitting the same file is safe either way (apply creates or updates).
+    """
+    prepared: Prepared = args.prepared
     results: list[Any] = []
     for path, text, documents in prepared:
         try:
@@ -658,6 +672,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "completions":
         return cmd_completions(args, parser)
+    if args.command == "submit":
+        args.prepared = prepare_submit(args)
+        if args.prepared is None:
+            return EXIT_USAGE
     try:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:

@@ -11,13 +11,14 @@ which is the core's own ``CommandError`` text, so the in-process runner records 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from typing import Any
 
 import msgspec
 
 from gpu_fleet.cli.stack import ApiCallError, InProcessStack, call
-from gpu_fleet.core.ledger import FleetState, fold
+from gpu_fleet.core.ledger import FleetState, LedgerError, fold
 from gpu_fleet.core.model import Instant
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 from gpu_fleet.scenario.loader import (
@@ -47,7 +48,9 @@ async def _report(stack: InProcessStack, scenario: Scenario, label: str, at: Ins
     state = FleetState(settings_period_hours=settings_of(scenario).period_hours)
     async for _, event in LedgerStream(stack.nc).read(1):
         if event is not None:
-            fold(state, event)
+            # An event the fold refuses changed nothing; skip it as every ledger reader does.
+            with contextlib.suppress(LedgerError):
+                fold(state, event)
     return build_report(state, label, at)
 
 

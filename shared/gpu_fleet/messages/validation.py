@@ -31,6 +31,8 @@ CONTINUE_MAX: Final = 1024
 """Characters of a ``continue`` token (ours are well under 200)."""
 COUNT_MAX: Final = 1_000_000
 """Upper bound of GPU counts in requests (``by``, ``desired``, ``max_borrow``)."""
+INSTANT_MAX: Final = 253_402_300_799
+"""The last second of year 9999, the largest instant RFC 3339 can write."""
 
 Requests = (
     api.RunRef
@@ -75,6 +77,11 @@ class _Problems:
         elif not value.isprintable():
             self.items.append(api.FieldErrorOut(path, "must be printable text on one line"))
 
+    def instant(self, path: str, value: int | None) -> None:
+        if value is not None and not 0 <= value <= INSTANT_MAX:
+            message = f"must be a Unix time between 0 and {INSTANT_MAX} (year 9999)"
+            self.items.append(api.FieldErrorOut(path, message))
+
     def run_ref(self, namespace: str | None, name: str | None) -> None:
         self.check("namespace", namespace, dns_label_problem)
         self.check("name", name, dns_label_problem)
@@ -112,14 +119,16 @@ def request_problems(req: Requests) -> list[api.FieldErrorOut]:
             p.run_ref(ns, name)
             if isinstance(eta, str):
                 p.text("eta", eta, ETA_MAX)
+            else:
+                p.instant("eta", eta)
         case api.ListRequest(namespace=ns, limit=limit, continue_=token):
             p.check("namespace", ns, dns_label_problem)
             p.page(limit, token)
         case api.LeasesRequest(namespace=ns, name=name, limit=limit, continue_=token):
             p.run_ref(ns, name)
             p.page(limit, token)
-        case api.ClockRequest():
-            pass
+        case api.ClockRequest(advance_to=advance_to):
+            p.instant("advance_to", advance_to)
         case api.ReportRequest(label=label):
             p.check("label", label, label_value_problem)
         case _:

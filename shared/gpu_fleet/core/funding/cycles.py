@@ -23,17 +23,17 @@ def parent_cycle(
 ) -> tuple[Budget, str] | None:
     """The first applied Budget that closes a parent cycle, with the cycle; None if none does.
 
-    ``existing`` is every Budget already accepted; ``applied`` replace those with the same key,
-    in order.  The cycle is the shortest one through the Budget's owner, walked from it, with
-    ties broken by owner name, so the message is the same on every replay.
+    ``applied`` are taken in order, each on top of ``existing`` and the ones before it
+    (replacing a Budget with the same key), so the Budget named is the one that closes the
+    cycle as a reader of the file would apply it.  The cycle is the shortest one through its
+    owner, walked from it, with ties broken by owner name, so the message is stable.
     """
     budgets = {b.key: b for b in existing}
     for b in applied:
         budgets[b.key] = b
-    parents: dict[str, set[str]] = defaultdict(set)
-    for b in budgets.values():
-        parents[b.spec.owner].update(b.spec.parents)
-    for b in applied:
+        parents: dict[str, set[str]] = defaultdict(set)
+        for other in budgets.values():
+            parents[other.spec.owner].update(other.spec.parents)
         path = _shortest_path_back(parents, b.spec.owner)
         if path is not None:
             return b, " -> ".join(path)

@@ -129,9 +129,12 @@ _Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
 def dump_documents(documents: list[object]) -> str:
     """YAML text of ``documents``, one per document in order (``None`` as ``null``), that
     ``load_documents`` reads back equal; the CLI re-sends documents it had to default this way.
+
+    Non-ASCII characters go out escaped: written raw, PyYAML reads a NEL (``\\x85``) or a line
+    separator in a quoted key back as a line break (the round-trip property test found it).
     """
     return yaml.dump_all(
-        documents, Dumper=_Dumper, explicit_start=True, allow_unicode=True, sort_keys=False
+        documents, Dumper=_Dumper, explicit_start=True, allow_unicode=False, sort_keys=False
     )
 
 

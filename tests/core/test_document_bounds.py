@@ -1,0 +1,157 @@
+"""The one loader's bounds and file rules (``core.manifests.documents`` and ``.source``).
+
+A YAML alias bomb is refused from its node graph, before anything expands it, so a bomb of
+9**9 leaves costs milliseconds; the ``timeout`` markers are hang guards, not timing assertions.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
+
+from gpu_fleet.core.manifests import (
+    ManifestError,
+    dump_documents,
+    load_documents,
+    load_source,
+    parse_manifests,
+)
+from gpu_fleet.core.manifests.documents import MAX_DEPTH, MAX_NODES, MAX_SCALAR_CHARS
+
+
+def bomb(levels: int, fan: int = 9) -> str:
+    names = [f"l{i}" for i in range(levels)]
+    lines = [f"{names[0]}: &{names[0]} [{', '.join(['lol'] * fan)}]"]
+    for prev, name in itertools.pairwise(names):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * fan)}]")
+    return "\n".join(lines) + "\n"
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        load_documents(text, "f.yaml")
+    return [str(e) for e in info.value.errors]
+
+
+@pytest.mark.timeout(30)
+def test_a_billion_laughs_is_refused_by_its_expanded_node_count() -> None:
+    assert errors_of(bomb(9)) == [
+        f"documents[0]: more than {MAX_NODES} nodes once aliases are expanded"
+    ]
+
+
+@pytest.mark.timeout(30)
+def test_a_bomb_in_a_manifest_field_is_refused_before_validation_walks_it() -> None:
+    """The manager parses the same text; a bomb under spec.template must not be walked."""
+    text = (
+        "apiVersion: rq.davidlangworthy.io/v1\nkind: Run\nmetadata: {name: r}\n"
+        "spec:\n  resources: {gpuType: H100, totalGPUs: 1}\n  template:\n"
+        + "".join(f"    {line}\n" for line in bomb(9).splitlines())
+    )
+    with pytest.raises(ManifestError) as info:
+        parse_manifests(text, "run.yaml")
+    assert [e.path for e in info.value.errors] == ["documents[0]"]
+
+
+def test_the_bound_counts_per_document_and_names_its_index() -> None:
+    assert errors_of("a: 1\n---\n" + bomb(9)) == [
+        f"documents[1]: more than {MAX_NODES} nodes once aliases are expanded"
+    ]
+
+
+def test_a_long_string_aliased_many_times_is_bounded_by_characters() -> None:
+    text = f"a: &a {'x' * 100_000}\nb: [" + ", ".join(["*a"] * 50) + "]\n"
+    assert errors_of(text) == [
+        f"documents[0]: more than {MAX_SCALAR_CHARS} characters once aliases are expanded"
+    ]
+
+
+def test_an_alias_inside_its_own_anchor_is_refused() -> None:
+    assert errors_of("a: &a [1, *a]\n") == [
+        "documents[0]: an alias refers to a node that contains it (infinite once expanded)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a: " + "[" * 5000, "[" * 5000 + "]" * 5000, "- " * 5000 + "x", "a: " + "{b: " * 5000],
+)
+def test_deep_nesting_is_refused_not_a_recursion_error(text: str) -> None:
+    (line,) = errors_of(text)
+    assert line.endswith(f"nested more than {MAX_DEPTH} levels deep")
+
+
+def test_json_documents_get_the_same_bounds() -> None:
+    assert errors_of("[" * 70 + "]" * 70) == [
+        f"documents[0]: nested more than {MAX_DEPTH} levels deep"
+    ]
+
+
+def test_a_control_character_is_a_one_line_position() -> None:
+    assert errors_of("a: b\x00") == ["f.yaml: character 5: unacceptable character #x0000"]
+
+
+def test_realistic_aliases_still_load() -> None:
+    text = "base: &base {region: r, gpu.flavor: H100}\nnodes:\n" + "".join(
+        f"  - {{name: n{i}, labels: *base}}\n" for i in range(500)
+    )
+    (doc,) = load_documents(text)
+    assert isinstance(doc, dict)
+    assert len(doc["nodes"]) == 500
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "f.yaml: the file is empty"),
+        (b"  \n\t\n", "f.yaml: the file is empty"),
+        (
+            b"---\n---\n",
+            "f.yaml: no documents (only comments, '---' separators or empty documents)",
+        ),
+        (
+            b"# only a comment\n---\n# another\n",
+            "f.yaml: no documents (only comments, '---' separators or",
+        ),
+        (b"\xff\xfekind: Run", "f.yaml: not UTF-8 text (byte 0xff at offset 0)"),
+        (b"kind: Run\n\xc3(", "f.yaml: not UTF-8 text (byte 0xc3 at offset 10)"),
+    ],
+)
+def test_file_rules(data: bytes, reason: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        load_source(data, "f.yaml")
+    (line,) = str(info.value).splitlines()
+    assert line.startswith(reason)
+
+
+def test_a_byte_order_mark_is_dropped_and_empty_documents_keep_their_places() -> None:
+    assert load_source(b"\xef\xbb\xbf---\n---\na: 1\n", "f.yaml") == [None, {"a": 1}]
+
+
+# The CLI defaults namespaces and re-sends documents as YAML: that must round-trip exactly.
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53), max_value=2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20)
+    | st.sampled_from(["no", "yes", "010", "1e5", "0x1F", "1:30", "2026-01-01T00:00:00Z", "~"])
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@seed(19)
+@settings(max_examples=200, deadline=None)
+@given(st.lists(values, min_size=1, max_size=3))
+def test_dump_documents_round_trips_through_the_loader(documents: list[object]) -> None:
+    assert load_documents(dump_documents(documents)) == documents
