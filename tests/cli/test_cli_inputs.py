@@ -3,13 +3,15 @@
 ``kubectl runs submit -f``, ``gpu-fleet validate`` and ``gpu-fleet scenario run`` read files
 through ``gpu_fleet.core.manifests.load_source``.  A binary file, an alias bomb, an empty file
 and a file of only ``---`` separators each exit 2 with one line naming the file and the reason,
-never a traceback; ``submit`` refuses them before dialling NATS, so no server is needed here.
+never a traceback.  ``submit`` refuses them before sending anything; it gets a real NATS server
+anyway, so that the same test also shows what the code before the fix did with them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,16 +33,17 @@ INPUTS = {
 }
 
 
-def submit(path: Path) -> int:
-    # The URL is never dialled: the file is refused first.
-    return runs.main(["--nats-url", "nats://127.0.0.1:1", "submit", "-f", str(path)])
+def submit(path: Path, url: str) -> int:
+    return runs.main(["submit", "-f", str(path), "--nats-url", url])
 
 
-def validate(path: Path) -> int:
+def validate(path: Path, url: str) -> int:
+    del url
     return gpu_fleet.main(["validate", str(path)])
 
 
-def scenario(path: Path) -> int:
+def scenario(path: Path, url: str) -> int:
+    del url
     return gpu_fleet.main(["scenario", "run", str(path)])
 
 
@@ -50,14 +53,15 @@ def scenario(path: Path) -> int:
 def test_bad_files_exit_2_with_one_line_naming_the_file_and_the_reason(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    command: Callable[[Path], int],
+    nats_server: Any,
+    command: Callable[[Path, str], int],
     kind: str,
 ) -> None:
     """Breaks 3, 4 and 5: a traceback, a hang, exit 0 with nothing done, ``items[0]``."""
     data, reason = INPUTS[kind]
     path = tmp_path / f"{kind}.yaml"
     path.write_bytes(data)
-    code = command(path)
+    code = command(path, nats_server.url)
     out, err = capsys.readouterr()
     assert code == 2
     lines = err.strip().splitlines()

@@ -249,7 +249,7 @@ def test_a_timed_out_submit_says_the_outcome_is_unknown_and_how_to_check(
     """Break 8: a submit the manager received but never answered was reported as failed,
     although it may have been committed.  Now it says so, and how to check."""
     path = EXAMPLES / "manifests" / "02-single-domain.yaml"
-    argv = ["--nats-url", silent_manager, "--timeout", "0.5", "submit", "-f", str(path)]
+    argv = ["submit", "-f", str(path), "--nats-url", silent_manager, "--timeout", "0.5"]
     code = runs.main(argv)
     _, err = capsys.readouterr()
     assert code == 1

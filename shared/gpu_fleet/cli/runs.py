@@ -640,8 +640,12 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         return await HANDLERS[args.command](nc, args)
     except ApiCallError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        for e in exc.errors:
+        # The field errors say it all, one line each; the summary only when there are none,
+        # or when (a not-found, say) it is the one thing to say.
+        details = [e for e in exc.errors if e.get("message") != exc.message]
+        if not details or len(exc.errors) > len(details):
+            print(f"error: {exc.message}", file=sys.stderr)
+        for e in details:
             print(f"error: {e.get('path')}: {e.get('message')}", file=sys.stderr)
         return EXIT_USAGE if exc.code in ("validation", "bad_request") else EXIT_FAILED
     except nats.errors.NoRespondersError:
