@@ -26,7 +26,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
 )
 
 INPUTS = {
-    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not UTF-8 text (byte 0x89 at offset 0)"),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not UTF-8 text (invalid byte at offset 0)"),
     "empty": (b"", "the file is empty"),
     "separators": (b"---\n---\n# nothing\n", "no documents (only comments, '---' separators"),
     "bomb": (BOMB.encode(), "documents[0]: more than 100000 nodes once aliases are expanded"),
@@ -87,7 +87,7 @@ def test_submit_from_stdin_reads_bytes(
     assert runs.main(["--nats-url", "nats://127.0.0.1:1", "submit", "-f", "-"]) == 2
     _, err = capsys.readouterr()
     assert err.strip() == (
-        "error: -: not UTF-8 text (byte 0xff at offset 0); YAML and JSON files must be UTF-8"
+        "error: -: not UTF-8 text (invalid byte at offset 0); YAML and JSON files must be UTF-8"
     )
 
 

@@ -116,8 +116,8 @@ def test_realistic_aliases_still_load() -> None:
             b"# only a comment\n---\n# another\n",
             "f.yaml: no documents (only comments, '---' separators or",
         ),
-        (b"\xff\xfekind: Run", "f.yaml: not UTF-8 text (byte 0xff at offset 0)"),
-        (b"kind: Run\n\xc3(", "f.yaml: not UTF-8 text (byte 0xc3 at offset 10)"),
+        (b"\xff\xfekind: Run", "f.yaml: not UTF-8 text (invalid byte at offset 0)"),
+        (b"kind: Run\n\xc3(", "f.yaml: not UTF-8 text (invalid byte at offset 10)"),
     ],
 )
 def test_file_rules(data: bytes, reason: str) -> None:

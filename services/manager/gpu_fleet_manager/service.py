@@ -506,7 +506,8 @@ class Manager(Actor):
                 if exc.code == "not_found":
                     raise
                 # Not malleable is about the run itself; anything else about the width asked.
-                field = "name" if r.spec.malleable is None else "desired" if req.desired else "by"
+                width = "desired" if req.desired is not None else "by"
+                field = "name" if r.spec.malleable is None else width
                 raise FieldRefusedError(field, str(exc), exc.code) from exc
             return {"run": key, "desiredGPUs": desired}
 

@@ -85,18 +85,25 @@ def idle_rows(state: FleetState, key: str) -> list[tuple[str, str]]:
                     )
                 )
             continue
-        first = next((e for e in entries if e[2] != key), None)
-        if first is None:  # pragma: no cover - protects() is False for a slice of only ours
+        # The holder is who ``protects`` found: the first other run's reservation ahead of
+        # ours in the slice's line (those promised after ours never keep us out).
+        line = next((e.line for e in entries if e.run == key), None)
+        others = [e for e in entries if e.run != key and (line is None or e.line < line)]
+        if not others:  # pragma: no cover - protects() is False without another run ahead
             continue
-        bound, name, owner = first
+        bound, name, owner = others[0].earliest_start, others[0].name, others[0].run
         held += sum(counts.values())
-        ahead = len([e for e in entries if e[2] != key])
+        ahead = len(others)
         rows.append(
             (
                 "HeldForReservation",
                 f"{sum(counts.values())} free GPU(s) ({_nodes(counts)}) are held for"
                 f" reservation {name} of {owner} (activates {format_instant(bound)}"
-                + (f", {ahead - 1} more behind it" if ahead > 1 else "")
+                + (
+                    f"; {ahead - 1} more reservation(s) there come before this run"
+                    if ahead > 1
+                    else ""
+                )
                 + "): backfill may not delay it (DESIGN decision 5)",
             )
         )

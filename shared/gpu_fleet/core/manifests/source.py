@@ -29,9 +29,8 @@ def decode_text(data: bytes, source: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        bad = data[exc.start : exc.start + 1]
         reason = (
-            f"not UTF-8 text (byte 0x{bad.hex()} at offset {exc.start}); "
+            f"not UTF-8 text (invalid byte at offset {exc.start}); "
             "YAML and JSON files must be UTF-8"
         )
         raise ManifestError([FieldError(source, reason)], source=source) from None
