@@ -155,3 +155,16 @@ values = st.recursive(
 @given(st.lists(values, min_size=1, max_size=3))
 def test_dump_documents_round_trips_through_the_loader(documents: list[object]) -> None:
     assert load_documents(dump_documents(documents)) == documents
+
+
+def test_a_value_repeated_in_an_error_is_quoted_by_prefix_and_length() -> None:
+    """An error reply must not grow with the input: the manager sends these messages back."""
+    kind = "K" * 300_000
+    with pytest.raises(ManifestError) as info:
+        parse_manifests(f"apiVersion: rq.davidlangworthy.io/v1\nkind: {kind}\n")
+    (error,) = info.value.errors
+    assert error.path == "kind"
+    assert (
+        error.message
+        == f"unsupported kind {'K' * 40!r}... (300000 characters): must be Budget or Run"
+    )

@@ -97,13 +97,19 @@ def owner_problem(value: str) -> str | None:
     return None if _PRINTABLE_NO_SPACE.fullmatch(value) else OWNER_RULE
 
 
-def quote(value: str, limit: int = QUOTE_PREFIX) -> str:
+def quote(value: object, limit: int = QUOTE_PREFIX) -> str:
     """``value`` as ``repr`` shows it, cut to ``limit`` characters with its length said.
 
     ``quote("x" * 600_000)`` is ``'xxxx...'... (600000 characters)``: enough to recognise the
     input, never enough to grow a reply.  ``repr`` keeps control characters visible and on one
-    line, so a quoted value cannot break a header or a log line.
+    line, so a quoted value cannot break a header or a log line.  A value that is not a string
+    (a number, a list from YAML) is cut the same way, on its ``repr``.
     """
+    if not isinstance(value, str):
+        shown = repr(value)
+        if len(shown) <= limit:
+            return shown
+        return f"{shown[:limit]}... ({len(shown)} characters)"
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}... ({len(value)} characters)"

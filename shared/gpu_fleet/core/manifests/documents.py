@@ -23,6 +23,7 @@ import msgspec
 import yaml
 
 from gpu_fleet.core.manifests.errors import FieldError, ManifestError
+from gpu_fleet.core.names import quote
 
 MAX_NODES: Final = 100_000
 """Nodes (mappings, sequences, keys and scalars) in one document once aliases are expanded."""
@@ -86,7 +87,7 @@ class _Loader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping",
                     node.start_mark,
-                    f"found duplicate key {key!r}",
+                    f"found duplicate key {quote(key)}",
                     key_node.start_mark,
                 )
             seen.add(key)

@@ -20,6 +20,7 @@ from gpu_fleet.core.manifests.structure import (
     walk_struct,
 )
 from gpu_fleet.core.model import Node
+from gpu_fleet.core.names import quote
 
 
 def _node(raw: object, path: str, errs: ErrorList) -> Node | None:
@@ -55,7 +56,7 @@ def _node_list(items: list[object], base: str, errs: ErrorList) -> list[Node]:
             if name in seen:
                 errs.add(
                     join_path(npath, "name"),
-                    f"duplicate node name {name!r} (also at {seen[name]})",
+                    f"duplicate node name {quote(name)} (also at {seen[name]})",
                 )
                 continue
             seen[name] = npath

@@ -23,6 +23,7 @@ from gpu_fleet.core.manifests.structure import (
     walk_struct,
 )
 from gpu_fleet.core.model import API_VERSION, Budget, Run
+from gpu_fleet.core.names import quote
 
 _KINDS: Final[dict[str, type[Budget] | type[Run]]] = {"Budget": Budget, "Run": Run}
 
@@ -40,7 +41,7 @@ def _manifest(raw: object, path: str, errs: ErrorList) -> Budget | Run | None:
     elif not isinstance(api, str):
         errs.add(api_path, f"expected str, got {kind_name(api)}")
     elif api != API_VERSION:
-        errs.add(api_path, f"must be {API_VERSION!r}, got {api!r}")
+        errs.add(api_path, f"must be {API_VERSION!r}, got {quote(api)}")
     if kind is None:
         errs.add(kind_path, "required")
         return None
@@ -49,7 +50,7 @@ def _manifest(raw: object, path: str, errs: ErrorList) -> Budget | Run | None:
         return None
     cls = _KINDS.get(kind)
     if cls is None:
-        errs.add(kind_path, f"unsupported kind {kind!r}: must be Budget or Run")
+        errs.add(kind_path, f"unsupported kind {quote(kind)}: must be Budget or Run")
         return None
 
     handled = frozenset({"apiVersion", "kind"})

@@ -18,6 +18,7 @@ from gpu_fleet.core.manifests.structure import (
     get_str,
     get_time,
 )
+from gpu_fleet.core.names import quote
 from gpu_fleet.core.timeutil import DurationError, parse_duration
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def _check_unique_strings(
             errs.add(ipath, "must not be empty")
             continue
         if item in seen:
-            errs.add(ipath, f"duplicate {what} {item!r} (also at {seen[item]})")
+            errs.add(ipath, f"duplicate {what} {quote(item)} (also at {seen[item]})")
             continue
         seen[item] = ipath
         if extra is not None:
@@ -176,14 +177,14 @@ def _check_cap(
         if declared is None:
             return
         if name not in declared:
-            errs.add(ipath, f"unknown envelope {name!r}: must name an envelope of this budget")
+            errs.add(ipath, f"unknown envelope {quote(name)}: must name an envelope of this budget")
             return
         env_flavor = declared[name]
         if flavor and env_flavor is not None and env_flavor != flavor:
             errs.add(
                 ipath,
-                f"envelope {name!r} has flavor {env_flavor!r}: "
-                f"must match the cap's flavor {flavor!r}",
+                f"envelope {quote(name)} has flavor {quote(env_flavor)}: "
+                f"must match the cap's flavor {quote(flavor)}",
             )
 
     _check_unique_strings(members, mpath, "envelope", errs, member_rules)
@@ -221,7 +222,7 @@ def check_budget_spec(spec: dict[str, object], path: str, errs: ErrorList) -> No
             if name in seen:
                 errs.add(
                     join_path(ipath, "name"),
-                    f"duplicate envelope name {name!r} (also at {seen[name]})",
+                    f"duplicate envelope name {quote(name)} (also at {seen[name]})",
                 )
             else:
                 seen[name] = ipath
@@ -242,14 +243,14 @@ def check_budget_spec(spec: dict[str, object], path: str, errs: ErrorList) -> No
             if name in cap_seen:
                 errs.add(
                     join_path(jpath, "name"),
-                    f"duplicate aggregate cap name {name!r} (also at {cap_seen[name]})",
+                    f"duplicate aggregate cap name {quote(name)} (also at {cap_seen[name]})",
                 )
             else:
                 cap_seen[name] = jpath
 
     def parent_rules(parent: str, ipath: str) -> None:
         if owner is not None and parent == owner:
-            errs.add(ipath, f"must not be the budget's own owner {owner!r}")
+            errs.add(ipath, f"must not be the budget's own owner {quote(owner)}")
 
     ppath = join_path(path, "parents")
     _check_unique_strings(get_list(spec, "parents"), ppath, "parent", errs, parent_rules)
@@ -450,7 +451,7 @@ def _check_follow(
 
     def upstream_rules(name: str, ipath: str) -> None:
         if run_name is not None and name == run_name:
-            errs.add(ipath, f"must not name the run itself ({name!r})")
+            errs.add(ipath, f"must not name the run itself ({quote(name)})")
         else:
             _check_label(name, ipath, errs)
 

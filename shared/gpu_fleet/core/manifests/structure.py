@@ -19,6 +19,7 @@ import msgspec
 import msgspec.inspect as mi
 
 from gpu_fleet.core.manifests.errors import ErrorList, index_path, join_path
+from gpu_fleet.core.names import quote
 
 
 class _InvalidType:
@@ -84,12 +85,12 @@ def _timestamp(value: object, path: str, errs: ErrorList) -> object:
         parsed = value
     elif isinstance(value, str):
         if not _RFC3339.match(value.strip()):
-            errs.add(path, f"{_TIMESTAMP_RULE}, got {value!r}")
+            errs.add(path, f"{_TIMESTAMP_RULE}, got {quote(value)}")
             return _INVALID
         try:
             parsed = dt.datetime.fromisoformat(value.strip().upper().replace("Z", "+00:00"))
         except ValueError:
-            errs.add(path, f"{_TIMESTAMP_RULE}, got {value!r}")
+            errs.add(path, f"{_TIMESTAMP_RULE}, got {quote(value)}")
             return _INVALID
     else:
         errs.add(path, f"expected timestamp, got {kind_name(value)}")
@@ -216,7 +217,7 @@ def _choice(value: object, allowed: tuple[object, ...], path: str, errs: ErrorLi
         errs.add(path, f"expected str, got {kind_name(value)}")
         return _INVALID
     if value not in allowed:
-        errs.add(path, f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+        errs.add(path, f"must be one of {', '.join(repr(a) for a in allowed)}, got {quote(value)}")
         return _INVALID
     return value
 
