@@ -40,7 +40,13 @@ RUN: dict[str, Any] = {
         "malleable": {"minTotalGPUs": 2, "maxTotalGPUs": 8, "stepGPUs": 2},
         "runtime": {"maxDuration": "2h"},
         "funding": {"allowBorrow": True, "sponsors": ["org:ai"]},
-        "template": {"spec": {"containers": [{"name": "c", "image": "x"}]}},
+        "roles": [
+            {
+                "name": "worker",
+                "width": 4,
+                "template": {"spec": {"containers": [{"name": "c", "image": "x"}]}},
+            }
+        ],
     },
 }
 BUDGET: dict[str, Any] = {
@@ -164,7 +170,7 @@ def test_any_file_gives_manifests_or_field_precise_errors(data: bytes) -> None:
         assert all(isinstance(m, Budget | Run) for m in manifests)
         return
     assert refused.errors
-    for error in refused.errors:
+    for error in refused.errors:  # each names where the problem is and says it on one line
         assert error.path
         assert "\n" not in error.message
         assert len(error.message) < 2000, error.message[:200]

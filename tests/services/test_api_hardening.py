@@ -17,9 +17,14 @@ import pytest_asyncio
 from nats.aio.client import Client
 
 from gpu_fleet.cli.stack import ApiCallError, InProcessStack, call
-from gpu_fleet.core.ledger import FleetState, check_invariants, fold
+from gpu_fleet.core.ledger import FleetState, NodeRegistered, check_invariants, fold
+from gpu_fleet.core.model import Node
 from gpu_fleet.core.timeutil import parse_instant
-from gpu_fleet.runtime.ledger_stream import SUBJECT_PREFIX, LedgerStream
+from gpu_fleet.runtime.ledger_stream import (
+    SUBJECT_PREFIX,
+    LedgerEventTooLargeError,
+    LedgerStream,
+)
 from gpu_fleet.runtime.replies import HEADER_MAX, ApiLimits
 from gpu_fleet_binder.service import Binder
 from gpu_fleet_manager.service import Manager, ManagerConfig
@@ -356,3 +361,40 @@ async def wait_for_connection(actor: Manager) -> Client:
             return actor.nc
         await asyncio.sleep(0.01)
     raise AssertionError("the manager did not connect")
+
+
+# -- objects: every ledger event must fit one NATS message ---------------------------------
+
+
+async def test_an_object_too_large_for_the_ledger_is_refused_naming_it(
+    stack: InProcessStack,
+) -> None:
+    """A 300 KB pod template fits the request but not ``max_object_bytes`` (256 KiB)."""
+    before = await seq(stack)
+    big = run_doc("big", 1).replace(
+        "totalGPUs: 1}}",
+        "totalGPUs: 1}, roles: [{name: w, template: {spec: {containers: [{name: c, image: "
+        + "x" * 300_000
+        + "}]}}}]}",
+    )
+    with pytest.raises(ApiCallError) as info:
+        await call(client(stack), "apply", {"documents": big})
+    (error,) = info.value.errors
+    assert error["path"] == "documents"
+    assert error["message"].startswith("Run team/big is ")
+    assert error["message"].endswith(f"bytes once encoded; the limit is {256 * 1024}")
+    assert await seq(stack) == before
+
+
+async def test_the_ledger_refuses_an_event_over_max_payload_before_publishing(
+    stack: InProcessStack,
+) -> None:
+    """The last line of defence: the server would close the connection for good."""
+    nc = client(stack)
+    ledger = LedgerStream(nc)
+    last = await ledger.last_seq()
+    huge = Node(name="huge", gpus=1, labels={"x": "y" * nc.max_payload})
+    with pytest.raises(LedgerEventTooLargeError):
+        await ledger.append([NodeRegistered(at=T0, node=huge)], last)
+    assert not nc.is_closed
+    assert await ledger.last_seq() == last

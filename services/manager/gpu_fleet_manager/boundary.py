@@ -118,11 +118,12 @@ def decode_request(data: bytes, typ: type[R], limits: ApiLimits) -> R:
     return req
 
 
-def object_too_large(size: int, limits: ApiLimits, path: str) -> api.FieldErrorOut | None:
+def object_too_large(
+    size: int, limits: ApiLimits, what: str, path: str
+) -> api.FieldErrorOut | None:
     """A field error for an object whose ledger event would be over ``max_object_bytes``."""
     if size <= limits.max_object_bytes:
         return None
     return api.FieldErrorOut(
-        path or "<document>",
-        f"object is {size} bytes once encoded; the limit is {limits.max_object_bytes}",
+        path, f"{what} is {size} bytes once encoded; the limit is {limits.max_object_bytes}"
     )

@@ -439,6 +439,7 @@ class Manager(Actor):
                     len(msgspec.json.encode(m)),
                     self.config.limits,
                     f"{type(m).__name__} {m.key}",
+                    "documents",
                 )
             )
         ]
@@ -592,7 +593,8 @@ class Manager(Actor):
                     "invalid node",
                     [api.FieldErrorOut(e.path, e.message) for e in exc.errors],
                 ) from exc
-            too_large = object_too_large(len(msgspec.json.encode(node)), self.config.limits, "node")
+            size = len(msgspec.json.encode(node))
+            too_large = object_too_large(size, self.config.limits, f"node {node.name}", "node")
             if too_large is not None:
                 raise ApiError("validation", "invalid node", [too_large])
 
