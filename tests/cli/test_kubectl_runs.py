@@ -213,12 +213,11 @@ def test_lists_are_read_page_by_page(
     assert names == [f"p{i}" for i in range(5)]
 
 
-@pytest.fixture(name="silent_manager")
-def _silent_manager(nats_server: Any) -> Iterator[str]:
-    """A NATS server where something takes ``fleet.api.apply`` requests and never answers:
-    what a client sees when the manager dies after receiving a submit (committed or not)."""
+@pytest.fixture(name="silent_fleet")
+def _silent_fleet(nats_server: Any) -> Iterator[str]:
+    """A NATS server where something takes every ``fleet.api.*`` request and never answers:
+    what a client sees when the manager dies after receiving a request (applied or not)."""
     loop = asyncio.new_event_loop()
-    ready = threading.Event()
     holder: list[Any] = []
 
     async def swallow() -> None:
@@ -228,14 +227,12 @@ def _silent_manager(nats_server: Any) -> Iterator[str]:
         async def ignore(_: Any) -> None:
             return None
 
-        await nc.subscribe("fleet.api.apply", cb=ignore)
+        await nc.subscribe("fleet.api.>", cb=ignore)
         await nc.flush()
-        ready.set()
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     asyncio.run_coroutine_threadsafe(swallow(), loop).result(30)
-    assert ready.wait(30)
     yield nats_server.url
     asyncio.run_coroutine_threadsafe(holder[0].close(), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
@@ -244,12 +241,12 @@ def _silent_manager(nats_server: Any) -> Iterator[str]:
 
 
 def test_a_timed_out_submit_says_the_outcome_is_unknown_and_how_to_check(
-    silent_manager: str, capsys: pytest.CaptureFixture[str]
+    silent_fleet: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Break 8: a submit the manager received but never answered was reported as failed,
     although it may have been committed.  Now it says so, and how to check."""
     path = EXAMPLES / "manifests" / "02-single-domain.yaml"
-    argv = ["submit", "-f", str(path), "--nats-url", silent_manager, "--timeout", "0.5"]
+    argv = ["submit", "-f", str(path), "--nats-url", silent_fleet, "--timeout", "0.5"]
     code = runs.main(argv)
     _, err = capsys.readouterr()
     assert code == 1
@@ -258,3 +255,26 @@ def test_a_timed_out_submit_says_the_outcome_is_unknown_and_how_to_check(
     assert lines[0].startswith(f"error: outcome unknown: {path}: no answer within 0.5s")
     assert "may or may not have been applied (Run rai/train-8)" in lines[0]
     assert lines[0].endswith("check with: kubectl runs get rai/train-8")
+
+
+@pytest.mark.parametrize(
+    ("argv", "check"),
+    [
+        (["complete", "train"], "kubectl runs get default/train"),
+        (["shrink", "rai/train", "--by", "2"], "kubectl runs get rai/train"),
+        (["delete", "x"], "kubectl runs get default/x (not found once deleted)"),
+        (["node", "cordon", "a1"], "kubectl runs node cordon a1 again"),
+        (["get", "x"], None),
+    ],
+)
+def test_every_change_that_times_out_is_an_unknown_outcome_a_read_is_not(
+    silent_fleet: str, capsys: pytest.CaptureFixture[str], argv: list[str], check: str | None
+) -> None:
+    code = runs.main([*argv, "--nats-url", silent_fleet, "--timeout", "0.3"])
+    _, err = capsys.readouterr()
+    assert code == 1
+    if check is None:
+        assert err == "error: the manager did not answer within 0.3s\n"
+    else:
+        assert err.startswith("error: outcome unknown: no answer within 0.3s;")
+        assert f"check with: {check}" in err

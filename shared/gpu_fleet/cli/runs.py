@@ -615,6 +615,25 @@ HANDLERS = {
 }
 
 
+def _unknown_outcome_check(args: argparse.Namespace) -> str | None:
+    """How to check a command whose answer did not come; None for a read (nothing to check).
+
+    The manager commits to the ledger before it answers, so a lost answer after a change says
+    nothing about the change.  (``submit`` says the same with its files' names.)
+    """
+    if args.command in ("complete", "fail", "shrink", "eta") or (
+        args.command == "sponsors" and args.op != "list"
+    ):
+        ref = _ref(args)
+        return f"kubectl runs get {ref['namespace']}/{ref['name']}"
+    if args.command == "delete":
+        ref = _ref(args)
+        return f"kubectl runs get {ref['namespace']}/{ref['name']} (not found once deleted)"
+    if args.command == "node":
+        return f"kubectl runs node {args.op} {args.node} again (the same state twice is safe)"
+    return None
+
+
 async def _run(args: argparse.Namespace) -> int:
     async def quiet(_: Exception) -> None:
         return None
@@ -658,7 +677,15 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"error: outcome unknown: {exc.what}; check with: {exc.check}", file=sys.stderr)
         return EXIT_FAILED
     except nats.errors.TimeoutError:
-        print(f"error: the manager did not answer within {args.timeout:g}s", file=sys.stderr)
+        check = _unknown_outcome_check(args)
+        if check is None:
+            print(f"error: the manager did not answer within {args.timeout:g}s", file=sys.stderr)
+        else:
+            print(
+                f"error: outcome unknown: no answer within {args.timeout:g}s; the {args.command}"
+                f" may or may not have been applied; check with: {check}",
+                file=sys.stderr,
+            )
         return EXIT_FAILED
     except nats.errors.MaxPayloadError:
         print(
