@@ -168,7 +168,7 @@ class KubeBridge(Actor):
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def _on_start(self) -> None:
-        self.nc = await connect(self.config.nats_url, "gpu-fleet-kube-bridge")
+        self.nc = await connect(self.config.nats_url, "gpu-fleet-kube-bridge", on_closed=self.abort)
         ledger = LedgerStream(self.nc)
         await ledger.ensure()
         self.ledger = ledger
