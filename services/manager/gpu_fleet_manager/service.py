@@ -349,6 +349,7 @@ class Manager(Actor):
             "budgets": self.budgets,
             "clock": self.clock_endpoint,
             "report": self.report,
+            "fleetmap": self.fleetmap,
             "seq": self.seq,
         }
 
@@ -566,6 +567,10 @@ class Manager(Actor):
         return await self._read(
             lambda now: build_report(self._require_fleet().state, req.label, now)
         )
+
+    async def fleetmap(self, data: bytes) -> Any:
+        _decode(data or b"{}", api.FleetMapRequest)
+        return await self._read(lambda now: views.fleet_map(self._require_fleet().state, now))
 
     async def seq(self, data: bytes) -> Any:
         del data

@@ -22,6 +22,7 @@ import nats
 import nats.errors
 import yaml
 
+from gpu_fleet.cli import pictures
 from gpu_fleet.cli.stack import ApiCallError, call
 from gpu_fleet.core.manifests import load_documents
 from gpu_fleet.core.timeutil import format_instant
@@ -391,12 +392,14 @@ def cmd_completions(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    # A _Parser too, so that it types as a parent of the _Parser subcommands.
-    common = _Parser(add_help=False)
-    common.add_argument("--nats-url", default=env("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"))
-    common.add_argument("-n", "--namespace", default=env("GPU_FLEET_NAMESPACE", "default"))
+    # _Parsers too, so that they type as parents of the _Parser subcommands.  ``base`` has no
+    # -o: ``top`` and ``viz`` give -o their own meaning (wide; an output file).
+    base = _Parser(add_help=False)
+    base.add_argument("--nats-url", default=env("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"))
+    base.add_argument("-n", "--namespace", default=env("GPU_FLEET_NAMESPACE", "default"))
+    base.add_argument("--timeout", type=float, default=30.0)
+    common = _Parser(add_help=False, parents=[base])
     common.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-    common.add_argument("--timeout", type=float, default=30.0)
     p = _Parser(prog="kubectl runs", description=(__doc__ or "").splitlines()[0], parents=[common])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -439,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nd.add_argument("op", choices=("cordon", "fence", "uncordon"))
     nd.add_argument("node")
+    pictures.add_parsers(sub, base)
     c = sub.add_parser("completions", help="shell completion script", parents=[common])
     c.add_argument("shell")
     return p
@@ -459,6 +463,8 @@ HANDLERS = {
     "delete": cmd_simple,
     "node": cmd_node,
     "eta": cmd_eta,
+    "top": pictures.cmd_top,
+    "viz": pictures.cmd_viz,
 }
 
 
