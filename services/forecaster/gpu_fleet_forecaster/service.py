@@ -27,6 +27,7 @@ from gpu_fleet.messages import forecast as messages
 from gpu_fleet.messages import subjects
 from gpu_fleet.runtime.clock import WallClock
 from gpu_fleet.runtime.follower_service import FollowerService, Handler
+from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG
 from gpu_fleet_forecaster import __version__
 
 log = structlog.get_logger("gpu_fleet.forecaster")
@@ -42,6 +43,8 @@ class ForecasterConfig:
     nats_url: str
     clock: Literal["wall", "ledger"] = "wall"
     wait_timeout: float = 4.0  # how long a request may wait for its ledger sequence
+    metrics_port: int = 0  # /metrics, /healthz, /readyz (0: no HTTP server)
+    ready_max_lag: int = DEFAULT_MAX_LAG
 
 
 def build(nats_url: str, *, clock: Literal["wall", "ledger"] = "wall") -> Forecaster:
@@ -75,7 +78,11 @@ class Forecaster(FollowerService):
     group = GROUP
 
     def __init__(self, config: ForecasterConfig) -> None:
-        super().__init__(config.nats_url)
+        super().__init__(
+            config.nats_url,
+            metrics_port=config.metrics_port,
+            ready_max_lag=config.ready_max_lag,
+        )
         self.config = config
         self.wall = WallClock()
         self.answered = 0
@@ -91,12 +98,18 @@ class Forecaster(FollowerService):
 
     async def run_forecast(self, req: Request) -> None:
         started = time.perf_counter()
+        outcome = await self._answer(req, started)
+        self.observer.inc("gpu_fleet_forecasts_total", outcome)
+        self.observer.observe("gpu_fleet_forecast_duration_seconds", time.perf_counter() - started)
+
+    async def _answer(self, req: Request, started: float) -> str:
+        """Answer one request; return its outcome (the metric's label)."""
         try:
             request = messages.REQUEST_DECODER.decode(req.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             await req.respond_error("400", f"invalid forecast request: {exc}")
             log.info("forecaster.forecast", outcome="bad_request", error=str(exc))
-            return
+            return "bad_request"
         key = run_key(request.namespace, request.name)
         follower = self.follower
         assert follower is not None
@@ -105,7 +118,7 @@ class Forecaster(FollowerService):
                 "503", f"ledger sequence {request.seq} not folded yet (at {follower.seq})"
             )
             log.info("forecaster.forecast", run=key, seq=request.seq, outcome="not_folded")
-            return
+            return "not_folded"
         # No await from reading the state to the computed result: the fold cannot interleave.
         state = follower.state
         seq = follower.seq
@@ -115,11 +128,11 @@ class Forecaster(FollowerService):
         except ForecastError as exc:
             await req.respond_error(ERROR_CODES[exc.kind], exc.message)
             log.info("forecaster.forecast", run=key, seq=seq, outcome=exc.kind, error=exc.message)
-            return
+            return exc.kind
         except Exception:  # a bug: answer with a code and a safe text, keep the details here
             log.exception("forecaster.forecast", run=key, seq=seq, outcome="internal")
             await req.respond_error("500", "internal error; see the forecaster log")
-            return
+            return "internal"
         await req.respond(messages.ENCODER.encode(to_message(result, seq, now)))
         self.answered += 1
         log.info(
@@ -132,3 +145,4 @@ class Forecaster(FollowerService):
             remedies=len(result.remedies),
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
+        return "ok"

@@ -15,7 +15,7 @@ from gpu_fleet import kube
 from gpu_fleet.core.engine import Settings
 from gpu_fleet.core.manifests import ManifestError, parse_inventory
 from gpu_fleet.core.timeutil import parse_duration, parse_instant
-from gpu_fleet.runtime import logs
+from gpu_fleet.runtime import logs, observe
 from gpu_fleet.runtime.together import run_together
 from gpu_fleet_manager.service import Manager, ManagerConfig
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ledger batches between state snapshots (0 disables them)",
     )
     kube.add_arguments(p)
+    observe.add_flags(p)
     return p
 
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         tick_seconds=max(0.05, parse_duration(args.tick) or 1),
         use_binder=not args.no_binder,
         snapshot_every=max(0, args.snapshot_every),
+        metrics_port=args.metrics_port,
+        ready_max_lag=args.ready_max_lag,
     )
 
     conn = kube.connection(args)

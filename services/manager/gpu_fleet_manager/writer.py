@@ -18,6 +18,8 @@ from gpu_fleet.core.engine import Fleet, Settings
 from gpu_fleet.core.ledger import Event
 from gpu_fleet.core.placement.pack import Planner
 from gpu_fleet.runtime.ledger_stream import LedgerStream
+from gpu_fleet.runtime.observe import Observer
+from gpu_fleet.views.metrics import tally
 
 T = TypeVar("T")
 
@@ -37,6 +39,7 @@ class LedgerFleet(Fleet):
         self.seq = 0
         self.append_timeout = append_timeout
         self.appended_batches = 0
+        self.observer: Observer | None = None  # counts each appended decision once
 
     def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coro`` on the service's event loop from the decision thread and wait for it."""
@@ -46,9 +49,12 @@ class LedgerFleet(Fleet):
         batch = list(events)
         if not batch:
             return []
+        counted = tally(self.state, batch) if self.observer is not None else []
         done = super().commit(batch)
         self.seq = self.on_loop(self.ledger.append(batch, self.seq), self.append_timeout)
         self.appended_batches += 1
+        if self.observer is not None:
+            self.observer.record(counted)  # only once the batch is on the ledger
         return done
 
     def replay(self, event: Event | None, seq: int) -> None:
