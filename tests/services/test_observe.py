@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 from _stack import T0, Stack, budget, run, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 from gpu_fleet.runtime.natsd import free_port
@@ -125,9 +126,18 @@ async def _ready(port: int) -> tuple[int, str, str] | None:
 async def test_a_submission_shows_in_every_services_metrics(stack: ObservedStack) -> None:
     await stack.node("n1", 8)
     await stack.apply(budget("team", "org:team", concurrency=6))
-    await stack.apply(run("team", "train", 4))
-    await stack.apply(run("team", "wait", 6))  # 4 free GPUs left: it must wait
+    with capture_logs() as logs:
+        await stack.apply(run("team", "train", 4))
+        await stack.apply(run("team", "wait", 6))  # 4 free GPUs left: it must wait
     seq = await stack.seq()
+    # Every decision is one log line with its ledger sequence and what it is about.
+    decisions = [e for e in logs if e["event"] == "ledger.event"]
+    assert [e["seq"] for e in decisions] == list(range(seq - len(decisions) + 1, seq + 1))
+    minted = next(e for e in decisions if e["type"] == "LeaseMinted")
+    assert (minted["run"], minted["envelope"], minted["gpus"]) == ("team/train", "team/b/e", 4)
+    assert minted["lease"].startswith("team/train@")
+    reserved = next(e for e in decisions if e["type"] == "ReservationCreated")
+    assert reserved["run"] == "team/wait"
 
     m = await scrape(stack.ports["manager"])
     assert value(m, "gpu_fleet_admissions_total", outcome="admitted") == 1

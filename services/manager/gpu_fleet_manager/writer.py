@@ -14,12 +14,17 @@ import asyncio
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
+import structlog
+
 from gpu_fleet.core.engine import Fleet, Settings
 from gpu_fleet.core.ledger import Event
 from gpu_fleet.core.placement.pack import Planner
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 from gpu_fleet.runtime.observe import Observer
+from gpu_fleet.views.log_context import event_context
 from gpu_fleet.views.metrics import tally
+
+log = structlog.get_logger("gpu_fleet.manager")
 
 T = TypeVar("T")
 
@@ -55,6 +60,10 @@ class LedgerFleet(Fleet):
         self.appended_batches += 1
         if self.observer is not None:
             self.observer.record(counted)  # only once the batch is on the ledger
+        first = self.seq - len(batch) + 1
+        for offset, event in enumerate(batch):
+            # One line per decision, with the context to find it in the ledger and in time.
+            log.info("ledger.event", seq=first + offset, **event_context(event))
         return done
 
     def replay(self, event: Event | None, seq: int) -> None:
