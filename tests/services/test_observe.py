@@ -10,14 +10,17 @@ services reach asynchronously are awaited with ``wait_until``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
 import pytest
 import pytest_asyncio
+import structlog
 from _stack import T0, Stack, budget, run, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
@@ -100,6 +103,18 @@ async def scrape(port: int) -> Samples:
     }
 
 
+@contextlib.contextmanager
+def info_logs() -> Iterator[None]:
+    """Let info lines through for ``capture_logs``: other tests may have configured structlog
+    to filter below ``error`` (the filtering wrapper outlives their test)."""
+    before = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        yield
+    finally:
+        structlog.configure(wrapper_class=before)
+
+
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
@@ -126,7 +141,7 @@ async def _ready(port: int) -> tuple[int, str, str] | None:
 async def test_a_submission_shows_in_every_services_metrics(stack: ObservedStack) -> None:
     await stack.node("n1", 8)
     await stack.apply(budget("team", "org:team", concurrency=6))
-    with capture_logs() as logs:
+    with info_logs(), capture_logs() as logs:
         await stack.apply(run("team", "train", 4))
         await stack.apply(run("team", "wait", 6))  # 4 free GPUs left: it must wait
     seq = await stack.seq()
