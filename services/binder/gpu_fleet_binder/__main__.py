@@ -8,7 +8,7 @@ import os
 import sys
 
 from gpu_fleet import kube
-from gpu_fleet.runtime import logs
+from gpu_fleet.runtime import logs, observe
 from gpu_fleet.runtime.together import run_together
 from gpu_fleet_binder.service import Binder, BinderConfig
 
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nats-url", default=env("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"))
     p.add_argument("--log-level", default=env("GPU_FLEET_LOG_LEVEL", "info"))
     kube.add_arguments(p)
+    observe.add_flags(p)
     args = p.parse_args(argv)
     logs.configure("binder", args.log_level)
     conn = kube.connection(args)
@@ -29,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     async def amain() -> int:
-        binder = Binder(BinderConfig(nats_url=args.nats_url))
+        binder = Binder(
+            BinderConfig(
+                nats_url=args.nats_url,
+                metrics_port=args.metrics_port,
+                ready_max_lag=args.ready_max_lag,
+            )
+        )
         if not conn.configured:
             return await binder.serve()
         # Binder side of the Kubernetes bridge: nodes to topology, pods created and bound.

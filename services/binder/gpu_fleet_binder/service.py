@@ -26,6 +26,7 @@ from gpu_fleet.core.placement import (
 from gpu_fleet.messages import placement
 from gpu_fleet.runtime import replies
 from gpu_fleet.runtime.follower_service import FollowerService, Handler
+from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG
 from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet_binder import __version__
 
@@ -38,6 +39,8 @@ class BinderConfig:
     wait_timeout: float = 4.0
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     limits: ApiLimits = field(default_factory=ApiLimits)
+    metrics_port: int = 0  # /metrics, /healthz, /readyz (0: no HTTP server)
+    ready_max_lag: int = DEFAULT_MAX_LAG
 
 
 class Binder(FollowerService):
@@ -48,7 +51,11 @@ class Binder(FollowerService):
     group = "fleet.binder"
 
     def __init__(self, config: BinderConfig) -> None:
-        super().__init__(config.nats_url)
+        super().__init__(
+            config.nats_url,
+            metrics_port=config.metrics_port,
+            ready_max_lag=config.ready_max_lag,
+        )
         self.config = config
         self.placed = 0
 
@@ -73,6 +80,8 @@ class Binder(FollowerService):
             await replies.respond_text_error(
                 req, "503", f"ledger sequence {request.seq} not folded yet (at {follower.seq})"
             )
+            self.observer.inc("gpu_fleet_placements_total", "not_folded")
+            log.warning("binder.place", seq=request.seq, at=follower.seq, outcome="not_folded")
             return
         state = follower.state
         reply: placement.PlaceReply
@@ -90,18 +99,23 @@ class Binder(FollowerService):
         except TopologyError as exc:
             await replies.respond_text_error(req, "422", str(exc))
             return
-        ms = (time.perf_counter() - started) * 1000
+        seconds = time.perf_counter() - started
+        ms = seconds * 1000
         reply = msgspec.structs.replace(reply, solver_ms=round(ms, 3))
         max_payload = self.nc.max_payload if self.nc is not None else 1024 * 1024
         budget = replies.reply_budget(max_payload, self.config.limits)
         if not await replies.respond(req, placement.ENCODER.encode(reply), budget):
             return
         self.placed += 1
+        solver = reply.plan.solver if reply.plan is not None else "error"
+        self.observer.inc("gpu_fleet_placements_total", solver)
+        self.observer.observe("gpu_fleet_placement_duration_seconds", seconds, solver)
         log.info(
             "binder.place",
             seq=request.seq,
             flavor=request.request.flavor,
             gpus=request.request.total_gpus,
             outcome="plan" if reply.plan is not None else "error",
+            solver=solver,
             ms=round(ms, 2),
         )

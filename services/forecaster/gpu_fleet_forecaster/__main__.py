@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from gpu_fleet.runtime import logs
+from gpu_fleet.runtime import logs, observe
 from gpu_fleet_forecaster.service import Forecaster, ForecasterConfig
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'now' for a forecast: the wall clock, or the ledger's latest event time "
         "(use with a manager on a virtual clock)",
     )
+    observe.add_flags(p)
     return p
 
 
@@ -31,7 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("forecaster", args.log_level)
 
     async def amain() -> int:
-        return await Forecaster(ForecasterConfig(nats_url=args.nats_url, clock=args.clock)).serve()
+        forecaster = Forecaster(
+            ForecasterConfig(
+                nats_url=args.nats_url,
+                clock=args.clock,
+                metrics_port=args.metrics_port,
+                ready_max_lag=args.ready_max_lag,
+            )
+        )
+        return await forecaster.serve()
 
     # Non-zero when the service stopped because something broke (e.g. its NATS
     # connection closed for good): the supervisor then starts a fresh process.

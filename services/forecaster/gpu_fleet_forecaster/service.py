@@ -29,6 +29,7 @@ from gpu_fleet.messages import subjects
 from gpu_fleet.runtime import replies
 from gpu_fleet.runtime.clock import WallClock
 from gpu_fleet.runtime.follower_service import FollowerService, Handler
+from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG
 from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet_forecaster import __version__
 
@@ -46,6 +47,8 @@ class ForecasterConfig:
     clock: Literal["wall", "ledger"] = "wall"
     wait_timeout: float = 4.0  # how long a request may wait for its ledger sequence
     limits: ApiLimits = field(default_factory=ApiLimits)
+    metrics_port: int = 0  # /metrics, /healthz, /readyz (0: no HTTP server)
+    ready_max_lag: int = DEFAULT_MAX_LAG
 
 
 def build(nats_url: str, *, clock: Literal["wall", "ledger"] = "wall") -> Forecaster:
@@ -79,7 +82,11 @@ class Forecaster(FollowerService):
     group = GROUP
 
     def __init__(self, config: ForecasterConfig) -> None:
-        super().__init__(config.nats_url)
+        super().__init__(
+            config.nats_url,
+            metrics_port=config.metrics_port,
+            ready_max_lag=config.ready_max_lag,
+        )
         self.config = config
         self.wall = WallClock()
         self.answered = 0
@@ -114,11 +121,17 @@ class Forecaster(FollowerService):
 
     async def run_forecast(self, req: Request) -> None:
         started = time.perf_counter()
+        outcome = await self._answer(req, started)
+        self.observer.inc("gpu_fleet_forecasts_total", outcome)
+        self.observer.observe("gpu_fleet_forecast_duration_seconds", time.perf_counter() - started)
+
+    async def _answer(self, req: Request, started: float) -> str:
+        """Answer one request; return its outcome (the metric's label)."""
         problem = self._problem(req.data)
         if problem is not None:
             await replies.respond_text_error(req, "400", f"invalid forecast request: {problem}")
             log.info("forecaster.forecast", outcome="bad_request", error=clamp(problem, 200))
-            return
+            return "bad_request"
         request = messages.REQUEST_DECODER.decode(req.data)
         key = run_key(request.namespace, request.name)
         follower = self.follower
@@ -128,7 +141,7 @@ class Forecaster(FollowerService):
                 req, "503", f"ledger sequence {request.seq} not folded yet (at {follower.seq})"
             )
             log.info("forecaster.forecast", run=key, seq=request.seq, outcome="not_folded")
-            return
+            return "not_folded"
         # No await from reading the state to the computed result: the fold cannot interleave.
         state = follower.state
         seq = follower.seq
@@ -138,14 +151,14 @@ class Forecaster(FollowerService):
         except ForecastError as exc:
             await replies.respond_text_error(req, ERROR_CODES[exc.kind], exc.message)
             log.info("forecaster.forecast", run=key, seq=seq, outcome=exc.kind, error=exc.message)
-            return
+            return exc.kind
         except Exception:  # a bug: answer with a code and a safe text, keep the details here
             log.exception("forecaster.forecast", run=key, seq=seq, outcome="internal")
             await replies.respond_text_error(req, "500", "internal error; see the forecaster log")
-            return
+            return "internal"
         body = messages.ENCODER.encode(to_message(result, seq, now))
         if not await replies.respond(req, body, self._budget()):
-            return
+            return "reply_too_large"
         self.answered += 1
         log.info(
             "forecaster.forecast",
@@ -157,3 +170,4 @@ class Forecaster(FollowerService):
             remedies=len(result.remedies),
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
+        return "ok"

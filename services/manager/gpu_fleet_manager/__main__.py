@@ -15,7 +15,7 @@ from gpu_fleet import kube
 from gpu_fleet.core.engine import Settings
 from gpu_fleet.core.manifests import ManifestError, decode_text, parse_inventory
 from gpu_fleet.core.timeutil import parse_duration, parse_instant
-from gpu_fleet.runtime import logs
+from gpu_fleet.runtime import logs, observe
 from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet.runtime.together import run_together
 from gpu_fleet_manager.service import Manager, ManagerConfig
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{text} (env GPU_FLEET_{var}; default {value})",
         )
     kube.add_arguments(p)
+    observe.add_flags(p)
     return p
 
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             page_size=max(1, args.page_size),
             max_object_bytes=max(1024, args.max_object_bytes),
         ),
+        metrics_port=args.metrics_port,
+        ready_max_lag=args.ready_max_lag,
     )
 
     conn = kube.connection(args)

@@ -51,9 +51,11 @@ from gpu_fleet.runtime.ledger_stream import (
     LedgerStream,
     LedgerUnavailableError,
 )
+from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet.runtime.snapshots import SnapshotStore
 from gpu_fleet.views import build_report
+from gpu_fleet.views.metrics import GaugeFamily, fleet_gauges
 from gpu_fleet_manager import __version__
 from gpu_fleet_manager.boundary import (
     REQUEST,
@@ -82,6 +84,8 @@ class ManagerConfig:
     use_binder: bool = True
     snapshot_every: int = 500  # appended batches between snapshots (0: never)
     limits: ApiLimits = field(default_factory=ApiLimits)  # request, reply, page, object sizes
+    metrics_port: int = 0  # /metrics, /healthz, /readyz (0: no HTTP server)
+    ready_max_lag: int = DEFAULT_MAX_LAG
 
 
 class Manager(Actor):
@@ -102,9 +106,13 @@ class Manager(Actor):
         self.snapshots: SnapshotStore | None = None
         self._snapshot_at = 0
         self.last_rebuild: tuple[int, int] = (0, 0)  # (snapshot sequence, events folded after it)
+        self.observer = Observer("manager", config.metrics_port)
+        self.observer.probe = self.health
+        self.observer.gauges = self.gauges
 
     # -- lifecycle -------------------------------------------------------------------------
     async def _on_start(self) -> None:
+        await self.observer.start()  # first: /healthz answers while the ledger is folded
         self.nc = await connect(self.config.nats_url, "gpu-fleet-manager", on_closed=self.abort)
         self.ledger = LedgerStream(self.nc)
         await self.ledger.ensure()
@@ -135,6 +143,23 @@ class Manager(Actor):
             if self.config.snapshot_every and self.fleet is not None:
                 await self._save_snapshot()
         await drain(self.nc)
+        await self.observer.stop()
+
+    # -- metrics and health (runtime.observe) ------------------------------------------------
+    async def health(self) -> Health:
+        """Ready once connected and the fold is within ``ready_max_lag`` of the stream (the
+        reconcile tick catches a standby up every second, so a standby stays ready)."""
+        connected = self.nc is not None and self.nc.is_connected
+        seq = self.fleet.seq if self.fleet is not None else None
+        return await ledger_health(connected, self.ledger, seq, self.config.ready_max_lag)
+
+    async def gauges(self) -> list[GaugeFamily]:
+        """The fleet's gauges at scrape time, under the command lock (a consistent cut)."""
+        async with self.lock:
+            fleet = self.fleet
+            if fleet is None:
+                return []
+            return await asyncio.to_thread(fleet_gauges, fleet.state, self.clock.now())
 
     async def _rebuild(self) -> None:
         """Fresh state from the ledger (the truth): the latest snapshot, then the tail after it.
@@ -168,6 +193,7 @@ class Manager(Actor):
         fleet.seq = max(fleet.seq, last)
         if self.clock.virtual and isinstance(self.clock, VirtualClock):
             self.clock.set(max(self.clock.now(), fleet.state.clock))
+        fleet.observer = self.observer
         self.fleet = fleet
         self._snapshot_at = fleet.appended_batches
         self.rebuilds += 1
@@ -321,29 +347,40 @@ class Manager(Actor):
         async def handle(req: Request) -> None:
             structlog.contextvars.bind_contextvars(endpoint=name)
             started = time.perf_counter()
+            outcome = "ok"
             try:
                 result = await handler(req.data)
                 body = api.ENCODER.encode(api.Reply(ok=True, result=result))
                 sent = await replies.respond(req, body, self._reply_budget())
+                outcome = "ok" if sent else "too_large"
                 log.info(
                     "api.request",
                     endpoint=name,
-                    outcome="ok" if sent else "too_large",
+                    outcome=outcome,
                     ms=round((time.perf_counter() - started) * 1000, 2),
                 )
             except ApiError as exc:
+                outcome = exc.code
                 error = replies.error_out(exc.code, exc.message, exc.errors)
                 await replies.respond_error(req, exc.status, error)
                 log.info("api.request", endpoint=name, outcome=exc.code, error=error.message)
             except nats.errors.Error as exc:  # the reply itself failed: nobody to tell
+                outcome = "reply_failed"
                 log.warning("api.reply_failed", endpoint=name, error=type(exc).__name__)
             except Exception:
+                outcome = "internal"
                 log.exception("api.request", endpoint=name, outcome="internal")
                 error = replies.error_out("internal", "internal error; see manager log")
                 with contextlib.suppress(nats.errors.Error):
                     await replies.respond_error(req, "500", error)
             finally:
                 structlog.contextvars.unbind_contextvars("endpoint")
+                self.observer.observe(
+                    "gpu_fleet_api_request_duration_seconds",
+                    time.perf_counter() - started,
+                    name,
+                    outcome,
+                )
 
         return handle
 
@@ -412,6 +449,7 @@ class Manager(Actor):
             "budgets": self.budgets,
             "clock": self.clock_endpoint,
             "report": self.report,
+            "fleetmap": self.fleetmap,
             "seq": self.seq,
         }
 
@@ -676,6 +714,10 @@ class Manager(Actor):
         return await self._read(
             lambda now: build_report(self._require_fleet().state, req.label, now)
         )
+
+    async def fleetmap(self, data: bytes) -> Any:
+        self._decode(data or b"{}", api.FleetMapRequest)
+        return await self._read(lambda now: views.fleet_map(self._require_fleet().state, now))
 
     async def seq(self, data: bytes) -> Any:
         del data

@@ -20,6 +20,11 @@ from gpu_fleet.core.engine import Fleet, Settings
 from gpu_fleet.core.ledger import Event, LedgerError
 from gpu_fleet.core.placement.pack import Planner
 from gpu_fleet.runtime.ledger_stream import LedgerStream
+from gpu_fleet.runtime.observe import Observer
+from gpu_fleet.views.log_context import event_context
+from gpu_fleet.views.metrics import tally
+
+log = structlog.get_logger("gpu_fleet.manager")
 
 T = TypeVar("T")
 log = structlog.get_logger("gpu_fleet.manager")
@@ -40,6 +45,7 @@ class LedgerFleet(Fleet):
         self.seq = 0
         self.append_timeout = append_timeout
         self.appended_batches = 0
+        self.observer: Observer | None = None  # counts each appended decision once
 
     def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coro`` on the service's event loop from the decision thread and wait for it."""
@@ -49,9 +55,16 @@ class LedgerFleet(Fleet):
         batch = list(events)
         if not batch:
             return []
+        counted = tally(self.state, batch) if self.observer is not None else []
         done = super().commit(batch)
         self.seq = self.on_loop(self.ledger.append(batch, self.seq), self.append_timeout)
         self.appended_batches += 1
+        if self.observer is not None:
+            self.observer.record(counted)  # only once the batch is on the ledger
+        first = self.seq - len(batch) + 1
+        for offset, event in enumerate(batch):
+            # One line per decision, with the context to find it in the ledger and in time.
+            log.info("ledger.event", seq=first + offset, **event_context(event))
         return done
 
     def replay(self, event: Event | None, seq: int) -> None:

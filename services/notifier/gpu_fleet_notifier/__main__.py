@@ -8,7 +8,7 @@ import os
 import sys
 
 from gpu_fleet.core.timeutil import DurationError, parse_duration
-from gpu_fleet.runtime import logs
+from gpu_fleet.runtime import logs, observe
 from gpu_fleet_notifier.service import Notifier, NotifierConfig
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="warn a team this long before a lease's scheduled end",
     )
     p.add_argument("--durable", default=env("GPU_FLEET_NOTIFY_DURABLE", "notifier"))
+    observe.add_flags(p)
     return p
 
 
@@ -41,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --expiry-lead: {exc}", file=sys.stderr)
         return 2
     config = NotifierConfig(
-        nats_url=args.nats_url, clock=args.clock, expiry_lead=lead, durable=args.durable
+        nats_url=args.nats_url,
+        clock=args.clock,
+        expiry_lead=lead,
+        durable=args.durable,
+        metrics_port=args.metrics_port,
+        ready_max_lag=args.ready_max_lag,
     )
 
     async def amain() -> int:

@@ -69,6 +69,7 @@ from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream
+from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 from gpu_fleet_notifier import __version__
 
 log = structlog.get_logger("gpu_fleet.notifier")
@@ -95,6 +96,8 @@ class NotifierConfig:
     publish_timeout: float = 5.0
     duplicate_window: float = 86400.0  # NOTIFY's Nats-Msg-Id memory, when we create it
     error_delays: tuple[float, ...] = (1.0, 1.0, 2.0, 3.0, 5.0)
+    metrics_port: int = 0  # /metrics, /healthz, /readyz (0: no HTTP server)
+    ready_max_lag: int = DEFAULT_MAX_LAG
 
 
 def build(
@@ -371,12 +374,17 @@ class Notifier(Actor):
         self._last_wall_check: tuple[Instant, int] = (0, 0)
         self._closing = asyncio.Event()
         self._consumer_done = asyncio.Event()
+        self.ledger: LedgerStream | None = None
+        self.observer = Observer("notifier", config.metrics_port)
+        self.observer.probe = self.health
 
     # -- lifecycle -------------------------------------------------------------------------
     async def _on_start(self) -> None:
+        await self.observer.start()  # first: /healthz answers while the ledger is folded
         self.nc = await connect(self.config.nats_url, "gpu-fleet-notifier", on_closed=self.abort)
         self.js = self.nc.jetstream(timeout=self.config.publish_timeout)
-        await LedgerStream(self.nc).ensure()
+        self.ledger = LedgerStream(self.nc)
+        await self.ledger.ensure()
         await self._ensure_notify_stream()
         self.sub = await self.js.pull_subscribe(
             f"{SUBJECT_PREFIX}.>",
@@ -418,6 +426,13 @@ class Notifier(Actor):
             with contextlib.suppress(nats.errors.Error):
                 await self.sub.unsubscribe()
         await drain(self.nc)
+        await self.observer.stop()
+
+    async def health(self) -> Health:
+        """Ready once connected and the fold is within ``ready_max_lag`` of the ledger."""
+        connected = self.nc is not None and self.nc.is_connected
+        seq = self.seq if self.sub is not None else None
+        return await ledger_health(connected, self.ledger, seq, self.config.ready_max_lag)
 
     async def _ensure_notify_stream(self) -> None:
         assert self.js is not None
@@ -611,15 +626,21 @@ class Notifier(Actor):
     async def _publish(self, note: notify.Notification) -> bool:
         """Publish into NOTIFY; True when stored, False when it was a duplicate."""
         assert self.js is not None
-        ack = await self.js.publish(
-            subjects.notify(note.team, note.event),
-            notify.ENCODER.encode(note),
-            headers={"Nats-Msg-Id": note.id},
-        )
+        try:
+            ack = await self.js.publish(
+                subjects.notify(note.team, note.event),
+                notify.ENCODER.encode(note),
+                headers={"Nats-Msg-Id": note.id},
+            )
+        except nats.errors.Error:
+            self.observer.inc("gpu_fleet_notifications_total", note.event, "failed")
+            raise
         if ack.duplicate:
             self.deduplicated += 1
+            self.observer.inc("gpu_fleet_notifications_total", note.event, "duplicate")
             return False
         self.delivered += 1
+        self.observer.inc("gpu_fleet_notifications_total", note.event, "stored")
         return True
 
     async def _wall_expiry_check(self) -> None:

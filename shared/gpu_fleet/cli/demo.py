@@ -2,9 +2,11 @@
 
 It starts an embedded NATS server and the four services as separate processes, registers the
 sample inventory, submits the example manifests with ``kubectl runs submit`` and shows plans,
-leases, budget usage and explanations with the same commands a user types - then stops
-everything cleanly.  Nothing here is simulated: decisions are made by the manager, placements
-by the binder's CP-SAT planner, and every number is folded from the JetStream ledger.
+leases, budget usage and explanations with the same commands a user types, draws the fleet
+(``kubectl runs top``) and writes the fleet map page (``kubectl runs viz``) - then stops
+everything cleanly and prints the page's path.  Nothing here is simulated: decisions are made
+by the manager, placements by the binder's CP-SAT planner, and every number is folded from the
+JetStream ledger.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ async def _ready(url: str) -> None:
         await nc.close()
 
 
-def demo(examples: Path, inventory: Path, keep: str | None = None) -> int:
+def demo(
+    examples: Path, inventory: Path, keep: str | None = None, page: Path | None = None
+) -> int:
+    """Run the demo; ``page`` is where the fleet map goes (default ``var/fleet.html``)."""
+    page = page or Path.cwd() / "var" / "fleet.html"
     manifests = sorted((examples / "manifests").glob("*.yaml"))
     if not manifests or not inventory.exists():
         print(f"error: demo needs {examples}/manifests/*.yaml and {inventory}", file=sys.stderr)
@@ -72,6 +78,10 @@ def demo(examples: Path, inventory: Path, keep: str | None = None) -> int:
             failures += _kubectl(url, "complete train-8 -n rai") != 0
             failures += _kubectl(url, "get -n rai") != 0
             failures += _kubectl(url, "budgets -n rai") != 0
+            _say("The fleet as a picture: GPUs by funding class per domain and node")
+            failures += _kubectl(url, "top -o wide --color never") != 0
+            _say("The fleet map, timeline and budget burn as one HTML page (works offline)")
+            failures += _kubectl(url, f"viz -o {shlex.quote(str(page))}") != 0
             dead = stack.dead()
             if dead:
                 print(f"error: services died during the demo: {', '.join(dead)}", file=sys.stderr)
@@ -79,6 +89,8 @@ def demo(examples: Path, inventory: Path, keep: str | None = None) -> int:
         finally:
             _say("Stopping the stack (SIGTERM: services drain and exit)")
             stack.stop()
+        if page.exists():
+            print(f"fleet map: {page.resolve()} (open it in a browser)")
         print("done." if not failures else f"{failures} demo command(s) failed")
         return 0 if not failures else 1
 

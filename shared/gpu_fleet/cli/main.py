@@ -283,7 +283,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from gpu_fleet.cli.demo import demo  # noqa: PLC0415 - deferred: pulls in nats and the stack
 
     examples = Path(args.examples)
-    return demo(examples, Path(args.inventory or examples / "inventory.yaml"), args.keep)
+    page = Path(args.page) if args.page else None
+    return demo(examples, Path(args.inventory or examples / "inventory.yaml"), args.keep, page)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--inventory", default=None, help="node inventory YAML (default EXAMPLES/inventory.yaml)"
     )
     demo.add_argument("--keep", default=None, help="keep data and logs in this folder")
+    demo.add_argument(
+        "--page", default=None, help="where to write the fleet map (default var/fleet.html)"
+    )
     demo.set_defaults(func=_cmd_demo)
     upp = sub.add_parser("up", help="embedded NATS + all four services until Ctrl-C")
     upp.add_argument(

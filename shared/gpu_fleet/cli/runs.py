@@ -28,6 +28,7 @@ import nats
 import nats.errors
 import yaml
 
+from gpu_fleet.cli import pictures
 from gpu_fleet.cli.stack import ApiCallError, call
 from gpu_fleet.core.manifests import ManifestError, dump_documents, load_source
 from gpu_fleet.core.timeutil import format_instant
@@ -506,7 +507,7 @@ def cmd_completions(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return EXIT_OK
 
 
-def _common(defaults: bool) -> _Parser:
+def _common(defaults: bool, output: bool = True) -> _Parser:
     """The global options, once with their defaults (for the top level) and once without.
 
     argparse copies a subparser's defaults over the namespace the top-level parser filled in,
@@ -533,23 +534,25 @@ def _common(defaults: bool) -> _Parser:
         help="namespace of the run, and of documents that omit one (env GPU_FLEET_NAMESPACE)",
     )
     common.add_argument(
-        "-o",
-        "--output",
-        choices=("table", "json", "yaml"),
-        default=default("table"),
-        help="output format (default table)",
-    )
-    common.add_argument(
         "--timeout",
         type=float,
         default=default(30.0),
         help="seconds to wait for each answer from the fleet (default 30)",
     )
+    if output:  # ``top`` and ``viz`` give -o their own meaning (wide; an output file)
+        common.add_argument(
+            "-o",
+            "--output",
+            choices=("table", "json", "yaml"),
+            default=default("table"),
+            help="output format (default table)",
+        )
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common(defaults=False)
+    base = _common(defaults=False, output=False)
     p = _Parser(prog="kubectl runs", description=DESCRIPTION, parents=[_common(defaults=True)])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -592,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nd.add_argument("op", choices=("cordon", "fence", "uncordon"))
     nd.add_argument("node")
+    pictures.add_parsers(sub, base)
     c = sub.add_parser("completions", help="shell completion script", parents=[common])
     c.add_argument("shell")
     return p
@@ -612,6 +616,8 @@ HANDLERS = {
     "delete": cmd_simple,
     "node": cmd_node,
     "eta": cmd_eta,
+    "top": pictures.cmd_top,
+    "viz": pictures.cmd_viz,
 }
 
 

@@ -85,6 +85,10 @@ class ReportRequest(_Req, frozen=True, kw_only=True):
     label: str = "final"
 
 
+class FleetMapRequest(_Req, frozen=True, kw_only=True):
+    """``fleet.api.fleetmap``: the picture of the fleet (``views.fleet_map``); no fields yet."""
+
+
 class FieldErrorOut(msgspec.Struct, frozen=True):
     path: str
     message: str

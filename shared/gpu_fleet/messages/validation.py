@@ -46,6 +46,7 @@ Requests = (
     | api.LeasesRequest
     | api.ClockRequest
     | api.ReportRequest
+    | api.FleetMapRequest
 )
 
 
@@ -131,6 +132,8 @@ def request_problems(req: Requests) -> list[api.FieldErrorOut]:
             p.instant("advance_to", advance_to)
         case api.ReportRequest(label=label):
             p.check("label", label, label_value_problem)
+        case api.FleetMapRequest():
+            pass  # no fields yet
         case _:
             assert_never(req)
     return p.items

@@ -1,9 +1,9 @@
 """A service that folds the ledger and answers requests about it (binder, forecaster).
 
-Start: connect, make sure the stream exists, fold it to the end, keep following it in a root
-task, then register the nats.micro endpoints and flush so they answer as soon as ``start()``
-returns.  Stop: stop taking requests; the actor base has already cancelled the follower while
-the connection was still up; then drain.
+Start: serve ``/healthz`` (``runtime.observe``), connect, make sure the stream exists, fold it
+to the end, keep following it in a root task, then register the nats.micro endpoints and flush
+so they answer as soon as ``start()`` returns.  Stop: stop taking requests; the actor base has
+already cancelled the follower while the connection was still up; then drain.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.follower import LedgerFollower
 from gpu_fleet.runtime.ledger_stream import LedgerStream
+from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 
 Handler = Callable[[Request], Awaitable[None]]
 
@@ -31,20 +32,33 @@ class FollowerService(Actor):
     version = "0.0.0"
     group = "fleet"
 
-    def __init__(self, nats_url: str) -> None:
+    def __init__(
+        self, nats_url: str, *, metrics_port: int = 0, ready_max_lag: int = DEFAULT_MAX_LAG
+    ) -> None:
         super().__init__()
         self.nats_url = nats_url
         self.nc: Client | None = None
+        self.ledger: LedgerStream | None = None
         self.follower: LedgerFollower | None = None
         self.service: Service | None = None
+        self.ready_max_lag = ready_max_lag
+        self.observer = Observer(self.name, metrics_port)
+        self.observer.probe = self.health
+
+    async def health(self) -> Health:
+        """Ready once connected and the fold is within ``ready_max_lag`` of the stream."""
+        connected = self.nc is not None and self.nc.is_connected
+        seq = self.follower.seq if self.follower is not None else None
+        return await ledger_health(connected, self.ledger, seq, self.ready_max_lag)
 
     def endpoints(self) -> Mapping[str, Handler]:
         """Endpoint name -> handler, served on ``<group>.<name>``."""
         raise NotImplementedError
 
     async def _on_start(self) -> None:
+        await self.observer.start()  # first: /healthz answers while the ledger is folded
         self.nc = await connect(self.nats_url, self.service_name, on_closed=self.abort)
-        ledger = LedgerStream(self.nc)
+        ledger = self.ledger = LedgerStream(self.nc)
         await ledger.ensure()
         self.follower = LedgerFollower(ledger)
         await self.follower.catch_up()
@@ -62,3 +76,4 @@ class FollowerService(Actor):
             with contextlib.suppress(nats.errors.Error):  # closed meanwhile: nothing to stop
                 await self.service.stop()
         await drain(self.nc)
+        await self.observer.stop()

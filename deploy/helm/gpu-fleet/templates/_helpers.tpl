@@ -138,6 +138,10 @@ spec:
             {{- include "gpu-fleet.natsUrlEnv" $root | nindent 12 }}
             - name: GPU_FLEET_LOG_LEVEL
               value: {{ default $root.Values.logLevel $svc.logLevel | quote }}
+            - name: GPU_FLEET_METRICS_PORT
+              value: {{ $root.Values.metrics.port | toString | quote }}
+            - name: GPU_FLEET_READY_MAX_LAG
+              value: {{ $root.Values.probes.readyMaxLag | toString | quote }}
             {{- with .env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -152,13 +156,29 @@ spec:
           resources:
             {{- toYaml . | nindent 12 }}
           {{- end }}
-          {{- with $svc.livenessProbe }}
-          livenessProbe:
-            {{- toYaml . | nindent 12 }}
+          {{- $port := int $root.Values.metrics.port }}
+          {{- if $port }}
+          ports:
+            - name: metrics
+              containerPort: {{ $port }}
+              protocol: TCP
           {{- end }}
-          {{- with $svc.readinessProbe }}
+          {{- $probes := and $port $root.Values.probes.enabled }}
+          {{- if $svc.livenessProbe }}
+          livenessProbe:
+            {{- toYaml $svc.livenessProbe | nindent 12 }}
+          {{- else if $probes }}
+          livenessProbe:
+            httpGet: {path: /healthz, port: metrics}
+            {{- toYaml $root.Values.probes.liveness | nindent 12 }}
+          {{- end }}
+          {{- if $svc.readinessProbe }}
           readinessProbe:
-            {{- toYaml . | nindent 12 }}
+            {{- toYaml $svc.readinessProbe | nindent 12 }}
+          {{- else if $probes }}
+          readinessProbe:
+            httpGet: {path: /readyz, port: metrics}
+            {{- toYaml $root.Values.probes.readiness | nindent 12 }}
           {{- end }}
           volumeMounts:
             # readOnlyRootFilesystem: give libraries a writable /tmp.
