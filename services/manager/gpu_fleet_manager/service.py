@@ -4,6 +4,11 @@ Every mutating request runs under one lock in a worker thread (the core is synch
 decision is appended to the ledger as an atomic batch guarded by the expected last sequence, so
 a second manager (a hot standby) can never double-spend: its append fails, it re-folds the
 stream and retries.  Read requests take the same lock so they never see a half-applied command.
+
+This module is the actor (start, stop, snapshots, the reconcile ticker, health) and the command
+machinery the API runs through (``mutate``, ``read``, ``decode``, ``page``); the request handlers
+themselves are in ``endpoints``, the request checks in ``boundary``, the ledger writes in
+``writer``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import msgspec
 import nats.errors
 import nats.micro
 import structlog
@@ -25,11 +29,8 @@ from nats.micro.service import Service
 
 from gpu_fleet import views
 from gpu_fleet.core.engine import CommandError, Settings
-from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.ledger import snapshot
-from gpu_fleet.core.manifests import ManifestError, parse_manifests, validate_node
-from gpu_fleet.core.model import Budget, Funding, Instant, Node, NodeHealth, Run, run_key
-from gpu_fleet.core.names import clamp
+from gpu_fleet.core.model import Instant, Node
 from gpu_fleet.core.placement import (
     PackError,
     PackErrorKind,
@@ -38,7 +39,6 @@ from gpu_fleet.core.placement import (
     Topology,
     plan_placement,
 )
-from gpu_fleet.core.timeutil import format_instant, parse_instant
 from gpu_fleet.messages import api, placement, subjects
 from gpu_fleet.messages.validation import Requests
 from gpu_fleet.runtime import paging, replies
@@ -54,7 +54,6 @@ from gpu_fleet.runtime.ledger_stream import (
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet.runtime.snapshots import SnapshotStore
-from gpu_fleet.views import build_report
 from gpu_fleet.views.metrics import GaugeFamily, fleet_gauges
 from gpu_fleet_manager import __version__
 from gpu_fleet_manager.boundary import (
@@ -62,8 +61,8 @@ from gpu_fleet_manager.boundary import (
     ApiError,
     FieldRefusedError,
     decode_request,
-    object_too_large,
 )
+from gpu_fleet_manager.endpoints import Endpoints
 from gpu_fleet_manager.writer import LedgerFleet
 
 log = structlog.get_logger("gpu_fleet.manager")
@@ -119,7 +118,7 @@ class Manager(Actor):
         self.snapshots = SnapshotStore(self.nc)
         await self._rebuild()
         if self.config.inventory:
-            await self._mutate(self._register_inventory)
+            await self.mutate(self._register_inventory)
         self.service = await nats.micro.add_service(
             self.nc,
             name="gpu-fleet-manager",
@@ -127,7 +126,7 @@ class Manager(Actor):
             description="gpu-fleet manager: fleet API and ledger writer",
         )
         group = self.service.add_group(name=subjects.API_GROUP)
-        for name, handler in self._endpoints().items():
+        for name, handler in Endpoints(self).table().items():
             await group.add_endpoint(name=name, handler=self._wrap(name, handler))
         await self.nc.flush()  # answer as soon as start() returns (no "no responders" race)
         if not self.clock.virtual:
@@ -235,14 +234,14 @@ class Manager(Actor):
         while True:
             await asyncio.sleep(self.config.tick_seconds)
             try:
-                await self._mutate(lambda now: self._require_fleet().advance_to(now))
+                await self.mutate(lambda now: self.require_fleet().advance_to(now))
             except ApiError as exc:
                 log.warning("reconcile.failed", code=exc.code, error=exc.message)
 
     # -- placement through the binder -------------------------------------------------------
     def _planner(self, topology: Topology, request: PackRequest) -> PackPlan:
         """Ask the binder (at our ledger sequence); fall back to the same planner locally."""
-        fleet = self._require_fleet()
+        fleet = self.require_fleet()
         if self.config.use_binder and self.nc is not None:
             try:
                 reply = fleet.on_loop(
@@ -271,7 +270,7 @@ class Manager(Actor):
         return placement.REPLY_DECODER.decode(msg.data)
 
     # -- command execution ------------------------------------------------------------------
-    def _require_fleet(self) -> LedgerFleet:
+    def require_fleet(self) -> LedgerFleet:
         if self.fleet is None:
             raise ApiError("unavailable", "manager is (re)loading the ledger; retry")
         return self.fleet
@@ -285,19 +284,19 @@ class Manager(Actor):
 
     async def _catch_up(self) -> None:
         """Fold what other writers appended since our last sequence (a standby's catch-up)."""
-        fleet = self._require_fleet()
+        fleet = self.require_fleet()
         assert self.ledger is not None
         last = await self.ledger.last_seq()
         if last > fleet.seq:
             async for seq, event in self.ledger.read(fleet.seq + 1, last):
                 fleet.replay(event, seq)
 
-    async def _mutate(self, fn: Callable[[Instant], T], attempts: int = 3) -> T:
+    async def mutate(self, fn: Callable[[Instant], T], attempts: int = 3) -> T:
         """Run a command under the lock; on a lost append race re-fold and decide again."""
         async with self.lock:
             await self._ensure_loaded()
             for attempt in range(1, attempts + 1):
-                self._require_fleet()
+                self.require_fleet()
                 now = self.clock.now()
                 try:
                     await self._catch_up()
@@ -330,10 +329,10 @@ class Manager(Actor):
                     raise ApiError(exc.code, str(exc), [error]) from exc
             raise AssertionError("unreachable")
 
-    async def _read(self, fn: Callable[[Instant], T]) -> T:
+    async def read(self, fn: Callable[[Instant], T]) -> T:
         async with self.lock:
             await self._ensure_loaded()
-            self._require_fleet()
+            self.require_fleet()
             try:
                 return fn(self.clock.now())
             except views.NotFoundError as exc:
@@ -388,10 +387,10 @@ class Manager(Actor):
         max_payload = self.nc.max_payload if self.nc is not None else 1024 * 1024
         return replies.reply_budget(max_payload, self.config.limits)
 
-    def _decode(self, data: bytes, typ: type[R]) -> R:
+    def decode(self, data: bytes, typ: type[R]) -> R:
         return decode_request(data, typ, self.config.limits)
 
-    def _page(
+    def page(
         self,
         listing: str,
         items: list[dict[str, Any]],
@@ -430,308 +429,6 @@ class Manager(Actor):
         except paging.ContinueTokenError as exc:
             error = api.FieldErrorOut("continue", str(exc))
             raise ApiError("validation", f"invalid request: continue: {exc}", [error]) from exc
-
-    # -- endpoints --------------------------------------------------------------------------
-    def _endpoints(self) -> dict[str, Callable[[bytes], Awaitable[Any]]]:
-        return {
-            "apply": self.apply,
-            "delete": self.delete,
-            "shrink": self.shrink,
-            "sponsors": self.sponsors,
-            "complete": self.complete,
-            "eta": self.eta,
-            "fail": self.fail,
-            "node": self.node,
-            "get": self.get,
-            "list": self.list_runs,
-            "explain": self.explain,
-            "leases": self.leases,
-            "budgets": self.budgets,
-            "clock": self.clock_endpoint,
-            "report": self.report,
-            "fleetmap": self.fleetmap,
-            "seq": self.seq,
-        }
-
-    async def apply(self, data: bytes) -> Any:
-        req = self._decode(data, api.ApplyRequest)
-        try:
-            manifests = parse_manifests(req.documents, source=req.source)
-        except ManifestError as exc:
-            raise ApiError(
-                "validation",
-                f"{len(exc.errors)} validation error(s)",
-                [api.FieldErrorOut(e.path, e.message) for e in exc.errors],
-            ) from exc
-        if not manifests:
-            raise ApiError(
-                "validation",
-                "nothing to apply",
-                [api.FieldErrorOut("documents", "must hold at least one Budget or Run")],
-            )
-        oversized = [
-            error
-            for m in manifests
-            if (
-                error := object_too_large(
-                    len(msgspec.json.encode(m)),
-                    self.config.limits,
-                    f"{type(m).__name__} {m.key}",
-                    "documents",
-                )
-            )
-        ]
-        if oversized:
-            raise ApiError("validation", f"{len(oversized)} validation error(s)", oversized)
-        budgets = [m for m in manifests if isinstance(m, Budget)]
-
-        def run(now: Instant) -> list[dict[str, str]]:
-            fleet = self._require_fleet()
-            # Checked against the whole apply before anything is committed, so a refused
-            # cycle leaves every other object of the request unapplied too.
-            cycle = parent_cycle(fleet.state.budgets.values(), budgets) if budgets else None
-            if cycle is not None:
-                budget, path = cycle
-                message = f"Budget {budget.key}: parents form a cycle: {path}"
-                raise ApiError(
-                    "validation",
-                    "1 validation error(s)",
-                    [api.FieldErrorOut("spec.parents", message)],
-                )
-            out = []
-            for m in manifests:
-                existed = (
-                    (m.key in fleet.state.runs)
-                    if isinstance(m, Run)
-                    else (m.key in fleet.state.budgets)
-                )
-                fleet.apply(m, now)
-                out.append(
-                    {
-                        "kind": "Run" if isinstance(m, Run) else "Budget",
-                        "namespace": m.metadata.namespace,
-                        "name": m.metadata.name,
-                        "action": "updated" if existed else "created",
-                    }
-                )
-            return out
-
-        return await self._mutate(run)
-
-    async def delete(self, data: bytes) -> Any:
-        req = self._decode(data, api.DeleteRequest)
-        await self._mutate(
-            lambda now: self._require_fleet().delete(req.kind, req.namespace, req.name, now)
-        )
-        return {"deleted": f"{req.kind} {req.namespace}/{req.name}"}
-
-    async def shrink(self, data: bytes) -> Any:
-        req = self._decode(data, api.ShrinkRequest)
-        key = run_key(req.namespace, req.name)
-
-        def run(now: Instant) -> dict[str, Any]:
-            fleet = self._require_fleet()
-            r = fleet.require_run(key)
-            if req.desired is not None:
-                desired = req.desired
-            elif req.by is not None and req.by > 0:
-                desired = r.desired_width - req.by
-            else:
-                raise FieldRefusedError("by", "--by must be > 0")
-            # The engine checks the rest, with the words the in-process runner reports too.
-            try:
-                fleet.shrink(key, desired, now)
-            except CommandError as exc:
-                if exc.code == "not_found":
-                    raise
-                # Not malleable is about the run itself; anything else about the width asked.
-                width = "desired" if req.desired is not None else "by"
-                field = "name" if r.spec.malleable is None else width
-                raise FieldRefusedError(field, str(exc), exc.code) from exc
-            return {"run": key, "desiredGPUs": desired}
-
-        return await self._mutate(run)
-
-    async def sponsors(self, data: bytes) -> Any:
-        req = self._decode(data, api.SponsorsRequest)
-        key = run_key(req.namespace, req.name)
-
-        def run(now: Instant) -> dict[str, Any]:
-            fleet = self._require_fleet()
-            r = fleet.require_run(key)
-            funding = r.spec.funding
-            current = list(funding.sponsors) if funding else []
-            if req.op == "list":
-                return {
-                    "sponsors": sorted(current),
-                    "allowBorrow": bool(funding and funding.allow_borrow),
-                }
-            if not req.sponsor:
-                raise FieldRefusedError("sponsor", "sponsor is required")
-            if funding is not None and not funding.allow_borrow and req.op == "add":
-                raise FieldRefusedError(
-                    "op", "run does not allow borrowing; edit spec to enable it"
-                )
-            if req.op == "add":
-                if req.sponsor not in current:
-                    current.append(req.sponsor)
-            elif req.sponsor in current:
-                current.remove(req.sponsor)
-            else:
-                raise FieldRefusedError("sponsor", f"sponsor {req.sponsor} not found on run {key}")
-            new_funding = msgspec.structs.replace(
-                funding or Funding(allow_borrow=True),
-                sponsors=tuple(current),
-                max_borrow_gpus=(
-                    req.max_borrow
-                    if req.max_borrow
-                    else (funding.max_borrow_gpus if funding else None)
-                ),
-            )
-            updated = msgspec.structs.replace(
-                r, spec=msgspec.structs.replace(r.spec, funding=new_funding)
-            )
-            fleet.apply(updated, now)
-            return {"sponsors": sorted(current), "allowBorrow": new_funding.allow_borrow}
-
-        return await self._mutate(run)
-
-    async def complete(self, data: bytes) -> Any:
-        req = self._decode(data, api.RunRef)
-        key = run_key(req.namespace, req.name)
-        await self._mutate(lambda now: self._require_fleet().complete(key, now))
-        return {"run": key, "phase": "Completed"}
-
-    async def eta(self, data: bytes) -> Any:
-        req = self._decode(data, api.EtaRequest)
-        key = run_key(req.namespace, req.name)
-        try:
-            when = req.eta if isinstance(req.eta, int) else parse_instant(req.eta)
-        except ValueError as exc:
-            raise ApiError(
-                "validation", "invalid eta", [api.FieldErrorOut("eta", clamp(str(exc), 200))]
-            ) from exc
-        await self._mutate(lambda now: self._require_fleet().report_eta(key, when, now))
-        return {"run": key, "eta": format_instant(when)}
-
-    async def fail(self, data: bytes) -> Any:
-        req = self._decode(data, api.RunRef)
-        key = run_key(req.namespace, req.name)
-        await self._mutate(lambda now: self._require_fleet().fail(key, now))
-        return {"run": key, "phase": "Failed"}
-
-    async def node(self, data: bytes) -> Any:
-        req = self._decode(data, api.NodeRequest)
-        if req.op == "register":
-            try:
-                node = validate_node(req.node, "node")
-            except ManifestError as exc:
-                raise ApiError(
-                    "validation",
-                    "invalid node",
-                    [api.FieldErrorOut(e.path, e.message) for e in exc.errors],
-                ) from exc
-            size = len(msgspec.json.encode(node))
-            too_large = object_too_large(size, self.config.limits, f"node {node.name}", "node")
-            if too_large is not None:
-                raise ApiError("validation", "invalid node", [too_large])
-
-            def reg(now: Instant) -> dict[str, Any]:
-                fleet = self._require_fleet()
-                fleet.register_node(node, now)
-                fleet.reconcile(now)
-                return {"registered": node.name}
-
-            return await self._mutate(reg)
-        health = {
-            "cordon": NodeHealth.CORDONED,
-            "fence": NodeHealth.FENCED,
-            "uncordon": NodeHealth.READY,
-        }[req.op]
-        await self._mutate(lambda now: self._require_fleet().set_node_health(req.name, health, now))
-        return {"node": req.name, "health": health.value}
-
-    async def get(self, data: bytes) -> Any:
-        req = self._decode(data, api.RunRef)
-        return await self._read(
-            lambda now: views.run_view(
-                self._require_fleet().state, run_key(req.namespace, req.name), now
-            )
-        )
-
-    async def list_runs(self, data: bytes) -> Any:
-        req = self._decode(data, api.ListRequest)
-        runs = await self._read(
-            lambda now: views.list_runs(self._require_fleet().state, now, req.namespace)
-        )
-        return self._page("runs", runs, _object_key, req.limit, req.continue_)
-
-    async def explain(self, data: bytes) -> Any:
-        req = self._decode(data, api.RunRef)
-        rows = await self._read(
-            lambda now: views.explain(
-                self._require_fleet().state, run_key(req.namespace, req.name), now
-            )
-        )
-        return [{"field": f, "value": v} for f, v in rows]
-
-    async def leases(self, data: bytes) -> Any:
-        req = self._decode(data, api.LeasesRequest)
-        leases = await self._read(
-            lambda now: views.leases(self._require_fleet().state, now, req.namespace, req.name)
-        )
-        return self._page("leases", leases, _lease_key, req.limit, req.continue_)
-
-    async def budgets(self, data: bytes) -> Any:
-        req = self._decode(data, api.ListRequest)
-        budgets = await self._read(
-            lambda now: views.budgets(self._require_fleet().state, now, req.namespace)
-        )
-        return self._page("budgets", budgets, _object_key, req.limit, req.continue_)
-
-    async def clock_endpoint(self, data: bytes) -> Any:
-        req = self._decode(data, api.ClockRequest)
-        if req.advance_to is not None:
-            clock = self.clock
-            if not isinstance(clock, VirtualClock):
-                message = "the clock is the wall clock; start with --clock virtual"
-                raise ApiError("bad_request", message, [api.FieldErrorOut("advance_to", message)])
-            target = req.advance_to
-            if target < clock.now():
-                message = f"cannot move the clock back to {format_instant(target)}"
-                raise ApiError("bad_request", message, [api.FieldErrorOut("advance_to", message)])
-
-            def advance(_: Instant) -> None:
-                clock.set(target)
-                self._require_fleet().advance_to(target)
-
-            await self._mutate(advance)
-        now = self.clock.now()
-        return {"now": now, "iso": format_instant(now), "virtual": self.clock.virtual}
-
-    async def report(self, data: bytes) -> Any:
-        req = self._decode(data, api.ReportRequest)
-        return await self._read(
-            lambda now: build_report(self._require_fleet().state, req.label, now)
-        )
-
-    async def fleetmap(self, data: bytes) -> Any:
-        self._decode(data or b"{}", api.FleetMapRequest)
-        return await self._read(lambda now: views.fleet_map(self._require_fleet().state, now))
-
-    async def seq(self, data: bytes) -> Any:
-        del data
-        return await self._read(lambda _: {"seq": self._require_fleet().seq})
-
-
-def _object_key(item: dict[str, Any]) -> paging.Key:
-    """Runs and budgets page in ``namespace/name`` order, the order the views list them in."""
-    return (f"{item['namespace']}/{item['name']}",)
-
-
-def _lease_key(item: dict[str, Any]) -> paging.Key:
-    """Leases page in (start, id) order, the order the views list them in."""
-    return (str(item["start"]), str(item["id"]))
 
 
 def _plan_fits(topology: Topology, request: PackRequest, plan: PackPlan) -> bool:
