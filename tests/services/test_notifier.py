@@ -35,13 +35,9 @@ from gpu_fleet.core.manifests import parse_manifests
 from gpu_fleet.core.model import Budget, Lease, LeaseRole, Node, Run
 from gpu_fleet.messages import notify, subjects
 from gpu_fleet.runtime.clock import VirtualClock
-from gpu_fleet_notifier.service import (
-    Notifier,
-    NotifierConfig,
-    derive,
-    expiring,
-    expiring_note,
-)
+from gpu_fleet_notifier.derive import derive
+from gpu_fleet_notifier.expiring import expiring, expiring_note
+from gpu_fleet_notifier.service import Notifier, NotifierConfig
 
 LEDGER_CLOCK = NotifierConfig(nats_url="", clock="ledger", ack_wait=3.0, fetch_timeout=0.2)
 

@@ -23,6 +23,10 @@ Teams are derived owners: the owner of the run's namespace in the notifier's own
 or, with ``clock="ledger"``, the time of the latest ledger event (checked after each fold), which
 makes it a deterministic function of the ledger: tests need no sleeping and a restart re-derives
 exactly which leases were already announced.  Its id is ``lease-expiring:<lease>:<end>``.
+
+What each event says is decided by pure functions of the folded state: ``derive`` (ledger events,
+teams, forecasts) and ``expiring`` (deadlines); this module is the actor that feeds them the
+ledger and publishes what they return.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 import nats.errors
@@ -52,18 +56,14 @@ from nats.js.api import (
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from gpu_fleet.core.forecast import ForecastError, ForecastResult, forecast
 from gpu_fleet.core.ledger import (
     EVENT_DECODER,
     Event,
     FleetState,
-    LeaseClosed,
-    LeaseMinted,
     LedgerError,
-    RunStatusChanged,
     fold,
 )
-from gpu_fleet.core.model import Instant, Lease
+from gpu_fleet.core.model import Instant
 from gpu_fleet.messages import notify, subjects
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, WallClock
@@ -71,18 +71,16 @@ from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 from gpu_fleet_notifier import __version__
+from gpu_fleet_notifier.derive import (
+    ForecastKey,
+    derive,
+    forecast_changes,
+    forecast_key,
+    forecast_note,
+)
+from gpu_fleet_notifier.expiring import expiring, expiring_note
 
 log = structlog.get_logger("gpu_fleet.notifier")
-
-UNBOUND = "_unbound"
-PREEMPTION_REASONS = ("RandomPreempt", "ReclaimUnfunded", "Shrink", "DropSpare")
-"""Closure reasons that mean "the resolver took this lease away" (DESIGN decision 3)."""
-
-RUN_EVENTS = {"GangBound": "run-admitted", "Reserved": "run-reserved", "Unfunded": "run-unfunded"}
-"""RunStatusChanged reasons worth a notification (Completed and Failed go by phase)."""
-
-PREEMPTION_NOTICE = "LeasePreemptionScheduled"
-"""The notice event, matched by class name so the notifier survives its evolution."""
 
 
 @dataclass
@@ -105,243 +103,6 @@ def build(
 ) -> Notifier:
     """The factory ``gpu_fleet.cli.stack`` uses to start the notifier in-process."""
     return Notifier(NotifierConfig(nats_url=nats_url, clock=clock, expiry_lead=expiry_lead))
-
-
-# ------------------------------------------------------------------------------------------
-# What to say: pure functions of the state *before* the event is folded
-# ------------------------------------------------------------------------------------------
-
-
-def team_of(state: FleetState, run: str) -> str:
-    """The derived owner of the run's namespace, ``_unbound`` when nobody owns it."""
-    namespace = run.split("/", 1)[0] if "/" in run else "default"
-    return state.index.family.owner_of(namespace) or UNBOUND
-
-
-def _note(
-    state: FleetState,
-    seq: int,
-    event: str,
-    run: str,
-    *,
-    at: Instant,
-    detail: dict[str, Any],
-    lease: str | None = None,
-) -> notify.Notification:
-    return notify.Notification(
-        id=f"{seq}:{event}:{lease or run}",
-        team=team_of(state, run),
-        event=event,
-        run=run,
-        lease=lease,
-        at=at,
-        detail=detail,
-        seq=seq,
-    )
-
-
-def _run_event(ev: RunStatusChanged) -> str | None:
-    if ev.phase == "Failed":
-        return "run-failed"
-    if ev.phase == "Completed":
-        return "run-completed"
-    return RUN_EVENTS.get(ev.reason)
-
-
-def _lease_detail(lease: Lease) -> dict[str, Any]:
-    payer = lease.minted_payer
-    return {
-        "node": lease.node,
-        "slots": list(lease.slots),
-        "role": lease.role.value,
-        "group": lease.group,
-        "start": lease.start,
-        "end": lease.end,
-        "mintedPayer": str(payer.key) if payer is not None else None,
-    }
-
-
-def _notice_detail(notice: object) -> dict[str, Any]:
-    """The preemption notice's fields, read by name (the event type may still evolve)."""
-    fields = {
-        "deadline": "deadline",
-        "closureReason": "reason",
-        "kind": "kind",
-        "seed": "seed",
-        "conflictSet": "conflict_set",
-        "beneficiary": "beneficiary",
-        "source": "source",
-    }
-    out: dict[str, Any] = {}
-    for wire, attr in fields.items():
-        value = getattr(notice, attr, None)
-        if value is not None:
-            out[wire] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notification]:
-    """Notifications for one ledger event, in a fixed order; ``state`` is before the fold."""
-    match event:
-        case RunStatusChanged():
-            name = _run_event(event)
-            if name is None:
-                return []
-            detail: dict[str, Any] = {
-                "phase": event.phase,
-                "reason": event.reason,
-                "message": event.message,
-            }
-            if event.detail:
-                detail["statusDetail"] = dict(event.detail)
-            res = state.pending_reservation(event.run) if name == "run-reserved" else None
-            if res is not None:
-                detail.update(
-                    reservation=res.name,
-                    kind=res.kind,
-                    earliestStart=res.earliest_start,
-                    deficitGPUs=res.deficit_gpus,
-                    confidence=res.confidence,
-                )
-            return [_note(state, seq, name, event.run, at=event.at, detail=detail)]
-        case LeaseMinted(lease=lease):
-            detail = {"reason": lease.reason.value, **_lease_detail(lease)}
-            return [
-                _note(
-                    state,
-                    seq,
-                    "lease-started",
-                    lease.run,
-                    at=event.at,
-                    detail=detail,
-                    lease=lease.id,
-                )
-            ]
-        case LeaseClosed(lease=lease_id, reason=reason):
-            known = state.leases.get(lease_id)
-            if known is None:
-                return []  # the fold refuses it too; nothing truthful to say
-            detail = {"closureReason": reason, **_lease_detail(known)}
-            notes = [
-                _note(
-                    state,
-                    seq,
-                    "lease-closed",
-                    known.run,
-                    at=event.at,
-                    detail=detail,
-                    lease=lease_id,
-                )
-            ]
-            if reason.startswith(PREEMPTION_REASONS):
-                preempted: dict[str, Any] = {"stage": "closed", "closureReason": reason}
-                notice = getattr(state, "preemptions", {}).get(lease_id)
-                if notice is not None:
-                    preempted.update({**_notice_detail(notice), "closureReason": reason})
-                notes.append(
-                    _note(
-                        state,
-                        seq,
-                        "preempted",
-                        known.run,
-                        at=event.at,
-                        detail=preempted,
-                        lease=lease_id,
-                    )
-                )
-            return notes
-        case _ if type(event).__name__ == PREEMPTION_NOTICE:
-            lease_id = str(getattr(event, "lease", ""))
-            held = state.leases.get(lease_id)
-            run = str(getattr(event, "run", "") or (held.run if held is not None else ""))
-            if not run:
-                return []
-            detail = {"stage": "notice", **_notice_detail(event)}
-            return [_note(state, seq, "preempted", run, at=event.at, detail=detail, lease=lease_id)]
-        case _:
-            return []
-
-
-ForecastKey = tuple[Instant | None, Instant | None, Instant | None, str]
-"""What a team is told about a forecast: earliest start, P50, P90, confidence."""
-
-
-def forecast_changes(
-    state: FleetState, now: Instant, announced: Mapping[str, ForecastKey]
-) -> list[ForecastResult]:
-    """Forecasts of runs waiting on a reservation that differ from what was last announced.
-
-    Only runs with a pending reservation are forecast (a start is promised to them); the
-    remedies are skipped.  Every forecast at one ledger version and instant shares one play of
-    its flavor's queue, so this costs one walk per flavor plus a little per run.
-    """
-    out: list[ForecastResult] = []
-    for key in sorted(state.status):
-        st = state.status[key]
-        if st.phase != "Pending" or state.pending_reservation(key) is None:
-            continue
-        try:
-            result = forecast(state, key, now, remedies=False)
-        except ForecastError:
-            continue  # nothing to say (a broken topology is reported by plan and explain)
-        if announced.get(key) != forecast_key(result):
-            out.append(result)
-    return out
-
-
-def forecast_key(result: ForecastResult) -> ForecastKey:
-    return (result.earliest_start, result.p50, result.p90, result.confidence)
-
-
-def forecast_note(
-    state: FleetState, seq: int, result: ForecastResult, at: Instant
-) -> notify.Notification:
-    return _note(
-        state,
-        seq,
-        "run-forecast",
-        result.run,
-        at=at,
-        detail={
-            "earliestStart": result.earliest_start,
-            "p50": result.p50,
-            "p90": result.p90,
-            "confidence": result.confidence,
-            "deficitGPUs": result.deficit_gpus,
-            "basis": result.basis,
-        },
-    )
-
-
-def expiring(
-    state: FleetState, now: Instant, lead: int, warned: Mapping[str, Instant]
-) -> list[Lease]:
-    """Open leases whose scheduled end is within ``lead`` of ``now`` and not yet announced.
-
-    A lease already past its end is left to its closure (``lease-closed``, reason Expired).
-    """
-    return sorted(
-        (
-            x
-            for x in state.open_leases.values()
-            if x.end is not None and x.end - lead <= now < x.end and warned.get(x.id) != x.end
-        ),
-        key=lambda x: (x.end or 0, x.id),
-    )
-
-
-def expiring_note(state: FleetState, lease: Lease, now: Instant, seq: int) -> notify.Notification:
-    end = lease.end or now
-    return notify.Notification(
-        id=f"lease-expiring:{lease.id}:{end}",
-        team=team_of(state, lease.run),
-        event="lease-expiring",
-        run=lease.run,
-        lease=lease.id,
-        at=now,
-        detail={"end": end, "remainingSeconds": end - now, **_lease_detail(lease)},
-        seq=seq,
-    )
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,0 +1,237 @@
+"""What to say about a ledger event: pure functions of the folded state, no I/O.
+
+The notifier actor (``service``) folds each ledger message into its own ``FleetState`` and asks
+this module what the message announces, *before* folding it (a closure needs the lease as it was).
+Everything here is deterministic in the state and the event, so it is tested without NATS, and a
+notifier that re-derives after a restart says exactly what it said before (same ids).
+
+Teams are derived owners: the owner of the run's namespace in the notifier's own fold
+(``state.index.family.owner_of``), ``_unbound`` when the namespace has none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gpu_fleet.core.forecast import ForecastError, ForecastResult, forecast
+from gpu_fleet.core.ledger import (
+    Event,
+    FleetState,
+    LeaseClosed,
+    LeaseMinted,
+    RunStatusChanged,
+)
+from gpu_fleet.core.model import Instant, Lease
+from gpu_fleet.messages import notify
+
+UNBOUND = "_unbound"
+PREEMPTION_REASONS = ("RandomPreempt", "ReclaimUnfunded", "Shrink", "DropSpare")
+"""Closure reasons that mean "the resolver took this lease away" (DESIGN decision 3)."""
+
+RUN_EVENTS = {"GangBound": "run-admitted", "Reserved": "run-reserved", "Unfunded": "run-unfunded"}
+"""RunStatusChanged reasons worth a notification (Completed and Failed go by phase)."""
+
+PREEMPTION_NOTICE = "LeasePreemptionScheduled"
+"""The notice event, matched by class name so the notifier survives its evolution."""
+
+
+def team_of(state: FleetState, run: str) -> str:
+    """The derived owner of the run's namespace, ``_unbound`` when nobody owns it."""
+    namespace = run.split("/", 1)[0] if "/" in run else "default"
+    return state.index.family.owner_of(namespace) or UNBOUND
+
+
+def _note(
+    state: FleetState,
+    seq: int,
+    event: str,
+    run: str,
+    *,
+    at: Instant,
+    detail: dict[str, Any],
+    lease: str | None = None,
+) -> notify.Notification:
+    return notify.Notification(
+        id=f"{seq}:{event}:{lease or run}",
+        team=team_of(state, run),
+        event=event,
+        run=run,
+        lease=lease,
+        at=at,
+        detail=detail,
+        seq=seq,
+    )
+
+
+def _run_event(ev: RunStatusChanged) -> str | None:
+    if ev.phase == "Failed":
+        return "run-failed"
+    if ev.phase == "Completed":
+        return "run-completed"
+    return RUN_EVENTS.get(ev.reason)
+
+
+def lease_detail(lease: Lease) -> dict[str, Any]:
+    payer = lease.minted_payer
+    return {
+        "node": lease.node,
+        "slots": list(lease.slots),
+        "role": lease.role.value,
+        "group": lease.group,
+        "start": lease.start,
+        "end": lease.end,
+        "mintedPayer": str(payer.key) if payer is not None else None,
+    }
+
+
+def _notice_detail(notice: object) -> dict[str, Any]:
+    """The preemption notice's fields, read by name (the event type may still evolve)."""
+    fields = {
+        "deadline": "deadline",
+        "closureReason": "reason",
+        "kind": "kind",
+        "seed": "seed",
+        "conflictSet": "conflict_set",
+        "beneficiary": "beneficiary",
+        "source": "source",
+    }
+    out: dict[str, Any] = {}
+    for wire, attr in fields.items():
+        value = getattr(notice, attr, None)
+        if value is not None:
+            out[wire] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notification]:
+    """Notifications for one ledger event, in a fixed order; ``state`` is before the fold."""
+    match event:
+        case RunStatusChanged():
+            name = _run_event(event)
+            if name is None:
+                return []
+            detail: dict[str, Any] = {
+                "phase": event.phase,
+                "reason": event.reason,
+                "message": event.message,
+            }
+            if event.detail:
+                detail["statusDetail"] = dict(event.detail)
+            res = state.pending_reservation(event.run) if name == "run-reserved" else None
+            if res is not None:
+                detail.update(
+                    reservation=res.name,
+                    kind=res.kind,
+                    earliestStart=res.earliest_start,
+                    deficitGPUs=res.deficit_gpus,
+                    confidence=res.confidence,
+                )
+            return [_note(state, seq, name, event.run, at=event.at, detail=detail)]
+        case LeaseMinted(lease=lease):
+            detail = {"reason": lease.reason.value, **lease_detail(lease)}
+            return [
+                _note(
+                    state,
+                    seq,
+                    "lease-started",
+                    lease.run,
+                    at=event.at,
+                    detail=detail,
+                    lease=lease.id,
+                )
+            ]
+        case LeaseClosed(lease=lease_id, reason=reason):
+            known = state.leases.get(lease_id)
+            if known is None:
+                return []  # the fold refuses it too; nothing truthful to say
+            detail = {"closureReason": reason, **lease_detail(known)}
+            notes = [
+                _note(
+                    state,
+                    seq,
+                    "lease-closed",
+                    known.run,
+                    at=event.at,
+                    detail=detail,
+                    lease=lease_id,
+                )
+            ]
+            if reason.startswith(PREEMPTION_REASONS):
+                preempted: dict[str, Any] = {"stage": "closed", "closureReason": reason}
+                notice = getattr(state, "preemptions", {}).get(lease_id)
+                if notice is not None:
+                    preempted.update({**_notice_detail(notice), "closureReason": reason})
+                notes.append(
+                    _note(
+                        state,
+                        seq,
+                        "preempted",
+                        known.run,
+                        at=event.at,
+                        detail=preempted,
+                        lease=lease_id,
+                    )
+                )
+            return notes
+        case _ if type(event).__name__ == PREEMPTION_NOTICE:
+            lease_id = str(getattr(event, "lease", ""))
+            held = state.leases.get(lease_id)
+            run = str(getattr(event, "run", "") or (held.run if held is not None else ""))
+            if not run:
+                return []
+            detail = {"stage": "notice", **_notice_detail(event)}
+            return [_note(state, seq, "preempted", run, at=event.at, detail=detail, lease=lease_id)]
+        case _:
+            return []
+
+
+ForecastKey = tuple[Instant | None, Instant | None, Instant | None, str]
+"""What a team is told about a forecast: earliest start, P50, P90, confidence."""
+
+
+def forecast_changes(
+    state: FleetState, now: Instant, announced: Mapping[str, ForecastKey]
+) -> list[ForecastResult]:
+    """Forecasts of runs waiting on a reservation that differ from what was last announced.
+
+    Only runs with a pending reservation are forecast (a start is promised to them); the
+    remedies are skipped.  Every forecast at one ledger version and instant shares one play of
+    its flavor's queue, so this costs one walk per flavor plus a little per run.
+    """
+    out: list[ForecastResult] = []
+    for key in sorted(state.status):
+        st = state.status[key]
+        if st.phase != "Pending" or state.pending_reservation(key) is None:
+            continue
+        try:
+            result = forecast(state, key, now, remedies=False)
+        except ForecastError:
+            continue  # nothing to say (a broken topology is reported by plan and explain)
+        if announced.get(key) != forecast_key(result):
+            out.append(result)
+    return out
+
+
+def forecast_key(result: ForecastResult) -> ForecastKey:
+    return (result.earliest_start, result.p50, result.p90, result.confidence)
+
+
+def forecast_note(
+    state: FleetState, seq: int, result: ForecastResult, at: Instant
+) -> notify.Notification:
+    return _note(
+        state,
+        seq,
+        "run-forecast",
+        result.run,
+        at=at,
+        detail={
+            "earliestStart": result.earliest_start,
+            "p50": result.p50,
+            "p90": result.p90,
+            "confidence": result.confidence,
+            "deficitGPUs": result.deficit_gpus,
+            "basis": result.basis,
+        },
+    )
