@@ -26,6 +26,7 @@ from gpu_fleet.core.model import GROUP
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SCENARIOS = ROOT.parent / "shared" / "scenarios"
 EXAMPLES = ROOT / "examples" / "manifests"
+CHANNEL_EXAMPLES = ROOT / "examples" / "channels"
 
 Schema = dict[str, Any]
 
@@ -48,6 +49,7 @@ EXPECTED = {
     "Run": ("runs", []),
     "Reservation": ("reservations", []),
     "GPULease": ("gpuleases", ["gl"]),
+    "NotificationChannel": ("notificationchannels", ["nc"]),
 }
 
 
@@ -106,14 +108,14 @@ def _plain(value: Any) -> Any:
 def _manifests() -> list[Any]:
     params: list[Any] = []
     sources: list[tuple[Path, list[Any]]] = []
-    for path in sorted(EXAMPLES.glob("*.yaml")):
+    for path in sorted([*EXAMPLES.glob("*.yaml"), *CHANNEL_EXAMPLES.glob("*.yaml")]):
         sources.append((path, [d for d in yaml.safe_load_all(path.read_text()) if d]))
     if SHARED_SCENARIOS.is_dir():
         for path in sorted(SHARED_SCENARIOS.glob("*.yaml")):
             sources.append((path, yaml.safe_load(path.read_text()).get("objects") or []))
     for path, docs in sources:
         for doc in docs:
-            if doc.get("kind") in ("Budget", "Run"):
+            if doc.get("kind") in ("Budget", "Run", "NotificationChannel"):
                 name = f"{path.stem}:{doc['kind']}/{doc['metadata']['name']}"
                 params.append(pytest.param(_plain(doc), id=name))
     return params
@@ -253,7 +255,8 @@ def test_shared_golden_run_manifest_validates() -> None:
 
 @pytest.mark.parametrize("doc", _manifests())
 def test_every_known_manifest_validates(doc: Schema) -> None:
-    """Every Budget/Run in examples/ and the shared scenarios is accepted by the CRDs."""
+    """Every Budget/Run/NotificationChannel in examples/ and the shared scenarios is accepted
+    by the CRDs."""
     assert _validate(doc) == []
 
 
@@ -292,3 +295,22 @@ def test_bad_run_manifest_is_rejected(mutate: Any, expected: str) -> None:
     assert _validate(doc) == []
     mutate(doc)
     assert _validate(doc) == [expected]
+
+
+def test_a_channel_keeps_only_the_secret_reference() -> None:
+    """The CRD has no field that could hold a signing secret's value: only where it is."""
+    spec = _schema("NotificationChannel")["properties"]["spec"]
+    assert set(spec["properties"]["secretRef"]["properties"]) == {"name", "key", "file", "env"}
+    assert spec["required"] == ["target"]
+    assert spec["properties"]["format"]["enum"] == ["json", "slack"]
+    doc: Schema = {
+        "apiVersion": f"{GROUP}/v1",
+        "kind": "NotificationChannel",
+        "metadata": {"name": "c", "namespace": "team"},
+        "spec": {"target": {"webhook": "https://x.example/h"}, "secretRef": {"env": "S"}},
+    }
+    assert _validate(doc) == []
+    doc["spec"]["secret"] = "hunter2"
+    assert _validate(doc) == [
+        "spec: Additional properties are not allowed ('secret' was unexpected)"
+    ]

@@ -5,7 +5,8 @@ Usage::
     python tools/gen_crds.py            # (re)write crds/<plural>.yaml
     python tools/gen_crds.py --check    # exit 1 if any file is missing, stale or unexpected
 
-The Structs in ``gpu_fleet.core.model`` are the source of truth for ``Budget`` and ``Run``
+The Structs in ``gpu_fleet.core.model`` are the source of truth for ``Budget``, ``Run`` and
+``NotificationChannel``
 (STYLE §11: generate boundary types from the source of truth).  ``msgspec.json.schema`` gives a
 JSON Schema; Kubernetes wants a *structural* OpenAPI v3 schema instead, so ``structural()``:
 
@@ -41,7 +42,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from gpu_fleet.core.model import GROUP, BudgetSpec, LeaseRole, MintReason, RunSpec
+from gpu_fleet.core.model import GROUP, BudgetSpec, ChannelSpec, LeaseRole, MintReason, RunSpec
 
 VERSION = "v1"
 CATEGORY = "gpu-fleet"
@@ -424,6 +425,23 @@ KINDS = (
             _column("Flavor", ".spec.resources.gpuType", priority=1),
             _AGE,
         ],
+    ),
+    Kind(
+        kind="NotificationChannel",
+        plural="notificationchannels",
+        spec=lambda: structural(ChannelSpec),
+        status=lambda: _open_status("Delivery counts and conditions (written by the notifier)."),
+        description=(
+            "Where a team's notices go (webhook or NATS), which ones, and the signing secret's"
+            " reference (never its value)."
+        ),
+        columns=[
+            _column("Format", ".spec.format"),
+            _column("Webhook", ".spec.target.webhook", priority=1),
+            _column("Scope", ".spec.scope", priority=1),
+            _AGE,
+        ],
+        short_names=["nc"],
     ),
     Kind(
         kind="Reservation",

@@ -1241,7 +1241,7 @@ class TestParseManifests:
             "documents[0].spec.envelopes[0].concurrency: must be > 0",
             "documents[2].spec.resources.totalGPUs: must be >= 1",
             "documents[3].apiVersion: required",
-            "documents[3].kind: unsupported kind 'Pod': must be Budget or Run",
+            "documents[3].kind: unsupported kind 'Pod': must be Budget, Run or NotificationChannel",
         ]
 
     def test_kind_list(self) -> None:

@@ -18,7 +18,15 @@ from gpu_fleet import views
 from gpu_fleet.core.engine import CommandError
 from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.manifests import ManifestError, parse_manifests, validate_node
-from gpu_fleet.core.model import Budget, Funding, Instant, NodeHealth, Run, run_key
+from gpu_fleet.core.model import (
+    Budget,
+    Funding,
+    Instant,
+    NodeHealth,
+    NotificationChannel,
+    Run,
+    run_key,
+)
 from gpu_fleet.core.names import clamp
 from gpu_fleet.core.timeutil import format_instant, parse_instant
 from gpu_fleet.messages import api
@@ -113,15 +121,16 @@ class Endpoints:
                 )
             out = []
             for m in manifests:
-                existed = (
-                    (m.key in fleet.state.runs)
-                    if isinstance(m, Run)
-                    else (m.key in fleet.state.budgets)
-                )
+                if isinstance(m, Run):
+                    existed = m.key in fleet.state.runs
+                elif isinstance(m, NotificationChannel):
+                    existed = m.key in fleet.state.channels
+                else:
+                    existed = m.key in fleet.state.budgets
                 fleet.apply(m, now)
                 out.append(
                     {
-                        "kind": "Run" if isinstance(m, Run) else "Budget",
+                        "kind": type(m).__name__,
                         "namespace": m.metadata.namespace,
                         "name": m.metadata.name,
                         "action": "updated" if existed else "created",

@@ -219,7 +219,93 @@ class Run(_Spec, frozen=True, tag_field="kind", tag="Run"):
         return loc.group_gpus if loc is not None else None
 
 
-Manifest = Budget | Run
+# --------------------------------------------------------------------------------------------
+# NotificationChannel (where a team's notices go; DESIGN decisions 2 and 3)
+# --------------------------------------------------------------------------------------------
+
+Severity = Literal["info", "warning", "critical"]
+SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")
+"""Severities in rising order; a channel's filter names the lowest one it wants."""
+
+NOTIFICATION_EVENTS: dict[str, Severity] = {
+    "run-admitted": "info",  # the run started: its gang is bound
+    "run-reserved": "info",  # the run got a reservation (a promised start)
+    "run-forecast": "info",  # a waiting run's forecast changed
+    "reservation-activated": "info",  # the reservation started its run
+    "run-completed": "info",
+    "run-failed": "critical",
+    "run-unfunded": "warning",  # held: no funding principal
+    "run-swapped": "warning",  # a failed node's group moved onto spares
+    "lease-started": "info",
+    "lease-closed": "info",
+    "lease-expiring": "warning",  # a lease's scheduled end is within a lead time
+    "lease-expired": "warning",  # a lease closed at its scheduled end
+    "preempted": "critical",  # notice (with deadline, seed, conflict set) and closure
+    "funding-expiring": "warning",  # leases will demote at a predicted instant
+    "funding-demoted": "warning",  # a lease lost its funding (demote, not kill)
+    "funding-restored": "info",  # an unfunded lease is funded again
+    "budget-renewal-due": "warning",  # autoRenew: an envelope window ends within notifyBefore
+    "delivery-dead-lettered": "warning",  # a webhook gave up after its attempts
+    "channel-test": "info",  # kubectl runs notify test
+}
+"""Every notification event with its severity: the one list manifests validate filters with."""
+
+
+class ChannelTarget(_Spec, frozen=True):
+    """Where a channel delivers: an HTTP(S) webhook, or NATS only (exactly one of them)."""
+
+    webhook: str | None = None
+    nats: bool | None = None
+
+
+class ChannelFilter(_Spec, frozen=True):
+    """Which notifications a channel wants; an empty list means "all"."""
+
+    events: tuple[str, ...] = ()
+    runs: tuple[str, ...] = ()  # run names in the channel's namespace, or namespace/name
+    severity: Severity = "info"  # the lowest severity delivered
+
+
+class SecretRef(_Spec, frozen=True):
+    """Where the signing secret is kept.  Only this reference reaches the ledger, never the value.
+
+    Exactly one of ``name`` (a Kubernetes Secret in the channel's namespace, read at ``key``),
+    ``file`` (local mode: a file holding the secret) and ``env`` (local mode: an environment
+    variable of the notifier).
+    """
+
+    name: str | None = None
+    key: str = "secret"
+    file: str | None = None
+    env: str | None = None
+
+
+class ChannelSpec(_Spec, frozen=True):
+    target: ChannelTarget
+    format: Literal["json", "slack"] = "json"
+    filter: ChannelFilter | None = None
+    lead_times: tuple[str, ...] = msgspec.field(default=(), name="leadTimes")
+    secret_ref: SecretRef | None = msgspec.field(default=None, name="secretRef")
+    scope: Literal["namespace", "team"] = "namespace"
+
+
+class NotificationChannel(_Spec, frozen=True, tag_field="kind", tag="NotificationChannel"):
+    """A team's subscription: which notices, in which format, to which receiver, signed how.
+
+    ``scope: namespace`` (the default) receives the notices about the channel's own namespace;
+    ``scope: team`` those of every namespace with the same derived owner.
+    """
+
+    metadata: ObjectMeta
+    spec: ChannelSpec
+    api_version: str = msgspec.field(default=API_VERSION, name="apiVersion")
+
+    @property
+    def key(self) -> str:
+        return run_key(self.metadata.namespace, self.metadata.name)
+
+
+Manifest = Budget | Run | NotificationChannel
 """Everything a user may apply (a tagged union on ``kind``)."""
 
 

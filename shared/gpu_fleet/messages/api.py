@@ -26,7 +26,7 @@ class ApplyRequest(_Req, frozen=True, kw_only=True):
 
 
 class DeleteRequest(_Req, frozen=True, kw_only=True):
-    kind: Literal["Run", "Budget"]
+    kind: Literal["Run", "Budget", "NotificationChannel"]
     namespace: str = "default"
     name: str
 

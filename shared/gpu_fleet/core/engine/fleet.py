@@ -37,6 +37,8 @@ from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.ledger.events import (
     BudgetApplied,
     BudgetDeleted,
+    ChannelApplied,
+    ChannelDeleted,
     Event,
     LeaseClosed,
     NodeHealthChanged,
@@ -53,8 +55,10 @@ from gpu_fleet.core.model import (
     Budget,
     Instant,
     LeaseRole,
+    Manifest,
     Node,
     NodeHealth,
+    NotificationChannel,
     Run,
 )
 from gpu_fleet.core.placement.pack import Planner, pack_greedy
@@ -99,7 +103,10 @@ class Fleet:
     def register_node(self, node: Node, at: Instant) -> None:
         self.commit([NodeRegistered(at=at, node=node)])
 
-    def apply(self, manifest: Budget | Run, at: Instant) -> list[Event]:
+    def apply(self, manifest: Manifest, at: Instant) -> list[Event]:
+        if isinstance(manifest, NotificationChannel):
+            # A channel decides nothing about scheduling: recorded, nothing to reconcile.
+            return self.commit([ChannelApplied(at=at, channel=manifest)])
         if isinstance(manifest, Budget):
             cycle = parent_cycle(self.state.budgets.values(), [manifest])
             if cycle is not None:
@@ -113,6 +120,10 @@ class Fleet:
 
     def delete(self, kind: str, namespace: str, name: str, at: Instant) -> list[Event]:
         key = f"{namespace}/{name}"
+        if kind == "NotificationChannel":
+            if key not in self.state.channels:
+                raise CommandError(f"notification channel {key} not found")
+            return self.commit([ChannelDeleted(at=at, namespace=namespace, name=name)])
         if kind == "Budget":
             if key not in self.state.budgets:
                 raise CommandError(f"budget {key} not found")

@@ -23,6 +23,7 @@ from gpu_fleet.core.model import (
     Lease,
     Node,
     NodeHealth,
+    NotificationChannel,
     Run,
 )
 
@@ -158,6 +159,17 @@ class LeasePreemptionCanceled(_Event, tag="LeasePreemptionCanceled", kw_only=Tru
     reason: str = ""
 
 
+class ChannelApplied(_Event, tag="ChannelApplied", kw_only=True, frozen=True):
+    """A NotificationChannel created or changed.  It carries the secret's *reference* only."""
+
+    channel: NotificationChannel
+
+
+class ChannelDeleted(_Event, tag="ChannelDeleted", kw_only=True, frozen=True):
+    namespace: str
+    name: str
+
+
 Event = (
     NodeRegistered
     | NodeHealthChanged
@@ -174,6 +186,8 @@ Event = (
     | ReservationReleased
     | LeasePreemptionScheduled
     | LeasePreemptionCanceled
+    | ChannelApplied
+    | ChannelDeleted
 )
 
 EVENT_ENCODER = msgspec.json.Encoder()

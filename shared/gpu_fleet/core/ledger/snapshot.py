@@ -1,10 +1,11 @@
 """Snapshots of folded state, so a restart folds only the ledger's tail.
 
 A snapshot holds the durable part of ``FleetState`` at one ledger sequence: the objects, the
-leases, reservations, preemption notices, run status, the event history, the clock, the GPU-hour
-meter and the fold counters.  Indexes (open leases, slot holders, held ordinals per node) are
-rebuilt on load, and caches start empty.  Loading the snapshot and then folding the events after
-it gives exactly the state a full replay gives; a test checks this over whole scenarios.
+leases, reservations, preemption notices, notification channels, run status, the event history,
+the clock, the GPU-hour meter and the fold counters.  Indexes (open leases, slot holders, held
+ordinals per node) are rebuilt on load, and caches start empty.  Loading the snapshot and then
+folding the events after it gives exactly the state a full replay gives; a test checks this over
+whole scenarios.
 
 The format is msgpack through msgspec.  A snapshot from another format version is ignored, and
 the caller then replays from the start: snapshots only save time and are never the truth.
@@ -19,7 +20,16 @@ import msgspec
 from gpu_fleet.core.funding.metering import Meter
 from gpu_fleet.core.ledger.events import Event, LeasePreemptionScheduled, Reservation, RunPhase
 from gpu_fleet.core.ledger.state import FleetState, RunStatus
-from gpu_fleet.core.model import Budget, EnvelopeKey, FundingClass, Instant, Lease, Node, Run
+from gpu_fleet.core.model import (
+    Budget,
+    EnvelopeKey,
+    FundingClass,
+    Instant,
+    Lease,
+    Node,
+    NotificationChannel,
+    Run,
+)
 
 FORMAT = 1
 
@@ -59,6 +69,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     version: int
     funding_epoch: int
     etas: dict[str, Instant] = {}
+    channels: dict[str, NotificationChannel] = {}
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -98,6 +109,7 @@ def take(state: FleetState, seq: int) -> bytes:
         version=state.version,
         funding_epoch=state.funding_epoch,
         etas=state.etas,
+        channels=state.channels,
     )
     return _ENCODER.encode(snap)
 
@@ -141,6 +153,7 @@ def restore(data: bytes) -> tuple[FleetState, int] | None:
     state.version = snap.version
     state.funding_epoch = snap.funding_epoch
     state.etas = dict(snap.etas)
+    state.channels = dict(snap.channels)
     held: dict[str, set[int]] = defaultdict(set)
     for lease in state.leases.values():
         if lease.closure_reason is not None:

@@ -27,6 +27,8 @@ from gpu_fleet.core.funding.metering import (
 from gpu_fleet.core.ledger.events import (
     BudgetApplied,
     BudgetDeleted,
+    ChannelApplied,
+    ChannelDeleted,
     Event,
     LeaseClosed,
     LeaseMinted,
@@ -52,6 +54,7 @@ from gpu_fleet.core.model import (
     Lease,
     LeaseRole,
     Node,
+    NotificationChannel,
     Run,
 )
 from gpu_fleet.core.placement.topology import Skeleton, compile_nodes
@@ -119,6 +122,8 @@ class FleetState:
     pending_reservations: dict[str, Reservation] = field(default_factory=dict, repr=False)
     # Views derived from the state (see ``cached``): name -> (version, argument, value).
     _derived: dict[str, tuple[int, object, object]] = field(default_factory=dict, repr=False)
+    # NotificationChannels by "namespace/name": read by the notifier only, decide nothing.
+    channels: dict[str, NotificationChannel] = field(default_factory=dict)
 
     @property
     def index(self) -> EnvelopeIndex:
@@ -356,6 +361,10 @@ def fold(state: FleetState, event: Event) -> None:
             state.preemptions[lease_id] = event
         case LeasePreemptionCanceled(lease=lease_id):
             state.preemptions.pop(lease_id, None)
+        case ChannelApplied(channel=channel):
+            state.channels[channel.key] = channel
+        case ChannelDeleted(namespace=ns, name=name):
+            state.channels.pop(f"{ns}/{name}", None)
     state.history.append(event)
     state.version += 1
     if not isinstance(event, _NEUTRAL) or (
@@ -372,6 +381,8 @@ _NEUTRAL = (
     ReservationReleased,
     LeasePreemptionScheduled,
     LeasePreemptionCanceled,
+    ChannelApplied,
+    ChannelDeleted,
 )
 """Events that never change who pays for an open lease."""
 

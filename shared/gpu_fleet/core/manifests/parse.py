@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+from gpu_fleet.core.manifests.channel import check_channel_spec
 from gpu_fleet.core.manifests.documents import load_documents
 from gpu_fleet.core.manifests.errors import ErrorList, ManifestError, index_path, join_path
 from gpu_fleet.core.manifests.rules import check_budget_spec, check_metadata, check_run_spec
@@ -22,13 +23,25 @@ from gpu_fleet.core.manifests.structure import (
     struct_info,
     walk_struct,
 )
-from gpu_fleet.core.model import API_VERSION, Budget, Run
+from gpu_fleet.core.model import API_VERSION, Budget, Manifest, NotificationChannel, Run
 from gpu_fleet.core.names import quote
 
-_KINDS: Final[dict[str, type[Budget] | type[Run]]] = {"Budget": Budget, "Run": Run}
+_KINDS: Final[dict[str, type[Budget] | type[Run] | type[NotificationChannel]]] = {
+    "Budget": Budget,
+    "Run": Run,
+    "NotificationChannel": NotificationChannel,
+}
+_SCHEDULING_KINDS: Final = ("Budget", "Run")
+"""What a scenario may hold: the objects that change scheduling (channels only notify)."""
 
 
-def _manifest(raw: object, path: str, errs: ErrorList) -> Budget | Run | None:
+def _one_of(kinds: tuple[str, ...]) -> str:
+    return kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+
+
+def _manifest(
+    raw: object, path: str, errs: ErrorList, kinds: tuple[str, ...] = tuple(_KINDS)
+) -> Manifest | None:
     """Validate one manifest into ``errs``; the typed value only if this document had no error."""
     if not isinstance(raw, Mapping):
         errs.add(path, f"expected mapping, got {kind_name(raw)}")
@@ -48,9 +61,9 @@ def _manifest(raw: object, path: str, errs: ErrorList) -> Budget | Run | None:
     if not isinstance(kind, str):
         errs.add(kind_path, f"expected str, got {kind_name(kind)}")
         return None
-    cls = _KINDS.get(kind)
+    cls = _KINDS.get(kind) if kind in kinds else None
     if cls is None:
-        errs.add(kind_path, f"unsupported kind {quote(kind)}: must be Budget or Run")
+        errs.add(kind_path, f"unsupported kind {quote(kind)}: must be {_one_of(kinds)}")
         return None
 
     handled = frozenset({"apiVersion", "kind"})
@@ -64,6 +77,8 @@ def _manifest(raw: object, path: str, errs: ErrorList) -> Budget | Run | None:
         spath = join_path(path, "spec")
         if cls is Budget:
             check_budget_spec(spec, spath, errs)
+        elif cls is NotificationChannel:
+            check_channel_spec(spec, spath, errs)
         else:
             name = get_str(meta, "name") if meta is not None else None
             check_run_spec(spec, name, spath, errs)
@@ -82,17 +97,19 @@ def validate_manifest(raw: object, path: str = "") -> Budget | Run:
     every problem of the document; returns the frozen Budget or Run with defaults applied.
     """
     errs = ErrorList()
-    result = _manifest(raw, path, errs)
+    result = _manifest(raw, path, errs, _SCHEDULING_KINDS)
     if errs or result is None:
         raise ManifestError(errs.items)
+    assert not isinstance(result, NotificationChannel)  # refused above: not a scheduling kind
     return result
 
 
 _LIST_FIELDS = frozenset({"apiVersion", "kind", "items", "metadata"})
 
 
-def parse_manifests(text: str, source: str = "<input>") -> list[Budget | Run]:
-    """Every Budget and Run in ``text`` (YAML or JSON, ``---``-separated, ``kind: List`` allowed).
+def parse_manifests(text: str, source: str = "<input>") -> list[Manifest]:
+    """Every Budget, Run and NotificationChannel in ``text`` (YAML or JSON, ``---``-separated,
+    ``kind: List`` allowed).
 
     Empty documents are skipped.  When the file holds more than one document, paths are prefixed
     ``documents[i]`` where ``i`` is the document's 0-based position in the file (empty documents
@@ -102,12 +119,12 @@ def parse_manifests(text: str, source: str = "<input>") -> list[Budget | Run]:
     return parse_documents(load_documents(text, source), source)
 
 
-def parse_documents(documents: list[object], source: str = "<input>") -> list[Budget | Run]:
+def parse_documents(documents: list[object], source: str = "<input>") -> list[Manifest]:
     """``parse_manifests`` for documents already loaded (``load_documents``, ``load_source``)."""
     present = [(i, doc) for i, doc in enumerate(documents) if doc is not None]
     multi = len(present) > 1
     errs = ErrorList()
-    out: list[Budget | Run] = []
+    out: list[Manifest] = []
     for i, doc in present:
         prefix = index_path("documents", i) if multi else ""
         if isinstance(doc, Mapping) and doc.get("kind") == "List":

@@ -39,7 +39,7 @@ RESERVED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NNODES", "NODE_RANK
 """Rendezvous variables gpu-fleet injects into workload containers; users must not set them."""
 
 
-def _check_label(value: str | None, path: str, errs: ErrorList) -> None:
+def check_label(value: str | None, path: str, errs: ErrorList) -> None:
     """Names that end up in pod names and label values must be DNS-1123 labels (1-63)."""
     if value is None:
         return
@@ -82,7 +82,7 @@ def _check_positive(value: int | float | None, path: str, errs: ErrorList) -> No
         errs.add(path, "must be > 0")
 
 
-def _check_duration(value: str | None, path: str, errs: ErrorList) -> int | None:
+def check_duration(value: str | None, path: str, errs: ErrorList) -> int | None:
     """Seconds of a Go-style duration, or None (with an error when the text is not one)."""
     if value is None:
         return None
@@ -93,7 +93,7 @@ def _check_duration(value: str | None, path: str, errs: ErrorList) -> int | None
         return None
 
 
-def _check_unique_strings(
+def check_unique_strings(
     items: list[object] | None,
     path: str,
     what: str,
@@ -121,13 +121,14 @@ def check_metadata(meta: dict[str, object] | None, path: str, errs: ErrorList, k
     """Run names become pod and lease names, hence labels; Budgets are plain object names."""
     if meta is None:
         return
-    check_name = _check_label if kind == "Run" else check_subdomain
+    # A channel's name is also a NATS subject token and a consumer name: a label, like a Run's.
+    check_name = check_label if kind in ("Run", "NotificationChannel") else check_subdomain
     check_name(get_str(meta, "name"), join_path(path, "name"), errs)
     namespace = get_str(meta, "namespace")
     if namespace == "":
         meta["namespace"] = "default"  # one namespaced-key rule: empty means default
     else:
-        _check_label(namespace, join_path(path, "namespace"), errs)
+        check_label(namespace, join_path(path, "namespace"), errs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def _check_cap(
                 f"must match the cap's flavor {quote(flavor)}",
             )
 
-    _check_unique_strings(members, mpath, "envelope", errs, member_rules)
+    check_unique_strings(members, mpath, "envelope", errs, member_rules)
     _check_positive(get_int(cap, "maxConcurrency"), join_path(path, "maxConcurrency"), errs)
     _check_positive(get_float(cap, "gpuHours"), join_path(path, "gpuHours"), errs)
     if (
@@ -253,14 +254,14 @@ def check_budget_spec(spec: dict[str, object], path: str, errs: ErrorList) -> No
             errs.add(ipath, f"must not be the budget's own owner {quote(owner)}")
 
     ppath = join_path(path, "parents")
-    _check_unique_strings(get_list(spec, "parents"), ppath, "parent", errs, parent_rules)
+    check_unique_strings(get_list(spec, "parents"), ppath, "parent", errs, parent_rules)
 
     renew = get_map(spec, "autoRenew")
     if renew is not None:
         rpath = join_path(path, "autoRenew")
-        period = _check_duration(get_str(renew, "period"), join_path(rpath, "period"), errs)
+        period = check_duration(get_str(renew, "period"), join_path(rpath, "period"), errs)
         _check_positive(period, join_path(rpath, "period"), errs)
-        _check_duration(get_str(renew, "notifyBefore"), join_path(rpath, "notifyBefore"), errs)
+        check_duration(get_str(renew, "notifyBefore"), join_path(rpath, "notifyBefore"), errs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +356,7 @@ def _check_template(template: dict[str, object], path: str, errs: ErrorList) -> 
 
 
 def _check_role(role: dict[str, object], total: int | None, path: str, errs: ErrorList) -> None:
-    _check_label(get_str(role, "name"), join_path(path, "name"), errs)
+    check_label(get_str(role, "name"), join_path(path, "name"), errs)
     width, per_pod = get_int(role, "width"), get_int(role, "gpusPerPod")
     ok_width = check_min(width, 1, join_path(path, "width"), errs)
     ok_per_pod = check_min(per_pod, 1, join_path(path, "gpusPerPod"), errs)
@@ -380,7 +381,7 @@ def _check_role(role: dict[str, object], total: int | None, path: str, errs: Err
             check_min(retries, 1, rpath, errs)
     elif policy is not None and role.get("retries") is not None:
         errs.add(rpath, "must not be set unless failurePolicy is Retry")
-    _check_duration(get_str(role, "backoff"), join_path(path, "backoff"), errs)
+    check_duration(get_str(role, "backoff"), join_path(path, "backoff"), errs)
     template = get_map(role, "template")
     if template is not None:
         _check_template(template, join_path(path, "template"), errs)
@@ -415,7 +416,7 @@ def check_run_spec(
             max_borrow = get_int(funding, "maxBorrowGPUs")
             _check_positive(max_borrow, join_path(fpath, "maxBorrowGPUs"), errs)
         sponsors = get_list(funding, "sponsors")
-        _check_unique_strings(sponsors, join_path(fpath, "sponsors"), "sponsor", errs)
+        check_unique_strings(sponsors, join_path(fpath, "sponsors"), "sponsor", errs)
 
     follow = get_map(spec, "follow")
     if follow is not None:
@@ -424,11 +425,11 @@ def check_run_spec(
     runtime = get_map(spec, "runtime")
     if runtime is not None:
         tpath = join_path(path, "runtime")
-        _check_duration(get_str(runtime, "checkpoint"), join_path(tpath, "checkpoint"), errs)
+        check_duration(get_str(runtime, "checkpoint"), join_path(tpath, "checkpoint"), errs)
         max_duration = get_str(runtime, "maxDuration")
-        seconds = _check_duration(max_duration, join_path(tpath, "maxDuration"), errs)
+        seconds = check_duration(max_duration, join_path(tpath, "maxDuration"), errs)
         _check_positive(seconds, join_path(tpath, "maxDuration"), errs)
-        _check_duration(
+        check_duration(
             get_str(runtime, "preemptionGrace"), join_path(tpath, "preemptionGrace"), errs
         )
 
@@ -453,10 +454,10 @@ def _check_follow(
         if run_name is not None and name == run_name:
             errs.add(ipath, f"must not name the run itself ({quote(name)})")
         else:
-            _check_label(name, ipath, errs)
+            check_label(name, ipath, errs)
 
-    _check_unique_strings(after, apath, "run", errs, upstream_rules)
+    check_unique_strings(after, apath, "run", errs, upstream_rules)
     if follow.get("onUpstreamFailure") == "":
         follow["onUpstreamFailure"] = "wait"  # SPEC: "" means the default, wait
     grace = get_str(follow, "upstreamFailureGrace")
-    _check_duration(grace, join_path(path, "upstreamFailureGrace"), errs)
+    check_duration(grace, join_path(path, "upstreamFailureGrace"), errs)
