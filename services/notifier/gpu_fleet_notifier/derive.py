@@ -20,9 +20,10 @@ from gpu_fleet.core.ledger import (
     FleetState,
     LeaseClosed,
     LeaseMinted,
+    ReservationReleased,
     RunStatusChanged,
 )
-from gpu_fleet.core.model import Instant, Lease
+from gpu_fleet.core.model import NOTIFICATION_EVENTS, Instant, Lease, MintReason, Severity
 from gpu_fleet.messages import notify
 
 UNBOUND = "_unbound"
@@ -38,8 +39,46 @@ PREEMPTION_NOTICE = "LeasePreemptionScheduled"
 
 def team_of(state: FleetState, run: str) -> str:
     """The derived owner of the run's namespace, ``_unbound`` when nobody owns it."""
-    namespace = run.split("/", 1)[0] if "/" in run else "default"
-    return state.index.family.owner_of(namespace) or UNBOUND
+    return state.index.family.owner_of(namespace_of(run)) or UNBOUND
+
+
+def namespace_of(run: str) -> str:
+    return run.split("/", 1)[0] if "/" in run else "default"
+
+
+def make_note(
+    state: FleetState,
+    note_id: str,
+    event: str,
+    run: str,
+    *,
+    at: Instant,
+    seq: int,
+    detail: dict[str, Any],
+    lease: str | None = None,
+    envelope: str | None = None,
+    reason: str = "",
+    severity: Severity | None = None,
+    due: Instant | None = None,
+    team: str | None = None,
+    namespace: str | None = None,
+) -> notify.Notification:
+    """A notification with every common field filled the one way (team, namespace, severity)."""
+    return notify.Notification(
+        id=note_id,
+        team=team if team is not None else team_of(state, run),
+        event=event,
+        run=run,
+        lease=lease,
+        at=at,
+        detail=detail,
+        seq=seq,
+        envelope=envelope,
+        reason=reason,
+        severity=severity or NOTIFICATION_EVENTS.get(event, "info"),
+        due=due,
+        namespace=namespace if namespace is not None else namespace_of(run),
+    )
 
 
 def _note(
@@ -51,16 +90,23 @@ def _note(
     at: Instant,
     detail: dict[str, Any],
     lease: str | None = None,
+    envelope: str | None = None,
+    reason: str = "",
+    due: Instant | None = None,
 ) -> notify.Notification:
-    return notify.Notification(
-        id=f"{seq}:{event}:{lease or run}",
-        team=team_of(state, run),
-        event=event,
-        run=run,
-        lease=lease,
+    """A notification caused by the ledger message ``seq``: id ``<seq>:<event>:<lease or run>``."""
+    return make_note(
+        state,
+        f"{seq}:{event}:{lease or run}",
+        event,
+        run,
         at=at,
-        detail=detail,
         seq=seq,
+        detail=detail,
+        lease=lease,
+        envelope=envelope,
+        reason=reason,
+        due=due,
     )
 
 
@@ -104,6 +150,10 @@ def _notice_detail(notice: object) -> dict[str, Any]:
     return out
 
 
+def _payer_of(lease: Lease) -> str | None:
+    return str(lease.minted_payer.key) if lease.minted_payer is not None else None
+
+
 def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notification]:
     """Notifications for one ledger event, in a fixed order; ``state`` is before the fold."""
     match event:
@@ -119,6 +169,7 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
             if event.detail:
                 detail["statusDetail"] = dict(event.detail)
             res = state.pending_reservation(event.run) if name == "run-reserved" else None
+            due = None
             if res is not None:
                 detail.update(
                     reservation=res.name,
@@ -127,10 +178,22 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
                     deficitGPUs=res.deficit_gpus,
                     confidence=res.confidence,
                 )
-            return [_note(state, seq, name, event.run, at=event.at, detail=detail)]
+                due = res.earliest_start
+            return [
+                _note(
+                    state,
+                    seq,
+                    name,
+                    event.run,
+                    at=event.at,
+                    detail=detail,
+                    reason=event.reason,
+                    due=due,
+                )
+            ]
         case LeaseMinted(lease=lease):
             detail = {"reason": lease.reason.value, **lease_detail(lease)}
-            return [
+            notes = [
                 _note(
                     state,
                     seq,
@@ -139,41 +202,79 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
                     at=event.at,
                     detail=detail,
                     lease=lease.id,
+                    envelope=_payer_of(lease),
+                    reason=lease.reason.value,
+                    due=lease.end,
                 )
             ]
+            if lease.reason is MintReason.SWAP:
+                notes.append(
+                    _note(
+                        state,
+                        seq,
+                        "run-swapped",
+                        lease.run,
+                        at=event.at,
+                        detail=detail,
+                        lease=lease.id,
+                        envelope=_payer_of(lease),
+                        reason="NodeFailure: the group moved onto its spares",
+                    )
+                )
+            return notes
         case LeaseClosed(lease=lease_id, reason=reason):
             known = state.leases.get(lease_id)
             if known is None:
                 return []  # the fold refuses it too; nothing truthful to say
             detail = {"closureReason": reason, **lease_detail(known)}
-            notes = [
-                _note(
-                    state,
-                    seq,
-                    "lease-closed",
-                    known.run,
-                    at=event.at,
-                    detail=detail,
-                    lease=lease_id,
+            common: dict[str, Any] = {
+                "at": event.at,
+                "lease": lease_id,
+                "envelope": _payer_of(known),
+                "reason": reason,
+            }
+            notes = [_note(state, seq, "lease-closed", known.run, detail=detail, **common)]
+            if reason == "Expired":
+                notes.append(
+                    _note(
+                        state,
+                        seq,
+                        "lease-expired",
+                        known.run,
+                        detail=detail,
+                        due=known.end,
+                        **common,
+                    )
                 )
-            ]
             if reason.startswith(PREEMPTION_REASONS):
                 preempted: dict[str, Any] = {"stage": "closed", "closureReason": reason}
                 notice = getattr(state, "preemptions", {}).get(lease_id)
                 if notice is not None:
                     preempted.update({**_notice_detail(notice), "closureReason": reason})
-                notes.append(
-                    _note(
-                        state,
-                        seq,
-                        "preempted",
-                        known.run,
-                        at=event.at,
-                        detail=preempted,
-                        lease=lease_id,
-                    )
-                )
+                notes.append(_note(state, seq, "preempted", known.run, detail=preempted, **common))
             return notes
+        case ReservationReleased(name=res_name, reason="Activated"):
+            res = state.reservations.get(res_name)
+            if res is None:
+                return []
+            detail = {
+                "reservation": res.name,
+                "kind": res.kind,
+                "earliestStart": res.earliest_start,
+                "createdAt": res.created_at,
+            }
+            return [
+                _note(
+                    state,
+                    seq,
+                    "reservation-activated",
+                    res.run,
+                    at=event.at,
+                    detail=detail,
+                    reason="Activated",
+                    due=res.earliest_start,
+                )
+            ]
         case _ if type(event).__name__ == PREEMPTION_NOTICE:
             lease_id = str(getattr(event, "lease", ""))
             held = state.leases.get(lease_id)
@@ -181,7 +282,21 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
             if not run:
                 return []
             detail = {"stage": "notice", **_notice_detail(event)}
-            return [_note(state, seq, "preempted", run, at=event.at, detail=detail, lease=lease_id)]
+            deadline = getattr(event, "deadline", None)
+            return [
+                _note(
+                    state,
+                    seq,
+                    "preempted",
+                    run,
+                    at=event.at,
+                    detail=detail,
+                    lease=lease_id,
+                    envelope=_payer_of(held) if held is not None else None,
+                    reason=str(getattr(event, "reason", "")),
+                    due=deadline if isinstance(deadline, int) else None,
+                )
+            ]
         case _:
             return []
 
