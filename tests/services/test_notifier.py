@@ -198,7 +198,12 @@ async def test_a_lease_nearing_its_end_is_announced_once_ahead_of_it(stack: Stac
     assert len(warned) == 1
     assert warned[0].detail["end"] == T0 + 3600
     assert warned[0].detail["remainingSeconds"] == 600
-    assert warned[0].id == f"lease-expiring:{warned[0].lease}:{T0 + 3600}"
+    assert warned[0].id == f"lease-expiring:{warned[0].lease}:{T0 + 3600}:900"
+    assert (warned[0].due, warned[0].severity, warned[0].detail["lead"]) == (
+        T0 + 3600,
+        "warning",
+        900,
+    )
 
     await stack.advance(T0 + 3600)
     await wait_until(lambda: "run-failed" in team.events(), "the expiry to be reported")
@@ -360,11 +365,11 @@ class TestDerive:
         lease = _lease(end=T0 + 3600)
         state = _state(LeaseMinted(at=T0, lease=lease))
 
-        assert expiring(state, T0 + 2699, 900, {}) == []
-        assert expiring(state, T0 + 2700, 900, {}) == [lease]
-        assert expiring(state, T0 + 2700, 900, {lease.id: T0 + 3600}) == []
-        assert expiring(state, T0 + 3600, 900, {}) == []
-        note = expiring_note(state, lease, T0 + 3000, 9)
+        assert expiring(state, T0 + 2699, [900], {}) == []
+        assert expiring(state, T0 + 2700, [900], {}) == [(lease, 900)]
+        assert expiring(state, T0 + 2700, [900], {(lease.id, 900): T0 + 3600}) == []
+        assert expiring(state, T0 + 3600, [900], {}) == []
+        note = expiring_note(state, lease, 900, T0 + 3000, 9)
         assert (note.team, note.detail["remainingSeconds"]) == ("org:team", 600)
 
     def test_an_unknown_event_type_is_skipped_not_fatal(self) -> None:

@@ -28,7 +28,7 @@ import nats
 import nats.errors
 import yaml
 
-from gpu_fleet.cli import pictures
+from gpu_fleet.cli import notify, pictures
 from gpu_fleet.cli.stack import ApiCallError, call
 from gpu_fleet.core.manifests import ManifestError, dump_documents, load_source
 from gpu_fleet.core.timeutil import format_instant
@@ -482,6 +482,10 @@ async def cmd_node(nc: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_notify(nc: Any, args: argparse.Namespace) -> int:
+    return await notify.cmd_notify(nc, args, _emit, table)
+
+
 COMPLETIONS = {
     "bash": """_kubectl_runs() {{
   local cur="${{COMP_WORDS[COMP_CWORD]}}"
@@ -596,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("op", choices=("cordon", "fence", "uncordon"))
     nd.add_argument("node")
     pictures.add_parsers(sub, base)
+    notify.add_parser(sub, common)
     c = sub.add_parser("completions", help="shell completion script", parents=[common])
     c.add_argument("shell")
     return p
@@ -618,6 +623,7 @@ HANDLERS = {
     "eta": cmd_eta,
     "top": pictures.cmd_top,
     "viz": pictures.cmd_viz,
+    "notify": cmd_notify,
 }
 
 
