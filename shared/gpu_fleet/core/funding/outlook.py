@@ -104,7 +104,7 @@ def demotions(meter: Meter, inputs: FundingInputs, now: float, horizon: float) -
                 Demotion(
                     lease=lid,
                     payer=payer,
-                    at=math.ceil(t),
+                    at=math.ceil(t - _MIN_STEP),  # float crossings land a hair late
                     cause=_cause(inputs, payer, t),
                     remaining_hours=remaining,
                     burn_gpus=burn,
