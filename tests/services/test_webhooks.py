@@ -355,7 +355,7 @@ async def test_channels_list_test_and_history_endpoints(
     channels = await wait_until(listed, "the notifier to know both channels")
     assert [(c["channel"], c["target"], c["lead_times"]) for c in channels] == [
         ("team/bus", "nats fleet.channel.team.bus.<event>", [900]),
-        ("team/hook", f"webhook http://127.0.0.1:{ok.port}/…", [600, 3600]),
+        ("team/hook", f"webhook http://127.0.0.1:{ok.port}/…", [3600, 600]),
     ]
     reply = await stack.client.request(
         "fleet.notifier.test", b'{"namespace": "team", "name": "hook"}', timeout=20

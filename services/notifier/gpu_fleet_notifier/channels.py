@@ -96,7 +96,7 @@ def wants(
 
 def leads_of(channel: NotificationChannel, default_lead: int) -> list[int]:
     leads = parse_leads(channel.spec.lead_times)
-    return sorted(leads or ({default_lead} if default_lead > 0 else set()))
+    return sorted(leads or ({default_lead} if default_lead > 0 else set()), reverse=True)
 
 
 def lead_wanted(note: notify.Notification, leads: Sequence[int]) -> bool:
