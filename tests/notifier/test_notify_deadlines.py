@@ -153,3 +153,15 @@ class TestRoutingByLead:
         late = check(st, T0 + 2 * H - 300, 1, lead_times(st, 900), Memory())
         got = {n.detail["lead"]: [c.metadata.name for c in routes(st, n, 900)] for n in late}
         assert got == {H: ["hour"], 900: ["default"], 600: ["both"]}
+
+
+class TestWallClockChecks:
+    def test_a_check_every_second_keeps_no_evaluation_per_second(self) -> None:
+        """A quiet fleet on the wall clock is checked twice a second for hours: the funding
+        picture at each instant must not pile up in the state's per-instant cache."""
+        st = world(budget(hours=1000), leases=(lease("team/a", 0),))
+        memory = Memory()
+        for second in range(300):
+            check(st, T0 + 60 + second, 1, (H,), memory)
+        assert len(st._evaluations) <= 1
+        assert memory.checked_at == T0 + 359

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpu_fleet.core.funding.metering import evaluate
 from gpu_fleet.core.funding.outlook import Demotion, demotions
 from gpu_fleet.core.ledger import FleetState
 from gpu_fleet.core.model import EnvelopeKey, Instant, Lease
@@ -270,7 +271,7 @@ def funding_changes(
     if not state.open_leases:
         memory.payers = {}
         return []
-    payer = state.evaluation(now).fill.payer
+    payer = _payers(state, now)
     caused_by_event = memory.checked_version != state.version
     notes = []
     current: dict[str, str | None] = {}
@@ -302,6 +303,22 @@ def funding_changes(
             )
     memory.payers = current
     return notes
+
+
+def _payers(state: FleetState, now: Instant) -> dict[str, EnvelopeKey | None]:
+    """Who pays each open lease at ``now``.
+
+    At the ledger's own instant this is the state's cached evaluation; at a wall-clock instant
+    it is computed through ``FleetState.cached``, which keeps only the latest instant - the
+    state's per-instant evaluation cache would grow by one entry a second in a quiet fleet.
+    """
+    if now == state.clock:
+        return state.evaluation(now).fill.payer
+    return state.cached(
+        "notifier_payers",
+        lambda: evaluate(state.meter, state.funding_inputs(), now).fill.payer,
+        at=now,
+    )
 
 
 def _demoted_at(d: Demotion | None, since: Instant | None, now: Instant) -> Instant | None:
