@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import hashlib
 import random
 from collections import deque
@@ -262,9 +261,8 @@ class Dispatcher:
         for key in sorted(set(self._workers) - set(channels)):
             await self._retire(key)
         for key in sorted(set(channels) - set(self._workers)):
-            # A fresh context: a worker must not log the ledger message that started it.
             self._workers[key] = asyncio.create_task(
-                self._supervised(key), name=f"delivery worker {key}", context=contextvars.Context()
+                self._supervised(key), name=f"delivery worker {key}"
             )
         await self._drop_orphans(channels)
 
@@ -340,6 +338,9 @@ class Dispatcher:
     async def _supervised(self, key: str) -> None:
         """Run a channel's worker; one that crashes is logged and restarted after a pause, so
         a bug in one delivery path never silently stops a channel."""
+        # The task runs in a copy of its creator's context: keep the service's keys, drop the
+        # ledger message that happened to start it.
+        structlog.contextvars.unbind_contextvars("subject", "seq", "num_delivered")
         failures = 0
         while not self._stopping.is_set():
             try:
@@ -427,7 +428,7 @@ class Dispatcher:
                 await msg.term()
             return
         with structlog.contextvars.bound_contextvars(
-            channel=key, delivery=job.id, event=job.note.event, run=job.note.run
+            channel=key, delivery=job.id, notice=job.note.event, run=job.note.run
         ):
             try:
                 await self._attempt(job, msg)
