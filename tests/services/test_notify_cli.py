@@ -202,11 +202,11 @@ async def test_a_bad_channel_is_refused_naming_each_field_and_nothing_is_applied
     )
     code, _, err = await kubectl(capsys, stack, "submit", "-f", str(bad))
     assert code == 2
-    assert err.splitlines()[1:] == [
-        "error: spec.format: must be one of 'json', 'slack', got 'teams'",
-        "error: spec.target.webhook: must be an http or https URL, got scheme 'ftp'",
-        "error: spec.secretRef: required with target.webhook: every webhook is signed",
-        "error: spec.leadTimes[0]: must be > 0",
+    assert err.splitlines() == [
+        f"error: {bad}: spec.format: must be one of 'json', 'slack', got 'teams'",
+        f"error: {bad}: spec.target.webhook: must be an http or https URL, got scheme 'ftp'",
+        f"error: {bad}: spec.secretRef: required with target.webhook: every webhook is signed",
+        f"error: {bad}: spec.leadTimes[0]: must be > 0",
     ]
     code, out, _ = await kubectl(capsys, stack, "notify", "list", "-o", "json")
     assert (code, json.loads(out)) == (0, [])
