@@ -22,6 +22,7 @@ from gpu_fleet.core.ledger import (
 )
 from gpu_fleet.core.manifests import ManifestError, parse_manifests, validate_manifest
 from gpu_fleet.core.model import NOTIFICATION_EVENTS, NotificationChannel
+from gpu_fleet.views.log_context import event_context
 
 T0 = 1_772_409_600
 
@@ -193,3 +194,15 @@ class TestLedger:
         restored = snapshot.restore(msgspec.msgpack.encode(raw))
         assert restored is not None
         assert restored[0].channels == {}
+
+
+def test_the_managers_log_line_names_the_channel() -> None:
+    applied = event_context(ChannelApplied(at=T0, channel=channel()))
+    assert applied == {
+        "type": "ChannelApplied",
+        "at": T0,
+        "channel": "team/slack",
+        "format": "slack",
+    }
+    deleted = event_context(ChannelDeleted(at=T0, namespace="team", name="slack"))
+    assert deleted == {"type": "ChannelDeleted", "at": T0, "channel": "team/slack"}

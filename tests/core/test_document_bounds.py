@@ -166,5 +166,6 @@ def test_a_value_repeated_in_an_error_is_quoted_by_prefix_and_length() -> None:
     assert error.path == "kind"
     assert (
         error.message
-        == f"unsupported kind {'K' * 40!r}... (300000 characters): must be Budget or Run"
+        == f"unsupported kind {'K' * 40!r}... (300000 characters): must be Budget, Run or"
+        " NotificationChannel"
     )

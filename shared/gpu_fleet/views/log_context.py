@@ -13,6 +13,8 @@ from typing import Any
 from gpu_fleet.core.ledger import (
     BudgetApplied,
     BudgetDeleted,
+    ChannelApplied,
+    ChannelDeleted,
     Event,
     LeaseClosed,
     LeaseMinted,
@@ -83,4 +85,8 @@ def event_context(event: Event) -> dict[str, Any]:
             out.update(node=node.name, gpus=node.gpus)
         case NodeHealthChanged(node=name, health=health):
             out.update(node=name, health=health.value)
+        case ChannelApplied(channel=channel):
+            out.update(channel=channel.key, format=channel.spec.format)
+        case ChannelDeleted(namespace=ns, name=name):
+            out["channel"] = f"{ns}/{name}"
     return {k: v for k, v in out.items() if v is not None}
