@@ -390,6 +390,7 @@ def test_rbac_is_exactly_what_the_kubernetes_bridge_touches(chart: helm.Chart) -
         want |= {(CRD_GROUP, plural, v) for v in ("get", "list", "watch", "patch")}
         want |= {(CRD_GROUP, f"{plural}/status", v) for v in ("get", "patch")}
     want.add((CRD_GROUP, "runs/finalizers", "update"))
+    want |= {(CRD_GROUP, "notificationchannels", v) for v in ("get", "list", "watch")}
     assert granted == want
 
 

@@ -398,3 +398,34 @@ def run_pods_leak(cluster: Cluster, name: str) -> dict[str, Any]:
         },
         "spec": {"nodeName": "a1", "containers": [{"name": "workload", "image": "x"}]},
     }
+
+
+async def test_a_notification_channel_applied_with_kubectl_reaches_the_ledger(
+    cluster: Cluster,
+) -> None:
+    """``kubectl apply`` of a NotificationChannel: applied once per generation, refused when
+    invalid (nothing applied), removed from the ledger when the object is deleted."""
+    group = "rq.davidlangworthy.io"
+    channels = cluster.rt("notificationchannels", group)
+    body = {
+        "apiVersion": f"{group}/v1",
+        "kind": "NotificationChannel",
+        "metadata": {"name": "deadlines", "namespace": "rai"},
+        "spec": {"target": {"nats": True}, "leadTimes": ["1h", "10m"]},
+    }
+    cluster.create("notificationchannels", "rai", body, group)
+    await wait_until(lambda: "rai/deadlines" in cluster.bridge.state.channels, "the channel")
+    channel = cluster.bridge.state.channels["rai/deadlines"]
+    assert channel.spec.lead_times == ("1h", "10m")
+    assert channel.metadata.annotations["rq.davidlangworthy.io/generation"] == "1"
+    applies = cluster.bridge.commands
+    await cluster.bridge.reconcile_once()
+    assert cluster.bridge.commands == applies  # the same generation is not applied twice
+
+    bad = {**body, "metadata": {"name": "bad", "namespace": "rai"}, "spec": {"target": {}}}
+    cluster.create("notificationchannels", "rai", bad, group)
+    await wait_until(lambda: cluster.bridge.rejected, "the invalid channel refused")
+    assert "rai/bad" not in cluster.bridge.state.channels
+
+    cluster.store.delete(channels, "rai", "deadlines")
+    await wait_until(lambda: "rai/deadlines" not in cluster.bridge.state.channels, "deleted")

@@ -33,7 +33,16 @@ import structlog
 from nats.aio.client import Client
 
 from gpu_fleet.core.ledger import FleetState
-from gpu_fleet.core.model import API_VERSION, Budget, Lease, LeaseRole, NodeHealth, Run, run_key
+from gpu_fleet.core.model import (
+    API_VERSION,
+    Budget,
+    Lease,
+    LeaseRole,
+    NodeHealth,
+    NotificationChannel,
+    Run,
+    run_key,
+)
 from gpu_fleet.core.timeutil import format_instant
 from gpu_fleet.kube import nodes as node_rows
 from gpu_fleet.kube.client import (
@@ -49,6 +58,7 @@ from gpu_fleet.kube.objects import (
     A_LEASE,
     A_UID,
     BUDGETS,
+    CHANNELS,
     FINALIZER,
     L_RUN,
     MANAGED_BY,
@@ -133,7 +143,7 @@ def manifest(kind: str, obj: Obj) -> dict[str, Any]:
     }
 
 
-def applied(known: Run | Budget | None, obj: Obj) -> bool:
+def applied(known: Run | Budget | NotificationChannel | None, obj: Obj) -> bool:
     """Has the ledger applied exactly this object's uid and generation?"""
     if known is None:
         return False
@@ -182,7 +192,7 @@ class KubeBridge(Actor):
             self.client = await kube_connect(self.config.connection)
         wanted = []
         if self.config.objects:
-            wanted += [RUNS, BUDGETS]
+            wanted += [RUNS, BUDGETS, CHANNELS]
         if self.config.pods:
             wanted += [NODES, PODS] + ([] if self.config.objects else [RUNS])
         for res in wanted:
@@ -306,6 +316,7 @@ class KubeBridge(Actor):
         if self.config.objects:
             await self._budgets()
             await self._runs()
+            await self._channels()
         if self.config.pods:
             await self._nodes()
             if self.commands > before:
@@ -331,6 +342,22 @@ class KubeBridge(Actor):
             b = self.state.budgets[key]
             if b.metadata.annotations.get(A_UID) and key not in seen:
                 await self._delete("Budget", b.metadata.namespace, b.metadata.name)
+
+    async def _channels(self) -> None:
+        """NotificationChannels in (``kubectl apply``), as Budgets: applied once per generation,
+        deleted from the ledger when the object goes.  The notifier reads them from the ledger;
+        nothing is written back (delivery state is ``kubectl runs notify list``)."""
+        seen = set()
+        for obj in self.informers["notificationchannels"].items():
+            key = run_key(*key_of(obj))
+            seen.add(key)
+            if is_deleting(obj) or applied(self.state.channels.get(key), obj):
+                continue
+            await self._apply("NotificationChannel", obj)
+        for key in sorted(self.state.channels):
+            c = self.state.channels[key]
+            if c.metadata.annotations.get(A_UID) and key not in seen:
+                await self._delete("NotificationChannel", c.metadata.namespace, c.metadata.name)
 
     async def _apply(self, kind: str, obj: Obj) -> bool:
         mark = (uid_of(obj), str(meta(obj).get("generation", 1)))

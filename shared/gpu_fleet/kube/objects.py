@@ -71,6 +71,7 @@ PODS = Resource("", "v1", "pods", "Pod", namespaced=True)
 SERVICES = Resource("", "v1", "services", "Service", namespaced=True)
 RUNS = Resource(GROUP, "v1", "runs", "Run", namespaced=True)
 BUDGETS = Resource(GROUP, "v1", "budgets", "Budget", namespaced=True)
+CHANNELS = Resource(GROUP, "v1", "notificationchannels", "NotificationChannel", namespaced=True)
 EVENTS = Resource("events.k8s.io", "v1", "events", "Event", namespaced=True)
 
 
