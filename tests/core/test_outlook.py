@@ -131,3 +131,9 @@ def test_the_walk_leaves_the_folded_meter_alone() -> None:
     before = (st.meter.t, dict(st.meter.envelope_hours))
     demotions(st.meter, st.funding_inputs(), T0 + 10 * H, T0 + 30 * 86400)
     assert (st.meter.t, dict(st.meter.envelope_hours)) == before
+
+
+def test_without_an_ending_window_or_an_allowance_nobody_can_demote() -> None:
+    """Plain concurrency envelopes whose windows outlast the horizon: nothing to walk."""
+    st = state(budget(end="2027-01-01T00:00:00Z"), lease("a", 0), lease("b", 2, end=T0 + H))
+    assert outlook(st, T0, T0 + 30 * 86400) == []

@@ -63,6 +63,8 @@ def demotions(meter: Meter, inputs: FundingInputs, now: float, horizon: float) -
 
     Sorted by instant, then lease id.  ``meter`` is not changed (the walk uses a copy).
     """
+    if not _can_demote(inputs, now, horizon):
+        return []
     m = meter.copy()
     if now > m.t:
         advance_meter(m, inputs, now)
@@ -127,6 +129,21 @@ def _context(
             exhausted = math.ceil(now + max(0.0, hours) / burn * 3600.0)
         out[env] = (hours, burn, exhausted)
     return out
+
+
+def _can_demote(inputs: FundingInputs, now: float, horizon: float) -> bool:
+    """Can anyone lose funding in ``(now, horizon]`` at all?  Only a window that ends or hours
+    that run out take funding away: a lease ending or a window opening only adds room, and in
+    the deferred-acceptance matching more room (or fewer rivals) never leaves a claim worse off.
+    So without either the walk is skipped - the common case of a fleet with plain concurrency
+    envelopes and long windows costs nothing."""
+    index = inputs.index
+    if any(c.gpu_hours is not None for c in index.caps.values()):
+        return True
+    return any(
+        e.gpu_hours is not None or (e.end is not None and now < e.end <= horizon)
+        for e in index.envelopes.values()
+    )
 
 
 def _cause(inputs: FundingInputs, payer: EnvelopeKey, t: float) -> DemotionCause:
