@@ -258,6 +258,28 @@ def test_manager_settings_are_wired_to_env(chart: helm.Chart) -> None:
         assert "GPU_FLEET_TICK" not in env(deployments(render(chart))[name])
 
 
+def test_api_limits_reach_the_manager_and_bad_ones_are_refused(chart: helm.Chart) -> None:
+    """The limits of docs/reliability.md are operator settings: values -> env -> manager flags."""
+    defaults = env(deployments(render(chart))["manager"])
+    assert defaults["GPU_FLEET_MAX_REQUEST_BYTES"] == "524288"
+    assert defaults["GPU_FLEET_PAGE_SIZE"] == "500"
+    limits = {
+        "maxRequestBytes": 65536,
+        "maxReplyBytes": 262144,
+        "pageSize": 50,
+        "maxObjectBytes": 32768,
+    }
+    e = env(deployments(render(chart, {"manager": {"apiLimits": limits}}))["manager"])
+    assert (
+        e["GPU_FLEET_MAX_REQUEST_BYTES"],
+        e["GPU_FLEET_MAX_REPLY_BYTES"],
+        e["GPU_FLEET_PAGE_SIZE"],
+        e["GPU_FLEET_MAX_OBJECT_BYTES"],
+    ) == ("65536", "262144", "50", "32768")
+    with pytest.raises(Exception, match="pageSize"):
+        render(chart, {"manager": {"apiLimits": {**limits, "pageSize": 0}}})
+
+
 # -- NATS wiring ---------------------------------------------------------------------------------
 
 
