@@ -4,7 +4,9 @@ Run: ``.venv/bin/python bench/forecast.py [--quick]``.
 
 A workload is replayed through ``gpu_fleet.core.engine.Fleet`` on a virtual clock (pure,
 in-process, no services).  Source: ``shared/traces/alibaba-gpu-v2023-pods.csv`` when present
-(every pod with ``num_gpu >= 1``), else a seeded synthetic workload shaped like it.
+(every pod with ``num_gpu >= 1``), else a seeded synthetic workload shaped like it; both are read
+and widened by the simulator's own code (``gpu_fleet.sim``: ``read_alibaba_pods``, ``synthetic``,
+``apply_scaling``), so this benchmark and ``gpu-fleet simulate`` see the same jobs.
 
 Scaling (said again in the report):
 
@@ -34,7 +36,6 @@ censored survival curve of similar runs, conditioned on each lease's age).
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import heapq
 import math
@@ -53,6 +54,8 @@ from gpu_fleet.core.ledger import Event, LeaseClosed, RunStatusChanged, RunSubmi
 from gpu_fleet.core.manifests import validate_manifest
 from gpu_fleet.core.model import API_VERSION, Budget, Node, Run
 from gpu_fleet.core.timeutil import format_instant
+from gpu_fleet.sim import Job, Scaling, apply_scaling, read_alibaba_pods
+from gpu_fleet.sim import synthetic as sim_synthetic
 
 TRACE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 TRACE_FILE = "alibaba-gpu-v2023-pods.csv"
@@ -64,15 +67,7 @@ TEAMS = 2
 MULTI_GPU_SCALE = 8
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z: the virtual clock's origin
 ERR_GOAL = 0.25  # median |P50 error| <= 25 % of the (median) actual wait
-
-
-@dataclass(frozen=True)
-class Job:
-    name: str
-    created: int  # trace seconds
-    duration: int  # seconds, >= 1
-    gpus: int  # after scaling
-    qos: str
+WIDEN = Scaling(gpus=MULTI_GPU_SCALE, group=GPUS_PER_NODE)  # 2/4/8-GPU pods x8, groups of 8
 
 
 @dataclass
@@ -111,40 +106,14 @@ class Replay:
 # ------------------------------------------------------------------------------------------
 
 
-def scale_width(num_gpu: int) -> int:
-    return num_gpu if num_gpu <= 1 else num_gpu * MULTI_GPU_SCALE
-
-
 def load_trace(path: Path) -> list[Job]:
-    jobs: list[Job] = []
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            n = int(row["num_gpu"] or 0)
-            if n < 1 or not row["deletion_time"]:
-                continue
-            created = int(row["creation_time"])
-            duration = max(1, int(row["deletion_time"]) - created)
-            jobs.append(Job(row["name"], created, duration, scale_width(n), row["qos"] or "BE"))
-    jobs.sort(key=lambda j: (j.created, j.name))
-    return jobs
+    """The trace, read and widened by the simulator's own reader (``gpu_fleet.sim``)."""
+    return apply_scaling(read_alibaba_pods(path), WIDEN)
 
 
 def synthetic(n: int, seed: int) -> list[Job]:
-    """A seeded stand-in shaped like the trace: Poisson arrivals, log-normal durations (median
-    ~540 s, p90 ~6,500 s), 99 % 1-GPU pods and 1 % of 2/4/8 GPUs, a few very long pods."""
-    rng = random.Random(seed)
-    jobs: list[Job] = []
-    t = 0.0
-    for i in range(n):
-        t += rng.expovariate(1 / 160)
-        if rng.random() < 0.01:
-            duration = int(rng.uniform(5, 60) * 86_400)
-        else:
-            duration = max(1, int(math.exp(rng.gauss(math.log(540), 1.95))))
-        width = scale_width(rng.choice((2, 4, 8))) if rng.random() < 0.011 else 1
-        qos = "LS" if rng.random() < 0.57 else "BE"
-        jobs.append(Job(f"syn-{i:05d}", int(t), duration, width, qos))
-    return jobs
+    """The simulator's seeded stand-in shaped like the trace, widened the same way."""
+    return apply_scaling(sim_synthetic(n, seed), WIDEN)
 
 
 def team_of(name: str) -> str:
@@ -250,7 +219,7 @@ def replay(
     rng = random.Random(seed)
     fleet = build_fleet(n_nodes)
     fleet_gpus = n_nodes * GPUS_PER_NODE
-    c0 = jobs[0].created
+    c0 = jobs[0].submit
     by_key: dict[str, Job] = {}
     declared: dict[str, bool] = {}
     subs: list[tuple[int, str, Run]] = []
@@ -259,7 +228,7 @@ def replay(
         run = run_manifest(job, dec)
         by_key[run.key] = job
         declared[run.key] = dec
-        subs.append((T0 + 60 + int((job.created - c0) / compress), run.key, run))
+        subs.append((T0 + 60 + int((job.submit - c0) / compress), run.key, run))
     subs.reverse()  # pop from the end
     out.runs = len(subs)
     completions: list[tuple[int, str]] = []  # (end, run key)

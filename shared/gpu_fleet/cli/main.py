@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gpu_fleet.cli import simulate
 from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.manifests import ManifestError, load_source, parse_documents
 from gpu_fleet.core.model import Budget
@@ -26,7 +27,10 @@ from gpu_fleet.scenario.runner import run_scenario
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-DESCRIPTION = "gpu-fleet: run the stack locally (up, demo), validate manifests, and run scenarios."
+DESCRIPTION = (
+    "gpu-fleet: run the stack locally (up, demo), validate manifests, run scenarios, and "
+    "simulate traces against other schedulers (simulate)."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -365,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upp.add_argument("--kubeconfig", default=None, help="Kubernetes API server from a kubeconfig")
     upp.set_defaults(func=_cmd_up)
+    simulate.add_parser(sub)
     return parser
 
 
