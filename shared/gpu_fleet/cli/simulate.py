@@ -76,23 +76,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("-o", "--out", default=None, help="write summary.json, report.md, plots here")
     p.add_argument("--json", action="store_true", help="print the JSON summary, not Markdown")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="draw the progress bar on stderr even when it is not a terminal",
+    )
     p.set_defaults(func=cmd_simulate)
 
 
 def _progress_bar(out: TextIO) -> Callable[[str], Callable[[int, int], None]]:
-    """A one-line progress bar per policy, redrawn at most ten times a second."""
+    """A one-line progress bar per policy, redrawn at most ten times a second on a terminal
+    (every 10 s elsewhere, each on a line of its own, so a log stays readable)."""
+    tty = out.isatty()
+    interval = 0.1 if tty else 10.0
 
     def factory(label: str) -> Callable[[int, int], None]:
         last = [0.0]
+        finished = [False]
 
         def tick(done: int, total: int) -> None:
             now = time.monotonic()
-            if done < total and now - last[0] < 0.1:
+            if finished[0] or (done < total and now - last[0] < interval):
                 return
             last[0] = now
+            finished[0] = done >= total
             filled = int(30 * done / max(1, total))
-            out.write(f"\r{label:<32} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
-            if done >= total:
+            bar = f"{label:<32} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
+            out.write(f"\r{bar}" if tty else f"{bar}\n")
+            if tty and done >= total:
                 out.write("\n")
             out.flush()
 
@@ -103,7 +114,7 @@ def _progress_bar(out: TextIO) -> Callable[[str], Callable[[int, int], None]]:
 
 def _show_progress(args: argparse.Namespace) -> bool:
     ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-    return sys.stderr.isatty() and not args.json and not ci
+    return bool(args.progress) or (sys.stderr.isatty() and not args.json and not ci)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
