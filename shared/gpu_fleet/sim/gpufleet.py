@@ -255,6 +255,9 @@ class GpuFleetPolicy:
         unstarted = sum(1 for j in tl.jobs if j.name not in {s.job for s in tl.segments})
         if unstarted:
             tl.notes.append(f"{unstarted} jobs never started (drain limit or no room)")
+        still = sum(1 for s in tl.segments if s.outcome == "running")
+        if still:
+            tl.notes.append(f"{still} jobs still running when the drain limit stopped the run")
         tl.wall_s = time.perf_counter() - t_wall
         return tl
 

@@ -125,6 +125,9 @@ class Harness:
         tl.segments.sort(key=lambda s: (s.start, s.job))
         if self.queue:
             tl.notes.append(f"{len(self.queue)} jobs never started (drain limit or no room)")
+        still = sum(1 for s in tl.segments if s.outcome == "running")
+        if still:
+            tl.notes.append(f"{still} jobs still running when the drain limit stopped the run")
         tl.wall_s = time.perf_counter() - t_wall
         return tl
 
