@@ -54,6 +54,7 @@ def test_hand_computed_trace() -> None:
     assert m["jobs"] == {"submitted": 3, "started": 3, "completed": 3}
     # arrival window [0, 5]: only j1 runs, 2 GPUs x 5 s of 4 x 5 GPU-s
     assert m["utilisation"] == pytest.approx(0.5)
+    assert m["useful_utilisation"] == pytest.approx(0.5)  # nothing was preempted
     assert m["makespan_s"] == 25
     # delays 0 (j1), 10 (j2), 15 (j3); completions 10, 20, 20
     assert m["queue_delay_s"]["all"] == {"n": 3, "p50": 10.0, "p90": 15.0, "p99": 15.0}
@@ -112,6 +113,9 @@ def test_preemption_costs_and_waiting_again() -> None:
         "reclaimed_gpu_hours": pytest.approx(8 / H),
     }
     assert m["queue_delay_s"]["all"]["p99"] == 0.0  # both started on arrival
+    # arrival window [0, 4]: k1 holds both GPUs, but that work is lost
+    assert m["utilisation"] == pytest.approx(1.0)
+    assert m["useful_utilisation"] == pytest.approx(0.0)
     assert m["completion_time_s"]["2-8"]["p50"] == 2.0  # k2: 2; k1: 10
     assert m["completion_time_s"]["2-8"]["p90"] == 10.0
     assert m["stranded"]["gpu_hours"] == 0.0  # the fleet is never idle while k1 waits

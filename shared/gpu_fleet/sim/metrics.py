@@ -154,8 +154,14 @@ def _intervals(tl: Timeline, horizon: float) -> Iterator[tuple[float, float, _St
         yield now, horizon, state
 
 
-def busy_gpu_seconds(tl: Timeline, until: float) -> float:
-    return sum(s.gpus * max(0.0, min(s.end, until) - s.start) for s in tl.segments)
+def busy_gpu_seconds(tl: Timeline, until: float, *, useful_only: bool = False) -> float:
+    """GPU-seconds held before ``until``; ``useful_only`` leaves out segments a preemption cut
+    (their work was lost: no checkpoints are assumed)."""
+    return sum(
+        s.gpus * max(0.0, min(s.end, until) - s.start)
+        for s in tl.segments
+        if not (useful_only and s.outcome in PREEMPTED)
+    )
 
 
 def integrals(tl: Timeline) -> dict[str, Any]:
@@ -284,6 +290,11 @@ def summarize(tl: Timeline) -> dict[str, Any]:
         "policy": tl.policy,
         "jobs": {"submitted": len(tl.jobs), "started": started, "completed": completed},
         "utilisation": busy_gpu_seconds(tl, window) / (tl.fleet_gpus * window) if window else None,
+        "useful_utilisation": (
+            busy_gpu_seconds(tl, window, useful_only=True) / (tl.fleet_gpus * window)
+            if window
+            else None
+        ),
         "makespan_s": tl.end,
         "queue_delay_s": _classed(d["queue"]),
         "completion_time_s": _classed(d["jct"]),

@@ -40,6 +40,7 @@ def _rows() -> list[tuple[str, Callable[[Metrics], str]]]:
             lambda m: f"{m['jobs']['started']} / {m['jobs']['completed']}",
         ),
         ("utilisation (arrival window)", lambda m: _pct(m["utilisation"])),
+        ("... of it work not lost to preemption", lambda m: _pct(m["useful_utilisation"])),
         ("makespan", lambda m: _hours(m["makespan_s"])),
     ]
     for kind, label in (("queue_delay_s", "queueing delay"), ("completion_time_s", "JCT")):
