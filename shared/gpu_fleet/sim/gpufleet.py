@@ -173,8 +173,16 @@ class GpuFleetPolicy:
                         attempts[item.job.name] += 1
                         heapq.heappush(subs, (e.at, item.job.name, attempts[item.job.name]))
 
+        sampled_version = [-1]
+
         def sample(at: int) -> None:
+            """Funding classes and adherence after an instant's work.  Skipped when the ledger
+            did not change (a full funding evaluation is the engine's dearest call); a class
+            change by time alone (a window closing, hours running out) shows at the next event."""
             nonlocal overdraft, hours_over
+            if fleet.state.version == sampled_version[0]:
+                return
+            sampled_version[0] = fleet.state.version
             ev = fleet.state.evaluation(at)
             counts: dict[str, int] = defaultdict(int)
             for x in fleet.state.open_leases.values():
