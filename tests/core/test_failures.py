@@ -156,6 +156,7 @@ class TestSlotConflicts:
         f.state.leases[legacy.id] = legacy
         f.state.open_leases[legacy.id] = legacy
         f.state.slot_holder[spare.slots[0]] = legacy.id
+        f.state.rebuild_indexes()  # the per-run index, as a fold would have kept it
         return legacy
 
     def test_an_unfunded_squatter_is_reclaimed_and_the_swap_proceeds(self) -> None:

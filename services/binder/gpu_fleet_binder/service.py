@@ -21,7 +21,6 @@ from gpu_fleet.core.placement import (
     PlannerSettings,
     TopologyError,
     plan_placement,
-    topology_from,
 )
 from gpu_fleet.messages import placement
 from gpu_fleet.runtime import replies
@@ -86,7 +85,7 @@ class Binder(FollowerService):
         state = follower.state
         reply: placement.PlaceReply
         try:
-            topology = topology_from(state.skeleton(request.request.flavor), state.held_by_node)
+            topology = state.topology(request.request.flavor)
             plan = plan_placement(topology, request.request, self.config.planner)
             reply = placement.PlaceReply(seq=follower.seq, plan=plan)
         except PackError as exc:

@@ -118,7 +118,7 @@ def _grow(
     )
     if isinstance(result, CoverFailure):
         return _waiting(state, run, now, result.message)
-    cohort = 1 + max((x.cohort for x in state.leases.values() if x.run == run.key), default=0)
+    cohort = 1 + max((x.cohort for x in state.leases_of(run.key)), default=0)
     segments = [(s.payer.key, s.payer.owner, s.quantity) for s in result.segments]
     leases = mint_leases(state, run, packed, segments, now, MintReason.GROW, cohort=cohort)
     problem = verify_funded(state, run, leases, now, result.borrowed > 0)

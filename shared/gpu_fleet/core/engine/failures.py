@@ -321,9 +321,7 @@ def _replacements(
     stays a Spare of the same group and payer, so no insurance is silently lost.
     """
     failed = swap.failed
-    counter = sum(1 for x in state.leases.values() if x.run == failed.run) + sum(
-        1 for x in minted if x.run == failed.run
-    )
+    counter = state.lease_count(failed.run) + sum(1 for x in minted if x.run == failed.run)
     admitted = state.admitted.get(failed.run, now)
     need = failed.width
     out: list[Lease] = []

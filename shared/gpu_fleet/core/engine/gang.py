@@ -36,7 +36,7 @@ from gpu_fleet.core.model import (
     Run,
 )
 from gpu_fleet.core.placement.pack import PackError, PackPlan, PackRequest, Planner
-from gpu_fleet.core.placement.topology import Topology, topology_from
+from gpu_fleet.core.placement.topology import Topology
 from gpu_fleet.core.timeutil import parse_duration
 
 TERMINAL = ("Completed", "Failed")
@@ -183,13 +183,16 @@ def max_duration(run: Run) -> int | None:
 def snapshot(state: FleetState, flavor: str, released: Collection[str] = ()) -> Topology:
     """The topology of ``flavor`` as the ledger holds it, optionally with ``released`` slots
     counted as free (a hypothetical: "what if these leases were closed?")."""
-    held: dict[str, set[int]] | dict[str, Collection[int]] = state.held_by_node
-    if released:
-        held = {node: set(ordinals) for node, ordinals in state.held_by_node.items()}
-        for s in released:
-            node, _, ordinal = s.rpartition("#")
-            held.get(node, set()).discard(int(ordinal))
-    return topology_from(state.skeleton(flavor), held)
+    current = state.topology(flavor)
+    if not released:
+        return current
+    held: dict[str, set[int]] = {}
+    for s in released:
+        node, _, ordinal = s.rpartition("#")
+        if node not in held:
+            held[node] = set(state.held_by_node.get(node, ()))
+        held[node].discard(int(ordinal))
+    return current.with_nodes(state.skeleton(flavor), held, sorted(held))
 
 
 def plan_pack(
@@ -285,7 +288,7 @@ def mint_leases(  # noqa: PLR0917 - positional shape kept for existing callers
     chunks.sort(key=lambda c: (c[0], _first_slot(c[3])))
     seg_iter = iter(segments)
     seg_key, _, seg_left = next(seg_iter, (None, "", 0))
-    counter = sum(1 for lease in state.leases.values() if lease.run == run.key)
+    counter = state.lease_count(run.key)
     admitted = state.admitted.get(run.key, at)
     leases: list[Lease] = []
     for group, role, node, slots in chunks:

@@ -13,8 +13,6 @@ the caller then replays from the start: snapshots only save time and are never t
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import msgspec
 
 from gpu_fleet.core.funding.metering import Meter
@@ -154,13 +152,5 @@ def restore(data: bytes) -> tuple[FleetState, int] | None:
     state.funding_epoch = snap.funding_epoch
     state.etas = dict(snap.etas)
     state.channels = dict(snap.channels)
-    held: dict[str, set[int]] = defaultdict(set)
-    for lease in state.leases.values():
-        if lease.closure_reason is not None:
-            continue
-        state.open_leases[lease.id] = lease
-        for s in lease.slots:
-            state.slot_holder[s] = lease.id
-            held[lease.node].add(int(s.rpartition("#")[2]))
-    state.held_by_node = dict(held)
+    state.rebuild_indexes()
     return state, snap.seq

@@ -57,7 +57,7 @@ from gpu_fleet.core.model import (
     NotificationChannel,
     Run,
 )
-from gpu_fleet.core.placement.topology import Skeleton, compile_nodes
+from gpu_fleet.core.placement.topology import Skeleton, Topology, compile_nodes, topology_from
 
 _T = TypeVar("_T")
 
@@ -115,6 +115,16 @@ class FleetState:
     )
     held_by_node: dict[str, set[int]] = field(default_factory=dict)  # the active index per node
     _skeletons: dict[str, Skeleton] = field(default_factory=dict, repr=False)
+    # flavor -> the topology snapshot last handed out, and the nodes whose held slots changed
+    # since (``topology``); both dropped with the skeletons.
+    _topologies: dict[str, Topology] = field(default_factory=dict, repr=False)
+    _topology_dirty: dict[str, set[str]] = field(default_factory=dict, repr=False)
+    _node_labels: dict[str, Mapping[str, str]] | None = field(default=None, repr=False)
+    # run key -> ids of every lease minted under it (mint order), and its open leases
+    _run_leases: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list), repr=False)
+    _open_by_run: dict[str, dict[str, Lease]] = field(
+        default_factory=lambda: defaultdict(dict), repr=False
+    )
     _evaluations: dict[float, Evaluation] = field(default_factory=dict, repr=False)
     _evaluations_version: int = -1
     _index: EnvelopeIndex | None = None
@@ -138,6 +148,27 @@ class FleetState:
             sk = compile_nodes(list(self.nodes.values()), flavor)
             self._skeletons[flavor] = sk
         return sk
+
+    def topology(self, flavor: str) -> Topology:
+        """The topology of ``flavor`` as the ledger holds it now (``topology_from`` of the
+        skeleton and the held slots), kept current incrementally.
+
+        Rebuilding the overlay costs O(nodes) - 38 ms at 10k nodes, once per admission - while
+        a commit changes the held slots of a handful of nodes.  The fold notes which nodes a
+        lease touched since each flavor's snapshot was made, and only those are recomputed
+        (``Topology.with_nodes``).  A node registered or whose health changed drops every
+        snapshot (the skeleton changes with it).  Callers treat the value as read-only.
+        """
+        skeleton = self.skeleton(flavor)
+        cached = self._topologies.get(flavor)
+        if cached is None:
+            topo = topology_from(skeleton, self.held_by_node)
+        else:
+            dirty = self._topology_dirty[flavor]
+            topo = cached.with_nodes(skeleton, self.held_by_node, dirty) if dirty else cached
+        self._topologies[flavor] = topo
+        self._topology_dirty[flavor] = set()
+        return topo
 
     def evaluation(self, at: float) -> Evaluation:
         """The funding evaluation at ``at``, computed once per (ledger version, instant).
@@ -196,7 +227,20 @@ class FleetState:
         self._offered_fill = (at, self.funding_epoch + leases_minted, lease_ids, result)
 
     def node_labels(self) -> dict[str, Mapping[str, str]]:
-        return {name: n.labels for name, n in self.nodes.items()}
+        """Labels by node name, rebuilt only when a node changes (read-only for callers)."""
+        if self._node_labels is None:
+            self._node_labels = {name: n.labels for name, n in self.nodes.items()}
+        return self._node_labels
+
+    def _nodes_changed(self) -> None:
+        self._skeletons.clear()
+        self._topologies.clear()
+        self._topology_dirty.clear()
+        self._node_labels = None
+
+    def _slots_changed(self, node: str) -> None:
+        for dirty in self._topology_dirty.values():
+            dirty.add(node)
 
     def funding_inputs(self) -> FundingInputs:
         return FundingInputs(
@@ -209,8 +253,40 @@ class FleetState:
         )
 
     def leases_of(self, run: str, *, open_only: bool = False) -> list[Lease]:
-        pool = self.open_leases if open_only else self.leases
-        return sorted((x for x in pool.values() if x.run == run), key=lambda x: (x.start, x.id))
+        """The run's leases (every incarnation's, or only the open ones) by start, then id.
+
+        Read from the per-run index the fold keeps, so asking costs what the run holds, not
+        what the fleet holds (it used to scan every lease ever minted).
+        """
+        if open_only:
+            pool: Iterable[Lease] = self._open_by_run.get(run, {}).values()
+        else:
+            pool = (self.leases[i] for i in self._run_leases.get(run, ()))
+        return sorted(pool, key=lambda x: (x.start, x.id))
+
+    def lease_count(self, run: str) -> int:
+        """Leases ever minted under the run's key, all incarnations (the next lease counter)."""
+        return len(self._run_leases.get(run, ()))
+
+    def rebuild_indexes(self) -> None:
+        """Rebuild every index the fold keeps from ``leases`` (after a snapshot restore, or a
+        test that wrote leases directly): open leases, slot holders, held ordinals, per run."""
+        self.open_leases = {}
+        self.slot_holder = {}
+        held: dict[str, set[int]] = defaultdict(set)
+        self._run_leases = defaultdict(list)
+        self._open_by_run = defaultdict(dict)
+        for lease in self.leases.values():
+            self._run_leases[lease.run].append(lease.id)
+            if lease.closure_reason is not None:
+                continue
+            self.open_leases[lease.id] = lease
+            self._open_by_run[lease.run][lease.id] = lease
+            for s in lease.slots:
+                self.slot_holder[s] = lease.id
+                held[lease.node].add(_ordinal(s))
+        self.held_by_node = dict(held)
+        self._nodes_changed()
 
     def pending_preemptions(self) -> list[LeasePreemptionScheduled]:
         """Notices whose lease is still open (the closure is due at their deadline), in ledger
@@ -306,10 +382,10 @@ def fold(state: FleetState, event: Event) -> None:
     match event:
         case NodeRegistered(node=node):
             state.nodes[node.name] = node
-            state._skeletons.clear()
+            state._nodes_changed()
         case NodeHealthChanged(node=name, health=health):
             state.nodes[name] = msgspec.structs.replace(state.nodes[name], health=health)
-            state._skeletons.clear()
+            state._nodes_changed()
         case BudgetApplied(budget=budget):
             state.budgets[budget.key] = budget
             state._index = None
@@ -333,20 +409,29 @@ def fold(state: FleetState, event: Event) -> None:
         case LeaseMinted(lease=lease):
             state.leases[lease.id] = lease
             state.open_leases[lease.id] = lease
+            state._run_leases[lease.run].append(lease.id)
+            state._open_by_run[lease.run][lease.id] = lease
             held = state.held_by_node.setdefault(lease.node, set())
             for s in lease.slots:
                 state.slot_holder[s] = lease.id
                 held.add(_ordinal(s))
+            state._slots_changed(lease.node)
         case LeaseClosed(lease=lease_id, reason=reason):
             closed = msgspec.structs.replace(
                 state.leases[lease_id], closed_at=event.at, closure_reason=reason
             )
             state.leases[lease_id] = closed
             del state.open_leases[lease_id]
+            still_open = state._open_by_run.get(closed.run)
+            if still_open is not None:
+                still_open.pop(lease_id, None)
+                if not still_open:
+                    del state._open_by_run[closed.run]
             for s in closed.slots:
                 if state.slot_holder.get(s) == lease_id:
                     del state.slot_holder[s]
                     state.held_by_node.get(closed.node, set()).discard(_ordinal(s))
+            state._slots_changed(closed.node)
         case ReservationCreated(reservation=res):
             state.reservations[res.name] = res
             if res.state == "Pending":

@@ -29,6 +29,7 @@ overlay (see ``pack``).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,37 @@ class Topology:
         self._order = sorted(self._domains, key=lambda k: (-self._domain_free[k], k))
         self._total_free = sum(self._domain_free.values())
 
+    def with_nodes(
+        self, skeleton: Skeleton, held: Mapping[str, Collection[int]], changed: Collection[str]
+    ) -> Topology:
+        """A new snapshot equal to ``topology_from(skeleton, held)``, built from this one.
+
+        ``skeleton`` must be the one this snapshot was built from, and ``changed`` must name
+        every node whose held ordinals differ between this snapshot and ``held``: only those
+        nodes and their domains are recomputed, so keeping a fleet's snapshot current costs
+        what changed, not the size of the fleet.
+        """
+        touched = [n for n in changed if n in self._nodes]
+        if not touched:
+            return self
+        other = Topology.__new__(Topology)
+        other.flavor = self.flavor
+        other._domains = self._domains
+        other._capacity = self._capacity
+        nodes = dict(self._nodes)
+        domain_free = dict(self._domain_free)
+        for name in touched:
+            info = nodes[name]
+            free = _free_of(info.gpus, held.get(name), skeleton.schedulable(name))
+            if free != info.free:
+                nodes[name] = _NodeInfo(info.domain, info.gpus, info.labels, free)
+                domain_free[info.domain] += len(free) - len(info.free)
+        other._nodes = nodes
+        other._domain_free = domain_free
+        other._order = sorted(domain_free, key=lambda k: (-domain_free[k], k))
+        other._total_free = sum(domain_free.values())
+        return other
+
     # -- domains ---------------------------------------------------------------------------
 
     def domains(self) -> list[Domain]:
@@ -178,6 +210,15 @@ class Skeleton:
     domains: Mapping[str, Domain]
     capacity: Mapping[str, int]
 
+    def schedulable(self, name: str) -> bool:
+        """Whether node ``name`` (a node of this skeleton) may take new work."""
+        ok = self._schedulable.get(name)
+        return bool(ok)
+
+    @functools.cached_property
+    def _schedulable(self) -> dict[str, bool]:
+        return {name: ok for name, _k, _g, _l, ok in self.nodes}
+
 
 def compile_nodes(nodes: Sequence[Node], flavor: str) -> Skeleton:
     """Raises ``TopologyError`` naming the first (by node name) kept node missing a label."""
@@ -208,16 +249,19 @@ def compile_nodes(nodes: Sequence[Node], flavor: str) -> Skeleton:
     return Skeleton(flavor, tuple(entries), domains, {k: capacity.get(k, 0) for k in domains})
 
 
+def _free_of(gpus: int, taken: Collection[int] | None, schedulable: bool) -> tuple[int, ...]:
+    if not schedulable:
+        return ()
+    return tuple(i for i in range(gpus) if i not in taken) if taken else tuple(range(gpus))
+
+
 def topology_from(skeleton: Skeleton, held: Mapping[str, Collection[int]]) -> Topology:
     """Overlay the held ordinals of each node (from the ledger's active index) on a skeleton."""
     infos: dict[str, _NodeInfo] = {}
     for name, key, gpus, labels, schedulable in skeleton.nodes:
-        if schedulable:
-            taken = held.get(name)
-            free = tuple(i for i in range(gpus) if i not in taken) if taken else tuple(range(gpus))
-        else:
-            free = ()
-        infos[name] = _NodeInfo(domain=key, gpus=gpus, labels=labels, free=free)
+        infos[name] = _NodeInfo(
+            domain=key, gpus=gpus, labels=labels, free=_free_of(gpus, held.get(name), schedulable)
+        )
     return Topology(skeleton.flavor, infos, skeleton.domains, skeleton.capacity)
 
 
