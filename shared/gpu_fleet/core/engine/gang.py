@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from gpu_fleet.core.funding.cover import CoverFailure, CoverPlan, CoverRequest, cover
 from gpu_fleet.core.funding.envelopes import location_of
-from gpu_fleet.core.funding.matching import fill
+from gpu_fleet.core.funding.matching import extend_fill, fill
 from gpu_fleet.core.ledger.events import (
     Event,
     LeaseClosed,
@@ -358,7 +358,17 @@ def verify_funded(
     admitted.setdefault(run.key, now)
     gone = set(closing)
     current = [x for x in inputs.leases if x.id not in gone]
-    after = fill(inputs.index, [*current, *new], runs, admitted, inputs.node_labels, now, view)
+    after = None
+    alone = not state.leases_of(run.key, open_only=True)
+    base = state.known_fill(now) if not gone else None
+    if base is not None and (alone or state.runs.get(run.key) is run):
+        # The matching of the world as it stands is known: extend it by the new claims when
+        # that is provably what the whole matching would give (``extend_fill``).
+        after = extend_fill(
+            inputs.index, base, new, runs, admitted, inputs.node_labels, now, view, runs_alone=alone
+        )
+    if after is None:
+        after = fill(inputs.index, [*current, *new], runs, admitted, inputs.node_labels, now, view)
 
     def waits_for_window(lease: Lease) -> bool:
         # preActivation.allowAdmission: planned against an envelope whose window has not opened;
@@ -368,9 +378,6 @@ def verify_funded(
         return info is not None and info.admits_at(now) and not info.active_at(now)
 
     unfunded = [x for x in new if after.payer.get(x.id) is None and not waits_for_window(x)]
-    if not gone and run.key in state.runs:
-        open_after = frozenset([*state.open_leases, *(x.id for x in new)])
-        state.offer_fill(now, len(new), open_after, after)
     if unfunded:
         return f"{sum(x.width for x in unfunded)} GPUs would be born unfunded"
     if borrowed:
@@ -384,6 +391,8 @@ def verify_funded(
         ]
         if displaced:
             return "a loan may only use free headroom"
+    if not gone and run.key in state.runs:
+        state.offer_fill(now, tuple(new), after)
     return ""
 
 

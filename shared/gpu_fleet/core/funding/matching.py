@@ -32,10 +32,13 @@ import functools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
 from gpu_fleet.core.funding.family import Tier
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
+
+_K = TypeVar("_K")
 
 HOURS_EPSILON = 1e-6
 """GPU-hours below which two amounts are equal (keeps float crossings from flapping)."""
@@ -70,11 +73,30 @@ class Accepted:
 
 
 @dataclass
+class FillTrace:
+    """What the deferred acceptance went through, kept so a junior newcomer can be matched
+    without running it again (``extend_fill``).
+
+    ``junior``: per acceptor group, the most junior rank of any claim that ever proposed to it
+    (held at the end or turned away).  ``used``/``lent``/``cap``: the highest counters any
+    decision of the run left behind (per envelope, per envelope's loans, per aggregate cap).
+    Both are bounds over the whole run, not only its end, because a claim accepted in round 1
+    must still fit after every later decision of its acceptor to stay where it is.
+    """
+
+    junior: dict[int, tuple[object, ...]] = field(default_factory=dict)
+    used: dict[EnvelopeKey, int] = field(default_factory=dict)
+    lent: dict[EnvelopeKey, int] = field(default_factory=dict)
+    cap: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class FillResult:
     payer: dict[str, EnvelopeKey | None]
     funding_class: dict[str, FundingClass]
     rejections: dict[str, list[Rejection]]
     accepted: dict[EnvelopeKey, list[Accepted]]  # sorted by rank
+    trace: FillTrace | None = None
 
     def funded_width(self, env: EnvelopeKey) -> int:
         return sum(a.width for a in self.accepted.get(env, ()))
@@ -250,6 +272,7 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
 
     held: dict[EnvelopeKey, list[_Claim]] = defaultdict(list)
     counters: dict[int, _Counters] = {}
+    trace = FillTrace()
     # Borrowed width each run holds right now, kept current as acceptors decide one after
     # another, so a run's maxBorrowGPUs is enforced at acceptance: an envelope never takes a
     # loan it would have to give back (and so never turns anyone away for it).
@@ -275,7 +298,7 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
                 or min(c.rank_on(index, c.proposals[c.next_index - 1]) for c in inc) > st.last
             ):
                 # every newcomer is junior to everything held: resume the greedy scan
-                accepted, rejected, st = _decide(index, inc, hours, st, borrowed_by_run)
+                accepted, rejected, st = _decide(index, inc, hours, st, borrowed_by_run, trace)
             else:
                 candidates = [c for k in members for c in held[k]] + inc
                 for k in members:
@@ -283,7 +306,9 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
                         if c.rank_on(index, k)[0] in (LOAN, SPONSOR):
                             borrowed_by_run[c.run_key] -= c.lease.width
                     held[k] = []
-                accepted, rejected, st = _decide(index, candidates, hours, None, borrowed_by_run)
+                accepted, rejected, st = _decide(
+                    index, candidates, hours, None, borrowed_by_run, trace
+                )
             counters[acceptor] = st
             for c, env in accepted:
                 c.holder = env
@@ -313,7 +338,7 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
         accepted_view[env_key] = rows
     for c in claims:
         rejections[c.lease.id] = c.rejections
-    return FillResult(payer, cls, rejections, accepted_view)
+    return FillResult(payer, cls, rejections, accepted_view, trace)
 
 
 def _live(lease: Lease, t: float) -> bool:
@@ -331,23 +356,30 @@ class _Counters:
     last: tuple[object, ...] | None = None
 
 
-def _decide(
+def _decide(  # noqa: PLR0917 - one acceptor's decision and the state it shares with the run
     index: EnvelopeIndex,
     candidates: list[_Claim],
     hours: HoursView,
     st: _Counters | None,
     borrowed_by_run: dict[str, int],
+    trace: FillTrace,
 ) -> tuple[list[tuple[_Claim, EnvelopeKey]], list[tuple[_Claim, EnvelopeKey, str]], _Counters]:
     """Greedy fill of one acceptor group in rank order, with skip semantics.
 
     ``st`` resumes a previous scan of the same group when every candidate is junior to all it
-    holds (the counters then already describe what is held).
+    holds (the counters then already describe what is held).  ``trace`` records the most junior
+    candidate and the highest counters (see ``FillTrace``).
     """
     ranked = []
     for c in candidates:
         env_key = c.proposals[c.next_index - 1] if c.holder is None else c.holder
         ranked.append((c.rank_on(index, env_key), c, index.envelopes[env_key]))
     ranked.sort(key=lambda r: r[0])
+    if ranked:
+        acceptor = index.acceptor_of[ranked[0][2].key]
+        last = trace.junior.get(acceptor)
+        if last is None or ranked[-1][0] > last:
+            trace.junior[acceptor] = ranked[-1][0]
     if st is None:
         st = _Counters()
     used, lent, cap_used = st.used, st.lent, st.cap_used
@@ -400,7 +432,16 @@ def _decide(
             cap_used[cap_id] += w
         accepted.append((c, key))
         st.last = rank
+    _raise_peaks(trace.used, used)
+    _raise_peaks(trace.lent, lent)
+    _raise_peaks(trace.cap, cap_used)
     return accepted, rejected, st
+
+
+def _raise_peaks(peaks: dict[_K, int], counters: Mapping[_K, int]) -> None:
+    for k, v in counters.items():
+        if v > peaks.get(k, 0):
+            peaks[k] = v
 
 
 def _hours_ok(remaining: float, period: float, above: int, width: int, already: bool) -> bool:
@@ -415,3 +456,157 @@ def senior_width(rows: Sequence[Accepted], rank: tuple[object, ...]) -> int:
     keys = [r.rank for r in rows]
     pos = bisect.bisect_right(keys, rank)
     return sum(r.width for r in rows[:pos])
+
+
+def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
+    index: EnvelopeIndex,
+    base: FillResult,
+    new: Sequence[Lease],
+    runs: Mapping[str, Run],
+    admitted: Mapping[str, Instant],
+    node_labels: Mapping[str, Mapping[str, str]],
+    t: float,
+    hours: HoursView | None = None,
+    *,
+    runs_alone: bool = True,
+) -> FillResult | None:
+    """``fill`` over the leases ``base`` matched plus ``new``, without running it again - or
+    ``None`` when that cannot be proven equal, and the caller runs ``fill``.
+
+    ``base`` must be ``fill`` of the other leases at the same ``t`` with the same ``runs``,
+    ``admitted``, labels and hours (the caller guarantees it); ``runs_alone`` says that no lease
+    in ``base`` belongs to a run of ``new``.
+
+    Why the shortcut is exact.  Every new claim must be junior, at the acceptor group of the
+    first envelope it proposes to, to every claim that ever proposed there in ``base``'s run
+    (``FillTrace.junior``), and must fit - after the new claims ranked above it - on top of the
+    highest counters any decision there left (``FillTrace`` peaks), under every limit the
+    acceptance checks (concurrency, lending cap, the run's borrow limit, aggregate caps and
+    GPU-hours; each check only gets harder as counters grow).  Then, in the deferred acceptance
+    over all leases, each new claim is considered after every other candidate of each decision
+    of its acceptor, so it changes no decision about anyone else, and it fits every time, so it
+    is accepted in round 1 and never turned away: the matching is ``base`` plus each new claim
+    held by its first envelope.  A loan's borrow limit counts the run's other loans, which live
+    in other acceptors, so a new claim that borrows needs ``runs_alone``.
+    """
+    trace = base.trace
+    if trace is None:
+        return None
+    hours = hours or HoursView()
+    period = hours.period_hours
+    proposer = Proposer(index, t)
+    payer = dict(base.payer)
+    cls = dict(base.funding_class)
+    rejections = dict(base.rejections)
+    claims: list[tuple[tuple[object, ...], _Claim, EnvelopeInfo, Tier]] = []
+    for lease in sorted(new, key=lambda x: x.id):
+        if not _live(lease, t):
+            continue
+        if lease.id in payer:
+            return None  # not new: the caller's promise is broken, do it the long way
+        run = runs.get(lease.run)
+        payer[lease.id] = None
+        cls[lease.id] = FundingClass.UNFUNDED
+        rejections[lease.id] = []
+        if run is None:
+            continue
+        owner = index.family.owner_of(run.metadata.namespace)
+        labels = node_labels.get(lease.node)
+        location = location_of(labels) if labels is not None else None
+        funding = run.spec.funding
+        claim = _Claim(
+            lease=lease,
+            run_key=run.key,
+            owner=owner,
+            admitted=admitted.get(run.key, lease.start),
+            proposals=proposer.envelopes_for(run, owner, location),
+            borrow_cap=funding.max_borrow_gpus if funding is not None else None,
+        )
+        if not claim.proposals:
+            continue
+        env = index.envelopes[claim.proposals[0]]
+        tier = index.family.tier(env.owner, owner)
+        claims.append((claim.rank_at(env, tier), claim, env, tier))
+    claims.sort(key=lambda r: r[0])
+    used: dict[EnvelopeKey, int] = defaultdict(int)
+    lent: dict[EnvelopeKey, int] = defaultdict(int)
+    cap_used: dict[str, int] = defaultdict(int)
+    borrowed: dict[str, int] = defaultdict(int)
+    junior = dict(trace.junior)
+    for rank, c, env, _tier in claims:
+        acceptor = index.acceptor_of[env.key]
+        last = junior.get(acceptor)
+        if last is not None and not rank > last:
+            return None
+        junior[acceptor] = rank
+        w = c.lease.width
+        key = env.key
+        above = trace.used.get(key, 0) + used[key]
+        if above + w > env.concurrency:
+            return None
+        already = (c.lease.id, key) in hours.previously_funded
+        if rank[0] in (LOAN, SPONSOR):
+            if not runs_alone:
+                return None
+            if env.lending_max is not None and (
+                trace.lent.get(key, 0) + lent[key] + w > env.lending_max
+            ):
+                return None
+            if c.borrow_cap is not None and borrowed[c.run_key] + w > c.borrow_cap:
+                return None
+            lent[key] += w
+            borrowed[c.run_key] += w
+        for cap_id in env.caps:
+            cap = index.caps[cap_id]
+            cap_above = trace.cap.get(cap_id, 0) + cap_used[cap_id]
+            if cap.max_concurrency is not None and cap_above + w > cap.max_concurrency:
+                return None
+            if cap.gpu_hours is not None and not _hours_ok(
+                hours.remaining_cap.get(cap_id, cap.gpu_hours), period, cap_above, w, already
+            ):
+                return None
+            cap_used[cap_id] += w
+        if env.gpu_hours is not None and not _hours_ok(
+            hours.remaining_envelope.get(key, env.gpu_hours), period, above, w, already
+        ):
+            return None
+        used[key] += w
+    accepted = dict(base.accepted)
+    copied: set[EnvelopeKey] = set()
+    for rank, c, env, tier in claims:
+        if env.key not in copied:
+            copied.add(env.key)
+            accepted[env.key] = list(accepted.get(env.key, ()))
+        accepted[env.key].append(Accepted(rank, c.lease.width, int(rank[0])))  # type: ignore[call-overload]
+        payer[c.lease.id] = env.key
+        cls[c.lease.id] = (
+            FundingClass.OWNED
+            if tier is Tier.OWNER
+            else FundingClass.SHARED
+            if tier is not Tier.NONE
+            else FundingClass.BORROWED
+        )
+    new_trace = FillTrace(
+        junior,
+        _plus(trace.used, used),
+        _plus(trace.lent, lent),
+        _plus(trace.cap, cap_used),
+    )
+    if base.payer and any(x.id in payer for x in new):
+        last_id = next(reversed(base.payer))
+        if any(x.id < last_id for x in new if x.id in payer):
+            # ``fill`` lists leases by id, and the meter charges them in that order (float
+            # sums depend on it), so a newcomer that sorts inside goes to its place
+            order = sorted(payer)
+            payer = {k: payer[k] for k in order}
+            cls = {k: cls[k] for k in order if k in cls}
+            rejections = {k: rejections[k] for k in order if k in rejections}
+    return FillResult(payer, cls, rejections, accepted, new_trace)
+
+
+def _plus(base: Mapping[_K, int], extra: Mapping[_K, int]) -> dict[_K, int]:
+    out = dict(base)
+    for k, v in extra.items():
+        if v:
+            out[k] = out.get(k, 0) + v
+    return out

@@ -117,14 +117,26 @@ def _crossing_seconds(inputs: FundingInputs, f: FillResult, view: HoursView) -> 
     return best
 
 
-def advance_meter(meter: Meter, inputs: FundingInputs, to: float) -> None:
-    """Charge ``[meter.t, to)`` to whoever paid during each piece of it.  Mutates ``meter``."""
+def advance_meter(
+    meter: Meter, inputs: FundingInputs, to: float, *, first: FillResult | None = None
+) -> None:
+    """Charge ``[meter.t, to)`` to whoever paid during each piece of it.  Mutates ``meter``.
+
+    ``first``, if given, is the matching at ``meter.t`` under this meter (the caller knows it
+    already: the last evaluation, or the check of the decision just committed); it is used for
+    the first piece instead of matching again.
+    """
     index = inputs.index
     bounds = _boundaries(inputs, meter.t)
     t = meter.t
     while t < to:
         view = meter.hours_view(index, inputs.period_hours)
-        f = fill(index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, t, view)
+        if first is not None and t == meter.t:
+            f = first
+        else:
+            f = fill(
+                index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, t, view
+            )
         pos = bisect.bisect_right(bounds, t)
         nxt = min(to, bounds[pos]) if pos < len(bounds) else to
         if view.remaining_envelope or view.remaining_cap:
@@ -137,11 +149,24 @@ def advance_meter(meter: Meter, inputs: FundingInputs, to: float) -> None:
     meter.t = max(meter.t, to)
 
 
-def evaluate(meter: Meter, inputs: FundingInputs, at: float) -> Evaluation:
-    """The funding picture at ``at`` (advancing a copy of the meter if ``at`` is later)."""
+def evaluate(
+    meter: Meter,
+    inputs: FundingInputs,
+    at: float,
+    *,
+    first: FillResult | None = None,
+    final: FillResult | None = None,
+) -> Evaluation:
+    """The funding picture at ``at`` (advancing a copy of the meter if ``at`` is later).
+
+    ``first`` is the matching at ``meter.t`` and ``final`` the one at ``at`` (under the meter
+    advanced to ``at``), when the caller already knows them; either is then not recomputed.
+    """
     if at > meter.t:
         meter = meter.copy()
-        advance_meter(meter, inputs, at)
+        advance_meter(meter, inputs, at, first=first)
+    if final is not None:
+        return summarize(meter, inputs, final, at)
     view = meter.hours_view(inputs.index, inputs.period_hours)
     f = fill(
         inputs.index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, at, view

@@ -22,7 +22,6 @@ from gpu_fleet.core.funding.metering import (
     Meter,
     advance_meter,
     evaluate,
-    summarize,
 )
 from gpu_fleet.core.ledger.events import (
     BudgetApplied,
@@ -80,6 +79,20 @@ class LedgerError(ValueError):
     """An event that would break an invariant; the fold refuses it and changes nothing."""
 
 
+@dataclass(frozen=True)
+class _KnownFill:
+    """A matching known to hold: at ``at``, for the funding inputs of ``epoch`` (once the
+    leases ``new`` are open), under the meter at ``meter_t`` (``meter_view``) or under a
+    copy of it advanced to ``at`` (not ``meter_view``: valid only where hours cannot matter)."""
+
+    at: float
+    epoch: int
+    meter_t: float
+    meter_view: bool
+    new: tuple[Lease, ...]
+    fill: FillResult
+
+
 @dataclass
 class RunStatus:
     phase: RunPhase = "Pending"
@@ -110,9 +123,13 @@ class FleetState:
     clock: Instant = 0
     version: int = 0  # bumped by every fold: the key of the caches below
     funding_epoch: int = 0  # bumped by every fold that can change who pays (see _NEUTRAL)
-    _offered_fill: tuple[float, int, frozenset[str], FillResult] | None = field(
-        default=None, repr=False
-    )
+    # The last matching known to hold for the open leases (see ``known_fill``).
+    _known: _KnownFill | None = field(default=None, repr=False)
+    # False: every matching is computed afresh (the reference the incremental paths are
+    # tested against); nothing persisted depends on it.
+    incremental: bool = True
+    _hours_of: EnvelopeIndex | None = field(default=None, repr=False)
+    _hours_any: bool = field(default=False, repr=False)
     held_by_node: dict[str, set[int]] = field(default_factory=dict)  # the active index per node
     _skeletons: dict[str, Skeleton] = field(default_factory=dict, repr=False)
     # flavor -> the topology snapshot last handed out, and the nodes whose held slots changed
@@ -175,26 +192,67 @@ class FleetState:
 
         Decisions at one instant ask for it several times (admission, reservation, remedies);
         it is a pure function of folded state and the instant, so caching cannot change them.
-        Callers must treat it as read-only.
+        A matching already known for the same open leases (``known_fill``: admission's own
+        check of the world it then committed, or the last evaluation) is reused when nothing
+        can move funding between its instant and ``at``.  Callers must treat it as read-only.
         """
         if self._evaluations_version != self.version:
             self._evaluations = {}
             self._evaluations_version = self.version
         ev = self._evaluations.get(at)
         if ev is None:
-            offered = self._offered_fill
-            if (
-                offered is not None
-                and offered[1] == self.funding_epoch
-                and self._nothing_changes_between(offered[0], at)
-                and offered[2] == frozenset(self.open_leases)
-            ):
-                ev = summarize(self.meter, self.funding_inputs(), offered[3], at)
-            else:
-                ev = evaluate(self.meter, self.funding_inputs(), at)
-            self._offered_fill = None
+            hours = self._hours_anywhere()
+            known = self._known if self.incremental else None
+            if known is not None and not self._known_valid(known):
+                known = None
+            first = final = None
+            if known is not None:
+                if known.at == self.meter.t and (known.meter_view or not hours):
+                    first = known.fill  # the meter's own matching: where an advance starts
+                if known.at == at:
+                    # ``evaluate`` matches under this meter up to its instant, else under a
+                    # copy advanced to ``at``: the known matching must have used the same one
+                    same_view = known.meter_view == (at <= self.meter.t)
+                    final = known.fill if same_view or not hours else None
+                elif known.at < at and self._nothing_changes_between(known.at, at):
+                    final = known.fill
+            ev = evaluate(self.meter, self.funding_inputs(), at, first=first, final=final)
+            self._known = _KnownFill(
+                at, self.funding_epoch, self.meter.t, at <= self.meter.t, (), ev.fill
+            )
             self._evaluations[at] = ev
         return ev
+
+    def known_fill(self, at: float) -> FillResult | None:
+        """The matching of the open leases at ``at`` under the meter as it stands, if one is
+        known (an evaluation or a decision's check computed it and nothing funding-relevant
+        was folded since); ``None`` otherwise.  The same result ``fill`` would give now."""
+        known = self._known
+        if not self.incremental or known is None or known.at != at:
+            return None
+        if not self._known_valid(known):
+            return None
+        if not known.meter_view and self._hours_anywhere():
+            return None  # matched with a meter advanced to ``at``, not this one
+        return known.fill
+
+    def _known_valid(self, known: _KnownFill) -> bool:
+        """Same funding inputs (the meter's too, unless no GPU-hours can ever matter)."""
+        return (
+            known.epoch == self.funding_epoch
+            and (known.meter_t == self.meter.t or not self._hours_anywhere())
+            and all(self.open_leases.get(x.id) is x for x in known.new)
+        )
+
+    def _hours_anywhere(self) -> bool:
+        """Does any envelope or cap set GPU-hours?  (Else the meter never moves funding.)"""
+        index = self.index
+        if self._hours_of is not index:
+            self._hours_any = any(e.gpu_hours is not None for e in index.envelopes.values()) or any(
+                c.gpu_hours is not None for c in index.caps.values()
+            )
+            self._hours_of = index
+        return self._hours_any
 
     def _nothing_changes_between(self, t0: float, t1: float) -> bool:
         """No window bound, scheduled lease end or GPU-hour allowance can move funding in
@@ -203,28 +261,25 @@ class FleetState:
             return False
         if t1 == t0:
             return True
-        index = self.index
-        if any(e.gpu_hours is not None for e in index.envelopes.values()) or any(
-            c.gpu_hours is not None for c in index.caps.values()
-        ):
+        if self._hours_anywhere():
             return False
-        for e in index.envelopes.values():
+        for e in self.index.envelopes.values():
             for bound in (e.start, e.end):
                 if bound is not None and t0 < bound <= t1:
                     return False
         return not any(x.end is not None and t0 < x.end <= t1 for x in self.open_leases.values())
 
-    def offer_fill(
-        self, at: float, leases_minted: int, lease_ids: frozenset[str], result: FillResult
-    ) -> None:
+    def offer_fill(self, at: float, new: tuple[Lease, ...], result: FillResult) -> None:
         """A decision already matched the world it is about to commit (admission's check).
 
-        If the very next funding-relevant change is exactly that commit (``leases_minted``
-        LeaseMinted events, leaving ``lease_ids`` open) the next evaluation at ``at`` reuses
-        the result instead of matching again.  Identical inputs, identical result: the reuse is
+        ``result`` is the matching at ``at``, under the meter as it stands, of the open leases
+        plus the leases ``new`` the decision mints.  If the very next funding-relevant
+        changes are exactly those mints (of these very lease objects), the next evaluation at
+        ``at`` - and the meter's next advance from ``at``, and the next decision's check -
+        reuse it instead of matching again.  Identical inputs, identical result: the reuse is
         invisible except in speed.
         """
-        self._offered_fill = (at, self.funding_epoch + leases_minted, lease_ids, result)
+        self._known = _KnownFill(at, self.funding_epoch + len(new), self.meter.t, True, new, result)
 
     def node_labels(self) -> dict[str, Mapping[str, str]]:
         """Labels by node name, rebuilt only when a node changes (read-only for callers)."""
@@ -370,7 +425,8 @@ def _advance_clock(state: FleetState, at: Instant) -> None:
         raise LedgerError(f"event at {at} is earlier than the ledger clock {state.clock}")
     if at > state.meter.t:
         if state.open_leases:
-            advance_meter(state.meter, state.funding_inputs(), at)
+            first = state.known_fill(state.meter.t)
+            advance_meter(state.meter, state.funding_inputs(), at, first=first)
         state.meter.t = float(at)
     state.clock = at
 

@@ -1,0 +1,361 @@
+"""The incremental paths decide exactly what the reference paths decide (issue 11).
+
+The reference is funding's one deferred-acceptance loop (``fill``) run afresh over everything,
+and a fresh fold of the ledger.  The incremental paths - ``extend_fill`` (a junior newcomer
+joins a known matching), the known matching reused by the meter and the evaluation - must give
+the same result at every step; these properties check it over generated worlds and over
+generated event sequences (admit, close, window open/close, budget change, hours exhausted).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from builders import HOUR, MINUTE, T0, World, budget, cap, env, lease, node, run
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from gpu_fleet.core.engine import CommandError, Fleet, Settings, gang
+from gpu_fleet.core.funding import FillResult, HoursView, build_index, evaluate, fill
+from gpu_fleet.core.funding.matching import extend_fill
+from gpu_fleet.core.ledger import Event, FleetState, fold
+from gpu_fleet.core.model import Budget, EnvelopeKey, Lease, Payer, Run
+
+PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ENGINE = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+NODES = [node("n1", 64, region="r1"), node("n2", 64, region="r2", fabric="f2")]
+TEAMS = [  # (namespace, owner, parents); org:s is a sponsor outside the family
+    ("p", "org:p", ()),
+    ("c1", "org:c1", ("org:p",)),
+    ("c2", "org:c2", ("org:p",)),
+    ("s", "org:s", ()),
+]
+
+
+def same_fill(a: FillResult, b: FillResult) -> None:
+    # the order too: the meter charges leases in it, and float sums depend on the order
+    assert list(a.payer.items()) == list(b.payer.items())
+    assert list(a.funding_class.items()) == list(b.funding_class.items())
+    assert a.funding_class == b.funding_class
+    assert a.rejections == b.rejections
+    assert {k: v for k, v in a.accepted.items() if v} == {k: v for k, v in b.accepted.items() if v}
+
+
+# ------------------------------------------------------------------------------------------
+# extend_fill against fill, over generated worlds
+# ------------------------------------------------------------------------------------------
+
+
+@st.composite
+def budgets_of(draw: st.DrawFn) -> list[Budget]:
+    out = []
+    for ns, owner, parents in TEAMS:
+        envs: list[dict[str, Any]] = []
+        for i in range(draw(st.integers(1, 2))):
+            kw: dict[str, Any] = {
+                "selector": {"region": draw(st.sampled_from(["r1", "r2", "*"]))},
+                "sharing": draw(st.sampled_from(["", "", "none"])),
+                "gpu_hours": draw(st.one_of(st.none(), st.none(), st.floats(1, 400))),
+            }
+            if ns == "s":
+                kw["lend"] = True
+                kw["lend_to"] = draw(st.sampled_from([["*"], ["org:c*"], ["org:x"]]))
+                kw["lend_max"] = draw(st.one_of(st.none(), st.integers(1, 8)))
+            envs.append(env(f"e{i}", draw(st.integers(1, 16)), **kw))
+        caps = []
+        if len(envs) == 2 and draw(st.booleans()):
+            caps = [
+                cap(
+                    "both",
+                    ["e0", "e1"],
+                    max_concurrency=draw(st.one_of(st.none(), st.integers(1, 20))),
+                    gpu_hours=draw(st.one_of(st.none(), st.floats(1, 400))),
+                )
+            ]
+        out.append(budget(ns, owner, envs, parents=parents, caps=caps))
+    return out
+
+
+@st.composite
+def new_run(draw: st.DrawFn, name: str, slots: dict[str, int]) -> tuple[Run, int, list[Lease]]:
+    """A run (maybe borrowing), its admission time, and 1-3 leases on free slots."""
+    ns = draw(st.sampled_from(["p", "c1", "c2"]))
+    borrow = ns != "p" and draw(st.booleans())
+    r = run(
+        ns,
+        name,
+        8,
+        sponsors=["org:s"] if borrow else (),
+        max_borrow=draw(st.one_of(st.none(), st.integers(1, 8))) if borrow else None,
+    )
+    admitted = T0 + draw(st.integers(0, 30)) * MINUTE
+    leases = []
+    for k in range(draw(st.integers(1, 3))):
+        n = draw(st.sampled_from(["n1", "n2"]))
+        width = draw(st.integers(1, 4))
+        minted = None
+        if draw(st.integers(0, 3)) == 0:
+            minted = Payer(namespace="s", budget="s", envelope="e0", owner="")
+        leases.append(
+            lease(
+                f"{r.key}#{k}",
+                r.key,
+                width,
+                node_name=n,
+                first=slots[n],
+                group=draw(st.integers(0, 2)),
+                minted=minted,
+            )
+        )
+        slots[n] += width
+    return r, admitted, leases
+
+
+@st.composite
+def hours_views(draw: st.DrawFn, budgets: list[Budget]) -> HoursView:
+    index = build_index(budgets)
+    rem_env = {
+        k: draw(st.floats(0, e.gpu_hours or 1))
+        for k, e in index.envelopes.items()
+        if e.gpu_hours is not None
+    }
+    rem_cap = {
+        k: draw(st.floats(0, c.gpu_hours or 1))
+        for k, c in index.caps.items()
+        if c.gpu_hours is not None
+    }
+    return HoursView(draw(st.sampled_from([1.0, 24.0])), rem_env, rem_cap)
+
+
+@PROPS
+@given(st.data())
+def test_extend_fill_is_fill(data: st.DataObject) -> None:
+    """Whenever ``extend_fill`` answers, it answers what ``fill`` over everything answers -
+    chained over several newcomers, each extending the previous result."""
+    budgets = data.draw(budgets_of())
+    hours = data.draw(hours_views(budgets))
+    slots = {"n1": 0, "n2": 0}
+    runs: dict[str, Run] = {}
+    admitted: dict[str, int] = {}
+    leases: list[Lease] = []
+    for i in range(data.draw(st.integers(0, 6))):
+        r, t, xs = data.draw(new_run(f"old{i}", slots))
+        runs[r.key], admitted[r.key] = r, t
+        leases += xs
+    world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
+    current = world.fill(T0, hours)
+    for i in range(data.draw(st.integers(1, 4))):
+        r, t, xs = data.draw(new_run(f"new{i}", slots))
+        runs[r.key], admitted[r.key] = r, t
+        ext = extend_fill(world.index, current, xs, runs, admitted, world.node_labels, T0, hours)
+        leases += xs
+        reference = fill(world.index, leases, runs, admitted, world.node_labels, T0, hours)
+        event("extended" if ext is not None else "matched afresh")
+        if ext is not None:
+            same_fill(ext, reference)
+        current = reference
+
+
+def test_extend_fill_takes_the_junior_newcomer() -> None:
+    """The shortcut fires for the common case: a later run that fits its own envelope."""
+    budgets = [budget("p", "org:p", [env("e", 16, selector={"region": "*"})])]
+    old, new = run("p", "old", 8), run("p", "new", 8)
+    runs = {old.key: old, new.key: new}
+    admitted = {old.key: T0, new.key: T0 + MINUTE}
+    world = World(budgets, runs.values(), [lease("a", old.key, 8)], nodes=NODES, admitted=admitted)
+    base = world.fill()
+    newcomer = [lease("b", new.key, 8, first=8)]
+    ext = extend_fill(world.index, base, newcomer, runs, admitted, world.node_labels, T0)
+    assert ext is not None
+    same_fill(
+        ext, fill(world.index, [*world.leases, *newcomer], runs, admitted, world.node_labels, T0)
+    )
+    # a senior newcomer might displace someone: the long way
+    senior = {**admitted, new.key: T0 - MINUTE}
+    assert extend_fill(world.index, base, newcomer, runs, senior, world.node_labels, T0) is None
+    # a junior newcomer that does not fit: the long way too
+    wide = [lease("b", new.key, 9, first=8)]
+    assert extend_fill(world.index, base, wide, runs, admitted, world.node_labels, T0) is None
+
+
+# ------------------------------------------------------------------------------------------
+# The engine with its shortcuts against the engine without, and against a fresh fold
+# ------------------------------------------------------------------------------------------
+
+SETTINGS = Settings(accounting_period=HOUR)  # GPU-hour hysteresis over one hour: it moves
+
+
+def fleet_budgets(params: dict[str, Any]) -> list[Budget]:
+    p = params
+    return [
+        budget(
+            "p",
+            "org:p",
+            [
+                env("e0", p["p0"], selector={"region": "*"}, gpu_hours=p["hours"]),
+                env(
+                    "e1",
+                    p["p1"],
+                    selector={"region": "r2"},
+                    start=T0 + p["opens"] * HOUR,
+                    end=T0 + (p["opens"] + p["lasts"]) * HOUR,
+                ),
+            ],
+            caps=[cap("both", ["e0", "e1"], max_concurrency=p["cap"])] if p["cap"] else [],
+        ),
+        budget("c1", "org:c1", [env("e0", p["c1"], selector={"region": "r1"})], parents=["org:p"]),
+        budget(
+            "s",
+            "org:s",
+            [env("e0", p["s"], selector={"region": "*"}, lend=True, lend_to=["*"], lend_max=6)],
+        ),
+    ]
+
+
+budget_params = st.fixed_dictionaries(
+    {
+        "p0": st.integers(2, 24),
+        "p1": st.integers(0, 16),
+        "hours": st.one_of(st.none(), st.floats(4, 60)),
+        "opens": st.integers(0, 3),
+        "lasts": st.integers(1, 4),
+        "cap": st.one_of(st.none(), st.integers(4, 30)),
+        "c1": st.integers(0, 12),
+        "s": st.integers(0, 12),
+    }
+)
+
+submit = st.tuples(
+    st.just("submit"),
+    st.sampled_from(["p", "c1"]),
+    st.integers(1, 12),
+    st.booleans(),  # borrows from org:s
+    st.sampled_from([None, "30m", "2h"]),
+)
+op = st.one_of(
+    submit,
+    submit,
+    submit,
+    st.tuples(
+        st.just("submit"),
+        st.sampled_from(["p", "c1"]),
+        st.integers(1, 12),
+        st.booleans(),  # borrows from org:s
+        st.sampled_from([None, "30m", "2h"]),
+    ),
+    st.tuples(st.just("complete"), st.integers(0, 50)),
+    st.tuples(st.just("delete"), st.integers(0, 50)),
+    st.tuples(st.just("budget"), budget_params),
+    st.tuples(st.just("advance"), st.sampled_from([1, 7, MINUTE, 20 * MINUTE, HOUR, 3 * HOUR])),
+)
+
+
+def apply_op(fleet: Fleet, step: tuple[Any, ...], i: int, now: int) -> None:
+    kind = step[0]
+    running = sorted(k for k, s in fleet.state.status.items() if s.phase == "Running")
+    if kind == "submit":
+        _, ns, width, borrow, duration = step
+        fleet.apply(
+            run(ns, f"r{i}", width, sponsors=["org:s"] if borrow else (), max_duration=duration),
+            now,
+        )
+    elif kind == "complete" and running:
+        fleet.complete(running[step[1] % len(running)], now)
+    elif kind == "delete" and fleet.state.runs:
+        keys = sorted(fleet.state.runs)
+        ns, name = keys[step[1] % len(keys)].split("/")
+        fleet.delete("Run", ns, name, now)
+    elif kind == "budget":
+        for b in fleet_budgets(step[1]):
+            fleet.apply(b, now)
+    elif kind == "advance":
+        fleet.advance_to(now)
+
+
+def fresh_fold(history: list[Event]) -> FleetState:
+    state = FleetState(settings_period_hours=SETTINGS.period_hours, incremental=False)
+    for e in history:
+        fold(state, e)
+    return state
+
+
+@ENGINE
+@given(budget_params, st.lists(op, min_size=8, max_size=30))
+def test_engine_with_shortcuts_decides_what_the_reference_decides(
+    monkeypatch: pytest.MonkeyPatch, params: dict[str, Any], ops: list[tuple[Any, ...]]
+) -> None:
+    """Same commands, same events - with the incremental paths and without them - and at every
+    step the funding picture equals a fresh fold's (payers, classes, usage, hours metered)."""
+    extended = [0]
+    real = gang.extend_fill
+
+    def counting(*args: Any, **kwargs: Any) -> FillResult | None:
+        out = real(*args, **kwargs)
+        extended[0] += out is not None
+        return out
+
+    monkeypatch.setattr(gang, "extend_fill", counting)
+    fleets = [Fleet(SETTINGS), Fleet(SETTINGS)]
+    fleets[1].state.incremental = False
+    now = T0
+    for f in fleets:
+        for n in NODES:
+            f.register_node(n, now)
+        for b in fleet_budgets(params):
+            f.apply(b, now)
+    for i, step in enumerate(ops):
+        now += step[1] if step[0] == "advance" else 1
+        outcomes = []
+        for f in fleets:
+            try:
+                apply_op(f, step, i, now)
+                outcomes.append("ok")
+            except CommandError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1]
+        fast, ref = fleets[0].state, fleets[1].state
+        assert fast.history == ref.history
+        if i % 2 == 0:
+            continue  # leave the engine's caches alone every other step (as production does)
+        fresh = fresh_fold(fast.history)
+        at = fast.clock
+        got = fast.evaluation(at)
+        want = evaluate(fresh.meter, fresh.funding_inputs(), at)
+        same_fill(got.fill, want.fill)
+        assert got.envelopes == want.envelopes
+        assert got.caps == want.caps
+        assert got.runs == want.runs
+        assert _meter(fast) == _meter(fresh)
+    minted = sum(1 for e in fleets[0].state.history if type(e).__name__ == "LeaseMinted")
+    event(f"leases minted: {min(minted // 4 * 4, 16)}+")
+    event(f"matchings extended: {min(extended[0] // 4 * 4, 16)}+")
+
+
+def _meter(state: FleetState) -> tuple[object, ...]:
+    m = state.meter
+    return (
+        m.t,
+        dict(m.envelope_hours),
+        {k: dict(v) for k, v in m.envelope_class_hours.items()},
+        dict(m.cap_hours),
+        {k: dict(v) for k, v in m.run_hours.items()},
+        {k: dict(v) for k, v in m.run_lender_hours.items()},
+        m.previously_funded,
+    )
+
+
+def test_envelope_keys_are_what_the_budgets_say() -> None:
+    """The generated budgets name the envelopes the engine property relies on."""
+    index = build_index(
+        fleet_budgets(
+            {"p0": 4, "p1": 2, "hours": 8.0, "opens": 1, "lasts": 2, "cap": 6, "c1": 2, "s": 3}
+        )
+    )
+    assert EnvelopeKey("p", "p", "e1") in index.envelopes
+    assert EnvelopeKey("s", "s", "e0") in index.envelopes
