@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from gpu_fleet.core.engine import CommandError, Fleet, Settings, gang
 from gpu_fleet.core.funding import FillResult, HoursView, build_index, evaluate, fill
-from gpu_fleet.core.funding.matching import extend_fill
+from gpu_fleet.core.funding.matching import extend_fill, shrink_fill
 from gpu_fleet.core.ledger import Event, FleetState, fold
+from gpu_fleet.core.ledger.state import SliceEntry, SliceIndex
 from gpu_fleet.core.model import Budget, EnvelopeKey, Lease, Payer, Run
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -162,6 +163,44 @@ def test_extend_fill_is_fill(data: st.DataObject) -> None:
         current = reference
 
 
+@PROPS
+@given(st.data())
+def test_shrink_fill_is_fill(data: st.DataObject) -> None:
+    """Whenever ``shrink_fill`` answers, it answers what ``fill`` over what is left answers -
+    chained with newcomers and departures in any order."""
+    budgets = data.draw(budgets_of())
+    hours = data.draw(hours_views(budgets))
+    slots = {"n1": 0, "n2": 0}
+    runs: dict[str, Run] = {}
+    admitted: dict[str, int] = {}
+    leases: list[Lease] = []
+    for i in range(data.draw(st.integers(1, 6))):
+        r, t, xs = data.draw(new_run(f"old{i}", slots))
+        runs[r.key], admitted[r.key] = r, t
+        leases += xs
+    world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
+    current: FillResult | None = world.fill(T0, hours)
+    for i in range(data.draw(st.integers(1, 5))):
+        if leases and data.draw(st.booleans()):
+            gone = data.draw(st.lists(st.sampled_from(leases), min_size=1, max_size=3))
+            leases = [x for x in leases if x not in gone]
+            nxt = shrink_fill(current, gone) if current is not None else None
+        else:
+            r, t, xs = data.draw(new_run(f"new{i}", slots))
+            runs[r.key], admitted[r.key] = r, t
+            nxt = (
+                extend_fill(world.index, current, xs, runs, admitted, world.node_labels, T0, hours)
+                if current is not None
+                else None
+            )
+            leases += xs
+        reference = fill(world.index, leases, runs, admitted, world.node_labels, T0, hours)
+        event("derived" if nxt is not None else "matched afresh")
+        if nxt is not None:
+            same_fill(nxt, reference)
+        current = nxt if nxt is not None and data.draw(st.booleans()) else reference
+
+
 def test_extend_fill_takes_the_junior_newcomer() -> None:
     """The shortcut fires for the common case: a later run that fits its own envelope."""
     budgets = [budget("p", "org:p", [env("e", 16, selector={"region": "*"})])]
@@ -302,6 +341,7 @@ def test_engine_with_shortcuts_decides_what_the_reference_decides(
 
     monkeypatch.setattr(gang, "extend_fill", counting)
     fleets = [Fleet(SETTINGS), Fleet(SETTINGS)]
+    fleets[0].check_shortcuts = True
     fleets[1].state.incremental = False
     now = T0
     for f in fleets:
@@ -359,3 +399,133 @@ def test_envelope_keys_are_what_the_budgets_say() -> None:
     )
     assert EnvelopeKey("p", "p", "e1") in index.envelopes
     assert EnvelopeKey("s", "s", "e0") in index.envelopes
+
+
+# ------------------------------------------------------------------------------------------
+# Deep queues: skipped admission attempts must be no-ops
+# ------------------------------------------------------------------------------------------
+
+SMALL = [
+    node("a1", 8, region="r1", fabric="fa"),
+    node("a2", 8, region="r1", fabric="fa"),
+    node("b1", 8, region="r2", fabric="fb"),
+    node("b2", 4, region="r2", fabric="fb"),
+]
+
+queue_op = st.one_of(
+    st.tuples(
+        st.just("submit"),
+        st.sampled_from(["p", "c1"]),
+        st.integers(1, 20),
+        st.sampled_from([None, 4, 8]),  # group size
+        st.integers(0, 1),  # spares per group
+        st.sampled_from([None, "10m", "1h", "3h"]),
+    ),
+    st.tuples(st.just("complete"), st.integers(0, 50)),
+    st.tuples(st.just("advance"), st.sampled_from([1, MINUTE, 10 * MINUTE, HOUR])),
+)
+
+
+@ENGINE
+@given(st.booleans(), st.lists(queue_op, min_size=10, max_size=40))
+def test_queues_decide_the_same_with_skipped_attempts(
+    tight_budget: bool, ops: list[tuple[Any, ...]]
+) -> None:
+    """A small fleet with a deep queue (groups, spares, maxDuration, reservations, activation,
+    the resolver): every attempt the engine skips is run anyway and emits nothing, and the
+    events are those of the engine without shortcuts."""
+    fleets = [Fleet(SETTINGS), Fleet(SETTINGS)]
+    fleets[0].check_shortcuts = True
+    fleets[1].state.incremental = False
+    now = T0
+    conc = 12 if tight_budget else 100
+    for f in fleets:
+        for n in SMALL:
+            f.register_node(n, now)
+        f.apply(budget("p", "org:p", [env("e", conc, selector={"region": "*"})]), now)
+        f.apply(
+            budget("c1", "org:c1", [env("e", 8, selector={"region": "*"})], parents=["org:p"]),
+            now,
+        )
+    for i, step in enumerate(ops):
+        now += step[1] if step[0] == "advance" else 1
+        outcomes = []
+        for f in fleets:
+            try:
+                running = sorted(k for k, s in f.state.status.items() if s.phase == "Running")
+                if step[0] == "submit":
+                    _, ns, width, group, spares, duration = step
+                    f.apply(
+                        run(
+                            ns,
+                            f"q{i}",
+                            width,
+                            group_gpus=group,
+                            spares=spares if group else 0,
+                            max_duration=duration,
+                        ),
+                        now,
+                    )
+                elif step[0] == "complete" and running:
+                    f.complete(running[step[1] % len(running)], now)
+                else:
+                    f.advance_to(now)
+                outcomes.append("ok")
+            except CommandError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1]
+        assert fleets[0].state.history == fleets[1].state.history
+        for key in fleets[0].state.runs:
+            assert gang.closed_slices(fleets[0].state, key) == reference_closed(
+                fleets[0].state, key
+            )
+    event(f"attempts skipped: {min(fleets[0].skipped_attempts // 10 * 10, 50)}+")
+    event(f"slices: {min(len(fleets[0].state.protected_slices()), 3)}")
+
+
+def reference_closed(state: FleetState, key: str) -> tuple[tuple[str, ...], ...]:
+    """``gang.closed_slices`` the long way: ``protects`` over every slice."""
+    r = state.runs.get(key)
+    duration = gang.max_duration(r) if r is not None else None
+    own = state.pending_reservation(key)
+    mine = (own.earliest_start, own.name) if own is not None else None
+    return tuple(
+        nodes
+        for nodes, entries in state.protected_slices().items()
+        if gang.protects(entries, key, mine, duration, state.clock)
+    )
+
+
+@PROPS
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from("abcd"), st.integers(0, 30)),
+        min_size=1,
+        max_size=8,
+        unique_by=lambda t: t[2],
+    ),
+    st.sampled_from("abcde"),
+    st.one_of(st.none(), st.tuples(st.integers(0, 5), st.sampled_from(["m", "n"]))),
+    st.one_of(st.none(), st.integers(0, 6)),
+    st.integers(0, 5),
+)
+def test_slice_closed_is_protects(
+    rows: list[tuple[int, str, int]],
+    who: str,
+    mine: tuple[int, str] | None,
+    duration: int | None,
+    now: int,
+) -> None:
+    """The binary-searched protection test equals ``protects`` on any line of entries."""
+    entries = sorted(SliceEntry(b, f"res-{line}", r, line) for b, r, line in rows)
+    first: dict[str, int] = {}
+    count: dict[str, int] = {}
+    neg_low: list[int] = []
+    for i, e in enumerate(entries):
+        first.setdefault(e.run, i)
+        count[e.run] = count.get(e.run, 0) + 1
+        neg_low.append(-e.line if not neg_low else max(neg_low[-1], -e.line))
+    sl = SliceIndex(("n",), entries, first, count, neg_low)
+    assert gang.slice_closed(sl, who, mine, duration, now) == gang.protects(
+        entries, who, mine, duration, now
+    )

@@ -51,9 +51,15 @@ def run_scenario(
     scenario: Scenario,
     planner: Planner | None = None,
     on_step: Callable[[Fleet, object], None] | None = None,
+    configure: Callable[[Fleet], None] | None = None,
 ) -> Report:
-    """Run ``scenario`` in-process and return the JSON-able report of scenario-format.md."""
+    """Run ``scenario`` in-process and return the JSON-able report of scenario-format.md.
+
+    ``configure`` sees the fleet before anything is applied (tests switch the engine's
+    shortcuts off, or on with their proofs, through it)."""
     fleet = Fleet(settings_of(scenario), planner)
+    if configure is not None:
+        configure(fleet)
     t0 = scenario.start
     for inventory_row in scenario.nodes:
         fleet.register_node(inventory_row, t0)

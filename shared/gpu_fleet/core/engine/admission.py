@@ -16,6 +16,7 @@ from gpu_fleet.core.engine.follow import follow_gate
 from gpu_fleet.core.engine.gang import (
     Settings,
     checkpoint_deadline,
+    closed_free,
     cover_run,
     first_location,
     mint_leases,
@@ -45,7 +46,7 @@ from gpu_fleet.core.model import (
     LeaseRole,
     Run,
 )
-from gpu_fleet.core.placement.pack import PackError, PackErrorKind, PackPlan, Planner
+from gpu_fleet.core.placement.pack import PackError, PackErrorKind, PackPlan, Planner, groups
 from gpu_fleet.core.placement.topology import Topology, TopologyError, domain_location
 
 
@@ -78,6 +79,51 @@ def admit(
         # deadline is never lost to a later status write (SPEC §B.8 step 6).
         out.events = [_keep_deadline(state, e, deadline) for e in out.events]
     return out
+
+
+def certain_to_wait(state: FleetState, run: Run, now: Instant) -> bool:
+    """True only if ``admit(state, run, now, ...)`` would return no event, with any planner.
+
+    The reconcile loop offers every waiting run a start at every instant something changes;
+    in a deep queue almost all of those attempts end in "still waiting" and change nothing,
+    yet each one packs, reads the protected slices and walks reclaim.  This is the cheap proof
+    that an attempt is such a no-op, walking ``_admit``'s steps in order:
+
+    * no follow gate, and no preemption notices in its favour (those wait, emitting nothing);
+    * a funding principal (else a status write), and no lease held (so no top-up);
+    * a pending reservation not yet due: on any pack failure ``reserve`` keeps it, emitting
+      nothing, and nothing Unfunded anywhere, so reclaim-for-admission draws nobody;
+    * a well-formed request (validation would fail the same way every time) whose actives and
+      spares exceed the free GPUs of its flavor outside the slices closed to it - then no
+      planner can place it (every plan uses distinct free, non-excluded slots), so the pack
+      fails with a capacity or topology error, never an invalid request.
+
+    Anything less certain returns False and the run gets its full attempt.
+    """
+    if run.spec.follow is not None:
+        return False
+    key = run.key
+    if waiting_for_preemptions(state, key):
+        return True  # admit returns at once, with no event
+    if not state.index.family.owner_of(run.metadata.namespace):
+        return False
+    res = state.pending_reservation(key)
+    if res is None or res.earliest_start <= now:
+        return False
+    if state.leases_of(key, open_only=True):
+        return False
+    total = run.spec.resources.total_gpus
+    size = run.spec.locality.group_gpus if run.spec.locality is not None else None
+    if total <= 0 or (size is not None and size <= 0) or run.spec.spares_per_group < 0:
+        return False
+    try:
+        topology = state.topology(run.flavor)
+    except TopologyError:
+        return False
+    need = total + run.spec.spares_per_group * len(groups(total, size))
+    if need <= topology.total_free() - closed_free(state, key, topology):
+        return False
+    return not state.has_unfunded_actives(now)
 
 
 def _keep_deadline(state: FleetState, e: Event, deadline: Instant) -> Event:

@@ -12,6 +12,7 @@ Everything here is pure: it reads ``FleetState`` and returns values or events.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from gpu_fleet.core.ledger.events import (
     RunPhase,
     RunStatusChanged,
 )
-from gpu_fleet.core.ledger.state import FleetState, SliceEntry
+from gpu_fleet.core.ledger.state import FleetState, SliceEntry, SliceIndex
 from gpu_fleet.core.model import (
     LOCATION_KEYS,
     EnvelopeKey,
@@ -97,16 +98,84 @@ def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> froze
     room the resolver just made for them.  Only waits with a physical deficit hold a slice
     (``Reservation.holds_slice``).
     """
+    closed = closed_slices(state, run_key)
+    if not closed:
+        return frozenset()
+    # keyed by the snapshot itself (not its id: a hypothetical one may be freed and its id
+    # reused within the same ledger version)
+    cache: dict[tuple[Topology, tuple[tuple[str, ...], ...]], frozenset[str]] = state.cached(
+        f"reserved_slots:{topology.flavor}", dict
+    )
+    key = (topology, closed)
+    hit = cache.get(key)
+    if hit is None:
+        held: set[str] = set()
+        for nodes in closed:
+            for node in nodes:
+                held.update(topology.free_slots(node) if topology.has_node(node) else ())
+        hit = cache[key] = frozenset(held)
+    return hit
+
+
+def closed_slices(state: FleetState, run_key: str) -> tuple[tuple[str, ...], ...]:
+    """The intended slices (their node tuples, in slice order) closed to ``run_key`` now.
+
+    Runs waiting in the same line see the same few sets of closed slices, so the slot sets
+    built from them are kept per ledger version (``reserved_slots``) instead of per attempt.
+    """
     run = state.runs.get(run_key)
     duration = max_duration(run) if run is not None else None
     own = state.pending_reservation(run_key)
     mine = (own.earliest_start, own.name) if own is not None else None
-    held: set[str] = set()
-    for nodes, entries in state.protected_slices().items():
-        if protects(entries, run_key, mine, duration, state.clock):
-            for node in nodes:
-                held.update(topology.free_slots(node) if topology.has_node(node) else ())
-    return frozenset(held)
+    now = state.clock
+    return tuple(
+        sl.nodes for sl in state.slice_index() if slice_closed(sl, run_key, mine, duration, now)
+    )
+
+
+def slice_closed(
+    sl: SliceIndex,
+    run_key: str,
+    mine: tuple[Instant, str] | None,
+    duration: int | None,
+    now: Instant,
+) -> bool:
+    """``protects(sl.entries, run_key, mine, duration, now)`` without walking the entries.
+
+    ``protects`` skips the run's own entry and those promised after it, and the first entry
+    left decides.  With the running minimum of places in line (``SliceIndex.neg_low``) that
+    first entry is a binary search away, so a deep line costs O(log n) per run, not O(n).
+    """
+    entries = sl.entries
+    at = sl.first.get(run_key)
+    if at is None:
+        decider: SliceEntry | None = entries[0] if entries else None
+    elif sl.runs_entries[run_key] == 1:
+        i = bisect.bisect_left(sl.neg_low, 1 - entries[at].line)
+        decider = entries[i] if i < len(entries) else None
+    else:  # one pending reservation per run; kept exact regardless
+        return protects(entries, run_key, mine, duration, now)
+    if decider is None:
+        return False
+    if mine is not None and mine[0] <= now and mine <= (decider[0], decider[1]):
+        return False
+    return duration is None or now + duration > decider[0]
+
+
+def closed_free(state: FleetState, run_key: str, topology: Topology) -> int:
+    """Free GPUs of ``topology`` inside the slices closed to ``run_key`` (counted once each)."""
+    closed = closed_slices(state, run_key)
+    if not closed:
+        return 0
+    cache: dict[tuple[Topology, tuple[tuple[str, ...], ...]], int] = state.cached(
+        f"closed_free:{topology.flavor}", dict
+    )
+    key = (topology, closed)
+    hit = cache.get(key)
+    if hit is None:
+        nodes = {n for slice_nodes in closed for n in slice_nodes if topology.has_node(n)}
+        hit = cache[key] = sum(topology.free_gpus(n) for n in nodes)
+    return hit
 
 
 def protects(
@@ -234,7 +303,7 @@ def plan_pack(
         spares_per_group=run.spec.spares_per_group if spares else 0,
         group_index_offset=group_index_offset,
         preferred_domains=tuple(preferred_domains),
-        excluded_slots=protected | frozenset(excluded),
+        excluded_slots=protected | frozenset(excluded) if excluded else protected,
     )
     try:
         return topology, request, planner(topology, request)
@@ -360,7 +429,7 @@ def verify_funded(
     current = [x for x in inputs.leases if x.id not in gone]
     after = None
     alone = not state.leases_of(run.key, open_only=True)
-    base = state.known_fill(now) if not gone else None
+    base = state.current_fill(now) if not gone else None
     if base is not None and (alone or state.runs.get(run.key) is run):
         # The matching of the world as it stands is known: extend it by the new claims when
         # that is provably what the whole matching would give (``extend_fill``).

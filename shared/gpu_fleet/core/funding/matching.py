@@ -88,6 +88,9 @@ class FillTrace:
     used: dict[EnvelopeKey, int] = field(default_factory=dict)
     lent: dict[EnvelopeKey, int] = field(default_factory=dict)
     cap: dict[str, int] = field(default_factory=dict)
+    # Did any envelope ever turn a claim away?  If not, every claim was held by the first
+    # envelope it proposed to, and one leaving frees room nobody waits for (``shrink_fill``).
+    rejected_any: bool = False
 
 
 @dataclass
@@ -423,6 +426,7 @@ def _decide(  # noqa: PLR0917 - one acceptor's decision and the state it shares 
                     why = f"GPU-hours exhausted ({remaining:.2f} left)"
         if why:
             rejected.append((c, key, why))
+            trace.rejected_any = True
             continue
         used[key] += w
         if is_sponsor:
@@ -591,6 +595,7 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         _plus(trace.used, used),
         _plus(trace.lent, lent),
         _plus(trace.cap, cap_used),
+        trace.rejected_any,
     )
     if base.payer and any(x.id in payer for x in new):
         last_id = next(reversed(base.payer))
@@ -610,3 +615,33 @@ def _plus(base: Mapping[_K, int], extra: Mapping[_K, int]) -> dict[_K, int]:
         if v:
             out[k] = out.get(k, 0) + v
     return out
+
+
+def shrink_fill(base: FillResult, gone: Sequence[Lease]) -> FillResult | None:
+    """``fill`` over the leases ``base`` matched minus ``gone``, without running it again - or
+    ``None`` when that cannot be proven equal, and the caller runs ``fill``.
+
+    ``base`` must be ``fill`` at some instant with the same other inputs.  Exact when no
+    envelope turned anyone away in ``base``'s run (``FillTrace.rejected_any``): then every claim
+    was held by its first envelope in round 1, every acceptance check passed, and with fewer
+    claims every counter is lower, so every check passes again (each only gets easier as
+    counters fall).  The matching is ``base`` without the leases gone; the trace's junior ranks
+    and peaks stay valid as bounds.
+    """
+    trace = base.trace
+    if trace is None or trace.rejected_any:
+        return None
+    ids = {x.id for x in gone if x.id in base.payer}
+    if not ids:
+        return base
+    payer = {k: v for k, v in base.payer.items() if k not in ids}
+    cls = {k: v for k, v in base.funding_class.items() if k not in ids}
+    rejections = {k: v for k, v in base.rejections.items() if k not in ids}
+    accepted = dict(base.accepted)
+    for lid in ids:
+        env = base.payer[lid]
+        if env is None:
+            continue
+        rows = accepted[env]
+        accepted[env] = [r for r in rows if r.rank[-1] != lid]
+    return FillResult(payer, cls, rejections, accepted, trace)

@@ -7,6 +7,7 @@ services after every commit.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import NamedTuple, TypeVar, cast
 import msgspec
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, build_index
-from gpu_fleet.core.funding.matching import FillResult
+from gpu_fleet.core.funding.matching import FillResult, HoursView, extend_fill, shrink_fill
 from gpu_fleet.core.funding.metering import (
     Evaluation,
     FundingInputs,
@@ -75,21 +76,33 @@ class SliceEntry(NamedTuple):
     line: int
 
 
+class SliceIndex(NamedTuple):
+    """One protected slice with, per run, its first entry and how many it has, and minus the
+    lowest place in line among the first ``i + 1`` entries (``neg_low[i]``, so it ascends),
+    in activation order."""
+
+    nodes: tuple[str, ...]
+    entries: list[SliceEntry]
+    first: dict[str, int]
+    runs_entries: dict[str, int]
+    neg_low: list[int]
+
+
 class LedgerError(ValueError):
     """An event that would break an invariant; the fold refuses it and changes nothing."""
 
 
 @dataclass(frozen=True)
 class _KnownFill:
-    """A matching known to hold: at ``at``, for the funding inputs of ``epoch`` (once the
-    leases ``new`` are open), under the meter at ``meter_t`` (``meter_view``) or under a
-    copy of it advanced to ``at`` (not ``meter_view``: valid only where hours cannot matter)."""
+    """A matching known to hold: at ``at``, for the funding inputs of ``epoch`` plus the mints
+    of ``pending`` (a decision's check, before its commit), under the meter at ``meter_t`` or
+    (``advanced``) under a copy of it advanced to ``at``."""
 
     at: float
     epoch: int
     meter_t: float
-    meter_view: bool
-    new: tuple[Lease, ...]
+    advanced: bool
+    pending: tuple[Lease, ...]
     fill: FillResult
 
 
@@ -128,6 +141,11 @@ class FleetState:
     # False: every matching is computed afresh (the reference the incremental paths are
     # tested against); nothing persisted depends on it.
     incremental: bool = True
+    # Funding-relevant changes since ``_known`` was made: (epoch after, "mint" | "close" |
+    # "other", the lease or None).  Cleared whenever a new matching is remembered.
+    _funding_log: list[tuple[int, str, Lease | None]] = field(default_factory=list, repr=False)
+    # (scheduled end, lease id) of open leases with one, sorted: "does a lease end between?"
+    _scheduled_ends: list[tuple[int, str]] = field(default_factory=list, repr=False)
     _hours_of: EnvelopeIndex | None = field(default=None, repr=False)
     _hours_any: bool = field(default=False, repr=False)
     held_by_node: dict[str, set[int]] = field(default_factory=dict)  # the active index per node
@@ -142,6 +160,10 @@ class FleetState:
     _open_by_run: dict[str, dict[str, Lease]] = field(
         default_factory=lambda: defaultdict(dict), repr=False
     )
+    # lease id -> its notice, for leases still open, in ledger order (``pending_preemptions``)
+    _pending_preemptions: dict[str, LeasePreemptionScheduled] = field(
+        default_factory=dict, repr=False
+    )
     _evaluations: dict[float, Evaluation] = field(default_factory=dict, repr=False)
     _evaluations_version: int = -1
     _index: EnvelopeIndex | None = None
@@ -151,6 +173,10 @@ class FleetState:
     _derived: dict[str, tuple[int, object, object]] = field(default_factory=dict, repr=False)
     # NotificationChannels by "namespace/name": read by the notifier only, decide nothing.
     channels: dict[str, NotificationChannel] = field(default_factory=dict)
+    # Bumped by every fold that changes the pending reservations; views of them only are
+    # cached by it (``_reservations_cached``).
+    reservations_epoch: int = field(default=0, repr=False)
+    _by_reservations: dict[str, tuple[int, object]] = field(default_factory=dict, repr=False)
 
     @property
     def index(self) -> EnvelopeIndex:
@@ -192,57 +218,120 @@ class FleetState:
 
         Decisions at one instant ask for it several times (admission, reservation, remedies);
         it is a pure function of folded state and the instant, so caching cannot change them.
-        A matching already known for the same open leases (``known_fill``: admission's own
-        check of the world it then committed, or the last evaluation) is reused when nothing
-        can move funding between its instant and ``at``.  Callers must treat it as read-only.
+        The matching it needs is derived from the last one known (``current_fill``) when that
+        is provably the same; otherwise it is matched afresh.  Callers treat it as read-only.
         """
         if self._evaluations_version != self.version:
             self._evaluations = {}
             self._evaluations_version = self.version
         ev = self._evaluations.get(at)
         if ev is None:
-            hours = self._hours_anywhere()
-            known = self._known if self.incremental else None
-            if known is not None and not self._known_valid(known):
-                known = None
-            first = final = None
-            if known is not None:
-                if known.at == self.meter.t and (known.meter_view or not hours):
-                    first = known.fill  # the meter's own matching: where an advance starts
-                if known.at == at:
-                    # ``evaluate`` matches under this meter up to its instant, else under a
-                    # copy advanced to ``at``: the known matching must have used the same one
-                    same_view = known.meter_view == (at <= self.meter.t)
-                    final = known.fill if same_view or not hours else None
-                elif known.at < at and self._nothing_changes_between(known.at, at):
-                    final = known.fill
+            final = self.current_fill(at, meter_view=False)
+            first = self.current_fill(self.meter.t) if at > self.meter.t else None
             ev = evaluate(self.meter, self.funding_inputs(), at, first=first, final=final)
-            self._known = _KnownFill(
-                at, self.funding_epoch, self.meter.t, at <= self.meter.t, (), ev.fill
-            )
+            if final is None:
+                self._remember(at, ev.fill, advanced=at > self.meter.t)
             self._evaluations[at] = ev
         return ev
 
-    def known_fill(self, at: float) -> FillResult | None:
-        """The matching of the open leases at ``at`` under the meter as it stands, if one is
-        known (an evaluation or a decision's check computed it and nothing funding-relevant
-        was folded since); ``None`` otherwise.  The same result ``fill`` would give now."""
-        known = self._known
-        if not self.incremental or known is None or known.at != at:
-            return None
-        if not self._known_valid(known):
-            return None
-        if not known.meter_view and self._hours_anywhere():
-            return None  # matched with a meter advanced to ``at``, not this one
-        return known.fill
+    def current_fill(self, at: float, *, meter_view: bool = True) -> FillResult | None:
+        """The matching of the open leases at ``at`` - what ``fill`` would answer now - if it
+        can be derived from the last matching known, else ``None``.
 
-    def _known_valid(self, known: _KnownFill) -> bool:
-        """Same funding inputs (the meter's too, unless no GPU-hours can ever matter)."""
-        return (
-            known.epoch == self.funding_epoch
-            and (known.meter_t == self.meter.t or not self._hours_anywhere())
-            and all(self.open_leases.get(x.id) is x for x in known.new)
-        )
+        Known matchings come from evaluations and from decisions' checks (``offer_fill``).
+        Since one was made, the fold logs every funding-relevant change: leases minted and
+        closed are replayed on it (``extend_fill``, ``shrink_fill``, each exact or refusing);
+        any other change (a budget, a node, a run updated) ends the line.  The matching is
+        under the meter as it stands (``meter_view``), or under the meter advanced to ``at``
+        as ``evaluate`` uses it; the two differ only where GPU-hours are set.
+        """
+        known = self._known
+        if not self.incremental or known is None:
+            return None
+        hours = self._hours_anywhere()
+        advanced = not meter_view and at > self.meter.t
+        if hours and not (
+            known.meter_t == self.meter.t and known.at == at and known.advanced == advanced
+        ):
+            return None  # GPU-hours make the matching depend on the very meter it ran under
+        if known.at != at and not self._nothing_changes_between(known.at, at):
+            return None
+        if known.epoch == self.funding_epoch and not known.pending:
+            return known.fill
+        changes = self._changes_since(known.epoch)
+        if changes is None:
+            return None
+        pending = known.pending
+        if pending:
+            head = changes[: len(pending)]
+            if len(head) < len(pending) or any(
+                kind != "mint" or x is not y for (kind, x), y in zip(head, pending, strict=True)
+            ):
+                return None  # the decision that was checked is not what was committed
+            changes = changes[len(pending) :]
+        result: FillResult | None = known.fill
+        inputs = self.funding_inputs()
+        view = self.meter.hours_view(inputs.index, inputs.period_hours)
+        i = 0
+        while result is not None and i < len(changes):
+            kind = changes[i][0]
+            j = i + 1
+            while j < len(changes) and changes[j][0] == kind:
+                j += 1
+            batch = [x for _, x in changes[i:j]]
+            if kind == "close":
+                result = shrink_fill(result, batch)
+            else:
+                result = self._extend(result, batch, at, view)
+            i = j
+        if result is not None:
+            self._remember(at, result, advanced=advanced)
+        return result
+
+    def _extend(
+        self, base: FillResult, new: list[Lease], at: float, view: HoursView
+    ) -> FillResult | None:
+        """``extend_fill`` by leases minted since ``base``, one run's at a time."""
+        by_run: dict[str, list[Lease]] = defaultdict(list)
+        for x in new:
+            by_run[x.run].append(x)
+        inputs = self.funding_inputs()
+        result: FillResult | None = base
+        for run, leases in by_run.items():
+            if result is None:
+                break
+            alone = self.lease_count(run) == len(leases)  # the run never held another lease
+            result = extend_fill(
+                inputs.index,
+                result,
+                leases,
+                inputs.runs,
+                inputs.admitted,
+                inputs.node_labels,
+                at,
+                view,
+                runs_alone=alone,
+            )
+        return result
+
+    def _changes_since(self, epoch: int) -> list[tuple[str, Lease]] | None:
+        """Leases minted and closed since funding epoch ``epoch``, in ledger order, or
+        ``None`` if anything else that moves funding happened (or the log was cut)."""
+        log = self._funding_log
+        if not log or epoch < log[0][0] - 1:
+            return None if epoch != self.funding_epoch else []
+        out: list[tuple[str, Lease]] = []
+        for e, kind, lease in log:
+            if e <= epoch:
+                continue
+            if lease is None:
+                return None
+            out.append((kind, lease))
+        return out
+
+    def _remember(self, at: float, result: FillResult, *, advanced: bool) -> None:
+        self._known = _KnownFill(at, self.funding_epoch, self.meter.t, advanced, (), result)
+        self._funding_log = []
 
     def _hours_anywhere(self) -> bool:
         """Does any envelope or cap set GPU-hours?  (Else the meter never moves funding.)"""
@@ -267,19 +356,23 @@ class FleetState:
             for bound in (e.start, e.end):
                 if bound is not None and t0 < bound <= t1:
                     return False
-        return not any(x.end is not None and t0 < x.end <= t1 for x in self.open_leases.values())
+        ends = self._scheduled_ends
+        i = bisect.bisect_right(ends, (t0, "\U0010ffff"))
+        return not (i < len(ends) and ends[i][0] <= t1)
 
     def offer_fill(self, at: float, new: tuple[Lease, ...], result: FillResult) -> None:
         """A decision already matched the world it is about to commit (admission's check).
 
         ``result`` is the matching at ``at``, under the meter as it stands, of the open leases
-        plus the leases ``new`` the decision mints.  If the very next funding-relevant
-        changes are exactly those mints (of these very lease objects), the next evaluation at
-        ``at`` - and the meter's next advance from ``at``, and the next decision's check -
-        reuse it instead of matching again.  Identical inputs, identical result: the reuse is
-        invisible except in speed.
+        plus the leases ``new`` the decision mints.  If those mints (of these very lease
+        objects) are the next funding-relevant changes, ``current_fill`` starts from it instead
+        of matching again: the next evaluation, the meter's next advance, the next decision's
+        check.  Identical inputs, identical result: the reuse is invisible except in speed.
         """
-        self._known = _KnownFill(at, self.funding_epoch + len(new), self.meter.t, True, new, result)
+        if not self.incremental:
+            return
+        self._known = _KnownFill(at, self.funding_epoch, self.meter.t, False, new, result)
+        self._funding_log = []
 
     def node_labels(self) -> dict[str, Mapping[str, str]]:
         """Labels by node name, rebuilt only when a node changes (read-only for callers)."""
@@ -341,12 +434,20 @@ class FleetState:
                 self.slot_holder[s] = lease.id
                 held[lease.node].add(_ordinal(s))
         self.held_by_node = dict(held)
+        self._pending_preemptions = {
+            k: p for k, p in self.preemptions.items() if p.lease in self.open_leases
+        }
+        self._scheduled_ends = sorted(
+            (x.end, x.id) for x in self.open_leases.values() if x.end is not None
+        )
+        self._known = None
+        self._funding_log = []
         self._nodes_changed()
 
     def pending_preemptions(self) -> list[LeasePreemptionScheduled]:
         """Notices whose lease is still open (the closure is due at their deadline), in ledger
         order - which is the resolver's cut order, so closures replay in the order decided."""
-        return [p for p in self.preemptions.values() if p.lease in self.open_leases]
+        return list(self._pending_preemptions.values())
 
     def cached(self, name: str, compute: Callable[[], _T], *, at: object = None) -> _T:
         """A view derived from the state, computed once per ledger version (and ``at``).
@@ -362,9 +463,19 @@ class FleetState:
         self._derived[name] = (self.version, at, value)
         return value
 
+    def _reservations_cached(self, name: str, compute: Callable[[], _T]) -> _T:
+        """Like ``cached``, but kept until the pending reservations change (not every fold):
+        for views that read nothing else, so a deep queue does not re-index them per commit."""
+        hit = self._by_reservations.get(name)
+        if hit is not None and hit[0] == self.reservations_epoch:
+            return cast(_T, hit[1])
+        value = compute()
+        self._by_reservations[name] = (self.reservations_epoch, value)
+        return value
+
     def pending_reservation(self, run: str) -> Reservation | None:
-        """The run's newest pending reservation (indexed once per ledger version)."""
-        return self.cached("pending_by_run", self._pending_by_run).get(run)
+        """The run's newest pending reservation (indexed once per change of the reservations)."""
+        return self._reservations_cached("pending_by_run", self._pending_by_run).get(run)
 
     def _pending_by_run(self) -> dict[str, Reservation]:
         index: dict[str, Reservation] = {}
@@ -396,13 +507,31 @@ class FleetState:
         Reservations share whole domains, so there are few slices and many reservations: backfill
         protection asks per slice ("is some other run's bound in it too soon for me?").
         """
-        return self.cached("protected_slices", self._protected_slices)
+        return self._reservations_cached("protected_slices", self._protected_slices)
+
+    def slice_index(self) -> list[SliceIndex]:
+        """``protected_slices`` with what a per-run protection test needs precomputed (see
+        ``gang.closed_slices``); kept until the pending reservations change."""
+        return self._reservations_cached("slice_index", self._slice_index)
+
+    def _slice_index(self) -> list[SliceIndex]:
+        out = []
+        for nodes, entries in self.protected_slices().items():
+            first: dict[str, int] = {}
+            count: dict[str, int] = defaultdict(int)
+            neg_low: list[int] = []
+            for i, e in enumerate(entries):
+                first.setdefault(e.run, i)
+                count[e.run] += 1
+                neg_low.append(-e.line if not neg_low else max(neg_low[-1], -e.line))
+            out.append(SliceIndex(nodes, entries, first, dict(count), neg_low))
+        return out
 
     def promise_order(self) -> dict[str, int]:
         """Pending reservations by the order they were made: ledger order, which the fold keeps
         as ``pending_reservations``' insertion order (a snapshot restores it the same way).
         Finer than ``created_at``: two runs reserving in the same second keep their order."""
-        return self.cached(
+        return self._reservations_cached(
             "promise_order", lambda: {name: i for i, name in enumerate(self.pending_reservations)}
         )
 
@@ -425,7 +554,7 @@ def _advance_clock(state: FleetState, at: Instant) -> None:
         raise LedgerError(f"event at {at} is earlier than the ledger clock {state.clock}")
     if at > state.meter.t:
         if state.open_leases:
-            first = state.known_fill(state.meter.t)
+            first = state.current_fill(state.meter.t)
             advance_meter(state.meter, state.funding_inputs(), at, first=first)
         state.meter.t = float(at)
     state.clock = at
@@ -467,6 +596,8 @@ def fold(state: FleetState, event: Event) -> None:
             state.open_leases[lease.id] = lease
             state._run_leases[lease.run].append(lease.id)
             state._open_by_run[lease.run][lease.id] = lease
+            if lease.end is not None:
+                bisect.insort(state._scheduled_ends, (lease.end, lease.id))
             held = state.held_by_node.setdefault(lease.node, set())
             for s in lease.slots:
                 state.slot_holder[s] = lease.id
@@ -478,6 +609,12 @@ def fold(state: FleetState, event: Event) -> None:
             )
             state.leases[lease_id] = closed
             del state.open_leases[lease_id]
+            state._pending_preemptions.pop(lease_id, None)
+            if closed.end is not None:
+                ends = state._scheduled_ends
+                i = bisect.bisect_left(ends, (closed.end, lease_id))
+                if i < len(ends) and ends[i] == (closed.end, lease_id):
+                    del ends[i]
             still_open = state._open_by_run.get(closed.run)
             if still_open is not None:
                 still_open.pop(lease_id, None)
@@ -492,16 +629,20 @@ def fold(state: FleetState, event: Event) -> None:
             state.reservations[res.name] = res
             if res.state == "Pending":
                 state.pending_reservations[res.name] = res
+            state.reservations_epoch += 1
         case ReservationReleased(name=name, state=new_state, reason=reason):
             old = state.reservations[name]
             state.reservations[name] = msgspec.structs.replace(
                 old, state=new_state, released_at=event.at, reason=reason or old.reason
             )
             state.pending_reservations.pop(name, None)
+            state.reservations_epoch += 1
         case LeasePreemptionScheduled(lease=lease_id):
             state.preemptions[lease_id] = event
+            state._pending_preemptions[lease_id] = event
         case LeasePreemptionCanceled(lease=lease_id):
             state.preemptions.pop(lease_id, None)
+            state._pending_preemptions.pop(lease_id, None)
         case ChannelApplied(channel=channel):
             state.channels[channel.key] = channel
         case ChannelDeleted(namespace=ns, name=name):
@@ -512,7 +653,20 @@ def fold(state: FleetState, event: Event) -> None:
         isinstance(event, RunSubmitted) and state.leases_of(event.run.key, open_only=True)
     ):
         state.funding_epoch += 1
+        if state._known is not None:
+            log = state._funding_log
+            if isinstance(event, LeaseMinted):
+                log.append((state.funding_epoch, "mint", event.lease))
+            elif isinstance(event, LeaseClosed):
+                log.append((state.funding_epoch, "close", state.leases[event.lease]))
+            else:
+                log.append((state.funding_epoch, "other", None))
+            if len(log) > _LOG_LIMIT:
+                state._known = None
+                state._funding_log = []
 
+
+_LOG_LIMIT = 4096  # changes replayed on a known matching at most; beyond, match afresh
 
 _NEUTRAL = (
     RunEtaReported,

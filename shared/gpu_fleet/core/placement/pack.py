@@ -161,6 +161,11 @@ def validate(topology: Topology, request: PackRequest) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
+_MEMO_MIN = 32
+_MEMO_SIZE = 16
+_EXCLUDED: dict[tuple[Topology, frozenset[str]], tuple[dict[str, list[int]], dict[str, int]]] = {}
+
+
 class Work:
     """Copy-on-write view of a snapshot: only touched nodes are copied, so planning a small run
     on a 10k-node fleet costs what the run touches, not what the fleet holds."""
@@ -171,7 +176,20 @@ class Work:
         self.topology = topology
         self._free: dict[str, list[int]] = {}
         self._dom_free: dict[str, int] = {}
-        self.exclude(excluded)
+        if isinstance(excluded, frozenset) and len(excluded) >= _MEMO_MIN:
+            # Waiting runs are planned one after another against the same snapshot and the
+            # same protected slots: parse those once (a pure memo, invisible but in speed).
+            key = (topology, excluded)
+            hit = _EXCLUDED.get(key)
+            if hit is None:
+                self.exclude(excluded)
+                _EXCLUDED[key] = (dict(self._free), dict(self._dom_free))
+                while len(_EXCLUDED) > _MEMO_SIZE:
+                    del _EXCLUDED[next(iter(_EXCLUDED))]
+            else:
+                self._free, self._dom_free = dict(hit[0]), dict(hit[1])
+        else:
+            self.exclude(excluded)
 
     def fork(self) -> Work:
         """An independent copy (lists are never mutated in place, so a shallow copy suffices)."""
