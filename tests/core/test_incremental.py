@@ -20,7 +20,7 @@ from gpu_fleet.core.engine import CommandError, Fleet, Settings, gang
 from gpu_fleet.core.funding import FillResult, HoursView, build_index, evaluate, fill
 from gpu_fleet.core.funding.matching import extend_fill, shrink_fill
 from gpu_fleet.core.ledger import Event, FleetState, fold
-from gpu_fleet.core.ledger.state import SliceEntry, SliceIndex
+from gpu_fleet.core.ledger.state import SliceEntry
 from gpu_fleet.core.model import Budget, EnvelopeKey, Lease, Payer, Run
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -361,6 +361,7 @@ def test_engine_with_shortcuts_decides_what_the_reference_decides(
         assert outcomes[0] == outcomes[1]
         fast, ref = fleets[0].state, fleets[1].state
         assert fast.history == ref.history
+        check_reservation_views(fast)
         if i % 2 == 0:
             continue  # leave the engine's caches alone every other step (as production does)
         fresh = fresh_fold(fast.history)
@@ -475,12 +476,65 @@ def test_queues_decide_the_same_with_skipped_attempts(
                 outcomes.append(str(exc))
         assert outcomes[0] == outcomes[1]
         assert fleets[0].state.history == fleets[1].state.history
-        for key in fleets[0].state.runs:
-            assert gang.closed_slices(fleets[0].state, key) == reference_closed(
-                fleets[0].state, key
-            )
+        check_reservation_views(fleets[0].state)
     event(f"attempts skipped: {min(fleets[0].skipped_attempts // 10 * 10, 50)}+")
     event(f"slices: {min(len(fleets[0].state.protected_slices()), 3)}")
+
+
+def check_reservation_views(state: FleetState) -> None:
+    """What the fold keeps about pending reservations, runs and leases equals what a scan of
+    them gives (the reconcile loop and the shortcuts read these indexes)."""
+    status = state.status
+    assert state.waiting_runs == {
+        k for k, st in status.items() if st.phase in ("Pending", "Waiting") and k in state.runs
+    }
+    assert {k for k in state.checkpoint_runs if gang.checkpoint_deadline(state, k) is not None} == {
+        k for k in status if gang.checkpoint_deadline(state, k) is not None
+    }
+    assert state.elastic_runs == {
+        k
+        for k, st in status.items()
+        if st.phase == "Running" and k in state.runs and state.runs[k].spec.malleable
+    }
+    malleable: dict[str, set[str]] = {}
+    for r in state.runs.values():
+        if r.spec.malleable is not None:
+            malleable.setdefault(r.flavor, set()).add(r.key)
+    assert {f: ks for f, ks in state.malleable_runs.items() if ks} == malleable
+    for key in {x.run for x in state.leases.values()}:
+        assert state.leases_of(key, open_only=True) == sorted(
+            (x for x in state.open_leases.values() if x.run == key), key=lambda x: (x.start, x.id)
+        )
+        assert state.lease_count(key) == sum(1 for x in state.leases.values() if x.run == key)
+    assert state.pending_preemptions() == [
+        p for p in state.preemptions.values() if p.lease in state.open_leases
+    ]
+    for t in {state.clock, state.clock + HOUR}:
+        assert state.leases_ending(t) == sorted(
+            (x for x in state.open_leases.values() if x.end is not None and x.end <= t),
+            key=lambda x: (x.end or 0, x.id),
+        )
+    pending = list(state.pending_reservations.values())
+    order = state.promise_order()
+    assert sorted(order, key=lambda name: order[name]) == [r.name for r in pending]
+    rank = {r.name: i for i, r in enumerate(pending)}
+    slices: dict[tuple[str, ...], list[SliceEntry]] = {}
+    for r in pending:
+        if r.holds_slice:
+            slices.setdefault(tuple(r.nodes), []).append(
+                SliceEntry(r.earliest_start, r.name, r.run, rank[r.name])
+            )
+    kept = {
+        nodes: sorted(e._replace(line=rank[e.name]) for e in entries)
+        for nodes, entries in state.protected_slices().items()
+    }
+    assert kept == {nodes: sorted(entries) for nodes, entries in slices.items()}
+    assert list(state.protected_slices()) == sorted(slices)
+    for key in {*state.runs, *(r.run for r in pending)}:
+        mine = [r for r in pending if r.run == key]
+        newest = max(mine, key=lambda r: (r.created_at, r.name)) if mine else None
+        assert state.pending_reservation(key) == newest
+        assert gang.closed_slices(state, key) == reference_closed(state, key)
 
 
 def reference_closed(state: FleetState, key: str) -> tuple[tuple[str, ...], ...]:
@@ -493,39 +547,4 @@ def reference_closed(state: FleetState, key: str) -> tuple[tuple[str, ...], ...]
         nodes
         for nodes, entries in state.protected_slices().items()
         if gang.protects(entries, key, mine, duration, state.clock)
-    )
-
-
-@PROPS
-@given(
-    st.lists(
-        st.tuples(st.integers(0, 5), st.sampled_from("abcd"), st.integers(0, 30)),
-        min_size=1,
-        max_size=8,
-        unique_by=lambda t: t[2],
-    ),
-    st.sampled_from("abcde"),
-    st.one_of(st.none(), st.tuples(st.integers(0, 5), st.sampled_from(["m", "n"]))),
-    st.one_of(st.none(), st.integers(0, 6)),
-    st.integers(0, 5),
-)
-def test_slice_closed_is_protects(
-    rows: list[tuple[int, str, int]],
-    who: str,
-    mine: tuple[int, str] | None,
-    duration: int | None,
-    now: int,
-) -> None:
-    """The binary-searched protection test equals ``protects`` on any line of entries."""
-    entries = sorted(SliceEntry(b, f"res-{line}", r, line) for b, r, line in rows)
-    first: dict[str, int] = {}
-    count: dict[str, int] = {}
-    neg_low: list[int] = []
-    for i, e in enumerate(entries):
-        first.setdefault(e.run, i)
-        count[e.run] = count.get(e.run, 0) + 1
-        neg_low.append(-e.line if not neg_low else max(neg_low[-1], -e.line))
-    sl = SliceIndex(("n",), entries, first, count, neg_low)
-    assert gang.slice_closed(sl, who, mine, duration, now) == gang.protects(
-        entries, who, mine, duration, now
     )

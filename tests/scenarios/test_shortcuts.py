@@ -9,6 +9,7 @@ reports, with every skipped attempt run anyway and shown to emit nothing.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from gpu_fleet.core.engine import Fleet
 from gpu_fleet.core.ledger import Event
 from gpu_fleet.scenario.loader import load_scenario_file
 from gpu_fleet.scenario.runner import run_scenario
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
+from test_incremental import check_reservation_views
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "scenarios"
 OWN = Path(__file__).resolve().parent / "data"
@@ -31,7 +35,11 @@ def _run(path: Path, *, shortcuts: bool) -> tuple[str, list[Event], int]:
         fleet.check_shortcuts = shortcuts
         fleets.append(fleet)
 
-    report = run_scenario(load_scenario_file(path), configure=configure)
+    def on_step(fleet: Fleet, _: object) -> None:
+        if shortcuts:
+            check_reservation_views(fleet.state)
+
+    report = run_scenario(load_scenario_file(path), configure=configure, on_step=on_step)
     (fleet,) = fleets
     return json.dumps(report, sort_keys=True), list(fleet.state.history), fleet.skipped_attempts
 

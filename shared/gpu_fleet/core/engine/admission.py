@@ -100,28 +100,30 @@ def certain_to_wait(state: FleetState, run: Run, now: Instant) -> bool:
 
     Anything less certain returns False and the run gets its full attempt.
     """
-    if run.spec.follow is not None:
+    spec = run.spec
+    if spec.follow is not None:
         return False
     key = run.key
-    if waiting_for_preemptions(state, key):
+    if state.has_pending_preemptions() and waiting_for_preemptions(state, key):
         return True  # admit returns at once, with no event
-    if not state.index.family.owner_of(run.metadata.namespace):
-        return False
     res = state.pending_reservation(key)
-    if res is None or res.earliest_start <= now:
+    if res is None or res.earliest_start <= now or state.holds_leases(key):
         return False
-    if state.leases_of(key, open_only=True):
+    total = spec.resources.total_gpus
+    size = spec.locality.group_gpus if spec.locality is not None else None
+    if total <= 0 or (size is not None and size <= 0) or spec.spares_per_group < 0:
         return False
-    total = run.spec.resources.total_gpus
-    size = run.spec.locality.group_gpus if run.spec.locality is not None else None
-    if total <= 0 or (size is not None and size <= 0) or run.spec.spares_per_group < 0:
+    if not state.index.family.owner_of(run.metadata.namespace):
         return False
     try:
         topology = state.topology(run.flavor)
     except TopologyError:
         return False
-    need = total + run.spec.spares_per_group * len(groups(total, size))
-    if need <= topology.total_free() - closed_free(state, key, topology):
+    need = (
+        total + spec.spares_per_group * len(groups(total, size)) if spec.spares_per_group else total
+    )
+    free = topology.total_free()
+    if need <= free and need <= free - closed_free(state, key, topology):
         return False
     return not state.has_unfunded_actives(now)
 
@@ -253,7 +255,7 @@ def _reclaim_for_admission(
     """
     if not state.has_unfunded_actives(now):
         return None  # nothing Unfunded anywhere: phase 0 would draw nobody
-    ev = state.evaluation(now)
+    matched = state.matching(now)
     shortfall = sorted(pack_error.shortfall)
     scope = domain_location(shortfall[0]) if len(shortfall) == 1 else {}
     resolution = resolve(
@@ -266,7 +268,7 @@ def _reclaim_for_admission(
         leases=list(state.open_leases.values()),
         runs=state.runs,
         owner_of=state.index.family.owner_of,
-        classes=ev.fill.funding_class,
+        classes=matched.funding_class,
         only_unfunded=True,
         exclude_runs={run.key},
         exclude_leases={p.lease for p in state.pending_preemptions()},

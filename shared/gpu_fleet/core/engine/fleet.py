@@ -239,9 +239,11 @@ class Fleet:
             for r in state.pending_reservations.values()
             if r.state == "Pending" and r.earliest_start > after
         ]
-        times += [x.end for x in state.open_leases.values() if x.end is not None and x.end > after]
+        end = state.next_scheduled_end(after)
+        if end is not None:
+            times.append(end)
         times += [p.deadline for p in state.pending_preemptions() if p.deadline > after]
-        for key in state.status:
+        for key in state.checkpoint_runs:
             deadline = checkpoint_deadline(state, key)
             if deadline is not None and deadline > after:
                 times.append(deadline)
@@ -265,10 +267,7 @@ class Fleet:
         state = self.state
         done: list[Event] = []
         state.clock = max(state.clock, now)
-        expired = sorted(
-            (x for x in state.open_leases.values() if x.end is not None and x.end <= now),
-            key=lambda x: x.id,
-        )
+        expired = sorted(state.leases_ending(now), key=lambda x: x.id)
         for run_key in sorted({x.run for x in expired}):
             done += self.commit(
                 fail_events(
@@ -279,7 +278,7 @@ class Fleet:
         due_cuts = [p for p in state.pending_preemptions() if p.deadline <= now]
         if due_cuts:
             done += self.commit(close_preempted(state, due_cuts, now))
-        for key in sorted(state.status):
+        for key in sorted(state.checkpoint_runs):
             deadline = checkpoint_deadline(state, key)
             if deadline is not None and deadline <= now and state.status[key].phase == "Pending":
                 done += self.commit(
@@ -318,14 +317,7 @@ class Fleet:
                 return (0, line[res.name], "")
             return (1, state.admitted.get(key, 0), key)
 
-        pending = sorted(
-            (
-                k
-                for k, st in state.status.items()
-                if st.phase in ("Pending", "Waiting") and k in state.runs
-            ),
-            key=order,
-        )
+        pending = sorted(state.waiting_runs, key=order)
         for key in pending:
             st = state.status[key]
             if st.phase not in ("Pending", "Waiting"):
@@ -376,14 +368,7 @@ class Fleet:
     def _elastic(self, now: Instant, *, shrinking: bool = False) -> list[Event]:
         state = self.state
         done: list[Event] = []
-        running = sorted(
-            (
-                k
-                for k, st in state.status.items()
-                if st.phase == "Running" and k in state.runs and state.runs[k].spec.malleable
-            ),
-            key=lambda k: (state.admitted.get(k, 0), k),
-        )
+        running = sorted(state.elastic_runs, key=lambda k: (state.admitted.get(k, 0), k))
         for key in running:
             run = state.runs[key]
             m = run.spec.malleable

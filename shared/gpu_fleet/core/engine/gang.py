@@ -12,7 +12,6 @@ Everything here is pure: it reads ``FleetState`` and returns values or events.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,10 +25,11 @@ from gpu_fleet.core.ledger.events import (
     RunPhase,
     RunStatusChanged,
 )
-from gpu_fleet.core.ledger.state import FleetState, SliceEntry, SliceIndex
+from gpu_fleet.core.ledger.state import FleetState, SliceEntry
 from gpu_fleet.core.model import (
     LOCATION_KEYS,
     EnvelopeKey,
+    FundingClass,
     Instant,
     Lease,
     LeaseRole,
@@ -103,10 +103,10 @@ def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> froze
         return frozenset()
     # keyed by the snapshot itself (not its id: a hypothetical one may be freed and its id
     # reused within the same ledger version)
-    cache: dict[tuple[Topology, tuple[tuple[str, ...], ...]], frozenset[str]] = state.cached(
+    cache: dict[tuple[Topology, object], frozenset[str]] = state.cached(
         f"reserved_slots:{topology.flavor}", dict
     )
-    key = (topology, closed)
+    key = (topology, "all" if closed is state.slice_keys() else closed)
     hit = cache.get(key)
     if hit is None:
         held: set[str] = set()
@@ -118,48 +118,46 @@ def reserved_slots(state: FleetState, run_key: str, topology: Topology) -> froze
 
 
 def closed_slices(state: FleetState, run_key: str) -> tuple[tuple[str, ...], ...]:
-    """The intended slices (their node tuples, in slice order) closed to ``run_key`` now.
+    """The intended slices (their node tuples, in slice order) closed to ``run_key`` now:
+    ``protects`` over every slice, without walking the long lines of entries.
 
-    Runs waiting in the same line see the same few sets of closed slices, so the slot sets
-    built from them are kept per ledger version (``reserved_slots``) instead of per attempt.
+    In a slice where the run has no entry, ``protects`` is decided by the slice's first entry
+    (activation order).  So only the run's own slices (usually one) need the full walk, and
+    a run with no scheduled end whose promise is not due finds every slice closed except one
+    where its only entry is first in line.  Runs waiting in the same line therefore see the
+    same few sets of closed slices, and the slot sets built from them are kept per ledger
+    version (``reserved_slots``, ``closed_free``).
     """
     run = state.runs.get(run_key)
     duration = max_duration(run) if run is not None else None
     own = state.pending_reservation(run_key)
     mine = (own.earliest_start, own.name) if own is not None else None
     now = state.clock
-    return tuple(
-        sl.nodes for sl in state.slice_index() if slice_closed(sl, run_key, mine, duration, now)
-    )
-
-
-def slice_closed(
-    sl: SliceIndex,
-    run_key: str,
-    mine: tuple[Instant, str] | None,
-    duration: int | None,
-    now: Instant,
-) -> bool:
-    """``protects(sl.entries, run_key, mine, duration, now)`` without walking the entries.
-
-    ``protects`` skips the run's own entry and those promised after it, and the first entry
-    left decides.  With the running minimum of places in line (``SliceIndex.neg_low``) that
-    first entry is a binary search away, so a deep line costs O(log n) per run, not O(n).
-    """
-    entries = sl.entries
-    at = sl.first.get(run_key)
-    if at is None:
-        decider: SliceEntry | None = entries[0] if entries else None
-    elif sl.runs_entries[run_key] == 1:
-        i = bisect.bisect_left(sl.neg_low, 1 - entries[at].line)
-        decider = entries[i] if i < len(entries) else None
-    else:  # one pending reservation per run; kept exact regardless
-        return protects(entries, run_key, mine, duration, now)
-    if decider is None:
-        return False
-    if mine is not None and mine[0] <= now and mine <= (decider[0], decider[1]):
-        return False
-    return duration is None or now + duration > decider[0]
+    due = mine is not None and mine[0] <= now
+    held: dict[tuple[str, ...], int] = {}
+    for r in state.pending_of(run_key):
+        if r.holds_slice:
+            held[tuple(r.nodes)] = held.get(tuple(r.nodes), 0) + 1
+    if duration is None and not due:
+        opened = set()
+        for nodes, n in held.items():
+            first = state.first_in_line(nodes)
+            if n == 1 and first is not None and first.run == run_key:
+                opened.add(nodes)
+        keys = state.slice_keys()
+        return keys if not opened else tuple(k for k in keys if k not in opened)
+    out: list[tuple[str, ...]] = []
+    for nodes, entries in state.protected_slices().items():
+        if nodes in held:
+            if protects(entries, run_key, mine, duration, now):
+                out.append(nodes)
+            continue
+        first = entries[0]
+        if mine is not None and due and mine <= (first[0], first[1]):
+            continue
+        if duration is None or now + duration > first[0]:
+            out.append(nodes)
+    return tuple(out)
 
 
 def closed_free(state: FleetState, run_key: str, topology: Topology) -> int:
@@ -167,10 +165,9 @@ def closed_free(state: FleetState, run_key: str, topology: Topology) -> int:
     closed = closed_slices(state, run_key)
     if not closed:
         return 0
-    cache: dict[tuple[Topology, tuple[tuple[str, ...], ...]], int] = state.cached(
-        f"closed_free:{topology.flavor}", dict
-    )
-    key = (topology, closed)
+    cache: dict[tuple[Topology, object], int] = state.cached(f"closed_free:{topology.flavor}", dict)
+    # every slice closed is the common case: key it cheaply (hashing the slices costs O(nodes))
+    key = (topology, "all" if closed is state.slice_keys() else closed)
     hit = cache.get(key)
     if hit is None:
         nodes = {n for slice_nodes in closed for n in slice_nodes if topology.has_node(n)}
@@ -220,12 +217,17 @@ def cover_run(
     """Cover ``quantity`` GPUs of ``run`` at ``location`` from the evaluation at ``now``, with
     the GPU-hours left and the run's current borrowing: the one call admission, activation,
     elastic growth and top-ups share (they differ only in what, where and how senior)."""
-    ev = state.evaluation(now)
-    rf = ev.runs.get(run.key)
+    matched = state.matching(now)
+    classes = matched.funding_class
+    borrowed = sum(
+        x.width
+        for x in state.leases_of(run.key, open_only=True)
+        if x.role is LeaseRole.ACTIVE and classes.get(x.id) is FundingClass.BORROWED
+    )  # what the evaluation's summary of the run says it borrows
     hours = state.meter.hours_view(state.index, settings.period_hours)
     return cover(
         state.index,
-        ev,
+        matched,
         CoverRequest(
             run=run,
             quantity=quantity,
@@ -233,7 +235,7 @@ def cover_run(
             now=now,
             admitted=state.admitted.get(run.key, now),
             conservative=conservative,
-            already_borrowed=rf.borrowed if rf is not None else 0,
+            already_borrowed=borrowed,
         ),
         remaining_hours=hours.remaining_envelope,
         remaining_cap_hours=hours.remaining_cap,
@@ -451,7 +453,7 @@ def verify_funded(
         return f"{sum(x.width for x in unfunded)} GPUs would be born unfunded"
     if borrowed:
         before = (
-            state.evaluation(now).fill
+            state.matching(now)
             if not gone and run.key in state.runs
             else fill(inputs.index, current, runs, admitted, inputs.node_labels, now, view)
         )

@@ -48,10 +48,7 @@ def _remedies(state: FleetState, run: Run, ev: Evaluation | None) -> tuple[str, 
             out.append("Reclaim unfunded capacity in scope")
         if any(u.spare > 0 for u in flavor_envs):
             out.append("Drop spares in scope")
-    if any(
-        r.spec.malleable is not None and r.key != run.key and r.flavor == run.flavor
-        for r in state.runs.values()
-    ):
+    if any(key != run.key for key in state.malleable_runs.get(run.flavor, ())):
         out.append("Shrink elastic runs by step size")
     out.append("Run fair lottery if deficit remains")
     return tuple(out)

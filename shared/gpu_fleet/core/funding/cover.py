@@ -206,14 +206,16 @@ def available_width(
 
 def cover(
     index: EnvelopeIndex,
-    evaluation: Evaluation,
+    evaluation: Evaluation | FillResult,
     req: CoverRequest,
     *,
     remaining_hours: Mapping[EnvelopeKey, float] | None = None,
     remaining_cap_hours: Mapping[str, float] | None = None,
     period_hours: float = 24.0,
 ) -> CoverPlan | CoverFailure:
-    """Plan who pays for ``req.quantity`` GPUs of ``req.run``, or say precisely why not."""
+    """Plan who pays for ``req.quantity`` GPUs of ``req.run``, or say precisely why not.
+
+    Only the evaluation's matching is read; a bare ``FillResult`` will do."""
     run = req.run
     owner = index.family.owner_of(run.metadata.namespace)
     if req.quantity <= 0 or not run.flavor:
@@ -249,7 +251,7 @@ def cover(
         tier = index.family.tier(env.owner, owner)
         avail, why = available_width(
             index,
-            evaluation.fill,
+            evaluation.fill if isinstance(evaluation, Evaluation) else evaluation,
             env,
             owner,
             req,

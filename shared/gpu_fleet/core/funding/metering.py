@@ -43,6 +43,11 @@ class Meter:
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
     previously_funded: frozenset[tuple[str, EnvelopeKey]] = frozenset()
+    # Summaries of runs no lease was charged to since they were made (``summarize``): a run's
+    # hours only move while it holds leases, so the many finished runs are summarised once.
+    # ``_settled`` and ``_unsettled`` split the runs metered so far (self-healing if not).
+    _settled: dict[str, RunFunding] = field(default_factory=dict, repr=False, compare=False)
+    _unsettled: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def copy(self) -> Meter:
         """An independent copy (the nested dicts too; floats and keys are immutable).
@@ -59,6 +64,8 @@ class Meter:
             out.run_hours[run].update(by_run_class)
         for run, lenders in self.run_lender_hours.items():
             out.run_lender_hours[run].update(lenders)
+        out._settled = dict(self._settled)
+        out._unsettled = set(self._unsettled)
         return out
 
     def hours_view(self, index: EnvelopeIndex, period_hours: float) -> HoursView:
@@ -132,16 +139,18 @@ def _crossing_seconds(inputs: FundingInputs, f: FillResult, view: HoursView) -> 
 
 def advance_meter(
     meter: Meter, inputs: FundingInputs, to: float, *, first: FillResult | None = None
-) -> None:
+) -> tuple[float, FillResult] | None:
     """Charge ``[meter.t, to)`` to whoever paid during each piece of it.  Mutates ``meter``.
 
     ``first``, if given, is the matching at ``meter.t`` under this meter (the caller knows it
     already: the last evaluation, or the check of the decision just committed); it is used for
-    the first piece instead of matching again.
+    the first piece instead of matching again.  Returns the last piece's start and matching
+    (``None`` if there was no piece), which a caller may keep when nothing changes after it.
     """
     index = inputs.index
     bounds = _boundaries(inputs, meter.t)
     t = meter.t
+    last: tuple[float, FillResult] | None = None
     while t < to:
         view = meter.hours_view(index, inputs.period_hours)
         if first is not None and t == meter.t:
@@ -158,8 +167,10 @@ def advance_meter(
                 nxt = max(t + crossing, t + _MIN_STEP)
         _accrue(meter, inputs, f, t, nxt)
         meter.previously_funded = _funded_pairs(f)
+        last = (t, f)
         t = nxt
     meter.t = max(meter.t, to)
+    return last
 
 
 def evaluate(
@@ -196,10 +207,14 @@ def _accrue(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: f
     if hours <= 0:
         return
     by_id = {lease.id: lease for lease in inputs.leases}
+    settled, unsettled = meter._settled, meter._unsettled
     for lease_id, cls in f.funding_class.items():
         lease = by_id[lease_id]
         gpu_hours = lease.width * hours
         meter.run_hours[lease.run][cls] += gpu_hours
+        if lease.run not in unsettled:
+            settled.pop(lease.run, None)
+            unsettled.add(lease.run)
         env_key = f.payer.get(lease_id)
         if env_key is None:
             continue
@@ -332,8 +347,28 @@ def summarize(meter: Meter, inputs: FundingInputs, f: FillResult, at: float) -> 
                 rf.lenders[owner] = rf.lenders.get(owner, 0) + lease.width
         elif lease.minted_payer is not None and lease.minted_payer.key in envelopes:
             envelopes[lease.minted_payer.key].unfunded += lease.width
-    for run_key, hours in meter.run_hours.items():
-        runs[run_key].hours = dict(hours)
-    for run_key, lenders in meter.run_lender_hours.items():
-        runs[run_key].lender_hours = dict(lenders)
-    return Evaluation(at, f, envelopes, caps, dict(runs))
+    for run_key, rf in runs.items():
+        hours = meter.run_hours.get(run_key)
+        if hours is not None:
+            rf.hours = dict(hours)
+        lenders = meter.run_lender_hours.get(run_key)
+        if lenders is not None:
+            rf.lender_hours = dict(lenders)
+    return Evaluation(at, f, envelopes, caps, {**_settled_runs(meter, runs), **runs})
+
+
+def _settled_runs(meter: Meter, live: Mapping[str, RunFunding]) -> dict[str, RunFunding]:
+    """What ``summarize`` shows for runs metered before but holding no live lease now (their
+    hours only): kept on the meter, rebuilt only for runs charged since (read-only)."""
+    settled, unsettled = meter._settled, meter._unsettled
+    if len(settled) + len(unsettled) != len(meter.run_hours):
+        unsettled.update(k for k in meter.run_hours if k not in settled)
+    for run_key in [k for k in unsettled if k not in live]:
+        hours = meter.run_hours.get(run_key)
+        lenders = meter.run_lender_hours.get(run_key)
+        settled[run_key] = RunFunding(
+            hours=dict(hours) if hours is not None else {},
+            lender_hours=dict(lenders) if lenders is not None else {},
+        )
+        unsettled.discard(run_key)
+    return settled

@@ -16,7 +16,13 @@ from typing import NamedTuple, TypeVar, cast
 import msgspec
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, build_index
-from gpu_fleet.core.funding.matching import FillResult, HoursView, extend_fill, shrink_fill
+from gpu_fleet.core.funding.matching import (
+    FillResult,
+    HoursView,
+    extend_fill,
+    fill,
+    shrink_fill,
+)
 from gpu_fleet.core.funding.metering import (
     Evaluation,
     FundingInputs,
@@ -74,18 +80,6 @@ class SliceEntry(NamedTuple):
     name: str
     run: str
     line: int
-
-
-class SliceIndex(NamedTuple):
-    """One protected slice with, per run, its first entry and how many it has, and minus the
-    lowest place in line among the first ``i + 1`` entries (``neg_low[i]``, so it ascends),
-    in activation order."""
-
-    nodes: tuple[str, ...]
-    entries: list[SliceEntry]
-    first: dict[str, int]
-    runs_entries: dict[str, int]
-    neg_low: list[int]
 
 
 class LedgerError(ValueError):
@@ -160,6 +154,13 @@ class FleetState:
     _open_by_run: dict[str, dict[str, Lease]] = field(
         default_factory=lambda: defaultdict(dict), repr=False
     )
+    # Runs by what the reconcile loop asks of them, kept by the fold (``_index_run``): waiting
+    # (Pending or Waiting, and still defined), in a checkpoint grace, malleable and Running.
+    waiting_runs: set[str] = field(default_factory=set, repr=False)
+    # flavor -> defined runs with a malleable spec (a remedy exists: shrink them)
+    malleable_runs: dict[str, set[str]] = field(default_factory=dict, repr=False)
+    checkpoint_runs: set[str] = field(default_factory=set, repr=False)
+    elastic_runs: set[str] = field(default_factory=set, repr=False)
     # lease id -> its notice, for leases still open, in ledger order (``pending_preemptions``)
     _pending_preemptions: dict[str, LeasePreemptionScheduled] = field(
         default_factory=dict, repr=False
@@ -177,6 +178,18 @@ class FleetState:
     # cached by it (``_reservations_cached``).
     reservations_epoch: int = field(default=0, repr=False)
     _by_reservations: dict[str, tuple[int, object]] = field(default_factory=dict, repr=False)
+    # The pending reservations indexed by the fold (``_add_pending``): place in line, per run
+    # (and each run's newest), and per intended slice (activation order, and line order).
+    _promise: dict[str, int] = field(default_factory=dict, repr=False)
+    _promise_counter: int = field(default=0, repr=False)
+    _pending_of: dict[str, dict[str, Reservation]] = field(
+        default_factory=lambda: defaultdict(dict), repr=False
+    )
+    _newest_pending: dict[str, Reservation] = field(default_factory=dict, repr=False)
+    _slices: dict[tuple[str, ...], list[SliceEntry]] = field(default_factory=dict, repr=False)
+    _slice_line: dict[tuple[str, ...], dict[str, SliceEntry]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def index(self) -> EnvelopeIndex:
@@ -233,6 +246,25 @@ class FleetState:
                 self._remember(at, ev.fill, advanced=at > self.meter.t)
             self._evaluations[at] = ev
         return ev
+
+    def matching(self, at: float) -> FillResult:
+        """``evaluation(at).fill`` without the summaries (per envelope, cap and run), which
+        most decisions never read: derived from the last known matching when possible."""
+        ev = self._evaluations.get(at) if self._evaluations_version == self.version else None
+        if ev is not None:
+            return ev.fill
+        known = self.current_fill(at, meter_view=False)
+        if known is not None:
+            return known
+        if at > self.meter.t and self._hours_anywhere():
+            return self.evaluation(at).fill  # matched under a meter advanced to ``at``
+        inputs = self.funding_inputs()
+        view = self.meter.hours_view(inputs.index, inputs.period_hours)
+        result = fill(
+            inputs.index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, at, view
+        )
+        self._remember(at, result, advanced=at > self.meter.t)
+        return result
 
     def current_fill(self, at: float, *, meter_view: bool = True) -> FillResult | None:
         """The matching of the open leases at ``at`` - what ``fill`` would answer now - if it
@@ -360,6 +392,18 @@ class FleetState:
         i = bisect.bisect_right(ends, (t0, "\U0010ffff"))
         return not (i < len(ends) and ends[i][0] <= t1)
 
+    def leases_ending(self, until: float) -> list[Lease]:
+        """Open leases whose scheduled end is at or before ``until``, by (end, id)."""
+        ends = self._scheduled_ends
+        i = bisect.bisect_right(ends, (until, "\U0010ffff"))
+        return [self.open_leases[lid] for _, lid in ends[:i]]
+
+    def next_scheduled_end(self, after: float) -> Instant | None:
+        """The earliest scheduled end of an open lease strictly after ``after``."""
+        ends = self._scheduled_ends
+        i = bisect.bisect_right(ends, (after, "\U0010ffff"))
+        return ends[i][0] if i < len(ends) else None
+
     def offer_fill(self, at: float, new: tuple[Lease, ...], result: FillResult) -> None:
         """A decision already matched the world it is about to commit (admission's check).
 
@@ -386,6 +430,34 @@ class FleetState:
         self._topology_dirty.clear()
         self._node_labels = None
 
+    def _index_run(self, key: str, before: Run | None = None) -> None:
+        """Put run ``key`` in the reconcile indexes its status and spec call for (``before``:
+        the run's spec until this fold, if it changed)."""
+        st = self.status.get(key)
+        run = self.runs.get(key)
+        if before is not None and before.spec.malleable is not None:
+            self.malleable_runs.get(before.flavor, set()).discard(key)
+        if run is not None and run.spec.malleable is not None:
+            self.malleable_runs.setdefault(run.flavor, set()).add(key)
+        phase = st.phase if st is not None else None
+        for index, member in (
+            (self.waiting_runs, run is not None and phase in ("Pending", "Waiting")),
+            (
+                self.checkpoint_runs,
+                st is not None
+                and phase not in ("Completed", "Failed")
+                and isinstance(st.detail.get("checkpointDeadline"), int),
+            ),
+            (
+                self.elastic_runs,
+                run is not None and phase == "Running" and run.spec.malleable is not None,
+            ),
+        ):
+            if member:
+                index.add(key)
+            else:
+                index.discard(key)
+
     def _slots_changed(self, node: str) -> None:
         for dirty in self._topology_dirty.values():
             dirty.add(node)
@@ -411,6 +483,14 @@ class FleetState:
         else:
             pool = (self.leases[i] for i in self._run_leases.get(run, ()))
         return sorted(pool, key=lambda x: (x.start, x.id))
+
+    def holds_leases(self, run: str) -> bool:
+        """Does ``run`` hold an open lease?"""
+        return bool(self._open_by_run.get(run))
+
+    def has_pending_preemptions(self) -> bool:
+        """Is any preemption notice still waiting for its deadline?"""
+        return bool(self._pending_preemptions)
 
     def lease_count(self, run: str) -> int:
         """Leases ever minted under the run's key, all incarnations (the next lease counter)."""
@@ -440,6 +520,11 @@ class FleetState:
         self._scheduled_ends = sorted(
             (x.end, x.id) for x in self.open_leases.values() if x.end is not None
         )
+        self._reindex_reservations()
+        self.waiting_runs, self.checkpoint_runs, self.elastic_runs = set(), set(), set()
+        self.malleable_runs = {}
+        for key in {*self.status, *self.runs}:
+            self._index_run(key)
         self._known = None
         self._funding_log = []
         self._nodes_changed()
@@ -474,23 +559,20 @@ class FleetState:
         return value
 
     def pending_reservation(self, run: str) -> Reservation | None:
-        """The run's newest pending reservation (indexed once per change of the reservations)."""
-        return self._reservations_cached("pending_by_run", self._pending_by_run).get(run)
+        """The run's newest pending reservation (kept by the fold)."""
+        return self._newest_pending.get(run)
 
-    def _pending_by_run(self) -> dict[str, Reservation]:
-        index: dict[str, Reservation] = {}
-        for r in self.pending_reservations.values():
-            cur = index.get(r.run)
-            if cur is None or (r.created_at, r.name) > (cur.created_at, cur.name):
-                index[r.run] = r
-        return index
+    def pending_of(self, run: str) -> list[Reservation]:
+        """Every pending reservation of ``run`` (usually one), in the order they were made."""
+        mine = self._pending_of.get(run)
+        return list(mine.values()) if mine else []
 
     def has_unfunded_actives(self, at: float) -> bool:
         """Is any open active lease Unfunded at ``at``?  If not, reclaiming has nothing to draw
         (phase 0 of the resolver only takes groups whose actives are all Unfunded)."""
 
         def compute() -> bool:
-            classes = self.evaluation(at).fill.funding_class
+            classes = self.matching(at).funding_class
             return any(
                 classes.get(x.id, FundingClass.UNFUNDED) is FundingClass.UNFUNDED
                 for x in self.open_leases.values()
@@ -501,51 +583,87 @@ class FleetState:
 
     def protected_slices(self) -> dict[tuple[str, ...], list[SliceEntry]]:
         """Intended slices of pending reservations that hold one (``Reservation.holds_slice``,
-        DESIGN decision 5), indexed once per ledger version: slice nodes -> (earliest start,
-        reservation name, run, place in line), in activation order.
+        DESIGN decision 5): slice nodes -> (earliest start, reservation name, run, place in
+        line), in activation order, slices sorted.
 
         Reservations share whole domains, so there are few slices and many reservations: backfill
-        protection asks per slice ("is some other run's bound in it too soon for me?").
+        protection asks per slice ("is some other run's bound in it too soon for me?").  The fold
+        keeps the entries (a deep queue changes them at every admission); the lists are read-only
+        for callers and valid until the next fold.
         """
-        return self._reservations_cached("protected_slices", self._protected_slices)
+        return self._reservations_cached(
+            "protected_slices", lambda: dict(sorted((k, v) for k, v in self._slices.items()))
+        )
 
-    def slice_index(self) -> list[SliceIndex]:
-        """``protected_slices`` with what a per-run protection test needs precomputed (see
-        ``gang.closed_slices``); kept until the pending reservations change."""
-        return self._reservations_cached("slice_index", self._slice_index)
+    def slice_keys(self) -> tuple[tuple[str, ...], ...]:
+        """The keys of ``protected_slices``, in its order (one tuple per reservation change)."""
+        return self._reservations_cached("slice_keys", lambda: tuple(self.protected_slices()))
 
-    def _slice_index(self) -> list[SliceIndex]:
-        out = []
-        for nodes, entries in self.protected_slices().items():
-            first: dict[str, int] = {}
-            count: dict[str, int] = defaultdict(int)
-            neg_low: list[int] = []
-            for i, e in enumerate(entries):
-                first.setdefault(e.run, i)
-                count[e.run] += 1
-                neg_low.append(-e.line if not neg_low else max(neg_low[-1], -e.line))
-            out.append(SliceIndex(nodes, entries, first, dict(count), neg_low))
-        return out
+    def first_in_line(self, nodes: tuple[str, ...]) -> SliceEntry | None:
+        """The entry of slice ``nodes`` promised first (lowest place in line)."""
+        line = self._slice_line.get(nodes)
+        return next(iter(line.values())) if line else None
 
     def promise_order(self) -> dict[str, int]:
         """Pending reservations by the order they were made: ledger order, which the fold keeps
         as ``pending_reservations``' insertion order (a snapshot restores it the same way).
-        Finer than ``created_at``: two runs reserving in the same second keep their order."""
-        return self._reservations_cached(
-            "promise_order", lambda: {name: i for i, name in enumerate(self.pending_reservations)}
-        )
+        Finer than ``created_at``: two runs reserving in the same second keep their order.
 
-    def _protected_slices(self) -> dict[tuple[str, ...], list[SliceEntry]]:
-        index: dict[tuple[str, ...], list[SliceEntry]] = defaultdict(list)
-        line = self.promise_order()
-        for r in self.pending_reservations.values():
-            if r.holds_slice:
-                index[tuple(r.nodes)].append(
-                    SliceEntry(r.earliest_start, r.name, r.run, line[r.name])
+        The values only order the reservations (a counter the fold keeps, not positions);
+        read-only for callers, valid until the next fold."""
+        return self._promise
+
+    def _add_pending(self, res: Reservation) -> None:
+        """Index a reservation that became pending (``pending_reservations`` already has it)."""
+        seq = self._promise.get(res.name)
+        if seq is None:
+            seq = self._promise[res.name] = self._promise_counter
+            self._promise_counter += 1
+        self._pending_of[res.run][res.name] = res
+        self._newest_pending[res.run] = max(
+            self._pending_of[res.run].values(), key=lambda r: (r.created_at, r.name)
+        )
+        if res.holds_slice:
+            nodes = tuple(res.nodes)
+            entry = SliceEntry(res.earliest_start, res.name, res.run, seq)
+            bisect.insort(self._slices.setdefault(nodes, []), entry)
+            self._slice_line.setdefault(nodes, {})[res.name] = entry
+
+    def _drop_pending(self, res: Reservation) -> None:
+        """Un-index a reservation leaving ``pending_reservations``."""
+        seq = self._promise.pop(res.name, None)
+        mine = self._pending_of.get(res.run)
+        if mine is not None:
+            mine.pop(res.name, None)
+            if mine:
+                self._newest_pending[res.run] = max(
+                    mine.values(), key=lambda r: (r.created_at, r.name)
                 )
-        for entries in index.values():
-            entries.sort()
-        return dict(sorted(index.items()))
+            else:
+                del self._pending_of[res.run]
+                self._newest_pending.pop(res.run, None)
+        if res.holds_slice and seq is not None:
+            nodes = tuple(res.nodes)
+            entries = self._slices.get(nodes, [])
+            entry = SliceEntry(res.earliest_start, res.name, res.run, seq)
+            i = bisect.bisect_left(entries, entry)
+            if i < len(entries) and entries[i] == entry:
+                del entries[i]
+            if not entries:
+                self._slices.pop(nodes, None)
+            line = self._slice_line.get(nodes)
+            if line is not None:
+                line.pop(res.name, None)
+                if not line:
+                    del self._slice_line[nodes]
+
+    def _reindex_reservations(self) -> None:
+        self._promise, self._promise_counter = {}, 0
+        self._pending_of, self._newest_pending = defaultdict(dict), {}
+        self._slices, self._slice_line = {}, {}
+        for res in self.pending_reservations.values():
+            self._add_pending(res)
+        self.reservations_epoch += 1
 
 
 def _advance_clock(state: FleetState, at: Instant) -> None:
@@ -555,7 +673,17 @@ def _advance_clock(state: FleetState, at: Instant) -> None:
     if at > state.meter.t:
         if state.open_leases:
             first = state.current_fill(state.meter.t)
-            advance_meter(state.meter, state.funding_inputs(), at, first=first)
+            last = advance_meter(state.meter, state.funding_inputs(), at, first=first)
+            # The matching of the last piece holds at ``at`` too if nothing moves funding in
+            # between (and GPU-hours, which would make it depend on the meter, are set
+            # nowhere): keep it, so the next advance starts from it instead of matching again.
+            if (
+                last is not None
+                and state.incremental
+                and not state._hours_anywhere()
+                and state._nothing_changes_between(last[0], at)
+            ):
+                state._remember(at, last[1], advanced=False)
         state.meter.t = float(at)
     state.clock = at
 
@@ -578,19 +706,25 @@ def fold(state: FleetState, event: Event) -> None:
             state.budgets.pop(f"{ns}/{name}", None)
             state._index = None
         case RunSubmitted(run=run):
+            before = state.runs.get(run.key)
             state.runs[run.key] = run
             state.admitted[run.key] = event.at
             state.status[run.key] = RunStatus()
+            state._index_run(run.key, before)
         case RunUpdated(run=run):
+            before = state.runs.get(run.key)
             state.runs[run.key] = run
+            state._index_run(run.key, before)
         case RunEtaReported(run=key, eta=eta):
             state.etas[key] = eta
         case RunDeleted(run=key):
-            state.runs.pop(key, None)
+            before = state.runs.pop(key, None)
             state.status.pop(key, None)
             state.etas.pop(key, None)
+            state._index_run(key, before)
         case RunStatusChanged(run=key, phase=phase, reason=reason, message=msg, detail=detail):
             state.status[key] = RunStatus(phase, reason, msg, dict(detail))
+            state._index_run(key)
         case LeaseMinted(lease=lease):
             state.leases[lease.id] = lease
             state.open_leases[lease.id] = lease
@@ -628,14 +762,22 @@ def fold(state: FleetState, event: Event) -> None:
         case ReservationCreated(reservation=res):
             state.reservations[res.name] = res
             if res.state == "Pending":
+                was = state.pending_reservations.get(res.name)
+                if was is not None:  # overwritten in place: it keeps its place in line
+                    seq = state._promise[res.name]
+                    state._drop_pending(was)
+                    state._promise[res.name] = seq
                 state.pending_reservations[res.name] = res
+                state._add_pending(res)
             state.reservations_epoch += 1
         case ReservationReleased(name=name, state=new_state, reason=reason):
             old = state.reservations[name]
             state.reservations[name] = msgspec.structs.replace(
                 old, state=new_state, released_at=event.at, reason=reason or old.reason
             )
-            state.pending_reservations.pop(name, None)
+            was = state.pending_reservations.pop(name, None)
+            if was is not None:
+                state._drop_pending(was)
             state.reservations_epoch += 1
         case LeasePreemptionScheduled(lease=lease_id):
             state.preemptions[lease_id] = event
