@@ -173,9 +173,7 @@ async def test_a_submission_shows_in_every_services_metrics(stack: ObservedStack
     assert value(m, "gpu_fleet_ledger_lag_events") == 0
     assert value(m, "gpu_fleet_ready") == 1
     assert value(m, "gpu_fleet_nats_connected") == 1
-    count = value(
-        m, "gpu_fleet_api_request_duration_seconds_count", endpoint="apply", outcome="ok"
-    )
+    count = value(m, "gpu_fleet_api_request_duration_seconds_count", endpoint="apply", outcome="ok")
     assert count == 3
 
     async def binder_at_seq() -> Samples | None:
@@ -183,9 +181,7 @@ async def test_a_submission_shows_in_every_services_metrics(stack: ObservedStack
         return b if value(b, "gpu_fleet_ledger_sequence") == seq else None
 
     b = await wait_until(binder_at_seq, "binder folded the ledger")
-    placed = sum(
-        v for (name, _), v in b.items() if name == "gpu_fleet_placements_total"
-    )
+    placed = sum(v for (name, _), v in b.items() if name == "gpu_fleet_placements_total")
     assert placed >= 1
     assert value(b, "gpu_fleet_ledger_lag_events") == 0
 

@@ -28,7 +28,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from gpu_fleet import views
-from gpu_fleet.core.engine import CommandError, Settings
+from gpu_fleet.core.engine import Settings
 from gpu_fleet.core.ledger import snapshot
 from gpu_fleet.core.model import Instant, Node
 from gpu_fleet.core.placement import (
@@ -46,10 +46,7 @@ from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, VirtualClock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.ledger_stream import (
-    LedgerConflictError,
-    LedgerEventTooLargeError,
     LedgerStream,
-    LedgerUnavailableError,
 )
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 from gpu_fleet.runtime.replies import ApiLimits
@@ -57,16 +54,16 @@ from gpu_fleet.runtime.snapshots import SnapshotStore
 from gpu_fleet.views.metrics import GaugeFamily, fleet_gauges
 from gpu_fleet_manager import __version__
 from gpu_fleet_manager.boundary import (
-    REQUEST,
     ApiError,
-    FieldRefusedError,
     decode_request,
 )
 from gpu_fleet_manager.endpoints import Endpoints
+from gpu_fleet_manager.group import GroupCommitter
 from gpu_fleet_manager.writer import LedgerFleet
 
 log = structlog.get_logger("gpu_fleet.manager")
 SNAPSHOT_NAME = "manager"
+MAX_INFLIGHT = 1024  # requests served at once; beyond, the next waits (back-pressure)
 T = TypeVar("T")
 R = TypeVar("R", bound=Requests)
 
@@ -105,6 +102,8 @@ class Manager(Actor):
         self.snapshots: SnapshotStore | None = None
         self._snapshot_at = 0
         self.last_rebuild: tuple[int, int] = (0, 0)  # (snapshot sequence, events folded after it)
+        self.committer = GroupCommitter(self)
+        self._inflight: set[asyncio.Task[None]] = set()  # requests being served
         self.observer = Observer("manager", config.metrics_port)
         self.observer.probe = self.health
         self.observer.gauges = self.gauges
@@ -138,6 +137,8 @@ class Manager(Actor):
         if self.service is not None:
             with contextlib.suppress(nats.errors.Error):  # closed meanwhile: nothing to stop
                 await self.service.stop()
+        if self._inflight:  # answer what was received before the endpoints stopped
+            await asyncio.gather(*self._inflight, return_exceptions=True)
         async with self.lock:  # let the in-flight command finish, then save a snapshot
             if self.config.snapshot_every and self.fleet is not None:
                 await self._save_snapshot()
@@ -242,7 +243,10 @@ class Manager(Actor):
     def _planner(self, topology: Topology, request: PackRequest) -> PackPlan:
         """Ask the binder (at our ledger sequence); fall back to the same planner locally."""
         fleet = self.require_fleet()
-        if self.config.use_binder and self.nc is not None:
+        # The binder plans on the ledger's state; while this group's earlier decisions that
+        # took or freed slots are not appended yet, plan here on the state being decided (the
+        # same planner: the plan the binder would make once it has folded them).
+        if self.config.use_binder and self.nc is not None and not fleet.topology_ahead:
             try:
                 reply = fleet.on_loop(
                     self._place(fleet.seq, request), self.config.binder_timeout + 1
@@ -291,43 +295,14 @@ class Manager(Actor):
             async for seq, event in self.ledger.read(fleet.seq + 1, last):
                 fleet.replay(event, seq)
 
-    async def mutate(self, fn: Callable[[Instant], T], attempts: int = 3) -> T:
-        """Run a command under the lock; on a lost append race re-fold and decide again."""
-        async with self.lock:
-            await self._ensure_loaded()
-            for attempt in range(1, attempts + 1):
-                self.require_fleet()
-                now = self.clock.now()
-                try:
-                    await self._catch_up()
-                    result = await asyncio.to_thread(fn, now)
-                    await self._maybe_snapshot()
-                    return result
-                except LedgerConflictError as exc:
-                    log.warning("ledger.conflict", attempt=attempt, error=str(exc))
-                    await self._rebuild()
-                    if attempt == attempts:
-                        raise ApiError("conflict", f"{exc}; retried {attempts} times") from exc
-                except (LedgerUnavailableError, nats.errors.Error, TimeoutError) as exc:
-                    log.warning("ledger.unavailable", error=str(exc))
-                    try:
-                        await self._rebuild()
-                    except Exception as rebuild_exc:
-                        log.warning("ledger.rebuild_failed", error=type(rebuild_exc).__name__)
-                        self.fleet = None
-                    raise ApiError("unavailable", f"ledger unavailable: {exc}; retry") from exc
-                except LedgerEventTooLargeError as exc:
-                    log.warning("ledger.event_too_large", error=str(exc))
-                    await self._rebuild()  # the decision was folded locally, not appended
-                    error = api.FieldErrorOut(REQUEST, str(exc))
-                    raise ApiError("bad_request", str(exc), [error], status="413") from exc
-                except CommandError as exc:
-                    # The object the request names is what is missing or in the wrong state,
-                    # unless the refusal says which other field it is about.
-                    path = exc.path if isinstance(exc, FieldRefusedError) else "name"
-                    error = api.FieldErrorOut(path, str(exc))
-                    raise ApiError(exc.code, str(exc), [error]) from exc
-            raise AssertionError("unreachable")
+    async def mutate(self, fn: Callable[[Instant], T]) -> T:
+        """Run a command as the single writer, answered once its decision is on the ledger.
+
+        Commands waiting together are decided in arrival order and appended as one atomic
+        batch (``group``: group commit); a lost append race re-folds and decides again.
+        """
+        result: T = await self.committer.submit(fn)
+        return result
 
     async def read(self, fn: Callable[[Instant], T]) -> T:
         async with self.lock:
@@ -344,6 +319,18 @@ class Manager(Actor):
         self, name: str, handler: Callable[[bytes], Awaitable[Any]]
     ) -> Callable[[Request], Awaitable[None]]:
         async def handle(req: Request) -> None:
+            # nats.micro awaits a handler before it delivers the endpoint's next request, so
+            # a handler awaited here would let one command wait at a time: group commit needs
+            # the waiting ones queued together.  Each request is served in its own task (in
+            # arrival order: tasks start in the order they are created), up to a bound.
+            if len(self._inflight) >= MAX_INFLIGHT:
+                await serve(req)
+                return
+            task = asyncio.create_task(serve(req), name=f"api {name}")
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+        async def serve(req: Request) -> None:
             structlog.contextvars.bind_contextvars(endpoint=name)
             started = time.perf_counter()
             outcome = "ok"

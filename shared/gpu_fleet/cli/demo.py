@@ -41,9 +41,7 @@ async def _ready(url: str) -> None:
         await nc.close()
 
 
-def demo(
-    examples: Path, inventory: Path, keep: str | None = None, page: Path | None = None
-) -> int:
+def demo(examples: Path, inventory: Path, keep: str | None = None, page: Path | None = None) -> int:
     """Run the demo; ``page`` is where the fleet map goes (default ``var/fleet.html``)."""
     page = page or Path.cwd() / "var" / "fleet.html"
     manifests = sorted((examples / "manifests").glob("*.yaml"))

@@ -108,10 +108,9 @@ class LedgerStream:
         info = await self.js.stream_info(self.stream)
         return int(info.state.last_seq)
 
-    async def append(self, events: Sequence[Event], expected_last_seq: int) -> int:
-        """Append ``events`` atomically after ``expected_last_seq``; return the new last seq."""
-        if not events:
-            return expected_last_seq
+    def check_sizes(self, events: Sequence[Event]) -> list[bytes]:
+        """The events encoded, or ``LedgerEventTooLargeError`` if one would not fit a message
+        (checked before anything is published, or folded by a writer that buffers)."""
         encoded = [EVENT_ENCODER.encode(event) for event in events]
         limit = self.nc.max_payload - HEADER_ROOM
         for event, data in zip(events, encoded, strict=True):
@@ -120,6 +119,13 @@ class LedgerStream:
                     f"{type(event).__name__} event is {len(data)} bytes; a ledger message"
                     f" holds at most {limit}"
                 )
+        return encoded
+
+    async def append(self, events: Sequence[Event], expected_last_seq: int) -> int:
+        """Append ``events`` atomically after ``expected_last_seq``; return the new last seq."""
+        if not events:
+            return expected_last_seq
+        encoded = self.check_sizes(events)
         batch = uuid.uuid4().hex
         try:
             for i, (event, data) in enumerate(zip(events[:-1], encoded, strict=False), start=1):

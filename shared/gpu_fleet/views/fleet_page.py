@@ -125,9 +125,7 @@ def _legend() -> str:
         for s in SLOT_STATES
     ]
     items.append('<span><i class="sw" style="border:1px dashed #000"></i>spare (dashed)</span>')
-    items.append(
-        f'<span><i class="sw" style="background:{CLOSED_COLOUR}"></i>closed lease</span>'
-    )
+    items.append(f'<span><i class="sw" style="background:{CLOSED_COLOUR}"></i>closed lease</span>')
     items.append(
         f'<span><i class="sw" style="border:1px solid {RESERVATION_COLOUR}"></i>'
         "reservation (hatched)</span>"
@@ -403,9 +401,7 @@ def _team(b: dict[str, Any], t0: int, now: int) -> str:
             f'stroke="{CLASS_COLOURS["shared"]}" stroke-dasharray="5 3">'
             f"<title>GPU-hour allowance: {b['gpuHoursAllowance']}</title></line>"
         )
-    allowance = (
-        f" of {b['gpuHoursAllowance']:g}" if b["gpuHoursAllowance"] is not None else ""
-    )
+    allowance = f" of {b['gpuHoursAllowance']:g}" if b["gpuHoursAllowance"] is not None else ""
     envs = "".join(
         f"<li>{_e(e['envelope'])}: {e['inUse']}/{e['concurrency']} GPUs, "
         f"{e['gpuHoursUsed']:.3g}"

@@ -352,9 +352,7 @@ def fleet_gauges(state: FleetState, at: Instant) -> list[GaugeFamily]:
     for h in NodeHealth:
         out["gpu_fleet_nodes"][(h.value,)] = float(health.get(h.value, 0))
 
-    waiting_flavors = {
-        state.runs[r.run].flavor for r in pending if r.run in state.runs
-    }
+    waiting_flavors = {state.runs[r.run].flavor for r in pending if r.run in state.runs}
     for flavor in sorted({n.flavor for n in state.nodes.values()}):
         idle = gpus.get((flavor, FREE), 0.0)
         out["gpu_fleet_gpus_stranded"][(flavor,)] = idle if flavor in waiting_flavors else 0.0
