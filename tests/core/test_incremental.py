@@ -40,9 +40,10 @@ TEAMS = [  # (namespace, owner, parents); org:s is a sponsor outside the family
 
 
 def same_fill(a: FillResult, b: FillResult) -> None:
-    # the order too: the meter charges leases in it, and float sums depend on the order
-    assert list(a.payer.items()) == list(b.payer.items())
-    assert list(a.funding_class.items()) == list(b.funding_class.items())
+    assert a.payer == b.payer
+    assert a.funding_class == b.funding_class
+    # the order the meter charges in: float sums depend on it
+    assert a.classes_by_id() == b.classes_by_id() == sorted(b.funding_class.items())
     assert a.funding_class == b.funding_class
     assert a.rejections == b.rejections
     assert {k: v for k, v in a.accepted.items() if v} == {k: v for k, v in b.accepted.items() if v}
@@ -201,8 +202,9 @@ def test_shrink_fill_is_fill(data: st.DataObject) -> None:
         current = nxt if nxt is not None and data.draw(st.booleans()) else reference
 
 
-def test_extend_fill_takes_the_junior_newcomer() -> None:
-    """The shortcut fires for the common case: a later run that fits its own envelope."""
+def test_extend_fill_takes_the_newcomer_that_fits() -> None:
+    """The shortcut fires for the common cases - a later run that fits its own envelope, or
+    any run where everyone fits together - and refuses where the answer could differ."""
     budgets = [budget("p", "org:p", [env("e", 16, selector={"region": "*"})])]
     old, new = run("p", "old", 8), run("p", "new", 8)
     runs = {old.key: old, new.key: new}
@@ -215,12 +217,26 @@ def test_extend_fill_takes_the_junior_newcomer() -> None:
     same_fill(
         ext, fill(world.index, [*world.leases, *newcomer], runs, admitted, world.node_labels, T0)
     )
-    # a senior newcomer might displace someone: the long way
+    # a senior newcomer where everyone fits together (nobody was ever turned away): taken too
     senior = {**admitted, new.key: T0 - MINUTE}
-    assert extend_fill(world.index, base, newcomer, runs, senior, world.node_labels, T0) is None
-    # a junior newcomer that does not fit: the long way too
+    ext = extend_fill(world.index, base, newcomer, runs, senior, world.node_labels, T0)
+    assert ext is not None
+    same_fill(
+        ext, fill(world.index, [*world.leases, *newcomer], runs, senior, world.node_labels, T0)
+    )
+    # a junior newcomer that does not fit: the long way
     wide = [lease("b", new.key, 9, first=8)]
     assert extend_fill(world.index, base, wide, runs, admitted, world.node_labels, T0) is None
+    # a senior newcomer where the envelope already turned someone away: it might displace
+    # someone, so the long way
+    late = run("p", "late", 8)
+    crowded = [*world.leases, lease("c", late.key, 12, first=16)]
+    runs2 = {**runs, late.key: late}
+    adm2 = {**senior, late.key: T0 + HOUR}
+    base2 = fill(world.index, crowded, runs2, adm2, world.node_labels, T0)
+    assert base2.payer["c"] is None  # turned away: 8 + 12 > 16
+    small = [lease("b", new.key, 4, first=8)]
+    assert extend_fill(world.index, base2, small, runs2, adm2, world.node_labels, T0) is None
 
 
 # ------------------------------------------------------------------------------------------

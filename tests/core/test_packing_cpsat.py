@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pack_builders import A, B, C, check_plan, fleets, node, req, requests, slots, topo
 
@@ -23,6 +23,8 @@ from gpu_fleet.core.placement import (
     plan_cost,
     plan_placement,
 )
+from gpu_fleet.core.placement.cpsat_model import DEFAULT_SETTINGS, PlacementModel
+from gpu_fleet.core.placement.pack import Work, decide_greedy, validate
 
 
 def churned_fleet(n_domains: int, seed: int, fill: float = 0.7) -> tuple[list[Node], set[str]]:
@@ -290,3 +292,53 @@ def test_never_worse_on_fragmented_fleets(seed: int, group: int | None, total: i
     check_plan(t, r, plan)
     assert plan_cost(t, r, plan) <= plan_cost(t, r, greedy)
     assert plan_placement(t, r) == plan
+
+
+class TestEvidentOptimum:
+    """``PlacementModel.evident`` answers what ``solve`` answers, without the solver."""
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.integers(0, 10_000), st.integers(1, 64), st.integers(2, 80), st.floats(0.0, 0.95))
+    def test_evident_is_what_the_solver_finds(
+        self, seed: int, total: int, n_domains: int, fill: float
+    ) -> None:
+        nodes, held = churned_fleet(n_domains, seed=seed, fill=fill)
+        t = topo(nodes, sorted(held))
+        r = req(total)
+        work = Work(t, r.excluded_slots)
+        frees = work.domain_frees()
+        sizes = validate(t, r)
+        try:
+            greedy = decide_greedy(t, r, sizes, dict(frees))
+        except PackError:
+            greedy = None
+        model = PlacementModel.build(
+            work, r, sizes, frees=frees, greedy=greedy, settings=DEFAULT_SETTINGS
+        )
+        if model is None:
+            return
+        evident = model.evident()
+        event("evident" if evident is not None else "searched")
+        if evident is not None:
+            assert evident == model.solve(DEFAULT_SETTINGS, DEFAULT_SETTINGS.deterministic_time)
+
+    def test_evident_only_where_it_is_certain(self) -> None:
+        """Spares, groups, a single-domain request or the run's own domains: the solver runs."""
+        nodes, held = churned_fleet(20, seed=3)
+        t = topo(nodes, sorted(held))
+        for r in (
+            req(8, spares_per_group=1),
+            req(16, group_gpus=8),
+            req(8, allow_cross_group_spread=False),
+        ):
+            work = Work(t, r.excluded_slots)
+            model = PlacementModel.build(
+                work,
+                r,
+                validate(t, r),
+                frees=work.domain_frees(),
+                greedy=None,
+                settings=DEFAULT_SETTINGS,
+            )
+            assert model is not None
+            assert model.evident() is None

@@ -423,12 +423,15 @@ def verify_funded(
     """
     inputs = state.funding_inputs()
     view = state.meter.hours_view(inputs.index, inputs.period_hours)
-    runs = dict(state.runs)
-    runs[run.key] = run
-    admitted = dict(state.admitted)
-    admitted.setdefault(run.key, now)
+    # The ledger's runs with this one as decided (copied only when it differs: O(runs))
+    runs: Mapping[str, Run] = (
+        state.runs if state.runs.get(run.key) is run else {**state.runs, run.key: run}
+    )
+    admitted: Mapping[str, Instant] = (
+        state.admitted if run.key in state.admitted else {**state.admitted, run.key: now}
+    )
     gone = set(closing)
-    current = [x for x in inputs.leases if x.id not in gone]
+    current = [x for x in inputs.leases if x.id not in gone] if gone else list(inputs.leases)
     after = None
     alone = not state.leases_of(run.key, open_only=True)
     base = state.current_fill(now) if not gone else None

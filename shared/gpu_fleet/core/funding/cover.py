@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo
 from gpu_fleet.core.funding.family import Tier
-from gpu_fleet.core.funding.matching import LOAN, SPONSOR, Accepted, FillResult, Proposer
+from gpu_fleet.core.funding.matching import LOAN, SPONSOR, FillResult, Proposer
 from gpu_fleet.core.funding.metering import Evaluation
 from gpu_fleet.core.model import EnvelopeKey, Instant, Payer, Run, run_key
 
@@ -124,18 +124,6 @@ def _prospective_rank(tier: Tier, req: CoverRequest) -> tuple[object, ...]:
     return (int(tier), req.admitted, key, math.inf)
 
 
-def _counted(rows: list[Accepted], rank: tuple[object, ...]) -> int:
-    total = 0
-    for r in rows:
-        if r.rank_class == LOAN:
-            total += r.width
-        elif r.rank_class == SPONSOR:
-            continue
-        elif r.rank <= rank:
-            total += r.width
-    return total
-
-
 def available_width(
     index: EnvelopeIndex,
     fill: FillResult,
@@ -165,7 +153,9 @@ def available_width(
         if tier is not Tier.OWNER and not env.family_sharing:
             return 0, "sharing: none"
         rank = _prospective_rank(tier, req)
-        senior = _counted(rows, rank)
+        # What stands ahead of the newcomer: every loan (rank class 0, always ahead), no sponsor
+        # claim (class 5, always behind), and the family claims ranked at or above it.
+        senior = fill.width_up_to(env.key, rank)
         limits.append((env.concurrency - senior, "concurrency"))
     limits[0] = (limits[0][0] - taken.envelope[env.key], limits[0][1])
     for cap_id in env.caps:

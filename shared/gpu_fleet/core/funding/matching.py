@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ class FillTrace:
     # Did any envelope ever turn a claim away?  If not, every claim was held by the first
     # envelope it proposed to, and one leaving frees room nobody waits for (``shrink_fill``).
     rejected_any: bool = False
+    # Acceptor groups that ever turned a claim away (the others held everyone who came).
+    rejected_at: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -100,9 +103,32 @@ class FillResult:
     rejections: dict[str, list[Rejection]]
     accepted: dict[EnvelopeKey, list[Accepted]]  # sorted by rank
     trace: FillTrace | None = None
+    # Are ``payer``, ``funding_class`` and ``rejections`` in lease-id order, as ``fill`` lists
+    # them?  A matching extended by a newcomer that sorts inside is not (``classes_by_id``).
+    ordered: bool = True
+    _totals: dict[EnvelopeKey, list[int]] = field(default_factory=dict, repr=False, compare=False)
+
+    def classes_by_id(self) -> list[tuple[str, FundingClass]]:
+        """(lease id, class) in lease-id order: the order the meter charges in, since float
+        sums depend on it (a fresh ``fill`` and an extended one must charge alike)."""
+        items = list(self.funding_class.items())
+        if not self.ordered:
+            items.sort(key=lambda kv: kv[0])
+        return items
 
     def funded_width(self, env: EnvelopeKey) -> int:
         return sum(a.width for a in self.accepted.get(env, ()))
+
+    def width_up_to(self, env: EnvelopeKey, rank: tuple[object, ...]) -> int:
+        """Funded width on ``env`` ranked at or above ``rank`` (equal keys count as senior):
+        a binary search on running totals built once per envelope of this matching."""
+        rows = self.accepted.get(env, ())
+        if not rows:
+            return 0
+        totals = self._totals.get(env)
+        if totals is None:
+            totals = self._totals[env] = [0, *itertools.accumulate(r.width for r in rows)]
+        return totals[bisect.bisect_right(rows, rank, key=lambda r: r.rank)]
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -426,7 +452,9 @@ def _decide(  # noqa: PLR0917 - one acceptor's decision and the state it shares 
                     why = f"GPU-hours exhausted ({remaining:.2f} left)"
         if why:
             rejected.append((c, key, why))
-            trace.rejected_any = True
+            if not trace.rejected_any or index.acceptor_of[key] not in trace.rejected_at:
+                trace.rejected_any = True
+                trace.rejected_at = trace.rejected_at | {index.acceptor_of[key]}
             continue
         used[key] += w
         if is_sponsor:
@@ -481,17 +509,24 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
     ``admitted``, labels and hours (the caller guarantees it); ``runs_alone`` says that no lease
     in ``base`` belongs to a run of ``new``.
 
-    Why the shortcut is exact.  Every new claim must be junior, at the acceptor group of the
-    first envelope it proposes to, to every claim that ever proposed there in ``base``'s run
-    (``FillTrace.junior``), and must fit - after the new claims ranked above it - on top of the
-    highest counters any decision there left (``FillTrace`` peaks), under every limit the
-    acceptance checks (concurrency, lending cap, the run's borrow limit, aggregate caps and
-    GPU-hours; each check only gets harder as counters grow).  Then, in the deferred acceptance
-    over all leases, each new claim is considered after every other candidate of each decision
-    of its acceptor, so it changes no decision about anyone else, and it fits every time, so it
-    is accepted in round 1 and never turned away: the matching is ``base`` plus each new claim
-    held by its first envelope.  A loan's borrow limit counts the run's other loans, which live
-    in other acceptors, so a new claim that borrows needs ``runs_alone``.
+    Why the shortcut is exact.  Each new claim must fit - after the new claims ranked above it -
+    on top of the highest counters any decision of its first envelope's acceptor group left in
+    ``base``'s run (``FillTrace`` peaks), under every limit acceptance checks (concurrency,
+    lending cap, the run's borrow limit, aggregate caps; each only gets harder as counters
+    grow), and one of these holds there:
+
+    * it is junior to every claim that ever proposed to that group (``FillTrace.junior``), and
+      fits its GPU-hours too: then it is considered after every other candidate of each of the
+      group's decisions, so it changes no decision about anyone else, and it fits every time;
+    * the group never turned anyone away (``FillTrace.rejected_at``), so its peaks are what it
+      holds at the end and everyone who ever proposed there is held, and no GPU-hours are set
+      on it (those checks depend on rank order): then everything that can ever propose there,
+      the newcomer included, fits together, every decision accepts every candidate, whatever
+      their order, and nothing turned away elsewhere changes.
+
+    Either way it is accepted in round 1 and never turned away: the matching is ``base`` plus
+    each new claim held by its first envelope.  A loan's borrow limit counts the run's other
+    loans, which live in other acceptors, so a new claim that borrows needs ``runs_alone``.
     """
     trace = base.trace
     if trace is None:
@@ -540,9 +575,12 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
     for rank, c, env, _tier in claims:
         acceptor = index.acceptor_of[env.key]
         last = junior.get(acceptor)
-        if last is not None and not rank > last:
+        is_junior = last is None or rank > last
+        if not is_junior and (
+            acceptor in trace.rejected_at or _hours_in_group(index, index.acceptors[acceptor])
+        ):
             return None
-        junior[acceptor] = rank
+        junior[acceptor] = rank if last is None or rank > last else last
         w = c.lease.width
         key = env.key
         above = trace.used.get(key, 0) + used[key]
@@ -581,7 +619,8 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         if env.key not in copied:
             copied.add(env.key)
             accepted[env.key] = list(accepted.get(env.key, ()))
-        accepted[env.key].append(Accepted(rank, c.lease.width, int(rank[0])))  # type: ignore[call-overload]
+        row = Accepted(rank, c.lease.width, int(rank[0]))  # type: ignore[call-overload]
+        bisect.insort(accepted[env.key], row, key=lambda a: a.rank)
         payer[c.lease.id] = env.key
         cls[c.lease.id] = (
             FundingClass.OWNED
@@ -596,17 +635,24 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         _plus(trace.lent, lent),
         _plus(trace.cap, cap_used),
         trace.rejected_any,
+        trace.rejected_at,
     )
-    if base.payer and any(x.id in payer for x in new):
+    ordered = base.ordered
+    if ordered and base.payer:
         last_id = next(reversed(base.payer))
-        if any(x.id < last_id for x in new if x.id in payer):
-            # ``fill`` lists leases by id, and the meter charges them in that order (float
-            # sums depend on it), so a newcomer that sorts inside goes to its place
-            order = sorted(payer)
-            payer = {k: payer[k] for k in order}
-            cls = {k: cls[k] for k in order if k in cls}
-            rejections = {k: rejections[k] for k in order if k in rejections}
-    return FillResult(payer, cls, rejections, accepted, new_trace)
+        ordered = not any(x.id < last_id for x in new if x.id in payer)
+    return FillResult(payer, cls, rejections, accepted, new_trace, ordered)
+
+
+def _hours_in_group(index: EnvelopeIndex, members: Sequence[EnvelopeKey]) -> bool:
+    """Does an envelope of the group, or a cap over it, set GPU-hours?"""
+    for key in members:
+        env = index.envelopes[key]
+        if env.gpu_hours is not None:
+            return True
+        if any(index.caps[cap_id].gpu_hours is not None for cap_id in env.caps):
+            return True
+    return False
 
 
 def _plus(base: Mapping[_K, int], extra: Mapping[_K, int]) -> dict[_K, int]:
@@ -644,4 +690,4 @@ def shrink_fill(base: FillResult, gone: Sequence[Lease]) -> FillResult | None:
             continue
         rows = accepted[env]
         accepted[env] = [r for r in rows if r.rank[-1] != lid]
-    return FillResult(payer, cls, rejections, accepted, trace)
+    return FillResult(payer, cls, rejections, accepted, trace, base.ordered)

@@ -208,7 +208,7 @@ def _accrue(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: f
         return
     by_id = {lease.id: lease for lease in inputs.leases}
     settled, unsettled = meter._settled, meter._unsettled
-    for lease_id, cls in f.funding_class.items():
+    for lease_id, cls in f.classes_by_id():
         lease = by_id[lease_id]
         gpu_hours = lease.width * hours
         meter.run_hours[lease.run][cls] += gpu_hours

@@ -128,7 +128,7 @@ def _plan(
     problem = PlacementModel.build(
         work, request, sizes, frees=frees, greedy=greedy_decision, settings=settings
     )
-    decision = problem.solve(settings, budget) if problem is not None else None
+    decision = (problem.evident() or problem.solve(settings, budget)) if problem else None
     if decision is None:
         return _greedy_result(greedy_plan, greedy_error)
     plan = realize(work.fork(), request, decision, SOLVER)
