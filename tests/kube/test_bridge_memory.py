@@ -405,6 +405,7 @@ async def test_a_notification_channel_applied_with_kubectl_reaches_the_ledger(
 ) -> None:
     """``kubectl apply`` of a NotificationChannel: applied once per generation, refused when
     invalid (nothing applied), removed from the ledger when the object is deleted."""
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
     group = "rq.davidlangworthy.io"
     channels = cluster.rt("notificationchannels", group)
     body = {

@@ -171,7 +171,8 @@ class KubeBridge(Actor):
         self.informers: dict[str, Informer] = {}
         self._dirty = asyncio.Event()
         self.passes = 0
-        self.commands = 0
+        self.commands = 0  # fleet API commands sent (reads such as ``seq`` are not counted)
+        self._pass_lock = asyncio.Lock()  # passes never interleave, whoever starts them
         self.rejected: dict[tuple[str, str], str] = {}  # (uid, generation) -> why
         self.problems: dict[str, str] = {}  # node -> why it is left out
         self._forecasts: dict[str, tuple[int, dict[str, Any] | None]] = {}
@@ -253,8 +254,12 @@ class KubeBridge(Actor):
 
     # -- fleet API ---------------------------------------------------------------------------
     async def _api(self, endpoint: str, body: dict[str, Any]) -> Any:
-        assert self.nc is not None
+        """Send one command (it may change the ledger, so the pass settles and looks again)."""
         self.commands += 1
+        return await self._request(endpoint, body)
+
+    async def _request(self, endpoint: str, body: dict[str, Any]) -> Any:
+        assert self.nc is not None
         try:
             msg = await self.nc.request(
                 subjects.api(endpoint), json.dumps(body).encode(), timeout=self.config.api_timeout
@@ -277,7 +282,7 @@ class KubeBridge(Actor):
         """Read-your-writes: wait until the follower has folded what our commands appended."""
         assert self.follower is not None
         try:
-            seq = int((await self._api("seq", {}))["seq"])
+            seq = int((await self._request("seq", {}))["seq"])
         except FleetApiError:
             return
         await self.follower.wait_for(seq, self.config.api_timeout)
@@ -310,7 +315,15 @@ class KubeBridge(Actor):
 
     # -- one pass ----------------------------------------------------------------------------
     async def reconcile_once(self) -> None:
-        """One level-triggered pass over everything (sorted: deterministic)."""
+        """One level-triggered pass over everything (sorted: deterministic).
+
+        Serialized: a pass started by hand (tests, a resync) waits for the loop's pass, so two
+        passes never both see an object as unapplied and send it twice.
+        """
+        async with self._pass_lock:
+            await self._pass()
+
+    async def _pass(self) -> None:
         self.passes += 1
         before = self.commands
         if self.config.objects:
