@@ -413,6 +413,10 @@ def test_rbac_is_exactly_what_the_kubernetes_bridge_touches(chart: helm.Chart) -
         want |= {(CRD_GROUP, f"{plural}/status", v) for v in ("get", "patch")}
     want.add((CRD_GROUP, "runs/finalizers", "update"))
     want |= {(CRD_GROUP, "notificationchannels", v) for v in ("get", "list", "watch")}
+    for plural in ("gpuleases", "reservations"):
+        want |= {(CRD_GROUP, plural, v) for v in ("get", "list", "watch", "create", "delete")}
+        want.add((CRD_GROUP, f"{plural}/status", "patch"))
+    want.add(("events.k8s.io", "events", "create"))
     assert granted == want
 
 

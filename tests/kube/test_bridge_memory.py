@@ -430,3 +430,74 @@ async def test_a_notification_channel_applied_with_kubectl_reaches_the_ledger(
 
     cluster.store.delete(channels, "rai", "deadlines")
     await wait_until(lambda: "rai/deadlines" not in cluster.bridge.state.channels, "deleted")
+
+
+def _mirrors(cluster: Cluster, plural: str, ns: str) -> list[dict[str, Any]]:
+    items, _ = cluster.store.list(cluster.rt(plural, "rq.davidlangworthy.io"), ns)
+    return items
+
+
+async def test_gpuleases_and_reservations_mirror_the_ledger(cluster: Cluster) -> None:
+    """One GPULease per open lease and one Reservation per pending reservation, status through
+    the status subresource; a closed lease's and a released reservation's object go."""
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
+    cluster.create("budgets", "rai", budget_obj("rai", "org:ai:rai"), "rq.davidlangworthy.io")
+    cluster.create(
+        "runs", "rai", run_obj("rai", "big", 16, gpus_per_pod=4), "rq.davidlangworthy.io"
+    )
+
+    def lease_mirrors() -> list[dict[str, Any]] | None:
+        items = _mirrors(cluster, "gpuleases", "rai")
+        done = len(items) == 2 and all((o.get("status") or {}).get("fundingClass") for o in items)
+        return items if done else None
+
+    items = await wait_until(lease_mirrors, "two GPULease mirrors with status")
+    leases = await _leases(cluster, "rai", "big")
+    assert sorted(o["metadata"]["annotations"]["rq.davidlangworthy.io/lease"] for o in items) == (
+        sorted(x["id"] for x in leases)
+    )
+    run_uid = cluster.run("rai", "big")["metadata"]["uid"]
+    for o in items:
+        assert o["spec"]["runRef"] == {"name": "big", "namespace": "rai"}
+        assert o["spec"]["slice"]["role"] == "Active"
+        assert len(o["spec"]["slice"]["nodes"]) == 8
+        assert o["spec"]["paidByEnvelope"] == "e"
+        assert o["spec"]["owner"] == "org:ai:rai"
+        st = o["status"]
+        assert (st["gpus"], st["fundingClass"], st["closed"]) == (8, "owned", False)
+        assert {c["type"]: c["status"] for c in st["conditions"]} == {
+            "Active": "True",
+            "Closed": "False",
+        }
+        assert o["metadata"]["ownerReferences"][0]["uid"] == run_uid
+        assert o["metadata"]["name"].startswith("big-")
+
+    # A second run over the budget waits with a reservation: its mirror appears.
+    cluster.create("runs", "rai", run_obj("rai", "extra", 8), "rq.davidlangworthy.io")
+
+    def reservation() -> dict[str, Any] | None:
+        items = _mirrors(cluster, "reservations", "rai")
+        return items[0] if len(items) == 1 and items[0].get("status") else None
+
+    res = await wait_until(reservation, "Reservation mirror")
+    st = cluster.run("rai", "extra").get("status") or {}
+    await wait_until(
+        lambda: (cluster.run("rai", "extra").get("status") or {}).get("pendingReservation"),
+        "run status names its reservation",
+    )
+    st = cluster.run("rai", "extra")["status"]
+    assert res["metadata"]["name"] == st["pendingReservation"]
+    assert res["spec"]["runRef"]["name"] == "extra"
+    assert res["spec"]["earliestStart"] == st["earliestStart"]
+    assert res["status"]["state"] == "Pending"
+    assert res["status"]["forecast"]["scope"] == "budget"
+
+    # Completing the first run closes its leases: their mirrors go, the reservation activates
+    # (released) and its mirror goes; the second run's leases get mirrors.
+    await cluster.api("complete", {"namespace": "rai", "name": "big"})
+
+    def settled() -> bool:
+        names = {o["spec"]["runRef"]["name"] for o in _mirrors(cluster, "gpuleases", "rai")}
+        return names == {"extra"} and not _mirrors(cluster, "reservations", "rai")
+
+    await wait_until(settled, "mirrors follow the ledger")

@@ -53,6 +53,7 @@ from gpu_fleet.kube.client import (
     NotFoundError,
 )
 from gpu_fleet.kube.informer import Informer
+from gpu_fleet.kube.mirrors import Mirrors, keep_transitions, mirrors
 from gpu_fleet.kube.objects import (
     A_GENERATION,
     A_LEASE,
@@ -60,6 +61,7 @@ from gpu_fleet.kube.objects import (
     BUDGETS,
     CHANNELS,
     FINALIZER,
+    GPULEASES,
     L_RUN,
     MANAGED_BY,
     MANAGER_NAME,
@@ -67,6 +69,7 @@ from gpu_fleet.kube.objects import (
     NODE_SOURCE_LABEL,
     NODES,
     PODS,
+    RESERVATIONS,
     RUNS,
     SERVICES,
     Obj,
@@ -193,7 +196,7 @@ class KubeBridge(Actor):
             self.client = await kube_connect(self.config.connection)
         wanted = []
         if self.config.objects:
-            wanted += [RUNS, BUDGETS, CHANNELS]
+            wanted += [RUNS, BUDGETS, CHANNELS, GPULEASES, RESERVATIONS]
         if self.config.pods:
             wanted += [NODES, PODS] + ([] if self.config.objects else [RUNS])
         for res in wanted:
@@ -542,6 +545,57 @@ class KubeBridge(Actor):
             if want != previous:
                 patch = {"status": merge_patch_to(previous, want)}
                 await self._patch_quietly(BUDGETS, obj, patch, "status")
+        await self._mirrors(state, now)
+
+    # -- objects side: read-only mirrors ------------------------------------------------------
+    async def _mirrors(self, state: FleetState, now: str) -> None:
+        """One GPULease per open lease, one Reservation per pending reservation; the rest of
+        the managed mirrors go.  Runs up to the same batch boundary as the status writes."""
+        run_objs = {}
+        for obj in self.informers["runs"].items():
+            key = run_key(*key_of(obj))
+            known = state.runs.get(key)
+            if known is not None and known.metadata.annotations.get(A_UID) == uid_of(obj):
+                run_objs[key] = obj
+        leases, reservations = mirrors(state, run_objs, now)
+        await self._sync_mirrors(GPULEASES, leases)
+        await self._sync_mirrors(RESERVATIONS, reservations)
+
+    async def _sync_mirrors(self, res: Any, want: Mirrors) -> None:
+        """Make the managed objects of ``res`` exactly ``want``: create what is missing
+        (AlreadyExists is success: an earlier incarnation or pass made it), write status that
+        differs through the status subresource, delete what the ledger no longer holds."""
+        assert self.client is not None
+        inf = self.informers[res.plural]
+        existing = {
+            key_of(o): o for o in inf.items() if labels_of(o).get(MANAGED_BY) == MANAGER_NAME
+        }
+        for key in sorted(set(existing) - set(want)):
+            try:
+                await self.client.delete(res, key[0], key[1])
+                log.info("kube.mirror_deleted", kind=res.kind, object=f"{key[0]}/{key[1]}")
+            except NotFoundError:
+                pass
+        for key in sorted(want):
+            m = want[key]
+            obj = existing.get(key)
+            if obj is None:
+                try:
+                    obj = await self.client.create(res, m.namespace, m.body)
+                    log.info("kube.mirror_created", kind=res.kind, object=f"{key[0]}/{key[1]}")
+                except AlreadyExistsError:
+                    try:
+                        obj = await self.client.get(res, m.namespace, m.name)
+                    except NotFoundError:
+                        continue
+                except ApiStatusError as exc:  # e.g. the namespace does not exist
+                    log.warning("kube.mirror_create_failed", kind=res.kind, error=str(exc))
+                    continue
+            previous = obj.get("status") or None
+            status = keep_transitions(previous, m.status)
+            if status != previous:
+                patch = {"status": merge_patch_to(previous, status)}
+                await self._patch_quietly(res, obj, patch, "status")
 
     # -- pods side: nodes ------------------------------------------------------------------------
     async def _nodes(self) -> None:

@@ -35,6 +35,7 @@ A_SLOTS = f"{GROUP}/slots"
 A_NODE = f"{GROUP}/node"
 A_UID = f"{GROUP}/uid"
 A_GENERATION = f"{GROUP}/generation"
+A_RESERVATION = f"{GROUP}/reservation"
 NODE_SOURCE_LABEL = "node.source"
 NODE_SOURCE = "kubernetes"
 
@@ -72,6 +73,9 @@ SERVICES = Resource("", "v1", "services", "Service", namespaced=True)
 RUNS = Resource(GROUP, "v1", "runs", "Run", namespaced=True)
 BUDGETS = Resource(GROUP, "v1", "budgets", "Budget", namespaced=True)
 CHANNELS = Resource(GROUP, "v1", "notificationchannels", "NotificationChannel", namespaced=True)
+GPULEASES = Resource(GROUP, "v1", "gpuleases", "GPULease", namespaced=True)
+RESERVATIONS = Resource(GROUP, "v1", "reservations", "Reservation", namespaced=True)
+LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", namespaced=True)
 EVENTS = Resource("events.k8s.io", "v1", "events", "Event", namespaced=True)
 
 

@@ -221,8 +221,13 @@ def budget_status(
             else now
         ),
     }
+    totals = {
+        k: sum(int(u[k]) for u in usage)
+        for k in ("ownedGPUs", "sharedGPUs", "borrowedGPUs", "unfundedGPUs", "spareGPUs")
+    }
     return {
         "observedGeneration": generation,
+        "totals": totals,
         "headroom": headroom,
         "aggregateHeadroom": caps,
         "usage": usage,

@@ -219,4 +219,20 @@ mapping as JSON (gpu_fleet.kube.settings reads GPU_FLEET_KUBE_MAPPING).
   value: "true"
 - name: GPU_FLEET_KUBE_MAPPING
   value: {{ $mapping | toJson | quote }}
+{{- with $k.leaderElection }}
+{{- if .enabled }}
+- name: GPU_FLEET_KUBE_LEADER_ELECT
+  value: "true"
+- name: GPU_FLEET_KUBE_LEADER_NAMESPACE
+  value: {{ $.Release.Namespace | quote }}
+- name: GPU_FLEET_KUBE_LEADER_NAME
+  value: {{ include "gpu-fleet.fullname" $ | quote }}
+- name: GPU_FLEET_KUBE_LEADER_LEASE_SECONDS
+  value: {{ .leaseDurationSeconds | quote }}
+- name: GPU_FLEET_KUBE_LEADER_RENEW_SECONDS
+  value: {{ .renewDeadlineSeconds | quote }}
+- name: GPU_FLEET_KUBE_LEADER_RETRY_SECONDS
+  value: {{ .retryPeriodSeconds | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
