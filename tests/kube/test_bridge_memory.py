@@ -6,6 +6,8 @@ Each test waits on conditions with bounded polling, never on time.
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -339,6 +341,10 @@ async def test_a_restarted_bridge_converges_with_no_duplicate_and_no_leak(cluste
 
     pods = await wait_until(both_bound, "both pods bound")
     placed = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in pods}
+    before = await wait_until(
+        lambda: (e := _events(cluster, "rai")) and {"Admitted", "Bound"} <= set(e.values()) and e,
+        "Admitted and Bound events",
+    )
     await cluster.bridge.stop()
     # While no bridge runs: a pod is lost, and a pod of a lease that is not open shows up (left
     # by a crash of an earlier incarnation).
@@ -370,9 +376,47 @@ async def test_a_restarted_bridge_converges_with_no_duplicate_and_no_leak(cluste
         names = [p["metadata"]["name"] for p in cluster.pods("rai", "keep")]
         assert sorted(names) == ["keep-active-0", "keep-active-1"]
         assert cluster.run("rai", "keep")["status"]["phase"] == "Running"
+        # Both replayed the whole ledger and re-bound a pod: no Event was created twice.
+        await wait_until(
+            lambda: all(b.passes and not b.events.pending for b in bridges), "events replayed"
+        )
+        assert _events(cluster, "rai") == before
+        assert sum(b.events_created for b in bridges) == 0
     finally:
         for b in bridges:
             await b.stop()
+
+
+def _events(cluster: Cluster, ns: str) -> dict[str, str]:
+    """Event name -> reason, of the events.k8s.io Events in ``ns``."""
+    items, _ = cluster.store.list(cluster.rt("events", "events.k8s.io"), ns)
+    return {e["metadata"]["name"]: e["reason"] for e in items}
+
+
+async def test_events_on_the_run_admitted_bound_and_expired(cluster: Cluster) -> None:
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
+    cluster.create("budgets", "rai", budget_obj("rai", "org:ai:rai"), "rq.davidlangworthy.io")
+    spec = {"runtime": {"maxDuration": "1h"}}
+    cluster.create(
+        "runs", "rai", run_obj("rai", "short", 4, extra_spec=spec), "rq.davidlangworthy.io"
+    )
+
+    def reasons() -> set[str]:
+        return {r for n, r in _events(cluster, "rai").items() if n.startswith("short.")}
+
+    await wait_until(lambda: {"Admitted", "Bound"} <= reasons(), "Admitted and Bound")
+    items, _ = cluster.store.list(cluster.rt("events", "events.k8s.io"), "rai")
+    admitted = next(e for e in items if e["reason"] == "Admitted")
+    assert re.fullmatch(r"short\.[0-9a-f]+\.admitted", admitted["metadata"]["name"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", admitted["eventTime"])
+    assert admitted["regarding"]["uid"] == cluster.run("rai", "short")["metadata"]["uid"]
+    assert admitted["note"].startswith("admitted: 4 GPUs on ")
+    leases = await _leases(cluster, "rai", "short")
+    end = max(int(dt.datetime.fromisoformat(x["end"]).timestamp()) for x in leases)
+    await cluster.api("clock", {"advance_to": end})
+    await wait_until(lambda: "Expired" in reasons(), "Expired event")
+    expired = next(e for e in _events(cluster, "rai").items() if e[1] == "Expired")
+    assert expired[0].startswith("short.")
 
 
 def run_pods_leak(cluster: Cluster, name: str) -> dict[str, Any]:

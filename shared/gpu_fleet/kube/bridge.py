@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ from gpu_fleet.kube.client import (
     KubeClient,
     NotFoundError,
 )
+from gpu_fleet.kube.events import EventLog, RunEvent, bound_event
 from gpu_fleet.kube.informer import Informer
 from gpu_fleet.kube.mirrors import Mirrors, keep_transitions, mirrors
 from gpu_fleet.kube.objects import (
@@ -60,6 +62,7 @@ from gpu_fleet.kube.objects import (
     A_UID,
     BUDGETS,
     CHANNELS,
+    EVENTS,
     FINALIZER,
     GPULEASES,
     L_RUN,
@@ -116,6 +119,7 @@ class BridgeConfig:
     resync_seconds: float = 30.0  # a full pass even when nothing changed (missed-event safety)
     api_timeout: float = 20.0
     forecasts: bool = True
+    instance: str = field(default_factory=socket.gethostname)  # Events' reportingInstance
 
 
 def _now() -> str:
@@ -179,6 +183,8 @@ class KubeBridge(Actor):
         self.rejected: dict[tuple[str, str], str] = {}  # (uid, generation) -> why
         self.problems: dict[str, str] = {}  # node -> why it is left out
         self._forecasts: dict[str, tuple[int, dict[str, Any] | None]] = {}
+        self.events = EventLog(derive=config.objects)
+        self.events_created = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def _on_start(self) -> None:
@@ -186,7 +192,7 @@ class KubeBridge(Actor):
         ledger = LedgerStream(self.nc)
         await ledger.ensure()
         self.ledger = ledger
-        self.follower = LedgerFollower(ledger, on_event=lambda *_: self.kick())
+        self.follower = LedgerFollower(ledger, on_event=self._on_ledger_event)
         await self.follower.catch_up()
         if self._client_factory is not None:
             self.client = self._client_factory()
@@ -235,6 +241,10 @@ class KubeBridge(Actor):
 
     def kick(self) -> None:
         self._dirty.set()
+
+    def _on_ledger_event(self, seq: int, event: Any, state: FleetState) -> None:
+        self.events.observe(seq, event, state)
+        self.kick()
 
     async def _loop(self) -> None:
         for inf in self.informers.values():
@@ -546,6 +556,27 @@ class KubeBridge(Actor):
                 patch = {"status": merge_patch_to(previous, want)}
                 await self._patch_quietly(BUDGETS, obj, patch, "status")
         await self._mirrors(state, now)
+        for ev in self.events.due(state.clock):
+            if not await self._create_event(ev):
+                break
+
+    async def _create_event(self, ev: RunEvent) -> bool:
+        """Create one Event; AlreadyExists is success (a replay).  False: try again later."""
+        assert self.client is not None
+        try:
+            await self.client.create(EVENTS, ev.namespace, ev.body(self.config.instance))
+            self.events_created += 1
+            log.info("kube.event", run=f"{ev.namespace}/{ev.run}", reason=ev.reason, name=ev.name)
+        except AlreadyExistsError:
+            pass
+        except NotFoundError as exc:  # the namespace is gone: nothing to attach it to
+            log.info("kube.event_dropped", name=ev.name, error=exc.message)
+        except ApiStatusError as exc:
+            log.warning("kube.event_failed", name=ev.name, error=str(exc))
+            if exc.code >= 500 or exc.code == 429:
+                return False
+        self.events.done(ev)
+        return True
 
     # -- objects side: read-only mirrors ------------------------------------------------------
     async def _mirrors(self, state: FleetState, now: str) -> None:
@@ -719,17 +750,34 @@ class KubeBridge(Actor):
                 uids[intent.name] = uid_of(existing)
             if not complete:
                 continue  # bind only once the whole gang's pods exist
+            placed = 0
+            bound_now = 0
             for intent in gang:
                 pod = pods[(intent.namespace, intent.name)]
                 bound = (pod.get("spec") or {}).get("nodeName")
                 if bound == intent.node:
+                    placed += 1
                     continue
                 if bound:
                     await self._delete_pod(
                         pod, f"bound to {bound}, lease is on {intent.node}", None
                     )
                     continue
-                await self._bind(intent, uids[intent.name])
+                if await self._bind(intent, uids[intent.name]):
+                    placed += 1
+                    bound_now += 1
+            if bound_now and placed == len(gang):
+                lease_ids = sorted({i.lease for i in gang})
+                ev = bound_event(
+                    state,
+                    key,
+                    lease_ids=lease_ids,
+                    pods=len(gang),
+                    mint_seq=self.events.mint_seq,
+                    at=state.clock,
+                )
+                if ev is not None:
+                    await self._create_event(ev)
         await self._outcomes(intents, pods, running)
 
     async def _ensure_service(self, run: Run, obj: Obj) -> None:
@@ -760,7 +808,8 @@ class KubeBridge(Actor):
             log.warning("kube.pod_create_failed", pod=intent.name, error=str(exc))
             return None
 
-    async def _bind(self, intent: PodIntent, uid: str) -> None:
+    async def _bind(self, intent: PodIntent, uid: str) -> bool:
+        """Bind one pod; True when it is bound on its lease's node (already-bound-here too)."""
         assert self.client is not None
         try:
             await self.client.bind(intent.namespace, intent.name, uid, intent.node)
@@ -769,8 +818,11 @@ class KubeBridge(Actor):
             pod = await self.client.get(PODS, intent.namespace, intent.name)
             if (pod.get("spec") or {}).get("nodeName") != intent.node:
                 await self._delete_pod(pod, "bound elsewhere", None)
+                return False
         except NotFoundError:
             self.kick()
+            return False
+        return True
 
     async def _delete_pod(self, pod: Obj, why: str, grace: int | None) -> None:
         assert self.client is not None
