@@ -545,3 +545,65 @@ async def test_gpuleases_and_reservations_mirror_the_ledger(cluster: Cluster) ->
         return names == {"extra"} and not _mirrors(cluster, "reservations", "rai")
 
     await wait_until(settled, "mirrors follow the ledger")
+
+
+async def test_failure_policy_retry_restarts_the_gang_after_backoff_then_fails(
+    cluster: Cluster,
+) -> None:
+    """A failed pod under Retry: the retry is a ledger event (counted once however often it is
+    reported), the gang's pods go for the backoff and come back on the same leases as the
+    next attempt; once the retries are used up the run fails."""
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
+    cluster.create("budgets", "rai", budget_obj("rai", "org:ai:rai"), "rq.davidlangworthy.io")
+    obj = run_obj("rai", "again", 2, failure_policy="Retry")
+    obj["spec"]["roles"][0].update({"retries": 1, "backoff": "1m"})
+    cluster.create("runs", "rai", obj, "rq.davidlangworthy.io")
+
+    def running(attempt: str) -> dict[str, dict[str, Any]] | None:
+        pods = {p["metadata"]["name"]: p for p in cluster.pods("rai", "again")}
+        ok = len(pods) == 2 and all(
+            p["status"]["phase"] == "Running"
+            and p["metadata"]["annotations"]["rq.davidlangworthy.io/attempt"] == attempt
+            for p in pods.values()
+        )
+        return pods if ok else None
+
+    first = await wait_until(lambda: running("0"), "attempt 0 running")
+    leases = await _leases(cluster, "rai", "again")
+    cluster.kubelet.finish("rai", "again-active-1", "Failed", exit_code=3)
+
+    def backing_off() -> dict[str, Any] | None:
+        st = cluster.run("rai", "again").get("status") or {}
+        return st if st.get("failedAttempts") == 1 and st.get("retryAfter") else None
+
+    st = await wait_until(backing_off, "status shows the retry and its backoff")
+    assert st["phase"] == "Running"
+    await wait_until(lambda: not cluster.pods("rai", "again"), "pods gone during the backoff")
+    assert "Retrying" in _events(cluster, "rai").values()
+    # The same failure reported again (a second bridge, a replayed pass) counts once.
+    again = await cluster.api("retry", {"namespace": "rai", "name": "again", "attempt": 0})
+    assert again["failedAttempts"] == 1
+    assert await _leases(cluster, "rai", "again") == leases  # GPUs kept while waiting
+
+    retry_after = int(dt.datetime.fromisoformat(st["retryAfter"]).timestamp())
+    await cluster.api("clock", {"advance_to": retry_after})
+    second = await wait_until(lambda: running("1"), "attempt 1 running on the same leases")
+    for name, pod in second.items():
+        assert pod["metadata"]["uid"] != first[name]["metadata"]["uid"]
+        assert pod["spec"]["nodeName"] == first[name]["spec"]["nodeName"]
+    st = cluster.run("rai", "again")["status"]
+    assert st["failedAttempts"] == 1
+    assert "retryAfter" not in st
+
+    cluster.kubelet.finish("rai", "again-active-0", "Failed", exit_code=1)
+
+    def failed() -> dict[str, Any] | None:
+        s = cluster.run("rai", "again").get("status") or {}
+        return s if s.get("phase") == "Failed" else None
+
+    st = await wait_until(failed, "retries used up: the run fails")
+    assert st["reason"] == "WorkloadFailed"
+    assert "after 1 retries" in st["message"]
+    closed = await _leases(cluster, "rai", "again")
+    assert all(x["closureReason"] == "WorkloadFailed" for x in closed)
+    await wait_until(lambda: not cluster.pods("rai", "again"), "pods of the failed run gone")

@@ -62,6 +62,7 @@ class Endpoints:
             "complete": self.complete,
             "eta": self.eta,
             "fail": self.fail,
+            "retry": self.retry,
             "node": self.node,
             "get": self.get,
             "list": self.list_runs,
@@ -241,6 +242,19 @@ class Endpoints:
         key = run_key(req.namespace, req.name)
         await self.manager.mutate(lambda now: self._fleet().fail(key, now))
         return {"run": key, "phase": "Failed"}
+
+    async def retry(self, data: bytes) -> Any:
+        req = self.manager.decode(data, api.RetryRequest)
+        key = run_key(req.namespace, req.name)
+        await self.manager.mutate(lambda now: self._fleet().retry(key, now, req.attempt, req.pod))
+        st = self._fleet().state
+        r = st.retries.get(key)
+        return {
+            "run": key,
+            "phase": st.status[key].phase if key in st.status else "",
+            "failedAttempts": r.attempt if r is not None else 0,
+            "retryAfter": format_instant(r.retry_after) if r is not None else None,
+        }
 
     async def node(self, data: bytes) -> Any:
         req = self.manager.decode(data, api.NodeRequest)

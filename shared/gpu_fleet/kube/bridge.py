@@ -33,6 +33,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client
 
+from gpu_fleet.core.engine.retry import waiting_retry
 from gpu_fleet.core.ledger import FleetState
 from gpu_fleet.core.model import (
     API_VERSION,
@@ -57,6 +58,7 @@ from gpu_fleet.kube.events import EventLog, RunEvent, bound_event
 from gpu_fleet.kube.informer import Informer
 from gpu_fleet.kube.mirrors import Mirrors, keep_transitions, mirrors
 from gpu_fleet.kube.objects import (
+    A_ATTEMPT,
     A_GENERATION,
     A_LEASE,
     A_UID,
@@ -688,6 +690,7 @@ class KubeBridge(Actor):
             if run is None or run.metadata.annotations.get(A_UID) != uid_of(obj):
                 continue
             objs[key] = obj
+            retry = state.retries.get(key)
             intents[key] = run_pods(
                 run,
                 run_obj=obj,
@@ -695,6 +698,8 @@ class KubeBridge(Actor):
                 open_ids=state.open_leases,
                 noticed=noticed,
                 settings=self.config.pod_settings,
+                attempt=retry.attempt if retry is not None else 0,
+                backoff=waiting_retry(state, key) is not None,
             )
         return intents, objs, noticed
 
@@ -723,10 +728,18 @@ class KubeBridge(Actor):
                 continue
             lease_id = annotations_of(pod).get(A_LEASE, "")
             intent = wanted.get(pkey)
-            if intent is not None and intent.lease == lease_id:
+            attempt = annotations_of(pod).get(A_ATTEMPT, "0")  # pods from before retries: 0
+            if (
+                intent is not None
+                and intent.lease == lease_id
+                and (intent.role is not LeaseRole.ACTIVE or attempt == str(intent.attempt))
+            ):
                 continue
             grace = max(0, deadlines[lease_id] - clock) if lease_id in noticed else None
-            await self._delete_pod(pod, "lease closed" if intent is None else "replaced", grace)
+            why = "lease closed" if intent is None else f"replaced by attempt {intent.attempt}"
+            if waiting_retry(state, run_key(pkey[0], labels_of(pod)[L_RUN])) is not None:
+                why = "retry backoff"
+            await self._delete_pod(pod, why, grace)
             pods.pop(pkey)
         for key in sorted(intents):
             gang = intents[key]
@@ -775,6 +788,7 @@ class KubeBridge(Actor):
                     pods=len(gang),
                     mint_seq=self.events.mint_seq,
                     at=state.clock,
+                    restart_seq=self.events.restart_seq.get(key, 0),
                 )
                 if ev is not None:
                     await self._create_event(ev)
@@ -857,6 +871,15 @@ class KubeBridge(Actor):
                 for i in active
             ]
             failed = [i.name for i, p in zip(active, phases, strict=True) if p == "Failed"]
+            if failed and policy == "Retry":
+                attempt = active[0].attempt
+                body = {"namespace": ns, "name": name, "attempt": attempt, "pod": failed[0]}
+                try:
+                    result = await self._api("retry", body)
+                    log.info("kube.run_retry", run=key, pods=failed, attempt=attempt, **result)
+                except FleetApiError as exc:
+                    log.info("kube.retry_skipped", run=key, error=exc.message)
+                continue
             if failed and policy != "Ignore":
                 try:
                     await self._api("fail", {"namespace": ns, "name": name})

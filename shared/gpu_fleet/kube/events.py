@@ -1,13 +1,15 @@
 """Kubernetes Events (``events.k8s.io/v1``) on Runs, derived from the ledger.  Pure.
 
 What a team sees with ``kubectl describe run`` / ``kubectl get events``: Admitted, Bound,
-Reserved, PreemptionNotice (deadline, seed and conflict set), Preempted, Swapped, Expired, and
-Completed / Failed.  Every Event except Bound comes from one ledger event, so it is named after
-that event's stream sequence: ``<run>.<seq in hex>.<reason>``.  A replay (a restarted bridge
+Reserved, PreemptionNotice (deadline, seed and conflict set), Preempted, Swapped, Expired,
+Retrying (failurePolicy Retry), and Completed / Failed.  Every Event except Bound comes from
+one ledger event, so it is named after that event's stream sequence:
+``<run>.<seq in hex>.<reason>``.  A replay (a restarted bridge
 folds the ledger from the start) derives the same names and the API server answers the second
 create with AlreadyExists, so a crash anywhere creates none twice.  Bound is the pods half's own
 act (all of a gang's pods bound); it is named after the sequence of the newest lease the gang
-holds, so binding the same leases again (after a crash mid-bind) reuses the name.
+holds (or of the gang's last retry restart, if later), so binding the same leases again after a
+crash mid-bind reuses the name, and each retry attempt gets its own.
 
 ``eventTime`` is the ledger event's own instant (the fleet's clock, virtual in tests) as a
 MicroTime - exactly six fractional digits, or the API server rejects the Event.  Events expire
@@ -27,6 +29,8 @@ from gpu_fleet.core.ledger.events import (
     LeaseMinted,
     LeasePreemptionScheduled,
     ReservationCreated,
+    RunRestarted,
+    RunRetried,
     RunStatusChanged,
 )
 from gpu_fleet.core.model import API_VERSION, Instant, MintReason
@@ -97,11 +101,14 @@ class EventLog:
         self.pending: dict[tuple[str, str], RunEvent] = {}
         self.phases: dict[str, str] = {}  # run key -> last phase seen (for transitions)
         self.mint_seq: dict[str, int] = {}  # lease id -> the sequence that minted it
+        self.restart_seq: dict[str, int] = {}  # run key -> the sequence of its last restart
         self.dropped = 0
 
     def observe(self, seq: int, event: Event, state: FleetState) -> None:
         if isinstance(event, LeaseMinted):
             self.mint_seq[event.lease.id] = seq
+        if isinstance(event, RunRestarted):
+            self.restart_seq[event.run] = seq
         if not self.derive:
             return
         for ev in derive(seq, event, state, self.phases):
@@ -139,6 +146,7 @@ KINDS = {
     "Expired": ("Expire", "Warning"),
     "Failed": ("Fail", "Warning"),
     "Completed": ("Complete", "Normal"),
+    "Retrying": ("Retry", "Warning"),
 }
 
 
@@ -195,6 +203,9 @@ def derive(seq: int, event: Event, state: FleetState, phases: dict[str, str]) ->
             if notice is not None and lease is not None and notice.reason == reason:
                 note = f"lease {lease_id} on {lease.node} closed: {reason}"
                 out.append(_make(state, lease.run, seq=seq, at=at, reason="Preempted", note=note))
+        case RunRetried(run=key, attempt=attempt, retry_after=after, pod=pod, at=at):
+            note = f"workload pod {pod or '?'} failed; retry {attempt} at {format_instant(after)}"
+            out.append(_make(state, key, seq=seq, at=at, reason="Retrying", note=note))
         case LeaseMinted(lease=lease, at=at) if lease.reason is MintReason.SWAP:
             note = f"swapped in: {lease.width} GPUs on {lease.node} (lease {lease.id})"
             out.append(_make(state, lease.run, seq=seq, at=at, reason="Swapped", note=note))
@@ -211,6 +222,7 @@ def bound_event(
     pods: int,
     mint_seq: dict[str, int],
     at: Instant,
+    restart_seq: int = 0,
 ) -> RunEvent | None:
     """The Bound Event for a gang whose pods are all bound (``None`` if the sequence of its
     leases is unknown, which only a lease older than the follower's history can be)."""
@@ -219,4 +231,4 @@ def bound_event(
         return None
     nodes = sorted({state.leases[i].node for i in lease_ids if i in state.leases})
     note = f"{pods} pods bound on {', '.join(nodes)}"
-    return _make(state, key, seq=max(seqs), at=at, reason="Bound", note=note)
+    return _make(state, key, seq=max(*seqs, restart_seq), at=at, reason="Bound", note=note)

@@ -36,6 +36,7 @@ A_NODE = f"{GROUP}/node"
 A_UID = f"{GROUP}/uid"
 A_GENERATION = f"{GROUP}/generation"
 A_RESERVATION = f"{GROUP}/reservation"
+A_ATTEMPT = f"{GROUP}/attempt"  # failurePolicy Retry: which attempt a pod belongs to
 NODE_SOURCE_LABEL = "node.source"
 NODE_SOURCE = "kubernetes"
 

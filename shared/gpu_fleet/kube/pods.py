@@ -8,6 +8,10 @@ SPEC §A.7 says, elastic cohort ``c`` pods are ``<run>-c<c>-active-<i>``, spares
 ``<run>-spare-<i>``, and a re-admitted gang continues the count.  Rendezvous env (when the gang
 has more than one pod) names rank 0 of the *current* gang.
 
+Under ``failurePolicy: Retry`` each pod carries the attempt it belongs to (annotation
+``.../attempt``, 0 for the first run); a retry replaces every active pod of the gang with one of
+the new attempt, and while the retry's backoff runs the gang has no active pod at all.
+
 Leases under a preemption notice get no pod (their pod is being stopped with the notice's
 grace), so an eviction is never "recovered" by re-creating the pod being preempted.
 """
@@ -21,6 +25,7 @@ from typing import Any
 
 from gpu_fleet.core.model import API_VERSION, Lease, LeaseRole, Role, Run
 from gpu_fleet.kube.objects import (
+    A_ATTEMPT,
     A_COHORT,
     A_EXPECTED_WIDTH,
     A_FLAVOR,
@@ -63,6 +68,7 @@ class PodIntent:
     role: LeaseRole
     gpus: int
     body: Obj
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,11 +133,20 @@ def run_pods(
     open_ids: Mapping[str, Lease],
     noticed: Iterable[str],
     settings: PodSettings,
+    attempt: int = 0,
+    backoff: bool = False,
 ) -> list[PodIntent]:
-    """The pods for the run's open leases (``leases``: all of them, in mint order)."""
+    """The pods for the run's open leases (``leases``: all of them, in mint order);
+    ``attempt``: the current retry attempt; ``backoff``: a retry waits (no active pods)."""
     noticed_ids = set(noticed)
     members = _members(run, leases)
-    live = [m for m in members if m.lease.id in open_ids and m.lease.id not in noticed_ids]
+    live = [
+        m
+        for m in members
+        if m.lease.id in open_ids
+        and m.lease.id not in noticed_ids
+        and not (backoff and m.lease.role is LeaseRole.ACTIVE)
+    ]
     gang = [m for m in live if m.lease.role is LeaseRole.ACTIVE]
     ns, run_name = run.metadata.namespace, run.metadata.name
     rank0 = gang[0].name if gang else ""
@@ -168,6 +183,8 @@ def run_pods(
         }
         if lease.cohort:
             annotations[A_COHORT] = str(lease.cohort)
+        if lease.role is LeaseRole.ACTIVE:
+            annotations[A_ATTEMPT] = str(attempt)
         containers = [dict(c) for c in spec.get("containers") or []]
         target = _gpu_container(containers)
         resources = dict(target.get("resources") or {})
@@ -206,7 +223,7 @@ def run_pods(
             },
             "spec": pod_spec,
         }
-        out.append(PodIntent(m.name, ns, lease.node, lease.id, lease.role, m.gpus, body))
+        out.append(PodIntent(m.name, ns, lease.node, lease.id, lease.role, m.gpus, body, attempt))
     return out
 
 

@@ -148,6 +148,11 @@ def run_status(
         out["forecast"] = forecast
         if "earliestStart" not in out and forecast.get("earliestStart"):
             out["earliestStart"] = forecast["earliestStart"]
+    retry = state.retries.get(key)
+    if retry is not None:
+        out["failedAttempts"] = retry.attempt
+        if state.restarts.get(key, 0) < retry.attempt:
+            out["retryAfter"] = format_instant(retry.retry_after)
     if key in state.etas:
         out["eta"] = {"estimatedCompletion": format_instant(state.etas[key]), "source": "job"}
     return out

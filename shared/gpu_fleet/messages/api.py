@@ -20,6 +20,16 @@ class RunRef(_Req, frozen=True, kw_only=True):
     name: str
 
 
+class RetryRequest(_Req, frozen=True, kw_only=True):
+    """A workload pod of ``attempt`` (0: the first run, N: retry N) failed under
+    ``failurePolicy: Retry``; a report for an attempt already handled changes nothing."""
+
+    namespace: str = "default"
+    name: str
+    attempt: int = 0
+    pod: str = ""
+
+
 class ApplyRequest(_Req, frozen=True, kw_only=True):
     documents: str  # YAML or JSON text, several documents allowed
     source: str = "<request>"

@@ -47,6 +47,7 @@ Requests = (
     | api.ClockRequest
     | api.ReportRequest
     | api.FleetMapRequest
+    | api.RetryRequest
 )
 
 
@@ -134,6 +135,10 @@ def request_problems(req: Requests) -> list[api.FieldErrorOut]:
             p.check("label", label, label_value_problem)
         case api.FleetMapRequest():
             pass  # no fields yet
+        case api.RetryRequest(namespace=ns, name=name, attempt=attempt, pod=pod):
+            p.run_ref(ns, name)
+            p.count("attempt", attempt, 0)
+            p.text("pod", pod, 253)
         case _:
             assert_never(req)
     return p.items

@@ -33,6 +33,7 @@ from gpu_fleet.core.engine.gang import (
     status_event,
 )
 from gpu_fleet.core.engine.resolver import close_preempted, stale_preemptions
+from gpu_fleet.core.engine.retry import RetryRefusedError, due_restarts, next_restart, retry_events
 from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.ledger.events import (
     BudgetApplied,
@@ -172,6 +173,16 @@ class Fleet:
         )
         return self.commit(events) + self.reconcile(at)
 
+    def retry(self, key: str, at: Instant, attempt: int, pod: str = "") -> list[Event]:
+        """A workload pod of ``attempt`` failed under ``failurePolicy: Retry`` (see
+        ``engine.retry``): retry after the backoff, or fail once the retries are used up."""
+        self._require_running(key, "retry")
+        try:
+            events = retry_events(self.state, key, at, attempt, pod)
+        except RetryRefusedError as exc:
+            raise CommandError(str(exc), "rejected") from exc
+        return self.commit(events) + self.reconcile(at)
+
     def set_node_health(self, node: str, health: NodeHealth, at: Instant) -> list[Event]:
         """Record a node's health; a node newly *fenced* has failed (SPEC §B.13).
 
@@ -247,6 +258,9 @@ class Fleet:
             deadline = checkpoint_deadline(state, key)
             if deadline is not None and deadline > after:
                 times.append(deadline)
+        restart = next_restart(state, after)
+        if restart is not None:
+            times.append(restart)
         return min(times) if times else None
 
     def advance_to(self, until: Instant) -> list[Event]:
@@ -290,6 +304,7 @@ class Fleet:
                         f"checkpoint grace expired at {format_instant(deadline)}",
                     )
                 )
+        done += self.commit(due_restarts(state, now))
         done += self._shrink(now)
         done += self._activate_due(now)
         done += self._admit_pending(now)

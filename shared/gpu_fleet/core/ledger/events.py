@@ -159,6 +159,25 @@ class LeasePreemptionCanceled(_Event, tag="LeasePreemptionCanceled", kw_only=Tru
     reason: str = ""
 
 
+class RunRetried(_Event, tag="RunRetried", kw_only=True, frozen=True):
+    """A workload pod failed under ``failurePolicy: Retry`` with retries left: attempt
+    ``attempt`` (1 = the first retry) restarts the gang on the same leases at ``retry_after``
+    (``backoff`` doubled per retry).  On the ledger so a replay counts retries exactly as
+    decided, and a retry reported twice (two bridges, a replayed pass) counts once."""
+
+    run: str
+    attempt: int
+    retry_after: Instant
+    pod: str = ""  # the pod whose failure this is (informational)
+
+
+class RunRestarted(_Event, tag="RunRestarted", kw_only=True, frozen=True):
+    """The backoff of retry ``attempt`` is over: the gang's pods are created again."""
+
+    run: str
+    attempt: int
+
+
 class ChannelApplied(_Event, tag="ChannelApplied", kw_only=True, frozen=True):
     """A NotificationChannel created or changed.  It carries the secret's *reference* only."""
 
@@ -188,6 +207,8 @@ Event = (
     | LeasePreemptionCanceled
     | ChannelApplied
     | ChannelDeleted
+    | RunRetried
+    | RunRestarted
 )
 
 EVENT_ENCODER = msgspec.json.Encoder()

@@ -16,7 +16,13 @@ from __future__ import annotations
 import msgspec
 
 from gpu_fleet.core.funding.metering import Meter
-from gpu_fleet.core.ledger.events import Event, LeasePreemptionScheduled, Reservation, RunPhase
+from gpu_fleet.core.ledger.events import (
+    Event,
+    LeasePreemptionScheduled,
+    Reservation,
+    RunPhase,
+    RunRetried,
+)
 from gpu_fleet.core.ledger.state import FleetState, RunStatus
 from gpu_fleet.core.model import (
     Budget,
@@ -68,6 +74,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     funding_epoch: int
     etas: dict[str, Instant] = {}
     channels: dict[str, NotificationChannel] = {}
+    retries: dict[str, RunRetried] = {}
+    restarts: dict[str, int] = {}
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -108,6 +116,8 @@ def take(state: FleetState, seq: int) -> bytes:
         funding_epoch=state.funding_epoch,
         etas=state.etas,
         channels=state.channels,
+        retries=state.retries,
+        restarts=state.restarts,
     )
     return _ENCODER.encode(snap)
 
@@ -152,5 +162,7 @@ def restore(data: bytes) -> tuple[FleetState, int] | None:
     state.funding_epoch = snap.funding_epoch
     state.etas = dict(snap.etas)
     state.channels = dict(snap.channels)
+    state.retries = dict(snap.retries)
+    state.restarts = dict(snap.restarts)
     state.rebuild_indexes()
     return state, snap.seq

@@ -48,6 +48,8 @@ from gpu_fleet.core.ledger.events import (
     RunDeleted,
     RunEtaReported,
     RunPhase,
+    RunRestarted,
+    RunRetried,
     RunStatusChanged,
     RunSubmitted,
     RunUpdated,
@@ -125,6 +127,9 @@ class FleetState:
     # lease id -> the notice its preemption was given; kept after closure for explain/audit
     preemptions: dict[str, LeasePreemptionScheduled] = field(default_factory=dict)
     etas: dict[str, Instant] = field(default_factory=dict)  # run -> reported completion
+    # run -> its latest retry (failurePolicy Retry), and the attempt whose backoff is over
+    retries: dict[str, RunRetried] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
     history: list[Event] = field(default_factory=list)
     meter: Meter = field(default_factory=lambda: Meter(t=0.0))
     clock: Instant = 0
@@ -710,6 +715,8 @@ def fold(state: FleetState, event: Event) -> None:
             state.runs[run.key] = run
             state.admitted[run.key] = event.at
             state.status[run.key] = RunStatus()
+            state.retries.pop(run.key, None)
+            state.restarts.pop(run.key, None)
             state._index_run(run.key, before)
         case RunUpdated(run=run):
             before = state.runs.get(run.key)
@@ -721,6 +728,8 @@ def fold(state: FleetState, event: Event) -> None:
             before = state.runs.pop(key, None)
             state.status.pop(key, None)
             state.etas.pop(key, None)
+            state.retries.pop(key, None)
+            state.restarts.pop(key, None)
             state._index_run(key, before)
         case RunStatusChanged(run=key, phase=phase, reason=reason, message=msg, detail=detail):
             state.status[key] = RunStatus(phase, reason, msg, dict(detail))
@@ -785,6 +794,10 @@ def fold(state: FleetState, event: Event) -> None:
         case LeasePreemptionCanceled(lease=lease_id):
             state.preemptions.pop(lease_id, None)
             state._pending_preemptions.pop(lease_id, None)
+        case RunRetried(run=key):
+            state.retries[key] = event
+        case RunRestarted(run=key, attempt=attempt):
+            state.restarts[key] = attempt
         case ChannelApplied(channel=channel):
             state.channels[channel.key] = channel
         case ChannelDeleted(namespace=ns, name=name):
@@ -820,6 +833,8 @@ _NEUTRAL = (
     LeasePreemptionCanceled,
     ChannelApplied,
     ChannelDeleted,
+    RunRetried,
+    RunRestarted,
 )
 """Events that never change who pays for an open lease."""
 
@@ -853,6 +868,9 @@ def _check(state: FleetState, event: Event) -> None:
         case RunEtaReported(run=key):
             if key not in state.runs:
                 raise LedgerError(f"eta for run {key}: run does not exist")
+        case RunRetried(run=key) | RunRestarted(run=key):
+            if key not in state.runs:
+                raise LedgerError(f"retry of run {key}: run does not exist")
         case LeaseClosed(lease=lease_id):
             known = state.leases.get(lease_id)
             if known is None:
