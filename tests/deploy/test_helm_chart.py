@@ -447,6 +447,37 @@ def test_the_bridge_runs_in_cluster_with_the_label_mapping_from_values(chart: he
     assert "GPU_FLEET_KUBE_IN_CLUSTER" not in env
 
 
+def test_leader_election_env_and_a_namespaced_role_for_leases(chart: helm.Chart) -> None:
+    import argparse  # noqa: PLC0415 - the services' own flag parser
+
+    from gpu_fleet.kube.settings import add_arguments, leader  # noqa: PLC0415
+
+    docs = render(chart)
+    (role,) = of_kind(docs, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "patch"],
+        }
+    ]
+    (binding,) = of_kind(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    for component in ("manager", "binder"):
+        values = {e["name"]: e.get("value") for e in container(deployments(docs)[component])["env"]}
+        p = argparse.ArgumentParser()
+        add_arguments(p, env={k: v for k, v in values.items() if isinstance(v, str)})
+        got = leader(p.parse_args([]))
+        assert got is not None
+        assert got.namespace == NAMESPACE
+        assert (got.lease_seconds, got.renew_seconds, got.retry_seconds) == (15, 10, 2)
+    off = render(chart, {"kubernetes": {"leaderElection": {"enabled": False}}})
+    assert of_kind(off, "Role") == []
+    names = {e["name"] for e in container(deployments(off)["manager"])["env"]}
+    assert "GPU_FLEET_KUBE_LEADER_ELECT" not in names
+
+
 def test_rbac_binds_the_service_account_the_pods_use(chart: helm.Chart) -> None:
     docs = render(chart)
     (sa,) = of_kind(docs, "ServiceAccount")

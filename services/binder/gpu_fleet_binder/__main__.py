@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     conn = kube.connection(args)
     try:
         mapping = kube.mapping(args.kube_mapping)
+        leader = kube.leader(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -42,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         # Binder side of the Kubernetes bridge: nodes to topology, pods created and bound.
         bridge = kube.KubeBridge(
             kube.BridgeConfig(
-                nats_url=args.nats_url, connection=conn, objects=False, pods=True, mapping=mapping
+                nats_url=args.nats_url,
+                connection=conn,
+                objects=False,
+                pods=True,
+                mapping=mapping,
+                leader=leader,
             )
         )
         return await run_together(binder, bridge)

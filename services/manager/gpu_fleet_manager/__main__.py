@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     conn = kube.connection(args)
     try:
         mapping = kube.mapping(args.kube_mapping)
+        leader = kube.leader(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -124,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         # Manager side of the Kubernetes bridge: Run/Budget objects in, status out.
         bridge = kube.KubeBridge(
             kube.BridgeConfig(
-                nats_url=args.nats_url, connection=conn, objects=True, pods=False, mapping=mapping
+                nats_url=args.nats_url,
+                connection=conn,
+                objects=True,
+                pods=False,
+                mapping=mapping,
+                leader=leader,
             )
         )
         return await run_together(manager, bridge)

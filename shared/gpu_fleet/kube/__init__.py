@@ -13,8 +13,9 @@ are inputs and mirrors, never a second source of truth.
 from gpu_fleet.kube.bridge import BridgeConfig, KubeBridge
 from gpu_fleet.kube.client import KubeClient
 from gpu_fleet.kube.informer import Informer
+from gpu_fleet.kube.leader import LeaderSettings
 from gpu_fleet.kube.nodes import LabelMapping
-from gpu_fleet.kube.settings import add_arguments, connection, mapping
+from gpu_fleet.kube.settings import add_arguments, connection, leader, mapping
 from gpu_fleet.kube.wire import Connection
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "KubeBridge",
     "KubeClient",
     "LabelMapping",
+    "LeaderSettings",
     "add_arguments",
     "connection",
+    "leader",
     "mapping",
 ]

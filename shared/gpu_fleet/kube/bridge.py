@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from gpu_fleet.kube.client import (
 )
 from gpu_fleet.kube.events import EventLog, RunEvent, bound_event
 from gpu_fleet.kube.informer import Informer
+from gpu_fleet.kube.leader import LeaderElector, LeaderSettings
 from gpu_fleet.kube.mirrors import Mirrors, keep_transitions, mirrors
 from gpu_fleet.kube.objects import (
     A_ATTEMPT,
@@ -122,6 +124,7 @@ class BridgeConfig:
     api_timeout: float = 20.0
     forecasts: bool = True
     instance: str = field(default_factory=socket.gethostname)  # Events' reportingInstance
+    leader: LeaderSettings | None = None  # None: no election (one replica, tests, `up`)
 
 
 def _now() -> str:
@@ -186,6 +189,8 @@ class KubeBridge(Actor):
         self.problems: dict[str, str] = {}  # node -> why it is left out
         self._forecasts: dict[str, tuple[int, dict[str, Any] | None]] = {}
         self.events = EventLog(derive=config.objects)
+        self.elector: LeaderElector | None = None
+        self.working = False  # informers and passes running (the leader, or no election)
         self.events_created = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -202,6 +207,45 @@ class KubeBridge(Actor):
             from gpu_fleet.kube.wire import connect as kube_connect  # noqa: PLC0415 - only when no client is injected
 
             self.client = await kube_connect(self.config.connection)
+        self.spawn("ledger follower", self.follower.follow())
+        leader = self.config.leader
+        if leader is None:
+            self._start_work()
+        else:
+            identity = leader.identity or f"{socket.gethostname()}-{os.getpid()}"
+            self.elector = LeaderElector(self.client, leader, self.lease_name, identity)
+            self.spawn("leader election", self._lead())
+        log.info(
+            "kube.started",
+            server=self.config.connection.describe(),
+            objects=self.config.objects,
+            pods=self.config.pods,
+            leader_election=self.lease_name if leader is not None else None,
+        )
+
+    @property
+    def lease_name(self) -> str:
+        """The coordination Lease of this half: halves run apart, each elects its own."""
+        assert self.config.leader is not None
+        half = "bridge"
+        if self.config.objects and not self.config.pods:
+            half = "objects"
+        elif self.config.pods and not self.config.objects:
+            half = "pods"
+        return f"{self.config.leader.name}-{half}"
+
+    async def _lead(self) -> None:
+        """Stand by until we hold the Lease, then work; losing it ends the bridge (exit 1:
+        the supervisor starts a fresh standby, which never acts on a stale cache)."""
+        assert self.elector is not None
+        await self.elector.acquire()
+        self._start_work()
+        why = await self.elector.hold()
+        self.abort(f"leadership lost: {why}")
+
+    def _start_work(self) -> None:
+        """Informers and the reconcile loop: only the leader (or the only bridge) runs them."""
+        assert self.client is not None
         wanted = []
         if self.config.objects:
             wanted += [RUNS, BUDGETS, CHANNELS, GPULEASES, RESERVATIONS]
@@ -211,14 +255,8 @@ class KubeBridge(Actor):
             inf = Informer(self.client, res, self.kick, watch_timeout=self.config.watch_timeout)
             self.informers[res.plural] = inf
             self.spawn(f"informer {res.plural}", inf.run())
-        self.spawn("ledger follower", self.follower.follow())
         self.spawn("reconcile", self._loop())
-        log.info(
-            "kube.started",
-            server=self.config.connection.describe(),
-            objects=self.config.objects,
-            pods=self.config.pods,
-        )
+        self.working = True
 
     async def stop(self) -> None:
         """Cancel the root tasks until they have ended, then stop as every actor does.
@@ -237,6 +275,9 @@ class KubeBridge(Actor):
         await super().stop()
 
     async def _on_stop(self) -> None:
+        leader = self.config.leader
+        if self.elector is not None and leader is not None and leader.release_on_stop:
+            await self.elector.release()
         if self.client is not None:
             await self.client.close()
         await drain(self.nc)

@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from gpu_fleet.kube.leader import LeaderSettings
 from gpu_fleet.kube.nodes import DEFAULT_FLAVOR_ALIASES, DEFAULT_SOURCES, LabelMapping
 from gpu_fleet.kube.wire import Connection
 
@@ -32,6 +33,37 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
         help="use the pod's service account",
     )
     g.add_argument(
+        "--kube-leader-elect",
+        action="store_true",
+        default=env.get("GPU_FLEET_KUBE_LEADER_ELECT", "").lower() in ("1", "true", "yes"),
+        help="elect one active bridge half per coordination.k8s.io Lease (several replicas)",
+    )
+    g.add_argument(
+        "--kube-leader-namespace",
+        default=env.get("GPU_FLEET_KUBE_LEADER_NAMESPACE", "default"),
+        help="namespace of the election Lease",
+    )
+    g.add_argument(
+        "--kube-leader-name",
+        default=env.get("GPU_FLEET_KUBE_LEADER_NAME", "gpu-fleet"),
+        help="election Lease name prefix (the half is appended: -objects, -pods)",
+    )
+    g.add_argument(
+        "--kube-leader-identity",
+        default=env.get("GPU_FLEET_KUBE_LEADER_IDENTITY", ""),
+        help="this candidate's identity (default: hostname-pid)",
+    )
+    for flag, var, default, what in (
+        ("lease", "LEASE", "15", "a holder not renewing for this long is presumed dead"),
+        ("renew", "RENEW", "10", "the holder gives up (exits) if it cannot renew within this"),
+        ("retry", "RETRY", "2", "how often candidates try and the holder renews"),
+    ):
+        g.add_argument(
+            f"--kube-leader-{flag}-seconds",
+            default=env.get(f"GPU_FLEET_KUBE_LEADER_{var}_SECONDS", default),
+            help=f"seconds: {what}",
+        )
+    g.add_argument(
         "--kube-mapping",
         default=env.get("GPU_FLEET_KUBE_MAPPING", ""),
         help="node label mapping as JSON (clusterName, sources, flavorAliases)",
@@ -45,6 +77,31 @@ def connection(args: argparse.Namespace) -> Connection:
         context=args.kube_context or None,
         in_cluster=bool(args.in_cluster),
     )
+
+
+def leader(args: argparse.Namespace) -> LeaderSettings | None:
+    """Leader election settings, or None when it is off; ``ValueError`` names a bad field."""
+    if not args.kube_leader_elect:
+        return None
+    seconds = {}
+    for flag in ("lease", "renew", "retry"):
+        raw = getattr(args, f"kube_leader_{flag}_seconds")
+        try:
+            seconds[flag] = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"--kube-leader-{flag}-seconds: not a number: {raw!r}") from None
+    out = LeaderSettings(
+        namespace=args.kube_leader_namespace,
+        name=args.kube_leader_name,
+        identity=args.kube_leader_identity,
+        lease_seconds=seconds["lease"],
+        renew_seconds=seconds["renew"],
+        retry_seconds=seconds["retry"],
+    )
+    problems = out.problems()
+    if problems:
+        raise ValueError("kube leader election: " + "; ".join(problems))
+    return out
 
 
 def mapping(text: str) -> LabelMapping:
