@@ -25,7 +25,7 @@ SCENARIO_FLAGS ?=
 # bench/_*.py are shared helpers, not scripts.
 BENCHES := $(sort $(filter-out bench/_%,$(wildcard bench/*.py)))
 
-.PHONY: help venv browser lint test demo demo-k8s bench bench-quick scenarios crds crds-check clean distclean
+.PHONY: help venv browser lint test demo demo-k8s bench bench-quick scenarios crds crds-check chart-validate clean distclean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ crds: $(STAMP)  ## regenerate crds/*.yaml from gpu_fleet.core.model
 
 crds-check: $(STAMP)  ## fail if crds/ is stale
 	$(BIN)/python tools/gen_crds.py --check
+
+chart-validate: $(STAMP)  ## render the Helm chart offline and check every object (kubernetes-validate)
+	$(BIN)/python tools/chart_validate.py
 
 clean:  ## remove caches and build output (keeps .venv)
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache
