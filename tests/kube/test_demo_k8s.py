@@ -25,3 +25,6 @@ async def test_demo_k8s_runs_a_gang_to_completion(
     assert "AllSucceeded" in out
     assert "closed: Completed" in out
     assert "the pods of the closed leases are gone" in out
+    assert "the GPULease mirrors of the closed leases are gone" in out
+    for reason in ("Admitted", "Bound", "Completed"):
+        assert f"Normal  {reason}" in out  # the Run's Events

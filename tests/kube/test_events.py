@@ -148,10 +148,16 @@ def test_event_log_keeps_pending_until_done_and_drops_beyond_the_horizon() -> No
     assert [e.name for e in log.due(T)] == ["train.4.admitted"]
     assert log.mint_seq == {_lease(0).id: 3}
     bound = bound_event(
-        state, "rai/train", lease_ids=[_lease(0).id], pods=2, mint_seq=log.mint_seq, at=T
+        state,
+        "rai/train",
+        lease_ids=[_lease(0).id],
+        pods=2,
+        mint_seq=log.mint_seq,
+        at=T,
+        restart_seq=log.restart_seq.get("rai/train", 0),
     )
     assert bound is not None
-    assert bound.name == "train.3.bound"
+    assert bound.name == "train.4.bound"  # after the admission it belongs to
     assert log.due(T + 601) == []  # too old to be worth creating after a long outage
     log.observe(5, RunStatusChanged(at=T, run="rai/train", phase="Failed", reason="X"), state)
     (failed,) = log.due(T)

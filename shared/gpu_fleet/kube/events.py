@@ -8,8 +8,8 @@ one ledger event, so it is named after that event's stream sequence:
 folds the ledger from the start) derives the same names and the API server answers the second
 create with AlreadyExists, so a crash anywhere creates none twice.  Bound is the pods half's own
 act (all of a gang's pods bound); it is named after the sequence of the newest lease the gang
-holds (or of the gang's last retry restart, if later), so binding the same leases again after a
-crash mid-bind reuses the name, and each retry attempt gets its own.
+holds, or of its last admission or retry restart if later, so binding the same leases again
+after a crash mid-bind reuses the name, and each retry attempt gets its own.
 
 ``eventTime`` is the ledger event's own instant (the fleet's clock, virtual in tests) as a
 MicroTime - exactly six fractional digits, or the API server rejects the Event.  Events expire
@@ -101,7 +101,8 @@ class EventLog:
         self.pending: dict[tuple[str, str], RunEvent] = {}
         self.phases: dict[str, str] = {}  # run key -> last phase seen (for transitions)
         self.mint_seq: dict[str, int] = {}  # lease id -> the sequence that minted it
-        self.restart_seq: dict[str, int] = {}  # run key -> the sequence of its last restart
+        # run key -> the sequence of its last admission or retry restart
+        self.restart_seq: dict[str, int] = {}
         self.dropped = 0
 
     def observe(self, seq: int, event: Event, state: FleetState) -> None:
@@ -109,13 +110,18 @@ class EventLog:
             self.mint_seq[event.lease.id] = seq
         if isinstance(event, RunRestarted):
             self.restart_seq[event.run] = seq
-        if not self.derive:
-            return
-        for ev in derive(seq, event, state, self.phases):
-            if len(self.pending) >= self.limit:
-                self.dropped += 1
-                continue
-            self.pending[(ev.namespace, ev.name)] = ev
+        if (
+            isinstance(event, RunStatusChanged)
+            and event.phase == "Running"
+            and self.phases.get(event.run) != "Running"
+        ):
+            self.restart_seq[event.run] = seq  # admitted (again): Bound comes after it
+        if self.derive:
+            for ev in derive(seq, event, state, self.phases):
+                if len(self.pending) >= self.limit:
+                    self.dropped += 1
+                    continue
+                self.pending[(ev.namespace, ev.name)] = ev
         if isinstance(event, RunStatusChanged):
             self.phases[event.run] = event.phase
 

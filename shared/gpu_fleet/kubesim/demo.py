@@ -35,6 +35,7 @@ from gpu_fleet.runtime.follower import LedgerFollower
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 
 RUN_LABEL = "rq.davidlangworthy.io/run"
+GROUP = "rq.davidlangworthy.io"
 
 
 def _say(text: str) -> None:
@@ -95,6 +96,20 @@ class Demo:
         items, _ = self.store.list(self.store.find("", "pods"), namespace, f"{RUN_LABEL}={run}")
         return items
 
+    def objects(self, group: str, plural: str, namespace: str) -> list[dict[str, Any]]:
+        items, _ = self.store.list(self.store.find(group, plural), namespace)
+        return items
+
+    def show_events(self, namespace: str) -> None:
+        """The Run's Events (events.k8s.io/v1), oldest first (names are ``<run>.<ledger seq in
+        hex>.<reason>``, so the sequence orders events of the same instant)."""
+        events = sorted(
+            self.objects("events.k8s.io", "events", namespace),
+            key=lambda e: (e.get("eventTime", ""), int(e["metadata"]["name"].split(".")[-2], 16)),
+        )
+        for e in events:
+            print(f"  {e['eventTime']}  {e['type']:<7} {e['reason']:<10} {e['note']}")
+
     def run_status(self, namespace: str, name: str) -> dict[str, Any]:
         runs = self.store.find("rq.davidlangworthy.io", "runs")
         try:
@@ -120,6 +135,10 @@ async def _until(probe: Callable[[], Any], what: str, timeout: float = 120.0) ->
 RUN_COLUMNS = (
     "NAME:.metadata.name,PHASE:.status.phase,REASON:.status.reason,"
     "ALLOC:.status.width.allocated,OWNED:.status.funding.ownedGPUs,NODES:.status.nodes"
+)
+LEASE_COLUMNS = (
+    "NAME:.metadata.name,RUN:.spec.runRef.name,ROLE:.spec.slice.role,NODE:.status.node,"
+    "GPUS:.status.gpus,FUNDING:.status.fundingClass,ENVELOPE:.spec.paidByEnvelope"
 )
 POD_COLUMNS = (
     "NAME:.metadata.name,NODE:.spec.nodeName,PHASE:.status.phase,"
@@ -196,6 +215,31 @@ async def run_demo(root: Path, data: Path, *, quiet_logs: bool = True) -> int:
             print()
             for c in demo.run_status("vision", "train-gang").get("conditions", []):
                 print(f"  condition {c['type']:<10} {c['status']:<6} {c['reason']}")
+            _say("Read-only mirrors of the ledger's leases, and the Run's Events")
+            await _until(
+                lambda: (
+                    len(
+                        [
+                            o
+                            for o in demo.objects(GROUP, "gpuleases", "vision")
+                            if (o.get("status") or {}).get("fundingClass")
+                        ]
+                    )
+                    == len({p["spec"]["nodeName"] for p in pods})
+                ),
+                "GPULease mirrors",
+            )
+            await demo.kubectl(
+                "get", "gpuleases", "-n", "vision", "-o", f"custom-columns={LEASE_COLUMNS}"
+            )
+            await _until(
+                lambda: (
+                    {"Admitted", "Bound"}
+                    <= {e["reason"] for e in demo.objects("events.k8s.io", "events", "vision")}
+                ),
+                "Admitted and Bound events",
+            )
+            demo.show_events("vision")
             _say("The workload finishes: the kubelet marks every pod Succeeded")
             await _until(
                 lambda: all(
@@ -218,6 +262,18 @@ async def run_demo(root: Path, data: Path, *, quiet_logs: bool = True) -> int:
                 lambda: not demo.pods("vision", "train-gang"), "pods of closed leases deleted"
             )
             print("the pods of the closed leases are gone")
+            await _until(
+                lambda: not demo.objects(GROUP, "gpuleases", "vision"), "GPULease mirrors removed"
+            )
+            print("the GPULease mirrors of the closed leases are gone; the Run's Events:")
+            await _until(
+                lambda: (
+                    "Completed"
+                    in {e["reason"] for e in demo.objects("events.k8s.io", "events", "vision")}
+                ),
+                "Completed event",
+            )
+            demo.show_events("vision")
             dead = stack.dead()
             if dead:
                 print(f"error: services died during the demo: {', '.join(dead)}", file=sys.stderr)
