@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from gpu_fleet.core.model import Lease, LeaseRole, Run
-from gpu_fleet.kube.events import RunEvent
+from gpu_fleet.kube.events import RunEvent, node_left_out_event
 from gpu_fleet.kube.leader import LeaderElector, LeaderSettings
 from gpu_fleet.kube.pods import PodSettings, headless_service, run_pods
 from gpu_fleet.kubesim.memory import MemoryClient
@@ -117,6 +117,8 @@ def test_what_the_bridge_writes_is_valid() -> None:
     objs.append(headless_service(run, run_obj))
     event = RunEvent("rai", "train", "0000-1", 42, "Admitted", "Admit", "Normal", "ok", 1)
     objs.append(event.body("bridge-0"))
+    node = {"metadata": {"name": "gpu-7", "uid": "0000-2"}}
+    objs.append(node_left_out_event(node, "missing label fabric.domain", 1.5, "bridge-0"))
     store = Store()
     settings = LeaderSettings(namespace="gpu-fleet", clock=lambda: 1_767_225_600.5)
     elector = LeaderElector(MemoryClient(store), settings, "gpu-fleet-pods", "pod-a")

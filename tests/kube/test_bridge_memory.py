@@ -261,6 +261,13 @@ async def test_node_health_cordon_suspect_fence_and_left_out_nodes(cluster: Clus
     await wait_until(lambda: "c2" in state().nodes, "c2 registered")
     assert "c1" not in state().nodes
     assert "fabric.domain" in cluster.bridge.problems["c1"]
+    reports = await wait_until(
+        lambda: [e for e in _event_objs(cluster, "default") if e["reason"] == "LeftOut"],
+        "a LeftOut Event on the node",
+    )
+    assert [e["regarding"]["name"] for e in reports] == ["c1"]
+    assert reports[0]["regarding"]["kind"] == "Node"
+    assert "fabric.domain" in reports[0]["note"]
 
     # GPUs used by pods gpu-fleet does not manage are not offered.
     cluster.store.create(
@@ -385,6 +392,11 @@ async def test_a_restarted_bridge_converges_with_no_duplicate_and_no_leak(cluste
     finally:
         for b in bridges:
             await b.stop()
+
+
+def _event_objs(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
+    items, _ = cluster.store.list(cluster.rt("events", "events.k8s.io"), ns)
+    return items
 
 
 def _events(cluster: Cluster, ns: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +56,13 @@ from gpu_fleet.kube.client import (
     KubeClient,
     NotFoundError,
 )
-from gpu_fleet.kube.events import EventLog, RunEvent, bound_event
+from gpu_fleet.kube.events import (
+    NODE_EVENTS_NAMESPACE,
+    EventLog,
+    RunEvent,
+    bound_event,
+    node_left_out_event,
+)
 from gpu_fleet.kube.informer import Informer
 from gpu_fleet.kube.leader import LeaderElector, LeaderSettings
 from gpu_fleet.kube.mirrors import Mirrors, keep_transitions, mirrors
@@ -676,10 +683,12 @@ class KubeBridge(Actor):
         rows, problems = node_rows.snapshot(
             self.informers["nodes"].items(), self.informers["pods"].items(), self.config.mapping
         )
+        by_name = {name_of(n): n for n in self.informers["nodes"].items()}
         for p in problems:
             if self.problems.get(p.node) != p.message:
                 self.problems[p.node] = p.message
                 log.warning("kube.node_left_out", node=p.node, reason=p.message)
+                await self._node_event(by_name.get(p.node) or {}, p.message)
         for name in sorted(set(self.problems) - {p.node for p in problems}):
             del self.problems[name]
         fleet_nodes = self.state.nodes
@@ -713,6 +722,17 @@ class KubeBridge(Actor):
             ):
                 await self._api("node", {"op": "fence", "name": name})
                 log.info("kube.node_fenced", node=name, reason="deleted")
+
+    async def _node_event(self, node: Obj, message: str) -> None:
+        """Report a left-out node as a Warning Event on the Node (AlreadyExists: reported)."""
+        assert self.client is not None
+        body = node_left_out_event(node, message, time.time(), self.config.instance)
+        try:
+            await self.client.create(EVENTS, NODE_EVENTS_NAMESPACE, body)
+        except AlreadyExistsError:
+            pass
+        except ApiStatusError as exc:
+            log.warning("kube.event_failed", name=body["metadata"]["name"], error=str(exc))
 
     # -- pods side: pods ---------------------------------------------------------------------------
     def _intents(self) -> tuple[dict[str, list[PodIntent]], dict[str, Obj], set[str]]:

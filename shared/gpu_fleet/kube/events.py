@@ -20,6 +20,7 @@ is within ``horizon`` of the ledger's clock (``due``).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 
 from gpu_fleet.core.ledger import FleetState
@@ -238,3 +239,29 @@ def bound_event(
     nodes = sorted({state.leases[i].node for i in lease_ids if i in state.leases})
     note = f"{pods} pods bound on {', '.join(nodes)}"
     return _make(state, key, seq=max(*seqs, restart_seq), at=at, reason="Bound", note=note)
+
+
+NODE_EVENTS_NAMESPACE = "default"  # where Events about cluster-scoped objects go
+
+
+def node_left_out_event(node: Obj, message: str, now: float, instance: str) -> Obj:
+    """A Warning Event on a GPU Node the topology leaves out (a missing label, say).
+
+    Named after the node and the reason (``<node>.<hash>.leftout``), so a restarted bridge
+    reporting the same problem re-creates nothing, and a new problem gets a new Event."""
+    meta = node.get("metadata") or {}
+    name = str(meta.get("name", ""))
+    digest = hashlib.sha256(message.encode()).hexdigest()[:10]
+    return {
+        "apiVersion": "events.k8s.io/v1",
+        "kind": "Event",
+        "metadata": {"name": f"{name}.{digest}.leftout", "namespace": NODE_EVENTS_NAMESPACE},
+        "eventTime": dt.datetime.fromtimestamp(now, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "reportingController": REPORTING_CONTROLLER,
+        "reportingInstance": instance,
+        "action": "Map",
+        "reason": "LeftOut",
+        "type": "Warning",
+        "note": f"GPU node left out of the topology: {message}"[:NOTE_MAX],
+        "regarding": {"apiVersion": "v1", "kind": "Node", "name": name, "uid": meta.get("uid", "")},
+    }
