@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from _kube import CRDS, gpu_node, new_store, run_obj, wait_until
+from _kube import CRDS, budget_obj, gpu_node, new_store, run_obj, wait_until
 
 from gpu_fleet.kube.client import (
     AlreadyExistsError,
@@ -227,5 +227,46 @@ async def test_kubectl_applies_crds_and_objects_and_reads_them(api: Api) -> None
         assert [i["metadata"]["name"] for i in json.loads(out)["items"]] == ["r"]
         rc, out = await _kubectl(fresh.url, "delete", "run", "r", "-n", "rai")
         assert rc == 0, out
+    finally:
+        await fresh.stop()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on PATH")
+async def test_kubectl_get_shows_the_printer_columns(api: Api) -> None:
+    """The emulator answers kubectl's Table request from the CRD's printer columns."""
+    fresh = ApiServer(new_store())
+    await fresh.start()
+    try:
+        runs = fresh.store.find("rq.davidlangworthy.io", "runs")
+        fresh.store.create(runs, "rai", run_obj("rai", "train", 8))
+        status = {
+            "phase": "Running",
+            "reason": "GangBound",
+            "width": {"allocated": 8},
+            "funding": {"ownedGPUs": 6, "borrowedGPUs": 2},
+            "pendingReservation": "train-res-1",
+        }
+        fresh.store.patch(runs, "rai", "train", {"status": status}, "status")
+        budgets = fresh.store.find("rq.davidlangworthy.io", "budgets")
+        fresh.store.create(budgets, "rai", budget_obj("rai", "org:ai:rai"))
+        healthy = {
+            "conditions": [{"type": "Healthy", "status": "True"}],
+            "totals": {"ownedGPUs": 6},
+        }
+        fresh.store.patch(budgets, "rai", "b", {"status": healthy}, "status")
+        rc, out = await _kubectl(fresh.url, "get", "runs,budgets,reservations,gpuleases", "-A")
+        assert rc == 0, out
+        lines = [line.split() for line in out.splitlines() if line.strip()]
+        header = lines[0]
+        assert header[:7] == ["NAMESPACE", "NAME", "PHASE", "REASON", "GPUS", "WIDTH", "OWNED"]
+        row = dict(zip(header, lines[1], strict=False))
+        assert (row["PHASE"], row["WIDTH"], row["OWNED"]) == ("Running", "8", "6")
+        budget_header = lines[2]
+        assert budget_header[2:4] == ["OWNER", "HEALTHY"]
+        assert lines[3][2:5] == ["org:ai:rai", "True", "6"]
+        rc, out = await _kubectl(fresh.url, "get", "run", "train", "-n", "rai", "-o", "wide")
+        assert rc == 0, out
+        assert "FLAVOR" in out.splitlines()[0]
+        assert "train-res-1" in out
     finally:
         await fresh.stop()

@@ -136,10 +136,6 @@ RUN_COLUMNS = (
     "NAME:.metadata.name,PHASE:.status.phase,REASON:.status.reason,"
     "ALLOC:.status.width.allocated,OWNED:.status.funding.ownedGPUs,NODES:.status.nodes"
 )
-LEASE_COLUMNS = (
-    "NAME:.metadata.name,RUN:.spec.runRef.name,ROLE:.spec.slice.role,NODE:.status.node,"
-    "GPUS:.status.gpus,FUNDING:.status.fundingClass,ENVELOPE:.spec.paidByEnvelope"
-)
 POD_COLUMNS = (
     "NAME:.metadata.name,NODE:.spec.nodeName,PHASE:.status.phase,"
     "GPUS:.metadata.annotations.rq\\.davidlangworthy\\.io/gpus"
@@ -229,9 +225,7 @@ async def run_demo(root: Path, data: Path, *, quiet_logs: bool = True) -> int:
                 ),
                 "GPULease mirrors",
             )
-            await demo.kubectl(
-                "get", "gpuleases", "-n", "vision", "-o", f"custom-columns={LEASE_COLUMNS}"
-            )
+            await demo.kubectl("get", "runs,budgets,gpuleases", "-n", "vision")
             await _until(
                 lambda: (
                     {"Admitted", "Bound"}

@@ -6,7 +6,8 @@ Enough of the API for kubernetes_asyncio and for ``kubectl --server URL`` (with
 (cluster and namespaced), ``status`` and ``pods/binding`` subresources, JSON merge, strategic
 merge (as merge) and JSON patches, PUT, DELETE with finalizers, lists with ``kind``, and watches
 (``watch=true`` in any spelling, ``resourceVersion``, ``allowWatchBookmarks``,
-``timeoutSeconds``, 410 as an ERROR event) streamed as JSON lines.
+``timeoutSeconds``, 410 as an ERROR event) streamed as JSON lines, and Table output of custom
+resources from their printer columns (``table``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gpu_fleet.kubesim import table
 from gpu_fleet.kubesim.store import ResourceType, Store, StoreError
 
 Obj = dict[str, Any]
@@ -198,6 +200,10 @@ class ApiServer:
                 items, rv = store.list(
                     rt, namespace, q.get("labelSelector"), q.get("fieldSelector")
                 )
+                columns = self._columns(request, rt)
+                if columns is not None:
+                    full = q.get("includeObject") == "Object"
+                    return web.json_response(table.table(items, columns, rv, store.clock(), full))
                 return web.json_response(
                     {
                         "kind": f"{rt.kind}List",
@@ -224,7 +230,13 @@ class ApiServer:
         if sub not in ("", "status"):
             raise StoreError(404, "NotFound", f"no subresource {sub!r}")
         if method == "GET":
-            return web.json_response(store.get(rt, namespace, name))
+            obj = store.get(rt, namespace, name)
+            columns = self._columns(request, rt) if not sub else None
+            if columns is not None:
+                full = q.get("includeObject") == "Object"
+                rv = str(obj["metadata"].get("resourceVersion", ""))
+                return web.json_response(table.table([obj], columns, rv, store.clock(), full))
+            return web.json_response(obj)
         if method == "PATCH":
             ctype = request.headers.get("Content-Type", "")
             body = await self._body(request)
@@ -244,6 +256,18 @@ class ApiServer:
             uid = ((body.get("preconditions") or {}).get("uid")) if isinstance(body, dict) else ""
             return web.json_response(store.delete(rt, namespace, name, str(uid or "")))
         raise StoreError(405, "MethodNotAllowed", f"{method} on an item")
+
+    def _columns(self, request: web.Request, rt: ResourceType) -> list[Obj] | None:
+        """The printer columns when the client asked for a Table and the kind has any (custom
+        resources with ``additionalPrinterColumns``); None: answer with plain JSON."""
+        if not rt.group or not table.wants_table(request.headers.get("Accept", "")):
+            return None
+        crds = self.store.find("apiextensions.k8s.io", "customresourcedefinitions")
+        try:
+            crd = self.store.get(crds, None, f"{rt.plural}.{rt.group}")
+        except StoreError:
+            return None
+        return table.columns_of(crd) or None
 
     async def _watch(
         self, request: web.Request, rt: ResourceType, namespace: str | None
