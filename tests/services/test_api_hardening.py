@@ -153,6 +153,8 @@ async def test_a_long_name_under_the_request_limit_gets_a_field_error_quoting_no
         ("explain", {"namespace": "team", "name": "UPPER"}, "name"),
         ("complete", {"namespace": "team", "name": "a_b"}, "name"),
         ("fail", {"namespace": "team", "name": "a.b"}, "name"),
+        ("retry", {"namespace": "team", "name": "x", "attempt": -1}, "attempt"),
+        ("retry", {"namespace": "team", "name": "x", "pod": "p" * 300}, "pod"),
         ("delete", {"kind": "Budget", "namespace": "team", "name": "-b"}, "name"),
         ("delete", {"kind": "Pod", "namespace": "team", "name": "b"}, "kind"),
         ("shrink", {"namespace": "team", "name": "x", "by": 0}, "by"),

@@ -198,6 +198,7 @@ class KubeBridge(Actor):
         self.events = EventLog(derive=config.objects)
         self.elector: LeaderElector | None = None
         self.working = False  # informers and passes running (the leader, or no election)
+        self._mirror_failures: set[tuple[str, tuple[str, str]]] = set()
         self.events_created = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -657,6 +658,9 @@ class KubeBridge(Actor):
                 log.info("kube.mirror_deleted", kind=res.kind, object=f"{key[0]}/{key[1]}")
             except NotFoundError:
                 pass
+        self._mirror_failures = {
+            f for f in self._mirror_failures if f[0] != res.plural or f[1] in want
+        }
         for key in sorted(want):
             m = want[key]
             obj = existing.get(key)
@@ -670,7 +674,9 @@ class KubeBridge(Actor):
                     except NotFoundError:
                         continue
                 except ApiStatusError as exc:  # e.g. the namespace does not exist
-                    log.warning("kube.mirror_create_failed", kind=res.kind, error=str(exc))
+                    if (res.plural, key) not in self._mirror_failures:  # once, not every pass
+                        self._mirror_failures.add((res.plural, key))
+                        log.warning("kube.mirror_create_failed", kind=res.kind, error=str(exc))
                     continue
             previous = obj.get("status") or None
             status = keep_transitions(previous, m.status)
