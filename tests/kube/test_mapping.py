@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 from _kube import gpu_node, run_obj
 
+from gpu_fleet.core.engine import Fleet
 from gpu_fleet.core.manifests import parse_manifests
-from gpu_fleet.core.model import Lease, LeaseRole, MintReason, NodeHealth, Run
+from gpu_fleet.core.model import Budget, Lease, LeaseRole, MintReason, Node, NodeHealth, Run
+from gpu_fleet.core.timeutil import format_instant
 from gpu_fleet.kube import settings
 from gpu_fleet.kube.nodes import LabelMapping, NodeRow, Problem, map_node, snapshot
 from gpu_fleet.kube.pods import PodSettings, run_pods
-from gpu_fleet.kube.status import conditions, true_conditions
+from gpu_fleet.kube.status import conditions, run_status, true_conditions
 
 
 def test_labels_are_mapped_by_the_first_present_source_and_flavor_aliases() -> None:
@@ -172,3 +175,44 @@ def test_conditions_keep_transition_times_unless_status_changes() -> None:
     assert (unfunded["Admitted"]["status"], unfunded["Admitted"]["reason"]) == ("False", "Unfunded")
     assert true_conditions("Pending", "CheckpointGrace") == ("Admitted", "Blocked")
     assert true_conditions("Waiting", "FollowWait") == ("Blocked",)
+
+
+def test_status_shows_the_checkpoint_deadline_during_a_grace() -> None:
+    t0 = 1_767_225_600
+    fleet = Fleet()
+    labels = {"region": "r", "cluster": "c", "fabric.domain": "A", "gpu.flavor": "H100"}
+    for name in ("a1", "a2"):
+        fleet.register_node(Node(name=name, gpus=2, labels=labels), t0)
+    budget = {
+        "kind": "Budget",
+        "metadata": {"name": "b", "namespace": "a"},
+        "spec": {
+            "owner": "org:a",
+            "envelopes": [
+                {
+                    "name": "e",
+                    "flavor": "H100",
+                    "selector": {"region": "r"},
+                    "concurrency": 8,
+                    "start": "2026-01-01T00:00:00Z",
+                    "end": "2027-01-01T00:00:00Z",
+                }
+            ],
+        },
+    }
+    fleet.apply(msgspec.convert(budget, Budget), t0)
+    run = {
+        "kind": "Run",
+        "metadata": {"name": "train", "namespace": "a"},
+        "spec": {
+            "resources": {"gpuType": "H100", "totalGPUs": 4},
+            "runtime": {"checkpoint": "10m"},
+        },
+    }
+    fleet.apply(msgspec.convert(run, Run), t0)
+    st = run_status(fleet.state, "a/train", generation=1, previous=None, now="T")
+    assert "checkpointDeadline" not in st
+    fleet.set_node_health("a1", NodeHealth.FENCED, t0 + 300)
+    assert fleet.state.status["a/train"].reason == "CheckpointGrace"
+    st = run_status(fleet.state, "a/train", generation=1, previous=None, now="T")
+    assert st["checkpointDeadline"] == format_instant(t0 + 300 + 600)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gpu_fleet.core.engine.gang import checkpoint_deadline
 from gpu_fleet.core.ledger import FleetState
 from gpu_fleet.core.model import Budget, EnvelopeKey, LeaseRole
 from gpu_fleet.core.timeutil import format_instant
@@ -148,6 +149,9 @@ def run_status(
         out["forecast"] = forecast
         if "earliestStart" not in out and forecast.get("earliestStart"):
             out["earliestStart"] = forecast["earliestStart"]
+    grace = checkpoint_deadline(state, key)
+    if grace is not None:
+        out["checkpointDeadline"] = format_instant(grace)
     retry = state.retries.get(key)
     if retry is not None:
         out["failedAttempts"] = retry.attempt
