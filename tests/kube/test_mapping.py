@@ -9,6 +9,7 @@ import pytest
 from _kube import gpu_node, run_obj
 
 from gpu_fleet.core.engine import Fleet
+from gpu_fleet.core.ledger import FleetState, RunStatus
 from gpu_fleet.core.manifests import parse_manifests
 from gpu_fleet.core.model import Budget, Lease, LeaseRole, MintReason, Node, NodeHealth, Run
 from gpu_fleet.core.timeutil import format_instant
@@ -216,3 +217,21 @@ def test_status_shows_the_checkpoint_deadline_during_a_grace() -> None:
     assert fleet.state.status["a/train"].reason == "CheckpointGrace"
     st = run_status(fleet.state, "a/train", generation=1, previous=None, now="T")
     assert st["checkpointDeadline"] == format_instant(t0 + 300 + 600)
+
+
+def test_status_shows_the_follow_deadline_while_waiting_on_a_failed_upstream() -> None:
+    state = FleetState()
+    run = {
+        "kind": "Run",
+        "metadata": {"name": "eval", "namespace": "a"},
+        "spec": {"resources": {"gpuType": "H100", "totalGPUs": 4}, "follow": {"after": ["train"]}},
+    }
+    state.runs["a/eval"] = msgspec.convert(run, Run)
+    state.status["a/eval"] = RunStatus("Waiting", "FollowWait", "waiting for a/train")
+    st = run_status(state, "a/eval", generation=1, previous=None, now="T")
+    assert "followDeadline" not in st
+    state.status["a/eval"] = RunStatus(
+        "Waiting", "FollowWait", "a/train failed", {"followDeadline": 1_767_227_400}
+    )
+    st = run_status(state, "a/eval", generation=1, previous=None, now="T")
+    assert st["followDeadline"] == "2026-01-01T00:30:00Z"

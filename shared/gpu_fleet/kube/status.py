@@ -149,6 +149,9 @@ def run_status(
         out["forecast"] = forecast
         if "earliestStart" not in out and forecast.get("earliestStart"):
             out["earliestStart"] = forecast["earliestStart"]
+    follow = st.detail.get("followDeadline") if st is not None else None
+    if phase == "Waiting" and isinstance(follow, int) and not isinstance(follow, bool):
+        out["followDeadline"] = format_instant(follow)  # waiting on an upstream that failed
     grace = checkpoint_deadline(state, key)
     if grace is not None:
         out["checkpointDeadline"] = format_instant(grace)
