@@ -72,6 +72,7 @@ async def _cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             store.create(store.find("", "nodes"), None, gpu_node(name, clique=clique))
         await bridge.start()
         yield Cluster(stack, store, kubelet, bridge)
+        assert bridge.pass_failures == 0  # no pass raised (see the log's kube.reconcile_failed)
     finally:
         await bridge.stop()
         await kubelet.stop()

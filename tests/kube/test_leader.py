@@ -146,6 +146,7 @@ async def _fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         for name, clique in (("a1", "A"), ("a2", "A"), ("b1", "B"), ("b2", "B")):
             store.create(store.find("", "nodes"), None, gpu_node(name, clique=clique))
         yield f
+        assert [b.pass_failures for b in f.bridges] == [0] * len(f.bridges)
     finally:
         for b in f.bridges:
             await b.stop()

@@ -200,6 +200,7 @@ class KubeBridge(Actor):
         self.working = False  # informers and passes running (the leader, or no election)
         self._mirror_failures: set[tuple[str, tuple[str, str]]] = set()
         self.events_created = 0
+        self.pass_failures = 0  # passes that raised (a bug or an unreachable API server)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def _on_start(self) -> None:
@@ -312,6 +313,7 @@ class KubeBridge(Actor):
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self.pass_failures += 1
                 log.exception("kube.reconcile_failed")
                 await asyncio.sleep(1.0)
                 self.kick()
@@ -943,7 +945,15 @@ class KubeBridge(Actor):
                 body = {"namespace": ns, "name": name, "attempt": attempt, "pod": failed[0]}
                 try:
                     result = await self._api("retry", body)
-                    log.info("kube.run_retry", run=key, pods=failed, attempt=attempt, **result)
+                    log.info(
+                        "kube.run_retry",
+                        run=key,
+                        pods=failed,
+                        attempt=attempt,
+                        phase=result.get("phase"),
+                        failed_attempts=result.get("failedAttempts"),
+                        retry_after=result.get("retryAfter"),
+                    )
                 except FleetApiError as exc:
                     log.info("kube.retry_skipped", run=key, error=exc.message)
                 continue
