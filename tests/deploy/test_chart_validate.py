@@ -14,7 +14,7 @@ import kubernetes_validate as kv
 import msgspec
 import pytest
 
-from gpu_fleet.core.model import Lease, LeaseRole, Run
+from gpu_fleet.core.model import Lease, LeaseRole, MintReason, Run
 from gpu_fleet.kube.events import RunEvent, node_left_out_event
 from gpu_fleet.kube.leader import LeaderElector, LeaderSettings
 from gpu_fleet.kube.pods import PodSettings, headless_service, run_pods
@@ -114,6 +114,24 @@ def test_what_the_bridge_writes_is_valid() -> None:
     )
     objs: list[dict[str, Any]] = [i.body for i in intents]
     assert len(objs) == 6  # 2 x 2 active pods, 2 spare placeholders
+    # A node failure: lease 0 closes, a swap lease takes its place (required node affinity).
+    failed = msgspec.structs.replace(leases[0], closed_at=5, closure_reason="NodeFailure")
+    swap = msgspec.structs.replace(
+        leases[2], id="rai/train@1#003", role=LeaseRole.ACTIVE, reason=MintReason.SWAP, start=5
+    )
+    after = [failed, leases[1], swap]
+    swapped = run_pods(
+        run,
+        run_obj=run_obj,
+        leases=after,
+        open_ids={x.id: x for x in after[1:]},
+        noticed=(),
+        settings=PodSettings(),
+    )
+    swap_pods = [i.body for i in swapped if i.lease == swap.id]
+    assert [p["spec"]["hostname"] for p in swap_pods] == ["train-active-0", "train-active-1"]
+    assert all("affinity" in p["spec"] for p in swap_pods)
+    objs += swap_pods
     objs.append(headless_service(run, run_obj))
     event = RunEvent("rai", "train", "0000-1", 42, "Admitted", "Admit", "Normal", "ok", 1)
     objs.append(event.body("bridge-0"))

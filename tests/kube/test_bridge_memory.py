@@ -620,3 +620,62 @@ async def test_failure_policy_retry_restarts_the_gang_after_backoff_then_fails(
     closed = await _leases(cluster, "rai", "again")
     assert all(x["closureReason"] == "WorkloadFailed" for x in closed)
     await wait_until(lambda: not cluster.pods("rai", "again"), "pods of the failed run gone")
+
+
+async def test_fencing_a_node_swaps_in_the_spare_with_the_replaced_members_identity(
+    cluster: Cluster,
+) -> None:
+    """A tainted node is fenced; its lease moves onto the spare's slots, and the swap pod
+    (``<run>-g<group>-swap-<unixnano>``, pinned to the spare's node) takes over the replaced
+    member's hostname and rank, so the gang's rendezvous names stay valid."""
+    await wait_until(lambda: len(cluster.bridge.state.nodes) == 4, "nodes registered")
+    cluster.create(
+        "budgets", "rai", budget_obj("rai", "org:ai:rai", concurrency=32), "rq.davidlangworthy.io"
+    )
+    obj = run_obj("rai", "swap", 16, gpus_per_pod=8, extra_spec={"sparesPerGroup": 8})
+    cluster.create("runs", "rai", obj, "rq.davidlangworthy.io")
+
+    def placed() -> dict[str, dict[str, Any]] | None:
+        pods = {p["metadata"]["name"]: p for p in cluster.pods("rai", "swap")}
+        ok = len(pods) == 3 and all(p["spec"].get("nodeName") for p in pods.values())
+        return pods if ok else None
+
+    pods = await wait_until(placed, "two active pods and a spare placeholder bound")
+    assert sorted(pods) == ["swap-active-0", "swap-active-1", "swap-spare-0"]
+    victim = pods["swap-active-0"]
+    spare_node = pods["swap-spare-0"]["spec"]["nodeName"]
+    env0 = {e["name"]: e["value"] for e in victim["spec"]["containers"][0]["env"]}
+    nodes = cluster.rt("nodes")
+    node = cluster.store.get(nodes, None, victim["spec"]["nodeName"])
+    taint = {"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}
+    cluster.store.patch(nodes, None, node["metadata"]["name"], {"spec": {"taints": [taint]}})
+
+    def swapped() -> dict[str, Any] | None:
+        now = {p["metadata"]["name"]: p for p in cluster.pods("rai", "swap")}
+        swaps = [p for n, p in now.items() if "-g0-swap-" in n]
+        ok = (
+            len(now) == 2
+            and "swap-active-1" in now
+            and len(swaps) == 1
+            and swaps[0]["spec"].get("nodeName")
+        )
+        return swaps[0] if ok else None
+
+    pod = await wait_until(swapped, "the swap pod bound on the spare's node; the rest gone")
+    assert pod["spec"]["nodeName"] == spare_node
+    assert pod["spec"]["hostname"] == "swap-active-0"  # the replaced member's DNS name
+    ann = pod["metadata"]["annotations"]
+    assert ann["rq.davidlangworthy.io/replaces"] == "swap-active-0"
+    assert ann["rq.davidlangworthy.io/swap-node"] == spare_node
+    assert ann["rq.davidlangworthy.io/lease-reason"] == "Swap"
+    terms = pod["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert terms["nodeSelectorTerms"][0]["matchFields"][0]["values"] == [spare_node]
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    assert env == env0  # same rank, same MASTER_ADDR, same world
+    assert env["NODE_RANK"] == "0"
+    await wait_until(lambda: "Swapped" in _events(cluster, "rai").values(), "Swapped event")
+    st = cluster.run("rai", "swap")["status"]
+    assert st["phase"] == "Running"
+    assert spare_node in st["nodes"]

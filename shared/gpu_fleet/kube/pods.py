@@ -5,8 +5,11 @@ of ``gpusPerPod`` GPUs on that node (spares: placeholder pods holding the spare 
 numbered in the ledger's mint order over the run's whole history, so a name never moves to
 another lease: the first gang of a run is ``<run>-active-0 .. <run>-active-<w-1>`` exactly as
 SPEC §A.7 says, elastic cohort ``c`` pods are ``<run>-c<c>-active-<i>``, spares
-``<run>-spare-<i>``, and a re-admitted gang continues the count.  Rendezvous env (when the gang
-has more than one pod) names rank 0 of the *current* gang.
+``<run>-spare-<i>``, and a re-admitted gang continues the count.  A spare swap (node failure)
+mints a ``Swap`` lease on the spare's slots; its pods are ``<run>-g<group>-swap-<unixnano>``,
+pinned to the swap node by a required node affinity, and each takes the hostname and rank of a
+pod of the lease it replaces.  Rendezvous env (when the gang has more than one pod) names rank
+0 of the *current* gang, ranks ordered by the members' original ordinals.
 
 Under ``failurePolicy: Retry`` each pod carries the attempt it belongs to (annotation
 ``.../attempt``, 0 for the first run); a retry replaces every active pod of the gang with one of
@@ -23,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpu_fleet.core.model import API_VERSION, Lease, LeaseRole, Role, Run
+from gpu_fleet.core.model import API_VERSION, GROUP, Lease, LeaseRole, MintReason, Role, Run
 from gpu_fleet.kube.objects import (
     A_ATTEMPT,
     A_COHORT,
@@ -33,8 +36,10 @@ from gpu_fleet.kube.objects import (
     A_LEASE,
     A_LEASE_REASON,
     A_NODE,
+    A_REPLACES,
     A_RUN_NONCE,
     A_SLOTS,
+    A_SWAP_NODE,
     GPU_RESOURCE,
     L_GROUP,
     L_ROLE,
@@ -77,21 +82,61 @@ class _Member:
     lease: Lease
     gpus: int
     ordinal: int
+    hostname: str  # its own name, or, for a swap pod, the replaced member's
+    order: tuple[int, int]  # (cohort, ordinal of the member it is): rank order in the gang
+    replaces: str = ""  # swap pods: the name of the member they replace
+
+
+def _replaced(swap: Lease, earlier: list[Lease], used: set[str]) -> Lease | None:
+    """The lease a swap lease replaces: an active lease of the same group and cohort that
+    closed ``NodeFailure`` at the instant the swap was minted (the first such, in mint order)."""
+    for x in earlier:
+        if (
+            x.id not in used
+            and x.role is LeaseRole.ACTIVE
+            and x.group == swap.group
+            and x.cohort == swap.cohort
+            and x.closure_reason == "NodeFailure"
+            and x.closed_at == swap.start
+        ):
+            used.add(x.id)
+            return x
+    return None
 
 
 def _members(run: Run, leases: Iterable[Lease]) -> list[_Member]:
-    """Every pod the run's leases ever called for, in mint order, with stable names."""
+    """Every pod the run's leases ever called for, in mint order, with stable names.
+
+    A swap lease's pods are named ``<run>-g<group>-swap-<unix nanoseconds of the swap>`` (+k for
+    its k-th pod) and take over, one by one, the hostname and rank of the pods of the lease it
+    replaces, so the gang's DNS names and ranks (``MASTER_ADDR``, ``NODE_RANK``) stay as they
+    were when a spare steps in."""
     gpp = run.spec.roles[0].gpus_per_pod if run.spec.roles else 1
     counters: dict[tuple[LeaseRole, int], int] = {}
     out: list[_Member] = []
     base = run.metadata.name
+    seen: list[Lease] = []
+    used: set[str] = set()
+    by_lease: dict[str, list[_Member]] = {}
     for lease in leases:
         role = lease.role
         cohort = lease.cohort if role is LeaseRole.ACTIVE else 0
         sizes = [gpp] * (lease.width // gpp)
         if lease.width % gpp:
             sizes.append(lease.width % gpp)  # packing did not respect gpusPerPod: one odd pod
-        for gpus in sizes:
+        old = (
+            _replaced(lease, seen, used)
+            if role is LeaseRole.ACTIVE and lease.reason is MintReason.SWAP
+            else None
+        )
+        heirs = by_lease.get(old.id, []) if old is not None else []
+        mine: list[_Member] = []
+        for k, gpus in enumerate(sizes):
+            if old is not None and k < len(heirs):
+                h = heirs[k]
+                name = f"{base}-g{lease.group}-swap-{lease.start * 10**9 + k}"
+                mine.append(_Member(name, lease, gpus, h.ordinal, h.hostname, h.order, h.name))
+                continue
             i = counters.get((role, cohort), 0)
             counters[(role, cohort)] = i + 1
             if role is LeaseRole.SPARE:
@@ -100,7 +145,10 @@ def _members(run: Run, leases: Iterable[Lease]) -> list[_Member]:
                 name = f"{base}-c{cohort}-active-{i}"
             else:
                 name = f"{base}-active-{i}"
-            out.append(_Member(name, lease, gpus, i))
+            mine.append(_Member(name, lease, gpus, i, name, (cohort, i)))
+        by_lease[lease.id] = mine
+        out.extend(mine)
+        seen.append(lease)
     return out
 
 
@@ -147,9 +195,9 @@ def run_pods(
         and m.lease.id not in noticed_ids
         and not (backoff and m.lease.role is LeaseRole.ACTIVE)
     ]
-    gang = [m for m in live if m.lease.role is LeaseRole.ACTIVE]
+    gang = sorted((m for m in live if m.lease.role is LeaseRole.ACTIVE), key=lambda m: m.order)
     ns, run_name = run.metadata.namespace, run.metadata.name
-    rank0 = gang[0].name if gang else ""
+    rank0 = gang[0].hostname if gang else ""
     world = sum(m.gpus for m in gang)
     owner = {
         "apiVersion": API_VERSION,
@@ -185,6 +233,15 @@ def run_pods(
             annotations[A_COHORT] = str(lease.cohort)
         if lease.role is LeaseRole.ACTIVE:
             annotations[A_ATTEMPT] = str(attempt)
+        if m.replaces:
+            annotations[A_SWAP_NODE] = lease.node
+            annotations[A_REPLACES] = m.replaces
+        if lease.reason in (MintReason.SWAP, MintReason.PROMISE) and lease.minted_payer:
+            payer = lease.minted_payer
+            annotations[f"{GROUP}/payer-owner"] = payer.owner
+            annotations[f"{GROUP}/payer-namespace"] = payer.namespace
+            annotations[f"{GROUP}/payer-budget"] = payer.budget
+            annotations[f"{GROUP}/payer-envelope"] = payer.envelope
         containers = [dict(c) for c in spec.get("containers") or []]
         target = _gpu_container(containers)
         resources = dict(target.get("resources") or {})
@@ -207,10 +264,24 @@ def run_pods(
             "containers": containers,
             "schedulerName": SCHEDULER_NAME,
             "restartPolicy": "Never",
-            "hostname": m.name,
+            "hostname": m.hostname,
             "subdomain": run_name,
         }
         pod_spec.pop("nodeName", None)
+        if m.replaces:  # SPEC §A.7: a swap pod is pinned to the swap node (required affinity)
+            affinity = dict(pod_spec.get("affinity") or {})
+            affinity["nodeAffinity"] = {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchFields": [
+                                {"key": "metadata.name", "operator": "In", "values": [lease.node]}
+                            ]
+                        }
+                    ]
+                }
+            }
+            pod_spec["affinity"] = affinity
         body: Obj = {
             "apiVersion": "v1",
             "kind": "Pod",
