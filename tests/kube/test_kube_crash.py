@@ -1,5 +1,5 @@
-"""Crash safety of the bridge with real processes: SIGKILL the binder (pods half) mid-create and
-mid-bind, and the manager (objects half) mid-mirror, then start a fresh process.
+"""Crash safety of the bridge with real processes: SIGKILL the binder (pods half) mid-create,
+mid-bind and mid-delete, and the manager (objects half) mid-mirror, then start a fresh process.
 
 The kill is triggered by the emulated API server itself, synchronously inside the write it is
 serving (a store listener), so "mid-create" means exactly: the server made pod 2 of 4 and the
@@ -44,7 +44,8 @@ async def until(probe: Callable[[], Any], what: str, timeout: float = 180.0) -> 
 
 
 class World:
-    def __init__(self, store: Store, stack: ProcessStack, nc: Any) -> None:
+    def __init__(self, store: Store, stack: ProcessStack, nc: Any, kubelet: SimKubelet) -> None:
+        self.kubelet = kubelet
         self.store = store
         self.stack = stack
         self.nc = nc
@@ -142,7 +143,7 @@ async def _world(tmp_path: Path) -> AsyncIterator[World]:
         stack.start()
         nc = await nats.connect(stack.nats.url)
         await wait_for_services(nc, ("binder", "manager"), timeout=120)
-        world = World(store, stack, nc)
+        world = World(store, stack, nc, kubelet)
         world.create("budgets", budget_obj(NS, "org:v:vision", concurrency=32))
         yield world
     finally:
@@ -160,7 +161,7 @@ def _pod_of(run: str) -> Callable[[ResourceType, dict[str, Any]], bool]:
     return match
 
 
-async def test_binder_sigkill_mid_create_and_mid_bind_converges(world: World) -> None:
+async def test_binder_sigkill_mid_create_mid_bind_and_mid_delete_converges(world: World) -> None:
     # Mid-create: the server makes pod 2 of 4, then the binder dies before hearing back.
     is_gang = _pod_of("gang")
     made: list[str] = []
@@ -201,6 +202,26 @@ async def test_binder_sigkill_mid_create_and_mid_bind_converges(world: World) ->
     assert len(world.pods("gang")) + len(world.pods("two")) == len(
         world.store.list(world.store.find("", "pods"), NS)[0]
     )
+
+    # Mid-delete: the second gang finishes; the binder dies right after the server deleted the
+    # first of its pods (their leases closed Completed); the fresh binder deletes the rest.
+    await until(
+        lambda: all(p["status"]["phase"] == "Running" for p in world.pods("two")), "running"
+    )
+
+    def first_delete(type_: str, rt: ResourceType, obj: dict[str, Any]) -> bool:
+        return type_ == "DELETED" and is_two(rt, obj)
+
+    world.kill_when(first_delete, "binder")
+    assert len(world.kubelet.finish_run(NS, "two")) == 4
+    await until(lambda: "binder" not in world.stack.procs, "the binder killed mid-delete")
+    assert 0 < len(world.pods("two")) < 4
+    world.stack.spawn("binder")
+    await until(lambda: not world.pods("two"), "the rest of the finished gang's pods deleted")
+    closed = await world.leases("two")
+    assert closed
+    assert all(x["closureReason"] == "Completed" for x in closed)
+    assert len(world.pods("gang")) == 4  # the other gang untouched
 
 
 async def test_manager_sigkill_mid_mirror_converges_with_no_duplicate(world: World) -> None:
