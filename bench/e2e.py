@@ -221,6 +221,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--open", type=int, default=None, help="1-GPU runs running before timing")
+    p.add_argument("--nodes", type=int, default=None, help="only the fleet of this many nodes")
     args = p.parse_args()
     # (nodes, open runs, one-at-a-time submissions, burst submissions)
     plan = (
@@ -230,6 +231,10 @@ def main() -> int:
     )
     if args.open is not None:
         plan = [(n, args.open, lat, burst) for n, _, lat, burst in plan]
+    if args.nodes is not None:
+        plan = [row for row in plan if row[0] == args.nodes]
+        if not plan:
+            p.error(f"--nodes: no fleet of {args.nodes} nodes in this plan (1000 or 10000)")
     print(f"machine: {machine_line()}; load {load_line()}")
     print(
         f"{'nodes':>6} {'open':>5} {'p50 ms':>8} {'p99 ms':>8} {'adm/s':>8} {'JS ack/s':>9}"

@@ -17,9 +17,15 @@ from gpu_fleet.core.manifests import (
     dump_documents,
     load_documents,
     load_source,
+    parse_inventory,
     parse_manifests,
 )
-from gpu_fleet.core.manifests.documents import MAX_DEPTH, MAX_NODES, MAX_SCALAR_CHARS
+from gpu_fleet.core.manifests.documents import (
+    INVENTORY_BOUNDS,
+    MAX_DEPTH,
+    MAX_NODES,
+    MAX_SCALAR_CHARS,
+)
 
 
 def bomb(levels: int, fan: int = 9) -> str:
@@ -169,3 +175,35 @@ def test_a_value_repeated_in_an_error_is_quoted_by_prefix_and_length() -> None:
         == f"unsupported kind {'K' * 40!r}... (300000 characters): must be Budget, Run or"
         " NotificationChannel"
     )
+
+
+def ten_thousand_node_inventory() -> str:
+    lines = ["nodes:"]
+    for i in range(10_000):
+        lines.append(
+            f"  - {{name: n{i:05d}, gpus: 8, labels: {{region: r1, cluster: c1, "
+            f"fabric.domain: d{i // 32:04d}, gpu.flavor: H100}}}}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def test_an_operators_ten_thousand_node_inventory_loads() -> None:
+    """About 170k YAML nodes: over a manifest's bound, inside an inventory file's."""
+    text = ten_thousand_node_inventory()
+    assert errors_of(text) == [
+        f"documents[0]: more than {MAX_NODES} nodes once aliases are expanded"
+    ]
+    nodes = parse_inventory(text, "fleet.yaml")
+    assert len(nodes) == 10_000
+    assert nodes[-1].name == "n09999"
+    assert nodes[-1].labels["fabric.domain"] == "d0312"
+
+
+@pytest.mark.timeout(30)
+def test_an_alias_bomb_in_an_inventory_is_still_refused() -> None:
+    with pytest.raises(ManifestError) as info:
+        parse_inventory(bomb(9), "fleet.yaml")
+    limit = INVENTORY_BOUNDS.nodes
+    assert [str(e) for e in info.value.errors] == [
+        f"documents[0]: more than {limit} nodes once aliases are expanded"
+    ]

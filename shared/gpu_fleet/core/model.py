@@ -407,8 +407,10 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
 
     def effective_end(self) -> Instant | None:
         """When the lease stops counting: the earlier of its scheduled end and its closure."""
-        ends = [t for t in (self.end, self.closed_at) if t is not None]
-        return min(ends) if ends else None
+        end, closed = self.end, self.closed_at  # no list: the meter asks for every open lease
+        if end is None or (closed is not None and closed < end):
+            return closed
+        return end
 
     def live_at(self, t: Instant) -> bool:
         if t < self.start:

@@ -18,6 +18,7 @@ import bisect
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex
 from gpu_fleet.core.funding.matching import Accepted, FillResult, HoursView, fill
@@ -199,32 +200,48 @@ def evaluate(
 
 
 def _funded_pairs(f: FillResult) -> frozenset[tuple[str, EnvelopeKey]]:
-    return frozenset((lid, env) for lid, env in f.payer.items() if env is not None)
+    """(lease id, payer) of every funded lease.  Built from ``payer.items()`` in one C call and
+    filtered only when some lease is unfunded: it runs once per metered piece, over every open
+    lease, and the generator it replaces was a fifth of an admission at 5k open runs."""
+    if None in f.payer.values():
+        return frozenset((lid, env) for lid, env in f.payer.items() if env is not None)
+    return cast("frozenset[tuple[str, EnvelopeKey]]", frozenset(f.payer.items()))
 
 
 def _accrue(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: float) -> None:
+    """Charge ``[t0, t1)`` lease by lease in lease-id order (float sums depend on the order).
+
+    The loop runs over every open lease at every metered piece, so the lookups it repeats are
+    bound to locals once; the arithmetic and its order are exactly the straightforward ones.
+    """
     hours = (t1 - t0) / 3600.0
     if hours <= 0:
         return
     by_id = {lease.id: lease for lease in inputs.leases}
     settled, unsettled = meter._settled, meter._unsettled
+    run_hours, run_lender_hours = meter.run_hours, meter.run_lender_hours
+    envelope_hours, envelope_class_hours = meter.envelope_hours, meter.envelope_class_hours
+    cap_hours = meter.cap_hours
+    envelopes, payer = inputs.index.envelopes, f.payer
+    lent_classes = (FundingClass.SHARED, FundingClass.BORROWED)
     for lease_id, cls in f.classes_by_id():
         lease = by_id[lease_id]
-        gpu_hours = lease.width * hours
-        meter.run_hours[lease.run][cls] += gpu_hours
-        if lease.run not in unsettled:
-            settled.pop(lease.run, None)
-            unsettled.add(lease.run)
-        env_key = f.payer.get(lease_id)
+        run = lease.run
+        gpu_hours = len(lease.slots) * hours
+        run_hours[run][cls] += gpu_hours
+        if run not in unsettled:
+            settled.pop(run, None)
+            unsettled.add(run)
+        env_key = payer.get(lease_id)
         if env_key is None:
             continue
-        env = inputs.index.envelopes[env_key]
-        meter.envelope_hours[env_key] += gpu_hours
-        meter.envelope_class_hours[env_key][cls] += gpu_hours
+        env = envelopes[env_key]
+        envelope_hours[env_key] += gpu_hours
+        envelope_class_hours[env_key][cls] += gpu_hours
         for cap_id in env.caps:
-            meter.cap_hours[cap_id] += gpu_hours
-        if cls in (FundingClass.SHARED, FundingClass.BORROWED):
-            meter.run_lender_hours[lease.run][env.owner] += gpu_hours
+            cap_hours[cap_id] += gpu_hours
+        if cls in lent_classes:
+            run_lender_hours[run][env.owner] += gpu_hours
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,12 +11,15 @@ but every reader that walks or re-encodes the documents pays the expanded size -
 hung re-wrapping one.  Each document is measured on its node graph before it is constructed, in
 time linear in the graph (shared nodes are measured once), and refused over ``MAX_NODES``
 nodes, ``MAX_SCALAR_CHARS`` characters of scalars or ``MAX_DEPTH`` levels of nesting, and when
-an alias contains itself.  JSON documents get the same bounds.
+an alias contains itself.  JSON documents get the same bounds.  An inventory file (the
+operator's own fleet description) is read with the wider ``INVENTORY_BOUNDS``.
 
 This module is pure: it parses text it is given and never reads files.
 """
 
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
@@ -31,6 +34,27 @@ MAX_SCALAR_CHARS: Final = 4 * 1024 * 1024
 """Characters of scalars in one document once aliases are expanded."""
 MAX_DEPTH: Final = 64
 """Levels of nesting in one document (a pod template needs about a dozen)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentBounds:
+    """How large one document may be once aliases are expanded.
+
+    Why two sets: a manifest comes from any user through the API, so its bounds are tight; an
+    inventory file is the operator's own description of the fleet, read once at start, and a
+    10k-node fleet is about 170k YAML nodes - over the manifest bound, yet nothing hostile.  The
+    inventory bounds are still bounds: an alias bomb there is refused just as fast.
+    """
+
+    nodes: int = MAX_NODES
+    scalar_chars: int = MAX_SCALAR_CHARS
+    depth: int = MAX_DEPTH
+
+
+MANIFEST_BOUNDS: Final = DocumentBounds()
+"""Every user document: manifests, API bodies, scenario files."""
+INVENTORY_BOUNDS: Final = DocumentBounds(nodes=8_000_000, scalar_chars=256 * 1024 * 1024)
+"""An operator's inventory file: room for about 400k fleet nodes of a few labels each."""
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _YAML11_TAGS_DROPPED = frozenset(
@@ -55,6 +79,7 @@ class _Loader(yaml.SafeLoader):
 
     document = -1  # index of the document being loaded, for ``documents[i]`` in bound errors
     depth = 0  # nesting of the node being composed
+    bounds = MANIFEST_BOUNDS
 
     def compose_document(self) -> yaml.Node | None:
         self.document += 1
@@ -65,14 +90,15 @@ class _Loader(yaml.SafeLoader):
         # a deep document is cut off here, while composing, long before Python's own limit.
         self.depth += 1
         try:
-            if self.depth > MAX_DEPTH:
-                raise _BoundError(self.document, f"nested more than {MAX_DEPTH} levels deep")
+            if self.depth > self.bounds.depth:
+                limit = self.bounds.depth
+                raise _BoundError(self.document, f"nested more than {limit} levels deep")
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
 
     def construct_document(self, node: yaml.Node) -> Any:
-        problem = _graph_problem(node)
+        problem = _graph_problem(node, self.bounds)
         if problem is not None:
             raise _BoundError(self.document, problem)
         return super().construct_document(node)
@@ -148,7 +174,9 @@ class _BoundError(Exception):
         self.problem = problem
 
 
-def _measure(root: object, children: Any, scalar_chars: Any, identity: Any = id) -> str | None:
+def _measure(
+    root: object, children: Any, scalar_chars: Any, bounds: DocumentBounds, identity: Any = id
+) -> str | None:
     """Why the expanded tree under ``root`` is over a bound, or None.
 
     Post-order over the graph with an explicit stack (no recursion, so depth cannot crash us),
@@ -167,12 +195,12 @@ def _measure(root: object, children: Any, scalar_chars: Any, identity: Any = id)
             nodes = 1 + sum(done[identity(k)][0] for k in kids)
             chars = scalar_chars(node) + sum(done[identity(k)][1] for k in kids)
             depth = 1 + max((done[identity(k)][2] for k in kids), default=0)
-            if nodes > MAX_NODES:
-                return f"more than {MAX_NODES} nodes once aliases are expanded"
-            if chars > MAX_SCALAR_CHARS:
-                return f"more than {MAX_SCALAR_CHARS} characters once aliases are expanded"
-            if depth > MAX_DEPTH:
-                return f"nested more than {MAX_DEPTH} levels deep"
+            if nodes > bounds.nodes:
+                return f"more than {bounds.nodes} nodes once aliases are expanded"
+            if chars > bounds.scalar_chars:
+                return f"more than {bounds.scalar_chars} characters once aliases are expanded"
+            if depth > bounds.depth:
+                return f"nested more than {bounds.depth} levels deep"
             done[key] = (nodes, chars, depth)
             continue
         if key in done:
@@ -197,8 +225,8 @@ def _node_chars(node: object) -> int:
     return len(node.value) if isinstance(node, yaml.ScalarNode) else 0
 
 
-def _graph_problem(node: yaml.Node) -> str | None:
-    return _measure(node, _node_children, _node_chars)
+def _graph_problem(node: yaml.Node, bounds: DocumentBounds) -> str | None:
+    return _measure(node, _node_children, _node_chars, bounds)
 
 
 def _value_children(value: object) -> list[object]:
@@ -213,9 +241,9 @@ def _value_chars(value: object) -> int:
     return len(value) if isinstance(value, str) else 0
 
 
-def value_problem(value: object) -> str | None:
+def value_problem(value: object, bounds: DocumentBounds = MANIFEST_BOUNDS) -> str | None:
     """The same bounds for a decoded value (JSON text, or a caller's own structure)."""
-    return _measure(value, _value_children, _value_chars)
+    return _measure(value, _value_children, _value_chars, bounds)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -235,7 +263,20 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return " ".join(str(exc).split())
 
 
-def load_documents(text: str, source: str = "<input>") -> list[object]:
+def _load_all(text: str, bounds: DocumentBounds) -> Iterator[Any]:
+    """``yaml.load_all`` with ``_Loader`` carrying ``bounds`` (same loop as PyYAML's own)."""
+    loader = _Loader(text)
+    loader.bounds = bounds
+    try:
+        while loader.check_data():  # type: ignore[no-untyped-call]
+            yield loader.get_data()
+    finally:
+        loader.dispose()
+
+
+def load_documents(
+    text: str, source: str = "<input>", bounds: DocumentBounds = MANIFEST_BOUNDS
+) -> list[object]:
     """Split ``text`` (YAML or JSON) into its documents, ``None`` for an empty one.
 
     JSON is tried first when the text looks like JSON, because its parser is exact and fast;
@@ -252,20 +293,20 @@ def load_documents(text: str, source: str = "<input>") -> list[object]:
         except msgspec.DecodeError:
             pass  # not JSON after all: the YAML loader says what is wrong
         except RecursionError:
-            too_deep = f"nested more than {MAX_DEPTH} levels deep"
+            too_deep = f"nested more than {bounds.depth} levels deep"
             raise ManifestError([FieldError("documents[0]", too_deep)], source=source) from None
         else:
-            over = value_problem(value)
+            over = value_problem(value, bounds)
             if over is not None:
                 raise ManifestError([FieldError("documents[0]", over)], source=source)
             return [value]
     try:
-        return list(yaml.load_all(text, Loader=_Loader))  # _Loader is a SafeLoader
+        return list(_load_all(text, bounds))  # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ManifestError([FieldError(source, _yaml_problem(exc))], source=source) from exc
     except _BoundError as exc:
         path = f"documents[{exc.index}]"
         raise ManifestError([FieldError(path, exc.problem)], source=source) from None
     except RecursionError:  # the composer recurses per level, before our bound can see it
-        problem = f"nested more than {MAX_DEPTH} levels deep"
+        problem = f"nested more than {bounds.depth} levels deep"
         raise ManifestError([FieldError(source, problem)], source=source) from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gpu_fleet.core.manifests.documents import load_documents
+from gpu_fleet.core.manifests.documents import INVENTORY_BOUNDS, load_documents
 from gpu_fleet.core.manifests.errors import ErrorList, ManifestError, index_path, join_path
 from gpu_fleet.core.manifests.rules import check_min, check_subdomain
 from gpu_fleet.core.manifests.structure import (
@@ -81,7 +81,7 @@ def parse_inventory(text: str, source: str = "<input>") -> list[Node]:
     ``fleet`` form may sit inside a larger file (a scenario), so other top-level keys are left to
     their owner, but the ``fleet`` block itself is strict.  Node names must be unique.
     """
-    documents = [doc for doc in load_documents(text, source) if doc is not None]
+    documents = [doc for doc in load_documents(text, source, INVENTORY_BOUNDS) if doc is not None]
     errs = ErrorList()
     if len(documents) > 1:
         errs.add(source, f"expected one document, got {len(documents)}")
