@@ -88,6 +88,7 @@ from gpu_fleet.messages import forecast as forecast_msgs
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.follower import LedgerFollower
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 
 log = structlog.get_logger("gpu_fleet.kube.bridge")
@@ -113,6 +114,7 @@ class BridgeConfig:
     resync_seconds: float = 30.0  # a full pass even when nothing changed (missed-event safety)
     api_timeout: float = 20.0
     forecasts: bool = True
+    ledger_keys: LedgerKeys | None = None  # verify ledger events (docs/security.md)
 
 
 def _now() -> str:
@@ -180,7 +182,7 @@ class KubeBridge(Actor):
     # -- lifecycle ---------------------------------------------------------------------------
     async def _on_start(self) -> None:
         self.nc = await connect(self.config.nats_url, "gpu-fleet-kube-bridge", on_closed=self.abort)
-        ledger = LedgerStream(self.nc)
+        ledger = LedgerStream(self.nc, keys=self.config.ledger_keys)
         await ledger.ensure()
         self.ledger = ledger
         self.follower = LedgerFollower(ledger, on_event=lambda *_: self.kick())
