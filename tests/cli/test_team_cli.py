@@ -11,6 +11,7 @@ from tests.services._stack import wait_until
 
 from gpu_fleet.cli.main import main
 from gpu_fleet.runtime.connect import abandon
+from gpu_fleet.runtime.ledger_keys import HEADER, LedgerKeys
 from gpu_fleet.runtime.natsd import EmbeddedNats
 from gpu_fleet.runtime.stack_security import StackSecurity
 
@@ -72,3 +73,20 @@ def test_team_add_refuses_an_unusable_name(
 ) -> None:
     assert main(["team", "add", "x" * 80, "--data-dir", str(tmp_path)]) == 2
     assert "error: team: " in capsys.readouterr().err
+
+
+def test_ledger_keys_writes_a_pair_and_never_overwrites_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ledger-keys", "--out", str(tmp_path)]) == 0
+    assert "kubectl create secret generic gpu-fleet-ledger-keys" in capsys.readouterr().out
+    keys = LedgerKeys.load(str(tmp_path / "ledger.key"))
+    public = LedgerKeys.load(public_path=str(tmp_path / "ledger.pub"))
+    signature = keys.sign(7, "fleet.ledger.X", b"{}")
+    assert public.verify(7, "fleet.ledger.X", b"{}", {HEADER: signature})
+    assert not public.verify(8, "fleet.ledger.X", b"{}", {HEADER: signature})
+    assert (tmp_path / "ledger.key").stat().st_mode & 0o077 == 0
+    before = (tmp_path / "ledger.key").read_bytes()
+    assert main(["ledger-keys", "--out", str(tmp_path)]) == 2
+    assert "already holds a ledger key" in capsys.readouterr().err
+    assert (tmp_path / "ledger.key").read_bytes() == before

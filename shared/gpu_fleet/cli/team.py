@@ -1,4 +1,4 @@
-"""``gpu-fleet team add TEAM``: mint a team's NATS credential for the embedded stack.
+"""``gpu-fleet team add TEAM`` (a team's NATS credential) and ``gpu-fleet ledger-keys``.
 
 The team's user goes into the stack's security profile (``<data dir>/security/users.json``);
 the server config is rewritten and a running ``gpu-fleet up`` server re-reads it on SIGHUP, so
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_fleet.messages.subjects import team_token
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.natsd import EmbeddedNats
 from gpu_fleet.runtime.permissions import team_ok
 from gpu_fleet.runtime.stack_security import StackSecurity
@@ -37,6 +38,27 @@ def add_parser(sub: Any) -> None:
         "--nats-url", default="nats://127.0.0.1:4222", help="written into the team's env file"
     )
     add.set_defaults(func=cmd_team_add)
+    keys = sub.add_parser("ledger-keys", help="make the ledger's Ed25519 key pair (for the chart)")
+    keys.add_argument("--out", default=".", help="folder for ledger.key and ledger.pub")
+    keys.set_defaults(func=cmd_ledger_keys)
+
+
+def cmd_ledger_keys(args: argparse.Namespace) -> int:
+    """Write a new key pair; refuse to overwrite one (events signed by it would turn unreadable)."""
+    out = Path(args.out)
+    private, public = out / "ledger.key", out / "ledger.pub"
+    if private.exists() or public.exists():
+        print(f"error: --out: {out} already holds a ledger key; keep it", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    LedgerKeys.generate().write(private, public)
+    print(f"wrote {private} (the manager's only) and {public}")
+    print(
+        "  kubectl create secret generic gpu-fleet-ledger-keys"
+        f" --from-file=ledger.key={private} --from-file=ledger.pub={public}"
+    )
+    print("  helm ... --set auth.ledgerKeysSecret=gpu-fleet-ledger-keys")
+    return 0
 
 
 def cmd_team_add(args: argparse.Namespace) -> int:
