@@ -38,9 +38,35 @@ def add_parser(sub: Any) -> None:
         "--nats-url", default="nats://127.0.0.1:4222", help="written into the team's env file"
     )
     add.set_defaults(func=cmd_team_add)
+    profile = sub.add_parser(
+        "profile", help="write a security profile into a folder (compose's init container)"
+    )
+    profile.add_argument("folder", help="where users, passwords, keys and the NATS config go")
+    profile.set_defaults(func=cmd_profile)
     keys = sub.add_parser("ledger-keys", help="make the ledger's Ed25519 key pair (for the chart)")
     keys.add_argument("--out", default=".", help="folder for ledger.key and ledger.pub")
     keys.set_defaults(func=cmd_ledger_keys)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Make (or keep) a profile; write the NATS config and one password file per role.
+
+    compose runs this once before NATS starts: the server reads ``nats-security.conf``, each
+    service its ``<role>.password`` (``GPU_FLEET_NATS_PASSWORD_FILE``) and its ledger key.
+    """
+    folder = Path(args.folder)
+    security = StackSecurity.load_or_create(folder)
+    _write_private(folder / "nats-security.conf", security.server_config())
+    for role, password in security.passwords.items():
+        _write_private(folder / f"{role}.password", password + "\n")
+    print(f"security profile in {folder}: users {', '.join(sorted(security.passwords))}")
+    return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def cmd_ledger_keys(args: argparse.Namespace) -> int:

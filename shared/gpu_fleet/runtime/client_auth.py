@@ -29,6 +29,7 @@ import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 ENV = {
@@ -55,6 +56,9 @@ FLAGS = {
 }
 
 
+PASSWORD_FILE_ENV = "GPU_FLEET_NATS_PASSWORD_FILE"
+
+
 class ClientAuthError(ValueError):
     """Contradictory or incomplete connection options (the message names the option)."""
 
@@ -74,8 +78,20 @@ class ClientAuth:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientAuth:
+        """The ``GPU_FLEET_NATS_*`` options; ``GPU_FLEET_NATS_PASSWORD_FILE`` names a file
+        holding the password (compose mounts one per service) when the password is not set."""
         env = os.environ if env is None else env
-        return cls(**{name: env.get(var) or None for name, var in ENV.items()})
+        auth = cls(**{name: env.get(var) or None for name, var in ENV.items()})
+        password_file = env.get(PASSWORD_FILE_ENV)
+        if auth.password is None and password_file:
+            try:
+                password = Path(password_file).read_text().strip()
+            except OSError as exc:
+                raise ClientAuthError(
+                    f"{PASSWORD_FILE_ENV}: cannot read {password_file}: {exc.strerror}"
+                ) from exc
+            auth = replace(auth, password=password)
+        return auth
 
     def merged(self, other: ClientAuth) -> ClientAuth:
         """``other``'s options where set, ours elsewhere (flags over the environment)."""
