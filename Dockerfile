@@ -32,7 +32,9 @@ RUN pip install /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels \
  && groupadd --system --gid ${UID} gpufleet \
  && useradd --system --uid ${UID} --gid ${UID} --home-dir /home/gpufleet --create-home \
-      --shell /usr/sbin/nologin gpufleet
+      --shell /usr/sbin/nologin gpufleet \
+ && install -d -o ${UID} -g ${UID} -m 0700 /security
+# /security: compose's security profile volume (a new named volume takes this owner).
 WORKDIR /home/gpufleet
 # Numeric user so Kubernetes `runAsNonRoot: true` can verify it without a passwd lookup.
 USER ${UID}:${UID}

@@ -191,10 +191,10 @@ def bench(
         )
         stack.start()
         try:
-            js_rate, rr_rate = asyncio.run(baselines(stack.nats.url, 500))
+            js_rate, rr_rate = asyncio.run(baselines(stack.admin_url, 500))
             result = asyncio.run(
                 measure(
-                    stack.nats.url,
+                    stack.admin_url,
                     nodes,
                     open_runs=open_runs,
                     latency_n=latency_n,

@@ -33,7 +33,7 @@ class BackgroundStack:
 
     @property
     def url(self) -> str:
-        return self.stack.nats.url
+        return self.stack.admin_url
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(READY)

@@ -55,7 +55,7 @@ def _url(tmp_path: Path) -> Iterator[str]:
             )
 
     asyncio.run_coroutine_threadsafe(seed(), loop).result(60)
-    yield stack.nats.url
+    yield stack.admin_url
     asyncio.run_coroutine_threadsafe(stack.stop(), loop).result(60)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(30)

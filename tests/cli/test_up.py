@@ -106,7 +106,7 @@ def test_up_restarts_a_killed_nats_server_on_its_port_and_data_and_the_api_answe
     try:
         supervisor = supervisor_for(stack)
         supervisor.out = io.StringIO()
-        asyncio.run(api_answers(stack.nats.url))
+        asyncio.run(api_answers(stack.admin_url))
         port, proc = stack.nats.port, stack.nats.proc
         assert proc is not None
         proc.send_signal(signal.SIGKILL)
@@ -118,7 +118,7 @@ def test_up_restarts_a_killed_nats_server_on_its_port_and_data_and_the_api_answe
             time.sleep(0.1)
         assert stack.nats.port == port
         assert stack.nats.proc is not proc
-        asyncio.run(api_answers(stack.nats.url))  # the services reconnected by themselves
+        asyncio.run(api_answers(stack.admin_url))  # the services reconnected by themselves
         assert "nats-server exited (code -9)" in supervisor.out.getvalue()
     finally:
         stack.stop()

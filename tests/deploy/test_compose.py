@@ -23,7 +23,11 @@ import jsonschema
 import pytest
 import yaml
 
+from gpu_fleet.cli.main import main
 from gpu_fleet.core.manifests import parse_inventory
+from gpu_fleet.runtime.client_auth import ClientAuth
+from gpu_fleet.runtime.natsd import find_binary
+from gpu_fleet.runtime.stack_security import StackSecurity
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -70,13 +74,17 @@ def test_no_top_level_name_for_docker_compose_v1(compose: dict[str, Any]) -> Non
 
 def test_services_and_dependencies_are_defined(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"nats", *APP_SERVICES}
+    assert set(services) == {"security", "nats", *APP_SERVICES}
     for name, svc in services.items():
         for target in svc.get("depends_on", {}):
             assert target in services, f"{name} depends on undefined service {target}"
     for name in APP_SERVICES:
         assert services[name]["depends_on"] == {"nats": {"condition": "service_healthy"}}
     assert "healthcheck" in services["nats"], "service_healthy needs a healthcheck"
+    # The security profile is written before NATS reads it (docs/security.md).
+    assert services["nats"]["depends_on"] == {
+        "security": {"condition": "service_completed_successfully"}
+    }
 
 
 def test_nats_runs_jetstream_on_a_named_volume(compose: dict[str, Any]) -> None:
@@ -163,3 +171,44 @@ def test_docker_compose_v1_config_accepts_the_file() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_each_service_logs_in_as_its_own_user_from_the_profile(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """The files compose points at are the ones ``gpu-fleet profile`` writes, and nats-server
+    accepts the config it writes (``-t``)."""
+    services = compose["services"]
+    assert services["security"]["command"] == ["gpu-fleet", "profile", "/security"]
+    folder = tmp_path / "security"
+    assert main(["profile", str(folder)]) == 0
+    for name in APP_SERVICES:
+        env = services[name]["environment"]
+        assert env["GPU_FLEET_NATS_USER"] == name
+        password_file = env["GPU_FLEET_NATS_PASSWORD_FILE"]
+        assert password_file == f"/security/{name}.password"
+        assert (folder / Path(password_file).name).is_file()
+        assert "security:/security:ro" in services[name]["volumes"]
+        key = env.get("GPU_FLEET_LEDGER_KEY") if name == "manager" else None
+        assert env["GPU_FLEET_LEDGER_PUBLIC_KEY"] == "/security/ledger.pub"
+        if name == "manager":
+            assert key == "/security/ledger.key"
+        else:
+            assert "GPU_FLEET_LEDGER_KEY" not in env
+    command = services["nats"]["command"]
+    conf = command[command.index("-c") + 1]
+    assert conf == "/security/nats-security.conf"
+    local = folder / Path(conf).name
+    done = subprocess.run(
+        [find_binary(), "-c", str(local), "-t"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    env = {"GPU_FLEET_NATS_PASSWORD_FILE": str(folder / "binder.password")}
+    assert (
+        ClientAuth.from_env(env).password
+        == StackSecurity.load_or_create(folder).passwords["binder"]
+    )

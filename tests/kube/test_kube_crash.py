@@ -141,7 +141,7 @@ async def _world(tmp_path: Path) -> AsyncIterator[World]:
         for name, clique in (("a1", "A"), ("a2", "A"), ("b1", "B"), ("b2", "B")):
             store.create(store.find("", "nodes"), None, gpu_node(name, clique=clique))
         stack.start()
-        nc = await nats.connect(stack.nats.url)
+        nc = await nats.connect(stack.admin_url)  # authorization is on, as in production
         await wait_for_services(nc, ("binder", "manager"), timeout=120)
         world = World(store, stack, nc, kubelet)
         world.create("budgets", budget_obj(NS, "org:v:vision", concurrency=32))

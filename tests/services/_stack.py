@@ -20,7 +20,10 @@ from nats.aio.client import Client
 from gpu_fleet.cli.stack import call
 from gpu_fleet.core.timeutil import parse_instant
 from gpu_fleet.runtime.actor import Actor
+from gpu_fleet.runtime.client_auth import ClientAuth
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.natsd import EmbeddedNats
+from gpu_fleet.runtime.stack_security import StackSecurity
 from gpu_fleet_binder.service import Binder, BinderConfig
 from gpu_fleet_manager.service import Manager, ManagerConfig
 
@@ -92,22 +95,44 @@ class Stack:
 
     Extra actors (forecaster, notifier) are added with ``add`` and stopped, like the rest, in
     reverse order by ``stop``; every actor stops even when a test fails half-way.
+
+    Authorization is on, as in every embedded stack: each service connects as its own user,
+    the manager signs the ledger and the others verify it.  ``url`` is the *admin* URL (the
+    operator a test plays); ``url_for(role)`` and ``keys_for(role)`` configure a service the
+    test builds itself, and ``url_for("root")`` is an unrestricted user to play an attacker.
     """
 
     def __init__(self, tmp_path: Path) -> None:
-        self.nats = EmbeddedNats(tmp_path / "nats")
+        self.security = StackSecurity.load_or_create(tmp_path / "security", root=True)
+        self.nats = EmbeddedNats(tmp_path / "nats", security=self.security.server_config)
         self.actors: list[Actor] = []
         self.nc: Client | None = None
 
     @property
     def url(self) -> str:
-        return self.nats.url
+        return self.url_for("admin")
+
+    def url_for(self, role: str) -> str:
+        return self.security.url_for(role, self.nats.url)
+
+    def keys_for(self, role: str) -> LedgerKeys:
+        return self.security.keys if role == "manager" else self.security.keys.reader()
+
+    def manager_config(self, **kwargs: Any) -> ManagerConfig:
+        """A manager of this stack (its user and the ledger's private key) on ``T0``."""
+        kwargs.setdefault("clock", "virtual")
+        kwargs.setdefault("start", T0)
+        return ManagerConfig(
+            nats_url=self.url_for("manager"), ledger_keys=self.keys_for("manager"), **kwargs
+        )
 
     async def start(self) -> None:
         await asyncio.to_thread(self.nats.start)
-        await self.add(Binder(BinderConfig(nats_url=self.url)))
-        await self.add(Manager(ManagerConfig(nats_url=self.url, clock="virtual", start=T0)))
-        self.nc = await nats.connect(self.url)
+        binder = BinderConfig(nats_url=self.url_for("binder"), ledger_keys=self.keys_for("binder"))
+        await self.add(Binder(binder))
+        await self.add(Manager(self.manager_config()))
+        # TLS options (a test's CA) come from the environment, as for the services.
+        self.nc = await nats.connect(self.url, **ClientAuth.from_env().connect_options())
 
     async def add(self, actor: Actor) -> Actor:
         self.actors.append(actor)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client
@@ -59,7 +60,7 @@ def run_doc(name: str, gpus: int, ns: str = "team") -> str:
 
 @pytest_asyncio.fixture(name="stack")
 async def _stack(tmp_path: Path) -> AsyncIterator[InProcessStack]:
-    stack = InProcessStack(tmp_path, virtual_start=T0, services=("binder", "manager"))
+    stack = InProcessStack(tmp_path, virtual_start=T0, services=("binder", "manager"), root=True)
     await stack.start()
     assert stack.nc is not None
     for i in range(2):
@@ -89,7 +90,13 @@ async def replace_manager(stack: InProcessStack, limits: ApiLimits) -> Manager:
     """Swap the stack's manager for one with other API limits (same ledger, virtual clock)."""
     await stack.stop_service("manager")
     manager = Manager(
-        ManagerConfig(nats_url=stack.nats.url, clock="virtual", start=T0, limits=limits)
+        ManagerConfig(
+            nats_url=stack.url_for("manager"),
+            ledger_keys=stack.keys_for("manager"),
+            clock="virtual",
+            start=T0,
+            limits=limits,
+        )
     )
     await manager.start()
     stack.actors["manager"] = manager
@@ -280,9 +287,16 @@ async def test_a_budget_closing_a_parent_cycle_is_refused_with_the_whole_apply(
 async def test_garbage_on_the_ledger_is_skipped_by_every_reader_with_its_sequence(
     stack: InProcessStack,
 ) -> None:
-    """Break 9: a non-JSON message on the ledger's subjects raised out of every reader."""
+    """Break 9: a non-JSON message on the ledger's subjects raised out of every reader.
+
+    Only the manager may publish there now (docs/security.md); the garbage comes from an
+    unrestricted user, as from a mis-configured account."""
     nc = client(stack)
-    ack = await nc.jetstream().publish(f"{SUBJECT_PREFIX}.Garbage", b"\x00{not json")
+    root = await nats.connect(stack.url_for("root"))
+    try:
+        ack = await root.jetstream().publish(f"{SUBJECT_PREFIX}.Garbage", b"\x00{not json")
+    finally:
+        await root.close()
     await call(nc, "apply", {"documents": run_doc("after-garbage", 4)})
     view = await call(nc, "get", {"namespace": "team", "name": "after-garbage"})
     assert view["phase"] == "Running"  # the manager folded past it, the binder placed it
@@ -343,7 +357,14 @@ async def test_serve_returns_1_when_the_connection_closes_for_good(
 ) -> None:
     """What the services' ``main`` returns, so the process exits non-zero (a standby manager
     here: the binder's ordered consumer leaves nats-py tasks behind on a closed connection)."""
-    standby = Manager(ManagerConfig(nats_url=stack.nats.url, clock="virtual", start=T0))
+    standby = Manager(
+        ManagerConfig(
+            nats_url=stack.url_for("manager"),
+            ledger_keys=stack.keys_for("manager"),
+            clock="virtual",
+            start=T0,
+        )
+    )
     serving = asyncio.create_task(standby.serve())
     try:
         nc = await wait_for_connection(standby)

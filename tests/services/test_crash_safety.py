@@ -110,7 +110,7 @@ def _stack(tmp_path: Path) -> ProcessStack:
 
 async def _burst(stack: ProcessStack, crash: str) -> None:
     deadline = time.monotonic() + 120
-    nc = await connect_retrying(stack.nats.url, deadline)
+    nc = await connect_retrying(stack.admin_url, deadline)
     acked: list[str] = []
     try:
         await wait_for_services(nc, ("binder", "manager"), timeout=60)
@@ -137,7 +137,7 @@ async def _burst(stack: ProcessStack, crash: str) -> None:
         views = await call_retrying(nc, "list", {"namespace": "team"}, deadline)
     finally:
         await nc.close()
-    state, _ = await ledger_state(stack.nats.url)
+    state, _ = await ledger_state(stack.admin_url)
     submitted = {e.run.key for e in state.history if isinstance(e, RunSubmitted)}
     assert set(acked) <= submitted, f"acknowledged but lost: {set(acked) - submitted}"
     assert check_invariants(state) == []
@@ -177,7 +177,7 @@ async def test_sigterm_stops_every_service_cleanly(tmp_path: Path) -> None:
     stack = ProcessStack(tmp_path / "data", log_level="warning")
     stack.start()
     try:
-        nc = await connect_retrying(stack.nats.url, time.monotonic() + 60)
+        nc = await connect_retrying(stack.admin_url, time.monotonic() + 60)
         try:
             await wait_for_services(nc, ("binder", "manager", "forecaster", "notifier"), 120)
         finally:

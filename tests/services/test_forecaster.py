@@ -28,7 +28,15 @@ async def _stack(tmp_path: Path) -> AsyncIterator[Stack]:
     stack = Stack(tmp_path)
     try:
         await stack.start()
-        await stack.add(Forecaster(ForecasterConfig(nats_url=stack.url, clock="ledger")))
+        await stack.add(
+            Forecaster(
+                ForecasterConfig(
+                    nats_url=stack.url_for("forecaster"),
+                    clock="ledger",
+                    ledger_keys=stack.keys_for("forecaster"),
+                )
+            )
+        )
         await stack.node("n1", 8)
         await stack.apply(budget("team", "org:team"))
         yield stack

@@ -130,7 +130,7 @@ def _fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         # Real objects for the names the strategies use, so refusals come from deep in the
         # handlers (a run in the wrong state, a sponsor it lacks), not only from the edge.
         await call(stack.nc, "apply", {"documents": SEED_OBJECTS})
-        nc: Client = await nats.connect(stack.nats.url)
+        nc: Client = await nats.connect(stack.admin_url)
         return nc
 
     nc = loop.run(start())

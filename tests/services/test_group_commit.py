@@ -157,7 +157,14 @@ async def test_two_writers_racing_groups_never_double_book(stack: InProcessStack
     re-folds and decides its group again; no slot is booked twice, the budget holds."""
     nc = stack.nc
     assert nc is not None
-    standby = Manager(ManagerConfig(nats_url=stack.nats.url, clock="virtual", start=T0))
+    standby = Manager(
+        ManagerConfig(
+            nats_url=stack.url_for("manager"),
+            ledger_keys=stack.keys_for("manager"),
+            clock="virtual",
+            start=T0,
+        )
+    )
     await standby.start()
     try:
         await asyncio.gather(

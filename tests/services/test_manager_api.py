@@ -170,7 +170,14 @@ async def test_second_manager_never_double_books(stack: InProcessStack) -> None:
     """Two managers serve the API together; the append race is lost by one, which re-folds."""
     nc = stack.nc
     assert nc is not None
-    standby = Manager(ManagerConfig(nats_url=stack.nats.url, clock="virtual", start=T0))
+    standby = Manager(
+        ManagerConfig(
+            nats_url=stack.url_for("manager"),
+            ledger_keys=stack.keys_for("manager"),
+            clock="virtual",
+            start=T0,
+        )
+    )
     await standby.start()
     try:
         for i in range(8):

@@ -43,7 +43,14 @@ LEDGER_CLOCK = NotifierConfig(nats_url="", clock="ledger", ack_wait=3.0, fetch_t
 
 
 def notifier_for(stack: Stack, **overrides: Any) -> Notifier:
-    return Notifier(dataclasses.replace(LEDGER_CLOCK, nats_url=stack.url, **overrides))
+    return Notifier(
+        dataclasses.replace(
+            LEDGER_CLOCK,
+            nats_url=stack.url_for("notifier"),
+            ledger_keys=stack.keys_for("notifier"),
+            **overrides,
+        )
+    )
 
 
 class Inbox:

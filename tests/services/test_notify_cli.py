@@ -62,7 +62,15 @@ async def _stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
         await stack.start()
         await stack.node("n1", 8)
         await stack.apply(budget("team", "org:team"))
-        await stack.add(Notifier(dataclasses.replace(CONFIG, nats_url=stack.url)))
+        await stack.add(
+            Notifier(
+                dataclasses.replace(
+                    CONFIG,
+                    nats_url=stack.url_for("notifier"),
+                    ledger_keys=stack.keys_for("notifier"),
+                )
+            )
+        )
         yield stack
     finally:
         await stack.stop()

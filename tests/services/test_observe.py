@@ -21,7 +21,7 @@ import nats
 import pytest
 import pytest_asyncio
 import structlog
-from _stack import T0, Stack, budget, run, wait_until
+from _stack import Stack, budget, run, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
@@ -31,7 +31,7 @@ from gpu_fleet.runtime.observe import Health, Observer, ledger_health
 from gpu_fleet.views.metrics import METRICS
 from gpu_fleet_binder.service import Binder, BinderConfig
 from gpu_fleet_forecaster.service import Forecaster, ForecasterConfig
-from gpu_fleet_manager.service import Manager, ManagerConfig
+from gpu_fleet_manager.service import Manager
 from gpu_fleet_notifier.service import Notifier, NotifierConfig
 
 SERVICES = ("manager", "binder", "forecaster", "notifier")
@@ -46,28 +46,29 @@ class ObservedStack(Stack):
     async def start(self) -> None:
         await asyncio.to_thread(self.nats.start)
         self.ports = {name: free_port() for name in SERVICES}
-        url, ports = self.url, self.ports
-        await self.add(Binder(BinderConfig(nats_url=url, metrics_port=ports["binder"])))
-        await self.add(
-            Manager(
-                ManagerConfig(
-                    nats_url=url, clock="virtual", start=T0, metrics_port=ports["manager"]
-                )
-            )
+        ports = self.ports
+        url, keys = self.url_for, self.keys_for
+        binder = BinderConfig(
+            nats_url=url("binder"), ledger_keys=keys("binder"), metrics_port=ports["binder"]
         )
-        await self.add(
-            Forecaster(
-                ForecasterConfig(nats_url=url, clock="ledger", metrics_port=ports["forecaster"])
-            )
+        await self.add(Binder(binder))
+        await self.add(Manager(self.manager_config(metrics_port=ports["manager"])))
+        forecaster = ForecasterConfig(
+            nats_url=url("forecaster"),
+            ledger_keys=keys("forecaster"),
+            clock="ledger",
+            metrics_port=ports["forecaster"],
         )
-        await self.add(
-            Notifier(
-                NotifierConfig(
-                    nats_url=url, clock="ledger", fetch_timeout=0.2, metrics_port=ports["notifier"]
-                )
-            )
+        await self.add(Forecaster(forecaster))
+        notifier = NotifierConfig(
+            nats_url=url("notifier"),
+            ledger_keys=keys("notifier"),
+            clock="ledger",
+            fetch_timeout=0.2,
+            metrics_port=ports["notifier"],
         )
-        self.nc = await nats.connect(url)
+        await self.add(Notifier(notifier))
+        self.nc = await nats.connect(self.url)
 
 
 @pytest_asyncio.fixture(name="stack")

@@ -53,7 +53,14 @@ CONFIG = NotifierConfig(
 
 
 def notifier_for(stack: Stack, **overrides: Any) -> Notifier:
-    return Notifier(dataclasses.replace(CONFIG, nats_url=stack.url, **overrides))
+    return Notifier(
+        dataclasses.replace(
+            CONFIG,
+            nats_url=stack.url_for("notifier"),
+            ledger_keys=stack.keys_for("notifier"),
+            **overrides,
+        )
+    )
 
 
 def hook(name: str, url: str, extra: str = "", namespace: str = "team") -> str:

@@ -9,6 +9,7 @@ import sys
 
 from gpu_fleet import kube
 from gpu_fleet.runtime import logs, observe
+from gpu_fleet.runtime.ledger_keys import LedgerKeyError, LedgerKeys
 from gpu_fleet.runtime.together import run_together
 from gpu_fleet_binder.service import Binder, BinderConfig
 
@@ -22,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     observe.add_flags(p)
     args = p.parse_args(argv)
     logs.configure("binder", args.log_level)
+    try:
+        ledger_keys = LedgerKeys.from_env()  # GPU_FLEET_LEDGER_KEY / _PUBLIC_KEY (security.md)
+    except LedgerKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     conn = kube.connection(args)
     try:
         mapping = kube.mapping(args.kube_mapping)
@@ -36,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 nats_url=args.nats_url,
                 metrics_port=args.metrics_port,
                 ready_max_lag=args.ready_max_lag,
+                ledger_keys=ledger_keys,
             )
         )
         if not conn.configured:
@@ -49,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 pods=True,
                 mapping=mapping,
                 leader=leader,
+                ledger_keys=ledger_keys,
             )
         )
         return await run_together(binder, bridge)

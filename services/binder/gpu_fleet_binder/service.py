@@ -25,6 +25,7 @@ from gpu_fleet.core.placement import (
 from gpu_fleet.messages import placement
 from gpu_fleet.runtime import replies
 from gpu_fleet.runtime.follower_service import FollowerService, Handler
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG
 from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet_binder import __version__
@@ -40,6 +41,7 @@ class BinderConfig:
     limits: ApiLimits = field(default_factory=ApiLimits)
     metrics_port: int = 0  # /metrics, /healthz, /readyz (0: no HTTP server)
     ready_max_lag: int = DEFAULT_MAX_LAG
+    ledger_keys: LedgerKeys | None = None  # verify (and, manager only, sign) ledger events
 
 
 class Binder(FollowerService):
@@ -54,6 +56,7 @@ class Binder(FollowerService):
             config.nats_url,
             metrics_port=config.metrics_port,
             ready_max_lag=config.ready_max_lag,
+            ledger_keys=config.ledger_keys,
         )
         self.config = config
         self.placed = 0

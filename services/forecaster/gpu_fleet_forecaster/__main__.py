@@ -8,6 +8,7 @@ import os
 import sys
 
 from gpu_fleet.runtime import logs, observe
+from gpu_fleet.runtime.ledger_keys import LedgerKeyError, LedgerKeys
 from gpu_fleet_forecaster.service import Forecaster, ForecasterConfig
 
 
@@ -30,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure("forecaster", args.log_level)
+    try:
+        ledger_keys = LedgerKeys.from_env()  # GPU_FLEET_LEDGER_KEY / _PUBLIC_KEY (security.md)
+    except LedgerKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     async def amain() -> int:
         forecaster = Forecaster(
@@ -38,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 clock=args.clock,
                 metrics_port=args.metrics_port,
                 ready_max_lag=args.ready_max_lag,
+                ledger_keys=ledger_keys,
             )
         )
         return await forecaster.serve()

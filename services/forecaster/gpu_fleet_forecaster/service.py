@@ -29,6 +29,7 @@ from gpu_fleet.messages import subjects
 from gpu_fleet.runtime import replies
 from gpu_fleet.runtime.clock import WallClock
 from gpu_fleet.runtime.follower_service import FollowerService, Handler
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG
 from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet_forecaster import __version__
@@ -49,11 +50,17 @@ class ForecasterConfig:
     limits: ApiLimits = field(default_factory=ApiLimits)
     metrics_port: int = 0  # /metrics, /healthz, /readyz (0: no HTTP server)
     ready_max_lag: int = DEFAULT_MAX_LAG
+    ledger_keys: LedgerKeys | None = None  # verify (and, manager only, sign) ledger events
 
 
-def build(nats_url: str, *, clock: Literal["wall", "ledger"] = "wall") -> Forecaster:
+def build(
+    nats_url: str,
+    *,
+    clock: Literal["wall", "ledger"] = "wall",
+    ledger_keys: LedgerKeys | None = None,
+) -> Forecaster:
     """The factory ``gpu_fleet.cli.stack`` uses to start the forecaster in-process."""
-    return Forecaster(ForecasterConfig(nats_url=nats_url, clock=clock))
+    return Forecaster(ForecasterConfig(nats_url=nats_url, clock=clock, ledger_keys=ledger_keys))
 
 
 def to_message(result: ForecastResult, seq: int, at: Instant) -> messages.Forecast:
@@ -86,6 +93,7 @@ class Forecaster(FollowerService):
             config.nats_url,
             metrics_port=config.metrics_port,
             ready_max_lag=config.ready_max_lag,
+            ledger_keys=config.ledger_keys,
         )
         self.config = config
         self.wall = WallClock()

@@ -16,6 +16,7 @@ from gpu_fleet.core.engine import Settings
 from gpu_fleet.core.manifests import ManifestError, decode_text, parse_inventory
 from gpu_fleet.core.timeutil import parse_duration, parse_instant
 from gpu_fleet.runtime import logs, observe
+from gpu_fleet.runtime.ledger_keys import LedgerKeyError, LedgerKeys
 from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet.runtime.together import run_together
 from gpu_fleet_manager.service import Manager, ManagerConfig
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ManifestError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    try:
+        ledger_keys = LedgerKeys.from_env()  # GPU_FLEET_LEDGER_KEY / _PUBLIC_KEY (security.md)
+    except LedgerKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     config = ManagerConfig(
         nats_url=args.nats_url,
         clock=args.clock,
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         metrics_port=args.metrics_port,
         ready_max_lag=args.ready_max_lag,
+        ledger_keys=ledger_keys,
     )
 
     conn = kube.connection(args)
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 pods=False,
                 mapping=mapping,
                 leader=leader,
+                ledger_keys=ledger_keys.reader() if ledger_keys else None,
             )
         )
         return await run_together(manager, bridge)

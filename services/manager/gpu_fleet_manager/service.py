@@ -45,6 +45,7 @@ from gpu_fleet.runtime import paging, replies
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, VirtualClock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.ledger_stream import (
     LedgerStream,
 )
@@ -59,6 +60,7 @@ from gpu_fleet_manager.boundary import (
 )
 from gpu_fleet_manager.endpoints import Endpoints
 from gpu_fleet_manager.group import GroupCommitter
+from gpu_fleet_manager.teams import TeamEndpoints, TeamHandler, team_of
 from gpu_fleet_manager.writer import LedgerFleet
 
 log = structlog.get_logger("gpu_fleet.manager")
@@ -82,6 +84,7 @@ class ManagerConfig:
     limits: ApiLimits = field(default_factory=ApiLimits)  # request, reply, page, object sizes
     metrics_port: int = 0  # /metrics, /healthz, /readyz (0: no HTTP server)
     ready_max_lag: int = DEFAULT_MAX_LAG
+    ledger_keys: LedgerKeys | None = None  # verify (and, manager only, sign) ledger events
 
 
 class Manager(Actor):
@@ -112,7 +115,7 @@ class Manager(Actor):
     async def _on_start(self) -> None:
         await self.observer.start()  # first: /healthz answers while the ledger is folded
         self.nc = await connect(self.config.nats_url, "gpu-fleet-manager", on_closed=self.abort)
-        self.ledger = LedgerStream(self.nc)
+        self.ledger = LedgerStream(self.nc, keys=self.config.ledger_keys)
         await self.ledger.ensure()
         self.snapshots = SnapshotStore(self.nc)
         await self._rebuild()
@@ -125,8 +128,16 @@ class Manager(Actor):
             description="gpu-fleet manager: fleet API and ledger writer",
         )
         group = self.service.add_group(name=subjects.API_GROUP)
-        for name, handler in Endpoints(self).table().items():
-            await group.add_endpoint(name=name, handler=self._wrap(name, handler))
+        endpoints = Endpoints(self)
+        for name, handler in endpoints.table().items():
+            await group.add_endpoint(name=name, handler=self._wrap(name, _body(handler)))
+        # fleet.api.team.<team>.<endpoint>: the team is the caller's identity (teams.py).
+        for name, team_handler in TeamEndpoints(self, endpoints).table().items():
+            await group.add_endpoint(
+                name=f"team-{name}",
+                subject=f"team.*.{name}",
+                handler=self._wrap(f"team.{name}", _as_team(team_handler)),
+            )
         await self.nc.flush()  # answer as soon as start() returns (no "no responders" race)
         if not self.clock.virtual:
             self.spawn("reconcile ticker", self._ticker())
@@ -316,7 +327,7 @@ class Manager(Actor):
                 ) from exc
 
     def _wrap(
-        self, name: str, handler: Callable[[bytes], Awaitable[Any]]
+        self, name: str, handler: Callable[[Request], Awaitable[Any]]
     ) -> Callable[[Request], Awaitable[None]]:
         async def handle(req: Request) -> None:
             # nats.micro awaits a handler before it delivers the endpoint's next request, so
@@ -335,7 +346,7 @@ class Manager(Actor):
             started = time.perf_counter()
             outcome = "ok"
             try:
-                result = await handler(req.data)
+                result = await handler(req)
                 body = api.ENCODER.encode(api.Reply(ok=True, result=result))
                 sent = await replies.respond(req, body, self._reply_budget())
                 outcome = "ok" if sent else "too_large"
@@ -428,3 +439,21 @@ def _plan_fits(topology: Topology, request: PackRequest, plan: PackPlan) -> bool
             if not set(a.slots) <= free or set(a.slots) & request.excluded_slots:
                 return False
     return True
+
+
+def _body(handler: Callable[[bytes], Awaitable[Any]]) -> Callable[[Request], Awaitable[Any]]:
+    """An operator endpoint: only the request body matters."""
+
+    async def handle(req: Request) -> Any:
+        return await handler(req.data)
+
+    return handle
+
+
+def _as_team(handler: TeamHandler) -> Callable[[Request], Awaitable[Any]]:
+    """A team endpoint: the team is read from the subject the request arrived on."""
+
+    async def handle(req: Request) -> Any:
+        return await handler(team_of(req.subject), req.data)
+
+    return handle

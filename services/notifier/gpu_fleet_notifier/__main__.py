@@ -9,6 +9,7 @@ import sys
 
 from gpu_fleet.core.timeutil import DurationError, parse_duration
 from gpu_fleet.runtime import logs, observe
+from gpu_fleet.runtime.ledger_keys import LedgerKeyError, LedgerKeys
 from gpu_fleet_notifier.dispatch import DeliveryConfig
 from gpu_fleet_notifier.policy import Backoff
 from gpu_fleet_notifier.service import Notifier, NotifierConfig
@@ -117,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         backoff=Backoff(base=float(durations["backoff_base"]), cap=float(durations["backoff_cap"])),
         ack_wait=float(durations["delivery_ack_wait"]) if args.delivery_ack_wait else None,
     )
+    try:
+        ledger_keys = LedgerKeys.from_env()  # GPU_FLEET_LEDGER_KEY / _PUBLIC_KEY (security.md)
+    except LedgerKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     config = NotifierConfig(
         nats_url=args.nats_url,
         clock=args.clock,
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         time_scale=args.time_scale,
         metrics_port=args.metrics_port,
         ready_max_lag=args.ready_max_lag,
+        ledger_keys=ledger_keys,
     )
 
     async def amain() -> int:

@@ -72,7 +72,8 @@ from gpu_fleet.messages import notify, subjects
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
-from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
+from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream, accepted
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 from gpu_fleet_notifier import __version__
 from gpu_fleet_notifier.channels import leads_of, routes
@@ -114,13 +115,22 @@ class NotifierConfig:
     time_scale: float = 1.0  # delivery clock speed: <1 runs retries faster (tests, demos)
     metrics_port: int = 0  # /metrics, /healthz, /readyz (0: no HTTP server)
     ready_max_lag: int = DEFAULT_MAX_LAG
+    ledger_keys: LedgerKeys | None = None  # verify (and, manager only, sign) ledger events
 
 
 def build(
-    nats_url: str, *, clock: Literal["wall", "ledger"] = "wall", expiry_lead: int = 900
+    nats_url: str,
+    *,
+    clock: Literal["wall", "ledger"] = "wall",
+    expiry_lead: int = 900,
+    ledger_keys: LedgerKeys | None = None,
 ) -> Notifier:
     """The factory ``gpu_fleet.cli.stack`` uses to start the notifier in-process."""
-    return Notifier(NotifierConfig(nats_url=nats_url, clock=clock, expiry_lead=expiry_lead))
+    return Notifier(
+        NotifierConfig(
+            nats_url=nats_url, clock=clock, expiry_lead=expiry_lead, ledger_keys=ledger_keys
+        )
+    )
 
 
 Derived = tuple[list[notify.Notification], list[notify.Delivery]]
@@ -163,7 +173,7 @@ class Notifier(Actor):
         await self.observer.start()  # first: /healthz answers while the ledger is folded
         self.nc = await connect(self.config.nats_url, "gpu-fleet-notifier", on_closed=self.abort)
         self.js = self.nc.jetstream(timeout=self.config.publish_timeout)
-        self.ledger = LedgerStream(self.nc)
+        self.ledger = LedgerStream(self.nc, keys=self.config.ledger_keys)
         await self.ledger.ensure()
         await self._ensure_notify_stream()
         await ensure_streams(self.js, self.config.delivery)
@@ -283,7 +293,7 @@ class Notifier(Actor):
             while True:
                 msg = await sub.next_msg(timeout=5.0)
                 seq = msg.metadata.sequence.stream
-                yield seq, msg.data
+                yield seq, self._verified(seq, msg)
                 if seq >= until:
                     return
         finally:
@@ -291,6 +301,11 @@ class Notifier(Actor):
                 await sub.unsubscribe()
 
     # -- folding ---------------------------------------------------------------------------
+    def _verified(self, seq: int, msg: Msg) -> bytes:
+        """The message's payload, or nothing (skipped like any undecodable message) when the
+        ledger is signed and its signature does not hold (``runtime.ledger_keys``)."""
+        return msg.data if accepted(self.config.ledger_keys, seq, msg) else b""
+
     def _decode(self, seq: int, data: bytes) -> Event | None:
         """The ledger event, or None for one this version does not know (logged, skipped)."""
         try:
@@ -387,7 +402,7 @@ class Notifier(Actor):
                 return
             derived = self._inflight.get(seq)
             if derived is None:
-                notes = self._derive(seq, msg.data, at_head=meta.num_pending == 0)
+                notes = self._derive(seq, self._verified(seq, msg), at_head=meta.num_pending == 0)
                 derived = (notes, self._route(notes))
                 self._inflight[seq] = derived
             notes, deliveries = derived

@@ -54,9 +54,9 @@ def demo(examples: Path, inventory: Path, keep: str | None = None, page: Path | 
         _say("Starting embedded NATS (JetStream) and the manager, binder, forecaster, notifier")
         stack.start()
         try:
-            asyncio.run(_ready(stack.nats.url))
+            asyncio.run(_ready(stack.admin_url))
             print(f"stack is up at {stack.nats.url}; service logs in {data}")
-            url = stack.nats.url
+            url = stack.admin_url
             failures = 0
             for path in manifests:
                 _say(f"Submitting {path.name}: {_first_comment(path)}")

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpu_fleet.cli import simulate
+from gpu_fleet.cli import simulate, team
 from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.manifests import ManifestError, load_source, parse_documents
 from gpu_fleet.core.model import Budget
+from gpu_fleet.runtime.stack_security import ServerTls
 from gpu_fleet.scenario.expectations import check_expectations
 from gpu_fleet.scenario.loader import ScenarioError, load_scenario_file
 from gpu_fleet.scenario.runner import run_scenario
@@ -301,7 +302,23 @@ def _cmd_up(args: argparse.Namespace) -> int:
         kube += ["--kubeconfig", args.kubeconfig]
     # With a cluster, nodes come from it: the sample inventory is used only when asked for.
     inventory = args.inventory or (None if kube else default_inventory())
-    return up(args.data_dir, inventory, args.port, args.log_level, kube_args=kube)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key: give both or neither", file=sys.stderr)
+        return 2
+    if args.no_auth and args.tls_cert:
+        print("error: --no-auth: TLS needs the security profile; drop one", file=sys.stderr)
+        return 2
+    tls = ServerTls(args.tls_cert, args.tls_key) if args.tls_cert else None
+    return up(
+        args.data_dir,
+        inventory,
+        args.port,
+        args.log_level,
+        kube_args=kube,
+        secure=not args.no_auth,
+        tls=tls,
+        tls_ca=args.tls_ca,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,7 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--kube-url", default=None, help="Kubernetes API server: run the bridge (e.g. an emulator)"
     )
     upp.add_argument("--kubeconfig", default=None, help="Kubernetes API server from a kubeconfig")
+    upp.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run NATS without users and the ledger unsigned (development only; security.md)",
+    )
+    upp.add_argument("--tls-cert", default=None, help="serve NATS over TLS with this certificate")
+    upp.add_argument("--tls-key", default=None, help="the certificate's private key")
+    upp.add_argument(
+        "--tls-ca", default=None, help="CA the services and clients verify the certificate with"
+    )
     upp.set_defaults(func=_cmd_up)
+    team.add_parser(sub)
     simulate.add_parser(sub)
     return parser
 

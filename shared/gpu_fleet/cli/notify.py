@@ -172,7 +172,10 @@ async def _dispatch(nc: Any, args: argparse.Namespace, emit: Any, table: Any) ->
         return EXIT_OK
     ns, name = _split(args.channel, args.namespace)
     result = await call(
-        nc, "delete", {"kind": "NotificationChannel", "namespace": ns, "name": name}
+        nc,
+        "delete",
+        {"kind": "NotificationChannel", "namespace": ns, "name": name},
+        team=getattr(args, "team", None),
     )
     emit(args, result, f"deleted notification channel {ns}/{name}")
     return EXIT_OK

@@ -155,7 +155,7 @@ def summary(data: dict[str, Any]) -> dict[str, Any]:
 
 
 async def cmd_top(nc: Any, args: argparse.Namespace) -> int:
-    data = await call(nc, "fleetmap", {}, timeout=args.timeout)
+    data = await call(nc, "fleetmap", {}, timeout=args.timeout, team=getattr(args, "team", None))
     if args.output == "json":
         print(json.dumps(summary(data), indent=2))
     elif args.output == "yaml":
@@ -167,7 +167,7 @@ async def cmd_top(nc: Any, args: argparse.Namespace) -> int:
 
 
 async def cmd_viz(nc: Any, args: argparse.Namespace) -> int:
-    data = await call(nc, "fleetmap", {}, timeout=args.timeout)
+    data = await call(nc, "fleetmap", {}, timeout=args.timeout, team=getattr(args, "team", None))
     page = render_page(data)
     if args.output == "-":
         sys.stdout.write(page)

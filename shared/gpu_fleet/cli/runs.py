@@ -27,11 +27,15 @@ from typing import Any
 import nats
 import nats.errors
 import yaml
+from nats.aio.client import Client
 
 from gpu_fleet.cli import notify, pictures
 from gpu_fleet.cli.stack import ApiCallError, call
 from gpu_fleet.core.manifests import ManifestError, dump_documents, load_source
 from gpu_fleet.core.timeutil import format_instant
+from gpu_fleet.runtime import client_auth
+from gpu_fleet.runtime.connect import abandon
+from gpu_fleet.runtime.stack_security import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TERMINAL = ("Completed", "Failed")
@@ -88,8 +92,9 @@ def _ref(args: argparse.Namespace) -> dict[str, str]:
 
 
 async def api(nc: Any, args: argparse.Namespace, endpoint: str, body: dict[str, Any]) -> Any:
-    """One fleet API call with the ``--timeout`` the user gave."""
-    return await call(nc, endpoint, body, timeout=args.timeout)
+    """One fleet API call with the ``--timeout`` the user gave (on the team's prefix with
+    ``--team``: docs/security.md)."""
+    return await call(nc, endpoint, body, timeout=args.timeout, team=getattr(args, "team", None))
 
 
 async def list_all(
@@ -543,6 +548,7 @@ def _common(defaults: bool, output: bool = True) -> _Parser:
         default=default(30.0),
         help="seconds to wait for each answer from the fleet (default 30)",
     )
+    client_auth.add_flags(common, suppress=not defaults)
     if output:  # ``top`` and ``viz`` give -o their own meaning (wide; an output file)
         common.add_argument(
             "-o",
@@ -651,22 +657,36 @@ async def _run(args: argparse.Namespace) -> int:
         return None
 
     try:
-        nc = await asyncio.wait_for(
-            nats.connect(
+        auth = client_auth.from_args(args)
+        options = auth.connect_options()
+    except client_auth.ClientAuthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    args.team = auth.team
+    nc = Client()
+    try:
+        await asyncio.wait_for(
+            nc.connect(
                 args.nats_url,
                 connect_timeout=2,
                 max_reconnect_attempts=1,
                 allow_reconnect=False,
                 error_cb=quiet,
+                **options,
             ),
             timeout=5,
         )
     except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
+        await abandon(nc)
         print(
-            f"error: cannot reach NATS at {args.nats_url} ({type(exc).__name__}); "
+            f"error: cannot reach NATS at {redact(args.nats_url)} ({type(exc).__name__}); "
             "is the stack up? (gpu-fleet up)",
             file=sys.stderr,
         )
+        return EXIT_FAILED
+    except nats.errors.Error as exc:  # e.g. 'Authorization Violation': wrong credentials
+        await abandon(nc)
+        print(f"error: NATS at {redact(args.nats_url)} refused us: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
         return await HANDLERS[args.command](nc, args)

@@ -3,6 +3,10 @@
 Two modes: separate OS processes (the default for ``up`` and ``make demo``, as in production),
 or in-process actors (one event loop; used by ``scenario run --via-nats`` and the tests, where a
 virtual clock must be shared with the runner).  Either way the services talk only over NATS.
+
+Both run with NATS authorization on (``secure=True``, the default): each service connects as
+its own user with least-privilege permissions, the manager signs the ledger and the others
+verify it (``runtime.stack_security``); the stacks' own client connects as ``admin``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from nats.aio.client import Client
 
 from gpu_fleet.core.model import Instant, Node
 from gpu_fleet.runtime.actor import Actor
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.natsd import EmbeddedNats
+from gpu_fleet.runtime.stack_security import ServerTls, StackSecurity
 
 SERVICES = ("manager", "binder", "forecaster", "notifier")
 
@@ -38,9 +44,20 @@ class ApiCallError(RuntimeError):
         self.errors = errors or []
 
 
-async def call(nc: Client, endpoint: str, body: dict[str, Any], timeout: float = 30.0) -> Any:
-    """One fleet API request; raises ``ApiCallError`` for an error reply."""
-    msg = await nc.request(f"fleet.api.{endpoint}", json.dumps(body).encode(), timeout=timeout)
+async def call(
+    nc: Client,
+    endpoint: str,
+    body: dict[str, Any],
+    timeout: float = 30.0,
+    team: str | None = None,
+) -> Any:
+    """One fleet API request; raises ``ApiCallError`` for an error reply.
+
+    With ``team`` the request goes to ``fleet.api.team.<team>.<endpoint>``, the only API
+    subjects a team's NATS user may publish on; the manager authorizes by that subject.
+    """
+    prefix = f"fleet.api.team.{team}" if team else "fleet.api"
+    msg = await nc.request(f"{prefix}.{endpoint}", json.dumps(body).encode(), timeout=timeout)
     reply = json.loads(msg.data) if msg.data else {}
     if not reply.get("ok"):
         err = reply.get("error") or {}
@@ -104,8 +121,16 @@ class InProcessStack:
         inventory: list[Node] | None = None,
         services: tuple[str, ...] = SERVICES,
         settings: Any = None,
+        secure: bool = True,
+        root: bool = False,
     ) -> None:
-        self.nats = EmbeddedNats(Path(data_dir) / "nats")
+        self.security = (
+            StackSecurity.load_or_create(Path(data_dir) / "security", root=root) if secure else None
+        )
+        self.nats = EmbeddedNats(
+            Path(data_dir) / "nats",
+            security=self.security.server_config if self.security is not None else None,
+        )
         self.virtual_start = virtual_start
         self.inventory = inventory or []
         self.services = services
@@ -113,8 +138,25 @@ class InProcessStack:
         self.actors: dict[str, Actor] = {}
         self.nc: Client | None = None
 
+    def url_for(self, role: str) -> str:
+        """The server URL with ``role``'s credentials (the bare URL without security)."""
+        if self.security is None:
+            return self.nats.url
+        return self.security.url_for(role, self.nats.url)
+
+    @property
+    def admin_url(self) -> str:
+        return self.url_for("admin")
+
+    def keys_for(self, role: str) -> LedgerKeys | None:
+        """The manager signs; every other reader only verifies."""
+        if self.security is None:
+            return None
+        return self.security.keys if role == "manager" else self.security.keys.reader()
+
     def make(self, name: str) -> Actor:
-        url = self.nats.url
+        url = self.url_for(name)
+        keys = self.keys_for(name)
         if name == "manager":
             from gpu_fleet_manager.service import Manager, ManagerConfig  # noqa: PLC0415 - load a service only when the stack starts it
 
@@ -123,6 +165,7 @@ class InProcessStack:
                 clock="virtual" if self.virtual_start is not None else "wall",
                 start=self.virtual_start,
                 inventory=self.inventory,
+                ledger_keys=keys,
             )
             if self.settings is not None:
                 cfg.settings = self.settings
@@ -130,17 +173,17 @@ class InProcessStack:
         if name == "binder":
             from gpu_fleet_binder.service import Binder, BinderConfig  # noqa: PLC0415 - load a service only when the stack starts it
 
-            return Binder(BinderConfig(nats_url=url))
+            return Binder(BinderConfig(nats_url=url, ledger_keys=keys))
         # On a virtual clock the followers must read time from the ledger, not the wall.
         clock: Literal["wall", "ledger"] = "ledger" if self.virtual_start is not None else "wall"
         if name == "forecaster":
             from gpu_fleet_forecaster.service import build as build_forecaster  # noqa: PLC0415 - load a service only when the stack starts it
 
-            return build_forecaster(url, clock=clock)
+            return build_forecaster(url, clock=clock, ledger_keys=keys)
         if name == "notifier":
             from gpu_fleet_notifier.service import build as build_notifier  # noqa: PLC0415 - load a service only when the stack starts it
 
-            return build_notifier(url, clock=clock)
+            return build_notifier(url, clock=clock, ledger_keys=keys)
         raise ValueError(f"unknown service {name}")
 
     async def start(self) -> None:
@@ -148,7 +191,7 @@ class InProcessStack:
         # The binder first: the manager plans through it from its first command.
         for name in sorted(self.services, key=lambda n: (n != "binder", n != "manager", n)):
             await self.start_service(name)
-        self.nc = await nats.connect(self.nats.url)
+        self.nc = await nats.connect(self.admin_url)
         for name in self.services:
             await wait_until_answers(self.nc, READINESS_PROBE[name])
 
@@ -192,14 +235,71 @@ class ProcessStack:
         services: tuple[str, ...] = SERVICES,
         port: int | None = None,
         kube_args: list[str] | None = None,
+        secure: bool = True,
+        tls: ServerTls | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.kube_args = list(kube_args or [])  # --kube-url/--kubeconfig for manager and binder
-        self.nats = EmbeddedNats(self.data_dir / "nats", port=port)
+        self.security = StackSecurity.load_or_create(self.data_dir / "security") if secure else None
+        self.tls_ca = tls_ca  # what the services verify the server's certificate with
+        if self.security is not None:
+            self.security.tls = tls
+        self.nats = EmbeddedNats(
+            self.data_dir / "nats",
+            port=port,
+            security=self.security.server_config if self.security is not None else None,
+        )
         self.inventory = inventory
         self.log_level = log_level
         self.services = services
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def admin_url(self) -> str:
+        """The server URL with the admin's credentials (the bare URL without security)."""
+        if self.security is None:
+            return self.nats.url
+        return self.security.url_for("admin", self.nats.url)
+
+    @property
+    def reader_keys(self) -> LedgerKeys | None:
+        """What a client verifies ledger events with (the public key)."""
+        return self.security.keys.reader() if self.security is not None else None
+
+    def admin_env_file(self) -> Path | None:
+        """Write ``security/admin.env`` (export lines for the operator's shell); its path."""
+        if self.security is None:
+            return None
+        path = self.security.folder / "admin.env"
+        text = (
+            f"export GPU_FLEET_NATS_URL={self.nats.url}\n"
+            "export GPU_FLEET_NATS_USER=admin\n"
+            f"export GPU_FLEET_NATS_PASSWORD={self.security.passwords['admin']}\n"
+        )
+        if self.tls_ca:
+            text += f"export GPU_FLEET_NATS_TLS_CA={self.tls_ca}\n"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return path
+
+    def child_env(self, name: str) -> dict[str, str]:
+        """The environment of a service: its own NATS user and its ledger key (never argv,
+        which ``ps`` shows to every local user)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_FLEET_NATS_")}
+        env.pop("GPU_FLEET_LEDGER_KEY", None)
+        env.pop("GPU_FLEET_LEDGER_PUBLIC_KEY", None)
+        if self.security is not None:
+            env["GPU_FLEET_NATS_USER"] = name
+            env["GPU_FLEET_NATS_PASSWORD"] = self.security.passwords[name]
+            if self.tls_ca:
+                env["GPU_FLEET_NATS_TLS_CA"] = self.tls_ca
+            if name == "manager":
+                env["GPU_FLEET_LEDGER_KEY"] = str(self.security.private_key_file)
+            else:
+                env["GPU_FLEET_LEDGER_PUBLIC_KEY"] = str(self.security.public_key_file)
+        return env
 
     def spawn(self, name: str) -> subprocess.Popen[bytes]:
         args = [
@@ -218,7 +318,11 @@ class ProcessStack:
         log_path = self.data_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.child_env(name),
             )
         self.procs[name] = proc
         return proc

@@ -25,6 +25,7 @@ from typing import Protocol, TextIO
 
 from gpu_fleet.cli.stack import SERVICES, ProcessStack
 from gpu_fleet.runtime.natsd import NatsServerError
+from gpu_fleet.runtime.stack_security import ServerTls
 
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
 """Seconds before restarting a child after its 1st, 2nd, ... death in a row (then the last)."""
@@ -170,9 +171,20 @@ def up(
     port: int,
     log_level: str,
     kube_args: list[str] | None = None,
+    *,
+    secure: bool = True,
+    tls: ServerTls | None = None,
+    tls_ca: str | None = None,
 ) -> int:
     stack = ProcessStack(
-        data_dir, inventory=inventory, log_level=log_level, port=port, kube_args=kube_args
+        data_dir,
+        inventory=inventory,
+        log_level=log_level,
+        port=port,
+        kube_args=kube_args,
+        secure=secure,
+        tls=tls,
+        tls_ca=tls_ca,
     )
     stop = threading.Event()
 
@@ -186,7 +198,13 @@ def up(
     print(f"  services: {', '.join(SERVICES)} (logs in {data_dir}/<service>.log)")
     if kube_args:
         print(f"  kubernetes bridge: {' '.join(kube_args)} (manager: runs/budgets, binder: pods)")
-    print(f"  try:      export GPU_FLEET_NATS_URL={stack.nats.url}; kubectl runs get -A")
+    env_file = stack.admin_env_file()
+    if env_file is None:
+        print(f"  try:      export GPU_FLEET_NATS_URL={stack.nats.url}; kubectl runs get -A")
+    else:
+        print(f"  auth:     on; users and the ledger key in {env_file.parent}")
+        print(f"  try:      source {env_file}; kubectl runs get -A")
+        print(f"  teams:    gpu-fleet team add <team> --data-dir {data_dir}")
     print("  stop:     Ctrl-C")
     supervisor = supervisor_for(stack)
     try:

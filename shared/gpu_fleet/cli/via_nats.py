@@ -46,7 +46,7 @@ from gpu_fleet.views import build_report
 async def _report(stack: InProcessStack, scenario: Scenario, label: str, at: Instant) -> Any:
     assert stack.nc is not None
     state = FleetState(settings_period_hours=settings_of(scenario).period_hours)
-    async for _, event in LedgerStream(stack.nc).read(1):
+    async for _, event in LedgerStream(stack.nc, keys=stack.keys_for("admin")).read(1):
         if event is not None:
             # An event the fold refuses changed nothing; skip it as every ledger reader does.
             with contextlib.suppress(LedgerError):

@@ -105,6 +105,7 @@ from gpu_fleet.messages import forecast as forecast_msgs
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.follower import LedgerFollower
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 
 log = structlog.get_logger("gpu_fleet.kube.bridge")
@@ -132,6 +133,7 @@ class BridgeConfig:
     forecasts: bool = True
     instance: str = field(default_factory=socket.gethostname)  # Events' reportingInstance
     leader: LeaderSettings | None = None  # None: no election (one replica, tests, `up`)
+    ledger_keys: LedgerKeys | None = None  # verify ledger events (docs/security.md)
 
 
 def _now() -> str:
@@ -205,7 +207,7 @@ class KubeBridge(Actor):
     # -- lifecycle ---------------------------------------------------------------------------
     async def _on_start(self) -> None:
         self.nc = await connect(self.config.nats_url, "gpu-fleet-kube-bridge", on_closed=self.abort)
-        ledger = LedgerStream(self.nc)
+        ledger = LedgerStream(self.nc, keys=self.config.ledger_keys)
         await ledger.ensure()
         self.ledger = ledger
         self.follower = LedgerFollower(ledger, on_event=self._on_ledger_event)

@@ -162,12 +162,12 @@ async def run_demo(root: Path, data: Path, *, quiet_logs: bool = True) -> int:
         )
         _say("Starting NATS and the services; manager and binder run the Kubernetes bridge")
         await asyncio.to_thread(stack.start)
-        nc = await nats.connect(stack.nats.url)
+        nc = await nats.connect(stack.admin_url)
         try:
             await wait_for_services(nc, SERVICES, timeout=180)
             print(f"stack is up at {stack.nats.url}; service logs in {data}")
 
-            follower = LedgerFollower(LedgerStream(nc))
+            follower = LedgerFollower(LedgerStream(nc, keys=stack.reader_keys))
 
             async def nodes_in() -> dict[str, Any]:
                 await follower.catch_up()

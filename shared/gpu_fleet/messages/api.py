@@ -105,7 +105,14 @@ class FieldErrorOut(msgspec.Struct, frozen=True):
 
 
 ErrorCode = Literal[
-    "validation", "not_found", "conflict", "rejected", "unavailable", "bad_request", "internal"
+    "validation",
+    "not_found",
+    "conflict",
+    "rejected",
+    "unavailable",
+    "bad_request",
+    "forbidden",
+    "internal",
 ]
 
 
@@ -141,6 +148,7 @@ REPLY_DECODER = msgspec.json.Decoder(Reply)
 STATUS_CODES = {
     "validation": "400",
     "bad_request": "400",
+    "forbidden": "403",  # a team acting outside its namespaces (docs/security.md)
     "not_found": "404",
     "conflict": "409",
     "rejected": "409",  # the object's state refuses the command (a Failed run cannot complete)

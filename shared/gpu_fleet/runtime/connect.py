@@ -15,6 +15,9 @@ A NATS client has two ways of losing its server, and a service must treat them d
   ``restart:`` and Kubernetes then start a fresh process, which rebuilds from the ledger.
 
 Client events go through structlog (otherwise connect retries print raw tracebacks).
+
+Credentials and TLS come from ``auth`` (``runtime.client_auth``), by default from the
+``GPU_FLEET_NATS_*`` environment; a user and password may also ride in the URL.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import nats
 import nats.errors
 import structlog
 from nats.aio.client import Client
+
+from gpu_fleet.runtime.client_auth import ClientAuth
 
 log = structlog.get_logger("gpu_fleet.nats")
 
@@ -57,6 +62,7 @@ async def connect(
     *,
     on_closed: Callable[[str], None] | None = None,
     backoff: ReconnectBackoff | None = None,
+    auth: ClientAuth | None = None,
 ) -> Client:
     """Connect with endless, backed-off reconnects; ``on_closed(reason)`` when the client closes.
 
@@ -107,6 +113,7 @@ async def connect(
         disconnected_cb=disconnected_cb,
         reconnected_cb=reconnected_cb,
         closed_cb=closed_cb,
+        **(auth or ClientAuth.from_env()).connect_options(),
     )
     holder.append(nc)
     return nc
@@ -118,3 +125,15 @@ async def drain(nc: Client | None) -> None:
         return
     with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
         await nc.drain()
+
+
+async def abandon(nc: Client) -> None:
+    """Close a client whose ``connect`` failed (refused credentials, say): nats-py leaves its
+    socket open then, which a short-lived CLI's closing event loop reports as a leak."""
+    with contextlib.suppress(Exception):
+        await nc.close()
+    transport = getattr(nc, "_transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
+            await transport.wait_closed()

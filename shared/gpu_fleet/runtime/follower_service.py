@@ -20,6 +20,7 @@ from nats.micro.service import Service
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.follower import LedgerFollower
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 
@@ -33,10 +34,16 @@ class FollowerService(Actor):
     group = "fleet"
 
     def __init__(
-        self, nats_url: str, *, metrics_port: int = 0, ready_max_lag: int = DEFAULT_MAX_LAG
+        self,
+        nats_url: str,
+        *,
+        metrics_port: int = 0,
+        ready_max_lag: int = DEFAULT_MAX_LAG,
+        ledger_keys: LedgerKeys | None = None,
     ) -> None:
         super().__init__()
         self.nats_url = nats_url
+        self.ledger_keys = ledger_keys
         self.nc: Client | None = None
         self.ledger: LedgerStream | None = None
         self.follower: LedgerFollower | None = None
@@ -58,7 +65,7 @@ class FollowerService(Actor):
     async def _on_start(self) -> None:
         await self.observer.start()  # first: /healthz answers while the ledger is folded
         self.nc = await connect(self.nats_url, self.service_name, on_closed=self.abort)
-        ledger = self.ledger = LedgerStream(self.nc)
+        ledger = self.ledger = LedgerStream(self.nc, keys=self.ledger_keys)
         await ledger.ensure()
         self.follower = LedgerFollower(ledger)
         await self.follower.catch_up()

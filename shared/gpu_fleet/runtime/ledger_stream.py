@@ -19,11 +19,14 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from gpu_fleet.core.ledger import EVENT_DECODER, EVENT_ENCODER, Event
 from gpu_fleet.core.names import clamp
+from gpu_fleet.runtime.ledger_keys import HEADER as SIGNATURE_HEADER
+from gpu_fleet.runtime.ledger_keys import LedgerKeys
 
 log = structlog.get_logger("gpu_fleet.ledger")
 
@@ -75,13 +78,38 @@ def decode_event(seq: int, data: bytes) -> Event | None:
     return event
 
 
+def accepted(keys: LedgerKeys | None, seq: int, msg: Msg) -> bool:
+    """Whether a ledger message may be folded: always without keys (an unsigned ledger), else
+    only with a valid signature for its sequence (``ledger_keys``); a refusal is logged."""
+    if keys is None or keys.verify(seq, msg.subject, msg.data, msg.headers):
+        return True
+    log.error("ledger.forged_event", seq=seq, subject=clamp(msg.subject, 100))
+    return False
+
+
+def read_message(keys: LedgerKeys | None, seq: int, msg: Msg) -> Event | None:
+    """``decode_event`` for a signed ledger: ``None`` (skipped) unless the signature holds."""
+    if not accepted(keys, seq, msg):
+        return None
+    return decode_event(seq, msg.data)
+
+
 def subject_for(event: Event) -> str:
     return f"{SUBJECT_PREFIX}.{type(event).__name__}"
 
 
 class LedgerStream:
-    def __init__(self, nc: Client, stream: str = STREAM, timeout: float = 5.0) -> None:
+    """The ledger stream; with ``keys`` every append is signed and every read verified."""
+
+    def __init__(
+        self,
+        nc: Client,
+        stream: str = STREAM,
+        timeout: float = 5.0,
+        keys: LedgerKeys | None = None,
+    ) -> None:
         self.nc = nc
+        self.keys = keys
         self.js: JetStreamContext = nc.jetstream(timeout=timeout)
         self.stream = stream
         self.timeout = timeout
@@ -132,6 +160,7 @@ class LedgerStream:
                 headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i)}
                 if i == 1:
                     headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
+                self._sign(headers, expected_last_seq + i, subject_for(event), data)
                 await self.nc.publish(subject_for(event), data, headers=headers)
             n = len(events)
             headers = {
@@ -141,6 +170,7 @@ class LedgerStream:
             }
             if n == 1:
                 headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
+            self._sign(headers, expected_last_seq + n, subject_for(events[-1]), encoded[-1])
             reply = await self.nc.request(
                 subject_for(events[-1]),
                 encoded[-1],
@@ -160,6 +190,11 @@ class LedgerStream:
                 raise LedgerConflictError(error.get("description", "wrong last sequence"))
             raise LedgerUnavailableError(f"ledger append refused: {error.get('description')}")
         return int(body["seq"])
+
+    def _sign(self, headers: dict[str, str], seq: int, subject: str, data: bytes) -> None:
+        """Sign for the sequence the event will have if the guarded batch is accepted."""
+        if self.keys is not None:
+            headers[SIGNATURE_HEADER] = self.keys.sign(seq, subject, data)
 
     async def read(
         self, from_seq: int = 1, until_seq: int | None = None, idle_timeout: float = 5.0
@@ -182,7 +217,7 @@ class LedgerStream:
             while True:
                 msg = await sub.next_msg(timeout=idle_timeout)
                 seq = msg.metadata.sequence.stream
-                yield seq, decode_event(seq, msg.data)
+                yield seq, read_message(self.keys, seq, msg)
                 if seq >= target:
                     return
         finally:
@@ -205,7 +240,7 @@ class LedgerStream:
                     await asyncio.sleep(0)
                     continue
                 seq = msg.metadata.sequence.stream
-                yield seq, decode_event(seq, msg.data)
+                yield seq, read_message(self.keys, seq, msg)
         finally:
             with contextlib.suppress(nats.errors.ConnectionClosedError):
                 await sub.unsubscribe()

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -44,10 +45,16 @@ def free_port() -> int:
 class EmbeddedNats:
     """A managed nats-server process with JetStream on 127.0.0.1."""
 
-    def __init__(self, store_dir: str | os.PathLike[str], port: int | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: str | os.PathLike[str],
+        port: int | None = None,
+        security: Callable[[], str] | None = None,
+    ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.security = security  # -> config text: authorization, tls (stack_security)
 
     @property
     def url(self) -> str:
@@ -69,6 +76,7 @@ class EmbeddedNats:
                 str(self.port),
                 "-a",
                 "127.0.0.1",
+                *self.security_args(),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -88,6 +96,28 @@ class EmbeddedNats:
             except OSError:
                 time.sleep(0.02)
         raise NatsServerError(f"nats-server did not listen on {self.port} within {ready_timeout}s")
+
+    # -- security hook: users, permissions and TLS (docs/security.md) ------------------------
+    @property
+    def security_file(self) -> Path:
+        return self.store_dir.parent / "nats-security.conf"
+
+    def security_args(self) -> list[str]:
+        """``-c <file>`` holding the security profile's config, rewritten at every start."""
+        if self.security is None:
+            return []
+        fd = os.open(self.security_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.security())
+        pid_file = self.store_dir.parent / "nats-server.pid"  # for `gpu-fleet team add`
+        return ["-c", str(self.security_file), "-P", str(pid_file)]
+
+    def reload(self) -> None:
+        """Rewrite the security config and have the server re-read it (SIGHUP): new users
+        (``gpu-fleet team add``) take effect without a restart."""
+        self.security_args()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.proc is None:

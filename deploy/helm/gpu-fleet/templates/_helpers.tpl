@@ -145,6 +145,9 @@ spec:
             {{- with .env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
+            {{- with include "gpu-fleet.serviceSecurityEnv" (dict "root" $root "component" $component) | trim }}
+{{- . | nindent 12 }}
+{{- end }}
             {{- with $svc.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -187,6 +190,9 @@ spec:
             {{- with .volumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
+            {{- with include "gpu-fleet.serviceSecurityMounts" (dict "root" $root "component" $component) | trim }}
+{{- . | nindent 12 }}
+{{- end }}
       volumes:
         - name: tmp
           emptyDir:
@@ -194,6 +200,9 @@ spec:
         {{- with .volumes }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+        {{- with include "gpu-fleet.serviceSecurityVolumes" (dict "root" $root "component" $component) | trim }}
+{{- . | nindent 8 }}
+{{- end }}
       {{- with (default $root.Values.nodeSelector $svc.nodeSelector) }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -235,4 +244,121 @@ mapping as JSON (gpu_fleet.kube.settings reads GPU_FLEET_KUBE_MAPPING).
   value: {{ .retryPeriodSeconds | quote }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* ---- Security (docs/security.md): NATS users, signed ledger, TLS ---- */}}
+
+{{- define "gpu-fleet.authSecret" -}}
+{{- default (printf "%s-nats-auth" (include "gpu-fleet.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/* The auth Secret's keys: one password per role and per team. */}}
+{{- define "gpu-fleet.authKeys" -}}
+{{- range $role := list "admin" "binder" "forecaster" "manager" "notifier" }}
+- {{ printf "%s-password" $role }}
+{{- end }}
+{{- range .Values.auth.teams }}
+- {{ printf "team-%s-password" . }}
+{{- end }}
+{{- end }}
+
+{{/* The environment variable holding a team's password in the NATS container. */}}
+{{- define "gpu-fleet.teamVar" -}}
+{{- printf "TEAM_%s_PASSWORD" (. | upper | replace "-" "_") }}
+{{- end }}
+
+{{/* The NATS container: passwords from the Secret, for the config's $VARIABLES. */}}
+{{- define "gpu-fleet.natsSecurityEnv" -}}
+{{- if .Values.auth.enabled }}
+{{- $secret := include "gpu-fleet.authSecret" . }}
+{{- range $role := list "admin" "binder" "forecaster" "manager" "notifier" }}
+- name: {{ printf "%s_PASSWORD" (upper $role) }}
+  valueFrom:
+    secretKeyRef: {name: {{ $secret }}, key: {{ printf "%s-password" $role }}}
+{{- end }}
+{{- range .Values.auth.teams }}
+- name: {{ include "gpu-fleet.teamVar" . }}
+  valueFrom:
+    secretKeyRef: {name: {{ $secret }}, key: {{ printf "team-%s-password" . }}}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A service's NATS identity: its user and password, the CA, the ledger key it may hold. */}}
+{{- define "gpu-fleet.serviceSecurityEnv" -}}
+{{- $root := .root }}
+{{- if $root.Values.auth.enabled }}
+- name: GPU_FLEET_NATS_USER
+  value: {{ .component | quote }}
+- name: GPU_FLEET_NATS_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ include "gpu-fleet.authSecret" $root }}, key: {{ printf "%s-password" .component }}}
+{{- end }}
+{{- if $root.Values.auth.ledgerKeysSecret }}
+{{- if eq .component "manager" }}
+- name: GPU_FLEET_LEDGER_KEY
+  value: /etc/gpu-fleet/ledger/ledger.key
+{{- else }}
+- name: GPU_FLEET_LEDGER_PUBLIC_KEY
+  value: /etc/gpu-fleet/ledger/ledger.pub
+{{- end }}
+{{- end }}
+{{- if $root.Values.tls.enabled }}
+- name: GPU_FLEET_NATS_TLS_CA
+  value: /etc/gpu-fleet/tls/ca.crt
+{{- if $root.Values.tls.verifyClients }}
+- name: GPU_FLEET_NATS_TLS_CERT
+  value: /etc/gpu-fleet/tls/tls.crt
+- name: GPU_FLEET_NATS_TLS_KEY
+  value: /etc/gpu-fleet/tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Mounts for the above: the ledger key (private only in the manager) and the TLS files. */}}
+{{- define "gpu-fleet.serviceSecurityMounts" -}}
+{{- $root := .root }}
+{{- if $root.Values.auth.ledgerKeysSecret }}
+- name: ledger-keys
+  mountPath: /etc/gpu-fleet/ledger
+  readOnly: true
+{{- end }}
+{{- if $root.Values.tls.enabled }}
+- name: nats-tls
+  mountPath: /etc/gpu-fleet/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "gpu-fleet.serviceSecurityVolumes" -}}
+{{- $root := .root }}
+{{- if $root.Values.auth.ledgerKeysSecret }}
+- name: ledger-keys
+  secret:
+    secretName: {{ $root.Values.auth.ledgerKeysSecret }}
+    items:
+      {{- if eq .component "manager" }}
+      - {key: ledger.key, path: ledger.key}
+      {{- end }}
+      - {key: ledger.pub, path: ledger.pub}
+{{- end }}
+{{- if $root.Values.tls.enabled }}
+- name: nats-tls
+  secret:
+    secretName: {{ required "tls.secretName is required when tls.enabled" $root.Values.tls.secretName }}
+{{- end }}
+{{- end }}
+
+{{/* One permissions block of files/permissions.json in nats-server syntax (toJson would
+escape ">" as \u003e, which nats-server does not read). */}}
+{{- define "gpu-fleet.natsPerms" -}}
+{publish: {allow: [{{ include "gpu-fleet.quoted" .publish.allow }}]
+{{- with .publish.deny }}, deny: [{{ include "gpu-fleet.quoted" . }}]{{ end -}}
+}, subscribe: {allow: [{{ include "gpu-fleet.quoted" .subscribe.allow }}]}
+{{- if .allow_responses }}, allow_responses: true{{ end -}}
+}
+{{- end }}
+
+{{- define "gpu-fleet.quoted" -}}
+{{- range $i, $s := . }}{{ if $i }}, {{ end }}{{ $s | quote }}{{ end }}
 {{- end }}
