@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -293,6 +294,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from gpu_fleet.cli.up import default_inventory, up  # noqa: PLC0415 - deferred, as for demo
+    from gpu_fleet.runtime import logs  # noqa: PLC0415 - deferred, as for demo
 
     kube = []
     if args.kube_url:
@@ -301,7 +303,66 @@ def _cmd_up(args: argparse.Namespace) -> int:
         kube += ["--kubeconfig", args.kubeconfig]
     # With a cluster, nodes come from it: the sample inventory is used only when asked for.
     inventory = args.inventory or (None if kube else default_inventory())
-    return up(args.data_dir, inventory, args.port, args.log_level, kube_args=kube)
+    problem = _up_ports_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure("up", "warning", sys.stderr)  # the live map's lines; services log to files
+    return up(
+        args.data_dir,
+        inventory,
+        args.port,
+        args.log_level,
+        kube_args=kube,
+        metrics_port=args.metrics_port,
+        map_port=args.map_port,
+        map_refresh=args.map_refresh,
+    )
+
+
+def _up_ports_problem(args: argparse.Namespace) -> str | None:
+    """Why ``up``'s port flags cannot work (naming the flag), or None."""
+    from gpu_fleet.cli.stack import SERVICES  # noqa: PLC0415 - deferred, as for up
+
+    if not 1 <= args.port <= 65535:
+        return f"--port: must be a port in 1..65535, got {args.port}"
+    if args.map_port and not 1 <= args.map_port <= 65535:
+        return f"--map-port: must be 0 (off) or a port in 1..65535, got {args.map_port}"
+    last = args.metrics_port + len(SERVICES) - 1
+    if args.metrics_port and not (args.metrics_port >= 1 and last <= 65535):
+        return (
+            f"--metrics-port: must be 0 (off) or a port in 1..{65536 - len(SERVICES)} "
+            f"(the first of {len(SERVICES)}), got {args.metrics_port}"
+        )
+    taken = {args.port, args.map_port}
+    if args.metrics_port and taken & set(range(args.metrics_port, last + 1)):
+        return f"--metrics-port: ports {args.metrics_port}..{last} overlap --port or --map-port"
+    if args.map_port and args.map_port == args.port:
+        return f"--map-port: {args.map_port} is also --port"
+    if args.map_refresh < 1:
+        return f"--map-refresh: must be >= 1 second, got {args.map_refresh}"
+    return None
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - deferred, as for up
+
+    from gpu_fleet.cli.live_map import LiveMap, serve_until_signalled  # noqa: PLC0415
+    from gpu_fleet.runtime import logs  # noqa: PLC0415
+
+    logs.configure("map", args.log_level, sys.stderr)
+    if not 1 <= args.port <= 65535:
+        print(f"error: --port: must be a port in 1..65535, got {args.port}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.refresh < 1:
+        print(f"error: --refresh: must be >= 1 second, got {args.refresh}", file=sys.stderr)
+        return EXIT_USAGE
+    live = LiveMap(args.nats_url, args.port, host=args.host, refresh=args.refresh)
+    try:
+        return asyncio.run(serve_until_signalled(live))
+    except OSError as exc:
+        print(f"error: --port {args.port}: cannot listen: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,7 +429,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--kube-url", default=None, help="Kubernetes API server: run the bridge (e.g. an emulator)"
     )
     upp.add_argument("--kubeconfig", default=None, help="Kubernetes API server from a kubeconfig")
+    upp.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9101,
+        help="first of four /metrics ports on 127.0.0.1: manager, binder, forecaster, notifier"
+        " (default 9101..9104; 0: off)",
+    )
+    upp.add_argument(
+        "--map-port",
+        type=int,
+        default=9100,
+        help="serve the live fleet map on this port of 127.0.0.1 (default 9100; 0: off)",
+    )
+    upp.add_argument(
+        "--map-refresh",
+        type=int,
+        default=5,
+        help="seconds between reloads of an open fleet map page (default 5)",
+    )
     upp.set_defaults(func=_cmd_up)
+    live = sub.add_parser(
+        "map", help="serve the live fleet map of a running stack over HTTP (what up serves)"
+    )
+    live.add_argument(
+        "--nats-url",
+        default=os.environ.get("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"),
+        help="the stack's NATS (env GPU_FLEET_NATS_URL)",
+    )
+    live.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    live.add_argument("--port", type=int, default=9100, help="port to listen on (default 9100)")
+    live.add_argument(
+        "--refresh", type=int, default=5, help="seconds between reloads of an open page"
+    )
+    live.add_argument(
+        "--log-level",
+        default=os.environ.get("GPU_FLEET_LOG_LEVEL", "info"),
+        choices=("debug", "info", "warning", "error"),
+        help="JSON log lines on stderr (env GPU_FLEET_LOG_LEVEL)",
+    )
+    live.set_defaults(func=_cmd_map)
     simulate.add_parser(sub)
     return parser
 

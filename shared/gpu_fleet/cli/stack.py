@@ -192,14 +192,23 @@ class ProcessStack:
         services: tuple[str, ...] = SERVICES,
         port: int | None = None,
         kube_args: list[str] | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.metrics_port = metrics_port  # the first of len(SERVICES) ports; 0: none
         self.kube_args = list(kube_args or [])  # --kube-url/--kubeconfig for manager and binder
         self.nats = EmbeddedNats(self.data_dir / "nats", port=port)
         self.inventory = inventory
         self.log_level = log_level
         self.services = services
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def metrics_ports(self) -> dict[str, int]:
+        """Each service's /metrics port: ``metrics_port`` + its index in ``SERVICES`` (so a
+        restarted service gets its port back), or nothing when ``metrics_port`` is 0."""
+        if not self.metrics_port:
+            return {}
+        return {name: self.metrics_port + SERVICES.index(name) for name in self.services}
 
     def spawn(self, name: str) -> subprocess.Popen[bytes]:
         args = [
@@ -215,10 +224,14 @@ class ProcessStack:
             args += ["--inventory", self.inventory]
         if name in ("manager", "binder"):
             args += self.kube_args
+        # Always explicit, so a GPU_FLEET_METRICS_PORT in the caller's environment cannot make
+        # four children fight for one port; local metrics stay on the loopback interface.
+        args += ["--metrics-port", str(self.metrics_ports().get(name, 0))]
+        env = {**os.environ, "GPU_FLEET_METRICS_HOST": "127.0.0.1"}
         log_path = self.data_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
         self.procs[name] = proc
         return proc

@@ -10,6 +10,11 @@ crash loop (issue 19: the delay never reset, and a dead nats-server was never no
 Restarts are scheduled, not slept: one tick checks every child and starts those whose delay has
 passed, so one child's back-off never delays noticing another's death, nor Ctrl-C.  SIGINT and
 SIGTERM stop everything cleanly.  The clock is injected so the policy is tested without sleeping.
+
+What to look at: every service serves ``/metrics``, ``/healthz`` and ``/readyz`` on a port of its
+own (``--metrics-port`` is the first: manager, binder, forecaster, notifier in that order; 9101 to
+9104 by default), and the live fleet map (``cli.live_map``) is served on ``--map-port`` (9100),
+read afresh from the manager on every load.  ``up`` prints every URL; 0 turns either off.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from gpu_fleet.cli.live_map import DEFAULT_REFRESH, LiveMap, LiveMapThread
 from gpu_fleet.cli.stack import SERVICES, ProcessStack
 from gpu_fleet.runtime.natsd import NatsServerError
 
@@ -32,6 +38,10 @@ HEALTHY_AFTER = 60.0
 """Seconds a child must have run before a death counts as the first of a new sequence."""
 TICK = 0.5
 """Seconds between checks of the children."""
+DEFAULT_MAP_PORT = 9100
+"""The live fleet map's port."""
+DEFAULT_METRICS_PORT = 9101
+"""The manager's /metrics port; binder, forecaster and notifier take the next three."""
 
 
 class Child(Protocol):
@@ -170,9 +180,18 @@ def up(
     port: int,
     log_level: str,
     kube_args: list[str] | None = None,
+    *,
+    metrics_port: int = 0,
+    map_port: int = 0,
+    map_refresh: int = DEFAULT_REFRESH,
 ) -> int:
     stack = ProcessStack(
-        data_dir, inventory=inventory, log_level=log_level, port=port, kube_args=kube_args
+        data_dir,
+        inventory=inventory,
+        log_level=log_level,
+        port=port,
+        kube_args=kube_args,
+        metrics_port=metrics_port,
     )
     stop = threading.Event()
 
@@ -181,18 +200,34 @@ def up(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    live: LiveMapThread | None = None
+    if map_port:
+        live = LiveMapThread(
+            LiveMap(f"nats://127.0.0.1:{stack.nats.port}", map_port, refresh=map_refresh)
+        )
+        try:
+            live.start()
+        except OSError as exc:
+            print(f"error: --map-port {map_port}: cannot listen: {exc.strerror}", file=sys.stderr)
+            return 1
     stack.start()
     print(f"gpu-fleet is up: NATS at {stack.nats.url} (JetStream data in {data_dir}/nats)")
     print(f"  services: {', '.join(SERVICES)} (logs in {data_dir}/<service>.log)")
+    if live is not None:
+        print(f"  fleet map: {live.live.url} (live; reloads every {map_refresh} s)")
+    for name, mport in stack.metrics_ports().items():
+        print(f"  metrics:  {name:<10} http://127.0.0.1:{mport}/metrics  (/healthz, /readyz)")
     if kube_args:
         print(f"  kubernetes bridge: {' '.join(kube_args)} (manager: runs/budgets, binder: pods)")
     print(f"  try:      export GPU_FLEET_NATS_URL={stack.nats.url}; kubectl runs get -A")
-    print("  stop:     Ctrl-C")
+    print("  stop:     Ctrl-C", flush=True)
     supervisor = supervisor_for(stack)
     try:
         while not stop.wait(TICK):
             supervisor.tick()
     finally:
-        print("stopping gpu-fleet ...")
+        print("stopping gpu-fleet ...", flush=True)
         stack.stop()
+        if live is not None:
+            live.stop()
     return 0
