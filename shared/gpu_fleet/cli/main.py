@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_fleet.cli import simulate
+from gpu_fleet.cli.progress import ProgressBar, progress_wanted
 from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.manifests import ManifestError, load_source, parse_documents
 from gpu_fleet.core.model import Budget
@@ -191,13 +192,24 @@ def _slots(slots: list[str]) -> str:
 def _cmd_scenario_run(args: argparse.Namespace) -> int:
     status = EXIT_OK
     results = []
-    for path in args.files:
+    bar = None
+    if len(args.files) > 1 and progress_wanted(
+        json_output=args.output == "json", force=args.progress
+    ):
+        bar = ProgressBar(sys.stderr, "scenario run")
+    for done, path in enumerate(args.files):
+        if bar is not None:
+            bar.tick(done, len(args.files))
         try:
             scenario = load_scenario_file(path)
         except FileNotFoundError:
+            if bar is not None:
+                bar.clear()
             print(f"error: {path}: no such file", file=sys.stderr)
             return EXIT_USAGE
         except ScenarioError as exc:
+            if bar is not None:
+                bar.clear()
             for line in exc.errors:  # file-level lines already start with the file's name
                 where = "" if line.startswith(f"{path}: ") else f"{path}: "
                 print(f"error: {where}{line}", file=sys.stderr)
@@ -215,11 +227,15 @@ def _cmd_scenario_run(args: argparse.Namespace) -> int:
             try:
                 report = asyncio.run(run_via_nats(scenario))
             except (ApiCallError, TimeoutError) as exc:
+                if bar is not None:
+                    bar.clear()
                 # Refused steps are reported, not raised: this is the stack itself failing.
                 print(f"error: {path}: the fleet services failed: {exc}", file=sys.stderr)
                 return EXIT_FAILED
         else:
             report = run_scenario(scenario)
+        if bar is not None:
+            bar.clear()
         outcomes = check_expectations(report, scenario.expectations) if args.check else []
         failed = [o for o in outcomes if not o.ok]
         if failed:
@@ -243,6 +259,8 @@ def _cmd_scenario_run(args: argparse.Namespace) -> int:
             for o in failed:
                 print(f"    FAILED #{o.index}: {o.message}")
         print()
+    if bar is not None:
+        bar.tick(len(args.files), len(args.files))
     if args.output == "json":
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return status
@@ -384,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--via-nats",
         action="store_true",
         help="run through the real services on an embedded NATS server (same report)",
+    )
+    run.add_argument(
+        "--progress",
+        action="store_true",
+        help="draw the progress bar over several files on stderr even when it is not a terminal"
+        " (by default: on a terminal, outside CI, not with -o json)",
     )
     run.set_defaults(func=_cmd_scenario_run)
     validate = sub.add_parser("validate", help="validate Budget/Run manifests")
