@@ -624,10 +624,17 @@ def test_grafana_dashboard_configmap_for_the_sidecar(chart: helm.Chart) -> None:
     for needed in ("GPUs by funding class", "Envelope use against concurrency",
                    "GPU-hours used and remaining", "Pending reservations",
                    "Reservations kept (started by earliestStart)", "Admissions by outcome",
-                   "Submit latency (fleet.api.apply)"):  # fmt: skip
+                   "Submit latency (fleet.api.apply)",
+                   "Forecast hit rate at start (P50 ~50 %, P90 ~90 %)",
+                   "Forecast error at start (median, by quantile)",
+                   "Reservation wait (runs that queued)"):  # fmt: skip
         assert needed in titles
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+    # Forecast accuracy and the queue's waits are on it (issue 14).
+    for name in ("gpu_fleet_forecast_starts_total", "gpu_fleet_forecast_error_seconds_bucket",
+                 "gpu_fleet_reservation_wait_seconds_bucket"):  # fmt: skip
+        assert name in used
     moved = render(
         chart, {"metrics": {"dashboard": {"namespace": "monitoring", "labels": {"dash": "y"}}}}
     )
