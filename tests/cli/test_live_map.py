@@ -44,6 +44,14 @@ def get(url: str) -> tuple[int, str, str]:
         return exc.code, exc.headers["Content-Type"], exc.read().decode()
 
 
+def status_of(url: str) -> int:
+    """The status of a GET, 0 while nothing listens yet (a process still starting)."""
+    try:
+        return get(url)[0]
+    except urllib.error.URLError:
+        return 0
+
+
 def poll(probe: Callable[[], T | None], what: str, timeout: float = 120.0) -> T:
     """``probe()`` until it returns something; fail after ``timeout`` (a bound, not a speed)."""
     deadline = time.monotonic() + timeout
@@ -226,6 +234,8 @@ def test_gpu_fleet_up_prints_and_serves_the_map_and_every_services_metrics(
             assert re.search(rf"metrics:\s+{name}\s+{url}metrics", out), out
 
         def page() -> str | None:
+            if status_of(map_url + "healthz") != 200:
+                return None
             status, _, body = get(map_url)
             if status == 200 and len(slots(body)) == FLEET_GPUS:
                 return body  # the manager answers and has registered the inventory
@@ -233,7 +243,7 @@ def test_gpu_fleet_up_prints_and_serves_the_map_and_every_services_metrics(
 
         poll(page, "the live map with every GPU of the inventory")
         for name, url in urls.items():
-            poll(lambda url=url: get(url + "readyz")[0] == 200, f"{name} ready")
+            poll(lambda url=url: status_of(url + "readyz") == 200, f"{name} ready")
             assert get(url + "healthz")[0] == 200
             metrics = get(url + "metrics")[2]
             assert "gpu_fleet_ready 1.0" in metrics, name

@@ -27,7 +27,7 @@ import structlog
 from nats.aio.client import Client
 
 from gpu_fleet.cli.stack import ApiCallError, call
-from gpu_fleet.runtime.http_get import Answer, start_get_server, stop_server
+from gpu_fleet.runtime.http_get import Answer, GetServer, start_get_server, stop_server
 from gpu_fleet.views.fleet_page import render_page
 
 log = structlog.get_logger("gpu_fleet.live_map")
@@ -64,7 +64,7 @@ class LiveMap:
         self.refresh = refresh
         self.timeout = timeout
         self.nc: Client | None = None
-        self._server: asyncio.Server | None = None
+        self._server: GetServer | None = None
         self._connecting = asyncio.Lock()
 
     @property

@@ -17,18 +17,26 @@ Answer = tuple[str, str, bytes]
 Route = Callable[[str], Awaitable[Answer]]
 
 
-async def start_get_server(
-    route: Route, host: str, port: int, timeout: float = 30.0
-) -> asyncio.Server:
-    """Listen on ``host:port`` and answer each GET (or HEAD) with ``route(path)``."""
+class GetServer:
+    """A listening server and the connections it is answering, so ``stop`` ends them all: a
+    browser keeps idle connections open, and their handlers must not outlive the loop."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, route: Route, timeout: float) -> None:
+        self.route = route
+        self.timeout = timeout
+        self.server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self.timeout):
                 request = await reader.readline()
                 while (await reader.readline()).strip():
                     pass  # headers: nothing we need
-                status, ctype, body = await _answer(route, request)
+                status, ctype, body = await _answer(self.route, request)
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
@@ -42,8 +50,27 @@ async def start_get_server(
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+            if task is not None:
+                self._handlers.discard(task)
 
-    return await asyncio.start_server(serve, host, port)
+    async def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+
+async def start_get_server(route: Route, host: str, port: int, timeout: float = 30.0) -> GetServer:
+    """Listen on ``host:port`` and answer each GET (or HEAD) with ``route(path)``."""
+    server = GetServer(route, timeout)
+    server.server = await asyncio.start_server(server.serve, host, port)
+    return server
 
 
 async def _answer(route: Route, request: bytes) -> Answer:
@@ -56,8 +83,6 @@ async def _answer(route: Route, request: bytes) -> Answer:
     return await route(path)
 
 
-async def stop_server(server: asyncio.Server | None) -> None:
+async def stop_server(server: GetServer | None) -> None:
     if server is not None:
-        server.close()
-        with contextlib.suppress(Exception):
-            await server.wait_closed()
+        await server.stop()

@@ -21,7 +21,6 @@ server off (the default for ``gpu-fleet up`` and the tests that do not scrape).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gpu_fleet.runtime.http_get import Answer, start_get_server, stop_server
+from gpu_fleet.runtime.http_get import Answer, GetServer, start_get_server, stop_server
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 from gpu_fleet.views.metrics import SPECS, GaugeFamily, Increment
 
@@ -145,7 +144,7 @@ class Observer:
         self.registry.register(self._scraped)
         self.probe: Probe | None = None
         self.gauges: GaugeSource | None = None
-        self._server: asyncio.Server | None = None
+        self._server: GetServer | None = None
 
     # -- recording ---------------------------------------------------------------------------
     def inc(self, name: str, *labels: str, value: float = 1.0) -> None:
