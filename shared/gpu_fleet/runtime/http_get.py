@@ -32,6 +32,17 @@ class GetServer:
         if task is not None:
             self._handlers.add(task)
         try:
+            await self._handle(reader, writer)
+        except asyncio.CancelledError:
+            # ``stop`` ended this connection.  Returning, not re-raising: asyncio's stream
+            # callback would otherwise log the cancelled handler as an error.
+            pass
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
             async with asyncio.timeout(self.timeout):
                 request = await reader.readline()
                 while (await reader.readline()).strip():
@@ -50,8 +61,6 @@ class GetServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-            if task is not None:
-                self._handlers.discard(task)
 
     async def stop(self) -> None:
         server, self.server = self.server, None
