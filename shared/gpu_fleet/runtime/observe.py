@@ -15,7 +15,8 @@ HTTP server on the service's event loop (no thread, no framework: three GET rout
 
 Counters and histograms are created from ``views.metrics.METRICS`` (the one list the docs are
 checked against); services record with ``inc``/``observe``/``record``.  Port 0 turns the HTTP
-server off (the default for ``gpu-fleet up`` and the tests that do not scrape).
+server off (a service's own default, and the tests that do not scrape); ``gpu-fleet up`` gives
+each of its services a port of its own (9101 to 9104).
 """
 
 from __future__ import annotations
