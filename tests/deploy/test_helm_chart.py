@@ -166,6 +166,7 @@ def test_k8s_violations_catches_typos_and_unquoted_values() -> None:
             "imagePullSecrets": [{"name": "regcred"}],
             "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
             "podAnnotations": {"team": "infra"},
+            "liveMap": {"enabled": True},
         },
     ],
     ids=["defaults", "external-nats", "everything-set"],
@@ -645,6 +646,33 @@ def test_grafana_dashboard_configmap_for_the_sidecar(chart: helm.Chart) -> None:
     assert [c for c in of_kind(off, "ConfigMap") if "dashboard" in c["metadata"]["name"]] == []
 
 
+def test_live_map_is_off_by_default_and_serves_the_page_when_on(chart: helm.Chart) -> None:
+    """``liveMap.enabled``: ``gpu-fleet map`` against the release's NATS, behind a Service."""
+    assert "map" not in deployments(render(chart))
+    docs = render(chart, {"liveMap": {"enabled": True, "refreshSeconds": 10}})
+    dep = deployments(docs)["map"]
+    c = container(dep)
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert c["command"][0] in scripts
+    assert c["command"] == [
+        *("gpu-fleet", "map", "--host", "0.0.0.0"),
+        *("--port", "9100", "--refresh", "10"),
+    ]
+    assert env(dep)["GPU_FLEET_NATS_URL"] == EMBEDDED_URL
+    assert c["ports"] == [{"name": "http", "containerPort": 9100, "protocol": "TCP"}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    (svc,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"].endswith("-map")]
+    assert svc["metadata"]["name"] == f"{RELEASE}-gpu-fleet-map"
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
+    ]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
 def test_inventory_configmap_is_mounted_into_the_manager(chart: helm.Chart) -> None:
     inventory = yaml.safe_load((ROOT / "examples" / "inventory.yaml").read_text())
     docs = render(chart, {"inventory": inventory})
@@ -679,6 +707,8 @@ def test_inventory_configmap_is_mounted_into_the_manager(chart: helm.Chart) -> N
         ({"nats": {"enabled": False, "url": "http://nats:4222"}}, "/nats/url"),
         ({"replica": 2}, "replica"),
         ({"metrics": {"port": "9100"}}, "/metrics/port"),
+        ({"liveMap": {"port": 0}}, "/liveMap/port"),
+        ({"liveMap": {"refreshSeconds": 0}}, "/liveMap/refreshSeconds"),
         ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "serviceMonitor/interval"),
         ({"probes": {"liveness": {"periodSeconds": 0}}}, "/probes/liveness/periodSeconds"),
         (
