@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _common import load_line, machine_line, timed
+from gpu_fleet.cli.progress import ProgressBar, Tick, progress_wanted
 from gpu_fleet.core.engine import Fleet
 from gpu_fleet.core.ledger import Event, LeaseClosed, RunStatusChanged, RunSubmitted, fold_all
 from gpu_fleet.core.manifests import validate_manifest
@@ -153,7 +154,9 @@ class Result:
     samples: list[tuple[float, int, int]]
 
 
-def replay(jobs: Sequence[Job], n_nodes: int, compress: float) -> tuple[Result, Fleet]:
+def replay(
+    jobs: Sequence[Job], n_nodes: int, compress: float, tick: Tick | None = None
+) -> tuple[Result, Fleet]:
     fleet = build_fleet(n_nodes)
     c0 = jobs[0].created
     subs = [(T0 + 60 + int((j.created - c0) / compress), j) for j in jobs]
@@ -213,6 +216,8 @@ def replay(jobs: Sequence[Job], n_nodes: int, compress: float) -> tuple[Result, 
             events += fleet.reconcile(t)
         note(events)
         samples.append((time.perf_counter() - t0, before, len(events)))
+        if tick is not None:  # runs submitted so far (the bar ends once all have arrived)
+            tick(len(jobs) - len(subs), len(jobs))
         instants += 1
         max_waiting = max(max_waiting, len(waiting))
     wall = time.perf_counter() - t_wall
@@ -263,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"pods x{MULTI_GPU_SCALE} in groups of 8); arrivals compressed x{args.compress:g}; "
         f"fleet {args.nodes} x {GPUS_PER_NODE} GPUs, domains of {NODES_PER_DOMAIN}"
     )
-    result, fleet = replay(jobs, args.nodes, args.compress)
+    # A bar on a terminal only: quiet in CI and when the output is piped (see cli.progress).
+    tick = ProgressBar(sys.stderr, "replay: runs submitted").tick if progress_wanted() else None
+    result, fleet = replay(jobs, args.nodes, args.compress, tick)
     history = list(fleet.state.history)
     fold_s, _ = timed(lambda: fold_all(history))
     days = (result.end_clock - T0) / 86_400

@@ -36,6 +36,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "bridge off": {"kubernetes": {"enabled": False}},
     "no leader election": {"kubernetes": {"leaderElection": {"enabled": False}}},
+    "live map, teams, signed ledger, TLS": {
+        "liveMap": {"enabled": True},
+        "auth": {"teams": ["vision"], "ledgerKeysSecret": "ledger-keys"},
+        "tls": {"enabled": True, "secretName": "nats-tls", "verifyClients": True},
+    },
     "no rbac, own service account": {
         "rbac": {"create": False},
         "serviceAccount": {"create": False, "name": "ops"},

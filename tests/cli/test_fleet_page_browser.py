@@ -137,3 +137,37 @@ def test_fleet_map_page_in_chromium(browser: Any, tmp_path: Path) -> None:
     assert shot.stat().st_size > 0
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
+
+
+def test_the_live_page_served_by_the_stack_in_chromium(browser: Any, tmp_path: Path) -> None:
+    """The page ``gpu-fleet up`` serves (``cli.live_map``), loaded over HTTP: no console error,
+    a slot per GPU, the reload interval in place; and the 503 page while the manager is away."""
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+
+    from gpu_fleet.cli.live_map import LiveMap  # noqa: PLC0415
+    from gpu_fleet.runtime.natsd import free_port  # noqa: PLC0415
+
+    with background_stack(tmp_path / "stack") as fleet:
+        for path in sorted((EXAMPLES / "manifests").glob("*.yaml"))[:2]:  # budgets, then runs
+            fleet.call("apply", {"documents": path.read_text(), "source": path.name})
+        live = LiveMap(fleet.url, free_port(), refresh=3600)  # no reload during the test
+        fleet.run(live.start())
+        try:
+            browser.get(live.url)
+            assert browser.execute_script("return document.readyState") == "complete"
+            assert len(browser.find_elements(By.CSS_SELECTOR, "rect.slot")) == 32
+            assert browser.find_elements(By.CSS_SELECTOR, "rect.slot[data-run]")
+            refresh = browser.find_element(By.CSS_SELECTOR, 'meta[http-equiv="refresh"]')
+            assert refresh.get_attribute("content") == "3600"
+            fleet.run(fleet.stack.stop_service("manager"))
+            browser.get(live.url)
+            assert "the manager does not answer" in browser.find_element(By.ID, "unavailable").text
+        finally:
+            fleet.run(live.stop())
+    # Chromium logs the 503 itself as a failed resource load; nothing else may be an error.
+    errors = [
+        e
+        for e in browser.get_log("browser")
+        if e["level"] == "SEVERE" and "503 (Service Unavailable)" not in e["message"]
+    ]
+    assert errors == []

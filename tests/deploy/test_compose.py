@@ -74,11 +74,11 @@ def test_no_top_level_name_for_docker_compose_v1(compose: dict[str, Any]) -> Non
 
 def test_services_and_dependencies_are_defined(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"security", "nats", *APP_SERVICES}
+    assert set(services) == {"security", "nats", *APP_SERVICES, "map"}
     for name, svc in services.items():
         for target in svc.get("depends_on", {}):
             assert target in services, f"{name} depends on undefined service {target}"
-    for name in APP_SERVICES:
+    for name in (*APP_SERVICES, "map"):
         assert services[name]["depends_on"] == {"nats": {"condition": "service_healthy"}}
     assert "healthcheck" in services["nats"], "service_healthy needs a healthcheck"
     # The security profile is written before NATS reads it (docs/security.md).
@@ -115,6 +115,24 @@ def test_one_image_four_services_wired_to_nats(compose: dict[str, Any]) -> None:
         assert int(grace.group(1)) > 10, "services drain within 10 s of SIGTERM"
     assert len(builds) == 1
     assert len(images) == 1
+
+
+def test_metrics_and_the_live_map_are_published_on_the_ports_gpu_fleet_up_uses(
+    compose: dict[str, Any],
+) -> None:
+    """9100 the map, 9101..9104 the services' /metrics (as ``gpu-fleet up``), loopback only."""
+    services = compose["services"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for i, name in enumerate(APP_SERVICES, start=1):
+        svc = services[name]
+        assert svc["environment"]["GPU_FLEET_METRICS_PORT"] == "9100"
+        assert svc["ports"] == [f"127.0.0.1:{9100 + i}:9100"]
+    live = services["map"]
+    assert live["command"][:2] == ["gpu-fleet", "map"]
+    assert live["command"][0] in scripts
+    assert live["command"][live["command"].index("--port") + 1] == "9100"
+    assert live["ports"] == ["127.0.0.1:9100:9100"]
+    assert live["image"] == services["manager"]["image"]
 
 
 def test_build_context_has_the_dockerfile(compose: dict[str, Any]) -> None:
@@ -212,3 +230,10 @@ def test_each_service_logs_in_as_its_own_user_from_the_profile(
         ClientAuth.from_env(env).password
         == StackSecurity.load_or_create(folder).passwords["binder"]
     )
+
+
+def test_the_live_map_logs_in_as_the_operator(compose: dict[str, Any]) -> None:
+    """Authorization is on: the map reads every team's runs, so it is the admin user."""
+    env = compose["services"]["map"]["environment"]
+    assert env["GPU_FLEET_NATS_USER"] == "admin"
+    assert env["GPU_FLEET_NATS_PASSWORD_FILE"] == "/security/admin.password"

@@ -166,6 +166,7 @@ def test_k8s_violations_catches_typos_and_unquoted_values() -> None:
             "imagePullSecrets": [{"name": "regcred"}],
             "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
             "podAnnotations": {"team": "infra"},
+            "liveMap": {"enabled": True},
         },
     ],
     ids=["defaults", "external-nats", "everything-set"],
@@ -659,10 +660,17 @@ def test_grafana_dashboard_configmap_for_the_sidecar(chart: helm.Chart) -> None:
     for needed in ("GPUs by funding class", "Envelope use against concurrency",
                    "GPU-hours used and remaining", "Pending reservations",
                    "Reservations kept (started by earliestStart)", "Admissions by outcome",
-                   "Submit latency (fleet.api.apply)"):  # fmt: skip
+                   "Submit latency (fleet.api.apply)",
+                   "Forecast hit rate at start (P50 ~50 %, P90 ~90 %)",
+                   "Forecast error at start (median, by quantile)",
+                   "Reservation wait (runs that queued)"):  # fmt: skip
         assert needed in titles
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+    # Forecast accuracy and the queue's waits are on it (issue 14).
+    for name in ("gpu_fleet_forecast_starts_total", "gpu_fleet_forecast_error_seconds_bucket",
+                 "gpu_fleet_reservation_wait_seconds_bucket"):  # fmt: skip
+        assert name in used
     moved = render(
         chart, {"metrics": {"dashboard": {"namespace": "monitoring", "labels": {"dash": "y"}}}}
     )
@@ -671,6 +679,37 @@ def test_grafana_dashboard_configmap_for_the_sidecar(chart: helm.Chart) -> None:
     assert cm["metadata"]["labels"]["dash"] == "y"
     off = render(chart, {"metrics": {"dashboard": {"enabled": False}}})
     assert [c for c in of_kind(off, "ConfigMap") if "dashboard" in c["metadata"]["name"]] == []
+
+
+def test_live_map_is_off_by_default_and_serves_the_page_when_on(chart: helm.Chart) -> None:
+    """``liveMap.enabled``: ``gpu-fleet map`` against the release's NATS, behind a Service."""
+    assert "map" not in deployments(render(chart))
+    docs = render(chart, {"liveMap": {"enabled": True, "refreshSeconds": 10}})
+    dep = deployments(docs)["map"]
+    c = container(dep)
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert c["command"][0] in scripts
+    assert c["command"] == [
+        *("gpu-fleet", "map", "--host", "0.0.0.0"),
+        *("--port", "9100", "--refresh", "10"),
+    ]
+    assert env(dep)["GPU_FLEET_NATS_URL"] == EMBEDDED_URL
+    # Authorization is on by default: the map logs in as the operator (it shows every team).
+    assert env(dep)["GPU_FLEET_NATS_USER"] == "admin"
+    (password,) = [e for e in c["env"] if e["name"] == "GPU_FLEET_NATS_PASSWORD"]
+    assert password["valueFrom"]["secretKeyRef"]["key"] == "admin-password"
+    assert c["ports"] == [{"name": "http", "containerPort": 9100, "protocol": "TCP"}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    (svc,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"].endswith("-map")]
+    assert svc["metadata"]["name"] == f"{RELEASE}-gpu-fleet-map"
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
+    ]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_inventory_configmap_is_mounted_into_the_manager(chart: helm.Chart) -> None:
@@ -707,6 +746,8 @@ def test_inventory_configmap_is_mounted_into_the_manager(chart: helm.Chart) -> N
         ({"nats": {"enabled": False, "url": "http://nats:4222"}}, "/nats/url"),
         ({"replica": 2}, "replica"),
         ({"metrics": {"port": "9100"}}, "/metrics/port"),
+        ({"liveMap": {"port": 0}}, "/liveMap/port"),
+        ({"liveMap": {"refreshSeconds": 0}}, "/liveMap/refreshSeconds"),
         ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "serviceMonitor/interval"),
         ({"probes": {"liveness": {"periodSeconds": 0}}}, "/probes/liveness/periodSeconds"),
         (

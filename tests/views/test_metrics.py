@@ -120,6 +120,7 @@ def test_tally_counts_decisions_once_and_keeps_seeds_out_of_labels() -> None:
         Increment("gpu_fleet_resolver_actions_total", ("RandomPreempt",)),
         Increment("gpu_fleet_admissions_total", ("admitted",)),
         Increment("gpu_fleet_admission_wait_seconds", (), float(wait)),
+        Increment("gpu_fleet_reservation_wait_seconds", (), float(wait)),
         Increment(
             "gpu_fleet_reservation_starts_total",
             ("true" if at <= res.earliest_start else "false",),

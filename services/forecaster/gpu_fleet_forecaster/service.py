@@ -7,6 +7,11 @@ module only decodes, waits, calls it at "now" and encodes.
 
 "Now" is the wall clock in production.  With a manager on a virtual clock (scenarios, tests) the
 wall clock means nothing, so ``clock="ledger"`` uses the ledger's latest event time instead.
+
+It also judges its own forecasts: as it follows the ledger it keeps the forecast of each run at
+the moment its wait began and, when the run starts, counts P50/P90 hits and the error
+(``views.forecast_accuracy``; the metrics ``gpu_fleet_forecast_starts_total`` and
+``gpu_fleet_forecast_error_seconds``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import structlog
 from nats.micro.request import Request
 
 from gpu_fleet.core.forecast import ForecastError, ForecastResult, forecast
-from gpu_fleet.core.ledger import FleetState
+from gpu_fleet.core.ledger import Event, FleetState
 from gpu_fleet.core.model import Instant, run_key
 from gpu_fleet.core.names import clamp, dns_label_problem
 from gpu_fleet.messages import forecast as messages
@@ -32,6 +37,7 @@ from gpu_fleet.runtime.follower_service import FollowerService, Handler
 from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG
 from gpu_fleet.runtime.replies import ApiLimits
+from gpu_fleet.views.forecast_accuracy import ForecastAccuracy
 from gpu_fleet_forecaster import __version__
 
 log = structlog.get_logger("gpu_fleet.forecaster")
@@ -98,6 +104,12 @@ class Forecaster(FollowerService):
         self.config = config
         self.wall = WallClock()
         self.answered = 0
+        self.accuracy = ForecastAccuracy()
+
+    def on_ledger_event(self, seq: int, event: Event, state: FleetState) -> None:
+        """Count the forecasts' accuracy as runs start (``views.forecast_accuracy``)."""
+        self.accuracy.live = self.live
+        self.observer.record(self.accuracy.on_event(event, state))
 
     def endpoints(self) -> Mapping[str, Handler]:
         return {ENDPOINT: self.run_forecast}

@@ -89,6 +89,7 @@ def demo(examples: Path, inventory: Path, keep: str | None = None, page: Path | 
             stack.stop()
         if page.exists():
             print(f"fleet map: {page.resolve()} (open it in a browser)")
+            print("  live: `gpu-fleet up` serves it at http://127.0.0.1:9100/, from the ledger")
         print("done." if not failures else f"{failures} demo command(s) failed")
         return 0 if not failures else 1
 

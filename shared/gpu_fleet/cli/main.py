@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gpu_fleet.cli import simulate, team
+from gpu_fleet.cli.progress import ProgressBar, progress_wanted
 from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.manifests import ManifestError, load_source, parse_documents
 from gpu_fleet.core.model import Budget
+from gpu_fleet.runtime import client_auth
 from gpu_fleet.runtime.stack_security import ServerTls
 from gpu_fleet.scenario.expectations import check_expectations
 from gpu_fleet.scenario.loader import ScenarioError, load_scenario_file
@@ -191,13 +194,24 @@ def _slots(slots: list[str]) -> str:
 def _cmd_scenario_run(args: argparse.Namespace) -> int:
     status = EXIT_OK
     results = []
-    for path in args.files:
+    bar = None
+    if len(args.files) > 1 and progress_wanted(
+        json_output=args.output == "json", force=args.progress
+    ):
+        bar = ProgressBar(sys.stderr, "scenario run")
+    for done, path in enumerate(args.files):
+        if bar is not None:
+            bar.tick(done, len(args.files))
         try:
             scenario = load_scenario_file(path)
         except FileNotFoundError:
+            if bar is not None:
+                bar.clear()
             print(f"error: {path}: no such file", file=sys.stderr)
             return EXIT_USAGE
         except ScenarioError as exc:
+            if bar is not None:
+                bar.clear()
             for line in exc.errors:  # file-level lines already start with the file's name
                 where = "" if line.startswith(f"{path}: ") else f"{path}: "
                 print(f"error: {where}{line}", file=sys.stderr)
@@ -215,11 +229,15 @@ def _cmd_scenario_run(args: argparse.Namespace) -> int:
             try:
                 report = asyncio.run(run_via_nats(scenario))
             except (ApiCallError, TimeoutError) as exc:
+                if bar is not None:
+                    bar.clear()
                 # Refused steps are reported, not raised: this is the stack itself failing.
                 print(f"error: {path}: the fleet services failed: {exc}", file=sys.stderr)
                 return EXIT_FAILED
         else:
             report = run_scenario(scenario)
+        if bar is not None:
+            bar.clear()
         outcomes = check_expectations(report, scenario.expectations) if args.check else []
         failed = [o for o in outcomes if not o.ok]
         if failed:
@@ -243,6 +261,8 @@ def _cmd_scenario_run(args: argparse.Namespace) -> int:
             for o in failed:
                 print(f"    FAILED #{o.index}: {o.message}")
         print()
+    if bar is not None:
+        bar.tick(len(args.files), len(args.files))
     if args.output == "json":
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return status
@@ -294,6 +314,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from gpu_fleet.cli.up import default_inventory, up  # noqa: PLC0415 - deferred, as for demo
+    from gpu_fleet.runtime import logs  # noqa: PLC0415 - deferred, as for demo
 
     kube = []
     if args.kube_url:
@@ -309,6 +330,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print("error: --no-auth: TLS needs the security profile; drop one", file=sys.stderr)
         return 2
     tls = ServerTls(args.tls_cert, args.tls_key) if args.tls_cert else None
+    problem = _up_ports_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure("up", "warning", sys.stderr)  # the live map's lines; services log to files
     return up(
         args.data_dir,
         inventory,
@@ -318,7 +344,61 @@ def _cmd_up(args: argparse.Namespace) -> int:
         secure=not args.no_auth,
         tls=tls,
         tls_ca=args.tls_ca,
+        metrics_port=args.metrics_port,
+        map_port=args.map_port,
+        map_refresh=args.map_refresh,
     )
+
+
+def _up_ports_problem(args: argparse.Namespace) -> str | None:
+    """Why ``up``'s port flags cannot work (naming the flag), or None."""
+    from gpu_fleet.cli.stack import SERVICES  # noqa: PLC0415 - deferred, as for up
+
+    if not 1 <= args.port <= 65535:
+        return f"--port: must be a port in 1..65535, got {args.port}"
+    if args.map_port and not 1 <= args.map_port <= 65535:
+        return f"--map-port: must be 0 (off) or a port in 1..65535, got {args.map_port}"
+    last = args.metrics_port + len(SERVICES) - 1
+    if args.metrics_port and not (args.metrics_port >= 1 and last <= 65535):
+        return (
+            f"--metrics-port: must be 0 (off) or a port in 1..{65536 - len(SERVICES)} "
+            f"(the first of {len(SERVICES)}), got {args.metrics_port}"
+        )
+    taken = {args.port, args.map_port}
+    if args.metrics_port and taken & set(range(args.metrics_port, last + 1)):
+        return f"--metrics-port: ports {args.metrics_port}..{last} overlap --port or --map-port"
+    if args.map_port and args.map_port == args.port:
+        return f"--map-port: {args.map_port} is also --port"
+    if args.map_refresh < 1:
+        return f"--map-refresh: must be >= 1 second, got {args.map_refresh}"
+    return None
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - deferred, as for up
+
+    from gpu_fleet.cli.live_map import LiveMap, serve_until_signalled  # noqa: PLC0415
+    from gpu_fleet.runtime import logs  # noqa: PLC0415
+
+    logs.configure("map", args.log_level, sys.stderr)
+    if not 1 <= args.port <= 65535:
+        print(f"error: --port: must be a port in 1..65535, got {args.port}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.refresh < 1:
+        print(f"error: --refresh: must be >= 1 second, got {args.refresh}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        auth = client_auth.from_args(args)
+        auth.check()
+    except client_auth.ClientAuthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    live = LiveMap(args.nats_url, args.port, host=args.host, refresh=args.refresh, auth=auth)
+    try:
+        return asyncio.run(serve_until_signalled(live))
+    except OSError as exc:
+        print(f"error: --port {args.port}: cannot listen: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--via-nats",
         action="store_true",
         help="run through the real services on an embedded NATS server (same report)",
+    )
+    run.add_argument(
+        "--progress",
+        action="store_true",
+        help="draw the progress bar over several files on stderr even when it is not a terminal"
+        " (by default: on a terminal, outside CI, not with -o json)",
     )
     run.set_defaults(func=_cmd_scenario_run)
     validate = sub.add_parser("validate", help="validate Budget/Run manifests")
@@ -395,8 +481,48 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument(
         "--tls-ca", default=None, help="CA the services and clients verify the certificate with"
     )
+    upp.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9101,
+        help="first of four /metrics ports on 127.0.0.1: manager, binder, forecaster, notifier"
+        " (default 9101..9104; 0: off)",
+    )
+    upp.add_argument(
+        "--map-port",
+        type=int,
+        default=9100,
+        help="serve the live fleet map on this port of 127.0.0.1 (default 9100; 0: off)",
+    )
+    upp.add_argument(
+        "--map-refresh",
+        type=int,
+        default=5,
+        help="seconds between reloads of an open fleet map page (default 5)",
+    )
     upp.set_defaults(func=_cmd_up)
     team.add_parser(sub)
+    live = sub.add_parser(
+        "map", help="serve the live fleet map of a running stack over HTTP (what up serves)"
+    )
+    live.add_argument(
+        "--nats-url",
+        default=os.environ.get("GPU_FLEET_NATS_URL", "nats://127.0.0.1:4222"),
+        help="the stack's NATS (env GPU_FLEET_NATS_URL)",
+    )
+    live.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    live.add_argument("--port", type=int, default=9100, help="port to listen on (default 9100)")
+    live.add_argument(
+        "--refresh", type=int, default=5, help="seconds between reloads of an open page"
+    )
+    live.add_argument(
+        "--log-level",
+        default=os.environ.get("GPU_FLEET_LOG_LEVEL", "info"),
+        choices=("debug", "info", "warning", "error"),
+        help="JSON log lines on stderr (env GPU_FLEET_LOG_LEVEL)",
+    )
+    client_auth.add_flags(live)
+    live.set_defaults(func=_cmd_map)
     simulate.add_parser(sub)
     return parser
 

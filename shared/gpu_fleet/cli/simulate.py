@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
 
+from gpu_fleet.cli.progress import bars, no_bars, progress_wanted
 from gpu_fleet.core.timeutil import parse_duration
 from gpu_fleet.sim import (
     POLICIES,
@@ -84,37 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=cmd_simulate)
 
 
-def _progress_bar(out: TextIO) -> Callable[[str], Callable[[int, int], None]]:
-    """A one-line progress bar per policy, redrawn at most ten times a second on a terminal
-    (every 10 s elsewhere, each on a line of its own, so a log stays readable)."""
-    tty = out.isatty()
-    interval = 0.1 if tty else 10.0
-
-    def factory(label: str) -> Callable[[int, int], None]:
-        last = [0.0]
-        finished = [False]
-
-        def tick(done: int, total: int) -> None:
-            now = time.monotonic()
-            if finished[0] or (done < total and now - last[0] < interval):
-                return
-            last[0] = now
-            finished[0] = done >= total
-            filled = int(30 * done / max(1, total))
-            bar = f"{label:<32} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
-            out.write(f"\r{bar}" if tty else f"{bar}\n")
-            if tty and done >= total:
-                out.write("\n")
-            out.flush()
-
-        return tick
-
-    return factory
-
-
 def _show_progress(args: argparse.Namespace) -> bool:
-    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-    return bool(args.progress) or (sys.stderr.isatty() and not args.json and not ci)
+    return progress_wanted(json_output=bool(args.json), force=bool(args.progress))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -146,7 +114,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (InputError, ScalingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    progress = _progress_bar(sys.stderr) if _show_progress(args) else (lambda _label: None)
+    progress = bars(sys.stderr) if _show_progress(args) else no_bars
     result = simulate(inputs, options, progress)
     markdown = render_markdown(result.summary)
     if args.out:

@@ -238,8 +238,10 @@ class ProcessStack:
         secure: bool = True,
         tls: ServerTls | None = None,
         tls_ca: str | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.metrics_port = metrics_port  # the first of len(SERVICES) ports; 0: none
         self.kube_args = list(kube_args or [])  # --kube-url/--kubeconfig for manager and binder
         self.security = StackSecurity.load_or_create(self.data_dir / "security") if secure else None
         self.tls_ca = tls_ca  # what the services verify the server's certificate with
@@ -301,6 +303,13 @@ class ProcessStack:
                 env["GPU_FLEET_LEDGER_PUBLIC_KEY"] = str(self.security.public_key_file)
         return env
 
+    def metrics_ports(self) -> dict[str, int]:
+        """Each service's /metrics port: ``metrics_port`` + its index in ``SERVICES`` (so a
+        restarted service gets its port back), or nothing when ``metrics_port`` is 0."""
+        if not self.metrics_port:
+            return {}
+        return {name: self.metrics_port + SERVICES.index(name) for name in self.services}
+
     def spawn(self, name: str) -> subprocess.Popen[bytes]:
         args = [
             sys.executable,
@@ -315,6 +324,9 @@ class ProcessStack:
             args += ["--inventory", self.inventory]
         if name in ("manager", "binder"):
             args += self.kube_args
+        # Always explicit, so a GPU_FLEET_METRICS_PORT in the caller's environment cannot make
+        # four children fight for one port; local metrics stay on the loopback interface.
+        args += ["--metrics-port", str(self.metrics_ports().get(name, 0))]
         log_path = self.data_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -322,7 +334,7 @@ class ProcessStack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=self.child_env(name),
+                env={**self.child_env(name), "GPU_FLEET_METRICS_HOST": "127.0.0.1"},
             )
         self.procs[name] = proc
         return proc

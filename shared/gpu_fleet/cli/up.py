@@ -10,6 +10,11 @@ crash loop (issue 19: the delay never reset, and a dead nats-server was never no
 Restarts are scheduled, not slept: one tick checks every child and starts those whose delay has
 passed, so one child's back-off never delays noticing another's death, nor Ctrl-C.  SIGINT and
 SIGTERM stop everything cleanly.  The clock is injected so the policy is tested without sleeping.
+
+What to look at: every service serves ``/metrics``, ``/healthz`` and ``/readyz`` on a port of its
+own (``--metrics-port`` is the first: manager, binder, forecaster, notifier in that order; 9101 to
+9104 by default), and the live fleet map (``cli.live_map``) is served on ``--map-port`` (9100),
+read afresh from the manager on every load.  ``up`` prints every URL; 0 turns either off.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from gpu_fleet.cli.live_map import DEFAULT_REFRESH, LiveMap, LiveMapThread
 from gpu_fleet.cli.stack import SERVICES, ProcessStack
+from gpu_fleet.runtime.client_auth import ClientAuth
 from gpu_fleet.runtime.natsd import NatsServerError
 from gpu_fleet.runtime.stack_security import ServerTls
 
@@ -33,6 +40,10 @@ HEALTHY_AFTER = 60.0
 """Seconds a child must have run before a death counts as the first of a new sequence."""
 TICK = 0.5
 """Seconds between checks of the children."""
+DEFAULT_MAP_PORT = 9100
+"""The live fleet map's port."""
+DEFAULT_METRICS_PORT = 9101
+"""The manager's /metrics port; binder, forecaster and notifier take the next three."""
 
 
 class Child(Protocol):
@@ -175,6 +186,9 @@ def up(
     secure: bool = True,
     tls: ServerTls | None = None,
     tls_ca: str | None = None,
+    metrics_port: int = 0,
+    map_port: int = 0,
+    map_refresh: int = DEFAULT_REFRESH,
 ) -> int:
     stack = ProcessStack(
         data_dir,
@@ -185,6 +199,7 @@ def up(
         secure=secure,
         tls=tls,
         tls_ca=tls_ca,
+        metrics_port=metrics_port,
     )
     stop = threading.Event()
 
@@ -193,9 +208,28 @@ def up(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    live: LiveMapThread | None = None
+    if map_port:
+        live = LiveMapThread(
+            LiveMap(
+                stack.admin_url,  # the operator's user: the map shows every team's runs
+                map_port,
+                refresh=map_refresh,
+                auth=ClientAuth(tls_ca=tls_ca) if tls_ca else None,
+            )
+        )
+        try:
+            live.start()
+        except OSError as exc:
+            print(f"error: --map-port {map_port}: cannot listen: {exc.strerror}", file=sys.stderr)
+            return 1
     stack.start()
     print(f"gpu-fleet is up: NATS at {stack.nats.url} (JetStream data in {data_dir}/nats)")
     print(f"  services: {', '.join(SERVICES)} (logs in {data_dir}/<service>.log)")
+    if live is not None:
+        print(f"  fleet map: {live.live.url} (live; reloads every {map_refresh} s)")
+    for name, mport in stack.metrics_ports().items():
+        print(f"  metrics:  {name:<10} http://127.0.0.1:{mport}/metrics  (/healthz, /readyz)")
     if kube_args:
         print(f"  kubernetes bridge: {' '.join(kube_args)} (manager: runs/budgets, binder: pods)")
     env_file = stack.admin_env_file()
@@ -205,12 +239,14 @@ def up(
         print(f"  auth:     on; users and the ledger key in {env_file.parent}")
         print(f"  try:      source {env_file}; kubectl runs get -A")
         print(f"  teams:    gpu-fleet team add <team> --data-dir {data_dir}")
-    print("  stop:     Ctrl-C")
+    print("  stop:     Ctrl-C", flush=True)
     supervisor = supervisor_for(stack)
     try:
         while not stop.wait(TICK):
             supervisor.tick()
     finally:
-        print("stopping gpu-fleet ...")
+        print("stopping gpu-fleet ...", flush=True)
         stack.stop()
+        if live is not None:
+            live.stop()
     return 0

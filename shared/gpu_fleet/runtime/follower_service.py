@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from gpu_fleet.core.ledger import Event, FleetState
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.follower import LedgerFollower
@@ -47,6 +48,7 @@ class FollowerService(Actor):
         self.nc: Client | None = None
         self.ledger: LedgerStream | None = None
         self.follower: LedgerFollower | None = None
+        self.live = False  # set once the start-up catch-up is done: later events are news
         self.service: Service | None = None
         self.ready_max_lag = ready_max_lag
         self.observer = Observer(self.name, metrics_port)
@@ -58,6 +60,9 @@ class FollowerService(Actor):
         seq = self.follower.seq if self.follower is not None else None
         return await ledger_health(connected, self.ledger, seq, self.ready_max_lag)
 
+    def on_ledger_event(self, seq: int, event: Event, state: FleetState) -> None:
+        """Called with each event once folded (``state`` includes it); nothing by default."""
+
     def endpoints(self) -> Mapping[str, Handler]:
         """Endpoint name -> handler, served on ``<group>.<name>``."""
         raise NotImplementedError
@@ -67,8 +72,9 @@ class FollowerService(Actor):
         self.nc = await connect(self.nats_url, self.service_name, on_closed=self.abort)
         ledger = self.ledger = LedgerStream(self.nc, keys=self.ledger_keys)
         await ledger.ensure()
-        self.follower = LedgerFollower(ledger)
+        self.follower = LedgerFollower(ledger, on_event=self.on_ledger_event)
         await self.follower.catch_up()
+        self.live = True
         self.spawn("ledger follower", self.follower.follow())
         self.service = await nats.micro.add_service(
             self.nc, name=self.service_name, version=self.version, description=self.description

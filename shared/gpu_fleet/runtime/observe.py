@@ -15,14 +15,13 @@ HTTP server on the service's event loop (no thread, no framework: three GET rout
 
 Counters and histograms are created from ``views.metrics.METRICS`` (the one list the docs are
 checked against); services record with ``inc``/``observe``/``record``.  Port 0 turns the HTTP
-server off (the default for ``gpu-fleet up`` and the tests that do not scrape).
+server off (a service's own default, and the tests that do not scrape); ``gpu-fleet up`` gives
+each of its services a port of its own (9101 to 9104).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gpu_fleet.runtime.http_get import Answer, GetServer, start_get_server, stop_server
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 from gpu_fleet.views.metrics import SPECS, GaugeFamily, Increment
 
@@ -116,11 +116,12 @@ class _ScrapeGauges:
 
 
 class Observer:
-    def __init__(self, service: str, port: int = 0, host: str = "0.0.0.0") -> None:
-        """``host`` defaults to every interface: in a pod the kubelet probes the pod IP."""
+    def __init__(self, service: str, port: int = 0, host: str | None = None) -> None:
+        """``host`` defaults to ``GPU_FLEET_METRICS_HOST``, else every interface: in a pod the
+        kubelet probes the pod IP (``gpu-fleet up`` sets 127.0.0.1 for its children)."""
         self.service = service
         self.port = port
-        self.host = host
+        self.host = host or os.environ.get("GPU_FLEET_METRICS_HOST") or "0.0.0.0"
         self.registry = CollectorRegistry()
         self._counters: dict[str, Counter] = {}
         self._histograms: dict[str, Histogram] = {}
@@ -144,7 +145,7 @@ class Observer:
         self.registry.register(self._scraped)
         self.probe: Probe | None = None
         self.gauges: GaugeSource | None = None
-        self._server: asyncio.Server | None = None
+        self._server: GetServer | None = None
 
     # -- recording ---------------------------------------------------------------------------
     def inc(self, name: str, *labels: str, value: float = 1.0) -> None:
@@ -201,43 +202,14 @@ class Observer:
     async def start(self) -> None:
         if not self.port or self._server is not None:
             return
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        log.info("observe.listening", service=self.service, port=self.port)
+        self._server = await start_get_server(self._route, self.host, self.port)
+        log.info("observe.listening", service=self.service, host=self.host, port=self.port)
 
     async def stop(self) -> None:
         server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
+        await stop_server(server)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(30):
-                request = await reader.readline()
-                while (await reader.readline()).strip():
-                    pass  # headers: nothing we need
-                status, ctype, body = await self._route(request)
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _route(self, request: bytes) -> tuple[str, str, bytes]:
-        parts = request.decode("latin-1").split()
-        if len(parts) < 2:
-            return "400 Bad Request", "text/plain", b"bad request\n"
-        method, path = parts[0], parts[1].split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", "text/plain", b"GET only\n"
+    async def _route(self, path: str) -> Answer:
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, await self.metrics_text()
         if path == "/healthz":

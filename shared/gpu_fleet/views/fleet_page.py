@@ -87,20 +87,28 @@ def _iso(t: dict[str, Any] | None) -> str:
     return t["iso"] if t else "-"
 
 
-def render_page(data: dict[str, Any], title: str = "gpu-fleet fleet map") -> str:
-    """The whole page for one ``fleet_map`` answer."""
+def render_page(
+    data: dict[str, Any], title: str = "gpu-fleet fleet map", refresh: int | None = None
+) -> str:
+    """The whole page for one ``fleet_map`` answer.
+
+    ``refresh`` (seconds) makes the browser reload it: the live page ``gpu-fleet up`` serves,
+    where every load reads the manager's fold afresh.  The exported file (``viz``) has none.
+    """
     counts = data["counts"]
     summary = ", ".join(f"{counts[s]} {s}" for s in SLOT_STATES if counts.get(s))
+    live = f" &middot; live: reloads every {refresh} s" if refresh else ""
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        *([f'<meta http-equiv="refresh" content="{refresh}">'] if refresh else []),
         '<meta name="viewport" content="width=device-width,initial-scale=1">',
         '<link rel="icon" href="data:,">',
         f"<title>{_e(title)} at {_e(data['at']['iso'])}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         f'<p class="muted">at {_e(data["at"]["iso"])} &middot; {data["gpus"]} GPUs: '
-        f"{_e(summary)}</p>",
+        f"{_e(summary)}{live}</p>",
         _legend(),
         '<section id="map"><h2>Fleet: fabric domains &times; nodes &times; GPU slots</h2>',
         '<div class="domains">',

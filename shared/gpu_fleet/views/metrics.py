@@ -7,9 +7,10 @@ Two kinds of numbers, kept apart on purpose:
   ledger's fold *at scrape time*, so they can never drift from what ``kubectl runs`` shows, and a
   restarted manager exports the same values at once.  Only the manager exports them (the single
   writer; followers would export the same numbers again and sums would double).
-* **Counters and histograms of decisions** (``EventTally``): admissions by outcome, admission
-  wait, resolver actions, preemption notices, leases minted and closed, reservation promises
-  kept.  They count ledger events as the manager commits them, so each decision counts once,
+* **Counters and histograms of decisions** (``tally``): admissions by outcome, admission
+  wait, resolver actions, preemption notices, leases minted and closed, reservation waits and
+  promises kept.  (The forecaster counts its own accuracy: ``views.forecast_accuracy``.)
+  They count ledger events as the manager commits them, so each decision counts once,
   and a restart starts them afresh as Prometheus counters expect (``rate()`` handles the reset).
 
 Names follow Prometheus conventions: the ``gpu_fleet_`` prefix, base units (seconds, and
@@ -199,6 +200,13 @@ METRICS: tuple[MetricSpec, ...] = (
         ("on_time",),
     ),
     MetricSpec(
+        "gpu_fleet_reservation_wait_seconds",
+        "histogram",
+        "Ledger time from submission to first admission (gang bound) of the runs that queued "
+        "on a reservation",
+        buckets=WAIT_BUCKETS,
+    ),
+    MetricSpec(
         "gpu_fleet_reservation_lateness_seconds",
         "histogram",
         "How long after its reservation's earliestStart a run started (0 when on time)",
@@ -243,6 +251,23 @@ METRICS: tuple[MetricSpec, ...] = (
         "histogram",
         "Wall time to answer a forecast request",
         buckets=SECONDS_BUCKETS,
+        exported_by=("forecaster",),
+    ),
+    MetricSpec(
+        "gpu_fleet_forecast_starts_total",
+        "counter",
+        "Runs that started after waiting, by forecast quantile (p50, p90) of the forecast when "
+        "the wait began, and whether they started by it (hit=true)",
+        ("quantile", "hit"),
+        exported_by=("forecaster",),
+    ),
+    MetricSpec(
+        "gpu_fleet_forecast_error_seconds",
+        "histogram",
+        "How far a waiting run's start was from its forecast quantile (p50, p90) made when the "
+        "wait began, either way (ledger seconds)",
+        ("quantile",),
+        WAIT_BUCKETS,
         exported_by=("forecaster",),
     ),
     # -- notifier ----------------------------------------------------------------------
@@ -418,11 +443,14 @@ def _admitted(
     state: FleetState, run: str, at: Instant, created: dict[str, Instant]
 ) -> Iterable[Increment]:
     submitted = state.admitted.get(run)
-    if submitted is not None and not state.leases_of(run):
-        yield Increment("gpu_fleet_admission_wait_seconds", (), float(max(0, at - submitted)))
+    first = None if submitted is None or state.leases_of(run) else submitted
+    if first is not None:
+        yield Increment("gpu_fleet_admission_wait_seconds", (), float(max(0, at - first)))
     res = state.pending_reservation(run)
     promised = res.earliest_start if res is not None else created.get(run)
     if promised is not None:
+        if first is not None:  # a run that queued: its whole wait (re-plans supersede reservations)
+            yield Increment("gpu_fleet_reservation_wait_seconds", (), float(max(0, at - first)))
         on_time = at <= promised
         yield Increment("gpu_fleet_reservation_starts_total", ("true" if on_time else "false",))
         yield Increment("gpu_fleet_reservation_lateness_seconds", (), float(max(0, at - promised)))
