@@ -73,6 +73,7 @@ from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream
+from gpu_fleet.runtime.natsd_cluster import stream_replicas
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 from gpu_fleet_notifier import __version__
 from gpu_fleet_notifier.channels import leads_of, routes
@@ -251,6 +252,7 @@ class Notifier(Actor):
                         subjects=[f"{subjects.NOTIFY_PREFIX}.>"],
                         storage=StorageType.FILE,
                         duplicate_window=self.config.duplicate_window,
+                        num_replicas=stream_replicas(),
                     )
                 )
             except nats.js.errors.BadRequestError:

@@ -301,7 +301,23 @@ def _cmd_up(args: argparse.Namespace) -> int:
         kube += ["--kubeconfig", args.kubeconfig]
     # With a cluster, nodes come from it: the sample inventory is used only when asked for.
     inventory = args.inventory or (None if kube else default_inventory())
-    return up(args.data_dir, inventory, args.port, args.log_level, kube_args=kube)
+    return up(
+        args.data_dir,
+        inventory,
+        args.port,
+        args.log_level,
+        kube_args=kube,
+        nats_cluster=args.nats_cluster,
+    )
+
+
+def _cluster_size(text: str) -> int:
+    """``--nats-cluster``: 1 (one server) or 3 or 5 (a quorum needs an odd count)."""
+    if text not in ("1", "3", "5"):
+        raise argparse.ArgumentTypeError(
+            f"must be 1, 3 or 5 (an odd number of servers keeps a JetStream quorum; got {text!r})"
+        )
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--kube-url", default=None, help="Kubernetes API server: run the bridge (e.g. an emulator)"
     )
     upp.add_argument("--kubeconfig", default=None, help="Kubernetes API server from a kubeconfig")
+    upp.add_argument(
+        "--nats-cluster",
+        type=_cluster_size,
+        default=1,
+        metavar="N",
+        help="run N routed JetStream servers (client ports PORT..PORT+N-1, one store each) with"
+        " every stream at N replicas; 3 survives the loss of any one server (default 1)",
+    )
     upp.set_defaults(func=_cmd_up)
     simulate.add_parser(sub)
     return parser

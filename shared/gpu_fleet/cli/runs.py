@@ -32,6 +32,7 @@ from gpu_fleet.cli import notify, pictures
 from gpu_fleet.cli.stack import ApiCallError, call
 from gpu_fleet.core.manifests import ManifestError, dump_documents, load_source
 from gpu_fleet.core.timeutil import format_instant
+from gpu_fleet.runtime.natsd_cluster import servers
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TERMINAL = ("Completed", "Failed")
@@ -653,7 +654,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         nc = await asyncio.wait_for(
             nats.connect(
-                args.nats_url,
+                servers(args.nats_url),
                 connect_timeout=2,
                 max_reconnect_attempts=1,
                 allow_reconnect=False,

@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from gpu_fleet.core.model import Instant, Node
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.natsd import EmbeddedNats
+from gpu_fleet.runtime.natsd_cluster import STREAM_REPLICAS_ENV, NatsCluster
 
 SERVICES = ("manager", "binder", "forecaster", "notifier")
 
@@ -192,10 +193,19 @@ class ProcessStack:
         services: tuple[str, ...] = SERVICES,
         port: int | None = None,
         kube_args: list[str] | None = None,
+        nats_cluster: int = 1,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.kube_args = list(kube_args or [])  # --kube-url/--kubeconfig for manager and binder
-        self.nats = EmbeddedNats(self.data_dir / "nats", port=port)
+        # One server, or a routed JetStream cluster whose streams keep a copy on every member.
+        self.nats: EmbeddedNats | NatsCluster = (
+            NatsCluster(self.data_dir / "nats", nats_cluster, port=port)
+            if nats_cluster > 1
+            else EmbeddedNats(self.data_dir / "nats", port=port)
+        )
+        self.env = dict(os.environ)
+        if nats_cluster > 1:
+            self.env[STREAM_REPLICAS_ENV] = str(nats_cluster)
         self.inventory = inventory
         self.log_level = log_level
         self.services = services
@@ -218,7 +228,7 @@ class ProcessStack:
         log_path = self.data_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
             )
         self.procs[name] = proc
         return proc

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from gpu_fleet.cli.stack import SERVICES, ProcessStack
-from gpu_fleet.runtime.natsd import NatsServerError
+from gpu_fleet.runtime.natsd import EmbeddedNats, NatsServerError
+from gpu_fleet.runtime.natsd_cluster import NatsCluster
 
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
 """Seconds before restarting a child after its 1st, 2nd, ... death in a row (then the last)."""
@@ -47,24 +48,29 @@ class Child(Protocol):
 
 
 class NatsChild:
-    """The embedded nats-server; ``start`` reuses its port and JetStream directory."""
+    """An embedded nats-server (the only one, or one cluster member); ``start`` reuses its
+    ports and JetStream directory."""
 
-    name = "nats-server"
-
-    def __init__(self, stack: ProcessStack) -> None:
-        self.stack = stack
+    def __init__(
+        self, stack: ProcessStack, server: EmbeddedNats | None = None, name: str = "nats-server"
+    ) -> None:
+        if server is None:
+            assert isinstance(stack.nats, EmbeddedNats)
+            server = stack.nats
+        self.server = server
+        self.name = name
 
     def running(self) -> bool:
-        proc = self.stack.nats.proc
+        proc = self.server.proc
         return proc is not None and proc.poll() is None
 
     def exit_code(self) -> int | None:
-        proc = self.stack.nats.proc
+        proc = self.server.proc
         return proc.returncode if proc is not None else None
 
     def start(self) -> None:
-        self.stack.nats.proc = None  # forget the dead process; start() then spawns a new one
-        self.stack.nats.start()
+        self.server.proc = None  # forget the dead process; start() then spawns a new one
+        self.server.start()
 
 
 class ServiceChild:
@@ -159,7 +165,11 @@ def default_inventory() -> str | None:
 
 
 def supervisor_for(stack: ProcessStack) -> Supervisor:
-    children: list[Child] = [NatsChild(stack)]
+    children: list[Child]
+    if isinstance(stack.nats, NatsCluster):
+        children = [NatsChild(stack, m, f"nats-server {m.name}") for m in stack.nats.members]
+    else:
+        children = [NatsChild(stack)]
     children += [ServiceChild(stack, name) for name in stack.services]
     return Supervisor(children)
 
@@ -169,10 +179,17 @@ def up(
     inventory: str | None,
     port: int,
     log_level: str,
+    *,
     kube_args: list[str] | None = None,
+    nats_cluster: int = 1,
 ) -> int:
     stack = ProcessStack(
-        data_dir, inventory=inventory, log_level=log_level, port=port, kube_args=kube_args
+        data_dir,
+        inventory=inventory,
+        log_level=log_level,
+        port=port,
+        kube_args=kube_args,
+        nats_cluster=nats_cluster,
     )
     stop = threading.Event()
 
@@ -183,6 +200,9 @@ def up(
     signal.signal(signal.SIGTERM, on_signal)
     stack.start()
     print(f"gpu-fleet is up: NATS at {stack.nats.url} (JetStream data in {data_dir}/nats)")
+    if nats_cluster > 1:
+        n = nats_cluster
+        print(f"  cluster:  {n} JetStream servers, every stream at {n} replicas")
     print(f"  services: {', '.join(SERVICES)} (logs in {data_dir}/<service>.log)")
     if kube_args:
         print(f"  kubernetes bridge: {' '.join(kube_args)} (manager: runs/budgets, binder: pods)")

@@ -29,6 +29,8 @@ import nats.errors
 import structlog
 from nats.aio.client import Client
 
+from gpu_fleet.runtime.natsd_cluster import servers
+
 log = structlog.get_logger("gpu_fleet.nats")
 
 
@@ -97,7 +99,7 @@ async def connect(
             on_closed(reason)
 
     nc: Client = await nats.connect(
-        servers=[url],
+        servers=servers(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=policy.first,

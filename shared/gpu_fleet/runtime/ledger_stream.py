@@ -24,6 +24,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from gpu_fleet.core.ledger import EVENT_DECODER, EVENT_ENCODER, Event
 from gpu_fleet.core.names import clamp
+from gpu_fleet.runtime.natsd_cluster import stream_replicas
 
 log = structlog.get_logger("gpu_fleet.ledger")
 
@@ -99,6 +100,7 @@ class LedgerStream:
                         storage=StorageType.FILE,
                         allow_atomic=True,
                         duplicate_window=120.0,
+                        num_replicas=stream_replicas(),
                     )
                 )
             except nats.js.errors.BadRequestError:

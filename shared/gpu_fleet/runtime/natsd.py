@@ -53,6 +53,10 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def extra_args(self) -> list[str]:
+        """More command-line flags; a cluster member adds its routes (``natsd_cluster``)."""
+        return []
+
     def start(self, ready_timeout: float = 10.0) -> None:
         """Start the server and wait until its port accepts connections."""
         if self.proc is not None and self.proc.poll() is None:
@@ -69,6 +73,7 @@ class EmbeddedNats:
                 str(self.port),
                 "-a",
                 "127.0.0.1",
+                *self.extra_args(),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
