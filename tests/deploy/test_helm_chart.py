@@ -307,6 +307,42 @@ def test_embedded_nats_statefulset_with_jetstream_and_pvc(chart: helm.Chart) -> 
     assert host.group(1) == client["metadata"]["name"]
 
 
+def test_three_nats_servers_routed_with_streams_at_three_replicas(chart: helm.Chart) -> None:
+    """nats.replicas=3: a routed JetStream cluster; services get every server and 3 copies."""
+    docs = render(chart, {"nats": {"replicas": 3}})
+    (sts,) = of_kind(docs, "StatefulSet")
+    assert sts["spec"]["replicas"] == 3
+    args = container(sts)["args"]
+    name = sts["metadata"]["name"]
+    headless = f"{name}-headless.{NAMESPACE}.svc"
+    routes = args[args.index("--routes") + 1].split(",")
+    assert routes == [f"nats://{name}-{i}.{headless}:6222" for i in range(3)]
+    assert args[args.index("--cluster") + 1] == "nats://0.0.0.0:6222"
+    assert {"name": "cluster", "containerPort": 6222} in container(sts)["ports"]
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    assert sts["spec"]["serviceName"] == f"{name}-headless"
+    assert 6222 in {p["port"] for p in services[f"{name}-headless"]["spec"]["ports"]}
+    for dep in deployments(docs).values():
+        variables = env(dep)
+        assert variables["GPU_FLEET_NATS_URL"].split(",") == [
+            f"nats://{name}-{i}.{headless}:4222" for i in range(3)
+        ]
+        assert variables["GPU_FLEET_STREAM_REPLICAS"] == "3"
+    # One server by default: one URL, one copy, no routes.
+    docs = render(chart)
+    (sts,) = of_kind(docs, "StatefulSet")
+    assert "--routes" not in container(sts)["args"]
+    for dep in deployments(docs).values():
+        assert env(dep)["GPU_FLEET_STREAM_REPLICAS"] == "1"
+    external = render(
+        chart, {"nats": {"enabled": False, "url": "nats://x:4222", "streamReplicas": 3}}
+    )
+    for dep in deployments(external).values():
+        assert env(dep)["GPU_FLEET_STREAM_REPLICAS"] == "3"
+    with pytest.raises(Exception, match="replicas"):
+        render(chart, {"nats": {"replicas": 2}})
+
+
 def test_storage_class_override(chart: helm.Chart) -> None:
     docs = render(
         chart, {"nats": {"jetstream": {"storage": {"storageClassName": "fast", "size": "50Gi"}}}}
