@@ -263,11 +263,15 @@ def test_api_limits_reach_the_manager_and_bad_ones_are_refused(chart: helm.Chart
     defaults = env(deployments(render(chart))["manager"])
     assert defaults["GPU_FLEET_MAX_REQUEST_BYTES"] == "524288"
     assert defaults["GPU_FLEET_PAGE_SIZE"] == "500"
+    assert defaults["GPU_FLEET_MAX_OBJECTS_PER_NAMESPACE"] == "10000"
+    assert defaults["GPU_FLEET_MAX_PENDING_PER_CLIENT"] == "256"
     limits = {
         "maxRequestBytes": 65536,
         "maxReplyBytes": 262144,
         "pageSize": 50,
         "maxObjectBytes": 32768,
+        "maxObjectsPerNamespace": 100,
+        "maxPendingPerClient": 16,
     }
     e = env(deployments(render(chart, {"manager": {"apiLimits": limits}}))["manager"])
     assert (
@@ -275,9 +279,13 @@ def test_api_limits_reach_the_manager_and_bad_ones_are_refused(chart: helm.Chart
         e["GPU_FLEET_MAX_REPLY_BYTES"],
         e["GPU_FLEET_PAGE_SIZE"],
         e["GPU_FLEET_MAX_OBJECT_BYTES"],
-    ) == ("65536", "262144", "50", "32768")
+        e["GPU_FLEET_MAX_OBJECTS_PER_NAMESPACE"],
+        e["GPU_FLEET_MAX_PENDING_PER_CLIENT"],
+    ) == ("65536", "262144", "50", "32768", "100", "16")
     with pytest.raises(Exception, match="pageSize"):
         render(chart, {"manager": {"apiLimits": {**limits, "pageSize": 0}}})
+    with pytest.raises(Exception, match="maxPendingPerClient"):
+        render(chart, {"manager": {"apiLimits": {**limits, "maxPendingPerClient": 0}}})
 
 
 # -- NATS wiring ---------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from gpu_fleet_manager.boundary import (
     FieldRefusedError,
     object_too_large,
 )
+from gpu_fleet_manager.quotas import check_namespace_room
 
 if TYPE_CHECKING:
     from gpu_fleet_manager.service import Manager
@@ -119,6 +120,17 @@ class Endpoints:
                     "1 validation error(s)",
                     [api.FieldErrorOut("spec.parents", message)],
                 )
+            state = fleet.state
+            created = [
+                (type(m).__name__, m.metadata.namespace)
+                for m in manifests
+                if m.key
+                not in (state.runs, state.channels, state.budgets)[
+                    0 if isinstance(m, Run) else 1 if isinstance(m, NotificationChannel) else 2
+                ]
+            ]
+            limit = self.manager.config.limits.max_objects_per_namespace
+            check_namespace_room(state, created, limit)
             out = []
             for m in manifests:
                 if isinstance(m, Run):
