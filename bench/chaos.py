@@ -398,14 +398,39 @@ class Trial:
             if self.rng.random() < self.fault_rate:
                 work.append(self.fault())
             await asyncio.gather(*work)
-            for name in await self.faults.revive_dead_services():
-                self.figures.faults[f"{name} (died by itself)"] += 1
 
     async def cleanup(self) -> None:
         """Free the trial's capacity for the next one (deletes are audited like any other)."""
         await asyncio.gather(*(self.delete(n) for n in self.live))
         self.live.clear()
         await asyncio.gather(*(self.node("uncordon", n) for n in sorted(self.fenced)))
+
+
+SETTLE_SECONDS = 300.0
+"""Seconds for every service to answer again after a trial's last fault."""
+
+
+async def supervise(faults: Faults, figures: Figures) -> None:
+    """Start again, every 0.2 s, a service that exited by itself (e.g. it could not start while
+    JetStream elected a leader, or its connection closed for good), as ``gpu-fleet up``'s
+    supervisor would; counted apart from the injected faults."""
+    while True:
+        for dead in await faults.revive_dead_services():
+            figures.faults[f"{dead} (exited, restarted)"] += 1
+        await asyncio.sleep(0.2)
+
+
+async def settle(nc: Client, faults: Faults, deadline: float) -> None:
+    """Every service answers its ping again."""
+    for name in faults.stack.services:
+        while True:
+            try:
+                await nc.request(f"$SRV.PING.gpu-fleet-{name}", b"", timeout=1.0)
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"service {name} did not answer again") from None
+                await asyncio.sleep(0.1)
 
 
 async def settled_audit(nc: Client, acks: Acks, deadline: float) -> list[str]:
@@ -469,10 +494,12 @@ async def campaign(
     started = time.monotonic()
     await asyncio.to_thread(stack.start)
     nc: Client | None = None
+    supervisor: asyncio.Task[None] | None = None
     try:
         nc = await connect(stack.nats.url, started + 120)
         await wait_for_services(nc, services, timeout=180)
         faults = Faults(stack)
+        supervisor = asyncio.create_task(supervise(faults, figures))
         for index in range(trials):
             if time.monotonic() - started > max_seconds:
                 break
@@ -486,10 +513,13 @@ async def campaign(
                 figures=figures,
                 fault_rate=fault_rate,
             )
-            await trial.run(steps=trial.rng.randint(3, 6))
-            await faults.revive_dead_services()
-            await wait_for_services(nc, services, timeout=180)
-            problems = await settled_audit(nc, acks, time.monotonic() + CALL_DEADLINE)
+            try:
+                await trial.run(steps=trial.rng.randint(3, 6))
+                await settle(nc, faults, time.monotonic() + SETTLE_SECONDS)
+                problems = await settled_audit(nc, acks, time.monotonic() + CALL_DEADLINE)
+            except Exception as exc:  # the harness or the stack broke: record, stop the campaign
+                figures.violations.append(f"trial {index} (seed {trial_seed}): {exc!r}")
+                break
             figures.violations += [f"trial {index} (seed {trial_seed}): {p}" for p in problems]
             await trial.cleanup()
             figures.trials += 1
@@ -500,6 +530,10 @@ async def campaign(
                 flush=True,
             )
     finally:
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _chaos() -> ModuleType:
     """bench/chaos.py: the campaign's clients and ledger audit, shared with this test."""
+    if "gpu_fleet_bench_chaos" in sys.modules:
+        return sys.modules["gpu_fleet_bench_chaos"]
     spec = importlib.util.spec_from_file_location("gpu_fleet_bench_chaos", ROOT / "bench/chaos.py")
     assert spec is not None
     assert spec.loader is not None
