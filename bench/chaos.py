@@ -262,13 +262,15 @@ class Faults:
         return names
 
     async def kill(self, target: str) -> None:
+        """SIGKILL on the event loop's thread: the wait after it is immediate, and the stack's
+        process table is then never changed while ``supervise`` reads it."""
         if target == "nats":
-            await asyncio.to_thread(self.stack.nats.kill)
+            self.stack.nats.kill()
         elif target.startswith("nats-"):
             assert isinstance(self.stack.nats, NatsCluster)
-            await asyncio.to_thread(self.stack.nats.kill_member, self._member(target))
+            self.stack.nats.kill_member(self._member(target))
         else:
-            await asyncio.to_thread(self.stack.kill, target)
+            self.stack.kill(target)
 
     async def restart(self, target: str) -> None:
         if target == "nats":
@@ -415,8 +417,11 @@ async def supervise(faults: Faults, figures: Figures) -> None:
     JetStream elected a leader, or its connection closed for good), as ``gpu-fleet up``'s
     supervisor would; counted apart from the injected faults."""
     while True:
-        for dead in await faults.revive_dead_services():
-            figures.faults[f"{dead} (exited, restarted)"] += 1
+        try:
+            for dead in await faults.revive_dead_services():
+                figures.faults[f"{dead} (exited, restarted)"] += 1
+        except OSError as exc:  # could not spawn (e.g. out of processes): try again
+            print(f"supervise: {exc!r}", file=sys.stderr, flush=True)
         await asyncio.sleep(0.2)
 
 
@@ -532,7 +537,7 @@ async def campaign(
     finally:
         if supervisor is not None:
             supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(BaseException):  # cancelled, or failed: the stack stops
                 await supervisor
         if nc is not None:
             with contextlib.suppress(Exception):
