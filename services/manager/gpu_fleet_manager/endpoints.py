@@ -120,17 +120,8 @@ class Endpoints:
                     "1 validation error(s)",
                     [api.FieldErrorOut("spec.parents", message)],
                 )
-            state = fleet.state
-            created = [
-                (type(m).__name__, m.metadata.namespace)
-                for m in manifests
-                if m.key
-                not in (state.runs, state.channels, state.budgets)[
-                    0 if isinstance(m, Run) else 1 if isinstance(m, NotificationChannel) else 2
-                ]
-            ]
             limit = self.manager.config.limits.max_objects_per_namespace
-            check_namespace_room(state, created, limit)
+            check_namespace_room(fleet.state, manifests, limit)
             out = []
             for m in manifests:
                 if isinstance(m, Run):

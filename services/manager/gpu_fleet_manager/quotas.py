@@ -16,9 +16,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from gpu_fleet.core.ledger import FleetState
+from gpu_fleet.core.model import Manifest, NotificationChannel, Run
 from gpu_fleet.messages import api
 from gpu_fleet_manager.boundary import REQUEST, ApiError
 
@@ -34,10 +35,22 @@ def objects_in(state: FleetState, namespace: str) -> int:
     )
 
 
-def check_namespace_room(state: FleetState, new: Iterable[tuple[str, str]], limit: int) -> None:
-    """Refuse (400, naming the limit) when creating ``new`` (kind, namespace) objects would put
-    a namespace over ``limit`` objects; nothing of the request is applied then."""
-    wanted = Counter(namespace for _, namespace in new)
+def _exists(state: FleetState, manifest: Manifest) -> bool:
+    if isinstance(manifest, Run):
+        return manifest.key in state.runs
+    if isinstance(manifest, NotificationChannel):
+        return manifest.key in state.channels
+    return manifest.key in state.budgets
+
+
+def check_namespace_room(state: FleetState, manifests: Sequence[Manifest], limit: int) -> None:
+    """Refuse (400, naming the limit) when the objects ``manifests`` create would put a
+    namespace over ``limit`` objects; nothing of the request is applied then.  An object named
+    twice in one apply counts once."""
+    new = {
+        (type(m).__name__, m.key): m.metadata.namespace for m in manifests if not _exists(state, m)
+    }
+    wanted = Counter(new.values())
     errors = []
     for namespace, count in sorted(wanted.items()):
         held = objects_in(state, namespace)
