@@ -141,13 +141,13 @@ class NatsCluster:
     def url(self) -> str:
         return ",".join(m.url for m in self.members)
 
-    def start(self, ready_timeout: float = 60.0) -> None:
+    def start(self, ready_timeout: float = 120.0) -> None:
         """Start every member, then wait until each reports JetStream healthy."""
         for member in self.members:
             member.start()
         self.wait_healthy(ready_timeout)
 
-    def wait_healthy(self, timeout: float = 60.0) -> None:
+    def wait_healthy(self, timeout: float = 120.0) -> None:
         """Wait until every running member reports healthy (a meta leader is elected)."""
         deadline = time.monotonic() + timeout
         for member in self.members:
@@ -161,7 +161,7 @@ class NatsCluster:
                     )
                 time.sleep(0.05)
 
-    def start_member(self, index: int, ready_timeout: float = 60.0) -> None:
+    def start_member(self, index: int, ready_timeout: float = 120.0) -> None:
         """(Re)start one member on its old ports and store; wait until it is healthy."""
         member = self.members[index]
         member.proc = None
