@@ -576,8 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for violation in figures.violations:
         print(f"  VIOLATION {violation}")
     if args.json:
-        record = asdict(figures)
-        record.update(seed=args.seed, nats_cluster=args.nats_cluster)
+        record = asdict(figures)  # a Counter does not survive asdict: its items, as a dict
+        record.update(faults=dict(figures.faults), seed=args.seed, nats_cluster=args.nats_cluster)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 1 if figures.violations else 0
 
