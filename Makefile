@@ -22,10 +22,10 @@ PIP   := $(BIN)/python -m pip --disable-pip-version-check --no-input
 
 SCENARIOS ?= $(sort $(wildcard ../shared/scenarios/*.yaml))
 SCENARIO_FLAGS ?=
-# bench/_*.py are shared helpers, not scripts.
-BENCHES := $(sort $(filter-out bench/_%,$(wildcard bench/*.py)))
+# bench/_*.py are shared helpers, not scripts; bench/chaos.py is a fault campaign (make chaos).
+BENCHES := $(sort $(filter-out bench/_% bench/chaos.py,$(wildcard bench/*.py)))
 
-.PHONY: help venv browser lint test demo demo-k8s bench bench-quick scenarios crds crds-check chart-validate clean distclean
+.PHONY: help venv browser lint test demo demo-k8s bench bench-quick chaos scenarios crds crds-check chart-validate clean distclean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -65,6 +65,10 @@ bench: $(STAMP)  ## run every bench/*.py script (full size; _*.py are helpers)
 bench-quick: $(STAMP)  ## run every bench/*.py with --quick
 	@test -n "$(BENCHES)" || { echo "error: no bench/*.py" >&2; exit 1; }
 	for f in $(BENCHES); do echo "== $$f --quick"; $(BIN)/python "$$f" --quick; done
+
+CHAOS_FLAGS ?= --nats-cluster 3 --trials 1000 --max-seconds 1500
+chaos: $(STAMP)  ## the long chaos campaign (bench/chaos.py $(CHAOS_FLAGS)); CI runs a short one
+	$(BIN)/python bench/chaos.py $(CHAOS_FLAGS)
 
 scenarios: $(STAMP)  ## run each shared scenario (SCENARIOS=..., SCENARIO_FLAGS=--check)
 	@test -n "$(SCENARIOS)" || { echo "error: no scenarios (looked in ../shared/scenarios)" >&2; exit 1; }

@@ -11,12 +11,14 @@ bombed), arbitrary YAML-ish text and raw bytes.  For each one:
 
 The ledger side of the same property (a refused apply changes nothing) is fuzzed through the
 API in ``tests/services/test_fuzz_api.py``; here ``parse_documents`` is pure, so a refused input
-has produced nothing by construction.  Seeded (``@seed(19)``); counts in ``EXAMPLES``.
+has produced nothing by construction.  Seeded (``@seed(19)``); counts in ``EXAMPLES``
+(400, or ``GPU_FLEET_FUZZ_EXAMPLES``).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import pytest
@@ -27,7 +29,7 @@ from hypothesis import strategies as st
 from gpu_fleet.core.manifests import ManifestError, load_source, parse_documents
 from gpu_fleet.core.model import Budget, Run
 
-EXAMPLES = 400
+EXAMPLES = int(os.environ.get("GPU_FLEET_FUZZ_EXAMPLES", "400"))
 """Inputs per run (the ``ci`` profile's 50 is overridden: this is the boundary)."""
 
 RUN: dict[str, Any] = {

@@ -264,11 +264,15 @@ def test_api_limits_reach_the_manager_and_bad_ones_are_refused(chart: helm.Chart
     defaults = env(deployments(render(chart))["manager"])
     assert defaults["GPU_FLEET_MAX_REQUEST_BYTES"] == "524288"
     assert defaults["GPU_FLEET_PAGE_SIZE"] == "500"
+    assert defaults["GPU_FLEET_MAX_OBJECTS_PER_NAMESPACE"] == "10000"
+    assert defaults["GPU_FLEET_MAX_PENDING_PER_CLIENT"] == "256"
     limits = {
         "maxRequestBytes": 65536,
         "maxReplyBytes": 262144,
         "pageSize": 50,
         "maxObjectBytes": 32768,
+        "maxObjectsPerNamespace": 100,
+        "maxPendingPerClient": 16,
     }
     e = env(deployments(render(chart, {"manager": {"apiLimits": limits}}))["manager"])
     assert (
@@ -276,9 +280,13 @@ def test_api_limits_reach_the_manager_and_bad_ones_are_refused(chart: helm.Chart
         e["GPU_FLEET_MAX_REPLY_BYTES"],
         e["GPU_FLEET_PAGE_SIZE"],
         e["GPU_FLEET_MAX_OBJECT_BYTES"],
-    ) == ("65536", "262144", "50", "32768")
+        e["GPU_FLEET_MAX_OBJECTS_PER_NAMESPACE"],
+        e["GPU_FLEET_MAX_PENDING_PER_CLIENT"],
+    ) == ("65536", "262144", "50", "32768", "100", "16")
     with pytest.raises(Exception, match="pageSize"):
         render(chart, {"manager": {"apiLimits": {**limits, "pageSize": 0}}})
+    with pytest.raises(Exception, match="maxPendingPerClient"):
+        render(chart, {"manager": {"apiLimits": {**limits, "maxPendingPerClient": 0}}})
 
 
 # -- NATS wiring ---------------------------------------------------------------------------------
@@ -306,6 +314,42 @@ def test_embedded_nats_statefulset_with_jetstream_and_pvc(chart: helm.Chart) -> 
     host = re.match(r"nats://([^.:]+)\.", EMBEDDED_URL)
     assert host is not None
     assert host.group(1) == client["metadata"]["name"]
+
+
+def test_three_nats_servers_routed_with_streams_at_three_replicas(chart: helm.Chart) -> None:
+    """nats.replicas=3: a routed JetStream cluster; services get every server and 3 copies."""
+    docs = render(chart, {"nats": {"replicas": 3}})
+    (sts,) = of_kind(docs, "StatefulSet")
+    assert sts["spec"]["replicas"] == 3
+    args = container(sts)["args"]
+    name = sts["metadata"]["name"]
+    headless = f"{name}-headless.{NAMESPACE}.svc"
+    routes = args[args.index("--routes") + 1].split(",")
+    assert routes == [f"nats://{name}-{i}.{headless}:6222" for i in range(3)]
+    assert args[args.index("--cluster") + 1] == "nats://0.0.0.0:6222"
+    assert {"name": "cluster", "containerPort": 6222} in container(sts)["ports"]
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    assert sts["spec"]["serviceName"] == f"{name}-headless"
+    assert 6222 in {p["port"] for p in services[f"{name}-headless"]["spec"]["ports"]}
+    for dep in deployments(docs).values():
+        variables = env(dep)
+        assert variables["GPU_FLEET_NATS_URL"].split(",") == [
+            f"nats://{name}-{i}.{headless}:4222" for i in range(3)
+        ]
+        assert variables["GPU_FLEET_STREAM_REPLICAS"] == "3"
+    # One server by default: one URL, one copy, no routes.
+    docs = render(chart)
+    (sts,) = of_kind(docs, "StatefulSet")
+    assert "--routes" not in container(sts)["args"]
+    for dep in deployments(docs).values():
+        assert env(dep)["GPU_FLEET_STREAM_REPLICAS"] == "1"
+    external = render(
+        chart, {"nats": {"enabled": False, "url": "nats://x:4222", "streamReplicas": 3}}
+    )
+    for dep in deployments(external).values():
+        assert env(dep)["GPU_FLEET_STREAM_REPLICAS"] == "3"
+    with pytest.raises(Exception, match="replicas"):
+        render(chart, {"nats": {"replicas": 2}})
 
 
 def test_storage_class_override(chart: helm.Chart) -> None:

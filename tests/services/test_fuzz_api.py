@@ -1,8 +1,10 @@
-"""Fuzzing the fleet API boundary (issue 19): any body to any ``fleet.api.*`` endpoint.
+"""Fuzzing every API subject (issues 19, 12): any body to ``fleet.api.*`` and to the binder's,
+forecaster's and notifier's request subjects.
 
-A real manager and binder on a real nats-server answer hypothesis-generated request bodies:
+All four services on a real nats-server answer hypothesis-generated request bodies:
 well-formed requests with hostile values (huge, empty, non-ASCII, control characters, wrong
-types, out-of-range numbers), unknown fields, other JSON values and raw bytes.  After each one:
+types, out-of-range numbers), unknown fields, other JSON values, raw bytes, bodies cut short and
+bodies over the request limit.  After each one to the fleet API:
 
 * an answer came (a bounded request timeout: no hang), small, with a one-line short header;
 * it is a well-formed ``Reply``; an error is never ``internal`` (no traceback in the manager)
@@ -10,7 +12,12 @@ types, out-of-range numbers), unknown fields, other JSON values and raw bytes.  
 * a rejected request left the ledger exactly as it was (same last sequence);
 * the manager's connection is still up.
 
-Seeded (``@seed(19)``) so a failure reproduces; example counts are in ``EXAMPLES``.
+For the other services' subjects (``test_no_body_hangs_or_breaks_the_other_services``): an
+answer came, bounded in size, the ledger did not move, and every service is still connected.
+
+Seeded (``@seed(19)``) so a failure reproduces.  Examples per test: ``EXAMPLES``, 400 unless
+the environment sets ``GPU_FLEET_FUZZ_EXAMPLES`` (the recorded campaign in docs/reliability.md
+ran 5,000 per test).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -32,15 +40,23 @@ from nats.aio.client import Client
 
 from gpu_fleet.cli.stack import InProcessStack, call
 from gpu_fleet.core.timeutil import parse_instant
-from gpu_fleet.messages import api
+from gpu_fleet.messages import api, subjects
 from gpu_fleet.runtime import logs
 from gpu_fleet.runtime.replies import HEADER_MAX
 from gpu_fleet_manager.service import Manager
 
 T = TypeVar("T")
 T0 = parse_instant("2026-03-02T00:00:00Z")
-EXAMPLES = 400
-"""Request bodies per run (the ``ci`` profile's 50 is overridden: this is the boundary)."""
+EXAMPLES = int(os.environ.get("GPU_FLEET_FUZZ_EXAMPLES", "400"))
+"""Request bodies per test (the ``ci`` profile's 50 is overridden: this is the boundary)."""
+OVERSIZE = 512 * 1024 + 1
+"""One byte over the default request limit (``ApiLimits.max_request_bytes``)."""
+OTHER_SUBJECTS = (
+    subjects.BINDER_PLACE,
+    subjects.FORECAST_RUN,
+    *(f"{subjects.NOTIFIER_GROUP}.{name}" for name in ("status", "channels", "test", "history")),
+)
+"""Every request subject outside ``fleet.api.*``."""
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "apply": ("documents", "source"),
@@ -59,6 +75,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "clock": ("advance_to",),
     "report": ("label",),
     "seq": (),
+    "fleetmap": (),
 }
 
 
@@ -106,6 +123,9 @@ class Fleet:
     def request(self, endpoint: str, body: bytes) -> Any:
         return self.loop.run(self.nc.request(f"fleet.api.{endpoint}", body, timeout=30))
 
+    def request_subject(self, subject: str, body: bytes) -> Any:
+        return self.loop.run(self.nc.request(subject, body, timeout=30))
+
     def seq(self) -> int:
         return int(self.loop.run(call(self.nc, "seq", {}))["seq"])
 
@@ -115,8 +135,8 @@ def _fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     logs.configure("fuzz", "error", io.StringIO())
     loop = Loop()
     stack = InProcessStack(
-        Path(tmp_path_factory.mktemp("fuzz")), virtual_start=T0, services=("binder", "manager")
-    )
+        Path(tmp_path_factory.mktemp("fuzz")), virtual_start=T0
+    )  # all four services: every API subject is fuzzed
 
     async def start() -> Client:
         await stack.start()
@@ -179,11 +199,13 @@ documents = (
 @st.composite
 def bodies(draw: st.DrawFn) -> tuple[str, bytes]:
     endpoint = draw(st.sampled_from(sorted(FIELDS)))
-    shape = draw(st.sampled_from(["fields", "fields", "fields", "json", "bytes"]))
+    shape = draw(st.sampled_from(["fields", "fields", "fields", "json", "bytes", "cut", "big"]))
     if shape == "bytes":
         return endpoint, draw(st.binary(max_size=64))
     if shape == "json":
         return endpoint, json.dumps(draw(json_values)).encode()
+    if shape == "big":
+        return endpoint, oversize(draw(st.sampled_from(FIELDS[endpoint] or ("x",))))
     body: dict[str, Any] = {}
     for field in draw(st.lists(st.sampled_from(FIELDS[endpoint] or ("x",)), max_size=4)):
         if field == "documents":
@@ -194,7 +216,35 @@ def bodies(draw: st.DrawFn) -> tuple[str, bytes]:
             body[field] = draw(json_values | st.sampled_from(["Run", "Budget", "add", "cordon"]))
     if draw(st.booleans()):
         body[draw(st.text(max_size=10))] = draw(json_values)  # an unknown field
-    return endpoint, json.dumps(body).encode()
+    data = json.dumps(body).encode()
+    if shape == "cut":  # truncated on the wire: a prefix of a well-formed body
+        data = data[: draw(st.integers(min_value=0, max_value=max(0, len(data) - 1)))]
+    return endpoint, data
+
+
+def oversize(field: str) -> bytes:
+    """A well-formed body one byte over the request limit (the big value in ``field``)."""
+    head = json.dumps({field: ""}).encode()[:-2]  # '{"field": ' + opening quote
+    return head + b"x" * (OVERSIZE - len(head) - 2) + b'"}'
+
+
+@st.composite
+def other_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A body for a binder, forecaster or notifier subject."""
+    subject = draw(st.sampled_from(OTHER_SUBJECTS))
+    shape = draw(st.sampled_from(["json", "fields", "bytes", "cut", "big"]))
+    if shape == "bytes":
+        return subject, draw(st.binary(max_size=64))
+    if shape == "big":
+        return subject, oversize("namespace")
+    if shape == "json":
+        return subject, json.dumps(draw(json_values)).encode()
+    keys = ("namespace", "name", "seq", "request", "channel", "limit", "flavor", "team")
+    body = {k: draw(json_values | names) for k in draw(st.lists(st.sampled_from(keys), max_size=4))}
+    data = json.dumps(body).encode()
+    if shape == "cut":
+        data = data[: draw(st.integers(min_value=0, max_value=max(0, len(data) - 1)))]
+    return subject, data
 
 
 @seed(19)
@@ -228,3 +278,27 @@ def test_no_request_body_breaks_the_api_or_changes_the_ledger_when_refused(
     assert isinstance(manager, Manager)
     assert manager.nc is not None
     assert not manager.nc.is_closed
+
+
+@seed(19)
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(other_bodies())
+def test_no_body_hangs_or_breaks_the_other_services(fleet: Fleet, case: tuple[str, bytes]) -> None:
+    subject, body = case
+    before = fleet.seq()
+    msg = fleet.request_subject(subject, body)  # an answer, within the request timeout
+    assert len(msg.data) < 256 * 1024
+    if msg.data[:1] == b"{":
+        json.loads(msg.data)  # a JSON answer is whole JSON
+    header = (msg.headers or {}).get("Nats-Service-Error", "")
+    assert "\n" not in header
+    assert len(header) <= HEADER_MAX + 40
+    assert fleet.seq() == before, f"{subject} moved the ledger"
+    for name, actor in fleet.stack.actors.items():
+        nc = getattr(actor, "nc", None)
+        assert nc is not None, name
+        assert not nc.is_closed, f"{name} lost its connection"

@@ -277,6 +277,33 @@ async def test_the_service_answers_ping_and_status(stack: Stack) -> None:
     assert got.seq == await stack.seq()
 
 
+@pytest.mark.asyncio
+async def test_names_that_are_not_kubernetes_names_are_refused_naming_the_field(
+    stack: Stack,
+) -> None:
+    """Issue 12's fuzzing: a 512 KiB namespace became a subject filter the server refused by
+    closing the notifier's connection (the notifier exited); ``*`` would match every team."""
+    notifier = await stack.add(notifier_for(stack))
+    both = ("history", "channels")
+    cases = [
+        (both, b'{"namespace": "*"}', "namespace: "),
+        (("history",), b'{"namespace": "team", "channel": "a.>"}', "channel: "),
+        (("history",), b'{"run": "team"}', "run: must be namespace/name"),
+        (("test",), b'{"namespace": "team", "name": "a b"}', "name: "),
+        (both, b'{"namespace": "' + b"x" * 600_000 + b'"}', "the limit is 524288"),
+    ]
+    for endpoints, body, expected in cases:
+        for endpoint in endpoints:
+            reply = await stack.client.request(f"fleet.notifier.{endpoint}", body, timeout=10.0)
+            answer = msgspec.json.decode(reply.data)
+            assert answer["code"] == "bad_request", (endpoint, answer)
+            assert expected in answer["error"], (endpoint, answer)
+    assert isinstance(notifier, Notifier)
+    assert notifier.nc is not None
+    assert not notifier.nc.is_closed
+    await caught_up(stack)  # and it still answers
+
+
 # --------------------------------------------------------------------------------------------
 # Derivation rules on folded state (pure, synchronous)
 # --------------------------------------------------------------------------------------------

@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
             limits.max_object_bytes,
             "largest Budget, Run or node once encoded",
         ),
+        (
+            "--max-objects-per-namespace",
+            "MAX_OBJECTS_PER_NAMESPACE",
+            limits.max_objects_per_namespace,
+            "Runs, Budgets and NotificationChannels one namespace may hold",
+        ),
+        (
+            "--max-pending-per-client",
+            "MAX_PENDING_PER_CLIENT",
+            limits.max_pending_per_client,
+            "requests one client connection may have waiting (more are refused, 429)",
+        ),
     ):
         p.add_argument(
             flag,
@@ -111,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             max_reply_bytes=max(4096, args.max_reply_bytes),
             page_size=max(1, args.page_size),
             max_object_bytes=max(1024, args.max_object_bytes),
+            max_objects_per_namespace=max(1, args.max_objects_per_namespace),
+            max_pending_per_client=max(1, args.max_pending_per_client),
         ),
         metrics_port=args.metrics_port,
         ready_max_lag=args.ready_max_lag,

@@ -38,6 +38,7 @@ from gpu_fleet_manager.boundary import (
     FieldRefusedError,
     object_too_large,
 )
+from gpu_fleet_manager.quotas import check_namespace_room
 
 if TYPE_CHECKING:
     from gpu_fleet_manager.service import Manager
@@ -120,6 +121,8 @@ class Endpoints:
                     "1 validation error(s)",
                     [api.FieldErrorOut("spec.parents", message)],
                 )
+            limit = self.manager.config.limits.max_objects_per_namespace
+            check_namespace_room(fleet.state, manifests, limit)
             out = []
             for m in manifests:
                 if isinstance(m, Run):

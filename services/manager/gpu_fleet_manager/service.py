@@ -60,6 +60,7 @@ from gpu_fleet_manager.boundary import (
 )
 from gpu_fleet_manager.endpoints import Endpoints
 from gpu_fleet_manager.group import GroupCommitter
+from gpu_fleet_manager.quotas import PendingPerClient, client_of
 from gpu_fleet_manager.teams import TeamEndpoints, TeamHandler, team_of
 from gpu_fleet_manager.writer import LedgerFleet
 
@@ -107,6 +108,7 @@ class Manager(Actor):
         self.last_rebuild: tuple[int, int] = (0, 0)  # (snapshot sequence, events folded after it)
         self.committer = GroupCommitter(self)
         self._inflight: set[asyncio.Task[None]] = set()  # requests being served
+        self.pending = PendingPerClient(config.limits.max_pending_per_client)
         self.observer = Observer("manager", config.metrics_port)
         self.observer.probe = self.health
         self.observer.gauges = self.gauges
@@ -334,14 +336,29 @@ class Manager(Actor):
             # a handler awaited here would let one command wait at a time: group commit needs
             # the waiting ones queued together.  Each request is served in its own task (in
             # arrival order: tasks start in the order they are created), up to a bound.
-            if len(self._inflight) >= MAX_INFLIGHT:
-                await serve(req)
+            # nats.micro's Request hides the message; its reply subject names the client.
+            client = client_of(str(getattr(getattr(req, "_msg", None), "reply", "") or ""))
+            refused = self.pending.enter(client)
+            if refused is not None:
+                log.warning("api.request", endpoint=name, outcome="too_many_pending")
+                error = replies.error_out(refused.code, refused.message, refused.errors)
+                with contextlib.suppress(nats.errors.Error):
+                    await replies.respond_error(req, refused.status, error)
                 return
-            task = asyncio.create_task(serve(req), name=f"api {name}")
+            if len(self._inflight) >= MAX_INFLIGHT:
+                await serve(req, client)
+                return
+            task = asyncio.create_task(serve(req, client), name=f"api {name}")
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-        async def serve(req: Request) -> None:
+        async def serve(req: Request, client: str) -> None:
+            try:
+                await answer(req)
+            finally:
+                self.pending.leave(client)
+
+        async def answer(req: Request) -> None:
             structlog.contextvars.bind_contextvars(endpoint=name)
             started = time.perf_counter()
             outcome = "ok"

@@ -58,6 +58,7 @@ from nats.js.api import (
 
 from gpu_fleet.core.model import NotificationChannel
 from gpu_fleet.messages import notify, subjects
+from gpu_fleet.runtime.natsd_cluster import stream_replicas
 from gpu_fleet_notifier.policy import Backoff, Breaker, DeliveryClock
 from gpu_fleet_notifier.senders import Sender, SendResult, endpoint_of, target_of
 
@@ -195,24 +196,28 @@ class Counts:
 
 async def ensure_streams(js: JetStreamContext, config: DeliveryConfig) -> None:
     """The outbox, the history and the NATS-channel stream (created if missing)."""
+    replicas = stream_replicas()
     for stream in (
         StreamConfig(
             name=subjects.OUTBOX_STREAM,
             subjects=[f"{subjects.OUTBOX_PREFIX}.>"],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
+            num_replicas=replicas,
             duplicate_window=config.duplicate_window,
         ),
         StreamConfig(
             name=subjects.HISTORY_STREAM,
             subjects=[f"{subjects.HISTORY_PREFIX}.>"],
             storage=StorageType.FILE,
+            num_replicas=replicas,
             max_age=config.history_max_age,
         ),
         StreamConfig(
             name=subjects.CHANNEL_STREAM,
             subjects=[f"{subjects.CHANNEL_PREFIX}.>"],
             storage=StorageType.FILE,
+            num_replicas=replicas,
             duplicate_window=config.duplicate_window,
             max_age=config.history_max_age,
         ),

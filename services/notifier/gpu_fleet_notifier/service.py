@@ -68,13 +68,16 @@ from gpu_fleet.core.ledger import (
     fold,
 )
 from gpu_fleet.core.model import Instant, NotificationChannel, run_key
+from gpu_fleet.core.names import dns_label_problem, dns_subdomain_problem
 from gpu_fleet.messages import notify, subjects
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream, accepted
+from gpu_fleet.runtime.natsd_cluster import stream_replicas
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
+from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet_notifier import __version__
 from gpu_fleet_notifier.channels import leads_of, routes
 from gpu_fleet_notifier.derive import (
@@ -261,6 +264,7 @@ class Notifier(Actor):
                         subjects=[f"{subjects.NOTIFY_PREFIX}.>"],
                         storage=StorageType.FILE,
                         duplicate_window=self.config.duplicate_window,
+                        num_replicas=stream_replicas(),
                     )
                 )
             except nats.js.errors.BadRequestError:
@@ -622,6 +626,10 @@ class Notifier(Actor):
         return channel
 
 
+MAX_REQUEST_BYTES = ApiLimits().max_request_bytes
+"""The fleet API's request limit, applied to the notifier's endpoints too."""
+
+
 class _EndpointError(Exception):
     def __init__(self, message: str, code: str = "bad_request") -> None:
         super().__init__(message)
@@ -629,7 +637,33 @@ class _EndpointError(Exception):
 
 
 def _decode(data: bytes, typ: type[Any]) -> Any:
+    """Size, shape, then names: a namespace, channel or run that is not a Kubernetes name is
+    refused here, naming the field (issue 12's fuzzing: a 512 KiB namespace became a 512 KiB
+    subject filter, the server closed the notifier's connection and the notifier exited; a
+    namespace of ``*`` would have matched every team's history)."""
+    limit = MAX_REQUEST_BYTES
+    if len(data) > limit:
+        raise _EndpointError(f"invalid request: {len(data)} bytes; the limit is {limit}")
     try:
-        return msgspec.json.decode(data or b"{}", type=typ)
+        req = msgspec.json.decode(data or b"{}", type=typ)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise _EndpointError(f"invalid request: {exc}") from exc
+    for name, problem_of in (
+        ("namespace", dns_label_problem),
+        ("channel", dns_subdomain_problem),
+        ("name", dns_subdomain_problem),
+        ("run", _run_problem),
+    ):
+        value = getattr(req, name, None)
+        problem = problem_of(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise _EndpointError(f"invalid request: {name}: {problem}")
+    return req
+
+
+def _run_problem(value: str) -> str | None:
+    """Why ``value`` is not ``namespace/name``, or None."""
+    namespace, slash, name = value.partition("/")
+    if not slash:
+        return "must be namespace/name"
+    return dns_label_problem(namespace) or dns_label_problem(name)

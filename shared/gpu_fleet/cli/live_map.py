@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from gpu_fleet.cli.stack import ApiCallError, call
 from gpu_fleet.runtime.client_auth import ClientAuth
 from gpu_fleet.runtime.http_get import Answer, GetServer, start_get_server, stop_server
-from gpu_fleet.runtime.stack_security import redact
+from gpu_fleet.runtime.stack_security import redact, split_userinfo
 from gpu_fleet.views.fleet_page import render_page
 
 log = structlog.get_logger("gpu_fleet.live_map")
@@ -96,14 +96,18 @@ class LiveMap:
                 try:
                     # Two attempts (nats-py retries a first connect for as long as it would
                     # reconnect); once connected, reconnect forever across NATS restarts.
+                    # Credentials as options, not in the URL, so servers a cluster announces
+                    # get them too (split_userinfo); flags and environment win over the URL.
+                    bare, options = split_userinfo(self.nats_url)
+                    options.update(self.auth.connect_options())
                     nc = await nats.connect(
-                        self.nats_url,
+                        servers=bare,
                         name="gpu-fleet-live-map",
                         connect_timeout=2,
                         max_reconnect_attempts=1,
                         reconnect_time_wait=0.5,
                         error_cb=_quiet,
-                        **self.auth.connect_options(),
+                        **options,
                     )
                 except (OSError, nats.errors.Error) as exc:
                     raise UnavailableError(f"NATS at {self.shown_url} does not answer") from exc

@@ -347,7 +347,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         map_port=args.map_port,
         map_refresh=args.map_refresh,
+        nats_cluster=args.nats_cluster,
     )
+
+
+def _cluster_size(text: str) -> int:
+    """``--nats-cluster``: 1 (one server) or 3 or 5 (a quorum needs an odd count)."""
+    if text not in ("1", "3", "5"):
+        raise argparse.ArgumentTypeError(
+            f"must be 1, 3 or 5 (an odd number of servers keeps a JetStream quorum; got {text!r})"
+        )
+    return int(text)
 
 
 def _up_ports_problem(args: argparse.Namespace) -> str | None:
@@ -499,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=5,
         help="seconds between reloads of an open fleet map page (default 5)",
+    )
+    upp.add_argument(
+        "--nats-cluster",
+        type=_cluster_size,
+        default=1,
+        metavar="N",
+        help="run N routed JetStream servers (client ports PORT..PORT+N-1, one store each) with"
+        " every stream at N replicas; 3 survives the loss of any one server (default 1)",
     )
     upp.set_defaults(func=_cmd_up)
     team.add_parser(sub)

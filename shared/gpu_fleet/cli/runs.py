@@ -35,6 +35,7 @@ from gpu_fleet.core.manifests import ManifestError, dump_documents, load_source
 from gpu_fleet.core.timeutil import format_instant
 from gpu_fleet.runtime import client_auth
 from gpu_fleet.runtime.connect import abandon
+from gpu_fleet.runtime.natsd_cluster import servers
 from gpu_fleet.runtime.stack_security import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -667,7 +668,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         await asyncio.wait_for(
             nc.connect(
-                args.nats_url,
+                servers(args.nats_url),
                 connect_timeout=2,
                 max_reconnect_attempts=1,
                 allow_reconnect=False,

@@ -29,6 +29,7 @@ from gpu_fleet.core.model import Instant, Node
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.natsd import EmbeddedNats
+from gpu_fleet.runtime.natsd_cluster import STREAM_REPLICAS_ENV, NatsCluster
 from gpu_fleet.runtime.stack_security import ServerTls, StackSecurity
 
 SERVICES = ("manager", "binder", "forecaster", "notifier")
@@ -239,6 +240,7 @@ class ProcessStack:
         tls: ServerTls | None = None,
         tls_ca: str | None = None,
         metrics_port: int = 0,
+        nats_cluster: int = 1,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.metrics_port = metrics_port  # the first of len(SERVICES) ports; 0: none
@@ -247,11 +249,14 @@ class ProcessStack:
         self.tls_ca = tls_ca  # what the services verify the server's certificate with
         if self.security is not None:
             self.security.tls = tls
-        self.nats = EmbeddedNats(
-            self.data_dir / "nats",
-            port=port,
-            security=self.security.server_config if self.security is not None else None,
+        security = self.security.server_config if self.security is not None else None
+        # One server, or a routed JetStream cluster whose streams keep a copy on every member.
+        self.nats: EmbeddedNats | NatsCluster = (
+            NatsCluster(self.data_dir / "nats", nats_cluster, port=port, security=security)
+            if nats_cluster > 1
+            else EmbeddedNats(self.data_dir / "nats", port=port, security=security)
         )
+        self.nats_cluster = nats_cluster
         self.inventory = inventory
         self.log_level = log_level
         self.services = services
@@ -290,6 +295,8 @@ class ProcessStack:
         """The environment of a service: its own NATS user and its ledger key (never argv,
         which ``ps`` shows to every local user)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_FLEET_NATS_")}
+        if self.nats_cluster > 1:
+            env[STREAM_REPLICAS_ENV] = str(self.nats_cluster)  # every stream on every member
         env.pop("GPU_FLEET_LEDGER_KEY", None)
         env.pop("GPU_FLEET_LEDGER_PUBLIC_KEY", None)
         if self.security is not None:

@@ -98,7 +98,9 @@ def cmd_team_add(args: argparse.Namespace) -> int:
     security.save()
     server = EmbeddedNats(data / "nats", security=security.server_config)
     server.security_args()  # rewrite the server's config with the new user
-    reloaded = _signal_reload(data / "nats-server.pid")
+    # One server (``up``) or every member of a ``--nats-cluster`` (natsd_cluster.ClusterMember).
+    pid_files = [data / "nats-server.pid", *sorted((data / "nats").glob("s*/nats-server.pid"))]
+    reloaded = sum(_signal_reload(pid) for pid in pid_files) > 0  # every one is signalled
     env = security.folder / f"team-{team}.env"
     fd = os.open(env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

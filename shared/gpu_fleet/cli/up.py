@@ -31,7 +31,8 @@ from typing import Protocol, TextIO
 from gpu_fleet.cli.live_map import DEFAULT_REFRESH, LiveMap, LiveMapThread
 from gpu_fleet.cli.stack import SERVICES, ProcessStack
 from gpu_fleet.runtime.client_auth import ClientAuth
-from gpu_fleet.runtime.natsd import NatsServerError
+from gpu_fleet.runtime.natsd import EmbeddedNats, NatsServerError
+from gpu_fleet.runtime.natsd_cluster import NatsCluster
 from gpu_fleet.runtime.stack_security import ServerTls
 
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -59,24 +60,29 @@ class Child(Protocol):
 
 
 class NatsChild:
-    """The embedded nats-server; ``start`` reuses its port and JetStream directory."""
+    """An embedded nats-server (the only one, or one cluster member); ``start`` reuses its
+    ports and JetStream directory."""
 
-    name = "nats-server"
-
-    def __init__(self, stack: ProcessStack) -> None:
-        self.stack = stack
+    def __init__(
+        self, stack: ProcessStack, server: EmbeddedNats | None = None, name: str = "nats-server"
+    ) -> None:
+        if server is None:
+            assert isinstance(stack.nats, EmbeddedNats)
+            server = stack.nats
+        self.server = server
+        self.name = name
 
     def running(self) -> bool:
-        proc = self.stack.nats.proc
+        proc = self.server.proc
         return proc is not None and proc.poll() is None
 
     def exit_code(self) -> int | None:
-        proc = self.stack.nats.proc
+        proc = self.server.proc
         return proc.returncode if proc is not None else None
 
     def start(self) -> None:
-        self.stack.nats.proc = None  # forget the dead process; start() then spawns a new one
-        self.stack.nats.start()
+        self.server.proc = None  # forget the dead process; start() then spawns a new one
+        self.server.start()
 
 
 class ServiceChild:
@@ -171,7 +177,11 @@ def default_inventory() -> str | None:
 
 
 def supervisor_for(stack: ProcessStack) -> Supervisor:
-    children: list[Child] = [NatsChild(stack)]
+    children: list[Child]
+    if isinstance(stack.nats, NatsCluster):
+        children = [NatsChild(stack, m, f"nats-server {m.name}") for m in stack.nats.members]
+    else:
+        children = [NatsChild(stack)]
     children += [ServiceChild(stack, name) for name in stack.services]
     return Supervisor(children)
 
@@ -181,14 +191,15 @@ def up(
     inventory: str | None,
     port: int,
     log_level: str,
-    kube_args: list[str] | None = None,
     *,
+    kube_args: list[str] | None = None,
     secure: bool = True,
     tls: ServerTls | None = None,
     tls_ca: str | None = None,
     metrics_port: int = 0,
     map_port: int = 0,
     map_refresh: int = DEFAULT_REFRESH,
+    nats_cluster: int = 1,
 ) -> int:
     stack = ProcessStack(
         data_dir,
@@ -200,6 +211,7 @@ def up(
         tls=tls,
         tls_ca=tls_ca,
         metrics_port=metrics_port,
+        nats_cluster=nats_cluster,
     )
     stop = threading.Event()
 
@@ -225,6 +237,9 @@ def up(
             return 1
     stack.start()
     print(f"gpu-fleet is up: NATS at {stack.nats.url} (JetStream data in {data_dir}/nats)")
+    if nats_cluster > 1:
+        n = nats_cluster
+        print(f"  cluster:  {n} JetStream servers, every stream at {n} replicas")
     print(f"  services: {', '.join(SERVICES)} (logs in {data_dir}/<service>.log)")
     if live is not None:
         print(f"  fleet map: {live.live.url} (live; reloads every {map_refresh} s)")

@@ -33,6 +33,7 @@ import structlog
 from nats.aio.client import Client
 
 from gpu_fleet.runtime.client_auth import ClientAuth
+from gpu_fleet.runtime.natsd_cluster import servers
 
 log = structlog.get_logger("gpu_fleet.nats")
 
@@ -103,7 +104,7 @@ async def connect(
             on_closed(reason)
 
     nc: Client = await nats.connect(
-        servers=[url],
+        servers=servers(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=policy.first,

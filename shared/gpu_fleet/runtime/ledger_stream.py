@@ -27,6 +27,7 @@ from gpu_fleet.core.ledger import EVENT_DECODER, EVENT_ENCODER, Event
 from gpu_fleet.core.names import clamp
 from gpu_fleet.runtime.ledger_keys import HEADER as SIGNATURE_HEADER
 from gpu_fleet.runtime.ledger_keys import LedgerKeys
+from gpu_fleet.runtime.natsd_cluster import stream_replicas
 
 log = structlog.get_logger("gpu_fleet.ledger")
 
@@ -127,6 +128,7 @@ class LedgerStream:
                         storage=StorageType.FILE,
                         allow_atomic=True,
                         duplicate_window=120.0,
+                        num_replicas=stream_replicas(),
                     )
                 )
             except nats.js.errors.BadRequestError:

@@ -60,6 +60,10 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def extra_args(self) -> list[str]:
+        """More command-line flags; a cluster member adds its routes (``natsd_cluster``)."""
+        return []
+
     def start(self, ready_timeout: float = 10.0) -> None:
         """Start the server and wait until its port accepts connections."""
         if self.proc is not None and self.proc.poll() is None:
@@ -77,6 +81,7 @@ class EmbeddedNats:
                 "-a",
                 "127.0.0.1",
                 *self.security_args(),
+                *self.extra_args(),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -109,8 +114,12 @@ class EmbeddedNats:
         fd = os.open(self.security_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.security())
-        pid_file = self.store_dir.parent / "nats-server.pid"  # for `gpu-fleet team add`
-        return ["-c", str(self.security_file), "-P", str(pid_file)]
+        return ["-c", str(self.security_file), "-P", str(self.pid_file)]
+
+    @property
+    def pid_file(self) -> Path:
+        """Where the server writes its pid, for ``gpu-fleet team add`` to SIGHUP it."""
+        return self.store_dir.parent / "nats-server.pid"
 
     def reload(self) -> None:
         """Rewrite the security config and have the server re-read it (SIGHUP): new users

@@ -55,6 +55,10 @@ class ApiLimits:
     """Items in a list page when the request gives no ``limit``."""
     max_object_bytes: int = 256 * 1024
     """Largest Budget, Run or node once encoded: its ledger event must fit one NATS message."""
+    max_objects_per_namespace: int = 10_000
+    """Runs, Budgets and NotificationChannels one namespace may hold (a create over it is 400)."""
+    max_pending_per_client: int = 256
+    """Requests one client connection may have waiting in the manager (more are refused, 429)."""
 
 
 def reply_budget(max_payload: int, limits: ApiLimits) -> int:

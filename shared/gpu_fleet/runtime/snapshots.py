@@ -13,6 +13,8 @@ from nats.aio.client import Client
 from nats.js.api import ObjectStoreConfig, StorageType
 from nats.js.object_store import ObjectStore
 
+from gpu_fleet.runtime.natsd_cluster import stream_replicas
+
 BUCKET = "FLEET_SNAPSHOTS"
 
 
@@ -31,6 +33,7 @@ class SnapshotStore:
                     ObjectStoreConfig(
                         description="gpu-fleet state snapshots (an optimisation, never the truth)",
                         storage=StorageType.FILE,
+                        replicas=stream_replicas(),
                     ),
                 )
         return self._store

@@ -158,20 +158,57 @@ class StackSecurity:
 
 
 def with_userinfo(url: str, user: str, password: str) -> str:
-    """``nats://host:port`` -> ``nats://user:password@host:port`` (passwords are URL-safe)."""
+    """``nats://host:port`` -> ``nats://user:password@host:port`` (passwords are URL-safe).
+
+    A cluster's URL lists its servers separated by commas (``natsd_cluster.servers``): each
+    gets the credentials, so a client failing over logs in to any of them.
+    """
+    return ",".join(_with_userinfo(one, user, password) for one in _servers(url))
+
+
+def _with_userinfo(url: str, user: str, password: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
 
 
 def redact(url: str) -> str:
-    """A URL fit for a log line: the password replaced by ``***``."""
+    """A URL fit for a log line: the password replaced by ``***`` (in every server listed)."""
+    return ",".join(_redact(one) for one in _servers(url))
+
+
+def _redact(url: str) -> str:
     parts = urlsplit(url)
     if "@" not in parts.netloc:
         return url
     userinfo, host = parts.netloc.rsplit("@", 1)
     user = userinfo.split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def split_userinfo(url: str) -> tuple[list[str], dict[str, str]]:
+    """(server URLs without credentials, ``user``/``password`` options for ``nats.connect``).
+
+    Why not leave them in the URL: nats-py gives a server it discovers from a cluster's INFO
+    (``connect_urls``, bare ``host:port``) no credentials, and compares it with the listed ones
+    by netloc, so ``user:pw@host:port`` and ``host:port`` count as two servers; a reconnect to
+    the bare one is refused (Authorization Violation).  Options apply to every server.
+    """
+    bare, options = [], {}
+    for one in _servers(url):
+        parts = urlsplit(one)
+        if "@" not in parts.netloc:
+            bare.append(one)
+            continue
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        options = {"user": user, "password": password}
+        bare.append(urlunsplit(parts._replace(netloc=host)))
+    return bare, options
+
+
+def _servers(url: str) -> list[str]:
+    return [part.strip() for part in url.split(",") if part.strip()] or [url]
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -59,9 +59,29 @@ Fails loudly on an ambiguous or missing setting instead of guessing.
 {{- if or .Values.nats.url .Values.nats.urlSecret.name }}
 {{- fail "nats.url / nats.urlSecret are for an external NATS: set nats.enabled=false to use them" }}
 {{- end }}
-{{- printf "nats://%s.%s.svc:4222" (include "gpu-fleet.natsName" .) .Release.Namespace }}
+{{- $name := include "gpu-fleet.natsName" . }}
+{{- if gt (int .Values.nats.replicas) 1 }}
+{{- $urls := list }}
+{{- range $i := until (int .Values.nats.replicas) }}
+{{- $urls = append $urls (printf "nats://%s-%d.%s-headless.%s.svc:4222" $name $i $name $.Release.Namespace) }}
+{{- end }}
+{{- join "," $urls }}
+{{- else }}
+{{- printf "nats://%s.%s.svc:4222" $name .Release.Namespace }}
+{{- end }}
 {{- else if not .Values.nats.urlSecret.name }}
 {{- required "nats.url is required when nats.enabled=false (or set nats.urlSecret.name)" .Values.nats.url }}
+{{- end }}
+{{- end }}
+
+{{/* Copies of each stream: nats.streamReplicas, else the embedded servers, else 1. */}}
+{{- define "gpu-fleet.streamReplicas" -}}
+{{- if gt (int .Values.nats.streamReplicas) 0 }}
+{{- .Values.nats.streamReplicas }}
+{{- else if .Values.nats.enabled }}
+{{- .Values.nats.replicas | default 1 }}
+{{- else }}
+{{- 1 }}
 {{- end }}
 {{- end }}
 
@@ -136,6 +156,8 @@ spec:
           command: [{{ printf "gpu-fleet-%s" $component | quote }}]
           env:
             {{- include "gpu-fleet.natsUrlEnv" $root | nindent 12 }}
+            - name: GPU_FLEET_STREAM_REPLICAS
+              value: {{ include "gpu-fleet.streamReplicas" $root | quote }}
             - name: GPU_FLEET_LOG_LEVEL
               value: {{ default $root.Values.logLevel $svc.logLevel | quote }}
             - name: GPU_FLEET_METRICS_PORT
@@ -361,4 +383,14 @@ escape ">" as \u003e, which nats-server does not read). */}}
 
 {{- define "gpu-fleet.quoted" -}}
 {{- range $i, $s := . }}{{ if $i }}, {{ end }}{{ $s | quote }}{{ end }}
+{{- end }}
+
+{{/* The cluster routes of the embedded NATS pods (nats.replicas > 1), over the headless Service. */}}
+{{- define "gpu-fleet.natsRoutes" -}}
+{{- $name := include "gpu-fleet.natsName" . }}
+{{- $routes := list }}
+{{- range $i := until (int .Values.nats.replicas) }}
+{{- $routes = append $routes (printf "nats://%s-%d.%s-headless.%s.svc:6222" $name $i $name $.Release.Namespace) }}
+{{- end }}
+{{- join "," $routes }}
 {{- end }}
