@@ -813,6 +813,17 @@ def test_notes_explain_notifications_and_kubectl_runs(chart: helm.Chart) -> None
     assert f"port-forward svc/{RELEASE}-gpu-fleet-nats 4222:4222" in text
 
 
+def test_notes_say_how_to_log_in_find_the_live_map_and_the_cluster(chart: helm.Chart) -> None:
+    text = notes(chart)  # authorization on by default
+    assert "export GPU_FLEET_NATS_USER=admin" in text
+    assert f"get secret {RELEASE}-gpu-fleet-nats-auth -o jsonpath='{{.data.admin-password}}'" in text
+    assert "live fleet map" not in text
+    text = notes(chart, {"liveMap": {"enabled": True}, "nats": {"replicas": 3}})
+    assert f"port-forward svc/{RELEASE}-gpu-fleet-map 9100:80" in text
+    assert "3 routed servers" in text
+    assert "GPU_FLEET_NATS_USER" not in notes(chart, {"auth": {"enabled": False}})
+
+
 # -- CRDs ----------------------------------------------------------------------------------------
 
 
