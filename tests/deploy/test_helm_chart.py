@@ -816,7 +816,8 @@ def test_notes_explain_notifications_and_kubectl_runs(chart: helm.Chart) -> None
 def test_notes_say_how_to_log_in_find_the_live_map_and_the_cluster(chart: helm.Chart) -> None:
     text = notes(chart)  # authorization on by default
     assert "export GPU_FLEET_NATS_USER=admin" in text
-    assert f"get secret {RELEASE}-gpu-fleet-nats-auth -o jsonpath='{{.data.admin-password}}'" in text
+    secret = f"{RELEASE}-gpu-fleet-nats-auth"
+    assert f"get secret {secret} -o jsonpath='{{.data.admin-password}}'" in text
     assert "live fleet map" not in text
     text = notes(chart, {"liveMap": {"enabled": True}, "nats": {"replicas": 3}})
     assert f"port-forward svc/{RELEASE}-gpu-fleet-map 9100:80" in text
