@@ -429,16 +429,9 @@ async def supervise(faults: Faults, figures: Figures) -> None:
 
 
 async def settle(nc: Client, faults: Faults, deadline: float) -> None:
-    """Every service answers its ping again."""
-    for name in faults.stack.services:
-        while True:
-            try:
-                await nc.request(f"$SRV.PING.gpu-fleet-{name}", b"", timeout=1.0)
-                break
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"service {name} did not answer again") from None
-                await asyncio.sleep(0.1)
+    """Every service answers its ping again (the stacks' own readiness poll)."""
+    left = max(0.0, deadline - time.monotonic())
+    await wait_for_services(nc, faults.stack.services, timeout=left)
 
 
 async def settled_audit(nc: Client, acks: Acks, deadline: float) -> list[str]:
