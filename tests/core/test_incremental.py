@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gpu_fleet.core.engine import CommandError, Fleet, Settings, gang
 from gpu_fleet.core.funding import FillResult, HoursView, build_index, evaluate, fill
-from gpu_fleet.core.funding.matching import extend_fill, shrink_fill
+from gpu_fleet.core.funding.matching import extend_fill, senior_width, shrink_fill
 from gpu_fleet.core.ledger import Event, FleetState, fold
 from gpu_fleet.core.ledger.state import SliceEntry
 from gpu_fleet.core.model import Budget, EnvelopeKey, Lease, Payer, Run
@@ -155,13 +155,21 @@ def test_extend_fill_is_fill(data: st.DataObject) -> None:
     for i in range(data.draw(st.integers(1, 4))):
         r, t, xs = data.draw(new_run(f"new{i}", slots))
         runs[r.key], admitted[r.key] = r, t
+        for key, rows in current.accepted.items():  # running totals an extension hands on
+            if rows and data.draw(st.booleans()):
+                current.width_up_to(key, rows[-1].rank)
         ext = extend_fill(world.index, current, xs, runs, admitted, world.node_labels, T0, hours)
         leases += xs
         reference = fill(world.index, leases, runs, admitted, world.node_labels, T0, hours)
         event("extended" if ext is not None else "matched afresh")
         if ext is not None:
             same_fill(ext, reference)
-        current = reference
+            for key, rows in reference.accepted.items():
+                for row in rows:
+                    expected = senior_width(rows, row.rank)
+                    assert ext.width_up_to(key, row.rank) == expected
+                    assert reference.width_up_to(key, row.rank) == expected
+        current = ext if ext is not None and data.draw(st.booleans()) else reference
 
 
 @PROPS

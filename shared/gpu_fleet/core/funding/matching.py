@@ -111,14 +111,23 @@ class FillResult:
     # them?  A matching extended by a newcomer that sorts inside is not (``classes_by_id``).
     ordered: bool = True
     _totals: dict[EnvelopeKey, list[int]] = field(default_factory=dict, repr=False, compare=False)
+    # ``classes_by_id`` once computed; ``extend_fill`` hands it on with the newcomers inserted,
+    # so a chain of admissions never sorts every open lease again (issue 11).
+    _by_id: list[tuple[str, FundingClass]] | None = field(default=None, repr=False, compare=False)
 
     def classes_by_id(self) -> list[tuple[str, FundingClass]]:
         """(lease id, class) in lease-id order: the order the meter charges in, since float
-        sums depend on it (a fresh ``fill`` and an extended one must charge alike)."""
-        items = list(self.funding_class.items())
-        if not self.ordered:
-            items.sort(key=operator.itemgetter(0))  # a C key: this runs per metered piece
-        return items
+        sums depend on it (a fresh ``fill`` and an extended one must charge alike).
+
+        Computed once per matching (a matching is never changed after it is made); callers
+        must not modify the list.
+        """
+        if self._by_id is None:
+            items = list(self.funding_class.items())
+            if not self.ordered:
+                items.sort(key=operator.itemgetter(0))  # a C key: this runs per metered piece
+            self._by_id = items
+        return self._by_id
 
     def funded_width(self, env: EnvelopeKey) -> int:
         return sum(a.width for a in self.accepted.get(env, ()))
@@ -646,7 +655,41 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
     if ordered and base.payer:
         last_id = next(reversed(base.payer))
         ordered = not any(x.id < last_id for x in new if x.id in payer)
-    return FillResult(payer, cls, rejections, accepted, new_trace, ordered)
+    out = FillResult(payer, cls, rejections, accepted, new_trace, ordered)
+    _hand_on(base, out, new, claims)
+    return out
+
+
+def _hand_on(
+    base: FillResult,
+    out: FillResult,
+    new: Sequence[Lease],
+    claims: Sequence[tuple[tuple[object, ...], _Claim, EnvelopeInfo, Tier]],
+) -> None:
+    """Give ``out`` what ``base`` already computed, updated for the newcomers, instead of
+    rebuilding it from every open lease: the lease-id order (each newcomer inserted where it
+    sorts) and the running totals of each envelope whose newcomers all rank last (so its rows
+    are ``base``'s followed by theirs; the usual case, newcomers being junior)."""
+    if base._by_id is not None:
+        by_id = list(base._by_id)
+        for lease in new:
+            if lease.id in out.funding_class:  # a lease not live at the instant is left out
+                bisect.insort(by_id, (lease.id, out.funding_class[lease.id]))
+        out._by_id = by_id
+    ranks: dict[EnvelopeKey, list[tuple[object, ...]]] = defaultdict(list)
+    for rank, _, env, _ in claims:
+        ranks[env.key].append(rank)
+    for key, totals in base._totals.items():
+        if key not in ranks:
+            out._totals[key] = totals  # the same rows (``accepted`` shares the list)
+            continue
+        held = base.accepted.get(key, ())
+        if held and min(ranks[key]) < held[-1].rank:
+            continue  # a newcomer sorts inside: ``width_up_to`` rebuilds on first use
+        appended = out.accepted[key][len(held) :]
+        more = itertools.accumulate(map(_WIDTH, appended), initial=totals[-1])
+        next(more)  # the initial value: ``totals`` ends with it already
+        out._totals[key] = [*totals, *more]
 
 
 def _hours_in_group(index: EnvelopeIndex, members: Sequence[EnvelopeKey]) -> bool:
