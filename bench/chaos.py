@@ -63,8 +63,7 @@ from gpu_fleet.core.ledger import (
     fold,
 )
 from gpu_fleet.runtime.ledger_stream import LedgerStream
-from gpu_fleet.runtime.natsd_cluster import NatsCluster
-from gpu_fleet.runtime.stack_security import split_userinfo
+from gpu_fleet.runtime.natsd_cluster import NatsCluster, split_userinfo
 
 NODES = 8
 GPUS_PER_NODE = 8

@@ -24,8 +24,8 @@ from nats.aio.client import Client
 
 from gpu_fleet.cli.stack import ProcessStack, wait_for_services
 from gpu_fleet.runtime.ledger_stream import STREAM
-from gpu_fleet.runtime.natsd_cluster import NatsCluster, servers, stream_replicas
-from gpu_fleet.runtime.stack_security import redact, split_userinfo, with_userinfo
+from gpu_fleet.runtime.natsd_cluster import NatsCluster, servers, split_userinfo, stream_replicas
+from gpu_fleet.runtime.stack_security import redact, with_userinfo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,3 +180,7 @@ def test_credentials_leave_the_url_so_servers_the_cluster_announces_get_them_too
         {"user": "admin", "password": "pw"},
     )
     assert split_userinfo("nats://127.0.0.1:1") == (["nats://127.0.0.1:1"], {})
+    assert split_userinfo("nats://s3cret@127.0.0.1:1") == (
+        ["nats://127.0.0.1:1"],
+        {"token": "s3cret"},
+    )

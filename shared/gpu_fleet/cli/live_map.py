@@ -29,7 +29,8 @@ from nats.aio.client import Client
 from gpu_fleet.cli.stack import ApiCallError, call
 from gpu_fleet.runtime.client_auth import ClientAuth
 from gpu_fleet.runtime.http_get import Answer, GetServer, start_get_server, stop_server
-from gpu_fleet.runtime.stack_security import redact, split_userinfo
+from gpu_fleet.runtime.natsd_cluster import split_userinfo
+from gpu_fleet.runtime.stack_security import redact
 from gpu_fleet.views.fleet_page import render_page
 
 log = structlog.get_logger("gpu_fleet.live_map")

@@ -35,7 +35,7 @@ from gpu_fleet.core.manifests import ManifestError, dump_documents, load_source
 from gpu_fleet.core.timeutil import format_instant
 from gpu_fleet.runtime import client_auth
 from gpu_fleet.runtime.connect import abandon
-from gpu_fleet.runtime.natsd_cluster import servers
+from gpu_fleet.runtime.natsd_cluster import split_userinfo
 from gpu_fleet.runtime.stack_security import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -659,7 +659,8 @@ async def _run(args: argparse.Namespace) -> int:
 
     try:
         auth = client_auth.from_args(args)
-        options = auth.connect_options()
+        bare, credentials = split_userinfo(args.nats_url)  # reaches every server of a cluster
+        options = {**credentials, **auth.connect_options()}
     except client_auth.ClientAuthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -668,7 +669,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         await asyncio.wait_for(
             nc.connect(
-                servers(args.nats_url),
+                bare,
                 connect_timeout=2,
                 max_reconnect_attempts=1,
                 allow_reconnect=False,

@@ -33,7 +33,7 @@ import structlog
 from nats.aio.client import Client
 
 from gpu_fleet.runtime.client_auth import ClientAuth
-from gpu_fleet.runtime.natsd_cluster import servers
+from gpu_fleet.runtime.natsd_cluster import split_userinfo
 
 log = structlog.get_logger("gpu_fleet.nats")
 
@@ -103,8 +103,10 @@ async def connect(
         if on_closed is not None:
             on_closed(reason)
 
+    bare, credentials = split_userinfo(url)  # a URL's credentials reach every server
+    options = {**credentials, **(auth or ClientAuth.from_env()).connect_options()}
     nc: Client = await nats.connect(
-        servers=servers(url),
+        servers=bare,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=policy.first,
@@ -114,7 +116,7 @@ async def connect(
         disconnected_cb=disconnected_cb,
         reconnected_cb=reconnected_cb,
         closed_cb=closed_cb,
-        **(auth or ClientAuth.from_env()).connect_options(),
+        **options,
     )
     holder.append(nc)
     return nc

@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from gpu_fleet.runtime.natsd import EmbeddedNats, NatsServerError, free_port
 
@@ -65,6 +66,28 @@ def servers(url: str) -> list[str]:
     """The server URLs in a ``--nats-url`` (comma-separated; blanks ignored)."""
     found = [part.strip() for part in url.split(",") if part.strip()]
     return found or [url]
+
+
+def split_userinfo(url: str) -> tuple[list[str], dict[str, str]]:
+    """(``servers(url)`` without credentials, the credentials as ``nats.connect`` options).
+
+    Every client connects through this.  Why not leave credentials in the URL: nats-py adds
+    a server a cluster announces (``connect_urls``, a bare ``host:port``) as one of its own
+    unless an equal netloc is listed, so ``user:pw@host:port`` and ``host:port`` count as two,
+    and a reconnect to the bare one carries no credentials and is refused (Authorization
+    Violation).  Options apply to every server.  ``user@`` alone is a token, as for nats-py.
+    """
+    bare, options = [], {}
+    for one in servers(url):
+        parts = urlsplit(one)
+        if "@" not in parts.netloc:
+            bare.append(one)
+            continue
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, colon, password = userinfo.partition(":")
+        options = {"user": user, "password": password} if colon else {"token": user}
+        bare.append(urlunsplit(parts._replace(netloc=host)))
+    return bare, options
 
 
 class ClusterMember(EmbeddedNats):

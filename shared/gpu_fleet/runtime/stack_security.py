@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from gpu_fleet.runtime.client_auth import ClientAuth
 from gpu_fleet.runtime.ledger_keys import LedgerKeys
+from gpu_fleet.runtime.natsd_cluster import servers
 from gpu_fleet.runtime.permissions import (
     ROLES,
     role_permissions,
@@ -163,7 +164,7 @@ def with_userinfo(url: str, user: str, password: str) -> str:
     A cluster's URL lists its servers separated by commas (``natsd_cluster.servers``): each
     gets the credentials, so a client failing over logs in to any of them.
     """
-    return ",".join(_with_userinfo(one, user, password) for one in _servers(url))
+    return ",".join(_with_userinfo(one, user, password) for one in servers(url))
 
 
 def _with_userinfo(url: str, user: str, password: str) -> str:
@@ -174,7 +175,7 @@ def _with_userinfo(url: str, user: str, password: str) -> str:
 
 def redact(url: str) -> str:
     """A URL fit for a log line: the password replaced by ``***`` (in every server listed)."""
-    return ",".join(_redact(one) for one in _servers(url))
+    return ",".join(_redact(one) for one in servers(url))
 
 
 def _redact(url: str) -> str:
@@ -184,31 +185,6 @@ def _redact(url: str) -> str:
     userinfo, host = parts.netloc.rsplit("@", 1)
     user = userinfo.split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def split_userinfo(url: str) -> tuple[list[str], dict[str, str]]:
-    """(server URLs without credentials, ``user``/``password`` options for ``nats.connect``).
-
-    Why not leave them in the URL: nats-py gives a server it discovers from a cluster's INFO
-    (``connect_urls``, bare ``host:port``) no credentials, and compares it with the listed ones
-    by netloc, so ``user:pw@host:port`` and ``host:port`` count as two servers; a reconnect to
-    the bare one is refused (Authorization Violation).  Options apply to every server.
-    """
-    bare, options = [], {}
-    for one in _servers(url):
-        parts = urlsplit(one)
-        if "@" not in parts.netloc:
-            bare.append(one)
-            continue
-        userinfo, host = parts.netloc.rsplit("@", 1)
-        user, _, password = userinfo.partition(":")
-        options = {"user": user, "password": password}
-        bare.append(urlunsplit(parts._replace(netloc=host)))
-    return bare, options
-
-
-def _servers(url: str) -> list[str]:
-    return [part.strip() for part in url.split(",") if part.strip()] or [url]
 
 
 def _write_private(path: Path, text: str) -> None:
