@@ -24,17 +24,6 @@ from gpu_fleet.messages import api
 from gpu_fleet_manager.boundary import REQUEST, ApiError
 
 
-def objects_in(state: FleetState, namespace: str) -> int:
-    """Runs, Budgets and NotificationChannels in ``namespace``."""
-    prefix = f"{namespace}/"
-    return sum(
-        1
-        for table in (state.runs, state.budgets, state.channels)
-        for key in table
-        if key.startswith(prefix)
-    )
-
-
 def _exists(state: FleetState, manifest: Manifest) -> bool:
     if isinstance(manifest, Run):
         return manifest.key in state.runs
@@ -53,7 +42,7 @@ def check_namespace_room(state: FleetState, manifests: Sequence[Manifest], limit
     wanted = Counter(new.values())
     errors = []
     for namespace, count in sorted(wanted.items()):
-        held = objects_in(state, namespace)
+        held = state.objects_in(namespace)
         if held + count > limit:
             errors.append(
                 api.FieldErrorOut(

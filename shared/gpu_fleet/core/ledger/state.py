@@ -8,7 +8,7 @@ services after every commit.
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar, cast
@@ -177,6 +177,9 @@ class FleetState:
     pending_reservations: dict[str, Reservation] = field(default_factory=dict, repr=False)
     # Views derived from the state (see ``cached``): name -> (version, argument, value).
     _derived: dict[str, tuple[int, object, object]] = field(default_factory=dict, repr=False)
+    # Runs, Budgets and NotificationChannels per namespace, once asked for (``objects_in``),
+    # then kept by the fold: the manager checks it on every apply that creates something.
+    _ns_objects: Counter[str] | None = field(default=None, repr=False, compare=False)
     # NotificationChannels by "namespace/name": read by the notifier only, decide nothing.
     channels: dict[str, NotificationChannel] = field(default_factory=dict)
     # Bumped by every fold that changes the pending reservations; views of them only are
@@ -504,6 +507,7 @@ class FleetState:
     def rebuild_indexes(self) -> None:
         """Rebuild every index the fold keeps from ``leases`` (after a snapshot restore, or a
         test that wrote leases directly): open leases, slot holders, held ordinals, per run."""
+        self._ns_objects = None  # counted again when next asked
         self.open_leases = {}
         self.slot_holder = {}
         held: dict[str, set[int]] = defaultdict(set)
@@ -538,6 +542,21 @@ class FleetState:
         """Notices whose lease is still open (the closure is due at their deadline), in ledger
         order - which is the resolver's cut order, so closures replay in the order decided."""
         return list(self._pending_preemptions.values())
+
+    def objects_in(self, namespace: str) -> int:
+        """Runs, Budgets and NotificationChannels in ``namespace`` (the per-namespace limit).
+
+        Counted once over every object, then kept up to date by the fold (``_object_count``),
+        so asking costs nothing however large the fleet.
+        """
+        if self._ns_objects is None:
+            tables = (self.runs, self.budgets, self.channels)
+            self._ns_objects = Counter(key.split("/", 1)[0] for t in tables for key in t)
+        return self._ns_objects[namespace]
+
+    def _object_count(self, key: str, delta: int) -> None:
+        if self._ns_objects is not None:
+            self._ns_objects[key.split("/", 1)[0]] += delta
 
     def cached(self, name: str, compute: Callable[[], _T], *, at: object = None) -> _T:
         """A view derived from the state, computed once per ledger version (and ``at``).
@@ -705,13 +724,18 @@ def fold(state: FleetState, event: Event) -> None:
             state.nodes[name] = msgspec.structs.replace(state.nodes[name], health=health)
             state._nodes_changed()
         case BudgetApplied(budget=budget):
+            if budget.key not in state.budgets:
+                state._object_count(budget.key, 1)
             state.budgets[budget.key] = budget
             state._index = None
         case BudgetDeleted(namespace=ns, name=name):
-            state.budgets.pop(f"{ns}/{name}", None)
+            if state.budgets.pop(f"{ns}/{name}", None) is not None:
+                state._object_count(f"{ns}/{name}", -1)
             state._index = None
         case RunSubmitted(run=run):
             before = state.runs.get(run.key)
+            if before is None:
+                state._object_count(run.key, 1)
             state.runs[run.key] = run
             state.admitted[run.key] = event.at
             state.status[run.key] = RunStatus()
@@ -720,12 +744,16 @@ def fold(state: FleetState, event: Event) -> None:
             state._index_run(run.key, before)
         case RunUpdated(run=run):
             before = state.runs.get(run.key)
+            if before is None:
+                state._object_count(run.key, 1)
             state.runs[run.key] = run
             state._index_run(run.key, before)
         case RunEtaReported(run=key, eta=eta):
             state.etas[key] = eta
         case RunDeleted(run=key):
             before = state.runs.pop(key, None)
+            if before is not None:
+                state._object_count(key, -1)
             state.status.pop(key, None)
             state.etas.pop(key, None)
             state.retries.pop(key, None)
@@ -799,9 +827,12 @@ def fold(state: FleetState, event: Event) -> None:
         case RunRestarted(run=key, attempt=attempt):
             state.restarts[key] = attempt
         case ChannelApplied(channel=channel):
+            if channel.key not in state.channels:
+                state._object_count(channel.key, 1)
             state.channels[channel.key] = channel
         case ChannelDeleted(namespace=ns, name=name):
-            state.channels.pop(f"{ns}/{name}", None)
+            if state.channels.pop(f"{ns}/{name}", None) is not None:
+                state._object_count(f"{ns}/{name}", -1)
     state.history.append(event)
     state.version += 1
     if not isinstance(event, _NEUTRAL) or (
