@@ -34,10 +34,11 @@ import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
 from gpu_fleet.core.funding.family import Tier
+from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 
 _K = TypeVar("_K")
@@ -59,10 +60,21 @@ class HoursView:
     previously_funded: frozenset[tuple[str, EnvelopeKey]] = frozenset()
 
 
-@dataclass(frozen=True)
-class Rejection:
+class Rejection(NamedTuple):
+    """An envelope that turned a claim away, and why.
+
+    The reason is kept as a template and its numbers and formatted only when read: a matching
+    at fleet scale turns claims away about a million times (issue 11) and nothing reads most of
+    them.
+    """
+
     envelope: EnvelopeKey
-    reason: str
+    template: str
+    args: tuple[object, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        return self.template.format(*self.args)
 
 
 @dataclass(frozen=True)
@@ -148,7 +160,9 @@ class FillResult:
 @functools.lru_cache(maxsize=1 << 16)
 def _first_slot(slots: tuple[str, ...]) -> tuple[str, int]:
     """The lease's first physical slot, as (node, ordinal); parsed once per slot tuple."""
-    return min((_slot_key(s) for s in slots), default=("", -1))
+    if len(slots) == 1:
+        return _slot_key(slots[0])
+    return min(map(_slot_key, slots), default=("", -1))
 
 
 def _slot_key(s: str) -> tuple[str, int]:
@@ -156,7 +170,7 @@ def _slot_key(s: str) -> tuple[str, int]:
     return (node, int(ordinal) if ordinal.isdigit() else -1)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Claim:
     lease: Lease
     run_key: str
@@ -164,34 +178,18 @@ class _Claim:
     admitted: Instant
     proposals: list[EnvelopeKey]
     next_index: int = 0
-    holder: EnvelopeKey | None = None
     rejections: list[Rejection] = field(default_factory=list)
     borrow_cap: int | None = None
-    _tail: tuple[object, ...] | None = None
-    _ranks: dict[EnvelopeKey, tuple[object, ...]] = field(default_factory=dict)
+    width: int = 0
+    # (admission, run, group, first slot, lease id): the rank on every envelope after its class
+    tail: tuple[object, ...] = ()
 
     def rank_at(self, env: EnvelopeInfo, tier: Tier) -> tuple[object, ...]:
-        hit = self._ranks.get(env.key)
-        if hit is not None:
-            return hit
+        """The claim's rank on ``env``, whose owner is ``tier`` to the claim's owner."""
         if tier is Tier.NONE:
             granted = self.lease.minted_payer is not None and self.lease.minted_payer.key == env.key
-            cls = LOAN if granted else SPONSOR
-        else:
-            cls = int(tier)
-        if self._tail is None:
-            first = _first_slot(self.lease.slots)
-            self._tail = (self.admitted, self.run_key, self.lease.group, first, self.lease.id)
-        rank = (cls, *self._tail)
-        self._ranks[env.key] = rank
-        return rank
-
-    def rank_on(self, index: EnvelopeIndex, env_key: EnvelopeKey) -> tuple[object, ...]:
-        hit = self._ranks.get(env_key)
-        if hit is not None:
-            return hit
-        env = index.envelopes[env_key]
-        return self.rank_at(env, index.family.tier(env.owner, self.owner))
+            return (LOAN if granted else SPONSOR, *self.tail)
+        return (int(tier), *self.tail)
 
 
 class Proposer:
@@ -202,6 +200,7 @@ class Proposer:
         self.t = t
         self._cache: dict[tuple[object, ...], list[EnvelopeKey]] = {}
         self._owners: dict[str, list[str]] = {}
+        self._tiers: dict[tuple[str, str], list[tuple[Tier, list[str]]]] = {}
         self._sel_keys = tuple(sorted({k for e in index.envelopes.values() for k in e.selector}))
 
     def envelopes_for(
@@ -216,6 +215,24 @@ class Proposer:
             return hit
         out = [e.key for e in self.ordered(run, owner, location, self.t, admitting=False)]
         self._cache[cache_key] = out
+        return out
+
+    def _family_tiers(self, flavor: str, owner: str) -> list[tuple[Tier, list[str]]]:
+        """The owners of ``flavor`` envelopes in ``owner``'s family, grouped by tier (closest
+        first, each group sorted); the same for every location and sponsor list, so cached."""
+        hit = self._tiers.get((flavor, owner))
+        if hit is not None:
+            return hit
+        tiers: dict[Tier, list[str]] = defaultdict(list)
+        owners = self._owners.get(flavor)
+        if owners is None:
+            owners = self._owners[flavor] = self.index.owners_with_flavor(flavor)
+        for o in owners:
+            tier = self.index.family.tier(o, owner)
+            if tier is not Tier.NONE:
+                tiers[tier].append(o)
+        out = [(tier, sorted(tiers[tier])) for tier in sorted(tiers)]
+        self._tiers[(flavor, owner)] = out
         return out
 
     def ordered(
@@ -241,18 +258,10 @@ class Proposer:
         def usable(e: EnvelopeInfo) -> bool:
             return e.admits_at(t) if admitting else e.active_at(t)
 
-        tiers: dict[Tier, list[str]] = defaultdict(list)
-        owners = self._owners.get(flavor)
-        if owners is None:
-            owners = self._owners[flavor] = index.owners_with_flavor(flavor)
-        for o in owners:
-            tier = index.family.tier(o, owner)
-            if tier is not Tier.NONE:
-                tiers[tier].append(o)
-        for tier in sorted(tiers):
+        for tier, tier_owners in self._family_tiers(flavor, owner):
             envs = [
                 e
-                for o in sorted(tiers[tier])
+                for o in tier_owners
                 for e in index.of_owner(o, flavor)
                 if usable(e) and (tier is Tier.OWNER or e.family_sharing)
             ]
@@ -273,6 +282,22 @@ class Proposer:
         return out
 
 
+_RANK = operator.itemgetter(0)
+_ID = operator.attrgetter("id")
+
+_Entry = tuple[tuple[object, ...], _Claim, EnvelopeInfo]
+"""A claim before an envelope: its rank there, the claim, the envelope."""
+
+_CLASS_OF_RANK = {
+    LOAN: FundingClass.BORROWED,
+    SPONSOR: FundingClass.BORROWED,
+    int(Tier.OWNER): FundingClass.OWNED,
+    int(Tier.CHILD): FundingClass.SHARED,
+    int(Tier.SIBLING): FundingClass.SHARED,
+    int(Tier.COUSIN): FundingClass.SHARED,
+}
+
+
 def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in one fixed order
     index: EnvelopeIndex,
     leases: Sequence[Lease],
@@ -283,105 +308,115 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
     hours: HoursView | None = None,
 ) -> FillResult:
     """Run the matching over the leases live at ``t`` and classify each one."""
-    hours = hours or HoursView()
+    with paused_gc():  # a million acyclic temporaries at 100k leases (core.gcpause)
+        return _fill(index, leases, runs, admitted, node_labels, t, hours or HoursView())
+
+
+def _fill(  # noqa: PLR0917 - fill's inputs
+    index: EnvelopeIndex,
+    leases: Sequence[Lease],
+    runs: Mapping[str, Run],
+    admitted: Mapping[str, Instant],
+    node_labels: Mapping[str, Mapping[str, str]],
+    t: float,
+    hours: HoursView,
+) -> FillResult:
+    claims, payer, cls, rejections = _claims(index, leases, runs, admitted, node_labels, t)
+    trace = FillTrace()
+    held = _match(index, claims, hours, trace)
+    accepted_view: dict[EnvelopeKey, list[Accepted]] = {}
+    for entries in held.values():
+        for rank, c, info in entries:
+            key = info.key
+            rows = accepted_view.get(key)
+            if rows is None:
+                rows = accepted_view[key] = []
+            rank_class: int = rank[0]  # type: ignore[assignment]
+            rows.append(Accepted(rank, c.width, rank_class))
+            lease_id = c.lease.id
+            payer[lease_id] = key
+            cls[lease_id] = _CLASS_OF_RANK[rank_class]
+    for c in claims:
+        rejections[c.lease.id] = c.rejections
+    return FillResult(payer, cls, rejections, accepted_view, trace)
+
+
+def _claims(  # noqa: PLR0917 - fill's inputs
+    index: EnvelopeIndex,
+    leases: Sequence[Lease],
+    runs: Mapping[str, Run],
+    admitted: Mapping[str, Instant],
+    node_labels: Mapping[str, Mapping[str, str]],
+    t: float,
+) -> tuple[
+    list[_Claim],
+    dict[str, EnvelopeKey | None],
+    dict[str, FundingClass],
+    dict[str, list[Rejection]],
+]:
+    """One claim per lease live at ``t``, in lease-id order, with the envelopes it proposes to;
+    every lease starts unfunded.  Proposal lists are looked up once per (run, node)."""
     proposer = Proposer(index, t)
+    owner_of = index.family.owner_of
     claims: list[_Claim] = []
     payer: dict[str, EnvelopeKey | None] = {}
     cls: dict[str, FundingClass] = {}
     rejections: dict[str, list[Rejection]] = {}
-    for lease in sorted(leases, key=lambda x: x.id):
+    proposals_at: dict[tuple[str, str], list[EnvelopeKey]] = {}
+    owners: dict[str, str] = {}
+    locations: dict[str, Mapping[str, str] | None] = {}
+    unfunded = FundingClass.UNFUNDED
+    for lease in sorted(leases, key=_ID):
         if not _live(lease, t):
             continue
+        lease_id = lease.id
         run = runs.get(lease.run)
-        payer[lease.id] = None
-        cls[lease.id] = FundingClass.UNFUNDED
+        payer[lease_id] = None
+        cls[lease_id] = unfunded
         if run is None:
-            rejections[lease.id] = []
+            rejections[lease_id] = []
             continue
-        owner = index.family.owner_of(run.metadata.namespace)
-        labels = node_labels.get(lease.node)
-        location = location_of(labels) if labels is not None else None
-        funding = run.spec.funding
-        claims.append(
-            _Claim(
-                lease=lease,
-                run_key=run.key,
-                owner=owner,
-                admitted=admitted.get(run.key, lease.start),
-                proposals=proposer.envelopes_for(run, owner, location),
-                borrow_cap=funding.max_borrow_gpus if funding is not None else None,
-            )
-        )
-
-    held: dict[EnvelopeKey, list[_Claim]] = defaultdict(list)
-    counters: dict[int, _Counters] = {}
-    trace = FillTrace()
-    # Borrowed width each run holds right now, kept current as acceptors decide one after
-    # another, so a run's maxBorrowGPUs is enforced at acceptance: an envelope never takes a
-    # loan it would have to give back (and so never turns anyone away for it).
-    borrowed_by_run: dict[str, int] = defaultdict(int)
-    pending = [c for c in claims if c.proposals]
-    while pending:
-        touched: set[int] = set()
-        incoming: dict[EnvelopeKey, list[_Claim]] = defaultdict(list)
-        for c in pending:
-            if c.next_index >= len(c.proposals):
-                continue
-            env = c.proposals[c.next_index]
-            c.next_index += 1
-            incoming[env].append(c)
-            touched.add(index.acceptor_of[env])
-        pending = []
-        for acceptor in sorted(touched):
-            members = index.acceptors[acceptor]
-            inc = [c for k in members for c in incoming.get(k, ())]
-            st = counters.get(acceptor)
-            if st is not None and (
-                st.last is None
-                or min(c.rank_on(index, c.proposals[c.next_index - 1]) for c in inc) > st.last
-            ):
-                # every newcomer is junior to everything held: resume the greedy scan
-                accepted, rejected, st = _decide(index, inc, hours, st, borrowed_by_run, trace)
+        run_key = run.key
+        owner = owners.get(run_key)
+        if owner is None:
+            owner = owners[run_key] = owner_of(run.metadata.namespace)
+        where = (run_key, lease.node)
+        proposals = proposals_at.get(where)
+        if proposals is None:
+            node = lease.node
+            if node in locations:
+                location = locations[node]
             else:
-                candidates = [c for k in members for c in held[k]] + inc
-                for k in members:
-                    for c in held[k]:
-                        if c.rank_on(index, k)[0] in (LOAN, SPONSOR):
-                            borrowed_by_run[c.run_key] -= c.lease.width
-                    held[k] = []
-                accepted, rejected, st = _decide(
-                    index, candidates, hours, None, borrowed_by_run, trace
-                )
-            counters[acceptor] = st
-            for c, env in accepted:
-                c.holder = env
-                held[env].append(c)
-            for c, env, why in rejected:
-                c.holder = None
-                c.rejections.append(Rejection(env, why))
-                pending.append(c)
+                labels = node_labels.get(node)
+                location = locations[node] = location_of(labels) if labels is not None else None
+            proposals = proposals_at[where] = proposer.envelopes_for(run, owner, location)
+        claims.append(
+            _new_claim(lease, run, run_key, owner, admitted.get(run_key, lease.start), proposals)
+        )
+    return claims, payer, cls, rejections
 
-    accepted_view: dict[EnvelopeKey, list[Accepted]] = {}
-    for env_key, holders in held.items():
-        info = index.envelopes[env_key]
-        rows = []
-        for c in holders:
-            tier = index.family.tier(info.owner, c.owner)
-            rank = c.rank_at(info, tier)
-            rows.append(Accepted(rank, c.lease.width, int(rank[0])))  # type: ignore[call-overload]
-            payer[c.lease.id] = env_key
-            cls[c.lease.id] = (
-                FundingClass.OWNED
-                if tier is Tier.OWNER
-                else FundingClass.SHARED
-                if tier is not Tier.NONE
-                else FundingClass.BORROWED
-            )
-        rows.sort(key=lambda a: a.rank)
-        accepted_view[env_key] = rows
-    for c in claims:
-        rejections[c.lease.id] = c.rejections
-    return FillResult(payer, cls, rejections, accepted_view, trace)
+
+def _new_claim(  # noqa: PLR0917 - what a claim is made of
+    lease: Lease,
+    run: Run,
+    run_key: str,
+    owner: str,
+    admitted: Instant,
+    proposals: list[EnvelopeKey],
+) -> _Claim:
+    funding = run.spec.funding
+    slots = lease.slots
+    first = _slot_key(slots[0]) if len(slots) == 1 else _first_slot(slots)
+    return _Claim(
+        lease=lease,
+        run_key=run_key,
+        owner=owner,
+        admitted=admitted,
+        proposals=proposals,
+        borrow_cap=funding.max_borrow_gpus if funding is not None else None,
+        width=len(slots),
+        tail=(admitted, run_key, lease.group, first, lease.id),
+    )
 
 
 def _live(lease: Lease, t: float) -> bool:
@@ -391,65 +426,177 @@ def _live(lease: Lease, t: float) -> bool:
     return end is None or t < end
 
 
-@dataclass
+@dataclass(slots=True)
 class _Counters:
     used: dict[EnvelopeKey, int] = field(default_factory=lambda: defaultdict(int))
     lent: dict[EnvelopeKey, int] = field(default_factory=lambda: defaultdict(int))
     cap_used: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    last: tuple[object, ...] | None = None
+
+
+def _match(
+    index: EnvelopeIndex, claims: list[_Claim], hours: HoursView, trace: FillTrace
+) -> dict[int, list[_Entry]]:
+    """Deferred acceptance in rounds: every unmatched claim proposes to its next envelope, and
+    each acceptor group, in id order, decides over what it holds plus its newcomers.
+
+    An acceptor does not re-decide what it holds ranked above its most senior newcomer: a
+    greedy scan in rank order meets exactly those claims first, with exactly the counters their
+    own widths make (claims it turned away before are gone and added nothing), so it accepts
+    them all again.  The one exception is a loan under a run's borrow limit, whose check reads
+    the run's loans held elsewhere, which other acceptors may have changed since: the scan is
+    re-run from the most senior such claim held.  ``tests/core/test_fill_equivalence.py``
+    checks the result against re-deciding everything (the matching as it was).
+
+    Returns what each acceptor holds at the end, in rank order.
+    """
+    held: dict[int, list[_Entry]] = {}
+    counters: dict[int, _Counters] = {}
+    # Rank of the most senior held loan that is under a borrow limit, per acceptor.
+    capped_from: dict[int, tuple[object, ...]] = {}
+    # Borrowed width each run holds right now, kept current as acceptors decide one after
+    # another, so a run's maxBorrowGPUs is enforced at acceptance: an envelope never takes a
+    # loan it would have to give back (and so never turns anyone away for it).
+    borrowed_by_run: dict[str, int] = defaultdict(int)
+    envelopes, acceptor_of = index.envelopes, index.acceptor_of
+    rank_class = _RankClasses(index)
+    pending = [c for c in claims if c.proposals]
+    while pending:
+        incoming: dict[int, list[_Entry]] = {}
+        for c in pending:
+            i = c.next_index
+            if i >= len(c.proposals):
+                continue
+            key = c.proposals[i]
+            c.next_index = i + 1
+            acceptor = acceptor_of[key]
+            env = envelopes[key]
+            entry = ((rank_class.of(c, env), *c.tail), c, env)
+            bucket = incoming.get(acceptor)
+            if bucket is None:
+                incoming[acceptor] = [entry]
+            else:
+                bucket.append(entry)
+        pending = []
+        for acceptor in sorted(incoming):
+            inc = incoming[acceptor]
+            inc.sort(key=_RANK)
+            entries = held.get(acceptor, [])
+            st = counters.get(acceptor)
+            if st is None:
+                st = counters[acceptor] = _Counters()
+            keep = len(entries)
+            if entries and inc[0][0] < entries[-1][0]:
+                bound = inc[0][0]
+                capped = capped_from.get(acceptor)
+                if capped is not None and capped < bound:
+                    bound = capped
+                keep = bisect.bisect_left(entries, bound, key=_RANK)
+                _release(entries[keep:], st, borrowed_by_run)
+                candidates = entries[keep:] + inc
+                candidates.sort(key=_RANK)  # two sorted runs: a merge
+            else:
+                candidates = inc
+            accepted, rejected = _decide(index, candidates, hours, st, borrowed_by_run, trace)
+            if keep < len(entries) or acceptor not in capped_from:
+                first = next((e[0] for e in accepted if _capped_loan(e)), None)
+                if first is None:
+                    capped_from.pop(acceptor, None)
+                else:
+                    capped_from[acceptor] = first
+            held[acceptor] = entries[:keep] + accepted
+            for c, rejection in rejected:
+                c.rejections.append(rejection)
+                pending.append(c)
+    return held
+
+
+class _RankClasses:
+    """The first element of a claim's rank on an envelope (``_Claim.rank_at``), with the family
+    tier looked up once per (envelope owner, claim owner) pair instead of once per proposal."""
+
+    def __init__(self, index: EnvelopeIndex) -> None:
+        self._tier = index.family.tier
+        self._tiers: dict[tuple[str, str], int] = {}
+
+    def of(self, c: _Claim, env: EnvelopeInfo) -> int:
+        pair = (env.owner, c.owner)
+        tier = self._tiers.get(pair)
+        if tier is None:
+            tier = self._tiers[pair] = int(self._tier(*pair))
+        if tier != _NO_TIER:
+            return tier
+        minted = c.lease.minted_payer
+        return LOAN if minted is not None and minted.key == env.key else SPONSOR
+
+
+_NO_TIER = int(Tier.NONE)
+
+
+def _capped_loan(entry: _Entry) -> bool:
+    rank, c, _ = entry
+    return rank[0] in (LOAN, SPONSOR) and c.borrow_cap is not None
+
+
+def _release(entries: Sequence[_Entry], st: _Counters, borrowed_by_run: dict[str, int]) -> None:
+    """Take held claims back out of their acceptor's counters (they are decided again)."""
+    used, lent, cap_used = st.used, st.lent, st.cap_used
+    for rank, c, env in entries:
+        w = c.width
+        key = env.key
+        used[key] -= w
+        if rank[0] in (LOAN, SPONSOR):
+            lent[key] -= w
+            borrowed_by_run[c.run_key] -= w
+        for cap_id in env.caps:
+            cap_used[cap_id] -= w
 
 
 def _decide(  # noqa: PLR0917 - one acceptor's decision and the state it shares with the run
     index: EnvelopeIndex,
-    candidates: list[_Claim],
+    ranked: list[_Entry],
     hours: HoursView,
-    st: _Counters | None,
+    st: _Counters,
     borrowed_by_run: dict[str, int],
     trace: FillTrace,
-) -> tuple[list[tuple[_Claim, EnvelopeKey]], list[tuple[_Claim, EnvelopeKey, str]], _Counters]:
-    """Greedy fill of one acceptor group in rank order, with skip semantics.
-
-    ``st`` resumes a previous scan of the same group when every candidate is junior to all it
-    holds (the counters then already describe what is held).  ``trace`` records the most junior
-    candidate and the highest counters (see ``FillTrace``).
-    """
-    ranked = []
-    for c in candidates:
-        env_key = c.proposals[c.next_index - 1] if c.holder is None else c.holder
-        ranked.append((c.rank_on(index, env_key), c, index.envelopes[env_key]))
-    ranked.sort(key=lambda r: r[0])
-    if ranked:
-        acceptor = index.acceptor_of[ranked[0][2].key]
-        last = trace.junior.get(acceptor)
-        if last is None or ranked[-1][0] > last:
-            trace.junior[acceptor] = ranked[-1][0]
-    if st is None:
-        st = _Counters()
+) -> tuple[list[_Entry], list[tuple[_Claim, Rejection]]]:
+    """Greedy fill of one acceptor group in rank order (``ranked`` is sorted), with skip
+    semantics, on top of the counters ``st`` holds.  ``trace`` records the most junior
+    candidate and the highest counters (see ``FillTrace``)."""
+    if not ranked:
+        return [], []
+    acceptor = index.acceptor_of[ranked[0][2].key]
+    last = trace.junior.get(acceptor)
+    if last is None or ranked[-1][0] > last:
+        trace.junior[acceptor] = ranked[-1][0]
     used, lent, cap_used = st.used, st.lent, st.cap_used
     period = hours.period_hours
-    accepted: list[tuple[_Claim, EnvelopeKey]] = []
-    rejected: list[tuple[_Claim, EnvelopeKey, str]] = []
-    for rank, c, env in ranked:
-        w = c.lease.width
+    funded_before = hours.previously_funded
+    caps = index.caps
+    accepted: list[_Entry] = []
+    rejected: list[tuple[_Claim, Rejection]] = []
+    for entry in ranked:
+        rank, c, env = entry
+        w = c.width
         key = env.key
         why = ""
+        args: tuple[object, ...] = ()
         is_sponsor = rank[0] in (LOAN, SPONSOR)
-        already = (c.lease.id, key) in hours.previously_funded
         if used[key] + w > env.concurrency:
-            why = f"concurrency {env.concurrency} full ({used[key]} funded ahead)"
+            why, args = "concurrency {} full ({} funded ahead)", (env.concurrency, used[key])
         elif is_sponsor and env.lending_max is not None and lent[key] + w > env.lending_max:
-            why = f"lending cap {env.lending_max} reached ({lent[key]} lent)"
+            why, args = "lending cap {} reached ({} lent)", (env.lending_max, lent[key])
         elif (
             is_sponsor
             and c.borrow_cap is not None
             and borrowed_by_run[c.run_key] + w > c.borrow_cap
         ):
-            why = f"run borrow limit {c.borrow_cap} reached"
-        else:
+            why, args = "run borrow limit {} reached", (c.borrow_cap,)
+        elif env.caps or env.gpu_hours is not None:
+            already = (c.lease.id, key) in funded_before
             for cap_id in env.caps:
-                cap = index.caps[cap_id]
+                cap = caps[cap_id]
                 if cap.max_concurrency is not None and cap_used[cap_id] + w > cap.max_concurrency:
-                    why = f"aggregate cap {cap.name} {cap.max_concurrency} full"
+                    why, args = "aggregate cap {} {} full", (cap.name, cap.max_concurrency)
                     break
                 if cap.gpu_hours is not None and not _hours_ok(
                     hours.remaining_cap.get(cap_id, cap.gpu_hours),
@@ -458,17 +605,17 @@ def _decide(  # noqa: PLR0917 - one acceptor's decision and the state it shares 
                     w,
                     already,
                 ):
-                    why = f"aggregate cap {cap.name} GPU-hours exhausted"
+                    why, args = "aggregate cap {} GPU-hours exhausted", (cap.name,)
                     break
             if not why and env.gpu_hours is not None:
                 remaining = hours.remaining_envelope.get(key, env.gpu_hours)
                 if not _hours_ok(remaining, period, used[key], w, already):
-                    why = f"GPU-hours exhausted ({remaining:.2f} left)"
+                    why, args = "GPU-hours exhausted ({:.2f} left)", (remaining,)
         if why:
-            rejected.append((c, key, why))
-            if not trace.rejected_any or index.acceptor_of[key] not in trace.rejected_at:
+            rejected.append((c, Rejection(key, why, args)))
+            if not trace.rejected_any or acceptor not in trace.rejected_at:
                 trace.rejected_any = True
-                trace.rejected_at = trace.rejected_at | {index.acceptor_of[key]}
+                trace.rejected_at = trace.rejected_at | {acceptor}
             continue
         used[key] += w
         if is_sponsor:
@@ -476,12 +623,11 @@ def _decide(  # noqa: PLR0917 - one acceptor's decision and the state it shares 
             borrowed_by_run[c.run_key] += w
         for cap_id in env.caps:
             cap_used[cap_id] += w
-        accepted.append((c, key))
-        st.last = rank
+        accepted.append(entry)
     _raise_peaks(trace.used, used)
     _raise_peaks(trace.lent, lent)
     _raise_peaks(trace.cap, cap_used)
-    return accepted, rejected, st
+    return accepted, rejected
 
 
 def _raise_peaks(peaks: dict[_K, int], counters: Mapping[_K, int]) -> None:
@@ -566,14 +712,13 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         owner = index.family.owner_of(run.metadata.namespace)
         labels = node_labels.get(lease.node)
         location = location_of(labels) if labels is not None else None
-        funding = run.spec.funding
-        claim = _Claim(
-            lease=lease,
-            run_key=run.key,
-            owner=owner,
-            admitted=admitted.get(run.key, lease.start),
-            proposals=proposer.envelopes_for(run, owner, location),
-            borrow_cap=funding.max_borrow_gpus if funding is not None else None,
+        claim = _new_claim(
+            lease,
+            run,
+            run.key,
+            owner,
+            admitted.get(run.key, lease.start),
+            proposer.envelopes_for(run, owner, location),
         )
         if not claim.proposals:
             continue

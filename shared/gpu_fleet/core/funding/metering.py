@@ -22,6 +22,7 @@ from typing import cast
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex
 from gpu_fleet.core.funding.matching import Accepted, FillResult, HoursView, fill
+from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
 
 _MIN_STEP = 1e-3  # seconds; keeps a float crossing from stalling the fold
@@ -187,16 +188,17 @@ def evaluate(
     ``first`` is the matching at ``meter.t`` and ``final`` the one at ``at`` (under the meter
     advanced to ``at``), when the caller already knows them; either is then not recomputed.
     """
-    if at > meter.t:
-        meter = meter.copy()
-        advance_meter(meter, inputs, at, first=first)
-    if final is not None:
-        return summarize(meter, inputs, final, at)
-    view = meter.hours_view(inputs.index, inputs.period_hours)
-    f = fill(
-        inputs.index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, at, view
-    )
-    return summarize(meter, inputs, f, at)
+    with paused_gc():  # per-lease temporaries over every open lease (core.gcpause)
+        if at > meter.t:
+            meter = meter.copy()
+            advance_meter(meter, inputs, at, first=first)
+        if final is not None:
+            return summarize(meter, inputs, final, at)
+        view = meter.hours_view(inputs.index, inputs.period_hours)
+        f = fill(
+            inputs.index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, at, view
+        )
+        return summarize(meter, inputs, f, at)
 
 
 def _funded_pairs(f: FillResult) -> frozenset[tuple[str, EnvelopeKey]]:
@@ -321,6 +323,11 @@ class Evaluation:
         return self.fill.payer.get(lease_id)
 
 
+_FIELD = {cls: cls.value for cls in FundingClass}
+"""The usage field each funding class counts in (``EnvelopeUsage``/``RunFunding``)."""
+_LENT_CLASSES = (FundingClass.SHARED, FundingClass.BORROWED)
+
+
 def summarize(meter: Meter, inputs: FundingInputs, f: FillResult, at: float) -> Evaluation:
     index = inputs.index
     envelopes = {
@@ -342,28 +349,31 @@ def summarize(meter: Meter, inputs: FundingInputs, f: FillResult, at: float) -> 
     }
     runs: dict[str, RunFunding] = defaultdict(RunFunding)
     by_id = {lease.id: lease for lease in inputs.leases}
+    # Bound once: this loop visits every open lease (``cls.value`` is an enum property).
+    payer, envelope_info = f.payer, index.envelopes
+    spare, active, lent_classes = LeaseRole.SPARE, LeaseRole.ACTIVE, _LENT_CLASSES
     for lease_id, cls in f.funding_class.items():
         lease = by_id[lease_id]
+        width = len(lease.slots)
+        field_name = _FIELD[cls]
         rf = runs[lease.run]
-        env_key = f.payer.get(lease_id)
-        if lease.role is LeaseRole.SPARE:
-            rf.spares += lease.width
+        env_key = payer.get(lease_id)
+        if lease.role is spare:
+            rf.spares += width
         else:
-            setattr(rf, cls.value, getattr(rf, cls.value) + lease.width)
+            setattr(rf, field_name, getattr(rf, field_name) + width)
         if env_key is not None:
             usage = envelopes[env_key]
-            setattr(usage, cls.value, getattr(usage, cls.value) + lease.width)
-            if lease.role is LeaseRole.SPARE:
-                usage.spare += lease.width
-            for cap_id in index.envelopes[env_key].caps:
-                caps[cap_id].funded += lease.width
-            if cls in (FundingClass.SHARED, FundingClass.BORROWED) and (
-                lease.role is LeaseRole.ACTIVE
-            ):
-                owner = index.envelopes[env_key].owner
-                rf.lenders[owner] = rf.lenders.get(owner, 0) + lease.width
+            setattr(usage, field_name, getattr(usage, field_name) + width)
+            if lease.role is spare:
+                usage.spare += width
+            info = envelope_info[env_key]
+            for cap_id in info.caps:
+                caps[cap_id].funded += width
+            if cls in lent_classes and lease.role is active:
+                rf.lenders[info.owner] = rf.lenders.get(info.owner, 0) + width
         elif lease.minted_payer is not None and lease.minted_payer.key in envelopes:
-            envelopes[lease.minted_payer.key].unfunded += lease.width
+            envelopes[lease.minted_payer.key].unfunded += width
     for run_key, rf in runs.items():
         hours = meter.run_hours.get(run_key)
         if hours is not None:
