@@ -151,6 +151,7 @@ async def measure(
                 i = queue.pop()
                 await call(nc, "apply", {"documents": run_doc(f"burst{i:05d}", 8)}, timeout=60)
 
+        print(f"  burst: {burst_n} submissions from {clients} clients", file=sys.stderr, flush=True)
         t = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         rate = burst_n / (time.perf_counter() - t)
@@ -222,6 +223,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--open", type=int, default=None, help="1-GPU runs running before timing")
     p.add_argument("--nodes", type=int, default=None, help="only the fleet of this many nodes")
+    p.add_argument("--burst", type=int, default=None, help="submissions timed with 16 clients")
     args = p.parse_args()
     # (nodes, open runs, one-at-a-time submissions, burst submissions)
     plan = (
@@ -231,6 +233,8 @@ def main() -> int:
     )
     if args.open is not None:
         plan = [(n, args.open, lat, burst) for n, _, lat, burst in plan]
+    if args.burst is not None:
+        plan = [(n, o, lat, args.burst) for n, o, lat, _ in plan]
     if args.nodes is not None:
         plan = [row for row in plan if row[0] == args.nodes]
         if not plan:
