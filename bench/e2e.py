@@ -151,6 +151,8 @@ async def measure(
                 i = queue.pop()
                 await call(nc, "apply", {"documents": run_doc(f"burst{i:05d}", 8)}, timeout=60)
 
+        slowest = ", ".join(f"{v:.0f}" for v in sorted(lat)[-5:])
+        print(f"  one at a time: slowest {slowest} ms", file=sys.stderr, flush=True)
         print(f"  burst: {burst_n} submissions from {clients} clients", file=sys.stderr, flush=True)
         t = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))

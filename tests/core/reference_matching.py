@@ -24,9 +24,9 @@ from gpu_fleet.core.funding.matching import (
     FillResult,
     FillTrace,
     HoursView,
-    Proposer,
     Rejection,
 )
+from gpu_fleet.core.funding.proposals import Proposer
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 
 _K = TypeVar("_K")

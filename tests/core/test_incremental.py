@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from gpu_fleet.core.engine import CommandError, Fleet, Settings, gang
 from gpu_fleet.core.funding import FillResult, HoursView, build_index, evaluate, fill
-from gpu_fleet.core.funding.matching import extend_fill, senior_width, shrink_fill
+from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
+from gpu_fleet.core.funding.matching import senior_width
 from gpu_fleet.core.ledger import Event, FleetState, fold
 from gpu_fleet.core.ledger.state import SliceEntry
 from gpu_fleet.core.model import Budget, EnvelopeKey, Lease, Payer, Run

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from gpu_fleet.core.funding.cover import CoverFailure, CoverPlan, CoverRequest, cover
 from gpu_fleet.core.funding.envelopes import location_of
-from gpu_fleet.core.funding.matching import extend_fill, fill
+from gpu_fleet.core.funding.incremental import extend_fill
+from gpu_fleet.core.funding.matching import fill
 from gpu_fleet.core.ledger.events import (
     Event,
     LeaseClosed,

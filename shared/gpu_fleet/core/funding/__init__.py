@@ -30,7 +30,6 @@ from gpu_fleet.core.funding.matching import (
     Accepted,
     FillResult,
     HoursView,
-    Proposer,
     Rejection,
     fill,
     senior_width,
@@ -46,6 +45,7 @@ from gpu_fleet.core.funding.metering import (
     evaluate,
     summarize,
 )
+from gpu_fleet.core.funding.proposals import Proposer
 
 __all__ = [
     "HOURS_EPSILON",

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo
 from gpu_fleet.core.funding.family import Tier
-from gpu_fleet.core.funding.matching import LOAN, SPONSOR, FillResult, Proposer
+from gpu_fleet.core.funding.matching import LOAN, SPONSOR, FillResult
 from gpu_fleet.core.funding.metering import Evaluation
+from gpu_fleet.core.funding.proposals import Proposer
 from gpu_fleet.core.model import EnvelopeKey, Instant, Payer, Run, run_key
 
 _CONSERVATIVE = "\U0010ffff"  # sorts after every run key: same-tier, same-time peers are senior

@@ -1,0 +1,272 @@
+"""A known matching changed by a little, without running the deferred acceptance again.
+
+``extend_fill`` adds newcomers (an admission's leases) and ``shrink_fill`` removes leases that
+closed, each only when the result is provably what ``fill`` over everything would give (the
+reasoning is on each function), and ``None`` otherwise - the caller then runs ``fill``.
+``tests/core/test_incremental.py`` checks both against ``fill`` over generated worlds and event
+sequences.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
+from gpu_fleet.core.funding.family import Tier
+from gpu_fleet.core.funding.matching import (
+    _WIDTH,
+    LOAN,
+    SPONSOR,
+    Accepted,
+    FillResult,
+    FillTrace,
+    HoursView,
+    _Claim,
+    _hours_ok,
+    _live,
+    _new_claim,
+)
+from gpu_fleet.core.funding.proposals import Proposer
+from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
+
+_K = TypeVar("_K")
+
+
+def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
+    index: EnvelopeIndex,
+    base: FillResult,
+    new: Sequence[Lease],
+    runs: Mapping[str, Run],
+    admitted: Mapping[str, Instant],
+    node_labels: Mapping[str, Mapping[str, str]],
+    t: float,
+    hours: HoursView | None = None,
+    *,
+    runs_alone: bool = True,
+) -> FillResult | None:
+    """``fill`` over the leases ``base`` matched plus ``new``, without running it again - or
+    ``None`` when that cannot be proven equal, and the caller runs ``fill``.
+
+    ``base`` must be ``fill`` of the other leases at the same ``t`` with the same ``runs``,
+    ``admitted``, labels and hours (the caller guarantees it); ``runs_alone`` says that no lease
+    in ``base`` belongs to a run of ``new``.
+
+    Why the shortcut is exact.  Each new claim must fit - after the new claims ranked above it -
+    on top of the highest counters any decision of its first envelope's acceptor group left in
+    ``base``'s run (``FillTrace`` peaks), under every limit acceptance checks (concurrency,
+    lending cap, the run's borrow limit, aggregate caps; each only gets harder as counters
+    grow), and one of these holds there:
+
+    * it is junior to every claim that ever proposed to that group (``FillTrace.junior``), and
+      fits its GPU-hours too: then it is considered after every other candidate of each of the
+      group's decisions, so it changes no decision about anyone else, and it fits every time;
+    * the group never turned anyone away (``FillTrace.rejected_at``), so its peaks are what it
+      holds at the end and everyone who ever proposed there is held, and no GPU-hours are set
+      on it (those checks depend on rank order): then everything that can ever propose there,
+      the newcomer included, fits together, every decision accepts every candidate, whatever
+      their order, and nothing turned away elsewhere changes.
+
+    Either way it is accepted in round 1 and never turned away: the matching is ``base`` plus
+    each new claim held by its first envelope.  A loan's borrow limit counts the run's other
+    loans, which live in other acceptors, so a new claim that borrows needs ``runs_alone``.
+    """
+    trace = base.trace
+    if trace is None:
+        return None
+    hours = hours or HoursView()
+    period = hours.period_hours
+    proposer = Proposer(index, t)
+    payer = dict(base.payer)
+    cls = dict(base.funding_class)
+    rejections = dict(base.rejections)
+    claims: list[tuple[tuple[object, ...], _Claim, EnvelopeInfo, Tier]] = []
+    for lease in sorted(new, key=lambda x: x.id):
+        if not _live(lease, t):
+            continue
+        if lease.id in payer:
+            return None  # not new: the caller's promise is broken, do it the long way
+        run = runs.get(lease.run)
+        payer[lease.id] = None
+        cls[lease.id] = FundingClass.UNFUNDED
+        rejections[lease.id] = []
+        if run is None:
+            continue
+        owner = index.family.owner_of(run.metadata.namespace)
+        labels = node_labels.get(lease.node)
+        location = location_of(labels) if labels is not None else None
+        claim = _new_claim(
+            lease,
+            run,
+            run.key,
+            owner,
+            admitted.get(run.key, lease.start),
+            proposer.envelopes_for(run, owner, location),
+        )
+        if not claim.proposals:
+            continue
+        env = index.envelopes[claim.proposals[0]]
+        tier = index.family.tier(env.owner, owner)
+        claims.append((claim.rank_at(env, tier), claim, env, tier))
+    claims.sort(key=lambda r: r[0])
+    used: dict[EnvelopeKey, int] = defaultdict(int)
+    lent: dict[EnvelopeKey, int] = defaultdict(int)
+    cap_used: dict[str, int] = defaultdict(int)
+    borrowed: dict[str, int] = defaultdict(int)
+    junior = dict(trace.junior)
+    for rank, c, env, _tier in claims:
+        acceptor = index.acceptor_of[env.key]
+        last = junior.get(acceptor)
+        is_junior = last is None or rank > last
+        if not is_junior and (
+            acceptor in trace.rejected_at or _hours_in_group(index, index.acceptors[acceptor])
+        ):
+            return None
+        junior[acceptor] = rank if last is None or rank > last else last
+        w = c.lease.width
+        key = env.key
+        above = trace.used.get(key, 0) + used[key]
+        if above + w > env.concurrency:
+            return None
+        already = (c.lease.id, key) in hours.previously_funded
+        if rank[0] in (LOAN, SPONSOR):
+            if not runs_alone:
+                return None
+            if env.lending_max is not None and (
+                trace.lent.get(key, 0) + lent[key] + w > env.lending_max
+            ):
+                return None
+            if c.borrow_cap is not None and borrowed[c.run_key] + w > c.borrow_cap:
+                return None
+            lent[key] += w
+            borrowed[c.run_key] += w
+        for cap_id in env.caps:
+            cap = index.caps[cap_id]
+            cap_above = trace.cap.get(cap_id, 0) + cap_used[cap_id]
+            if cap.max_concurrency is not None and cap_above + w > cap.max_concurrency:
+                return None
+            if cap.gpu_hours is not None and not _hours_ok(
+                hours.remaining_cap.get(cap_id, cap.gpu_hours), period, cap_above, w, already
+            ):
+                return None
+            cap_used[cap_id] += w
+        if env.gpu_hours is not None and not _hours_ok(
+            hours.remaining_envelope.get(key, env.gpu_hours), period, above, w, already
+        ):
+            return None
+        used[key] += w
+    accepted = dict(base.accepted)
+    copied: set[EnvelopeKey] = set()
+    for rank, c, env, tier in claims:
+        if env.key not in copied:
+            copied.add(env.key)
+            accepted[env.key] = list(accepted.get(env.key, ()))
+        row = Accepted(rank, c.lease.width, int(rank[0]))  # type: ignore[call-overload]
+        bisect.insort(accepted[env.key], row, key=lambda a: a.rank)
+        payer[c.lease.id] = env.key
+        cls[c.lease.id] = (
+            FundingClass.OWNED
+            if tier is Tier.OWNER
+            else FundingClass.SHARED
+            if tier is not Tier.NONE
+            else FundingClass.BORROWED
+        )
+    new_trace = FillTrace(
+        junior,
+        _plus(trace.used, used),
+        _plus(trace.lent, lent),
+        _plus(trace.cap, cap_used),
+        trace.rejected_any,
+        trace.rejected_at,
+    )
+    ordered = base.ordered
+    if ordered and base.payer:
+        last_id = next(reversed(base.payer))
+        ordered = not any(x.id < last_id for x in new if x.id in payer)
+    out = FillResult(payer, cls, rejections, accepted, new_trace, ordered)
+    _hand_on(base, out, new, claims)
+    return out
+
+
+def _hand_on(
+    base: FillResult,
+    out: FillResult,
+    new: Sequence[Lease],
+    claims: Sequence[tuple[tuple[object, ...], _Claim, EnvelopeInfo, Tier]],
+) -> None:
+    """Give ``out`` what ``base`` already computed, updated for the newcomers, instead of
+    rebuilding it from every open lease: the lease-id order (each newcomer inserted where it
+    sorts) and the running totals of each envelope whose newcomers all rank last (so its rows
+    are ``base``'s followed by theirs; the usual case, newcomers being junior)."""
+    if base._by_id is not None:
+        by_id = list(base._by_id)
+        for lease in new:
+            if lease.id in out.funding_class:  # a lease not live at the instant is left out
+                bisect.insort(by_id, (lease.id, out.funding_class[lease.id]))
+        out._by_id = by_id
+    ranks: dict[EnvelopeKey, list[tuple[object, ...]]] = defaultdict(list)
+    for rank, _, env, _ in claims:
+        ranks[env.key].append(rank)
+    for key, totals in base._totals.items():
+        if key not in ranks:
+            out._totals[key] = totals  # the same rows (``accepted`` shares the list)
+            continue
+        held = base.accepted.get(key, ())
+        if held and min(ranks[key]) < held[-1].rank:
+            continue  # a newcomer sorts inside: ``width_up_to`` rebuilds on first use
+        appended = out.accepted[key][len(held) :]
+        more = itertools.accumulate(map(_WIDTH, appended), initial=totals[-1])
+        next(more)  # the initial value: ``totals`` ends with it already
+        out._totals[key] = [*totals, *more]
+
+
+def _hours_in_group(index: EnvelopeIndex, members: Sequence[EnvelopeKey]) -> bool:
+    """Does an envelope of the group, or a cap over it, set GPU-hours?"""
+    for key in members:
+        env = index.envelopes[key]
+        if env.gpu_hours is not None:
+            return True
+        if any(index.caps[cap_id].gpu_hours is not None for cap_id in env.caps):
+            return True
+    return False
+
+
+def _plus(base: Mapping[_K, int], extra: Mapping[_K, int]) -> dict[_K, int]:
+    out = dict(base)
+    for k, v in extra.items():
+        if v:
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def shrink_fill(base: FillResult, gone: Sequence[Lease]) -> FillResult | None:
+    """``fill`` over the leases ``base`` matched minus ``gone``, without running it again - or
+    ``None`` when that cannot be proven equal, and the caller runs ``fill``.
+
+    ``base`` must be ``fill`` at some instant with the same other inputs.  Exact when no
+    envelope turned anyone away in ``base``'s run (``FillTrace.rejected_any``): then every claim
+    was held by its first envelope in round 1, every acceptance check passed, and with fewer
+    claims every counter is lower, so every check passes again (each only gets easier as
+    counters fall).  The matching is ``base`` without the leases gone; the trace's junior ranks
+    and peaks stay valid as bounds.
+    """
+    trace = base.trace
+    if trace is None or trace.rejected_any:
+        return None
+    ids = {x.id for x in gone if x.id in base.payer}
+    if not ids:
+        return base
+    payer = {k: v for k, v in base.payer.items() if k not in ids}
+    cls = {k: v for k, v in base.funding_class.items() if k not in ids}
+    rejections = {k: v for k, v in base.rejections.items() if k not in ids}
+    accepted = dict(base.accepted)
+    for lid in ids:
+        env = base.payer[lid]
+        if env is None:
+            continue
+        rows = accepted[env]
+        accepted[env] = [r for r in rows if r.rank[-1] != lid]
+    return FillResult(payer, cls, rejections, accepted, trace, base.ordered)
