@@ -22,6 +22,7 @@ from gpu_fleet.core.placement import (
     plan_batch,
     plan_cost,
     plan_placement,
+    plan_without_search,
 )
 from gpu_fleet.core.placement.cpsat_model import DEFAULT_SETTINGS, PlacementModel
 from gpu_fleet.core.placement.pack import Work, decide_greedy, validate
@@ -292,6 +293,33 @@ def test_never_worse_on_fragmented_fleets(seed: int, group: int | None, total: i
     check_plan(t, r, plan)
     assert plan_cost(t, r, plan) <= plan_cost(t, r, greedy)
     assert plan_placement(t, r) == plan
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fleets(), requests(), st.integers(0, 10_000))
+def test_planning_without_search_answers_what_planning_answers(
+    fleet: tuple[list[Node], list[str]], request: PackRequest, seed: int
+) -> None:
+    """``plan_without_search`` (the manager's, before it would ask the binder) returns or raises
+    exactly what ``plan_placement`` does whenever it answers; on churned fleets too."""
+    nodes, held = fleet if seed % 2 else churned_fleet(6, seed=seed)
+    t = topo(nodes, sorted(held))
+    failed: PackError | None = None
+    try:
+        quick = plan_without_search(t, request)
+    except PackError as error:
+        failed, quick = error, None
+    if failed is not None:
+        with pytest.raises(PackError) as again:
+            plan_placement(t, request)
+        assert (again.value.kind, again.value.message) == (failed.kind, failed.message)
+        event("exact failure")
+        return
+    if quick is None:
+        event("needs a search")
+        return
+    event(f"answered ({quick.solver})")
+    assert quick == plan_placement(t, request)
 
 
 class TestEvidentOptimum:

@@ -38,6 +38,7 @@ from gpu_fleet.core.placement import (
     PackRequest,
     Topology,
     plan_placement,
+    plan_without_search,
 )
 from gpu_fleet.messages import api, placement, subjects
 from gpu_fleet.messages.validation import Requests
@@ -260,6 +261,11 @@ class Manager(Actor):
         # took or freed slots are not appended yet, plan here on the state being decided (the
         # same planner: the plan the binder would make once it has folded them).
         if self.config.use_binder and self.nc is not None and not fleet.topology_ahead:
+            # Ask the binder only for a search: without one its answer is this (issue 11).
+            quick = plan_without_search(topology, request)
+            if quick is not None:
+                self.observer.inc("gpu_fleet_manager_plans_total", "manager")
+                return quick
             try:
                 reply = fleet.on_loop(
                     self._place(fleet.seq, request), self.config.binder_timeout + 1
@@ -269,12 +275,17 @@ class Manager(Actor):
                 reply = None
             if reply is not None:
                 if reply.error is not None:
+                    self.observer.inc("gpu_fleet_manager_plans_total", "binder")
                     raise PackError(
                         PackErrorKind(reply.error.kind), reply.error.message, reply.error.shortfall
                     )
                 if reply.plan is not None and _plan_fits(topology, request, reply.plan):
+                    self.observer.inc("gpu_fleet_manager_plans_total", "binder")
                     return reply.plan
                 log.warning("binder.plan_rejected", seq=fleet.seq)
+            self.observer.inc("gpu_fleet_manager_plans_total", "fallback")
+        elif self.config.use_binder:
+            self.observer.inc("gpu_fleet_manager_plans_total", "ahead")
         return plan_placement(topology, request)
 
     async def _place(self, seq: int, request: PackRequest) -> placement.PlaceReply:

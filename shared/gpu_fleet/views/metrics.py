@@ -219,6 +219,16 @@ METRICS: tuple[MetricSpec, ...] = (
         ("endpoint", "outcome"),
         SECONDS_BUCKETS,
     ),
+    MetricSpec(
+        "gpu_fleet_manager_plans_total",
+        "counter",
+        "Placements the manager's decisions used, by who planned them: manager (no CP-SAT "
+        "search needed, so the binder was not asked), binder (the binder's search), ahead (the "
+        "group's earlier decisions are not on the ledger yet, so the manager searched itself) "
+        "or fallback (the binder was unavailable or its plan did not fit)",
+        ("by",),
+        exported_by=("manager",),
+    ),
     # -- binder ------------------------------------------------------------------------
     MetricSpec(
         "gpu_fleet_placements_total",

@@ -8,6 +8,7 @@ from gpu_fleet.core.placement.cpsat import (
     model_size,
     plan_batch,
     plan_placement,
+    plan_without_search,
     span_lower_bound,
 )
 from gpu_fleet.core.placement.cpsat_model import DEFAULT_SETTINGS, PlannerSettings
@@ -78,6 +79,7 @@ __all__ = [
     "plan_cost",
     "plan_cost_on",
     "plan_placement",
+    "plan_without_search",
     "preferred_present",
     "realize",
     "single_domain_candidates",

@@ -35,6 +35,7 @@ greedy answer stands.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 from gpu_fleet.core.placement.cpsat_model import DEFAULT_SETTINGS, PlacementModel, PlannerSettings
 from gpu_fleet.core.placement.pack import (
@@ -74,6 +75,27 @@ def plan_placement(
     )
 
 
+def plan_without_search(
+    topology: Topology, request: PackRequest, settings: PlannerSettings = DEFAULT_SETTINGS
+) -> PackPlan | None:
+    """``plan_placement``'s answer when it needs no CP-SAT search, else ``None``.
+
+    Greedy is provably optimal, greedy's failure is exact, or the model's optimum is evident:
+    then ``plan_placement`` returns (or raises) exactly this, and a caller that would ask the
+    binder for it can skip the round trip (issue 11: the admission path spends solver time, and
+    a service hop, only where a search can help).  ``None``: only a search can tell.
+    """
+    sizes = validate(topology, request)
+    return _plan(
+        Work(topology, request.excluded_slots),
+        request,
+        sizes,
+        settings,
+        settings.deterministic_time,
+        search=False,
+    )
+
+
 def plan_batch(
     topology: Topology,
     requests: Sequence[PackRequest],
@@ -102,9 +124,33 @@ def plan_batch(
     return out
 
 
+@overload
 def _plan(
     work: Work, request: PackRequest, sizes: list[int], settings: PlannerSettings, budget: float
-) -> PackPlan:
+) -> PackPlan: ...
+
+
+@overload
+def _plan(
+    work: Work,
+    request: PackRequest,
+    sizes: list[int],
+    settings: PlannerSettings,
+    budget: float,
+    search: bool,
+) -> PackPlan | None: ...
+
+
+def _plan(  # noqa: PLR0917 - _plan's inputs, plus whether it may search
+    work: Work,
+    request: PackRequest,
+    sizes: list[int],
+    settings: PlannerSettings,
+    budget: float,
+    search: bool = True,
+) -> PackPlan | None:
+    """Greedy, improved by CP-SAT when strictly better.  Without ``search``, ``None`` where
+    only running the solver could decide (everything before that point is the same)."""
     topology = work.topology
     frees = work.domain_frees()
     greedy_decision: Decision | None = None
@@ -128,7 +174,11 @@ def _plan(
     problem = PlacementModel.build(
         work, request, sizes, frees=frees, greedy=greedy_decision, settings=settings
     )
-    decision = (problem.evident() or problem.solve(settings, budget)) if problem else None
+    decision = problem.evident() if problem else None
+    if not decision and problem:
+        if not search:
+            return None
+        decision = problem.solve(settings, budget)
     if decision is None:
         return _greedy_result(greedy_plan, greedy_error)
     plan = realize(work.fork(), request, decision, SOLVER)
