@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
@@ -34,6 +35,8 @@ from gpu_fleet.core.funding.proposals import Proposer
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 
 _K = TypeVar("_K")
+
+_ACCEPTED_RANK = operator.attrgetter("rank")
 
 
 def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
@@ -199,8 +202,9 @@ def _hand_on(
 ) -> None:
     """Give ``out`` what ``base`` already computed, updated for the newcomers, instead of
     rebuilding it from every open lease: the lease-id order (each newcomer inserted where it
-    sorts) and the running totals of each envelope whose newcomers all rank last (so its rows
-    are ``base``'s followed by theirs; the usual case, newcomers being junior)."""
+    sorts) and each envelope's running totals, kept up to the row before the most senior
+    newcomer and accumulated again only from there (newcomers are junior, so that is near the
+    end: admissions at one instant rank by run name among themselves)."""
     if base._by_id is not None:
         by_id = list(base._by_id)
         for lease in new:
@@ -215,12 +219,11 @@ def _hand_on(
             out._totals[key] = totals  # the same rows (``accepted`` shares the list)
             continue
         held = base.accepted.get(key, ())
-        if held and min(ranks[key]) < held[-1].rank:
-            continue  # a newcomer sorts inside: ``width_up_to`` rebuilds on first use
-        appended = out.accepted[key][len(held) :]
-        more = itertools.accumulate(map(_WIDTH, appended), initial=totals[-1])
-        next(more)  # the initial value: ``totals`` ends with it already
-        out._totals[key] = [*totals, *more]
+        # Rows before ``first`` rank above every newcomer: the same rows, the same totals.
+        first = bisect.bisect_left(held, min(ranks[key]), key=_ACCEPTED_RANK)
+        more = itertools.accumulate(map(_WIDTH, out.accepted[key][first:]), initial=totals[first])
+        next(more)  # the initial value: ``totals[first]`` is kept already
+        out._totals[key] = [*totals[: first + 1], *more]
 
 
 def _hours_in_group(index: EnvelopeIndex, members: Sequence[EnvelopeKey]) -> bool:
