@@ -48,6 +48,9 @@ def same_fill(a: FillResult, b: FillResult) -> None:
     assert a.funding_class == b.funding_class
     assert a.rejections == b.rejections
     assert {k: v for k, v in a.accepted.items() if v} == {k: v for k, v in b.accepted.items() if v}
+    # what the meter's next piece reads (an extension hands it on when its base had it)
+    assert a.funded_pairs() == b.funded_pairs()
+    assert b.funded_pairs() == {(k, v) for k, v in b.payer.items() if v is not None}
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,6 +162,8 @@ def test_extend_fill_is_fill(data: st.DataObject) -> None:
         for key, rows in current.accepted.items():  # running totals an extension hands on
             if rows and data.draw(st.booleans()):
                 current.width_up_to(key, rows[-1].rank)
+        if data.draw(st.booleans()):
+            current.funded_pairs()  # handed on too
         ext = extend_fill(world.index, current, xs, runs, admitted, world.node_labels, T0, hours)
         leases += xs
         reference = fill(world.index, leases, runs, admitted, world.node_labels, T0, hours)

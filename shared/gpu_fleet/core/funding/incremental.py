@@ -211,6 +211,8 @@ def _hand_on(
             if lease.id in out.funding_class:  # a lease not live at the instant is left out
                 bisect.insort(by_id, (lease.id, out.funding_class[lease.id]))
         out._by_id = by_id
+    if base._pairs is not None:
+        out._pairs = base._pairs | {(c.lease.id, env.key) for _, c, env, _ in claims}
     ranks: dict[EnvelopeKey, list[tuple[object, ...]]] = defaultdict(list)
     for rank, _, env, _ in claims:
         ranks[env.key].append(rank)

@@ -34,7 +34,7 @@ import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar, cast
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
 from gpu_fleet.core.funding.family import Tier
@@ -127,6 +127,21 @@ class FillResult:
     # ``classes_by_id`` once computed; ``extend_fill`` hands it on with the newcomers inserted,
     # so a chain of admissions never sorts every open lease again (issue 11).
     _by_id: list[tuple[str, FundingClass]] | None = field(default=None, repr=False, compare=False)
+    # ``funded_pairs`` once computed; handed on the same way (a set copy keeps the hashes, a
+    # rebuild hashes every (lease, envelope) tuple again: 4 ms at 5k open leases).
+    _pairs: frozenset[tuple[str, EnvelopeKey]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def funded_pairs(self) -> frozenset[tuple[str, EnvelopeKey]]:
+        """(lease id, payer) of every funded lease: the next piece's ``previously_funded``."""
+        if self._pairs is None:
+            payer = self.payer
+            if None in payer.values():
+                self._pairs = frozenset((lid, env) for lid, env in payer.items() if env is not None)
+            else:
+                self._pairs = cast("frozenset[tuple[str, EnvelopeKey]]", frozenset(payer.items()))
+        return self._pairs
 
     def classes_by_id(self) -> list[tuple[str, FundingClass]]:
         """(lease id, class) in lease-id order: the order the meter charges in, since float
