@@ -31,7 +31,6 @@ from gpu_fleet.core.funding.matching import (
     _live,
     _new_claim,
 )
-from gpu_fleet.core.funding.proposals import Proposer
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 
 _K = TypeVar("_K")
@@ -82,7 +81,7 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         return None
     hours = hours or HoursView()
     period = hours.period_hours
-    proposer = Proposer(index, t)
+    proposer = base.proposer(index, t)
     payer = dict(base.payer)
     cls = dict(base.funding_class)
     rejections = dict(base.rejections)
@@ -190,6 +189,7 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         last_id = next(reversed(base.payer))
         ordered = not any(x.id < last_id for x in new if x.id in payer)
     out = FillResult(payer, cls, rejections, accepted, new_trace, ordered)
+    out._proposer = proposer
     _hand_on(base, out, new, claims)
     return out
 
@@ -211,8 +211,12 @@ def _hand_on(
             if lease.id in out.funding_class:  # a lease not live at the instant is left out
                 bisect.insort(by_id, (lease.id, out.funding_class[lease.id]))
         out._by_id = by_id
+    added = frozenset((c.lease.id, env.key) for _, c, env, _ in claims)
     if base._pairs is not None:
-        out._pairs = base._pairs | {(c.lease.id, env.key) for _, c, env, _ in claims}
+        out._pairs_parts = (base._pairs, added)
+    elif base._pairs_parts is not None:
+        known, earlier = base._pairs_parts
+        out._pairs_parts = (known, earlier | added)
     ranks: dict[EnvelopeKey, list[tuple[object, ...]]] = defaultdict(list)
     for rank, _, env, _ in claims:
         ranks[env.key].append(rank)

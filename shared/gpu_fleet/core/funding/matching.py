@@ -133,8 +133,28 @@ class FillResult:
         default=None, repr=False, compare=False
     )
 
+    # The proposer this matching used (its proposal lists are cached per owner, flavor,
+    # sponsors and location); an extension at the same instant reuses it.
+    _proposer: Proposer | None = field(default=None, repr=False, compare=False)
+
+    def proposer(self, index: EnvelopeIndex, t: float) -> Proposer:
+        """The proposer for ``index`` at ``t``: this matching's own if it is that one."""
+        mine = self._proposer
+        if mine is not None and mine.index is index and mine.t == t:
+            return mine
+        return Proposer(index, t)
+
+    # Or, handed on by extensions and not read yet: a matching's pairs and those added since
+    # (the union is taken when first read - once per metered piece, not once per admission).
+    _pairs_parts: (
+        tuple[frozenset[tuple[str, EnvelopeKey]], frozenset[tuple[str, EnvelopeKey]]] | None
+    ) = field(default=None, repr=False, compare=False)
+
     def funded_pairs(self) -> frozenset[tuple[str, EnvelopeKey]]:
         """(lease id, payer) of every funded lease: the next piece's ``previously_funded``."""
+        if self._pairs is None and self._pairs_parts is not None:
+            known, added = self._pairs_parts
+            self._pairs = known | added
         if self._pairs is None:
             payer = self.payer
             if None in payer.values():
@@ -247,7 +267,8 @@ def _fill(  # noqa: PLR0917 - fill's inputs
     t: float,
     hours: HoursView,
 ) -> FillResult:
-    claims, payer, cls, rejections = _claims(index, leases, runs, admitted, node_labels, t)
+    proposer = Proposer(index, t)
+    claims, payer, cls, rejections = _claims(proposer, leases, runs, admitted, node_labels, t)
     trace = FillTrace()
     held = _match(index, claims, hours, trace)
     accepted_view: dict[EnvelopeKey, list[Accepted]] = {}
@@ -264,11 +285,13 @@ def _fill(  # noqa: PLR0917 - fill's inputs
             cls[lease_id] = _CLASS_OF_RANK[rank_class]
     for c in claims:
         rejections[c.lease.id] = c.rejections
-    return FillResult(payer, cls, rejections, accepted_view, trace)
+    out = FillResult(payer, cls, rejections, accepted_view, trace)
+    out._proposer = proposer
+    return out
 
 
 def _claims(  # noqa: PLR0917 - fill's inputs
-    index: EnvelopeIndex,
+    proposer: Proposer,
     leases: Sequence[Lease],
     runs: Mapping[str, Run],
     admitted: Mapping[str, Instant],
@@ -282,8 +305,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
 ]:
     """One claim per lease live at ``t``, in lease-id order, with the envelopes it proposes to;
     every lease starts unfunded.  Proposal lists are looked up once per (run, node)."""
-    proposer = Proposer(index, t)
-    owner_of = index.family.owner_of
+    owner_of = proposer.index.family.owner_of
     claims: list[_Claim] = []
     payer: dict[str, EnvelopeKey | None] = {}
     cls: dict[str, FundingClass] = {}
