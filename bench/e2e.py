@@ -21,6 +21,10 @@ request/reply round trip to a trivial responder in another process.
 
     .venv/bin/python bench/e2e.py            # 1k nodes (2k open runs), 10k nodes (5k open)
     .venv/bin/python bench/e2e.py --quick    # 1k nodes, 1k open runs, fewer submissions
+    .venv/bin/python bench/e2e.py --nodes 10000 --burst 4000   # one fleet, a longer burst
+
+On stderr it also prints the five slowest one-at-a-time submissions (where p99 comes from) and
+announces the burst as it starts (so a profiler such as py-spy can attach to the manager then).
 """
 
 from __future__ import annotations
