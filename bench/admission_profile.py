@@ -1,7 +1,7 @@
 """Admission cost in the engine alone: where the time of one admission goes, at fleet scale.
 
 Run: ``.venv/bin/python bench/admission_profile.py [--quick] [--nodes N] [--open N] [--runs N]
-[--planner greedy|cpsat] [--profile]``.
+[--per-instant N] [--planner greedy|cpsat] [--profile]``.
 
 World (the shape of ``bench/e2e.py``, without NATS): ``--nodes`` 8-GPU nodes in fabric domains
 of 32, one Budget whose one envelope covers the whole fleet, ``--open`` 8-GPU runs already
@@ -85,12 +85,14 @@ def run_doc(name: str, gpus: int = 8) -> Run:
     return run
 
 
-def admit_many(fleet: Fleet, prefix: str, n: int, t0: int) -> tuple[int, int]:
-    """Admit ``n`` runs one by one, one second apart; (admitted, last instant)."""
+def admit_many(fleet: Fleet, prefix: str, n: int, t0: int, per_instant: int = 1) -> tuple[int, int]:
+    """Admit ``n`` runs one by one, ``per_instant`` per second (a group commit decides the
+    commands waiting together at one wall-clock second); (admitted, last instant)."""
     started = 0
     t = t0
     for i in range(n):
-        t += 1
+        if i % per_instant == 0:
+            t += 1
         fleet.apply(run_doc(f"{prefix}{i:05d}"), t)
         st = fleet.state.status.get(f"team/{prefix}{i:05d}")
         started += st is not None and st.phase == "Running"
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--open", type=int, default=0, help="runs already running before timing")
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--planner", choices=("cpsat", "greedy"), default="cpsat")
+    ap.add_argument("--per-instant", type=int, default=1, help="admissions per clock second")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args(argv)
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if prof is not None:
         prof.enable()
-    started, _ = admit_many(fleet, "run", runs, t)
+    started, _ = admit_many(fleet, "run", runs, t, max(1, args.per_instant))
     if prof is not None:
         prof.disable()
     elapsed = time.perf_counter() - t_start
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     fold_s, _ = timed(lambda: fold_all(history))
     fold_share = fold_s * (len(history) - before) / max(1, len(history))
     print(
-        f"nodes {nodes}, open runs {args.open}, planner {args.planner}: {started}/{runs} "
+        f"nodes {nodes}, open runs {args.open}, planner {args.planner}, "
+        f"{max(1, args.per_instant)} per instant: {started}/{runs} "
         f"admitted in {elapsed:.2f} s = {runs / elapsed:.1f} admissions/s "
         f"({elapsed / runs * 1000:.2f} ms each)"
     )

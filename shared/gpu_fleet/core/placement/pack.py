@@ -224,8 +224,13 @@ class Work:
         return own if own is not None else self.topology.domain_free(domain)
 
     def domain_frees(self) -> dict[str, int]:
-        """Free GPUs of every domain (a fresh dict the caller may mutate)."""
-        return {k: self.domain_free(k) for k in self.topology.domain_keys()}
+        """Free GPUs of every domain in SPEC order (a fresh dict the caller may mutate): the
+        snapshot's, with this plan's own counts over it."""
+        out = self.topology.domain_frees()
+        for key, free in self._dom_free.items():
+            if key in out:
+                out[key] = free
+        return out
 
     def take(self, node: str, n: int) -> tuple[str, ...]:
         """Take the ``n`` lowest free ordinals of ``node``."""

@@ -86,6 +86,7 @@ class Topology:
         "_capacity",
         "_domain_free",
         "_domains",
+        "_frees_in_order",
         "_nodes",
         "_order",
         "_total_free",
@@ -108,6 +109,7 @@ class Topology:
         }
         self._order = sorted(self._domains, key=lambda k: (-self._domain_free[k], k))
         self._total_free = sum(self._domain_free.values())
+        self._frees_in_order: dict[str, int] | None = None
 
     def with_nodes(
         self, skeleton: Skeleton, held: Mapping[str, Collection[int]], changed: Collection[str]
@@ -138,6 +140,7 @@ class Topology:
         other._domain_free = domain_free
         other._order = sorted(domain_free, key=lambda k: (-domain_free[k], k))
         other._total_free = sum(domain_free.values())
+        other._frees_in_order = None
         return other
 
     # -- domains ---------------------------------------------------------------------------
@@ -149,6 +152,18 @@ class Topology:
     def domain_keys(self) -> tuple[str, ...]:
         """Domain keys in SPEC order (cheaper than ``domains()`` when only keys are needed)."""
         return tuple(self._order)
+
+    def domain_frees(self) -> dict[str, int]:
+        """Free GPUs of every domain, in SPEC order (a fresh dict the caller may mutate).
+
+        Built once per snapshot: every plan starts from it (``Work.domain_frees``), and a
+        per-domain lookup for each of a 10k-node fleet's 313 domains was a tenth of a plan.
+        """
+        cached = self._frees_in_order
+        if cached is None:
+            free = self._domain_free
+            cached = self._frees_in_order = {k: free[k] for k in self._order}
+        return dict(cached)
 
     def domain(self, domain_key: str) -> Domain:
         return self._domains[domain_key]
