@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpu_fleet.core.model import Node, NodeHealth
 from gpu_fleet.core.placement import (
@@ -12,6 +15,7 @@ from gpu_fleet.core.placement import (
     node_location,
     parse_slot,
 )
+from gpu_fleet.core.placement.topology import compile_nodes, topology_from
 
 H100 = "H100-80GB"
 
@@ -128,3 +132,47 @@ def test_parse_slot() -> None:
     assert parse_slot("a#b#12") == ("a#b", 12)
     assert parse_slot("a1") is None
     assert parse_slot("a1#-1") is None
+
+
+# ------------------------------------------------------------------------------------------
+# Incremental snapshots (issue 11): ``with_nodes`` is ``topology_from`` of the new holdings
+# ------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.lists(st.tuples(st.integers(0, 11), st.sets(st.integers(0, 7), max_size=8)), max_size=12),
+)
+def test_with_nodes_is_a_fresh_snapshot(domains: int, changes: list[tuple[int, set[int]]]) -> None:
+    """Chained updates - each naming the nodes whose held ordinals changed - give the same
+    domains (in SPEC order), free counts and free ordinals as building from scratch."""
+    nodes = [
+        msgspec.convert(
+            {
+                "name": f"n{i:02d}",
+                "gpus": 8,
+                "labels": {
+                    "gpu.flavor": "H100",
+                    "region": "r1",
+                    "cluster": "c1",
+                    "fabric.domain": f"d{i % domains}",
+                },
+            },
+            Node,
+        )
+        for i in range(12)
+    ]
+    skeleton = compile_nodes(nodes, "H100")
+    held: dict[str, set[int]] = {}
+    current = topology_from(skeleton, held)
+    for index, ordinals in changes:
+        name = f"n{index:02d}"
+        held[name] = set(ordinals)
+        current = current.with_nodes(skeleton, held, [name])
+        fresh = topology_from(skeleton, held)
+        assert current.domain_keys() == fresh.domain_keys()
+        assert current.domain_frees() == fresh.domain_frees()
+        assert list(current.domain_frees()) == list(fresh.domain_frees())
+        for node in nodes:
+            assert current.free_ordinals(node.name) == fresh.free_ordinals(node.name)

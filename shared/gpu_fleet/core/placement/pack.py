@@ -37,6 +37,7 @@ domains holding busy GPUs, largest first.  The forecaster turns this into ``defi
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import msgspec
@@ -463,12 +464,16 @@ def _decide_fill(topology: Topology, request: PackRequest, frees: dict[str, int]
             _charge_busy(topology, frees, total - have),
         )
     preferred = set(preferred_present(topology, request))
-    order = sorted(frees, key=lambda k: (k not in preferred, -frees[k], k))
+    # Domains in (not preferred, free descending, key) order, popped only as far as needed:
+    # a fill usually ends in its first domain, and sorting all of them was most of a plan.
+    order = [(k not in preferred, -f, k) for k, f in frees.items()]
+    heapq.heapify(order)
     placed: list[tuple[int, str]] = []
     left = total
-    for d in order:
+    while order:
         if left == 0:
             break
+        d = heapq.heappop(order)[2]
         k = min(frees[d], left)
         if k > 0:
             placed.append((k, d))

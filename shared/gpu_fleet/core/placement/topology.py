@@ -29,6 +29,7 @@ overlay (see ``pack``).
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
@@ -130,15 +131,22 @@ class Topology:
         other._capacity = self._capacity
         nodes = dict(self._nodes)
         domain_free = dict(self._domain_free)
+        moved: set[str] = set()
         for name in touched:
             info = nodes[name]
             free = _free_of(info.gpus, held.get(name), skeleton.schedulable(name))
             if free != info.free:
                 nodes[name] = _NodeInfo(info.domain, info.gpus, info.labels, free)
                 domain_free[info.domain] += len(free) - len(info.free)
+                moved.add(info.domain)
         other._nodes = nodes
         other._domain_free = domain_free
-        other._order = sorted(domain_free, key=lambda k: (-domain_free[k], k))
+        # SPEC order (free GPUs descending, key ascending): the other domains keep their places
+        # relative to each other, so only those whose free count moved are placed again.
+        order = [k for k in self._order if k not in moved] if moved else list(self._order)
+        for key in sorted(moved):
+            bisect.insort(order, key, key=lambda k: (-domain_free[k], k))
+        other._order = order
         other._total_free = sum(domain_free.values())
         other._frees_in_order = None
         return other
