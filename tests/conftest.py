@@ -66,7 +66,10 @@ async def _asyncio_task_guard() -> AsyncIterator[None]:
     names = sorted(f"{t.get_name()}: {t.get_coro()!r}" for t in leaked)
     for task in leaked:  # clean up so the loop closes quietly, then report
         task.cancel()
-    await asyncio.gather(*leaked, return_exceptions=True)
+    # A task that swallows its cancellation must fail the test by name, not hang it.
+    _, stuck = await asyncio.wait(leaked, timeout=10)
+    if stuck:
+        names += [f"(ignored cancel) {t.get_name()}: {t.get_coro()!r}" for t in stuck]
     pytest.fail("the test left asyncio tasks pending:\n  " + "\n  ".join(names), pytrace=False)
 
 

@@ -223,6 +223,40 @@ def test_shrink_fill_is_fill(data: st.DataObject) -> None:
         current = nxt if nxt is not None and data.draw(st.booleans()) else reference
 
 
+def test_extension_totals_when_newcomers_straddle_a_held_row() -> None:
+    """Two newcomers on one envelope, one ranked above a held row (a loan the sponsor granted)
+    and one below it (a plain sponsor claim): the handed-on running totals must start at the
+    most senior newcomer (found by review: a property run never drew this)."""
+    budgets = [
+        budget("c1", "org:c1", [env("e", 8, flavor="A100")]),
+        budget("s", "org:s", [env("e0", 16, selector={"region": "*"}, lend=True, lend_to=["*"])]),
+    ]
+    old, new = run("c1", "old", 8, sponsors=["org:s"]), run("c1", "new", 8, sponsors=["org:s"])
+    runs = {old.key: old, new.key: new}
+    admitted = {old.key: T0, new.key: T0 + MINUTE}
+    held = [lease("a", old.key, 2)]
+    world = World(
+        budgets, runs.values(), held, nodes=[node("n1", 64, region="r1")], admitted=admitted
+    )
+    base = world.fill()
+    key = base.payer["a"]
+    assert key is not None
+    base.width_up_to(key, base.accepted[key][-1].rank)  # totals the extension hands on
+    loan = Payer(namespace="s", budget="s", envelope="e0", owner="")
+    newcomers = [
+        lease("b", new.key, 3, first=2, minted=loan),
+        lease("c", new.key, 1, first=5, group=1),
+    ]
+    ext = extend_fill(world.index, base, newcomers, runs, admitted, world.node_labels, T0)
+    reference = fill(world.index, held + newcomers, runs, admitted, world.node_labels, T0)
+    assert ext is not None
+    same_fill(ext, reference)
+    rows = reference.accepted[key]
+    assert [r.rank[-1] for r in rows] == ["b", "a", "c"]  # the newcomers straddle "a"
+    for row in rows:
+        assert ext.width_up_to(key, row.rank) == senior_width(rows, row.rank)
+
+
 def test_extend_fill_takes_the_newcomer_that_fits() -> None:
     """The shortcut fires for the common cases - a later run that fits its own envelope, or
     any run where everyone fits together - and refuses where the answer could differ."""

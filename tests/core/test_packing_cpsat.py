@@ -312,7 +312,12 @@ def test_planning_without_search_answers_what_planning_answers(
     if failed is not None:
         with pytest.raises(PackError) as again:
             plan_placement(t, request)
-        assert (again.value.kind, again.value.message) == (failed.kind, failed.message)
+        caught = again.value
+        assert (caught.kind, caught.message, caught.shortfall) == (
+            failed.kind,
+            failed.message,
+            failed.shortfall,
+        )
         event("exact failure")
         return
     if quick is None:

@@ -284,7 +284,7 @@ class Manager(Actor):
                     return reply.plan
                 log.warning("binder.plan_rejected", seq=fleet.seq)
             self.observer.inc("gpu_fleet_manager_plans_total", "fallback")
-        elif self.config.use_binder:
+        elif self.config.use_binder and fleet.topology_ahead:
             self.observer.inc("gpu_fleet_manager_plans_total", "ahead")
         return plan_placement(topology, request)
 
