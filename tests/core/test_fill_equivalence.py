@@ -14,10 +14,9 @@ from builders import T0, World
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reference_matching import reference_fill
-from test_incremental import NODES, budgets_of, hours_views, new_run
+from test_incremental import NODES, budgets_of, drawn_runs, hours_views
 
 from gpu_fleet.core.funding import FillResult, HoursView, fill
-from gpu_fleet.core.model import Lease, Run
 
 EQUIV = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -46,14 +45,8 @@ def same_matching(a: FillResult, b: FillResult) -> None:
 def test_fill_is_the_reference_matching(data: st.DataObject) -> None:
     budgets = data.draw(budgets_of())
     hours = data.draw(hours_views(budgets))
-    slots = {"n1": 0, "n2": 0}
-    runs: dict[str, Run] = {}
-    admitted: dict[str, int] = {}
-    leases: list[Lease] = []
-    for i in range(data.draw(st.integers(0, 14))):
-        r, t, xs = data.draw(new_run(f"r{i}", slots))
-        runs[r.key], admitted[r.key] = r, t
-        leases += xs
+    drawn = drawn_runs(data, "r", 14)
+    runs, admitted, leases = drawn.runs, drawn.admitted, drawn.leases
     world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
     pairs = sorted((x.id, k) for x in leases for k in world.index.envelopes)
     funded = data.draw(st.sets(st.sampled_from(pairs))) if pairs else set()

@@ -9,6 +9,7 @@ generated event sequences (admit, close, window open/close, budget change, hours
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -146,6 +147,29 @@ def hours_views(draw: st.DrawFn, budgets: list[Budget]) -> HoursView:
     return HoursView(draw(st.sampled_from([1.0, 24.0])), rem_env, rem_cap)
 
 
+@dataclass
+class Drawn:
+    """Runs drawn one after another on the two nodes (``slots``: each node's next free slot)."""
+
+    slots: dict[str, int] = field(default_factory=lambda: {"n1": 0, "n2": 0})
+    runs: dict[str, Run] = field(default_factory=dict)
+    admitted: dict[str, int] = field(default_factory=dict)
+    leases: list[Lease] = field(default_factory=list)
+
+    def add(self, data: st.DataObject, name: str) -> list[Lease]:
+        r, t, xs = data.draw(new_run(name, self.slots))
+        self.runs[r.key], self.admitted[r.key] = r, t
+        self.leases += xs
+        return xs
+
+
+def drawn_runs(data: st.DataObject, prefix: str, most: int, least: int = 0) -> Drawn:
+    out = Drawn()
+    for i in range(data.draw(st.integers(least, most))):
+        out.add(data, f"{prefix}{i}")
+    return out
+
+
 @PROPS
 @given(st.data())
 def test_extend_fill_is_fill(data: st.DataObject) -> None:
@@ -153,27 +177,19 @@ def test_extend_fill_is_fill(data: st.DataObject) -> None:
     chained over several newcomers, each extending the previous result."""
     budgets = data.draw(budgets_of())
     hours = data.draw(hours_views(budgets))
-    slots = {"n1": 0, "n2": 0}
-    runs: dict[str, Run] = {}
-    admitted: dict[str, int] = {}
-    leases: list[Lease] = []
-    for i in range(data.draw(st.integers(0, 6))):
-        r, t, xs = data.draw(new_run(f"old{i}", slots))
-        runs[r.key], admitted[r.key] = r, t
-        leases += xs
-    world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
+    drawn = drawn_runs(data, "old", 6)
+    runs, admitted = drawn.runs, drawn.admitted
+    world = World(budgets, runs.values(), drawn.leases, nodes=NODES, admitted=admitted)
     current = world.fill(T0, hours)
     for i in range(data.draw(st.integers(1, 4))):
-        r, t, xs = data.draw(new_run(f"new{i}", slots))
-        runs[r.key], admitted[r.key] = r, t
+        xs = drawn.add(data, f"new{i}")
         for key, rows in current.accepted.items():  # running totals an extension hands on
             if rows and data.draw(st.booleans()):
                 current.width_up_to(key, rows[-1].rank)
         if data.draw(st.booleans()):
             current.funded_pairs()  # handed on too
         ext = extend_fill(world.index, current, xs, runs, admitted, world.node_labels, T0, hours)
-        leases += xs
-        reference = fill(world.index, leases, runs, admitted, world.node_labels, T0, hours)
+        reference = fill(world.index, drawn.leases, runs, admitted, world.node_labels, T0, hours)
         event("extended" if ext is not None else "matched afresh")
         if ext is not None:
             same_fill(ext, reference)
@@ -192,30 +208,23 @@ def test_shrink_fill_is_fill(data: st.DataObject) -> None:
     chained with newcomers and departures in any order."""
     budgets = data.draw(budgets_of())
     hours = data.draw(hours_views(budgets))
-    slots = {"n1": 0, "n2": 0}
-    runs: dict[str, Run] = {}
-    admitted: dict[str, int] = {}
-    leases: list[Lease] = []
-    for i in range(data.draw(st.integers(1, 6))):
-        r, t, xs = data.draw(new_run(f"old{i}", slots))
-        runs[r.key], admitted[r.key] = r, t
-        leases += xs
-    world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
+    drawn = drawn_runs(data, "old", 6, least=1)
+    runs, admitted = drawn.runs, drawn.admitted
+    world = World(budgets, runs.values(), drawn.leases, nodes=NODES, admitted=admitted)
     current: FillResult | None = world.fill(T0, hours)
     for i in range(data.draw(st.integers(1, 5))):
-        if leases and data.draw(st.booleans()):
-            gone = data.draw(st.lists(st.sampled_from(leases), min_size=1, max_size=3))
-            leases = [x for x in leases if x not in gone]
+        if drawn.leases and data.draw(st.booleans()):
+            gone = data.draw(st.lists(st.sampled_from(drawn.leases), min_size=1, max_size=3))
+            drawn.leases = [x for x in drawn.leases if x not in gone]
             nxt = shrink_fill(current, gone) if current is not None else None
         else:
-            r, t, xs = data.draw(new_run(f"new{i}", slots))
-            runs[r.key], admitted[r.key] = r, t
+            xs = drawn.add(data, f"new{i}")
             nxt = (
                 extend_fill(world.index, current, xs, runs, admitted, world.node_labels, T0, hours)
                 if current is not None
                 else None
             )
-            leases += xs
+        leases = drawn.leases
         reference = fill(world.index, leases, runs, admitted, world.node_labels, T0, hours)
         event("derived" if nxt is not None else "matched afresh")
         if nxt is not None:

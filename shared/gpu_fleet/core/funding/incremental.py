@@ -20,6 +20,7 @@ from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, locati
 from gpu_fleet.core.funding.family import Tier
 from gpu_fleet.core.funding.matching import (
     _WIDTH,
+    CLASS_OF_RANK,
     LOAN,
     SPONSOR,
     Accepted,
@@ -162,20 +163,14 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         used[key] += w
     accepted = dict(base.accepted)
     copied: set[EnvelopeKey] = set()
-    for rank, c, env, tier in claims:
+    for rank, c, env, _ in claims:
         if env.key not in copied:
             copied.add(env.key)
             accepted[env.key] = list(accepted.get(env.key, ()))
         row = Accepted(rank, c.lease.width, int(rank[0]))  # type: ignore[call-overload]
         bisect.insort(accepted[env.key], row, key=lambda a: a.rank)
         payer[c.lease.id] = env.key
-        cls[c.lease.id] = (
-            FundingClass.OWNED
-            if tier is Tier.OWNER
-            else FundingClass.SHARED
-            if tier is not Tier.NONE
-            else FundingClass.BORROWED
-        )
+        cls[c.lease.id] = CLASS_OF_RANK[row.rank_class]
     new_trace = FillTrace(
         junior,
         _plus(trace.used, used),

@@ -222,10 +222,19 @@ class _Claim:
 
     def rank_at(self, env: EnvelopeInfo, tier: Tier) -> tuple[object, ...]:
         """The claim's rank on ``env``, whose owner is ``tier`` to the claim's owner."""
-        if tier is Tier.NONE:
-            granted = self.lease.minted_payer is not None and self.lease.minted_payer.key == env.key
-            return (LOAN if granted else SPONSOR, *self.tail)
-        return (int(tier), *self.tail)
+        return (_rank_class(int(tier), self.lease, env), *self.tail)
+
+
+def _rank_class(tier: int, lease: Lease, env: EnvelopeInfo) -> int:
+    """A rank's first element: the family tier, or for no family a loan the envelope granted
+    (minted on it) or a sponsor claim that only takes free headroom."""
+    if tier != _NO_TIER:
+        return tier
+    minted = lease.minted_payer
+    return LOAN if minted is not None and minted.key == env.key else SPONSOR
+
+
+_NO_TIER = int(Tier.NONE)
 
 
 _RANK = operator.itemgetter(0)
@@ -234,7 +243,7 @@ _ID = operator.attrgetter("id")
 _Entry = tuple[tuple[object, ...], _Claim, EnvelopeInfo]
 """A claim before an envelope: its rank there, the claim, the envelope."""
 
-_CLASS_OF_RANK = {
+CLASS_OF_RANK = {
     LOAN: FundingClass.BORROWED,
     SPONSOR: FundingClass.BORROWED,
     int(Tier.OWNER): FundingClass.OWNED,
@@ -244,6 +253,7 @@ _CLASS_OF_RANK = {
 }
 
 
+@paused_gc()  # a million acyclic temporaries at 100k leases (core.gcpause)
 def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in one fixed order
     index: EnvelopeIndex,
     leases: Sequence[Lease],
@@ -254,19 +264,7 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
     hours: HoursView | None = None,
 ) -> FillResult:
     """Run the matching over the leases live at ``t`` and classify each one."""
-    with paused_gc():  # a million acyclic temporaries at 100k leases (core.gcpause)
-        return _fill(index, leases, runs, admitted, node_labels, t, hours or HoursView())
-
-
-def _fill(  # noqa: PLR0917 - fill's inputs
-    index: EnvelopeIndex,
-    leases: Sequence[Lease],
-    runs: Mapping[str, Run],
-    admitted: Mapping[str, Instant],
-    node_labels: Mapping[str, Mapping[str, str]],
-    t: float,
-    hours: HoursView,
-) -> FillResult:
+    hours = hours or HoursView()
     proposer = Proposer(index, t)
     claims, payer, cls, rejections = _claims(proposer, leases, runs, admitted, node_labels, t)
     trace = FillTrace()
@@ -282,7 +280,7 @@ def _fill(  # noqa: PLR0917 - fill's inputs
             rows.append(Accepted(rank, c.width, rank_class))
             lease_id = c.lease.id
             payer[lease_id] = key
-            cls[lease_id] = _CLASS_OF_RANK[rank_class]
+            cls[lease_id] = CLASS_OF_RANK[rank_class]
     for c in claims:
         rejections[c.lease.id] = c.rejections
     out = FillResult(payer, cls, rejections, accepted_view, trace)
@@ -474,13 +472,7 @@ class _RankClasses:
         tier = self._tiers.get(pair)
         if tier is None:
             tier = self._tiers[pair] = int(self._tier(*pair))
-        if tier != _NO_TIER:
-            return tier
-        minted = c.lease.minted_payer
-        return LOAN if minted is not None and minted.key == env.key else SPONSOR
-
-
-_NO_TIER = int(Tier.NONE)
+        return _rank_class(tier, c.lease, env)
 
 
 def _capped_loan(entry: _Entry) -> bool:

@@ -167,7 +167,7 @@ def advance_meter(
             if crossing is not None and t + crossing < nxt:
                 nxt = max(t + crossing, t + _MIN_STEP)
         _accrue(meter, inputs, f, t, nxt)
-        meter.previously_funded = _funded_pairs(f)
+        meter.previously_funded = f.funded_pairs()
         last = (t, f)
         t = nxt
     meter.t = max(meter.t, to)
@@ -198,12 +198,6 @@ def evaluate(
             inputs.index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, at, view
         )
         return summarize(meter, inputs, f, at)
-
-
-def _funded_pairs(f: FillResult) -> frozenset[tuple[str, EnvelopeKey]]:
-    """(lease id, payer) of every funded lease (``FillResult.funded_pairs``, computed once per
-    matching and handed on by ``extend_fill``: it is read once per metered piece)."""
-    return f.funded_pairs()
 
 
 def _accrue(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: float) -> None:

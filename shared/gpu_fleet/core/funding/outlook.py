@@ -31,7 +31,6 @@ from gpu_fleet.core.funding.metering import (
     _accrue,
     _boundaries,
     _crossing_seconds,
-    _funded_pairs,
     advance_meter,
 )
 from gpu_fleet.core.model import EnvelopeKey, Instant
@@ -88,7 +87,7 @@ def demotions(meter: Meter, inputs: FundingInputs, now: float, horizon: float) -
             if crossing is not None and t + crossing < nxt:
                 nxt = max(t + crossing, t + _MIN_STEP)
         _accrue(m, inputs, f, t, nxt)
-        m.previously_funded = _funded_pairs(f)
+        m.previously_funded = f.funded_pairs()
         m.t = nxt
         t = nxt
         view = m.hours_view(index, inputs.period_hours)
