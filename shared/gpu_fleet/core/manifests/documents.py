@@ -67,35 +67,12 @@ _YAML11_TAGS_DROPPED = frozenset(
 )
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema scalars and no silent duplicate keys.
-
-    Why: with YAML 1.1 resolution a selector value ``no`` becomes ``False``, a leading-zero count
-    becomes octal and ``start: 2026-01-01T00:00:00Z`` becomes a datetime, so what the user sees is
-    not what we validate.  Under this loader a plain scalar is a bool only for true/false, a number
-    only in decimal (or ``.inf``/``.nan``, which the float check then rejects), and everything else
-    stays a string; timestamps are parsed by the validator, which can say what is wrong with them.
-    """
+class _Strict(yaml.constructor.SafeConstructor):
+    """What both loaders add to PyYAML's safe constructor: bounds measured on the node graph
+    before anything is constructed, and no silent duplicate keys."""
 
     document = -1  # index of the document being loaded, for ``documents[i]`` in bound errors
-    depth = 0  # nesting of the node being composed
     bounds = MANIFEST_BOUNDS
-
-    def compose_document(self) -> yaml.Node | None:
-        self.document += 1
-        return super().compose_document()
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        # The composer recurses per level and PyYAML's scanner slows down with flow nesting, so
-        # a deep document is cut off here, while composing, long before Python's own limit.
-        self.depth += 1
-        try:
-            if self.depth > self.bounds.depth:
-                limit = self.bounds.depth
-                raise _BoundError(self.document, f"nested more than {limit} levels deep")
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
 
     def construct_document(self, node: yaml.Node) -> Any:
         problem = _graph_problem(node, self.bounds)
@@ -120,6 +97,37 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _Loader(_Strict, yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core-schema scalars and no silent duplicate keys.
+
+    Why: with YAML 1.1 resolution a selector value ``no`` becomes ``False``, a leading-zero count
+    becomes octal and ``start: 2026-01-01T00:00:00Z`` becomes a datetime, so what the user sees is
+    not what we validate.  Under this loader a plain scalar is a bool only for true/false, a number
+    only in decimal (or ``.inf``/``.nan``, which the float check then rejects), and everything else
+    stays a string; timestamps are parsed by the validator, which can say what is wrong with them.
+
+    This pure-Python loader is the reference: ``_FastLoader`` only ever answers what it would.
+    """
+
+    depth = 0  # nesting of the node being composed
+
+    def compose_document(self) -> yaml.Node | None:
+        self.document += 1
+        return super().compose_document()
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # The composer recurses per level and PyYAML's scanner slows down with flow nesting, so
+        # a deep document is cut off here, while composing, long before Python's own limit.
+        self.depth += 1
+        try:
+            if self.depth > self.bounds.depth:
+                limit = self.bounds.depth
+                raise _BoundError(self.document, f"nested more than {limit} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_TAGS_DROPPED]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
@@ -138,6 +146,38 @@ _Loader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+
+
+_FastLoader: type[_Strict] | None = None
+"""The same loader over libyaml's C scanner, parser and composer (about ten times faster), where
+PyYAML was built with it.  Why it is safe to use: libyaml cuts nesting at 1,000 levels (so its
+recursive composer cannot exhaust the C stack), the node graph it composes goes through the same
+bounds, resolvers and constructor, and it is used only on text in ``_libyaml_agrees``'s subset."""
+if yaml.__with_libyaml__:
+
+    class _CLoader(_Strict, yaml.CSafeLoader):
+        """``_Loader``'s resolvers and constructor on libyaml's parser."""
+
+    _CLoader.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
+    _FastLoader = _CLoader
+
+_PLAIN_TEXT = re.compile(r"[\x20-\x7e\n]*")
+_GLUED_COLON = re.compile(r":[^ \n]")
+
+
+def _libyaml_agrees(text: str) -> bool:
+    """Is ``text`` in the subset where libyaml reads exactly what PyYAML's own parser reads?
+
+    Outside it the two differ (found by fuzzing both on the same texts): libyaml accepts tabs,
+    byte-order marks and next-line characters where PyYAML refuses them, reads a bare tag
+    (``!``) or a block scalar header followed by a comment (``|#``, ``>#``) differently, and
+    accepts a colon glued to a plain scalar inside a flow collection (``[a:b]``).  Inside it,
+    ``tests/core/test_documents_fast.py`` checks that whatever libyaml reads PyYAML reads
+    equally.  A manifest a person or the CLI writes is almost always inside it.
+    """
+    if not _PLAIN_TEXT.fullmatch(text) or "!" in text or "|" in text or ">" in text:
+        return False
+    return not (("[" in text or "{" in text) and _GLUED_COLON.search(text))
 
 
 class _Dumper(yaml.SafeDumper):
@@ -263,12 +303,14 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return " ".join(str(exc).split())
 
 
-def _load_all(text: str, bounds: DocumentBounds) -> Iterator[Any]:
-    """``yaml.load_all`` with ``_Loader`` carrying ``bounds`` (same loop as PyYAML's own)."""
-    loader = _Loader(text)
+def _load_all(
+    text: str, bounds: DocumentBounds, loader_class: type[_Strict] = _Loader
+) -> Iterator[Any]:
+    """``yaml.load_all`` with ``loader_class`` carrying ``bounds`` (PyYAML's own loop)."""
+    loader: Any = loader_class(text)  # type: ignore[call-arg]
     loader.bounds = bounds
     try:
-        while loader.check_data():  # type: ignore[no-untyped-call]
+        while loader.check_data():
             yield loader.get_data()
     finally:
         loader.dispose()
@@ -300,6 +342,11 @@ def load_documents(
             if over is not None:
                 raise ManifestError([FieldError("documents[0]", over)], source=source)
             return [value]
+    if _FastLoader is not None and _libyaml_agrees(text):
+        try:
+            return list(_load_all(text, bounds, _FastLoader))
+        except (yaml.YAMLError, _BoundError, RecursionError, ValueError):
+            pass  # not for the fast path to word: the reference loader says what is wrong
     try:
         return list(_load_all(text, bounds))  # _Loader is a SafeLoader
     except yaml.YAMLError as exc:

@@ -1,0 +1,131 @@
+"""libyaml's fast path answers exactly what the pure-Python reference loader answers.
+
+``load_documents`` reads text inside ``_libyaml_agrees``'s subset with libyaml's C parser (about
+ten times faster: the manager parses every submission on its event loop) and everything else,
+and every text the fast path cannot read, with the pure-Python ``_Loader``.  The property: for
+any text, ``load_documents`` returns the same documents, or the same errors, as the reference
+alone.  The alphabet is the one a fuzz of both parsers found their differences with (tabs,
+byte-order marks, bare tags, block-scalar headers, colons glued to flow scalars), so the subset's
+exclusions are exercised, not only its inside.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpu_fleet.core.manifests import ManifestError, load_documents
+from gpu_fleet.core.manifests import documents as docs_module
+from gpu_fleet.core.manifests.documents import INVENTORY_BOUNDS, MAX_DEPTH, _libyaml_agrees
+
+PIECES = [
+    *":- [],{}\n\n#'\"&*!|>\tab01. %?@`\\~=<;$()^_/+Z",
+    *["\ufeff", "\x85", "\u00e9", "true", "no", "010", "1:30", "2026-01-01T00:00:00Z", "a: "],
+    *["- ", "&x ", "*x", "---\n", "...\n", "  ", "null", "~", ".inf", "-1", "0x1", "1e3"],
+    *["'a''b'", '"\\u00e9"', '"\\t"', "<<: *x\n", "? a\n: b\n", "{a: 1, a: 2}", "|\n  x\n"],
+    *["a:b", ":x", "[a:b]", "{a: b:c}"],
+]
+
+DIFFERENCES = [  # texts libyaml and PyYAML read differently: the subset must leave them out
+    "00no\t- \\{",
+    "bno\ufeff\t\ufeff...\n",
+    '1:30>2026-01-01!  \\b{"\x85b -:>&x b@',
+    "!\n",
+    ">#010 - ",
+    "|#\\[{?",
+    '[\\:@?"\\]',
+]
+
+RUN = (
+    "apiVersion: rq.davidlangworthy.io/v1\nkind: Run\n"
+    "metadata: {name: burst00001, namespace: team}\n"
+    "spec: {resources: {gpuType: H100, totalGPUs: 8}}\n"
+)
+
+
+def outcome(text: str, *, fast: bool) -> tuple[str, str]:
+    """What ``load_documents`` answers, as comparable text (``repr`` keeps 1, 1.0, True apart)."""
+    saved = docs_module._FastLoader
+    if not fast:
+        docs_module._FastLoader = None
+    try:
+        return ("documents", repr(load_documents(text, "f.yaml")))
+    except ManifestError as exc:
+        return ("errors", repr([str(e) for e in exc.errors]))
+    finally:
+        docs_module._FastLoader = saved
+
+
+def test_this_build_has_the_fast_path_and_a_submission_takes_it() -> None:
+    # PyYAML's wheels carry libyaml; without it every text would silently take the slow path.
+    assert yaml.__with_libyaml__
+    assert docs_module._FastLoader is not None
+    assert _libyaml_agrees(RUN)
+    assert outcome(RUN, fast=True) == outcome(RUN, fast=False)
+
+
+def test_the_texts_the_parsers_disagree_on_are_outside_the_subset() -> None:
+    for text in DIFFERENCES:
+        assert not _libyaml_agrees(text), text
+        assert outcome(text, fast=True) == outcome(text, fast=False)
+
+
+@settings(max_examples=2000)
+@given(st.lists(st.sampled_from(PIECES), max_size=30).map("".join))
+def test_any_text_reads_as_the_reference_reads_it(text: str) -> None:
+    assert outcome(text, fast=True) == outcome(text, fast=False)
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.text("abkz.-/_:", min_size=1, max_size=6), inner, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500)
+@given(values, st.sampled_from([None, True, False]))
+def test_written_documents_read_as_the_reference_reads_them(value: object, flow: bool) -> None:
+    # What people and tools write: block or flow style, every scalar kind, colons in keys.
+    text = yaml.safe_dump(value, default_flow_style=flow, sort_keys=False)
+    assert outcome(text, fast=True) == outcome(text, fast=False)
+
+
+def test_bounds_are_refused_with_the_reference_words_on_the_fast_path() -> None:
+    deep = "a: " + "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1) + "\n"
+    bomb = "a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: &c [*b, *b, *b]\n"
+    recursive = "a: &a [*a]\n"
+    duplicate = "a: 1\nb: 2\na: 3\n"
+    for text in (deep, recursive, duplicate, "a: [" * 2000 + "\n"):
+        assert _libyaml_agrees(text)
+        fast = outcome(text, fast=True)
+        assert fast[0] == "errors", text
+        assert fast == outcome(text, fast=False)
+    small = docs_module.DocumentBounds(nodes=20)
+    with pytest.raises(ManifestError, match="more than 20 nodes once aliases are expanded"):
+        load_documents(bomb, "f.yaml", small)
+
+
+def test_an_inventory_takes_the_fast_path_with_its_own_bounds() -> None:
+    inventory = "nodes:\n" + "".join(
+        f"  - {{name: n{i:05d}, gpus: 8, labels: {{fabric.domain: d{i // 32:04d}}}}}\n"
+        for i in range(12000)  # ~9 YAML nodes each: over the manifest bound, not the inventory's
+    )
+    assert _libyaml_agrees(inventory)
+    (document,) = load_documents(inventory, "inventory.yaml", INVENTORY_BOUNDS)
+    assert isinstance(document, dict)
+    assert len(document["nodes"]) == 12000
+    with pytest.raises(ManifestError, match="more than 100000 nodes"):
+        load_documents(inventory, "inventory.yaml")
