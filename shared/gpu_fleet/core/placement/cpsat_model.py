@@ -22,6 +22,7 @@ touched (estimated from the class's first domain; for a fill remainder, at its l
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import msgspec
@@ -70,8 +71,15 @@ class _Class:
     free: int
     preferred: bool
     domains: list[str]  # SPEC order within the class: key ascending
-    profile: tuple[int, ...]  # node free counts of the first domain, descending
     mult: int  # how many of its domains the model may use
+    work: Work
+
+    @functools.cached_property
+    def profile(self) -> tuple[int, ...]:
+        """Node free counts of the first domain, descending.  Computed when a pattern's cost
+        needs it: an evident optimum (most admissions) never does, and it is most of a build."""
+        nodes = self.work.topology.domain(self.domains[0]).nodes
+        return tuple(sorted((self.work.node_free(n) for n in nodes), reverse=True))
 
     def nodes_for(self, gpus: int) -> int:
         """Nodes SPEC allocation would touch taking ``gpus`` (largest nodes first)."""
@@ -146,16 +154,13 @@ class PlacementModel:
         classes: list[_Class] = []
         for key in sorted(chosen, key=lambda k: (not k[0], -k[1])):
             doms = by_key[key]
-            profile = tuple(
-                sorted((work.node_free(n) for n in topology.domain(doms[0]).nodes), reverse=True)
-            )
             if not request.allow_cross_group_spread:
                 mult = 1
             elif request.group_gpus is None:
                 mult = min(len(doms), request.total_gpus // key[1] + 1)
             else:
                 mult = min(len(doms), len(sizes))
-            classes.append(_Class(key[1], key[0], doms, profile, mult))
+            classes.append(_Class(key[1], key[0], doms, mult, work))
         return PlacementModel(work, request, sizes, frees, classes, greedy)
 
     # -- patterns ----------------------------------------------------------------------------
