@@ -24,7 +24,8 @@ request/reply round trip to a trivial responder in another process.
     .venv/bin/python bench/e2e.py --nodes 10000 --burst 4000   # one fleet, a longer burst
 
 On stderr it also prints the five slowest one-at-a-time submissions (where p99 comes from) and
-announces the burst as it starts (so a profiler such as py-spy can attach to the manager then).
+announces the burst as it starts and ends (so a profiler such as py-spy, or a CPU-time probe, can
+measure the manager over exactly that window).
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ async def measure(
         t = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         rate = burst_n / (time.perf_counter() - t)
+        print(f"  burst done: {rate:.0f} submissions/s", file=sys.stderr, flush=True)
         admitted = 0
         token = None
         while True:  # the list is paged once it is large

@@ -10,15 +10,25 @@ alone; two writers racing still never double-book.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import pytest_asyncio
 
 from gpu_fleet.cli.stack import ApiCallError, InProcessStack, call
 from gpu_fleet.core.engine import Fleet
-from gpu_fleet.core.ledger import Event, FleetState, RunSubmitted, check_invariants, fold
+from gpu_fleet.core.ledger import (
+    Event,
+    FleetState,
+    NodeRegistered,
+    RunSubmitted,
+    check_invariants,
+    fold,
+)
+from gpu_fleet.core.model import Instant, Node
 from gpu_fleet.core.placement import plan_placement
 from gpu_fleet.core.timeutil import parse_instant
 from gpu_fleet.runtime.ledger_stream import LedgerStream
@@ -179,3 +189,143 @@ async def test_two_writers_racing_groups_never_double_book(stack: InProcessStack
     slots = [s for lease in state.open_leases.values() for s in lease.slots]
     assert len(slots) == len(set(slots)) <= 64
     assert len(state.runs) == 20
+
+
+def node(name: str) -> Node:
+    labels = {"region": "r1", "cluster": "c1", "fabric.domain": "f9", "gpu.flavor": "H100"}
+    return Node(name=name, gpus=8, labels=labels)
+
+
+class GatedAppends:
+    """Holds the manager's next ledger append at a gate; when the gate opens, another writer
+    may append first (then the held append loses the race: a real conflict)."""
+
+    def __init__(self, stack: InProcessStack, manager: Manager, intruder: Node | None) -> None:
+        assert manager.ledger is not None
+        self.stack = stack
+        self.ledger = manager.ledger
+        self.original = manager.ledger.append
+        self.intruder = intruder
+        self.gate = asyncio.Event()
+        self.armed = True
+        self.ledger.append = self.append  # type: ignore[method-assign]
+
+    async def append(self, events: Sequence[Event], expected_last_seq: int) -> int:
+        if self.armed:
+            self.armed = False
+            await self.gate.wait()
+            if self.intruder is not None:  # a standby manager, say: it may write the ledger
+                nc = await nats.connect(self.stack.url_for("manager"))
+                try:
+                    other = LedgerStream(nc, keys=self.stack.keys_for("manager"))
+                    last = await other.last_seq()
+                    await other.append([NodeRegistered(at=T0, node=self.intruder)], last)
+                finally:
+                    await nc.close()
+        return await self.original(events, expected_last_seq)
+
+    def open_from_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_soon_threadsafe(self.gate.set)
+
+
+async def decided_in_flight(
+    stack: InProcessStack, intruder: Node | None
+) -> tuple[Manager, dict[str, int], list[str]]:
+    """Command A registers node a and, while it is decided, queues command B (node b), so B
+    is decided while A's append is held at the gate; B opens the gate once it is decided."""
+    manager = manager_of(stack)
+    loop = asyncio.get_running_loop()
+    gated = GatedAppends(stack, manager, intruder)
+    runs: dict[str, int] = {"a": 0, "b": 0}
+    answered: list[str] = []
+    queued: list[asyncio.Future[None]] = []
+
+    async def answer(name: str, fn: Callable[[Instant], None]) -> None:
+        await manager.mutate(fn)
+        answered.append(name)
+
+    def b(now: Instant) -> None:
+        runs["b"] += 1
+        manager.require_fleet().register_node(node("b"), now)
+        gated.open_from_thread(loop)  # B is decided on top of A, whose append is held
+
+    def a(now: Instant) -> None:
+        runs["a"] += 1
+        manager.require_fleet().register_node(node("a"), now)
+        if not queued:  # queued once: A is decided again after a lost race
+            queued.append(asyncio.run_coroutine_threadsafe(answer("b", b), loop))
+
+    await answer("a", a)
+    await asyncio.wrap_future(queued[0])
+    return manager, runs, answered
+
+
+@pytest.mark.timeout(60)  # a hang guard: without the pipeline, B never opens A's gate
+@pytest.mark.asyncio
+async def test_a_group_is_decided_while_the_one_before_is_appended(stack: InProcessStack) -> None:
+    """The pipeline: B is decided while A's append is in flight; both land in order, once."""
+    manager, runs, answered = await decided_in_flight(stack, intruder=None)
+    assert runs == {"a": 1, "b": 1}
+    assert answered == ["a", "b"]
+    events = await ledger_events(stack)
+    registered = [e.node.name for e in events if isinstance(e, NodeRegistered)]
+    assert registered[-2:] == ["a", "b"]
+    fleet = manager.require_fleet()
+    assert fleet.state.history == events  # the manager's state is the ledger's
+    assert fleet.in_flight is None
+
+
+@pytest.mark.timeout(60)  # a hang guard: without the pipeline, B never opens A's gate
+@pytest.mark.asyncio
+async def test_a_lost_race_under_a_group_in_flight_decides_both_again(
+    stack: InProcessStack,
+) -> None:
+    """A's append loses a race to another writer while B, decided on top of A, waits: A is
+    decided again on the ledger's state, then B (its first decision was on a state the ledger
+    never got), each answered once and committed once, in arrival order."""
+    manager, runs, answered = await decided_in_flight(stack, intruder=node("x"))
+    assert runs == {"a": 2, "b": 2}
+    assert answered == ["a", "b"]
+    events = await ledger_events(stack)
+    registered = [e.node.name for e in events if isinstance(e, NodeRegistered)]
+    assert registered[-3:] == ["x", "a", "b"]
+    assert registered.count("a") == registered.count("b") == 1
+    state = FleetState()
+    for e in events:
+        fold(state, e)
+    assert check_invariants(state) == []
+    assert manager.require_fleet().state.history == events
+
+
+@pytest.mark.timeout(60)  # a hang guard: without the pipeline, B never opens A's gate
+@pytest.mark.asyncio
+async def test_a_read_waits_for_the_groups_in_flight(stack: InProcessStack) -> None:
+    """A read asked while A is in flight and B is decided on top sees what the ledger holds
+    when it runs (the pipeline lands both first) - never a decision not on the ledger yet."""
+    manager = manager_of(stack)
+    loop = asyncio.get_running_loop()
+    gated = GatedAppends(stack, manager, None)
+    seen: list[set[str]] = []
+    reads: list[asyncio.Task[set[str]]] = []
+
+    async def read() -> set[str]:
+        names = await manager.read(lambda _now: set(manager.require_fleet().state.nodes))
+        events = await ledger_events(stack)
+        assert names == {e.node.name for e in events if isinstance(e, NodeRegistered)}
+        return names
+
+    def b(now: Instant) -> None:
+        manager.require_fleet().register_node(node("b"), now)
+        # Asked now: A is held at the gate, B is folded here and on the ledger nowhere.
+        loop.call_soon_threadsafe(lambda: reads.append(loop.create_task(read())))
+        gated.open_from_thread(loop)
+
+    def a(now: Instant) -> None:
+        manager.require_fleet().register_node(node("a"), now)
+        asyncio.run_coroutine_threadsafe(manager.mutate(b), loop)
+
+    await manager.mutate(a)
+    while not reads:
+        await asyncio.sleep(0)
+    seen.append(await reads[0])
+    assert {"a", "b"} <= seen[0]

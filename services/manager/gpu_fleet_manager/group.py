@@ -18,27 +18,32 @@ what a one-at-a-time writer would have done.  A command the engine refuses (``Co
 ``ApiError``, an oversized event) gets its error and the group goes on; anything else that
 broke the local state mid-commit makes the manager rebuild and decide the group again without
 that command.
+
+Pipelined: while one group's batch is being appended, the next group is decided on top of it
+(the append round trip was a third of a group's time, issue 11).  Appends stay in ledger order,
+each group is answered once its own batch is on the ledger, and if an append fails the group
+decided on top of it is void: the manager rebuilds from the ledger and decides it again, in
+arrival order, as if it had waited.  The manager's state is the ledger's only between groups
+with nothing in flight, so whoever needs such a consistent cut (a read, a metrics scrape, a
+snapshot) makes the pipeline drain first (``Manager.consistent``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import nats.errors
 import structlog
 
 from gpu_fleet.core.engine import CommandError
 from gpu_fleet.core.model import Instant
 from gpu_fleet.messages import api
-from gpu_fleet.runtime.ledger_stream import (
-    LedgerConflictError,
-    LedgerEventTooLargeError,
-    LedgerUnavailableError,
-)
+from gpu_fleet.runtime.ledger_stream import LedgerConflictError, LedgerEventTooLargeError
 from gpu_fleet_manager.boundary import REQUEST, ApiError, FieldRefusedError
+from gpu_fleet_manager.writer import APPEND_FAILURES
 
 if TYPE_CHECKING:
     from gpu_fleet_manager.service import Manager
@@ -67,6 +72,7 @@ class GroupCommitter:
         self.manager = manager
         self.queue: list[Command] = []
         self.runner: asyncio.Task[None] | None = None
+        self.unsettled: list[Command] = []  # taken by the pipeline, maybe not answered yet
         self.groups = 0  # groups decided (for tests and the log)
         self.largest = 0
 
@@ -79,86 +85,225 @@ class GroupCommitter:
             self.runner = asyncio.create_task(self._run(), name="group commit")
         return await command.done
 
-    async def _run(self) -> None:
-        while self.queue:
-            group, self.queue = self.queue[:MAX_GROUP], self.queue[MAX_GROUP:]
+    def take(self) -> list[Command]:
+        """The next group: the commands waiting now, in arrival order (at most ``MAX_GROUP``)."""
+        group, self.queue = self.queue[:MAX_GROUP], self.queue[MAX_GROUP:]
+        if group:
             self.groups += 1
             self.largest = max(self.largest, len(group))
+            if len(self.unsettled) > 4 * MAX_GROUP:
+                self.unsettled = [c for c in self.unsettled if not c.done.done()]
+            self.unsettled += group
+        return group
+
+    def put_back(self, group: list[Command]) -> None:
+        """A group decided on a state the ledger never got: first in line again, undecided
+        (even a command that broke that state: it may not break the ledger's)."""
+        for command in group:
+            command.outcome, command.flushes = None, -1
+        self.queue[:0] = group
+
+    async def _run(self) -> None:
+        while self.queue:
+            self.unsettled = []
             try:
-                await decide(self.manager, group)
-            except Exception as exc:  # pragma: no cover - decide answers every command
+                await pipeline(self.manager, self)
+            except Exception as exc:  # the ledger failed while recovering: answer everyone
                 log.exception("group.failed")
-                for command in group:
+                for command in [*self.unsettled, *self.queue]:
                     if not command.done.done():
                         command.done.set_exception(exc)
-            for command in group:
-                if command.done.done() or command.outcome is None:
-                    continue
-                ok, value = command.outcome
-                if ok:
-                    command.done.set_result(value)
-                else:
-                    command.done.set_exception(value)
+                self.queue = []
 
 
-APPEND_ERRORS = (LedgerConflictError, LedgerUnavailableError, nats.errors.Error, TimeoutError)
+def _settle(group: list[Command]) -> None:
+    """Hand every command of a finished group its outcome."""
+    for command in group:
+        if command.done.done() or command.outcome is None:
+            continue
+        ok, value = command.outcome
+        if ok:
+            command.done.set_result(value)
+        else:
+            command.done.set_exception(value)
+
+
+APPEND_ERRORS = APPEND_FAILURES
 """What a failed append raises: the group's fate, not one command's."""
 
 
-async def decide(manager: Manager, group: list[Command], attempts: int = 3) -> None:
-    """Decide ``group`` under the writer's lock and append it; set every command's outcome.
+async def pipeline(manager: Manager, committer: GroupCommitter) -> None:
+    """Decide and append groups while commands wait, each group decided while the one before
+    it is being appended; return drained (nothing in flight, the state is the ledger's)."""
+    async with manager.lock:
+        flight: list[Command] | None = None  # the group whose append is in flight
+        while True:
+            try:
+                await manager._ensure_loaded()  # nothing is in flight when it has to load
+            except ApiError as exc:
+                group = committer.take()
+                _answer_all(group, exc)
+                _settle(group)
+                return
+            fleet = manager.require_fleet()
+            group = [] if flight is not None and manager.wants_drain() else committer.take()
+            clean: bool | BaseException = True
+            if group:
+                clean = await _decide_ahead(manager, fleet, group, ahead=flight is not None)
+            if flight is not None:
+                landed = await _land(manager, fleet, flight)
+                flight = None
+                if not landed:  # what ``group`` was decided on is not on the ledger
+                    if group:
+                        committer.put_back(group)
+                    continue
+            if not group:
+                await manager._maybe_snapshot()  # drained: the state is the ledger's
+                if not committer.queue or manager.waiting_for_cut():
+                    return  # the lock is fair: a reader waiting for it goes first
+                continue
+            if clean is True and not fleet.flushed_in_group:
+                # Answered the moment its batch is on the ledger, not when the next group
+                # is decided; a failed append is ``_land``'s.
+                fleet.launch().add_done_callback(functools.partial(_answer_landed, group))
+                flight = group
+                continue
+            # A command broke the local state, or an append inside the group failed or was
+            # made: the group takes the one-at-a-time path (rebuild, decide again, flush).
+            if clean is True:  # flushed part-way: append the rest now, not in flight
+                try:
+                    await fleet.flush()
+                except APPEND_ERRORS as exc:
+                    clean = exc
+            flushed = fleet.flushed_in_group
+            fleet.buffered, fleet.buffer = False, []
+            if clean is True:
+                _map_refusals(group)
+            else:
+                await _recover(manager, group, clean, flushed=flushed)
+            _settle(group)
+
+
+def _answer_landed(group: list[Command], append: asyncio.Task[None]) -> None:
+    if not append.cancelled() and append.exception() is None:
+        _map_refusals(group)
+        _settle(group)
+
+
+async def _decide_ahead(
+    manager: Manager, fleet: LedgerFleet, group: list[Command], *, ahead: bool
+) -> bool | BaseException:
+    """Decide ``group`` into the writer's buffer (``ahead``: on top of an append in flight,
+    so no catch-up read: the state is ahead of the ledger by that append).  True if clean,
+    False if a command broke the state, or the append error a mid-group flush raised."""
+    try:
+        if not ahead:
+            await manager._catch_up()
+        fleet.buffered, fleet.buffer = True, []
+        fleet.flushed_in_group = fleet.poisoned = False
+        return await asyncio.to_thread(run_group, group, manager.clock.now, fleet)
+    except APPEND_ERRORS as exc:
+        return exc
+
+
+async def _land(manager: Manager, fleet: LedgerFleet, group: list[Command]) -> bool:
+    """Wait for ``group``'s append and answer it.  A failed append is handled as the
+    one-at-a-time path handles it (a lost race decides the group again); False then: the
+    state was rebuilt from the ledger."""
+    try:
+        await fleet.landed()
+    except LedgerConflictError as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+        fleet.buffered, fleet.buffer = False, []
+        await _recover(manager, group, cause, flushed=False)  # a group in flight never is
+        _settle(group)
+        return False
+    fleet.buffered = False
+    _map_refusals(group)
+    _settle(group)
+    return True
+
+
+async def _recover(
+    manager: Manager, group: list[Command], error: bool | BaseException, *, flushed: bool
+) -> None:
+    """After ``group`` failed to commit (``False``: a command broke the state; else the
+    append's error; ``flushed``: part of it was appended already), rebuild and decide it
+    again one group at a time, or answer the error, as the one-at-a-time path does."""
+    if error is False or (isinstance(error, LedgerConflictError) and not flushed):
+        if error is False:
+            log.warning("group.rebuild_after_failed_command")
+        else:
+            log.warning("ledger.conflict", attempt=1, error=str(error))
+        await manager._rebuild()
+        _forget_decided(group)
+        await _decide_locked(manager, group, first_attempt=1 if error is False else 2)
+        return
+    assert isinstance(error, BaseException)
+    await _give_up(manager, manager.require_fleet(), group, error, attempt=1)
+
+
+async def _give_up(
+    manager: Manager, fleet: LedgerFleet, group: list[Command], exc: BaseException, attempt: int
+) -> None:
+    """Rebuild after a failed append, and answer the group: "conflict" after a lost race, else
+    "unavailable" (commands a flush already put on the ledger keep their own outcome)."""
+    if isinstance(exc, LedgerConflictError):
+        log.warning("ledger.conflict", attempt=attempt, error=str(exc))
+        await manager._rebuild()
+        why = f"{exc}; retried {attempt} times"
+        _answer_all(group, ApiError("conflict", why), durable=fleet.flushes)
+        return
+    log.warning("ledger.unavailable", error=str(exc))
+    try:
+        await manager._rebuild()
+    except Exception as rebuild_exc:
+        log.warning("ledger.rebuild_failed", error=type(rebuild_exc).__name__)
+        manager.fleet = None
+    error = ApiError("unavailable", f"ledger unavailable: {exc}; retry")
+    _answer_all(group, error, durable=fleet.flushes)
+
+
+async def _decide_locked(
+    manager: Manager, group: list[Command], attempts: int = 3, first_attempt: int = 1
+) -> None:
+    """Decide ``group`` (the writer's lock held, nothing in flight) and append it; set every
+    command's outcome.
 
     The error handling is ``Manager.mutate``'s of old, per group: a lost race re-folds and
     decides again (``attempts`` times), an unavailable ledger answers "unavailable", and each
     command the engine refused gets its own error.
     """
-    async with manager.lock:
-        try:
-            await manager._ensure_loaded()
-        except ApiError as exc:
-            _answer_all(group, exc)
-            return
-        for attempt in range(1, attempts + 1):
-            fleet = manager.require_fleet()
+    for attempt in range(first_attempt, attempts + 1):
+        fleet = manager.require_fleet()
+        outcome = await _decide_ahead(manager, fleet, group, ahead=False)
+        if outcome is True:
             try:
-                await manager._catch_up()
-                fleet.buffered, fleet.buffer = True, []
-                fleet.flushed_in_group = fleet.poisoned = False
-                clean = await asyncio.to_thread(run_group, group, manager.clock.now, fleet)
-                if not clean:
-                    # A commit broke the local state: start the group over without that command.
-                    log.warning("group.rebuild_after_failed_command")
-                    fleet.buffered, fleet.buffer = False, []
-                    await manager._rebuild()
-                    _forget_decided(group)
-                    continue
                 await fleet.flush()
+            except APPEND_ERRORS as exc:
+                outcome = exc
+            else:
                 fleet.buffered = False
                 await manager._maybe_snapshot()
                 _map_refusals(group)
                 return
-            except LedgerConflictError as exc:
-                log.warning("ledger.conflict", attempt=attempt, error=str(exc))
-                flushed = fleet.flushed_in_group
-                fleet.buffered, fleet.buffer = False, []
-                await manager._rebuild()
-                if attempt == attempts or flushed:
-                    why = f"{exc}; retried {attempt} times"
-                    _answer_all(group, ApiError("conflict", why), durable=fleet.flushes)
-                    return
-                _forget_decided(group)
-            except APPEND_ERRORS as exc:
-                log.warning("ledger.unavailable", error=str(exc))
-                fleet.buffered, fleet.buffer = False, []
-                try:
-                    await manager._rebuild()
-                except Exception as rebuild_exc:
-                    log.warning("ledger.rebuild_failed", error=type(rebuild_exc).__name__)
-                    manager.fleet = None
-                error = ApiError("unavailable", f"ledger unavailable: {exc}; retry")
-                _answer_all(group, error, durable=fleet.flushes)
-                return
-        _answer_all(group, ApiError("conflict", f"gave up after {attempts} attempts"))
+        flushed = fleet.flushed_in_group
+        fleet.buffered, fleet.buffer = False, []
+        if outcome is False:
+            # A commit broke the local state: start the group over without that command.
+            log.warning("group.rebuild_after_failed_command")
+            await manager._rebuild()
+            _forget_decided(group)
+            continue
+        assert isinstance(outcome, BaseException)
+        if isinstance(outcome, LedgerConflictError) and attempt < attempts and not flushed:
+            log.warning("ledger.conflict", attempt=attempt, error=str(outcome))
+            await manager._rebuild()
+            _forget_decided(group)
+            continue
+        await _give_up(manager, fleet, group, outcome, attempt)
+        return
+    _answer_all(group, ApiError("conflict", f"gave up after {attempts} attempts"))
 
 
 def _forget_decided(group: list[Command]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -106,6 +106,7 @@ class Manager(Actor):
         self.rebuilds = 0
         self.snapshots: SnapshotStore | None = None
         self._snapshot_at = 0
+        self._cut_waiters = 0  # callers of ``consistent`` waiting for the lock
         self.last_rebuild: tuple[int, int] = (0, 0)  # (snapshot sequence, events folded after it)
         self.committer = GroupCommitter(self)
         self._inflight: set[asyncio.Task[None]] = set()  # requests being served
@@ -153,7 +154,7 @@ class Manager(Actor):
                 await self.service.stop()
         if self._inflight:  # answer what was received before the endpoints stopped
             await asyncio.gather(*self._inflight, return_exceptions=True)
-        async with self.lock:  # let the in-flight command finish, then save a snapshot
+        async with self.consistent():  # let the groups in flight land, then save a snapshot
             if self.config.snapshot_every and self.fleet is not None:
                 await self._save_snapshot()
         await drain(self.nc)
@@ -169,7 +170,7 @@ class Manager(Actor):
 
     async def gauges(self) -> list[GaugeFamily]:
         """The fleet's gauges at scrape time, under the command lock (a consistent cut)."""
-        async with self.lock:
+        async with self.consistent():
             fleet = self.fleet
             if fleet is None:
                 return []
@@ -228,10 +229,15 @@ class Manager(Actor):
         self._snapshot_at = fleet.appended_batches
         log.info("snapshot.saved", seq=fleet.seq, bytes=len(data))
 
+    def _snapshot_due(self) -> bool:
+        every, fleet = self.config.snapshot_every, self.fleet
+        if not every or fleet is None:
+            return False
+        return fleet.appended_batches - self._snapshot_at >= every
+
     async def _maybe_snapshot(self) -> None:
-        every = self.config.snapshot_every
-        fleet = self.fleet
-        if every and fleet is not None and fleet.appended_batches - self._snapshot_at >= every:
+        """Save a snapshot if one is due (only where nothing is in flight: a consistent cut)."""
+        if self._snapshot_due():
             await self._save_snapshot()
 
     def _register_inventory(self, now: Instant) -> dict[str, Any]:
@@ -328,8 +334,33 @@ class Manager(Actor):
         result: T = await self.committer.submit(fn)
         return result
 
+    @contextlib.asynccontextmanager
+    async def consistent(self) -> AsyncIterator[None]:
+        """The command lock, taken where the state is exactly the ledger's: the group
+        pipeline drains (lands what is in flight, decides nothing on top) for a waiter here,
+        so a read never sees a decision that is not on the ledger yet."""
+        self._cut_waiters += 1
+        waiting = True
+        try:
+            async with self.lock:
+                self._cut_waiters -= 1
+                waiting = False
+                yield
+        finally:
+            if waiting:  # cancelled before it got the lock
+                self._cut_waiters -= 1
+
+    def waiting_for_cut(self) -> bool:
+        """Is somebody waiting in ``consistent``?"""
+        return self._cut_waiters > 0
+
+    def wants_drain(self) -> bool:
+        """Should the group pipeline stop at a consistent cut before its next group?  When
+        somebody waits for one (``consistent``), or a snapshot is due (it is taken there)."""
+        return self._cut_waiters > 0 or self._snapshot_due()
+
     async def read(self, fn: Callable[[Instant], T]) -> T:
-        async with self.lock:
+        async with self.consistent():
             await self._ensure_loaded()
             self.require_fleet()
             try:

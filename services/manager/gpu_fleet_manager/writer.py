@@ -12,6 +12,10 @@ folded and kept, and ``flush`` appends them all as one atomic batch - one round 
 JetStream for the group instead of one per decision.  Nothing is acknowledged before the flush
 returns.  A buffer that grows past ``FLUSH_AT`` events is flushed at a commit boundary (one
 atomic batch may hold only so many messages).
+
+Pipelined (``launch``): a group's buffer is handed to an append task, and the next group is
+decided on top of it while the append is in flight.  Appends stay in order: a flush waits for
+the append in flight, and fails if that one failed (what was decided on top of it is void).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
+import nats.errors
 import structlog
 
 from gpu_fleet.core.engine import Fleet, Settings
@@ -32,7 +37,11 @@ from gpu_fleet.core.ledger import (
     NodeRegistered,
 )
 from gpu_fleet.core.placement.pack import Planner
-from gpu_fleet.runtime.ledger_stream import LedgerStream
+from gpu_fleet.runtime.ledger_stream import (
+    LedgerConflictError,
+    LedgerStream,
+    LedgerUnavailableError,
+)
 from gpu_fleet.runtime.observe import Observer
 from gpu_fleet.views.log_context import event_context
 from gpu_fleet.views.metrics import tally
@@ -42,6 +51,9 @@ log = structlog.get_logger("gpu_fleet.manager")
 T = TypeVar("T")
 
 _TOPOLOGY_EVENTS = (LeaseMinted, LeaseClosed, NodeRegistered, NodeHealthChanged)
+
+APPEND_FAILURES = (LedgerConflictError, LedgerUnavailableError, nats.errors.Error, TimeoutError)
+"""What a failed append raises."""
 
 FLUSH_AT = 512
 """Buffered events that force a flush at the next commit boundary (JetStream caps the messages
@@ -70,6 +82,9 @@ class LedgerFleet(Fleet):
         self.flushed_in_group = False  # a buffer that outgrew FLUSH_AT was appended mid-group
         self.flushes = 0  # buffers appended so far (group commit's "is it on the ledger?")
         self.poisoned = False  # a fold refused part of a commit: local state is not the buffer's
+        # Pipelining: the append of the previous group's buffer, and what it holds.
+        self.in_flight: asyncio.Task[None] | None = None
+        self.flying: list[tuple[list[Event], list[Any]]] = []
 
     @property
     def pending(self) -> int:
@@ -78,9 +93,15 @@ class LedgerFleet(Fleet):
 
     @property
     def topology_ahead(self) -> bool:
-        """Do the buffered events change a topology (nodes or held slots)?  Then a placement
-        made on the ledger's state - the binder's - could take a slot this group just took."""
-        return any(isinstance(e, _TOPOLOGY_EVENTS) for batch, _ in self.buffer for e in batch)
+        """Do the events not yet on the ledger (buffered, or in an append in flight) change a
+        topology (nodes or held slots)?  Then a placement made on the ledger's state - the
+        binder's - could take a slot this group, or the one before it, just took."""
+        return any(
+            isinstance(e, _TOPOLOGY_EVENTS)
+            for batches in (self.flying, self.buffer)
+            for batch, _ in batches
+            for e in batch
+        )
 
     def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coro`` on the service's event loop from the decision thread and wait for it."""
@@ -115,13 +136,50 @@ class LedgerFleet(Fleet):
         return done
 
     async def flush(self) -> None:
-        """Append every buffered decision as one atomic batch (on the event loop)."""
+        """Append every buffered decision as one atomic batch (on the event loop), after the
+        append in flight (``LedgerConflictError`` if that one failed)."""
+        await self.landed()
         if not self.buffer:
             return
-        done = self.buffer
+        done, self.buffer = self.buffer, []
+        try:
+            await self._append(done)
+        except BaseException:
+            self.buffer = done  # not on the ledger: still the group's
+            raise
+
+    def launch(self) -> asyncio.Task[None]:
+        """Start appending the buffer (on the event loop) and return at once: the next group
+        may be decided meanwhile.  ``landed`` says how the append ended."""
+        done, self.buffer = self.buffer, []
+        previous = self.in_flight
+
+        async def append() -> None:
+            if previous is not None:
+                await previous  # appends stay in order (a failed one fails this one too)
+            await self._append(done)
+
+        self.flying = done
+        self.in_flight = asyncio.create_task(append(), name="ledger append")
+        return self.in_flight
+
+    async def landed(self) -> None:
+        """Wait for the append in flight, if any; raise what it raised (as a conflict: the
+        decisions made on top of it were made on a state the ledger does not have)."""
+        task = self.in_flight
+        if task is None:
+            return
+        try:
+            await asyncio.shield(task)
+        except APPEND_FAILURES as exc:
+            raise LedgerConflictError(f"the append before failed: {exc}") from exc
+        finally:
+            if task.done() and self.in_flight is task:
+                self.in_flight, self.flying = None, []
+
+    async def _append(self, done: list[tuple[list[Event], list[Any]]]) -> None:
         events = [e for batch, _ in done for e in batch]
         self.seq = await self.ledger.append(events, self.seq)
-        self.buffer = []
         self.flushes += 1
         self._appended(done)
 
