@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -221,3 +222,23 @@ async def test_restart_loads_snapshot_and_folds_only_the_tail(stack: InProcessSt
     assert {k: v.phase for k, v in actor.fleet.state.status.items()} == {
         k: v.phase for k, v in replayed.status.items()
     }
+
+
+def test_a_snapshot_waits_for_batches_and_for_a_tail_worth_its_cost() -> None:
+    """Due after ``snapshot_every`` batches, and once the events after the last snapshot are
+    1/8 of the ledger (``SNAPSHOT_TAIL``): its cost (the whole state) stays constant per event."""
+    manager = Manager(ManagerConfig(nats_url="nats://unused", snapshot_every=2))
+    fleet = SimpleNamespace(appended_batches=1, seq=100)
+    manager.fleet = fleet  # type: ignore[assignment]
+    assert not manager._snapshot_due()  # one batch since
+    fleet.appended_batches = 2
+    assert manager._snapshot_due()  # two batches, and all 100 events are the tail
+    manager._snapshot_at, manager._snapshot_seq = 2, 100  # saved there
+    fleet.appended_batches, fleet.seq = 4, 110
+    assert not manager._snapshot_due()  # 10 events after a snapshot of 100: not worth it
+    fleet.seq = 114
+    assert not manager._snapshot_due()  # 14 x 8 < 114
+    fleet.seq = 115
+    assert manager._snapshot_due()  # 15 x 8 >= 115
+    manager.config.snapshot_every = 0
+    assert not manager._snapshot_due()  # snapshots off
