@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -17,6 +18,8 @@ from gpu_fleet.core.placement import (
     PackPlan,
     PackRequest,
     PlannerSettings,
+    cpsat,
+    cpsat_model,
     model_size,
     pack_greedy,
     plan_batch,
@@ -26,9 +29,12 @@ from gpu_fleet.core.placement import (
 )
 from gpu_fleet.core.placement.cpsat_model import DEFAULT_SETTINGS, PlacementModel
 from gpu_fleet.core.placement.pack import Work, decide_greedy, validate
+from gpu_fleet.core.placement.topology import Topology
 
 
-def churned_fleet(n_domains: int, seed: int, fill: float = 0.7) -> tuple[list[Node], set[str]]:
+def churned_fleet(
+    n_domains: int, seed: int, fill: float = 0.7, holes: Sequence[int] = (2, 4, 6, 8)
+) -> tuple[list[Node], set[str]]:
     """Domains of 4-8 eight-GPU nodes with gang-shaped holes (contiguous runs of slots)."""
     rng = random.Random(seed)
     nodes: list[Node] = []
@@ -38,7 +44,7 @@ def churned_fleet(n_domains: int, seed: int, fill: float = 0.7) -> tuple[list[No
             name = f"d{d:03}n{i}"
             nodes.append(node(name, 8, f"D{d:03}"))
             if rng.random() < fill:
-                held.update(slots(name, 0, rng.choice([2, 4, 6, 8])))
+                held.update(slots(name, 0, rng.choice(holes)))
     return nodes, held
 
 
@@ -375,3 +381,77 @@ class TestEvidentOptimum:
             )
             assert model is not None
             assert model.evident() is None
+
+
+def plans_both_ways(
+    t: Topology, r: PackRequest, monkeypatch: pytest.MonkeyPatch
+) -> tuple[PackPlan | str, PackPlan | str]:
+    """(plan_placement, plan_placement the long way: greedy, the model, its evident optimum);
+    a PackError as its kind and message."""
+
+    def plan() -> PackPlan | str:
+        try:
+            return plan_placement(t, r)
+        except PackError as error:
+            return f"{error.kind}: {error.message}"
+
+    quick = plan()
+    with monkeypatch.context() as m:
+        m.setattr(cpsat, "evident_fill", lambda *_args: None)
+        long_way = plan()
+    return quick, long_way
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 10_000),
+    st.integers(1, 80),
+    st.floats(0.0, 0.95),
+    st.integers(1, 40),
+    st.lists(st.integers(0, 79), max_size=2),
+    st.booleans(),
+)
+def test_an_evident_fill_is_planned_as_the_long_way_plans_it(  # noqa: PLR0917 - drawn
+    seed: int,
+    n_domains: int,
+    fill: float,
+    total: int,
+    own: list[int],
+    excluded: bool,
+) -> None:
+    """``evident_fill`` (no greedy, no model) answers what greedy plus the model's evident
+    optimum answer: the same plan, the same planner name - on fleets with more free-count
+    classes than the model keeps, with and without the run's own domains and excluded slots."""
+    # Odd holes too: up to 65 free counts, more classes than the model keeps (48).
+    holes = range(1, 9) if seed % 2 else (2, 4, 6, 8)
+    nodes, held = churned_fleet(n_domains, seed=seed, fill=fill, holes=holes)
+    t = topo(nodes, sorted(held))
+    r = req(
+        total,
+        preferred_domains=tuple(f"us-west/gpu-a/D{d:03}" for d in own),
+        excluded_slots=frozenset(slots("d000n0", 0, 4)) if excluded else frozenset(),
+    )
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        quick, long_way = plans_both_ways(t, r, monkeypatch)
+    taken = cpsat_model.evident_fill(
+        t, r, validate(t, r), Work(t, r.excluded_slots).domain_frees(), DEFAULT_SETTINGS
+    )
+    event("shortcut" if taken is not None else "long way")
+    classes = len({f for f in Work(t, r.excluded_slots).domain_frees().values() if f})
+    event("more classes than the model keeps" if classes > 48 else "all classes kept")
+    assert quick == long_way
+
+
+def test_the_shortcut_is_taken_for_a_whole_node_on_a_busy_fleet() -> None:
+    """The admission it is for: 8 GPUs on a fleet of many domains, some partly held."""
+    nodes, held = churned_fleet(60, seed=7, fill=0.5)
+    t = topo(nodes, sorted(held))
+    r = req(8)
+    frees = Work(t).domain_frees()
+    taken = cpsat_model.evident_fill(t, r, validate(t, r), frees, DEFAULT_SETTINGS)
+    assert taken is not None
+    decision, greedy_s = taken
+    assert not greedy_s  # the tightest domain that holds 8 GPUs, not the roomiest
+    ((gpus, domain),) = decision.groups
+    assert gpus == 8
+    assert frees[domain] == min(f for f in frees.values() if f >= 8)

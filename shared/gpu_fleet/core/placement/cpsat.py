@@ -37,7 +37,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import overload
 
-from gpu_fleet.core.placement.cpsat_model import DEFAULT_SETTINGS, PlacementModel, PlannerSettings
+from gpu_fleet.core.placement.cpsat_model import (
+    DEFAULT_SETTINGS,
+    PlacementModel,
+    PlannerSettings,
+    evident_fill,
+)
 from gpu_fleet.core.placement.pack import (
     Decision,
     PackError,
@@ -153,6 +158,11 @@ def _plan(  # noqa: PLR0917 - _plan's inputs, plus whether it may search
     only running the solver could decide (everything before that point is the same)."""
     topology = work.topology
     frees = work.domain_frees()
+    if settings.enabled and budget > 0:
+        evident = evident_fill(topology, request, sizes, frees, settings)
+        if evident is not None:
+            quick, greedy_s = evident
+            return realize(work.fork(), request, quick, "greedy" if greedy_s else SOLVER)
     greedy_decision: Decision | None = None
     greedy_error: PackError | None = None
     try:

@@ -23,6 +23,7 @@ touched (estimated from the class's first domain; for a fill remainder, at its l
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -38,6 +39,7 @@ from gpu_fleet.core.placement.pack import (
     preferred_present,
     single_domain_candidates,
 )
+from gpu_fleet.core.placement.topology import Topology
 
 _RANDOM_SEED = 20240101
 _MAX_OBJECTIVE = 1 << 60
@@ -404,8 +406,45 @@ def _weighted(span: list[_Term], strand: list[_Term], nodes: list[_Term]) -> cp_
     return cp_model.LinearExpr.weighted_sum([v for v, _ in terms], [c for _, c in terms])
 
 
+def evident_fill(
+    topology: Topology,
+    request: PackRequest,
+    sizes: list[int],
+    frees: dict[str, int],
+    settings: PlannerSettings,
+) -> tuple[Decision, bool] | None:
+    """What planning decides for a fill that one domain can hold, without greedy or a model:
+    ``(decision, is_greedy_s)``, or ``None`` where the long way must tell.
+
+    The long way, for a fill request with no spares and none of the run's own domains free:
+    greedy takes the roomiest domain (one holds the request), which strands GPUs unless it is
+    exactly full, so ``PlacementModel.evident`` is asked and answers the tightest class that
+    holds the request among the classes ``_prefilter`` keeps (greedy's class always among
+    them), at its first domain.  Its plan wins when it strands fewer GPUs - when its class is
+    not greedy's; when it is greedy's, the domain is greedy's too (least key of that free
+    count) and greedy's plan stands.  This answers the same from the free counts alone; it is
+    most admissions, and the model build was a fifth of one (issue 11).
+    ``tests/core/test_packing_cpsat.py`` checks it against the long way.
+    """
+    if request.group_gpus is not None or not request.allow_cross_group_spread:
+        return None
+    if request.spares_per_group:
+        return None
+    if any(frees.get(d, 0) for d in preferred_present(topology, request)):
+        return None
+    need = request.total_gpus
+    roomiest = max(frees.values(), default=0)
+    if roomiest < need:
+        return None
+    keys = dict.fromkeys((False, f) for f in sorted(set(frees.values()), reverse=True) if f)
+    chosen = _prefilter(keys, {(False, roomiest)}, request, sizes, settings.max_candidate_domains)
+    best = min(k[1] for k in chosen if k[1] >= need)
+    domain = min(d for d in topology.domain_keys() if frees[d] == best)
+    return Decision(((need, domain),), ((),)), best == roomiest
+
+
 def _prefilter(
-    by_key: dict[tuple[bool, int], list[str]],
+    by_key: Mapping[tuple[bool, int], object],
     must: set[tuple[bool, int]],
     request: PackRequest,
     sizes: list[int],
