@@ -432,7 +432,6 @@ def verify_funded(
         state.admitted if run.key in state.admitted else {**state.admitted, run.key: now}
     )
     gone = set(closing)
-    current = [x for x in inputs.leases if x.id not in gone] if gone else list(inputs.leases)
     after = None
     alone = not state.leases_of(run.key, open_only=True)
     base = state.current_fill(now) if not gone else None
@@ -443,6 +442,7 @@ def verify_funded(
             inputs.index, base, new, runs, admitted, inputs.node_labels, now, view, runs_alone=alone
         )
     if after is None:
+        current = [x for x in inputs.leases if x.id not in gone]
         after = fill(inputs.index, [*current, *new], runs, admitted, inputs.node_labels, now, view)
 
     def waits_for_window(lease: Lease) -> bool:

@@ -132,6 +132,9 @@ class FleetState:
     funding_epoch: int = 0  # bumped by every fold that can change who pays (see _NEUTRAL)
     # The last matching known to hold for the open leases (see ``known_fill``).
     _known: _KnownFill | None = field(default=None, repr=False)
+    # ``open_leases`` as a tuple for ``funding_inputs``, until a lease is minted or closed (an
+    # admission asks for the inputs several times between two folds).
+    _open_tuple: tuple[Lease, ...] | None = field(default=None, repr=False, compare=False)
     # False: every matching is computed afresh (the reference the incremental paths are
     # tested against); nothing persisted depends on it.
     incremental: bool = True
@@ -466,9 +469,11 @@ class FleetState:
             dirty.add(node)
 
     def funding_inputs(self) -> FundingInputs:
+        if self._open_tuple is None:
+            self._open_tuple = tuple(self.open_leases.values())
         return FundingInputs(
             index=self.index,
-            leases=list(self.open_leases.values()),
+            leases=self._open_tuple,
             runs=self.runs,
             admitted=self.admitted,
             node_labels=self.node_labels(),
@@ -504,6 +509,7 @@ class FleetState:
         test that wrote leases directly): open leases, slot holders, held ordinals, per run."""
         self._ns_objects = None  # counted again when next asked
         self.open_leases = {}
+        self._open_tuple = None
         self.slot_holder = {}
         held: dict[str, set[int]] = defaultdict(set)
         self._run_leases = defaultdict(list)
@@ -760,6 +766,7 @@ def fold(state: FleetState, event: Event) -> None:
         case LeaseMinted(lease=lease):
             state.leases[lease.id] = lease
             state.open_leases[lease.id] = lease
+            state._open_tuple = None
             state._run_leases[lease.run].append(lease.id)
             state._open_by_run[lease.run][lease.id] = lease
             if lease.end is not None:
@@ -775,6 +782,7 @@ def fold(state: FleetState, event: Event) -> None:
             )
             state.leases[lease_id] = closed
             del state.open_leases[lease_id]
+            state._open_tuple = None
             state._pending_preemptions.pop(lease_id, None)
             if closed.end is not None:
                 ends = state._scheduled_ends
