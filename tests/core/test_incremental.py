@@ -9,6 +9,7 @@ generated event sequences (admit, close, window open/close, budget change, hours
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gpu_fleet.core.engine import CommandError, Fleet, Settings, gang
-from gpu_fleet.core.funding import FillResult, HoursView, build_index, evaluate, fill
+from gpu_fleet.core.funding import FillResult, HoursView, build_index, evaluate, fill, incremental
 from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
 from gpu_fleet.core.funding.matching import senior_width
 from gpu_fleet.core.ledger import Event, FleetState, fold
@@ -199,6 +200,51 @@ def test_extend_fill_is_fill(data: st.DataObject) -> None:
                     assert ext.width_up_to(key, row.rank) == expected
                     assert reference.width_up_to(key, row.rank) == expected
         current = ext if ext is not None and data.draw(st.booleans()) else reference
+
+
+@PROPS
+@given(st.data(), st.integers(1, 4))
+def test_a_chain_of_layered_extensions_is_fill(data: st.DataObject, limit: int) -> None:
+    """Extensions lay newcomers over their base's maps instead of copying them, and unite the
+    layers past a limit (tiny here, so chains cross it).  Read one lease at a time at every
+    step - which keeps the layers - and whole only at the end, a chain is still ``fill``."""
+    budgets = data.draw(budgets_of())
+    hours = data.draw(hours_views(budgets))
+    drawn = drawn_runs(data, "old", 4)
+    runs, admitted = drawn.runs, drawn.admitted
+    world = World(budgets, runs.values(), drawn.leases, nodes=NODES, admitted=admitted)
+    current = world.fill(T0, hours)
+    if data.draw(st.booleans()):
+        current.classes_by_id()  # handed on as parts from here
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(incremental, "_layer_limit", lambda _base: limit)
+        for i in range(data.draw(st.integers(1, 8))):
+            xs = drawn.add(data, f"new{i}")
+            layered = current._added is not None
+            ext = extend_fill(
+                world.index, current, xs, runs, admitted, world.node_labels, T0, hours
+            )
+            if layered and current._added is None:
+                event("the base's layers united")
+            reference = world_fill(world, drawn, hours)
+            if ext is None:
+                event("matched afresh")
+                current = reference
+                continue
+            for lid, payer in reference.payer.items():
+                assert ext.payer_of(lid) == payer
+                assert ext.class_of(lid) is reference.funding_class[lid]
+                assert ext.holds(lid)
+            assert not ext.holds("nobody")
+            assert ext.payer_of("nobody") is None
+            whole = copy.copy(ext)  # united on the side: ``ext`` keeps its layers
+            assert ext.last_id() == next(reversed(whole.payer), None)
+            current = ext
+    same_fill(current, world_fill(world, drawn, hours))
+
+
+def world_fill(world: World, drawn: Drawn, hours: HoursView) -> FillResult:
+    return fill(world.index, drawn.leases, drawn.runs, drawn.admitted, world.node_labels, T0, hours)
 
 
 @PROPS

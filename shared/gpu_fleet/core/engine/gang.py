@@ -219,11 +219,10 @@ def cover_run(
     the GPU-hours left and the run's current borrowing: the one call admission, activation,
     elastic growth and top-ups share (they differ only in what, where and how senior)."""
     matched = state.matching(now)
-    classes = matched.funding_class
     borrowed = sum(
         x.width
         for x in state.leases_of(run.key, open_only=True)
-        if x.role is LeaseRole.ACTIVE and classes.get(x.id) is FundingClass.BORROWED
+        if x.role is LeaseRole.ACTIVE and matched.class_of(x.id) is FundingClass.BORROWED
     )  # what the evaluation's summary of the run says it borrows
     hours = state.meter.hours_view(state.index, settings.period_hours)
     return cover(
@@ -452,7 +451,7 @@ def verify_funded(
         info = inputs.index.envelopes.get(payer.key) if payer is not None else None
         return info is not None and info.admits_at(now) and not info.active_at(now)
 
-    unfunded = [x for x in new if after.payer.get(x.id) is None and not waits_for_window(x)]
+    unfunded = [x for x in new if after.payer_of(x.id) is None and not waits_for_window(x)]
     if unfunded:
         return f"{sum(x.width for x in unfunded)} GPUs would be born unfunded"
     if borrowed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from gpu_fleet.core.funding.matching import (
     FillResult,
     FillTrace,
     HoursView,
+    Rejection,
     _Claim,
     _hours_ok,
     _live,
@@ -83,14 +85,18 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
     hours = hours or HoursView()
     period = hours.period_hours
     proposer = base.proposer(index, t)
-    payer = dict(base.payer)
-    cls = dict(base.funding_class)
-    rejections = dict(base.rejections)
+    if base._added is not None and len(base._added[0]) + len(new) > _layer_limit(base):
+        base._unite()  # one copy of every open lease now and then, not one per admission
+    payer: dict[str, EnvelopeKey | None] = {}
+    cls: dict[str, FundingClass] = {}
+    rejections: dict[str, list[Rejection]] = {}
+    if base._added is not None:
+        payer, cls, rejections = (dict(base._added[0]), dict(base._added[1]), dict(base._added[2]))
     claims: list[tuple[tuple[object, ...], _Claim, EnvelopeInfo, Tier]] = []
     for lease in sorted(new, key=lambda x: x.id):
         if not _live(lease, t):
             continue
-        if lease.id in payer:
+        if lease.id in payer or lease.id in base._payer:
             return None  # not new: the caller's promise is broken, do it the long way
         run = runs.get(lease.run)
         payer[lease.id] = None
@@ -180,10 +186,13 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         trace.rejected_at,
     )
     ordered = base.ordered
-    if ordered and base.payer:
-        last_id = next(reversed(base.payer))
+    last_id = base.last_id()
+    if ordered and last_id is not None:
         ordered = not any(x.id < last_id for x in new if x.id in payer)
-    out = FillResult(payer, cls, rejections, accepted, new_trace, ordered)
+    out = FillResult(
+        base._payer, base._funding_class, base._rejections, accepted, new_trace, ordered
+    )
+    out._added = (payer, cls, rejections)  # the base's maps are shared, never written
     out._proposer = proposer
     _hand_on(base, out, new, claims)
     return out
@@ -200,18 +209,20 @@ def _hand_on(
     sorts) and each envelope's running totals, kept up to the row before the most senior
     newcomer and accumulated again only from there (newcomers are junior, so that is near the
     end: admissions at one instant rank by run name among themselves)."""
-    if base._by_id is not None:
-        by_id = list(base._by_id)
+    known, earlier = (base._by_id, []) if base._by_id is not None else base._by_id_parts or ([], [])
+    if base._by_id is not None or base._by_id_parts is not None:
+        added = list(earlier)
         for lease in new:
-            if lease.id in out.funding_class:  # a lease not live at the instant is left out
-                bisect.insort(by_id, (lease.id, out.funding_class[lease.id]))
-        out._by_id = by_id
-    added = frozenset((c.lease.id, env.key) for _, c, env, _ in claims)
+            cls = out.class_of(lease.id)
+            if cls is not None:  # a lease not live at the instant is left out
+                bisect.insort(added, (lease.id, cls))
+        out._by_id_parts = (known, added)
+    pairs = frozenset((c.lease.id, env.key) for _, c, env, _ in claims)
     if base._pairs is not None:
-        out._pairs_parts = (base._pairs, added)
+        out._pairs_parts = (base._pairs, pairs)
     elif base._pairs_parts is not None:
-        known, earlier = base._pairs_parts
-        out._pairs_parts = (known, earlier | added)
+        known_pairs, earlier_pairs = base._pairs_parts
+        out._pairs_parts = (known_pairs, earlier_pairs | pairs)
     ranks: dict[EnvelopeKey, list[tuple[object, ...]]] = defaultdict(list)
     for rank, _, env, _ in claims:
         ranks[env.key].append(rank)
@@ -225,6 +236,13 @@ def _hand_on(
         more = itertools.accumulate(map(_WIDTH, out.accepted[key][first:]), initial=totals[first])
         next(more)  # the initial value: ``totals[first]`` is kept already
         out._totals[key] = [*totals[: first + 1], *more]
+
+
+def _layer_limit(base: FillResult) -> int:
+    """Newcomers laid over a matching's maps before they are united: about the square root
+    of twice the open leases, which balances copying the layer at every extension against
+    copying every lease at each union (both then cost ~sqrt(2n) per admission)."""
+    return max(32, math.isqrt(2 * len(base._payer)))
 
 
 def _hours_in_group(index: EnvelopeIndex, members: Sequence[EnvelopeKey]) -> bool:

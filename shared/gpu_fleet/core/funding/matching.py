@@ -115,23 +115,97 @@ _WIDTH = operator.attrgetter("width")
 
 @dataclass
 class FillResult:
-    payer: dict[str, EnvelopeKey | None]
-    funding_class: dict[str, FundingClass]
-    rejections: dict[str, list[Rejection]]
+    """The matching: who pays for each live lease (``payer``), its class (``funding_class``),
+    the envelopes that turned it away (``rejections``), and what each envelope funds.
+
+    An extension (``extend_fill``) does not copy its base's per-lease maps: it keeps them as
+    they are and lays the newcomers over them (``_added``), so an admission costs what it adds,
+    not every open lease (issue 11).  Reading a map whole unites the two once; lookups of one
+    lease (``payer_of``, ``class_of``) read the layers as they are.
+    """
+
+    _payer: dict[str, EnvelopeKey | None]
+    _funding_class: dict[str, FundingClass]
+    _rejections: dict[str, list[Rejection]]
     accepted: dict[EnvelopeKey, list[Accepted]]  # sorted by rank
     trace: FillTrace | None = None
     # Are ``payer``, ``funding_class`` and ``rejections`` in lease-id order, as ``fill`` lists
     # them?  A matching extended by a newcomer that sorts inside is not (``classes_by_id``).
     ordered: bool = True
     _totals: dict[EnvelopeKey, list[int]] = field(default_factory=dict, repr=False, compare=False)
-    # ``classes_by_id`` once computed; ``extend_fill`` hands it on with the newcomers inserted,
-    # so a chain of admissions never sorts every open lease again (issue 11).
+    # ``classes_by_id`` once computed; ``extend_fill`` hands it on as the base's list and the
+    # newcomers (sorted), merged when read, so a chain of admissions never sorts or copies
+    # every open lease (issue 11).
     _by_id: list[tuple[str, FundingClass]] | None = field(default=None, repr=False, compare=False)
+    _by_id_parts: tuple[list[tuple[str, FundingClass]], list[tuple[str, FundingClass]]] | None = (
+        field(default=None, repr=False, compare=False)
+    )
     # ``funded_pairs`` once computed; handed on the same way (a set copy keeps the hashes, a
     # rebuild hashes every (lease, envelope) tuple again: 4 ms at 5k open leases).
     _pairs: frozenset[tuple[str, EnvelopeKey]] | None = field(
         default=None, repr=False, compare=False
     )
+    # Newcomers laid over the three maps above (none of their ids is in those): payer, class
+    # and rejections of the leases extensions added since the maps were last united.
+    _added: (
+        tuple[dict[str, EnvelopeKey | None], dict[str, FundingClass], dict[str, list[Rejection]]]
+        | None
+    ) = field(default=None, repr=False, compare=False)
+
+    @property
+    def payer(self) -> dict[str, EnvelopeKey | None]:
+        if self._added is not None:
+            self._unite()
+        return self._payer
+
+    @property
+    def funding_class(self) -> dict[str, FundingClass]:
+        if self._added is not None:
+            self._unite()
+        return self._funding_class
+
+    @property
+    def rejections(self) -> dict[str, list[Rejection]]:
+        if self._added is not None:
+            self._unite()
+        return self._rejections
+
+    def _unite(self) -> None:
+        """The maps with the newcomers in (new maps: a base shares the old ones)."""
+        added = self._added
+        if added is None:
+            return
+        payer, cls, rejections = added
+        self._payer = {**self._payer, **payer}
+        self._funding_class = {**self._funding_class, **cls}
+        self._rejections = {**self._rejections, **rejections}
+        self._added = None
+
+    def payer_of(self, lease_id: str) -> EnvelopeKey | None:
+        """``payer.get(lease_id)`` without uniting the layers."""
+        added = self._added
+        if added is not None and lease_id in added[0]:
+            return added[0][lease_id]
+        return self._payer.get(lease_id)
+
+    def class_of(self, lease_id: str) -> FundingClass | None:
+        """``funding_class.get(lease_id)`` without uniting the layers."""
+        added = self._added
+        if added is not None and lease_id in added[1]:
+            return added[1][lease_id]
+        return self._funding_class.get(lease_id)
+
+    def holds(self, lease_id: str) -> bool:
+        """Is ``lease_id`` matched here (live at the instant, funded or not)?"""
+        added = self._added
+        return lease_id in self._payer or (added is not None and lease_id in added[0])
+
+    def last_id(self) -> str | None:
+        """The last lease id in ``payer``'s order, or None if it is empty."""
+        added = self._added
+        if added is not None and added[0]:
+            return next(reversed(added[0]))
+        return next(reversed(self._payer), None)
 
     # The proposer this matching used (its proposal lists are cached per owner, flavor,
     # sponsors and location); an extension at the same instant reuses it.
@@ -170,6 +244,11 @@ class FillResult:
         Computed once per matching (a matching is never changed after it is made); callers
         must not modify the list.
         """
+        if self._by_id is None and self._by_id_parts is not None:
+            known, added = self._by_id_parts
+            merged = [*known, *added]
+            merged.sort(key=operator.itemgetter(0))  # two sorted runs: a linear merge
+            self._by_id, self._by_id_parts = merged, None
         if self._by_id is None:
             items = list(self.funding_class.items())
             if not self.ordered:
