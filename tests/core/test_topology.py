@@ -15,6 +15,7 @@ from gpu_fleet.core.placement import (
     node_location,
     parse_slot,
 )
+from gpu_fleet.core.placement import topology as topology_module
 from gpu_fleet.core.placement.topology import compile_nodes, topology_from
 
 H100 = "H100-80GB"
@@ -143,10 +144,20 @@ def test_parse_slot() -> None:
 @given(
     st.integers(1, 5),
     st.lists(st.tuples(st.integers(0, 11), st.sets(st.integers(0, 7), max_size=8)), max_size=12),
+    st.sampled_from([0, 2, topology_module.MERGE_FLOOR]),
 )
-def test_with_nodes_is_a_fresh_snapshot(domains: int, changes: list[tuple[int, set[int]]]) -> None:
+def test_with_nodes_is_a_fresh_snapshot(
+    domains: int, changes: list[tuple[int, set[int]]], merge_floor: int
+) -> None:
     """Chained updates - each naming the nodes whose held ordinals changed - give the same
-    domains (in SPEC order), free counts and free ordinals as building from scratch."""
+    domains (in SPEC order), free counts and free ordinals as building from scratch, whether
+    the moved nodes lie over the shared node map or were merged in (a low floor merges)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(topology_module, "MERGE_FLOOR", merge_floor)
+        chain_against_fresh(domains, changes)
+
+
+def chain_against_fresh(domains: int, changes: list[tuple[int, set[int]]]) -> None:
     nodes = [
         msgspec.convert(
             {
@@ -174,5 +185,8 @@ def test_with_nodes_is_a_fresh_snapshot(domains: int, changes: list[tuple[int, s
         assert current.domain_keys() == fresh.domain_keys()
         assert current.domain_frees() == fresh.domain_frees()
         assert list(current.domain_frees()) == list(fresh.domain_frees())
+        assert current.total_free() == fresh.total_free()
         for node in nodes:
             assert current.free_ordinals(node.name) == fresh.free_ordinals(node.name)
+            assert current.free_slots(node.name) == fresh.free_slots(node.name)
+            assert current.free_gpus(node.name) == fresh.free_gpus(node.name)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,11 @@ def parse_slot(value: str) -> tuple[str, int] | None:
     return node, int(ordinal)
 
 
+MERGE_FLOOR = 64
+"""Moved nodes a snapshot keeps over its shared node map before merging them in (at least;
+about the square root of twice the nodes balances the two copies, as in the matching)."""
+
+
 class _NodeInfo(msgspec.Struct, frozen=True):
     domain: str
     gpus: int
@@ -88,6 +94,7 @@ class Topology:
         "_domain_free",
         "_domains",
         "_frees_in_order",
+        "_moved",
         "_nodes",
         "_order",
         "_total_free",
@@ -103,6 +110,7 @@ class Topology:
     ) -> None:
         self.flavor = flavor
         self._nodes = dict(nodes)
+        self._moved: dict[str, _NodeInfo] = {}  # nodes whose slots moved since ``_nodes``
         self._domains = dict(domains)
         self._capacity = dict(capacity)
         self._domain_free = {
@@ -129,17 +137,25 @@ class Topology:
         other.flavor = self.flavor
         other._domains = self._domains
         other._capacity = self._capacity
-        nodes = dict(self._nodes)
+        # The node map is shared with this snapshot; the nodes whose slots moved since it was
+        # last copied lie over it (``_info``), and are merged in once they are many: an
+        # admission touches a node or two, and copying 10k nodes for it was most of this.
+        moved_nodes = dict(self._moved)
         domain_free = dict(self._domain_free)
+        total = self._total_free
         moved: set[str] = set()
         for name in touched:
-            info = nodes[name]
+            info = self._info(name)
             free = _free_of(info.gpus, held.get(name), skeleton.schedulable(name))
             if free != info.free:
-                nodes[name] = _NodeInfo(info.domain, info.gpus, info.labels, free)
+                moved_nodes[name] = _NodeInfo(info.domain, info.gpus, info.labels, free)
                 domain_free[info.domain] += len(free) - len(info.free)
+                total += len(free) - len(info.free)
                 moved.add(info.domain)
-        other._nodes = nodes
+        if len(moved_nodes) > max(MERGE_FLOOR, math.isqrt(2 * len(self._nodes))):
+            other._nodes, other._moved = {**self._nodes, **moved_nodes}, {}
+        else:
+            other._nodes, other._moved = self._nodes, moved_nodes
         other._domain_free = domain_free
         # SPEC order (free GPUs descending, key ascending): the other domains keep their places
         # relative to each other, so only those whose free count moved are placed again.
@@ -147,9 +163,17 @@ class Topology:
         for key in sorted(moved):
             bisect.insort(order, key, key=lambda k: (-domain_free[k], k))
         other._order = order
-        other._total_free = sum(domain_free.values())
+        other._total_free = total
         other._frees_in_order = None
         return other
+
+    def _info(self, node: str) -> _NodeInfo:
+        moved = self._moved
+        if moved:
+            info = moved.get(node)
+            if info is not None:
+                return info
+        return self._nodes[node]
 
     # -- domains ---------------------------------------------------------------------------
 
@@ -195,23 +219,23 @@ class Topology:
         return node in self._nodes
 
     def domain_of(self, node: str) -> str:
-        return self._nodes[node].domain
+        return self._nodes[node].domain  # a node's domain never moves
 
     def free_slots(self, node: str) -> tuple[str, ...]:
         """Free slot names of a node, lowest ordinals first."""
-        return tuple(slot(node, i) for i in self._nodes[node].free)
+        return tuple(slot(node, i) for i in self._info(node).free)
 
     def free_ordinals(self, node: str) -> tuple[int, ...]:
-        return self._nodes[node].free
+        return self._info(node).free
 
     def free_gpus(self, node: str) -> int:
-        return len(self._nodes[node].free)
+        return len(self._info(node).free)
 
     def node_gpus(self, node: str) -> int:
-        return self._nodes[node].gpus
+        return self._nodes[node].gpus  # never moves
 
     def node_labels(self, node: str) -> dict[str, str]:
-        return dict(self._nodes[node].labels)
+        return dict(self._nodes[node].labels)  # never moves
 
     def __repr__(self) -> str:
         return (
