@@ -312,6 +312,33 @@ def test_extension_totals_when_newcomers_straddle_a_held_row() -> None:
         assert ext.width_up_to(key, row.rank) == senior_width(rows, row.rank)
 
 
+def test_sibling_extensions_of_one_matching_keep_their_own_totals() -> None:
+    """An extension by junior newcomers extends its base's running totals in place (the base
+    reads only its own prefix); a second extension of the same base - a decision checked and
+    then not taken, and another one - must not build on the first one's entries."""
+    budgets = [budget("p", "org:p", [env("e", 32, selector={"region": "*"})])]
+    runs_ = [run("p", name, 8) for name in ("old", "one", "two")]
+    runs = {r.key: r for r in runs_}
+    admitted = {r.key: T0 + i * MINUTE for i, r in enumerate(runs_)}
+    held = [lease("a", runs_[0].key, 4)]
+    world = World(budgets, runs.values(), held, nodes=NODES, admitted=admitted)
+    base = world.fill()
+    key = base.payer["a"]
+    assert key is not None
+    base.width_up_to(key, base.accepted[key][-1].rank)  # totals to hand on
+    one = [lease("b", runs_[1].key, 2, first=4)]
+    two = [lease("c", runs_[2].key, 6, first=4, node_name="n2")]
+    ext_one = extend_fill(world.index, base, one, runs, admitted, world.node_labels, T0)
+    ext_two = extend_fill(world.index, base, two, runs, admitted, world.node_labels, T0)
+    assert ext_one is not None
+    assert ext_two is not None
+    for result, leases in ((base, held), (ext_one, held + one), (ext_two, held + two)):
+        reference = fill(world.index, leases, runs, admitted, world.node_labels, T0)
+        rows = reference.accepted[key]
+        for row in rows:
+            assert result.width_up_to(key, row.rank) == senior_width(rows, row.rank)
+
+
 def test_extend_fill_takes_the_newcomer_that_fits() -> None:
     """The shortcut fires for the common cases - a later run that fits its own envelope, or
     any run where everyone fits together - and refuses where the answer could differ."""

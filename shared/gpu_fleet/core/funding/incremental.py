@@ -235,7 +235,15 @@ def _hand_on(
         first = bisect.bisect_left(held, min(ranks[key]), key=_ACCEPTED_RANK)
         more = itertools.accumulate(map(_WIDTH, out.accepted[key][first:]), initial=totals[first])
         next(more)  # the initial value: ``totals[first]`` is kept already
-        out._totals[key] = [*totals[: first + 1], *more]
+        if first == len(held) and len(totals) == first + 1:
+            # Every newcomer ranks below every held row (the usual admission: the junior
+            # run): extend the base's list in place.  The base reads only its first
+            # ``len(held) + 1`` entries, which do not change; a second extension of the same
+            # base finds the list longer than that and copies instead.
+            totals.extend(more)
+            out._totals[key] = totals
+        else:
+            out._totals[key] = [*totals[: first + 1], *more]
 
 
 def _layer_limit(base: FillResult) -> int:
