@@ -421,7 +421,7 @@ def verify_funded(
     sure the ledger will agree with it.  ``closing`` names leases the same decision closes (they
     are left out of the replay).  Returns "" when fine, else the reason.
     """
-    inputs = state.funding_inputs()
+    inputs = state.funding_inputs(leases=False)  # listed below only if matched afresh
     view = state.meter.hours_view(inputs.index, inputs.period_hours)
     # The ledger's runs with this one as decided (copied only when it differs: O(runs))
     runs: Mapping[str, Run] = (
@@ -431,6 +431,10 @@ def verify_funded(
         state.admitted if run.key in state.admitted else {**state.admitted, run.key: now}
     )
     gone = set(closing)
+
+    def current() -> list[Lease]:
+        return [x for x in state.funding_inputs().leases if x.id not in gone]
+
     after = None
     alone = not state.leases_of(run.key, open_only=True)
     base = state.current_fill(now) if not gone else None
@@ -441,8 +445,9 @@ def verify_funded(
             inputs.index, base, new, runs, admitted, inputs.node_labels, now, view, runs_alone=alone
         )
     if after is None:
-        current = [x for x in inputs.leases if x.id not in gone]
-        after = fill(inputs.index, [*current, *new], runs, admitted, inputs.node_labels, now, view)
+        after = fill(
+            inputs.index, [*current(), *new], runs, admitted, inputs.node_labels, now, view
+        )
 
     def waits_for_window(lease: Lease) -> bool:
         # preActivation.allowAdmission: planned against an envelope whose window has not opened;
@@ -458,7 +463,7 @@ def verify_funded(
         before = (
             state.matching(now)
             if not gone and run.key in state.runs
-            else fill(inputs.index, current, runs, admitted, inputs.node_labels, now, view)
+            else fill(inputs.index, current(), runs, admitted, inputs.node_labels, now, view)
         )
         displaced = [
             lid for lid, env in before.payer.items() if env is not None and after.payer[lid] is None

@@ -308,7 +308,7 @@ class FleetState:
                 return None  # the decision that was checked is not what was committed
             changes = changes[len(pending) :]
         result: FillResult | None = known.fill
-        inputs = self.funding_inputs()
+        inputs = self.funding_inputs(leases=False)
         view = self.meter.hours_view(inputs.index, inputs.period_hours)
         i = 0
         while result is not None and i < len(changes):
@@ -333,7 +333,7 @@ class FleetState:
         by_run: dict[str, list[Lease]] = defaultdict(list)
         for x in new:
             by_run[x.run].append(x)
-        inputs = self.funding_inputs()
+        inputs = self.funding_inputs(leases=False)
         result: FillResult | None = base
         for run, leases in by_run.items():
             if result is None:
@@ -468,12 +468,19 @@ class FleetState:
         for dirty in self._topology_dirty.values():
             dirty.add(node)
 
-    def funding_inputs(self) -> FundingInputs:
-        if self._open_tuple is None:
-            self._open_tuple = tuple(self.open_leases.values())
+    def funding_inputs(self, *, leases: bool = True) -> FundingInputs:
+        """What the funding evaluation reads.  ``leases=False``: without the open leases (an
+        empty tuple), for a caller that extends a known matching and reads only the rest -
+        listing every open lease was a tenth of an admission once the others were cheap."""
+        if not leases:
+            open_leases: tuple[Lease, ...] = ()
+        elif self._open_tuple is None:
+            open_leases = self._open_tuple = tuple(self.open_leases.values())
+        else:
+            open_leases = self._open_tuple
         return FundingInputs(
             index=self.index,
-            leases=self._open_tuple,
+            leases=open_leases,
             runs=self.runs,
             admitted=self.admitted,
             node_labels=self.node_labels(),
