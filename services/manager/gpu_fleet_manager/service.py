@@ -109,6 +109,7 @@ class Manager(Actor):
         self.snapshots: SnapshotStore | None = None
         self._snapshot_at = 0  # appended batches at the last snapshot
         self._snapshot_seq = 0  # and the ledger sequence it holds
+        self._saving: asyncio.Task[None] | None = None  # a snapshot being saved
         self._cut_waiters = 0  # callers of ``consistent`` waiting for the lock
         self.last_rebuild: tuple[int, int] = (0, 0)  # (snapshot sequence, events folded after it)
         self.committer = GroupCommitter(self)
@@ -158,6 +159,8 @@ class Manager(Actor):
         if self._inflight:  # answer what was received before the endpoints stopped
             await asyncio.gather(*self._inflight, return_exceptions=True)
         async with self.consistent():  # let the groups in flight land, then save a snapshot
+            if self._saving is not None:
+                await self._saving
             if self.config.snapshot_every and self.fleet is not None:
                 await self._save_snapshot()
         await drain(self.nc)
@@ -220,17 +223,27 @@ class Manager(Actor):
 
     async def _save_snapshot(self) -> None:
         """Persist folded state at its sequence (under the command lock: a consistent cut)."""
+        await self._store_snapshot(self._take_snapshot())
+
+    def _take_snapshot(self) -> tuple[bytes, int, int] | None:
+        """The state encoded at a consistent cut (the caller holds the command lock), with
+        its sequence and batch count; encoding 10k nodes takes some 30 ms."""
         fleet = self.fleet
         if fleet is None or self.snapshots is None:
+            return None
+        return snapshot.take(fleet.state, fleet.seq), fleet.seq, fleet.appended_batches
+
+    async def _store_snapshot(self, taken: tuple[bytes, int, int] | None) -> None:
+        if taken is None or self.snapshots is None:
             return
-        data = await asyncio.to_thread(snapshot.take, fleet.state, fleet.seq)
+        data, seq, batches = taken
         try:
             await self.snapshots.save(SNAPSHOT_NAME, data)
         except nats.errors.Error as exc:
             log.warning("snapshot.save_failed", error=type(exc).__name__)
             return
-        self._snapshot_at, self._snapshot_seq = fleet.appended_batches, fleet.seq
-        log.info("snapshot.saved", seq=fleet.seq, bytes=len(data))
+        self._snapshot_at, self._snapshot_seq = batches, seq
+        log.info("snapshot.saved", seq=seq, bytes=len(data))
 
     def _snapshot_due(self) -> bool:
         """``snapshot_every`` batches since the last one, and a tail to replay of at least
@@ -245,9 +258,16 @@ class Manager(Actor):
         return (fleet.seq - self._snapshot_seq) * SNAPSHOT_TAIL >= fleet.seq
 
     async def _maybe_snapshot(self) -> None:
-        """Save a snapshot if one is due (only where nothing is in flight: a consistent cut)."""
+        """Take a snapshot if one is due (only where nothing is in flight: a consistent cut),
+        and save it in the background: the object store's chunked upload of a 10k-node state
+        (megabytes) need not hold the writer's lock.  One save at a time; a clean stop waits
+        for it, then saves the last state itself."""
+        saving = self._saving
+        if saving is not None and not saving.done():
+            return
         if self._snapshot_due():
-            await self._save_snapshot()
+            taken = await asyncio.to_thread(self._take_snapshot)
+            self._saving = asyncio.create_task(self._store_snapshot(taken), name="snapshot save")
 
     def _register_inventory(self, now: Instant) -> dict[str, Any]:
         assert self.fleet is not None
