@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from reference_matching import reference_fill
 from test_incremental import NODES, budgets_of, drawn_runs, hours_views
 
-from gpu_fleet.core.funding import FillResult, HoursView, fill
+from gpu_fleet.core.funding import FillResult, HoursView, fill, matching
 
 EQUIV = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -58,3 +58,27 @@ def test_fill_is_the_reference_matching(data: st.DataObject) -> None:
     same_matching(got, reference_fill(*args))
     rejected = sum(len(x) for x in got.rejections.values())
     event(f"rejections: {'none' if not rejected else '1-3' if rejected < 4 else '4+'}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["n1", "n2", "a#b", "n1#", ""]),
+            st.one_of(st.integers(0, 12).map(str), st.sampled_from(["x", "", "\u00b2", "07"])),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_a_leases_first_slot_is_its_least_node_and_ordinal(parts: list[tuple[str, str]]) -> None:
+    """The rank's tie-breaker: the least (node, ordinal) of the lease's slots, an ordinal that
+    is not a decimal number counting as -1 - whether the slots share a node (the quick path)
+    or not."""
+    slots = tuple(f"{node}#{ordinal}" for node, ordinal in parts)
+
+    def key(s: str) -> tuple[str, int]:
+        node, _, ordinal = s.rpartition("#")
+        return node, int(ordinal) if ordinal.isdecimal() else -1
+
+    assert matching._first_slot(slots) == min(map(key, slots))
