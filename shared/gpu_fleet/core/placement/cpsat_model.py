@@ -439,7 +439,7 @@ def evident_fill(
     keys = dict.fromkeys((False, f) for f in sorted(set(frees.values()), reverse=True) if f)
     chosen = _prefilter(keys, {(False, roomiest)}, request, sizes, settings.max_candidate_domains)
     best = min(k[1] for k in chosen if k[1] >= need)
-    domain = min(d for d in topology.domain_keys() if frees[d] == best)
+    domain = min(d for d, free in frees.items() if free == best)  # every domain is a key
     return Decision(((need, domain),), ((),)), best == roomiest
 
 

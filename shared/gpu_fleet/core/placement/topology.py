@@ -193,8 +193,10 @@ class Topology:
         """
         cached = self._frees_in_order
         if cached is None:
-            free = self._domain_free
-            cached = self._frees_in_order = {k: free[k] for k in self._order}
+            order = self._order
+            cached = self._frees_in_order = dict(
+                zip(order, map(self._domain_free.__getitem__, order), strict=True)
+            )
         return dict(cached)
 
     def domain(self, domain_key: str) -> Domain:
