@@ -222,7 +222,12 @@ def _hand_on(
         out._pairs_parts = (base._pairs, pairs)
     elif base._pairs_parts is not None:
         known_pairs, earlier_pairs = base._pairs_parts
-        out._pairs_parts = (known_pairs, earlier_pairs | pairs)
+        if len(earlier_pairs) + len(pairs) > _layer_limit(base):
+            # Many admissions at one instant: fold the added pairs in now and then, not
+            # copy a growing set of them at every admission.
+            out._pairs_parts = (known_pairs | earlier_pairs | pairs, frozenset())
+        else:
+            out._pairs_parts = (known_pairs, earlier_pairs | pairs)
     ranks: dict[EnvelopeKey, list[tuple[object, ...]]] = defaultdict(list)
     for rank, _, env, _ in claims:
         ranks[env.key].append(rank)
