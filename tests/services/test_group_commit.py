@@ -10,7 +10,9 @@ alone; two writers racing still never double-book.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import concurrent.futures
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,9 @@ from gpu_fleet.core.ledger import (
 from gpu_fleet.core.model import Instant, Node
 from gpu_fleet.core.placement import plan_placement
 from gpu_fleet.core.timeutil import parse_instant
-from gpu_fleet.runtime.ledger_stream import LedgerStream
+from gpu_fleet.runtime.ledger_stream import LedgerStream, LedgerUnavailableError
+from gpu_fleet_manager import writer
+from gpu_fleet_manager.boundary import ApiError
 from gpu_fleet_manager.service import Manager, ManagerConfig
 
 T0 = parse_instant("2026-03-02T00:00:00Z")
@@ -198,21 +202,32 @@ def node(name: str) -> Node:
 
 class GatedAppends:
     """Holds the manager's next ledger append at a gate; when the gate opens, another writer
-    may append first (then the held append loses the race: a real conflict)."""
+    may append first (then the held append loses the race: a real conflict).  Appends counted
+    in ``fail`` (1 is the held one) are refused as if the ledger were down."""
 
-    def __init__(self, stack: InProcessStack, manager: Manager, intruder: Node | None) -> None:
+    def __init__(
+        self,
+        stack: InProcessStack,
+        manager: Manager,
+        intruder: Node | None,
+        fail: Collection[int] = (),
+        on_refusal: Callable[[], None] = lambda: None,
+    ) -> None:
         assert manager.ledger is not None
         self.stack = stack
         self.ledger = manager.ledger
         self.original = manager.ledger.append
         self.intruder = intruder
+        self.fail = set(fail)
+        self.on_refusal = on_refusal
+        self.appends = 0
         self.gate = asyncio.Event()
-        self.armed = True
         self.ledger.append = self.append  # type: ignore[method-assign]
 
     async def append(self, events: Sequence[Event], expected_last_seq: int) -> int:
-        if self.armed:
-            self.armed = False
+        self.appends += 1
+        number = self.appends
+        if number == 1:
             await self.gate.wait()
             if self.intruder is not None:  # a standby manager, say: it may write the ledger
                 nc = await nats.connect(self.stack.url_for("manager"))
@@ -222,49 +237,78 @@ class GatedAppends:
                     await other.append([NodeRegistered(at=T0, node=self.intruder)], last)
                 finally:
                     await nc.close()
+        if number in self.fail:
+            self.on_refusal()
+            raise LedgerUnavailableError(f"append {number} refused by the test")
         return await self.original(events, expected_last_seq)
 
     def open_from_thread(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.call_soon_threadsafe(self.gate.set)
 
 
+@dataclass
+class InFlight:
+    """What ``decided_in_flight`` saw: each command's runs and answer, in answer order."""
+
+    manager: Manager
+    runs: dict[str, int]
+    answers: dict[str, str]  # "ok" or the error's code
+    answered: list[str]
+
+
 async def decided_in_flight(
-    stack: InProcessStack, intruder: Node | None
-) -> tuple[Manager, dict[str, int], list[str]]:
-    """Command A registers node a and, while it is decided, queues command B (node b), so B
-    is decided while A's append is held at the gate; B opens the gate once it is decided."""
+    stack: InProcessStack,
+    intruder: Node | None,
+    *,
+    fail: Collection[int] = (),
+    b_nodes: int = 1,
+    on_refusal: Callable[[], None] = lambda: None,
+) -> InFlight:
+    """Command A registers node a and, while it is decided, queues command B (nodes b, b1,
+    ...), so B is decided while A's append is held at the gate; B opens the gate once its
+    first node is decided."""
     manager = manager_of(stack)
     loop = asyncio.get_running_loop()
-    gated = GatedAppends(stack, manager, intruder)
-    runs: dict[str, int] = {"a": 0, "b": 0}
-    answered: list[str] = []
+    gated = GatedAppends(stack, manager, intruder, fail, on_refusal)
+    seen = InFlight(manager, {"a": 0, "b": 0}, {}, [])
     queued: list[asyncio.Future[None]] = []
 
     async def answer(name: str, fn: Callable[[Instant], None]) -> None:
-        await manager.mutate(fn)
-        answered.append(name)
+        try:
+            await manager.mutate(fn)
+            seen.answers[name] = "ok"
+        except ApiError as exc:
+            seen.answers[name] = exc.code
+        seen.answered.append(name)
 
     def b(now: Instant) -> None:
-        runs["b"] += 1
+        seen.runs["b"] += 1
         manager.require_fleet().register_node(node("b"), now)
         gated.open_from_thread(loop)  # B is decided on top of A, whose append is held
+        for i in range(1, b_nodes):
+            manager.require_fleet().register_node(node(f"b{i}"), now)
 
     def a(now: Instant) -> None:
-        runs["a"] += 1
+        seen.runs["a"] += 1
         manager.require_fleet().register_node(node("a"), now)
         if not queued:  # queued once: A is decided again after a lost race
             queued.append(asyncio.run_coroutine_threadsafe(answer("b", b), loop))
 
     await answer("a", a)
     await asyncio.wrap_future(queued[0])
-    return manager, runs, answered
+    return seen
+
+
+async def registered(stack: InProcessStack) -> list[str]:
+    return [e.node.name for e in await ledger_events(stack) if isinstance(e, NodeRegistered)]
 
 
 @pytest.mark.timeout(60)  # a hang guard: without the pipeline, B never opens A's gate
 @pytest.mark.asyncio
 async def test_a_group_is_decided_while_the_one_before_is_appended(stack: InProcessStack) -> None:
     """The pipeline: B is decided while A's append is in flight; both land in order, once."""
-    manager, runs, answered = await decided_in_flight(stack, intruder=None)
+    seen = await decided_in_flight(stack, intruder=None)
+    manager, runs, answered = seen.manager, seen.runs, seen.answered
     assert runs == {"a": 1, "b": 1}
     assert answered == ["a", "b"]
     events = await ledger_events(stack)
@@ -283,7 +327,9 @@ async def test_a_lost_race_under_a_group_in_flight_decides_both_again(
     """A's append loses a race to another writer while B, decided on top of A, waits: A is
     decided again on the ledger's state, then B (its first decision was on a state the ledger
     never got), each answered once and committed once, in arrival order."""
-    manager, runs, answered = await decided_in_flight(stack, intruder=node("x"))
+    seen = await decided_in_flight(stack, intruder=node("x"))
+    manager, runs, answered = seen.manager, seen.runs, seen.answered
+    assert seen.answers == {"a": "ok", "b": "ok"}
     assert runs == {"a": 2, "b": 2}
     assert answered == ["a", "b"]
     events = await ledger_events(stack)
@@ -299,14 +345,87 @@ async def test_a_lost_race_under_a_group_in_flight_decides_both_again(
 
 @pytest.mark.timeout(60)  # a hang guard: without the pipeline, B never opens A's gate
 @pytest.mark.asyncio
+async def test_a_group_whose_own_append_fails_is_answered_unavailable(
+    stack: InProcessStack,
+) -> None:
+    """A lands; B, decided while A was in flight, fails to append: B is answered
+    "unavailable" - the append that landed meanwhile was A's, none of B is on the ledger (found
+    by review: B was answered "ok")."""
+    seen = await decided_in_flight(stack, intruder=None, fail={2})
+    assert seen.answers == {"a": "ok", "b": "unavailable"}
+    names = await registered(stack)
+    assert "a" in names
+    assert "b" not in names
+    events = await ledger_events(stack)
+    assert seen.manager.require_fleet().state.history == events
+
+
+@pytest.mark.timeout(60)  # a hang guard: without the pipeline, B never opens A's gate
+@pytest.mark.asyncio
+async def test_a_failed_append_is_not_used_up_by_a_mid_group_flush(stack: InProcessStack) -> None:
+    """A's append fails while B, decided on top, flushes part of itself (``FLUSH_AT`` 1) and
+    so waits for A first: A is answered "unavailable" and is not on the ledger; B is decided
+    again on the ledger's state and lands (found by review: the flush used the failure up and
+    A was answered "ok")."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(writer, "FLUSH_AT", 1)
+        seen = await decided_in_flight(stack, intruder=None, fail={1}, b_nodes=2)
+    assert seen.answers == {"a": "unavailable", "b": "ok"}
+    assert seen.runs == {"a": 1, "b": 2}
+    names = await registered(stack)
+    assert "a" not in names
+    assert names[-2:] == ["b", "b1"]
+    assert seen.manager.require_fleet().state.history == await ledger_events(stack)
+
+
+@pytest.mark.asyncio
+async def test_a_state_that_cannot_be_rebuilt_is_dropped_not_read(stack: InProcessStack) -> None:
+    """A's append fails, and the ledger is still unreadable when the manager rebuilds: the
+    local state, which holds A's decision, is dropped; the next read loads the ledger's and
+    never sees A (found by review)."""
+    manager = manager_of(stack)
+    assert manager.ledger is not None
+    ledger = manager.ledger
+    last_seq = ledger.last_seq
+    down = {"reads": 0}
+
+    async def flaky_last_seq() -> int:
+        if down["reads"]:
+            down["reads"] -= 1
+            raise LedgerUnavailableError("still down")
+        return await last_seq()
+
+    def still_down() -> None:
+        down["reads"] = 1  # the rebuild after this refusal cannot read the stream either
+
+    ledger.last_seq = flaky_last_seq  # type: ignore[method-assign]
+    gated = GatedAppends(stack, manager, None, fail={1}, on_refusal=still_down)
+    gated.gate.set()
+
+    def a(now: Instant) -> None:
+        manager.require_fleet().register_node(node("a"), now)
+
+    with pytest.raises(ApiError) as refused:
+        await manager.mutate(a)
+    assert refused.value.code == "unavailable"
+    assert down["reads"] == 0  # the rebuild did meet the outage
+    nodes = await manager.read(lambda _now: set(manager.require_fleet().state.nodes))
+    assert "a" not in nodes
+    assert nodes == set(await registered(stack))
+
+
+@pytest.mark.timeout(60)  # a hang guard: without the pipeline, B never opens A's gate
+@pytest.mark.asyncio
 async def test_a_read_waits_for_the_groups_in_flight(stack: InProcessStack) -> None:
     """A read asked while A is in flight and B is decided on top sees what the ledger holds
-    when it runs (the pipeline lands both first) - never a decision not on the ledger yet."""
+    when it runs - never a decision not on the ledger yet - and it gets its turn there: the
+    pipeline lands both and lets it in before it decides C, queued after the read."""
     manager = manager_of(stack)
     loop = asyncio.get_running_loop()
     gated = GatedAppends(stack, manager, None)
     seen: list[set[str]] = []
     reads: list[asyncio.Task[set[str]]] = []
+    later: list[concurrent.futures.Future[None]] = []
 
     async def read() -> set[str]:
         names = await manager.read(lambda _now: set(manager.require_fleet().state.nodes))
@@ -314,10 +433,15 @@ async def test_a_read_waits_for_the_groups_in_flight(stack: InProcessStack) -> N
         assert names == {e.node.name for e in events if isinstance(e, NodeRegistered)}
         return names
 
+    def c(now: Instant) -> None:
+        manager.require_fleet().register_node(node("c"), now)
+
     def b(now: Instant) -> None:
         manager.require_fleet().register_node(node("b"), now)
-        # Asked now: A is held at the gate, B is folded here and on the ledger nowhere.
+        # Asked now: A is held at the gate, B is folded here and on the ledger nowhere.  C
+        # comes after the read: the pipeline drains for the read before it decides C.
         loop.call_soon_threadsafe(lambda: reads.append(loop.create_task(read())))
+        later.append(asyncio.run_coroutine_threadsafe(manager.mutate(c), loop))
         gated.open_from_thread(loop)
 
     def a(now: Instant) -> None:
@@ -329,3 +453,6 @@ async def test_a_read_waits_for_the_groups_in_flight(stack: InProcessStack) -> N
         await asyncio.sleep(0)
     seen.append(await reads[0])
     assert {"a", "b"} <= seen[0]
+    assert "c" not in seen[0]  # decided after the read, not before it
+    await asyncio.wrap_future(later[0])
+    assert "c" in await registered(stack)

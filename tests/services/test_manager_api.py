@@ -242,3 +242,25 @@ def test_a_snapshot_waits_for_batches_and_for_a_tail_worth_its_cost() -> None:
     assert manager._snapshot_due()  # 15 x 8 >= 115
     manager.config.snapshot_every = 0
     assert not manager._snapshot_due()  # snapshots off
+
+
+@pytest.mark.asyncio
+async def test_a_snapshot_store_that_fails_costs_only_the_snapshot(stack: InProcessStack) -> None:
+    """Whatever the snapshot store raises is logged: commands are still answered and a clean
+    stop still completes (found by review: a non-NATS error aborted the stop)."""
+    nc = stack.nc
+    assert nc is not None
+    actor = stack.actors["manager"]
+    assert isinstance(actor, Manager)
+    assert actor.snapshots is not None
+
+    async def broken(*_args: object) -> None:
+        raise RuntimeError("the object store is broken")
+
+    actor.snapshots.save = broken  # type: ignore[method-assign]
+    actor.config.snapshot_every = 1
+    for i in range(3):
+        await call(nc, "apply", {"documents": run_doc(f"f{i}", 4)})
+    await stack.stop_service("manager")
+    assert actor.exit_code == 0
+    assert actor._saving is None or actor._saving.done()

@@ -62,7 +62,7 @@ class Command:
     fn: Callable[[Instant], Any]
     done: asyncio.Future[Any]
     outcome: tuple[bool, Any] | None = field(default=None)  # (ok, result or exception)
-    flushes: int = -1  # the writer's flush count when this command's decision was complete
+    flushes: int = -1  # the group's mid-group flushes when this command's decision was complete
 
 
 class GroupCommitter:
@@ -85,9 +85,10 @@ class GroupCommitter:
             self.runner = asyncio.create_task(self._run(), name="group commit")
         return await command.done
 
-    def take(self) -> list[Command]:
-        """The next group: the commands waiting now, in arrival order (at most ``MAX_GROUP``)."""
-        group, self.queue = self.queue[:MAX_GROUP], self.queue[MAX_GROUP:]
+    def take(self, most: int = MAX_GROUP) -> list[Command]:
+        """The next group: the commands waiting now, in arrival order (at most ``most``)."""
+        most = min(most, MAX_GROUP)
+        group, self.queue = self.queue[:most], self.queue[most:]
         if group:
             self.groups += 1
             self.largest = max(self.largest, len(group))
@@ -146,7 +147,13 @@ async def pipeline(manager: Manager, committer: GroupCommitter) -> None:
                 _settle(group)
                 return
             fleet = manager.require_fleet()
-            group = [] if flight is not None and manager.wants_drain() else committer.take()
+            if flight is None:
+                # Nothing in flight: decide the first half of what waits, so the second half
+                # is decided while the first half's append is in flight (with every client
+                # waiting in one group, the pipeline had nothing to overlap).
+                group = committer.take(-(-len(committer.queue) // 2))
+            else:
+                group = [] if manager.wants_drain() else committer.take()
             clean: bool | BaseException = True
             if group:
                 clean = await _decide_ahead(manager, fleet, group, ahead=flight is not None)
@@ -175,12 +182,12 @@ async def pipeline(manager: Manager, committer: GroupCommitter) -> None:
                     await fleet.flush()
                 except APPEND_ERRORS as exc:
                     clean = exc
-            flushed = fleet.flushed_in_group
+            flushed, durable = fleet.flushed_in_group, fleet.group_flushes
             fleet.buffered, fleet.buffer = False, []
             if clean is True:
                 _map_refusals(group)
             else:
-                await _recover(manager, group, clean, flushed=flushed)
+                await _recover(manager, group, clean, flushed=flushed, durable=durable)
             _settle(group)
 
 
@@ -201,6 +208,7 @@ async def _decide_ahead(
             await manager._catch_up()
         fleet.buffered, fleet.buffer = True, []
         fleet.flushed_in_group = fleet.poisoned = False
+        fleet.group_flushes = 0
         return await asyncio.to_thread(run_group, group, manager.clock.now, fleet)
     except APPEND_ERRORS as exc:
         return exc
@@ -208,14 +216,14 @@ async def _decide_ahead(
 
 async def _land(manager: Manager, fleet: LedgerFleet, group: list[Command]) -> bool:
     """Wait for ``group``'s append and answer it.  A failed append is handled as the
-    one-at-a-time path handles it (a lost race decides the group again); False then: the
-    state was rebuilt from the ledger."""
+    one-at-a-time path handles it (a lost race decides the group again; nothing of a group in
+    flight is on the ledger); False then: the state was rebuilt from the ledger."""
     try:
         await fleet.landed()
     except LedgerConflictError as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
         fleet.buffered, fleet.buffer = False, []
-        await _recover(manager, group, cause, flushed=False)  # a group in flight never is
+        await _recover(manager, group, cause, flushed=False, durable=-1)
         _settle(group)
         return False
     fleet.buffered = False
@@ -224,44 +232,63 @@ async def _land(manager: Manager, fleet: LedgerFleet, group: list[Command]) -> b
     return True
 
 
+async def _reload(manager: Manager) -> bool:
+    """Rebuild from the ledger; if that fails too, drop the local state (it may hold decisions
+    the ledger never got: nothing may read or decide on it) - the next command reloads."""
+    try:
+        await manager._rebuild()
+    except Exception as exc:
+        log.warning("ledger.rebuild_failed", error=type(exc).__name__)
+        manager.fleet = None
+        return False
+    return True
+
+
 async def _recover(
-    manager: Manager, group: list[Command], error: bool | BaseException, *, flushed: bool
+    manager: Manager,
+    group: list[Command],
+    error: bool | BaseException,
+    *,
+    flushed: bool,
+    durable: int,
 ) -> None:
     """After ``group`` failed to commit (``False``: a command broke the state; else the
-    append's error; ``flushed``: part of it was appended already), rebuild and decide it
-    again one group at a time, or answer the error, as the one-at-a-time path does."""
+    append's error; ``flushed``: part of it was appended already, by the mid-group flushes
+    ``durable`` counts), rebuild and decide it again one group at a time, or answer the
+    error, as the one-at-a-time path does."""
     if error is False or (isinstance(error, LedgerConflictError) and not flushed):
         if error is False:
             log.warning("group.rebuild_after_failed_command")
         else:
             log.warning("ledger.conflict", attempt=1, error=str(error))
-        await manager._rebuild()
+        if not await _reload(manager):
+            _answer_all(group, _unavailable("the ledger could not be read back"))
+            return
         _forget_decided(group)
         await _decide_locked(manager, group, first_attempt=1 if error is False else 2)
         return
     assert isinstance(error, BaseException)
-    await _give_up(manager, manager.require_fleet(), group, error, attempt=1)
+    await _give_up(manager, group, error, attempt=1, durable=durable)
 
 
 async def _give_up(
-    manager: Manager, fleet: LedgerFleet, group: list[Command], exc: BaseException, attempt: int
+    manager: Manager, group: list[Command], exc: BaseException, *, attempt: int, durable: int
 ) -> None:
     """Rebuild after a failed append, and answer the group: "conflict" after a lost race, else
-    "unavailable" (commands a flush already put on the ledger keep their own outcome)."""
+    "unavailable".  Commands whose decision a mid-group flush of this group put on the ledger
+    (``durable``: how many such flushes succeeded) keep their own outcome."""
+    await _reload(manager)
     if isinstance(exc, LedgerConflictError):
         log.warning("ledger.conflict", attempt=attempt, error=str(exc))
-        await manager._rebuild()
         why = f"{exc}; retried {attempt} times"
-        _answer_all(group, ApiError("conflict", why), durable=fleet.flushes)
+        _answer_all(group, ApiError("conflict", why), durable=durable)
         return
     log.warning("ledger.unavailable", error=str(exc))
-    try:
-        await manager._rebuild()
-    except Exception as rebuild_exc:
-        log.warning("ledger.rebuild_failed", error=type(rebuild_exc).__name__)
-        manager.fleet = None
-    error = ApiError("unavailable", f"ledger unavailable: {exc}; retry")
-    _answer_all(group, error, durable=fleet.flushes)
+    _answer_all(group, _unavailable(exc), durable=durable)
+
+
+def _unavailable(why: object) -> ApiError:
+    return ApiError("unavailable", f"ledger unavailable: {why}; retry")
 
 
 async def _decide_locked(
@@ -287,21 +314,24 @@ async def _decide_locked(
                 await manager._maybe_snapshot()
                 _map_refusals(group)
                 return
-        flushed = fleet.flushed_in_group
+        flushed, durable = fleet.flushed_in_group, fleet.group_flushes
         fleet.buffered, fleet.buffer = False, []
-        if outcome is False:
-            # A commit broke the local state: start the group over without that command.
-            log.warning("group.rebuild_after_failed_command")
-            await manager._rebuild()
+        retry = outcome is False or (
+            isinstance(outcome, LedgerConflictError) and attempt < attempts and not flushed
+        )
+        if retry:
+            if outcome is False:
+                # A commit broke the local state: start the group over without that command.
+                log.warning("group.rebuild_after_failed_command")
+            else:
+                log.warning("ledger.conflict", attempt=attempt, error=str(outcome))
+            if not await _reload(manager):
+                _answer_all(group, _unavailable("the ledger could not be read back"))
+                return
             _forget_decided(group)
             continue
         assert isinstance(outcome, BaseException)
-        if isinstance(outcome, LedgerConflictError) and attempt < attempts and not flushed:
-            log.warning("ledger.conflict", attempt=attempt, error=str(outcome))
-            await manager._rebuild()
-            _forget_decided(group)
-            continue
-        await _give_up(manager, fleet, group, outcome, attempt)
+        await _give_up(manager, group, outcome, attempt=attempt, durable=durable)
         return
     _answer_all(group, ApiError("conflict", f"gave up after {attempts} attempts"))
 
@@ -320,9 +350,9 @@ def _broke_state(command: Command) -> bool:
 
 
 def _answer_all(group: list[Command], error: Exception, *, durable: int = -1) -> None:
-    """Answer ``error`` to every command, except those whose decision a flush that succeeded
-    (mid-group, the writer's ``flushes`` count was ``durable`` at the failure) put on the
-    ledger: those keep their own outcome."""
+    """Answer ``error`` to every command, except those whose decision a mid-group flush of
+    this group that succeeded put on the ledger (``durable``: the group's successful flushes
+    at the failure; a command records how many there were when its decision was complete)."""
     for command in group:
         if command.outcome is not None and 0 <= command.flushes < durable:
             _map_refusals([command])
@@ -368,5 +398,5 @@ def run_group(
         except Exception as exc:
             command.outcome = (False, exc)
             return False
-        command.flushes = fleet.flushes
+        command.flushes = fleet.group_flushes
     return True

@@ -225,24 +225,28 @@ class Manager(Actor):
         """Persist folded state at its sequence (under the command lock: a consistent cut)."""
         await self._store_snapshot(self._take_snapshot())
 
-    def _take_snapshot(self) -> tuple[bytes, int, int] | None:
+    def _take_snapshot(self) -> tuple[bytes, int] | None:
         """The state encoded at a consistent cut (the caller holds the command lock), with
-        its sequence and batch count; encoding 10k nodes takes some 30 ms."""
+        its sequence; encoding 10k nodes takes some 30 ms.  The bookkeeping moves on now: a
+        snapshot is not due again until ``snapshot_every`` more batches, whether or not this
+        one's save succeeds (a failing store is retried then, not at every group)."""
         fleet = self.fleet
         if fleet is None or self.snapshots is None:
             return None
-        return snapshot.take(fleet.state, fleet.seq), fleet.seq, fleet.appended_batches
+        self._snapshot_at, self._snapshot_seq = fleet.appended_batches, fleet.seq
+        return snapshot.take(fleet.state, fleet.seq), fleet.seq
 
-    async def _store_snapshot(self, taken: tuple[bytes, int, int] | None) -> None:
+    async def _store_snapshot(self, taken: tuple[bytes, int] | None) -> None:
+        """Save an encoded snapshot; a failure is logged, never raised (a snapshot only saves
+        time at the next start, the ledger stays the truth)."""
         if taken is None or self.snapshots is None:
             return
-        data, seq, batches = taken
+        data, seq = taken
         try:
             await self.snapshots.save(SNAPSHOT_NAME, data)
-        except nats.errors.Error as exc:
+        except Exception as exc:  # whatever the store raised, only time is lost
             log.warning("snapshot.save_failed", error=type(exc).__name__)
             return
-        self._snapshot_at, self._snapshot_seq = batches, seq
         log.info("snapshot.saved", seq=seq, bytes=len(data))
 
     def _snapshot_due(self) -> bool:

@@ -21,6 +21,7 @@ the append in flight, and fails if that one failed (what was decided on top of i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -80,7 +81,12 @@ class LedgerFleet(Fleet):
         self.buffered = False
         self.buffer: list[tuple[list[Event], list[Any]]] = []
         self.flushed_in_group = False  # a buffer that outgrew FLUSH_AT was appended mid-group
-        self.flushes = 0  # buffers appended so far (group commit's "is it on the ledger?")
+        self.flushes = 0  # buffers appended so far
+        # Successful flushes of the group being decided (mid-group, at ``FLUSH_AT``): the
+        # group's "is this command's decision on the ledger?" (``Command.flushes``).  Only
+        # this group's own flushes count - the previous group's append landing meanwhile
+        # puts none of this group on the ledger.
+        self.group_flushes = 0
         self.poisoned = False  # a fold refused part of a commit: local state is not the buffer's
         # Pipelining: the append of the previous group's buffer, and what it holds.
         self.in_flight: asyncio.Task[None] | None = None
@@ -104,8 +110,15 @@ class LedgerFleet(Fleet):
         )
 
     def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        """Run ``coro`` on the service's event loop from the decision thread and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run ``coro`` on the service's event loop from the decision thread and wait for it;
+        past ``timeout`` it is cancelled (an append abandoned here must not land later, after
+        its commands were answered "unavailable")."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no answer from the event loop in {timeout} s") from None
 
     def commit(self, events: Iterable[Event]) -> list[Event]:
         batch = list(events)
@@ -147,6 +160,7 @@ class LedgerFleet(Fleet):
         except BaseException:
             self.buffer = done  # not on the ledger: still the group's
             raise
+        self.group_flushes += 1
 
     def launch(self) -> asyncio.Task[None]:
         """Start appending the buffer (on the event loop) and return at once: the next group
@@ -172,10 +186,11 @@ class LedgerFleet(Fleet):
         try:
             await asyncio.shield(task)
         except APPEND_FAILURES as exc:
+            # Kept in flight: whoever asks next (the pipeline landing that group) must learn
+            # that it failed too - a mid-group flush asking first must not use the news up.
             raise LedgerConflictError(f"the append before failed: {exc}") from exc
-        finally:
-            if task.done() and self.in_flight is task:
-                self.in_flight, self.flying = None, []
+        if self.in_flight is task:
+            self.in_flight, self.flying = None, []
 
     async def _append(self, done: list[tuple[list[Event], list[Any]]]) -> None:
         events = [e for batch, _ in done for e in batch]
