@@ -384,14 +384,17 @@ class TestEvidentOptimum:
 
 
 def plans_both_ways(
-    t: Topology, r: PackRequest, monkeypatch: pytest.MonkeyPatch
+    t: Topology,
+    r: PackRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    knobs: PlannerSettings = DEFAULT_SETTINGS,
 ) -> tuple[PackPlan | str, PackPlan | str]:
     """(plan_placement, plan_placement the long way: greedy, the model, its evident optimum);
     a PackError as its kind and message."""
 
     def plan() -> PackPlan | str:
         try:
-            return plan_placement(t, r)
+            return plan_placement(t, r, knobs)
         except PackError as error:
             return f"{error.kind}: {error.message}"
 
@@ -410,6 +413,8 @@ def plans_both_ways(
     st.integers(1, 40),
     st.lists(st.integers(0, 79), max_size=2),
     st.booleans(),
+    st.sampled_from([48, 48, 1, 2, 3, 5]),
+    st.sampled_from([True, True, False]),
 )
 def test_an_evident_fill_is_planned_as_the_long_way_plans_it(  # noqa: PLR0917 - drawn
     seed: int,
@@ -418,10 +423,13 @@ def test_an_evident_fill_is_planned_as_the_long_way_plans_it(  # noqa: PLR0917 -
     total: int,
     own: list[int],
     excluded: bool,
+    cap: int,
+    enabled: bool,
 ) -> None:
     """``evident_fill`` (no greedy, no model) answers what greedy plus the model's evident
     optimum answer: the same plan, the same planner name - on fleets with more free-count
-    classes than the model keeps, with and without the run's own domains and excluded slots."""
+    classes than the model keeps, with and without the run's own domains and excluded slots,
+    with a tight class cap, and with the optimiser off (pure greedy)."""
     # Odd holes too: up to 65 free counts, more classes than the model keeps (48).
     holes = range(1, 9) if seed % 2 else (2, 4, 6, 8)
     nodes, held = churned_fleet(n_domains, seed=seed, fill=fill, holes=holes)
@@ -431,10 +439,11 @@ def test_an_evident_fill_is_planned_as_the_long_way_plans_it(  # noqa: PLR0917 -
         preferred_domains=tuple(f"us-west/gpu-a/D{d:03}" for d in own),
         excluded_slots=frozenset(slots("d000n0", 0, 4)) if excluded else frozenset(),
     )
+    knobs = PlannerSettings(max_candidate_domains=cap, enabled=enabled)
     with pytest.MonkeyPatch.context() as monkeypatch:
-        quick, long_way = plans_both_ways(t, r, monkeypatch)
+        quick, long_way = plans_both_ways(t, r, monkeypatch, knobs)
     taken = cpsat_model.evident_fill(
-        t, r, validate(t, r), Work(t, r.excluded_slots).domain_frees(), DEFAULT_SETTINGS
+        t, r, validate(t, r), Work(t, r.excluded_slots).domain_frees(), knobs
     )
     event("shortcut" if taken is not None else "long way")
     classes = len({f for f in Work(t, r.excluded_slots).domain_frees().values() if f})
