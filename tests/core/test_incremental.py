@@ -171,16 +171,22 @@ def drawn_runs(data: st.DataObject, prefix: str, most: int, least: int = 0) -> D
     return out
 
 
+def drawn_world(data: st.DataObject, most: int, least: int = 0) -> tuple[World, Drawn, HoursView]:
+    """Budgets, GPU-hours left and up to ``most`` runs already holding leases, drawn."""
+    budgets = data.draw(budgets_of())
+    hours = data.draw(hours_views(budgets))
+    drawn = drawn_runs(data, "old", most, least=least)
+    world = World(budgets, drawn.runs.values(), drawn.leases, nodes=NODES, admitted=drawn.admitted)
+    return world, drawn, hours
+
+
 @PROPS
 @given(st.data())
 def test_extend_fill_is_fill(data: st.DataObject) -> None:
     """Whenever ``extend_fill`` answers, it answers what ``fill`` over everything answers -
     chained over several newcomers, each extending the previous result."""
-    budgets = data.draw(budgets_of())
-    hours = data.draw(hours_views(budgets))
-    drawn = drawn_runs(data, "old", 6)
+    world, drawn, hours = drawn_world(data, 6)
     runs, admitted = drawn.runs, drawn.admitted
-    world = World(budgets, runs.values(), drawn.leases, nodes=NODES, admitted=admitted)
     current = world.fill(T0, hours)
     for i in range(data.draw(st.integers(1, 4))):
         xs = drawn.add(data, f"new{i}")
@@ -208,11 +214,8 @@ def test_a_chain_of_layered_extensions_is_fill(data: st.DataObject, limit: int) 
     """Extensions lay newcomers over their base's maps instead of copying them, and unite the
     layers past a limit (tiny here, so chains cross it).  Read one lease at a time at every
     step - which keeps the layers - and whole only at the end, a chain is still ``fill``."""
-    budgets = data.draw(budgets_of())
-    hours = data.draw(hours_views(budgets))
-    drawn = drawn_runs(data, "old", 4)
+    world, drawn, hours = drawn_world(data, 4)
     runs, admitted = drawn.runs, drawn.admitted
-    world = World(budgets, runs.values(), drawn.leases, nodes=NODES, admitted=admitted)
     current = world.fill(T0, hours)
     if data.draw(st.booleans()):
         current.classes_by_id()  # handed on as parts from here
@@ -252,11 +255,8 @@ def world_fill(world: World, drawn: Drawn, hours: HoursView) -> FillResult:
 def test_shrink_fill_is_fill(data: st.DataObject) -> None:
     """Whenever ``shrink_fill`` answers, it answers what ``fill`` over what is left answers -
     chained with newcomers and departures in any order."""
-    budgets = data.draw(budgets_of())
-    hours = data.draw(hours_views(budgets))
-    drawn = drawn_runs(data, "old", 6, least=1)
+    world, drawn, hours = drawn_world(data, 6, least=1)
     runs, admitted = drawn.runs, drawn.admitted
-    world = World(budgets, runs.values(), drawn.leases, nodes=NODES, admitted=admitted)
     current: FillResult | None = world.fill(T0, hours)
     for i in range(data.draw(st.integers(1, 5))):
         if drawn.leases and data.draw(st.booleans()):
