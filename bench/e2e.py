@@ -23,8 +23,10 @@ request/reply round trip to a trivial responder in another process.
     .venv/bin/python bench/e2e.py --quick    # 1k nodes, 1k open runs, fewer submissions
     .venv/bin/python bench/e2e.py --nodes 10000 --burst 4000   # one fleet, a longer burst
 
-On stderr it also prints the five slowest one-at-a-time submissions (where p99 comes from) and
-announces the burst as it starts and ends (so a profiler such as py-spy, or a CPU-time probe, can
+Under each row it prints the CPU time the manager and the binder spent per admission during the
+burst (from /proc, on Linux): steadier than the rate on a shared machine, so compare it across
+runs and sessions.  On stderr it also prints the five slowest one-at-a-time submissions (where
+p99 comes from) and announces the burst as it starts and ends (so a profiler such as py-spy can
 measure the manager over exactly that window).
 """
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -131,8 +134,29 @@ async def baselines(url: str, n: int) -> tuple[float, float]:
     return js_rate, rr_rate
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) each service process has used so far; {} where /proc is not
+    there to read it (not Linux)."""
+    out: dict[str, float] = {}
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
 async def measure(
-    url: str, nodes: int, *, open_runs: int, latency_n: int, burst_n: int, clients: int
+    url: str,
+    nodes: int,
+    *,
+    open_runs: int,
+    latency_n: int,
+    burst_n: int,
+    clients: int,
+    pids: dict[str, int],
 ) -> dict[str, float]:
     nc = await nats.connect(url)
     try:
@@ -160,8 +184,11 @@ async def measure(
         print(f"  one at a time: slowest {slowest} ms", file=sys.stderr, flush=True)
         print(f"  burst: {burst_n} submissions from {clients} clients", file=sys.stderr, flush=True)
         t = time.perf_counter()
+        cpu_before = cpu_seconds(pids)
         await asyncio.gather(*(client() for _ in range(clients)))
-        rate = burst_n / (time.perf_counter() - t)
+        elapsed = time.perf_counter() - t
+        cpu_after = cpu_seconds(pids)
+        rate = burst_n / elapsed
         print(f"  burst done: {rate:.0f} submissions/s", file=sys.stderr, flush=True)
         admitted = 0
         token = None
@@ -176,7 +203,19 @@ async def measure(
                 break
     finally:
         await nc.close()
+    cpu = {
+        f"cpu_ms_{name}": (cpu_after[name] - cpu_before[name]) * 1000 / burst_n
+        for name in cpu_after
+        if name in cpu_before
+    }
+    cores = {
+        f"cores_{name}": (cpu_after[name] - cpu_before[name]) / elapsed
+        for name in cpu_after
+        if name in cpu_before
+    }
     return {
+        **cpu,
+        **cores,
         "p50_ms": statistics.median(lat),
         "p99_ms": pct(lat, 0.99),
         "admissions_per_s": rate,
@@ -209,6 +248,7 @@ def bench(
                     latency_n=latency_n,
                     burst_n=burst_n,
                     clients=clients,
+                    pids={name: proc.pid for name, proc in stack.procs.items()},
                 )
             )
         finally:
@@ -264,6 +304,13 @@ def main() -> int:
             f" {int(r['admitted']):>5}/{int(r['submitted'])}"
             f"   (prefill {r['prefill_s']:.1f} s)"
         )
+        spent = [
+            f"{name} {r[f'cpu_ms_{name}']:.2f} ms ({r[f'cores_{name}']:.2f} of a core)"
+            for name in ("manager", "binder")
+            if f"cpu_ms_{name}" in r
+        ]
+        if spent:  # steadier than the rate on a shared machine: compare these across runs
+            print(f"{'':>6} CPU per admission during the burst: {', '.join(spent)}")
         rate = r["admissions_per_s"]
         goals.append(
             f"goal at {n} nodes, {open_runs} open runs:"
