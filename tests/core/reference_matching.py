@@ -17,15 +17,8 @@ from typing import TypeVar
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
 from gpu_fleet.core.funding.family import Tier
-from gpu_fleet.core.funding.matching import (
-    LOAN,
-    SPONSOR,
-    Accepted,
-    FillResult,
-    FillTrace,
-    HoursView,
-    Rejection,
-)
+from gpu_fleet.core.funding.fill_result import Accepted, FillResult, FillTrace, Rejection
+from gpu_fleet.core.funding.matching import LOAN, SPONSOR, HoursView
 from gpu_fleet.core.funding.proposals import Proposer
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 

@@ -23,14 +23,12 @@ from gpu_fleet.core.funding.envelopes import (
     location_of,
 )
 from gpu_fleet.core.funding.family import BindingConflict, ConflictKind, Family, Tier, derive_family
+from gpu_fleet.core.funding.fill_result import Accepted, FillResult, Rejection
 from gpu_fleet.core.funding.matching import (
     HOURS_EPSILON,
     LOAN,
     SPONSOR,
-    Accepted,
-    FillResult,
     HoursView,
-    Rejection,
     fill,
     senior_width,
 )

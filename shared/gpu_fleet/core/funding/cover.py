@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo
 from gpu_fleet.core.funding.family import Tier
-from gpu_fleet.core.funding.matching import LOAN, SPONSOR, FillResult
+from gpu_fleet.core.funding.fill_result import FillResult
+from gpu_fleet.core.funding.matching import LOAN, SPONSOR
 from gpu_fleet.core.funding.metering import Evaluation
 from gpu_fleet.core.funding.proposals import Proposer
 from gpu_fleet.core.model import EnvelopeKey, Instant, Payer, Run, run_key

@@ -19,16 +19,12 @@ from typing import TypeVar
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
 from gpu_fleet.core.funding.family import Tier
+from gpu_fleet.core.funding.fill_result import _WIDTH, Accepted, FillResult, FillTrace, Rejection
 from gpu_fleet.core.funding.matching import (
-    _WIDTH,
     CLASS_OF_RANK,
     LOAN,
     SPONSOR,
-    Accepted,
-    FillResult,
-    FillTrace,
     HoursView,
-    Rejection,
     _Claim,
     _hours_ok,
     _live,

@@ -29,15 +29,20 @@ from __future__ import annotations
 
 import bisect
 import functools
-import itertools
 import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar, cast
+from typing import TypeVar
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
 from gpu_fleet.core.funding.family import Tier
+from gpu_fleet.core.funding.fill_result import (
+    Accepted,
+    FillResult,
+    FillTrace,
+    Rejection,
+)
 from gpu_fleet.core.funding.proposals import Proposer
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
@@ -59,217 +64,6 @@ class HoursView:
     remaining_envelope: Mapping[EnvelopeKey, float] = field(default_factory=dict)
     remaining_cap: Mapping[str, float] = field(default_factory=dict)
     previously_funded: frozenset[tuple[str, EnvelopeKey]] = frozenset()
-
-
-class Rejection(NamedTuple):
-    """An envelope that turned a claim away, and why.
-
-    The reason is kept as a template and its numbers and formatted only when read: a matching
-    at fleet scale turns claims away about a million times (issue 11) and nothing reads most of
-    them.
-    """
-
-    envelope: EnvelopeKey
-    template: str
-    args: tuple[object, ...] = ()
-
-    @property
-    def reason(self) -> str:
-        return self.template.format(*self.args)
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """One funded claim as an envelope sees it (for admission-side availability)."""
-
-    rank: tuple[object, ...]
-    width: int
-    rank_class: int  # 0 loan, 1-4 family tier, 5 sponsor
-
-
-@dataclass
-class FillTrace:
-    """What the deferred acceptance went through, kept so a junior newcomer can be matched
-    without running it again (``extend_fill``).
-
-    ``junior``: per acceptor group, the most junior rank of any claim that ever proposed to it
-    (held at the end or turned away).  ``used``/``lent``/``cap``: the highest counters any
-    decision of the run left behind (per envelope, per envelope's loans, per aggregate cap).
-    Both are bounds over the whole run, not only its end, because a claim accepted in round 1
-    must still fit after every later decision of its acceptor to stay where it is.
-    """
-
-    junior: dict[int, tuple[object, ...]] = field(default_factory=dict)
-    used: dict[EnvelopeKey, int] = field(default_factory=dict)
-    lent: dict[EnvelopeKey, int] = field(default_factory=dict)
-    cap: dict[str, int] = field(default_factory=dict)
-    # Did any envelope ever turn a claim away?  If not, every claim was held by the first
-    # envelope it proposed to, and one leaving frees room nobody waits for (``shrink_fill``).
-    rejected_any: bool = False
-    # Acceptor groups that ever turned a claim away (the others held everyone who came).
-    rejected_at: frozenset[int] = frozenset()
-
-
-_WIDTH = operator.attrgetter("width")
-
-
-@dataclass
-class FillResult:
-    """The matching: who pays for each live lease (``payer``), its class (``funding_class``),
-    the envelopes that turned it away (``rejections``), and what each envelope funds.
-
-    An extension (``extend_fill``) does not copy its base's per-lease maps: it keeps them as
-    they are and lays the newcomers over them (``_added``), so an admission costs what it adds,
-    not every open lease (issue 11).  Reading a map whole unites the two once; lookups of one
-    lease (``payer_of``, ``class_of``) read the layers as they are.
-    """
-
-    _payer: dict[str, EnvelopeKey | None]
-    _funding_class: dict[str, FundingClass]
-    _rejections: dict[str, list[Rejection]]
-    accepted: dict[EnvelopeKey, list[Accepted]]  # sorted by rank
-    trace: FillTrace | None = None
-    # Are ``payer``, ``funding_class`` and ``rejections`` in lease-id order, as ``fill`` lists
-    # them?  A matching extended by a newcomer that sorts inside is not (``classes_by_id``).
-    ordered: bool = True
-    _totals: dict[EnvelopeKey, list[int]] = field(default_factory=dict, repr=False, compare=False)
-    # ``classes_by_id`` once computed; ``extend_fill`` hands it on as the base's list and the
-    # newcomers (sorted), merged when read, so a chain of admissions never sorts or copies
-    # every open lease (issue 11).
-    _by_id: list[tuple[str, FundingClass]] | None = field(default=None, repr=False, compare=False)
-    _by_id_parts: tuple[list[tuple[str, FundingClass]], list[tuple[str, FundingClass]]] | None = (
-        field(default=None, repr=False, compare=False)
-    )
-    # ``funded_pairs`` once computed; handed on the same way (a set copy keeps the hashes, a
-    # rebuild hashes every (lease, envelope) tuple again: 4 ms at 5k open leases).
-    _pairs: frozenset[tuple[str, EnvelopeKey]] | None = field(
-        default=None, repr=False, compare=False
-    )
-    # Newcomers laid over the three maps above (none of their ids is in those): payer, class
-    # and rejections of the leases extensions added since the maps were last united.
-    _added: (
-        tuple[dict[str, EnvelopeKey | None], dict[str, FundingClass], dict[str, list[Rejection]]]
-        | None
-    ) = field(default=None, repr=False, compare=False)
-
-    @property
-    def payer(self) -> dict[str, EnvelopeKey | None]:
-        if self._added is not None:
-            self._unite()
-        return self._payer
-
-    @property
-    def funding_class(self) -> dict[str, FundingClass]:
-        if self._added is not None:
-            self._unite()
-        return self._funding_class
-
-    @property
-    def rejections(self) -> dict[str, list[Rejection]]:
-        if self._added is not None:
-            self._unite()
-        return self._rejections
-
-    def _unite(self) -> None:
-        """The maps with the newcomers in (new maps: a base shares the old ones)."""
-        added = self._added
-        if added is None:
-            return
-        payer, cls, rejections = added
-        self._payer = {**self._payer, **payer}
-        self._funding_class = {**self._funding_class, **cls}
-        self._rejections = {**self._rejections, **rejections}
-        self._added = None
-
-    def payer_of(self, lease_id: str) -> EnvelopeKey | None:
-        """``payer.get(lease_id)`` without uniting the layers."""
-        added = self._added
-        if added is not None and lease_id in added[0]:
-            return added[0][lease_id]
-        return self._payer.get(lease_id)
-
-    def class_of(self, lease_id: str) -> FundingClass | None:
-        """``funding_class.get(lease_id)`` without uniting the layers."""
-        added = self._added
-        if added is not None and lease_id in added[1]:
-            return added[1][lease_id]
-        return self._funding_class.get(lease_id)
-
-    def holds(self, lease_id: str) -> bool:
-        """Is ``lease_id`` matched here (live at the instant, funded or not)?"""
-        added = self._added
-        return lease_id in self._payer or (added is not None and lease_id in added[0])
-
-    def last_id(self) -> str | None:
-        """The last lease id in ``payer``'s order, or None if it is empty."""
-        added = self._added
-        if added is not None and added[0]:
-            return next(reversed(added[0]))
-        return next(reversed(self._payer), None)
-
-    # The proposer this matching used (its proposal lists are cached per owner, flavor,
-    # sponsors and location); an extension at the same instant reuses it.
-    _proposer: Proposer | None = field(default=None, repr=False, compare=False)
-
-    def proposer(self, index: EnvelopeIndex, t: float) -> Proposer:
-        """The proposer for ``index`` at ``t``: this matching's own if it is that one."""
-        mine = self._proposer
-        if mine is not None and mine.index is index and mine.t == t:
-            return mine
-        return Proposer(index, t)
-
-    # Or, handed on by extensions and not read yet: a matching's pairs and those added since
-    # (the union is taken when first read - once per metered piece, not once per admission).
-    _pairs_parts: (
-        tuple[frozenset[tuple[str, EnvelopeKey]], frozenset[tuple[str, EnvelopeKey]]] | None
-    ) = field(default=None, repr=False, compare=False)
-
-    def funded_pairs(self) -> frozenset[tuple[str, EnvelopeKey]]:
-        """(lease id, payer) of every funded lease: the next piece's ``previously_funded``."""
-        if self._pairs is None and self._pairs_parts is not None:
-            known, added = self._pairs_parts
-            self._pairs, self._pairs_parts = known | added, None
-        if self._pairs is None:
-            payer = self.payer
-            if None in payer.values():
-                self._pairs = frozenset((lid, env) for lid, env in payer.items() if env is not None)
-            else:
-                self._pairs = cast("frozenset[tuple[str, EnvelopeKey]]", frozenset(payer.items()))
-        return self._pairs
-
-    def classes_by_id(self) -> list[tuple[str, FundingClass]]:
-        """(lease id, class) in lease-id order: the order the meter charges in, since float
-        sums depend on it (a fresh ``fill`` and an extended one must charge alike).
-
-        Computed once per matching (a matching is never changed after it is made); callers
-        must not modify the list.
-        """
-        if self._by_id is None and self._by_id_parts is not None:
-            known, added = self._by_id_parts
-            merged = [*known, *added]
-            merged.sort(key=operator.itemgetter(0))  # two sorted runs: a linear merge
-            self._by_id, self._by_id_parts = merged, None
-        if self._by_id is None:
-            items = list(self.funding_class.items())
-            if not self.ordered:
-                items.sort(key=operator.itemgetter(0))  # a C key: this runs per metered piece
-            self._by_id = items
-        return self._by_id
-
-    def funded_width(self, env: EnvelopeKey) -> int:
-        return sum(a.width for a in self.accepted.get(env, ()))
-
-    def width_up_to(self, env: EnvelopeKey, rank: tuple[object, ...]) -> int:
-        """Funded width on ``env`` ranked at or above ``rank`` (equal keys count as senior):
-        a binary search on running totals built once per envelope of this matching."""
-        rows = self.accepted.get(env, ())
-        if not rows:
-            return 0
-        totals = self._totals.get(env)
-        if totals is None:
-            widths = map(_WIDTH, rows)  # C-level: rebuilt for every new matching
-            totals = self._totals[env] = [0, *itertools.accumulate(widths)]
-        return totals[bisect.bisect_right(rows, rank, key=lambda r: r.rank)]
 
 
 @functools.lru_cache(maxsize=1 << 18)

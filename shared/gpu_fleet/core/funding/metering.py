@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex
-from gpu_fleet.core.funding.matching import Accepted, FillResult, HoursView, fill
+from gpu_fleet.core.funding.fill_result import Accepted, FillResult
+from gpu_fleet.core.funding.matching import HoursView, fill
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
 

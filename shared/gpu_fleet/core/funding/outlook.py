@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from gpu_fleet.core.funding.matching import FillResult, fill
+from gpu_fleet.core.funding.fill_result import FillResult
+from gpu_fleet.core.funding.matching import fill
 from gpu_fleet.core.funding.metering import (
     _MIN_STEP,
     FundingInputs,

@@ -16,8 +16,9 @@ from typing import NamedTuple, TypeVar, cast
 import msgspec
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, build_index
+from gpu_fleet.core.funding.fill_result import FillResult
 from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
-from gpu_fleet.core.funding.matching import FillResult, HoursView, fill
+from gpu_fleet.core.funding.matching import HoursView, fill
 from gpu_fleet.core.funding.metering import (
     Evaluation,
     FundingInputs,
