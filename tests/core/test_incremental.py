@@ -23,7 +23,7 @@ from gpu_fleet.core.funding import FillResult, HoursView, build_index, evaluate,
 from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
 from gpu_fleet.core.funding.matching import senior_width
 from gpu_fleet.core.ledger import Event, FleetState, fold
-from gpu_fleet.core.ledger.state import SliceEntry
+from gpu_fleet.core.ledger.reservation_line import SliceEntry
 from gpu_fleet.core.model import Budget, EnvelopeKey, Lease, Payer, Run
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -51,7 +51,8 @@ from gpu_fleet.core.ledger.events import (
     RunSubmitted,
     RunUpdated,
 )
-from gpu_fleet.core.ledger.state import FleetState, fold
+from gpu_fleet.core.ledger.fold import fold
+from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import (
     Budget,
     Instant,

@@ -26,7 +26,8 @@ from gpu_fleet.core.ledger.events import (
     RunPhase,
     RunStatusChanged,
 )
-from gpu_fleet.core.ledger.state import FleetState, SliceEntry
+from gpu_fleet.core.ledger.reservation_line import SliceEntry
+from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import (
     LOCATION_KEYS,
     EnvelopeKey,

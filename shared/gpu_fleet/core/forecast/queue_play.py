@@ -40,7 +40,8 @@ from gpu_fleet.core.engine.gang import max_duration, protects
 from gpu_fleet.core.engine.resolver import attested_seed
 from gpu_fleet.core.forecast.history import DurationHistory
 from gpu_fleet.core.ledger.events import Reservation
-from gpu_fleet.core.ledger.state import FleetState, SliceEntry
+from gpu_fleet.core.ledger.reservation_line import SliceEntry
+from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import Instant, Run, slot
 from gpu_fleet.core.placement.pack import (
     PackError,

@@ -1,7 +1,9 @@
 """The system of record: the ledger's events, the state folded from them, and snapshots of it.
 
 Live state is a deterministic fold of the events (``events`` is the schema and its evolution
-rules, ``state`` the fold and the invariants, ``snapshot`` a faster start from a saved fold).
+rules, ``fold`` the fold and the invariants, ``state`` what is folded with the indexes the fold
+keeps - ``reservation_line`` the pending reservations' - and ``snapshot`` a faster start from a
+saved fold).
 
 This package must never decide anything: it records decisions and folds them, it makes none.
 """
@@ -32,15 +34,9 @@ from gpu_fleet.core.ledger.events import (
     RunSubmitted,
     RunUpdated,
 )
+from gpu_fleet.core.ledger.fold import check_invariants, fold, fold_all
 from gpu_fleet.core.ledger.snapshot import Snapshot
-from gpu_fleet.core.ledger.state import (
-    FleetState,
-    LedgerError,
-    RunStatus,
-    check_invariants,
-    fold,
-    fold_all,
-)
+from gpu_fleet.core.ledger.state import FleetState, LedgerError, RunStatus
 
 __all__ = [
     "EVENT_DECODER",

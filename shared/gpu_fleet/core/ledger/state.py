@@ -1,8 +1,8 @@
-"""Live state as a deterministic fold of the ledger's events, and the invariants it must keep.
+"""Live state folded from the ledger's events: what is there (nodes, budgets, runs, leases,
+reservations, the GPU-hour meter), and the indexes and caches the fold keeps current so that
+decisions cost what changed (the known matching, topology snapshots, reservation order).
 
-Every state change is an event; nothing else mutates state.  The manager and the scenario runner
-both call ``fold`` and so cannot disagree.  ``check_invariants`` is callable by tests and by
-services after every commit.
+``fold`` (in ``fold``) is the only thing that changes it.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import bisect
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar, cast
-
-import msgspec
+from typing import TypeVar, cast
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, build_index
 from gpu_fleet.core.funding.fill_result import FillResult
@@ -23,36 +21,18 @@ from gpu_fleet.core.funding.metering import (
     Evaluation,
     FundingInputs,
     Meter,
-    advance_meter,
     evaluate,
 )
 from gpu_fleet.core.ledger.events import (
-    BudgetApplied,
-    BudgetDeleted,
-    ChannelApplied,
-    ChannelDeleted,
     Event,
-    LeaseClosed,
-    LeaseMinted,
-    LeasePreemptionCanceled,
     LeasePreemptionScheduled,
-    NodeHealthChanged,
-    NodeRegistered,
     Reservation,
-    ReservationCreated,
-    ReservationReleased,
-    RunDeleted,
-    RunEtaReported,
     RunPhase,
-    RunRestarted,
     RunRetried,
-    RunStatusChanged,
-    RunSubmitted,
-    RunUpdated,
 )
+from gpu_fleet.core.ledger.reservation_line import ReservationLine, SliceEntry
 from gpu_fleet.core.model import (
     Budget,
-    EnvelopeKey,
     FundingClass,
     Instant,
     Lease,
@@ -64,20 +44,6 @@ from gpu_fleet.core.model import (
 from gpu_fleet.core.placement.topology import Skeleton, Topology, compile_nodes, topology_from
 
 _T = TypeVar("_T")
-
-
-class SliceEntry(NamedTuple):
-    """One reservation waiting in an intended slice, as backfill protection reads it.
-
-    Tuples sort in activation order (earliest start, then name).  ``line`` is the reservation's
-    place in the order the promises were made (``FleetState.promise_order``): the first comer
-    is first in line for room that frees there before anyone falls due (``gang.protects``).
-    """
-
-    earliest_start: Instant
-    name: str
-    run: str
-    line: int
 
 
 class LedgerError(ValueError):
@@ -107,7 +73,7 @@ class RunStatus:
 
 
 @dataclass
-class FleetState:
+class FleetState(ReservationLine):
     """Live state folded from the ledger.  Only ``fold`` mutates it."""
 
     settings_period_hours: float = 24.0
@@ -581,25 +547,6 @@ class FleetState:
         self._derived[name] = (self.version, at, value)
         return value
 
-    def _reservations_cached(self, name: str, compute: Callable[[], _T]) -> _T:
-        """Like ``cached``, but kept until the pending reservations change (not every fold):
-        for views that read nothing else, so a deep queue does not re-index them per commit."""
-        hit = self._by_reservations.get(name)
-        if hit is not None and hit[0] == self.reservations_epoch:
-            return cast(_T, hit[1])
-        value = compute()
-        self._by_reservations[name] = (self.reservations_epoch, value)
-        return value
-
-    def pending_reservation(self, run: str) -> Reservation | None:
-        """The run's newest pending reservation (kept by the fold)."""
-        return self._newest_pending.get(run)
-
-    def pending_of(self, run: str) -> list[Reservation]:
-        """Every pending reservation of ``run`` (usually one), in the order they were made."""
-        mine = self._pending_of.get(run)
-        return list(mine.values()) if mine else []
-
     def has_unfunded_actives(self, at: float) -> bool:
         """Is any open active lease Unfunded at ``at``?  If not, reclaiming has nothing to draw
         (phase 0 of the resolver only takes groups whose actives are all Unfunded)."""
@@ -614,387 +561,6 @@ class FleetState:
 
         return self.cached("has_unfunded_actives", compute, at=at)
 
-    def protected_slices(self) -> dict[tuple[str, ...], list[SliceEntry]]:
-        """Intended slices of pending reservations that hold one (``Reservation.holds_slice``,
-        DESIGN decision 5): slice nodes -> (earliest start, reservation name, run, place in
-        line), in activation order, slices sorted.
-
-        Reservations share whole domains, so there are few slices and many reservations: backfill
-        protection asks per slice ("is some other run's bound in it too soon for me?").  The fold
-        keeps the entries (a deep queue changes them at every admission); the lists are read-only
-        for callers and valid until the next fold.
-        """
-        return self._reservations_cached(
-            "protected_slices", lambda: dict(sorted((k, v) for k, v in self._slices.items()))
-        )
-
-    def slice_keys(self) -> tuple[tuple[str, ...], ...]:
-        """The keys of ``protected_slices``, in its order (one tuple per reservation change)."""
-        return self._reservations_cached("slice_keys", lambda: tuple(self.protected_slices()))
-
-    def first_in_line(self, nodes: tuple[str, ...]) -> SliceEntry | None:
-        """The entry of slice ``nodes`` promised first (lowest place in line)."""
-        line = self._slice_line.get(nodes)
-        return next(iter(line.values())) if line else None
-
-    def promise_order(self) -> dict[str, int]:
-        """Pending reservations by the order they were made: ledger order, which the fold keeps
-        as ``pending_reservations``' insertion order (a snapshot restores it the same way).
-        Finer than ``created_at``: two runs reserving in the same second keep their order.
-
-        The values only order the reservations (a counter the fold keeps, not positions);
-        read-only for callers, valid until the next fold."""
-        return self._promise
-
-    def _add_pending(self, res: Reservation) -> None:
-        """Index a reservation that became pending (``pending_reservations`` already has it)."""
-        seq = self._promise.get(res.name)
-        if seq is None:
-            seq = self._promise[res.name] = self._promise_counter
-            self._promise_counter += 1
-        self._pending_of[res.run][res.name] = res
-        self._newest_pending[res.run] = max(
-            self._pending_of[res.run].values(), key=lambda r: (r.created_at, r.name)
-        )
-        if res.holds_slice:
-            nodes = tuple(res.nodes)
-            entry = SliceEntry(res.earliest_start, res.name, res.run, seq)
-            bisect.insort(self._slices.setdefault(nodes, []), entry)
-            self._slice_line.setdefault(nodes, {})[res.name] = entry
-
-    def _drop_pending(self, res: Reservation) -> None:
-        """Un-index a reservation leaving ``pending_reservations``."""
-        seq = self._promise.pop(res.name, None)
-        mine = self._pending_of.get(res.run)
-        if mine is not None:
-            mine.pop(res.name, None)
-            if mine:
-                self._newest_pending[res.run] = max(
-                    mine.values(), key=lambda r: (r.created_at, r.name)
-                )
-            else:
-                del self._pending_of[res.run]
-                self._newest_pending.pop(res.run, None)
-        if res.holds_slice and seq is not None:
-            nodes = tuple(res.nodes)
-            entries = self._slices.get(nodes, [])
-            entry = SliceEntry(res.earliest_start, res.name, res.run, seq)
-            i = bisect.bisect_left(entries, entry)
-            if i < len(entries) and entries[i] == entry:
-                del entries[i]
-            if not entries:
-                self._slices.pop(nodes, None)
-            line = self._slice_line.get(nodes)
-            if line is not None:
-                line.pop(res.name, None)
-                if not line:
-                    del self._slice_line[nodes]
-
-    def _reindex_reservations(self) -> None:
-        self._promise, self._promise_counter = {}, 0
-        self._pending_of, self._newest_pending = defaultdict(dict), {}
-        self._slices, self._slice_line = {}, {}
-        for res in self.pending_reservations.values():
-            self._add_pending(res)
-        self.reservations_epoch += 1
-
-
-def _advance_clock(state: FleetState, at: Instant) -> None:
-    """Charge GPU-hours up to ``at`` with the funding as it stood, then move the clock."""
-    if at < state.clock:
-        raise LedgerError(f"event at {at} is earlier than the ledger clock {state.clock}")
-    if at > state.meter.t:
-        if state.open_leases:
-            first = state.current_fill(state.meter.t)
-            last = advance_meter(state.meter, state.funding_inputs(), at, first=first)
-            # The matching of the last piece holds at ``at`` too if nothing moves funding in
-            # between (and GPU-hours, which would make it depend on the meter, are set
-            # nowhere): keep it, so the next advance starts from it instead of matching again.
-            if (
-                last is not None
-                and state.incremental
-                and not state._hours_anywhere()
-                and state._nothing_changes_between(last[0], at)
-            ):
-                state._remember(at, last[1], advanced=False)
-        state.meter.t = float(at)
-    state.clock = at
-
-
-def fold(state: FleetState, event: Event) -> None:
-    """Apply one event; raise ``LedgerError`` (changing nothing) if it breaks an invariant."""
-    _check(state, event)
-    _advance_clock(state, event.at)
-    match event:
-        case NodeRegistered(node=node):
-            state.nodes[node.name] = node
-            state._nodes_changed()
-        case NodeHealthChanged(node=name, health=health):
-            state.nodes[name] = msgspec.structs.replace(state.nodes[name], health=health)
-            state._nodes_changed()
-        case BudgetApplied(budget=budget):
-            if budget.key not in state.budgets:
-                state._object_count(budget.key, 1)
-            state.budgets[budget.key] = budget
-            state._index = None
-        case BudgetDeleted(namespace=ns, name=name):
-            if state.budgets.pop(f"{ns}/{name}", None) is not None:
-                state._object_count(f"{ns}/{name}", -1)
-            state._index = None
-        case RunSubmitted(run=run):
-            before = state.runs.get(run.key)
-            if before is None:
-                state._object_count(run.key, 1)
-            state.runs[run.key] = run
-            state.admitted[run.key] = event.at
-            state.status[run.key] = RunStatus()
-            state.retries.pop(run.key, None)
-            state.restarts.pop(run.key, None)
-            state._index_run(run.key, before)
-        case RunUpdated(run=run):
-            before = state.runs.get(run.key)
-            if before is None:
-                state._object_count(run.key, 1)
-            state.runs[run.key] = run
-            state._index_run(run.key, before)
-        case RunEtaReported(run=key, eta=eta):
-            state.etas[key] = eta
-        case RunDeleted(run=key):
-            before = state.runs.pop(key, None)
-            if before is not None:
-                state._object_count(key, -1)
-            state.status.pop(key, None)
-            state.etas.pop(key, None)
-            state.retries.pop(key, None)
-            state.restarts.pop(key, None)
-            state._index_run(key, before)
-        case RunStatusChanged(run=key, phase=phase, reason=reason, message=msg, detail=detail):
-            state.status[key] = RunStatus(phase, reason, msg, dict(detail))
-            state._index_run(key)
-        case LeaseMinted(lease=lease):
-            state.leases[lease.id] = lease
-            state.open_leases[lease.id] = lease
-            state._open_tuple = None
-            state._run_leases[lease.run].append(lease.id)
-            state._open_by_run[lease.run][lease.id] = lease
-            if lease.end is not None:
-                bisect.insort(state._scheduled_ends, (lease.end, lease.id))
-            held = state.held_by_node.setdefault(lease.node, set())
-            for s in lease.slots:
-                state.slot_holder[s] = lease.id
-                held.add(_ordinal(s))
-            state._slots_changed(lease.node)
-        case LeaseClosed(lease=lease_id, reason=reason):
-            closed = msgspec.structs.replace(
-                state.leases[lease_id], closed_at=event.at, closure_reason=reason
-            )
-            state.leases[lease_id] = closed
-            del state.open_leases[lease_id]
-            state._open_tuple = None
-            state._pending_preemptions.pop(lease_id, None)
-            if closed.end is not None:
-                ends = state._scheduled_ends
-                i = bisect.bisect_left(ends, (closed.end, lease_id))
-                if i < len(ends) and ends[i] == (closed.end, lease_id):
-                    del ends[i]
-            still_open = state._open_by_run.get(closed.run)
-            if still_open is not None:
-                still_open.pop(lease_id, None)
-                if not still_open:
-                    del state._open_by_run[closed.run]
-            for s in closed.slots:
-                if state.slot_holder.get(s) == lease_id:
-                    del state.slot_holder[s]
-                    state.held_by_node.get(closed.node, set()).discard(_ordinal(s))
-            state._slots_changed(closed.node)
-        case ReservationCreated(reservation=res):
-            state.reservations[res.name] = res
-            if res.state == "Pending":
-                was = state.pending_reservations.get(res.name)
-                if was is not None:  # overwritten in place: it keeps its place in line
-                    seq = state._promise[res.name]
-                    state._drop_pending(was)
-                    state._promise[res.name] = seq
-                state.pending_reservations[res.name] = res
-                state._add_pending(res)
-            state.reservations_epoch += 1
-        case ReservationReleased(name=name, state=new_state, reason=reason):
-            old = state.reservations[name]
-            state.reservations[name] = msgspec.structs.replace(
-                old, state=new_state, released_at=event.at, reason=reason or old.reason
-            )
-            was = state.pending_reservations.pop(name, None)
-            if was is not None:
-                state._drop_pending(was)
-            state.reservations_epoch += 1
-        case LeasePreemptionScheduled(lease=lease_id):
-            state.preemptions[lease_id] = event
-            state._pending_preemptions[lease_id] = event
-        case LeasePreemptionCanceled(lease=lease_id):
-            state.preemptions.pop(lease_id, None)
-            state._pending_preemptions.pop(lease_id, None)
-        case RunRetried(run=key):
-            state.retries[key] = event
-        case RunRestarted(run=key, attempt=attempt):
-            state.restarts[key] = attempt
-        case ChannelApplied(channel=channel):
-            if channel.key not in state.channels:
-                state._object_count(channel.key, 1)
-            state.channels[channel.key] = channel
-        case ChannelDeleted(namespace=ns, name=name):
-            if state.channels.pop(f"{ns}/{name}", None) is not None:
-                state._object_count(f"{ns}/{name}", -1)
-    state.history.append(event)
-    state.version += 1
-    if not isinstance(event, _NEUTRAL) or (
-        isinstance(event, RunSubmitted) and state.leases_of(event.run.key, open_only=True)
-    ):
-        state.funding_epoch += 1
-        if state._known is not None:
-            log = state._funding_log
-            if isinstance(event, LeaseMinted):
-                log.append((state.funding_epoch, "mint", event.lease))
-            elif isinstance(event, LeaseClosed):
-                log.append((state.funding_epoch, "close", state.leases[event.lease]))
-            else:
-                log.append((state.funding_epoch, "other", None))
-            if len(log) > _LOG_LIMIT:
-                state._known = None
-                state._funding_log = []
-
-
-_LOG_LIMIT = 4096  # changes replayed on a known matching at most; beyond, match afresh
-
-_NEUTRAL = (
-    RunEtaReported,
-    RunSubmitted,  # a new run holds no lease yet, so nobody's funding can change
-    RunStatusChanged,
-    ReservationCreated,
-    ReservationReleased,
-    LeasePreemptionScheduled,
-    LeasePreemptionCanceled,
-    ChannelApplied,
-    ChannelDeleted,
-    RunRetried,
-    RunRestarted,
-)
-"""Events that never change who pays for an open lease."""
-
 
 def _ordinal(slot_name: str) -> int:
     return int(slot_name.rpartition("#")[2])
-
-
-def _check(state: FleetState, event: Event) -> None:
-    """Invariants that a single event could break, checked before anything changes."""
-    match event:
-        case LeaseMinted(lease=lease):
-            if lease.id in state.leases:
-                raise LedgerError(f"lease {lease.id} already exists")
-            if lease.run not in state.runs:
-                raise LedgerError(f"lease {lease.id}: run {lease.run} does not exist")
-            if state.status.get(lease.run, RunStatus()).phase in ("Completed", "Failed"):
-                raise LedgerError(f"lease {lease.id}: run {lease.run} is terminal")
-            if not lease.slots:
-                raise LedgerError(f"lease {lease.id}: holds no slot")
-            node = state.nodes.get(lease.node)
-            if node is None:
-                raise LedgerError(f"lease {lease.id}: unknown node {lease.node}")
-            for s in lease.slots:
-                n, _, ordinal = s.rpartition("#")
-                if n != lease.node or not ordinal.isdigit() or int(ordinal) >= node.gpus:
-                    raise LedgerError(f"lease {lease.id}: slot {s} is not a GPU of {lease.node}")
-                holder = state.slot_holder.get(s)
-                if holder is not None:
-                    raise LedgerError(f"lease {lease.id}: slot {s} is held by lease {holder}")
-        case RunEtaReported(run=key):
-            if key not in state.runs:
-                raise LedgerError(f"eta for run {key}: run does not exist")
-        case RunRetried(run=key) | RunRestarted(run=key):
-            if key not in state.runs:
-                raise LedgerError(f"retry of run {key}: run does not exist")
-        case LeaseClosed(lease=lease_id):
-            known = state.leases.get(lease_id)
-            if known is None:
-                raise LedgerError(f"lease {lease_id} does not exist")
-            if known.closure_reason is not None:
-                raise LedgerError(f"lease {lease_id} is already closed ({known.closure_reason})")
-        case NodeHealthChanged(node=name):
-            if name not in state.nodes:
-                raise LedgerError(f"unknown node {name}")
-        case ReservationReleased(name=name):
-            if name not in state.reservations:
-                raise LedgerError(f"unknown reservation {name}")
-        case LeasePreemptionScheduled(lease=lease_id, deadline=deadline):
-            if lease_id not in state.open_leases:
-                raise LedgerError(f"lease {lease_id} is not open; it cannot be preempted")
-            if deadline < event.at:
-                raise LedgerError(f"lease {lease_id}: preemption deadline before its notice")
-            if lease_id in state.preemptions:
-                raise LedgerError(f"lease {lease_id} already has a preemption scheduled")
-        case LeasePreemptionCanceled(lease=lease_id):
-            if lease_id not in state.preemptions or lease_id not in state.open_leases:
-                raise LedgerError(f"lease {lease_id} has no pending preemption to cancel")
-        case _:
-            pass
-
-
-def fold_all(events: Iterable[Event], period_hours: float = 24.0) -> FleetState:
-    state = FleetState(settings_period_hours=period_hours)
-    for e in events:
-        fold(state, e)
-    return state
-
-
-# ------------------------------------------------------------------------------------------
-# Invariant checker: callable by tests and by services after every commit
-# ------------------------------------------------------------------------------------------
-
-
-def check_invariants(state: FleetState) -> list[str]:
-    """Every violated invariant, as a sentence; empty means healthy."""
-    problems: list[str] = []
-    seen: dict[str, str] = {}
-    for lease in sorted(state.open_leases.values(), key=lambda x: x.id):
-        for s in lease.slots:
-            if s in seen:
-                problems.append(f"slot {s} held by both {seen[s]} and {lease.id}")
-            seen[s] = lease.id
-        run_status = state.status.get(lease.run)
-        if lease.run not in state.runs:
-            problems.append(f"open lease {lease.id} belongs to missing run {lease.run}")
-        elif run_status is not None and run_status.phase in ("Completed", "Failed"):
-            problems.append(f"open lease {lease.id} belongs to terminal run {lease.run}")
-    for lease in state.leases.values():
-        if (lease.closure_reason is None) != (lease.closed_at is None):
-            problems.append(f"lease {lease.id} closure is half-stamped")
-    if state.open_leases or state.budgets:
-        ev = state.evaluation(state.clock)
-        for key, usage in sorted(ev.envelopes.items()):
-            if usage.funded > usage.concurrency:
-                problems.append(
-                    f"envelope {key} funds {usage.funded} GPUs over its concurrency "
-                    f"{usage.concurrency}"
-                )
-            if usage.gpu_hours is not None and usage.gpu_hours_used > usage.gpu_hours + 1e-6:
-                problems.append(
-                    f"envelope {key} consumed {usage.gpu_hours_used:.4f} GPU-hours over its "
-                    f"allowance {usage.gpu_hours}"
-                )
-        for cap_id, cap in sorted(ev.caps.items()):
-            if cap.max_concurrency is not None and cap.funded > cap.max_concurrency:
-                problems.append(
-                    f"aggregate cap {cap_id} funds {cap.funded} over {cap.max_concurrency}"
-                )
-            if cap.gpu_hours is not None and cap.gpu_hours_used > cap.gpu_hours + 1e-6:
-                problems.append(f"aggregate cap {cap_id} overdrawn on GPU-hours")
-        lent: dict[EnvelopeKey, int] = {}
-        for lease_id, paying in ev.fill.payer.items():
-            if paying is None or ev.lease_class(lease_id).value != "borrowed":
-                continue
-            lent[paying] = lent.get(paying, 0) + state.open_leases[lease_id].width
-        for lender, width in sorted(lent.items()):
-            info = state.index.envelopes[lender]
-            if info.lending_max is not None and width > info.lending_max:
-                problems.append(f"envelope {lender} lends {width} over {info.lending_max}")
-    return problems
