@@ -129,10 +129,6 @@ def _settle(group: list[Command]) -> None:
             command.done.set_exception(value)
 
 
-APPEND_ERRORS = APPEND_FAILURES
-"""What a failed append raises: the group's fate, not one command's."""
-
-
 async def pipeline(manager: Manager, committer: GroupCommitter) -> None:
     """Decide and append groups while commands wait, each group decided while the one before
     it is being appended; return drained (nothing in flight, the state is the ledger's)."""
@@ -180,14 +176,14 @@ async def pipeline(manager: Manager, committer: GroupCommitter) -> None:
             if clean is True:  # flushed part-way: append the rest now, not in flight
                 try:
                     await fleet.flush()
-                except APPEND_ERRORS as exc:
+                except APPEND_FAILURES as exc:
                     clean = exc
-            flushed, durable = fleet.flushed_in_group, fleet.group_flushes
+            durable = fleet.group_flushes
             fleet.buffered, fleet.buffer = False, []
             if clean is True:
                 _map_refusals(group)
             else:
-                await _recover(manager, group, clean, flushed=flushed, durable=durable)
+                await _decide_locked(manager, group, failed=(clean, durable))
             _settle(group)
 
 
@@ -207,10 +203,9 @@ async def _decide_ahead(
         if not ahead:
             await manager._catch_up()
         fleet.buffered, fleet.buffer = True, []
-        fleet.flushed_in_group = fleet.poisoned = False
         fleet.group_flushes = 0
         return await asyncio.to_thread(run_group, group, manager.clock.now, fleet)
-    except APPEND_ERRORS as exc:
+    except APPEND_FAILURES as exc:
         return exc
 
 
@@ -223,7 +218,8 @@ async def _land(manager: Manager, fleet: LedgerFleet, group: list[Command]) -> b
     except LedgerConflictError as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
         fleet.buffered, fleet.buffer = False, []
-        await _recover(manager, group, cause, flushed=False, durable=-1)
+        # Nothing of a group in flight is on the ledger.
+        await _decide_locked(manager, group, failed=(cause, 0))
         _settle(group)
         return False
     fleet.buffered = False
@@ -242,33 +238,6 @@ async def _reload(manager: Manager) -> bool:
         manager.fleet = None
         return False
     return True
-
-
-async def _recover(
-    manager: Manager,
-    group: list[Command],
-    error: bool | BaseException,
-    *,
-    flushed: bool,
-    durable: int,
-) -> None:
-    """After ``group`` failed to commit (``False``: a command broke the state; else the
-    append's error; ``flushed``: part of it was appended already, by the mid-group flushes
-    ``durable`` counts), rebuild and decide it again one group at a time, or answer the
-    error, as the one-at-a-time path does."""
-    if error is False or (isinstance(error, LedgerConflictError) and not flushed):
-        if error is False:
-            log.warning("group.rebuild_after_failed_command")
-        else:
-            log.warning("ledger.conflict", attempt=1, error=str(error))
-        if not await _reload(manager):
-            _answer_all(group, _unavailable("the ledger could not be read back"))
-            return
-        _forget_decided(group)
-        await _decide_locked(manager, group, first_attempt=1 if error is False else 2)
-        return
-    assert isinstance(error, BaseException)
-    await _give_up(manager, group, error, attempt=1, durable=durable)
 
 
 async def _give_up(
@@ -292,32 +261,40 @@ def _unavailable(why: object) -> ApiError:
 
 
 async def _decide_locked(
-    manager: Manager, group: list[Command], attempts: int = 3, first_attempt: int = 1
+    manager: Manager,
+    group: list[Command],
+    attempts: int = 3,
+    failed: tuple[bool | BaseException, int] | None = None,
 ) -> None:
     """Decide ``group`` (the writer's lock held, nothing in flight) and append it; set every
-    command's outcome.
+    command's outcome.  ``failed``: the group's first attempt, made by the pipeline, failed
+    this way (``False``: a command broke the state; else the append's error), with this many
+    mid-group flushes on the ledger.
 
     The error handling is ``Manager.mutate``'s of old, per group: a lost race re-folds and
     decides again (``attempts`` times), an unavailable ledger answers "unavailable", and each
     command the engine refused gets its own error.
     """
-    for attempt in range(first_attempt, attempts + 1):
-        fleet = manager.require_fleet()
-        outcome = await _decide_ahead(manager, fleet, group, ahead=False)
-        if outcome is True:
-            try:
-                await fleet.flush()
-            except APPEND_ERRORS as exc:
-                outcome = exc
-            else:
-                fleet.buffered = False
-                await manager._maybe_snapshot()
-                _map_refusals(group)
-                return
-        flushed, durable = fleet.flushed_in_group, fleet.group_flushes
-        fleet.buffered, fleet.buffer = False, []
+    for attempt in range(1, attempts + 1):
+        if failed is not None:
+            (outcome, durable), failed = failed, None
+        else:
+            fleet = manager.require_fleet()
+            outcome = await _decide_ahead(manager, fleet, group, ahead=False)
+            if outcome is True:
+                try:
+                    await fleet.flush()
+                except APPEND_FAILURES as exc:
+                    outcome = exc
+                else:
+                    fleet.buffered = False
+                    await manager._maybe_snapshot()
+                    _map_refusals(group)
+                    return
+            durable = fleet.group_flushes
+            fleet.buffered, fleet.buffer = False, []
         retry = outcome is False or (
-            isinstance(outcome, LedgerConflictError) and attempt < attempts and not flushed
+            isinstance(outcome, LedgerConflictError) and attempt < attempts and not durable
         )
         if retry:
             if outcome is False:
@@ -391,7 +368,7 @@ def run_group(
             continue  # broke the state in an earlier pass of this group: not decided again
         try:
             command.outcome = (True, command.fn(clock()))
-        except APPEND_ERRORS:
+        except APPEND_FAILURES:
             raise
         except (CommandError, ApiError, LedgerEventTooLargeError) as exc:
             command.outcome = (False, exc)

@@ -80,14 +80,12 @@ class LedgerFleet(Fleet):
         # Group commit: decisions folded but not yet appended (events, their metric tallies).
         self.buffered = False
         self.buffer: list[tuple[list[Event], list[Any]]] = []
-        self.flushed_in_group = False  # a buffer that outgrew FLUSH_AT was appended mid-group
         self.flushes = 0  # buffers appended so far
         # Successful flushes of the group being decided (mid-group, at ``FLUSH_AT``): the
         # group's "is this command's decision on the ledger?" (``Command.flushes``).  Only
         # this group's own flushes count - the previous group's append landing meanwhile
         # puts none of this group on the ledger.
         self.group_flushes = 0
-        self.poisoned = False  # a fold refused part of a commit: local state is not the buffer's
         # Pipelining: the append of the previous group's buffer, and what it holds.
         self.in_flight: asyncio.Task[None] | None = None
         self.flying: list[tuple[list[Event], list[Any]]] = []
@@ -96,6 +94,12 @@ class LedgerFleet(Fleet):
     def pending(self) -> int:
         """Events folded locally and not yet on the ledger."""
         return sum(len(batch) for batch, _ in self.buffer)
+
+    @property
+    def flushed_in_group(self) -> bool:
+        """Was part of the group being decided appended already (its buffer outgrew
+        ``FLUSH_AT``)?  Read before the group's own final append."""
+        return self.group_flushes > 0
 
     @property
     def topology_ahead(self) -> bool:
@@ -138,13 +142,10 @@ class LedgerFleet(Fleet):
         self.ledger.check_sizes(batch)
         if self.pending >= FLUSH_AT:
             self.on_loop(self.flush(), self.append_timeout)
-            self.flushed_in_group = True
         counted = tally(self.state, batch) if self.observer is not None else []
-        try:
-            done = super().commit(batch)
-        except Exception:
-            self.poisoned = True  # part of the batch may be folded: rebuild before trusting it
-            raise
+        # A fold that refuses part of the batch raises: the command broke the local state,
+        # and the group is decided again after a rebuild (``group.run_group``).
+        done = super().commit(batch)
         self.buffer.append((batch, counted))
         return done
 
@@ -164,17 +165,12 @@ class LedgerFleet(Fleet):
 
     def launch(self) -> asyncio.Task[None]:
         """Start appending the buffer (on the event loop) and return at once: the next group
-        may be decided meanwhile.  ``landed`` says how the append ended."""
+        may be decided meanwhile.  ``landed`` says how the append ended.  Only with nothing
+        in flight: appends stay in ledger order because the pipeline lands one first."""
+        assert self.in_flight is None, "land the append in flight before launching another"
         done, self.buffer = self.buffer, []
-        previous = self.in_flight
-
-        async def append() -> None:
-            if previous is not None:
-                await previous  # appends stay in order (a failed one fails this one too)
-            await self._append(done)
-
         self.flying = done
-        self.in_flight = asyncio.create_task(append(), name="ledger append")
+        self.in_flight = asyncio.create_task(self._append(done), name="ledger append")
         return self.in_flight
 
     async def landed(self) -> None:
