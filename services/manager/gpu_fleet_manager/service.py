@@ -390,7 +390,7 @@ class Manager(Actor):
     def wants_drain(self) -> bool:
         """Should the group pipeline stop at a consistent cut before its next group?  When
         somebody waits for one (``consistent``), or a snapshot is due (it is taken there)."""
-        return self._cut_waiters > 0 or self._snapshot_due()
+        return self.waiting_for_cut() or self._snapshot_due()
 
     async def read(self, fn: Callable[[Instant], T]) -> T:
         async with self.consistent():

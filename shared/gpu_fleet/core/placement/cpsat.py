@@ -70,14 +70,7 @@ def plan_placement(
     topology: Topology, request: PackRequest, settings: PlannerSettings = DEFAULT_SETTINGS
 ) -> PackPlan:
     """Place one request: greedy, improved by CP-SAT when strictly better.  Raises ``PackError``."""
-    sizes = validate(topology, request)
-    return _plan(
-        Work(topology, request.excluded_slots),
-        request,
-        sizes,
-        settings,
-        settings.deterministic_time,
-    )
+    return _plan(*_one(topology, request, settings))
 
 
 def plan_without_search(
@@ -90,14 +83,20 @@ def plan_without_search(
     binder for it can skip the round trip (issue 11: the admission path spends solver time, and
     a service hop, only where a search can help).  ``None``: only a search can tell.
     """
+    return _plan(*_one(topology, request, settings), search=False)
+
+
+def _one(
+    topology: Topology, request: PackRequest, settings: PlannerSettings
+) -> tuple[Work, PackRequest, list[int], PlannerSettings, float]:
+    """``_plan``'s inputs for one request on a snapshot, with the whole solver budget."""
     sizes = validate(topology, request)
-    return _plan(
+    return (
         Work(topology, request.excluded_slots),
         request,
         sizes,
         settings,
         settings.deterministic_time,
-        search=False,
     )
 
 
