@@ -203,10 +203,7 @@ class FillResult:
         must not modify the list.
         """
         if self._by_id is None and self._by_id_parts is not None:
-            known, added = self._by_id_parts
-            merged = [*known, *added]
-            merged.sort(key=operator.itemgetter(0))  # two sorted runs: a linear merge
-            self._by_id, self._by_id_parts = merged, None
+            self._by_id, self._by_id_parts = merge_by_id(*self._by_id_parts), None
         if self._by_id is None:
             items = list(self.funding_class.items())
             if not self.ordered:
@@ -228,3 +225,12 @@ class FillResult:
             widths = map(_WIDTH, rows)  # C-level: rebuilt for every new matching
             totals = self._totals[env] = [0, *itertools.accumulate(widths)]
         return totals[bisect.bisect_right(rows, rank, key=lambda r: r.rank)]
+
+
+def merge_by_id(
+    known: list[tuple[str, FundingClass]], added: list[tuple[str, FundingClass]]
+) -> list[tuple[str, FundingClass]]:
+    """Two lists in lease-id order as one (two sorted runs: timsort merges them linearly)."""
+    merged = [*known, *added]
+    merged.sort(key=operator.itemgetter(0))
+    return merged

@@ -19,7 +19,14 @@ from typing import TypeVar
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
 from gpu_fleet.core.funding.family import Tier
-from gpu_fleet.core.funding.fill_result import _WIDTH, Accepted, FillResult, FillTrace, Rejection
+from gpu_fleet.core.funding.fill_result import (
+    _WIDTH,
+    Accepted,
+    FillResult,
+    FillTrace,
+    Rejection,
+    merge_by_id,
+)
 from gpu_fleet.core.funding.matching import (
     CLASS_OF_RANK,
     LOAN,
@@ -205,25 +212,25 @@ def _hand_on(
     sorts) and each envelope's running totals, kept up to the row before the most senior
     newcomer and accumulated again only from there (newcomers are junior, so that is near the
     end: admissions at one instant rank by run name among themselves)."""
-    known, earlier = (base._by_id, []) if base._by_id is not None else base._by_id_parts or ([], [])
-    if base._by_id is not None or base._by_id_parts is not None:
-        added = list(earlier)
+    # The lease-id order and the funded pairs, each as what the base knew and what was added
+    # since; the added part is folded in past the layer limit (many admissions at one
+    # instant), not copied whole at every admission.
+    limit = _layer_limit(base)
+    ids = base._by_id_parts or ((base._by_id, []) if base._by_id is not None else None)
+    if ids is not None:
+        known, added = ids[0], list(ids[1])
         for lease in new:
             cls = out.class_of(lease.id)
             if cls is not None:  # a lease not live at the instant is left out
                 bisect.insort(added, (lease.id, cls))
-        out._by_id_parts = (known, added)
+        out._by_id_parts = (merge_by_id(known, added), []) if len(added) > limit else (known, added)
     pairs = frozenset((c.lease.id, env.key) for _, c, env, _ in claims)
-    if base._pairs is not None:
-        out._pairs_parts = (base._pairs, pairs)
-    elif base._pairs_parts is not None:
-        known_pairs, earlier_pairs = base._pairs_parts
-        if len(earlier_pairs) + len(pairs) > _layer_limit(base):
-            # Many admissions at one instant: fold the added pairs in now and then, not
-            # copy a growing set of them at every admission.
-            out._pairs_parts = (known_pairs | earlier_pairs | pairs, frozenset())
-        else:
-            out._pairs_parts = (known_pairs, earlier_pairs | pairs)
+    parts = base._pairs_parts or ((base._pairs, frozenset()) if base._pairs is not None else None)
+    if parts is not None:
+        known_pairs, added_pairs = parts[0], parts[1] | pairs
+        if len(added_pairs) > limit:
+            known_pairs, added_pairs = known_pairs | added_pairs, frozenset()
+        out._pairs_parts = (known_pairs, added_pairs)
     ranks: dict[EnvelopeKey, list[tuple[object, ...]]] = defaultdict(list)
     for rank, _, env, _ in claims:
         ranks[env.key].append(rank)
