@@ -334,7 +334,7 @@ def test_planning_without_search_answers_what_planning_answers(
 
 
 class TestEvidentOptimum:
-    """``PlacementModel.evident`` answers what ``solve`` answers, without the solver."""
+    """``evident_fill`` answers what the model's ``solve`` answers, without the solver."""
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.integers(0, 10_000), st.integers(1, 64), st.integers(2, 80), st.floats(0.0, 0.95))
@@ -356,31 +356,30 @@ class TestEvidentOptimum:
         )
         if model is None:
             return
-        evident = model.evident()
+        evident = cpsat_model.evident_fill(t, r, sizes, frees, DEFAULT_SETTINGS)
         event("evident" if evident is not None else "searched")
         if evident is not None:
-            assert evident == model.solve(DEFAULT_SETTINGS, DEFAULT_SETTINGS.deterministic_time)
+            decision, _ = evident
+            assert decision == model.solve(DEFAULT_SETTINGS, DEFAULT_SETTINGS.deterministic_time)
 
     def test_evident_only_where_it_is_certain(self) -> None:
         """Spares, groups, a single-domain request or the run's own domains: the solver runs."""
         nodes, held = churned_fleet(20, seed=3)
         t = topo(nodes, sorted(held))
+        own = t.domain_keys()[0]
         for r in (
             req(8, spares_per_group=1),
             req(16, group_gpus=8),
             req(8, allow_cross_group_spread=False),
+            req(8, preferred_domains=(own,)),
         ):
-            work = Work(t, r.excluded_slots)
-            model = PlacementModel.build(
-                work,
-                r,
-                validate(t, r),
-                frees=work.domain_frees(),
-                greedy=None,
-                settings=DEFAULT_SETTINGS,
-            )
-            assert model is not None
-            assert model.evident() is None
+            frees = Work(t, r.excluded_slots).domain_frees()
+            assert frees[own] > 0
+            assert cpsat_model.evident_fill(t, r, validate(t, r), frees, DEFAULT_SETTINGS) is None
+        # and the shortcut does fire on the same fleet for a plain fill
+        r = req(8)
+        frees = Work(t).domain_frees()
+        assert cpsat_model.evident_fill(t, r, validate(t, r), frees, DEFAULT_SETTINGS) is not None
 
 
 def plans_both_ways(
@@ -389,7 +388,7 @@ def plans_both_ways(
     monkeypatch: pytest.MonkeyPatch,
     knobs: PlannerSettings = DEFAULT_SETTINGS,
 ) -> tuple[PackPlan | str, PackPlan | str]:
-    """(plan_placement, plan_placement the long way: greedy, the model, its evident optimum);
+    """(plan_placement, plan_placement the long way: greedy, then the model's CP-SAT search);
     a PackError as its kind and message."""
 
     def plan() -> PackPlan | str:
@@ -426,8 +425,8 @@ def test_an_evident_fill_is_planned_as_the_long_way_plans_it(  # noqa: PLR0917 -
     cap: int,
     enabled: bool,
 ) -> None:
-    """``evident_fill`` (no greedy, no model) answers what greedy plus the model's evident
-    optimum answer: the same plan, the same planner name - on fleets with more free-count
+    """``evident_fill`` (no greedy, no model) answers what greedy plus the model's search
+    answer: the same plan, the same planner name - on fleets with more free-count
     classes than the model keeps, with and without the run's own domains and excluded slots,
     with a tight class cap, and with the optimiser off (pure greedy)."""
     # Odd holes too: up to 65 free counts, more classes than the model keeps (48).

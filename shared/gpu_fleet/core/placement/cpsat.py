@@ -183,8 +183,8 @@ def _plan(  # noqa: PLR0917 - _plan's inputs, plus whether it may search
     problem = PlacementModel.build(
         work, request, sizes, frees=frees, greedy=greedy_decision, settings=settings
     )
-    decision = problem.evident() if problem else None
-    if not decision and problem:
+    decision = None
+    if problem is not None:  # what is evident without a search was answered above
         if not search:
             return None
         decision = problem.solve(settings, budget)

@@ -240,31 +240,6 @@ class PlacementModel:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    # -- the evident optimum -----------------------------------------------------------------
-
-    def evident(self) -> Decision | None:
-        """The decision ``solve`` reaches, found without a search when it is evident, else None.
-
-        A fill-to-empty request with no spares and no domain of its own, that some candidate
-        domain can hold whole: every plan over two or more domains has a larger span (the first
-        criterion), so the optimum is one domain, and of those the one stranding least - the
-        class with the fewest free GPUs that still hold the request (classes are keyed by free
-        GPUs, so it is unique).  Nodes, the third criterion, are then the class's own, and
-        ``_decision`` maps a class to its first domain by key.  So the answer is that domain -
-        what the solver finds on these models (a few variables, solved in presolve), without
-        paying for building and running it (~1.5 ms per placement, most of an admission).
-        ``tests/core/test_packing_cpsat.py`` checks it against ``solve`` on generated fleets.
-        """
-        request = self.request
-        if not self.fill or request.spares_per_group or any(c.preferred for c in self.classes):
-            return None
-        need = request.total_gpus
-        fits = [c for c in self.classes if c.free >= need]
-        if not fits:
-            return None
-        best = min(fits, key=lambda c: c.free)
-        return Decision(((need, best.domains[0]),), ((),))
-
     # -- solve -------------------------------------------------------------------------------
 
     def solve(self, settings: PlannerSettings, budget: float) -> Decision | None:
@@ -414,17 +389,20 @@ def evident_fill(
     settings: PlannerSettings,
 ) -> tuple[Decision, bool] | None:
     """What planning decides for a fill that one domain can hold, without greedy or a model:
-    ``(decision, is_greedy_s)``, or ``None`` where the long way must tell.
+    ``(decision, is_greedy_s)``, or ``None`` where greedy and the model must tell.
 
-    The long way, for a fill request with no spares and none of the run's own domains free:
-    greedy takes the roomiest domain (one holds the request), which strands GPUs unless it is
-    exactly full, so ``PlacementModel.evident`` is asked and answers the tightest class that
-    holds the request among the classes ``_prefilter`` keeps (greedy's class always among
-    them), at its first domain.  Its plan wins when it strands fewer GPUs - when its class is
-    not greedy's; when it is greedy's, the domain is greedy's too (least key of that free
-    count) and greedy's plan stands.  This answers the same from the free counts alone; it is
-    most admissions, and the model build was a fifth of one (issue 11).
-    ``tests/core/test_packing_cpsat.py`` checks it against the long way.
+    A fill-to-empty request with no spares and none of the run's own domains free, that some
+    domain can hold whole: every plan over two or more domains has a larger span (the first
+    criterion), so the optimum is one domain, and of those the one stranding least - the class
+    with the fewest free GPUs that still hold the request, among the classes ``_prefilter``
+    keeps for the model (greedy's class, the roomiest, always among them).  Nodes, the third
+    criterion, are then the class's own, and the model maps a class to its first domain by key.
+    So the answer is that domain: what the solver finds on these models, without building and
+    running it (the build alone was a fifth of an admission, issue 11).  Greedy takes the
+    roomiest domain; its plan stands when that is the answer's class (the same domain: least
+    key of that free count), else the answer strands fewer GPUs and wins.
+    ``tests/core/test_packing_cpsat.py`` checks it against the solver and against planning
+    without it.
     """
     if request.group_gpus is not None or not request.allow_cross_group_spread:
         return None
