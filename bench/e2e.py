@@ -184,10 +184,10 @@ async def measure(
         print(f"  one at a time: slowest {slowest} ms", file=sys.stderr, flush=True)
         print(f"  burst: {burst_n} submissions from {clients} clients", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        cpu_before = cpu_seconds(pids)
+        cpu_before = {**cpu_seconds(pids), "clients": time.process_time()}
         await asyncio.gather(*(client() for _ in range(clients)))
         elapsed = time.perf_counter() - t
-        cpu_after = cpu_seconds(pids)
+        cpu_after = {**cpu_seconds(pids), "clients": time.process_time()}
         rate = burst_n / elapsed
         print(f"  burst done: {rate:.0f} submissions/s", file=sys.stderr, flush=True)
         admitted = 0
@@ -248,7 +248,14 @@ def bench(
                     latency_n=latency_n,
                     burst_n=burst_n,
                     clients=clients,
-                    pids={name: proc.pid for name, proc in stack.procs.items()},
+                    pids={
+                        **{name: proc.pid for name, proc in stack.procs.items()},
+                        **(
+                            {"nats": stack.nats.proc.pid}
+                            if getattr(stack.nats, "proc", None)
+                            else {}
+                        ),
+                    },
                 )
             )
         finally:
@@ -306,11 +313,12 @@ def main() -> int:
         )
         spent = [
             f"{name} {r[f'cpu_ms_{name}']:.2f} ms ({r[f'cores_{name}']:.2f} of a core)"
-            for name in ("manager", "binder")
+            for name in ("manager", "binder", "nats", "clients")
             if f"cpu_ms_{name}" in r
         ]
         if spent:  # steadier than the rate on a shared machine: compare these across runs
-            print(f"{'':>6} CPU per admission during the burst: {', '.join(spent)}")
+            print(f"{'':>6} CPU per admission during the burst: {', '.join(spent[:2])}")
+            print(f"{'':>6}   and around them: {', '.join(spent[2:])}")
         rate = r["admissions_per_s"]
         goals.append(
             f"goal at {n} nodes, {open_runs} open runs:"
