@@ -10,7 +10,14 @@ import pytest
 from gpu_fleet.core.ledger import NodeRegistered
 from gpu_fleet.core.model import Node
 from gpu_fleet.runtime.follower import LedgerFollower
-from gpu_fleet.runtime.ledger_stream import SUBJECT_PREFIX, LedgerConflictError, LedgerStream
+from gpu_fleet.runtime.ledger_keys import BATCH_HEADER, HEADER, LedgerKeys
+from gpu_fleet.runtime.ledger_stream import (
+    STREAM,
+    SUBJECT_PREFIX,
+    LedgerConflictError,
+    LedgerStream,
+    OneAtATime,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -52,5 +59,93 @@ async def test_follower_skips_an_unknown_event_type_and_passes_its_sequence(
         await follower.catch_up()
         assert follower.seq == 3
         assert sorted(follower.state.nodes) == ["n0", "n1"]
+    finally:
+        await nc.close()
+
+
+# -- batch signatures over a real JetStream (runtime.ledger_verifier) -----------------------
+async def _signed(nc: Any) -> tuple[LedgerStream, LedgerKeys]:
+    keys = LedgerKeys.generate()
+    ledger = LedgerStream(nc, keys=keys)
+    await ledger.ensure()
+    await ledger.append([node(0), node(1), node(2)], 0)
+    await ledger.append([node(3), node(4)], 3)
+    return ledger, keys
+
+
+async def test_a_signed_batch_names_its_span_on_every_message_and_signs_once(
+    nats_server: Any,
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        await _signed(nc)
+        js = nc.jetstream()
+        stored = [await js.get_msg(STREAM, seq) for seq in range(1, 6)]
+        assert [(m.headers or {}).get(BATCH_HEADER) for m in stored] == ["1 3"] * 3 + ["4 5"] * 2
+        assert [HEADER in (m.headers or {}) for m in stored] == [False, False, True, False, True]
+    finally:
+        await nc.close()
+
+
+async def test_every_read_of_a_signed_ledger_verifies_whole_batches(nats_server: Any) -> None:
+    """From the start, from inside a batch, up to inside one, one message at a time - and a
+    copied batch is refused wherever it is met."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        ledger, keys = await _signed(nc)
+        js = nc.jetstream()
+        for seq in (1, 2, 3):  # the first batch, copied with its headers (a replay)
+            original = await js.get_msg(STREAM, seq)
+            ours = {k: v for k, v in (original.headers or {}).items() if k.startswith("Fleet-")}
+            await js.publish(original.subject, original.data, headers=ours)
+        await ledger.append([node(5)], 8)
+
+        async def names(start: int, until: int | None = None) -> dict[int, str | None]:
+            reader = LedgerStream(nc, keys=keys.reader())
+            return {
+                seq: e.node.name if isinstance(e, NodeRegistered) else None
+                async for seq, e in reader.read(start, until)
+            }
+
+        assert await names(1) == {
+            1: "n0",
+            2: "n1",
+            3: "n2",
+            4: "n3",
+            5: "n4",
+            6: None,
+            7: None,
+            8: None,
+            9: "n5",
+        }
+        assert await names(2, 4) == {2: "n1", 3: "n2", 4: "n3"}  # began and ended inside one
+        assert await names(5, 5) == {5: "n4"}
+
+        follower = LedgerFollower(LedgerStream(nc, keys=keys.reader()))
+        await follower.catch_up()
+        assert follower.seq == 9
+        assert sorted(follower.state.nodes) == ["n0", "n1", "n2", "n3", "n4", "n5"]
+
+        # The notifier's consumer meets messages one by one and acknowledges each.
+        one = OneAtATime(js, keys.reader())
+        sub = await js.pull_subscribe(f"{SUBJECT_PREFIX}.>", durable="verdicts")
+        verdicts = {}
+        for _ in range(9):
+            (msg,) = await sub.fetch(1, timeout=5)
+            verdicts[msg.metadata.sequence.stream] = await one.accepted(
+                msg.metadata.sequence.stream, msg
+            )
+            await msg.ack()
+        assert verdicts == {
+            1: True,
+            2: True,
+            3: True,
+            4: True,
+            5: True,
+            6: False,
+            7: False,
+            8: False,
+            9: True,
+        }
     finally:
         await nc.close()

@@ -74,7 +74,7 @@ from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.ledger_keys import LedgerKeys
-from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream, accepted
+from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream, OneAtATime
 from gpu_fleet.runtime.natsd_cluster import stream_replicas
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 from gpu_fleet.runtime.replies import ApiLimits
@@ -165,6 +165,7 @@ class Notifier(Actor):
         # run's forecast is announced once more (at least once, like everything here).
         self._announced: dict[str, ForecastKey] = {}
         self._inflight: dict[int, Derived] = {}
+        self._verdicts: OneAtATime | None = None
         self._failures = 0
         self._last_wall_check: tuple[Instant, int] = (0, 0)
         self.ledger: LedgerStream | None = None
@@ -177,6 +178,7 @@ class Notifier(Actor):
         self.nc = await connect(self.config.nats_url, "gpu-fleet-notifier", on_closed=self.abort)
         self.js = self.nc.jetstream(timeout=self.config.publish_timeout)
         self.ledger = LedgerStream(self.nc, keys=self.config.ledger_keys)
+        self._verdicts = OneAtATime(self.js, self.config.ledger_keys)
         await self.ledger.ensure()
         await self._ensure_notify_stream()
         await ensure_streams(self.js, self.config.delivery)
@@ -288,27 +290,20 @@ class Notifier(Actor):
         log.info("notifier.caught_up", seq=self.seq, ack_floor=floor)
 
     async def _read_raw(self, until: int) -> AsyncIterator[tuple[int, bytes]]:
-        """Raw ledger messages 1..until (ordered consumer): undecodable ones are ours to judge."""
+        """Raw ledger messages 1..until (ordered consumer): undecodable ones are ours to judge;
+        one whose batch does not verify is nothing (skipped like an undecodable one)."""
         if until <= 0:
             return
-        assert self.js is not None
-        sub = await self.js.subscribe(f"{SUBJECT_PREFIX}.>", ordered_consumer=True)
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=5.0)
-                seq = msg.metadata.sequence.stream
-                yield seq, self._verified(seq, msg)
-                if seq >= until:
-                    return
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+        assert self.ledger is not None
+        async for seq, msg, verified in self.ledger.messages(1, until):
+            yield seq, msg.data if verified else b""
 
     # -- folding ---------------------------------------------------------------------------
-    def _verified(self, seq: int, msg: Msg) -> bytes:
+    async def _verified(self, seq: int, msg: Msg) -> bytes:
         """The message's payload, or nothing (skipped like any undecodable message) when the
-        ledger is signed and its signature does not hold (``runtime.ledger_keys``)."""
-        return msg.data if accepted(self.config.ledger_keys, seq, msg) else b""
+        ledger is signed and its batch does not verify (``runtime.ledger_verifier``)."""
+        assert self._verdicts is not None
+        return msg.data if await self._verdicts.accepted(seq, msg) else b""
 
     def _decode(self, seq: int, data: bytes) -> Event | None:
         """The ledger event, or None for one this version does not know (logged, skipped)."""
@@ -406,7 +401,12 @@ class Notifier(Actor):
                 return
             derived = self._inflight.get(seq)
             if derived is None:
-                notes = self._derive(seq, self._verified(seq, msg), at_head=meta.num_pending == 0)
+                try:  # fetches the rest of the message's batch to verify it (signed ledger)
+                    data = await self._verified(seq, msg)
+                except nats.errors.Error as exc:
+                    await self._retry_later(msg, exc, 0)
+                    return
+                notes = self._derive(seq, data, at_head=meta.num_pending == 0)
                 derived = (notes, self._route(notes))
                 self._inflight[seq] = derived
             notes, deliveries = derived
@@ -414,19 +414,7 @@ class Notifier(Actor):
             try:
                 stored, dups = await self._emit(notes, deliveries)
             except nats.errors.Error as exc:
-                delay = self.config.error_delays[
-                    min(self._failures, len(self.config.error_delays) - 1)
-                ]
-                self._failures += 1
-                with contextlib.suppress(nats.errors.Error):
-                    await msg.nak(delay=delay)
-                log.warning(
-                    "notifier.handled",
-                    outcome="nak",
-                    error=f"{type(exc).__name__}: {exc}",
-                    retry_in=delay,
-                    notifications=len(notes),
-                )
+                await self._retry_later(msg, exc, len(notes))
                 return
             self._failures = 0
             if await self._ack(msg):
@@ -443,6 +431,21 @@ class Notifier(Actor):
                 deliveries=len(deliveries),
                 ms=round((time.perf_counter() - started) * 1000, 2),
             )
+
+    async def _retry_later(self, msg: Msg, exc: nats.errors.Error, notifications: int) -> None:
+        """NATS failed us mid-message (a server lost, a leader being elected): hand the message
+        back for redelivery after a growing delay; nothing of it was acknowledged."""
+        delay = self.config.error_delays[min(self._failures, len(self.config.error_delays) - 1)]
+        self._failures += 1
+        with contextlib.suppress(nats.errors.Error):
+            await msg.nak(delay=delay)
+        log.warning(
+            "notifier.handled",
+            outcome="nak",
+            error=f"{type(exc).__name__}: {exc}",
+            retry_in=delay,
+            notifications=notifications,
+        )
 
     async def _ack(self, msg: Msg) -> bool:
         try:

@@ -21,12 +21,13 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg, StorageType, StreamConfig
 
 from gpu_fleet.core.ledger import EVENT_DECODER, EVENT_ENCODER, Event
 from gpu_fleet.core.names import clamp
+from gpu_fleet.runtime.ledger_keys import BATCH_HEADER, LedgerKeys
 from gpu_fleet.runtime.ledger_keys import HEADER as SIGNATURE_HEADER
-from gpu_fleet.runtime.ledger_keys import LedgerKeys
+from gpu_fleet.runtime.ledger_verifier import MAX_SPAN, BatchVerifier, InOrder
 from gpu_fleet.runtime.natsd_cluster import stream_replicas
 
 log = structlog.get_logger("gpu_fleet.ledger")
@@ -79,20 +80,36 @@ def decode_event(seq: int, data: bytes) -> Event | None:
     return event
 
 
-def accepted(keys: LedgerKeys | None, seq: int, msg: Msg) -> bool:
-    """Whether a ledger message may be folded: always without keys (an unsigned ledger), else
-    only with a valid signature for its sequence (``ledger_keys``); a refusal is logged."""
-    if keys is None or keys.verify(seq, msg.subject, msg.data, msg.headers):
-        return True
-    log.error("ledger.forged_event", seq=seq, subject=clamp(msg.subject, 100))
-    return False
+class OneAtATime:
+    """Verdicts for a reader that handles one ledger message at a time and cannot hold it
+    until the rest of its batch has arrived (the notifier's durable consumer acknowledges each
+    message once handled).  The rest of the batch is fetched by sequence; their verdicts are
+    kept until they are delivered.  Always True on an unsigned ledger."""
 
+    def __init__(self, js: JetStreamContext, keys: LedgerKeys | None, stream: str = STREAM) -> None:
+        self.js = js
+        self.stream = stream
+        self.verifier = BatchVerifier(keys) if keys is not None else None
 
-def read_message(keys: LedgerKeys | None, seq: int, msg: Msg) -> Event | None:
-    """``decode_event`` for a signed ledger: ``None`` (skipped) unless the signature holds."""
-    if not accepted(keys, seq, msg):
-        return None
-    return decode_event(seq, msg.data)
+    async def accepted(self, seq: int, msg: Msg) -> bool:
+        if self.verifier is None:
+            return True
+        verdict = self.verifier.pop(seq)
+        if verdict is None:
+            self.verifier.offer(seq, msg.subject, msg.data, msg.headers)
+            for other in self.verifier.missing(seq):
+                try:
+                    raw = await self.js.get_msg(self.stream, other)
+                except nats.js.errors.NotFoundError:
+                    continue
+                self.verifier.offer(other, raw.subject or "", raw.data or b"", raw.headers)
+            end = self.verifier.span_end(seq)
+            if end is not None:
+                self.verifier.settle(end)
+            verdict = bool(self.verifier.pop(seq))
+        if not verdict:
+            log.error("ledger.forged_event", seq=seq, subject=clamp(msg.subject, 100))
+        return verdict
 
 
 def subject_for(event: Event) -> str:
@@ -156,28 +173,26 @@ class LedgerStream:
         if not events:
             return expected_last_seq
         encoded = self.check_sizes(events)
+        subjects = [subject_for(event) for event in events]
+        n = len(events)
         batch = uuid.uuid4().hex
+        signed = self._signed(expected_last_seq + 1, subjects, encoded)
         try:
-            for i, (event, data) in enumerate(zip(events[:-1], encoded, strict=False), start=1):
-                headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i)}
+            for i in range(1, n):
+                headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i), **signed[0]}
                 if i == 1:
                     headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
-                self._sign(headers, expected_last_seq + i, subject_for(event), data)
-                await self.nc.publish(subject_for(event), data, headers=headers)
-            n = len(events)
+                await self.nc.publish(subjects[i - 1], encoded[i - 1], headers=headers)
             headers = {
                 "Nats-Batch-Id": batch,
                 "Nats-Batch-Sequence": str(n),
                 "Nats-Batch-Commit": "1",
+                **signed[1],
             }
             if n == 1:
                 headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
-            self._sign(headers, expected_last_seq + n, subject_for(events[-1]), encoded[-1])
             reply = await self.nc.request(
-                subject_for(events[-1]),
-                encoded[-1],
-                timeout=self.timeout,
-                headers=headers,
+                subjects[-1], encoded[-1], timeout=self.timeout, headers=headers
             )
         except (
             nats.errors.TimeoutError,
@@ -193,47 +208,59 @@ class LedgerStream:
             raise LedgerUnavailableError(f"ledger append refused: {error.get('description')}")
         return int(body["seq"])
 
-    def _sign(self, headers: dict[str, str], seq: int, subject: str, data: bytes) -> None:
-        """Sign for the sequence the event will have if the guarded batch is accepted."""
-        if self.keys is not None:
-            headers[SIGNATURE_HEADER] = self.keys.sign(seq, subject, data)
+    def _signed(
+        self, first: int, subjects: list[str], encoded: list[bytes]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """The signature headers of a batch landing at ``first`` if the guarded append is
+        accepted: (every message's, the last message's).  One signature for the whole batch
+        (``runtime.ledger_verifier``); none on an unsigned ledger."""
+        if self.keys is None:
+            return {}, {}
+        span = {BATCH_HEADER: f"{first} {first + len(encoded) - 1}"}
+        sig = self.keys.sign_batch(first, list(zip(subjects, encoded, strict=True)))
+        return span, {**span, SIGNATURE_HEADER: sig}
 
     async def read(
         self, from_seq: int = 1, until_seq: int | None = None, idle_timeout: float = 5.0
     ) -> AsyncIterator[tuple[int, Event | None]]:
         """Yield ``(seq, event)`` from ``from_seq`` up to ``until_seq`` (default: current last).
 
-        ``event`` is ``None`` for an event type this version does not know (see ``decode_event``).
+        ``event`` is ``None`` for an event type this version does not know (see ``decode_event``)
+        and for a message whose batch does not verify (a signed ledger).
         """
+        async for seq, msg, verified in self.messages(from_seq, until_seq, idle_timeout):
+            yield _verdict(seq, msg, verified)
+
+    async def messages(
+        self, from_seq: int = 1, until_seq: int | None = None, idle_timeout: float = 5.0
+    ) -> AsyncIterator[tuple[int, Msg, bool]]:
+        """``read``'s raw messages, each with whether it may be folded (always on an unsigned
+        ledger; on a signed one, whether its batch verifies)."""
         target = until_seq if until_seq is not None else await self.last_seq()
         if target < from_seq:
             return
-        sub = await self.js.subscribe(
-            f"{SUBJECT_PREFIX}.>",
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
-            ),
-        )
+        order = InOrder(self.keys) if self.keys is not None else None
+        sub = await self._subscribe(from_seq)
         try:
-            while True:
+            seq = from_seq - 1
+            while seq < target:
                 msg = await sub.next_msg(timeout=idle_timeout)
                 seq = msg.metadata.sequence.stream
-                yield seq, read_message(self.keys, seq, msg)
-                if seq >= target:
-                    return
+                for item in await self._judged(order, seq, msg):
+                    if item[0] <= target:
+                        yield item
+            if order is not None:
+                for item in await self._beyond(order, target):
+                    if item[0] <= target:
+                        yield item
         finally:
             await sub.unsubscribe()
 
     async def follow(self, from_seq: int) -> AsyncIterator[tuple[int, Event | None]]:
-        """Yield events from ``from_seq`` forever (an ordered consumer survives reconnects)."""
-        sub = await self.js.subscribe(
-            f"{SUBJECT_PREFIX}.>",
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
-            ),
-        )
+        """Yield events from ``from_seq`` forever (an ordered consumer survives reconnects);
+        on a signed ledger each batch once its last message has arrived."""
+        order = InOrder(self.keys) if self.keys is not None else None
+        sub = await self._subscribe(from_seq)
         try:
             while True:
                 try:
@@ -241,8 +268,80 @@ class LedgerStream:
                 except nats.errors.TimeoutError:
                     await asyncio.sleep(0)
                     continue
-                seq = msg.metadata.sequence.stream
-                yield seq, read_message(self.keys, seq, msg)
+                for seq, held, verified in await self._judged(
+                    order, msg.metadata.sequence.stream, msg
+                ):
+                    yield _verdict(seq, held, verified)
         finally:
             with contextlib.suppress(nats.errors.ConnectionClosedError):
                 await sub.unsubscribe()
+
+    async def _subscribe(self, from_seq: int) -> JetStreamContext.PushSubscription:
+        return await self.js.subscribe(
+            f"{SUBJECT_PREFIX}.>",
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
+            ),
+        )
+
+    async def _judged(
+        self, order: InOrder | None, seq: int, msg: Msg
+    ) -> list[tuple[int, Msg, bool]]:
+        """What a read may hand out after ``msg``: the message itself on an unsigned ledger;
+        on a signed one every message whose batch is now judged, in order (``InOrder``)."""
+        if order is None:
+            return [(seq, msg, True)]
+        judged = order.push(seq, msg.subject, msg.data, msg.headers, msg)
+        for before in order.missing():  # the read began inside a batch: fetch its start
+            raw = await self._fetch(before)
+            if raw is None:
+                judged += order.lost(before)
+                continue
+            judged += order.complete(before, raw.subject or "", raw.data or b"", raw.headers)
+        return _as_messages(judged)
+
+    async def _fetch(self, seq: int, attempts: int = 6) -> RawStreamMsg | None:
+        """One stored message by sequence (``None``: the stream has none there), retried while
+        the stream is briefly unavailable (a server lost, a leader being elected) as an
+        ordered consumer would wait; ``LedgerUnavailableError`` if it stays so."""
+        delay = 0.1
+        for attempt in range(attempts):
+            try:
+                return await self.js.get_msg(self.stream, seq)
+            except nats.js.errors.NotFoundError:
+                return None
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                if attempt == attempts - 1:
+                    raise LedgerUnavailableError(f"ledger read failed: {exc}") from exc
+                await asyncio.sleep(delay)
+                delay *= 2
+        return None
+
+    async def _beyond(self, order: InOrder, target: int) -> list[tuple[int, Msg, bool]]:
+        """A read that ends inside a batch: fetch the rest of it to judge what was read, then
+        refuse whatever is still undecided."""
+        judged: list[tuple[int, object, bool]] = []
+        after = target
+        while (last := order.waiting_for()) is not None and after < min(last, target + MAX_SPAN):
+            after += 1
+            raw = await self._fetch(after)
+            if raw is None:
+                break
+            judged += order.beyond(after, raw.subject or "", raw.data or b"", raw.headers)
+        judged += order.finish()
+        return _as_messages(judged)
+
+
+def _as_messages(judged: list[tuple[int, object, bool]]) -> list[tuple[int, Msg, bool]]:
+    out = []
+    for seq, msg, verified in judged:
+        assert isinstance(msg, Msg)
+        if not verified:
+            log.error("ledger.forged_event", seq=seq, subject=clamp(msg.subject, 100))
+        out.append((seq, msg, verified))
+    return out
+
+
+def _verdict(seq: int, msg: Msg, verified: bool) -> tuple[int, Event | None]:
+    return seq, decode_event(seq, msg.data) if verified else None
