@@ -8,7 +8,7 @@ import os
 import sys
 
 from gpu_fleet import kube
-from gpu_fleet.runtime import logs, observe
+from gpu_fleet.runtime import heap, logs, observe
 from gpu_fleet.runtime.ledger_keys import LedgerKeyError, LedgerKeys
 from gpu_fleet.runtime.together import run_together
 from gpu_fleet_binder.service import Binder, BinderConfig
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     observe.add_flags(p)
     args = p.parse_args(argv)
     logs.configure("binder", args.log_level)
+    heap.enable()  # its heap is its folded state: freeze it, sweep now and then (runtime.heap)
     try:
         ledger_keys = LedgerKeys.from_env()  # GPU_FLEET_LEDGER_KEY / _PUBLIC_KEY (security.md)
     except LedgerKeyError as exc:

@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from gpu_fleet.runtime import logs, observe
+from gpu_fleet.runtime import heap, logs, observe
 from gpu_fleet.runtime.ledger_keys import LedgerKeyError, LedgerKeys
 from gpu_fleet_forecaster.service import Forecaster, ForecasterConfig
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure("forecaster", args.log_level)
+    heap.enable()  # its heap is its folded state: freeze it, sweep now and then (runtime.heap)
     try:
         ledger_keys = LedgerKeys.from_env()  # GPU_FLEET_LEDGER_KEY / _PUBLIC_KEY (security.md)
     except LedgerKeyError as exc:

@@ -15,7 +15,7 @@ from gpu_fleet import kube
 from gpu_fleet.core.engine import Settings
 from gpu_fleet.core.manifests import ManifestError, decode_text, parse_inventory
 from gpu_fleet.core.timeutil import parse_duration, parse_instant
-from gpu_fleet.runtime import logs, observe
+from gpu_fleet.runtime import heap, logs, observe
 from gpu_fleet.runtime.ledger_keys import LedgerKeyError, LedgerKeys
 from gpu_fleet.runtime.replies import ApiLimits
 from gpu_fleet.runtime.together import run_together
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure("manager", args.log_level)
+    heap.enable()  # its heap is its folded state: freeze it, sweep now and then (runtime.heap)
     nodes = []
     if args.inventory:
         try:

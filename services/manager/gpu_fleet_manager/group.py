@@ -41,6 +41,7 @@ import structlog
 from gpu_fleet.core.engine import CommandError
 from gpu_fleet.core.model import Instant
 from gpu_fleet.messages import api
+from gpu_fleet.runtime import heap
 from gpu_fleet.runtime.ledger_stream import LedgerConflictError, LedgerEventTooLargeError
 from gpu_fleet_manager.boundary import REQUEST, ApiError, FieldRefusedError
 from gpu_fleet_manager.writer import APPEND_FAILURES
@@ -170,6 +171,7 @@ async def pipeline(manager: Manager, committer: GroupCommitter) -> None:
                 # is decided; a failed append is ``_land``'s.
                 fleet.launch().add_done_callback(functools.partial(_answer_landed, group))
                 flight = group
+                heap.settle()  # the decided state is long-lived: not the collector's to walk
                 continue
             # A command broke the local state, or an append inside the group failed or was
             # made: the group takes the one-at-a-time path (rebuild, decide again, flush).

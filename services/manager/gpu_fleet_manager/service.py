@@ -42,7 +42,7 @@ from gpu_fleet.core.placement import (
 )
 from gpu_fleet.messages import api, placement, subjects
 from gpu_fleet.messages.validation import Requests
-from gpu_fleet.runtime import paging, replies
+from gpu_fleet.runtime import heap, paging, replies
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, VirtualClock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
@@ -219,6 +219,7 @@ class Manager(Actor):
         self._snapshot_at, self._snapshot_seq = fleet.appended_batches, from_seq - 1
         self.rebuilds += 1
         self.last_rebuild = (from_seq - 1, count)
+        heap.sweep()  # the heap is now the rebuilt state (runtime.heap)
         log.info("ledger.rebuilt", snapshot_seq=from_seq - 1, folded=count, seq=fleet.seq)
 
     async def _save_snapshot(self) -> None:

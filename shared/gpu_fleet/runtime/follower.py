@@ -13,6 +13,7 @@ from collections.abc import Callable
 import structlog
 
 from gpu_fleet.core.ledger import Event, FleetState, LedgerError, fold
+from gpu_fleet.runtime import heap
 from gpu_fleet.runtime.ledger_stream import LedgerStream
 
 log = structlog.get_logger("gpu_fleet.follower")
@@ -35,6 +36,8 @@ class LedgerFollower:
         if seq <= self.seq:
             return  # an ordered consumer may redeliver after a reconnect; folding is not idempotent
         self.seq = seq
+        if seq % heap.SETTLE_EVERY == 0:
+            heap.settle()  # what was folded so far is long-lived state (runtime.heap)
         if event is None:
             return  # not an event we know (newer type, or garbage): skipped, sequence passed
         try:
@@ -48,6 +51,7 @@ class LedgerFollower:
     async def catch_up(self) -> None:
         async for seq, event in self.ledger.read(self.seq + 1):
             self._apply(seq, event)
+        heap.sweep()  # after the rebuild: the state is the heap (runtime.heap)
         async with self._advanced:
             self._advanced.notify_all()
         log.info("ledger.caught_up", seq=self.seq)

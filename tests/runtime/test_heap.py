@@ -1,0 +1,48 @@
+"""The services' garbage-collector policy (runtime.heap), in a process of its own: freezing
+the test runner's heap would change how every later test collects its garbage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import gc, weakref
+    from gpu_fleet.runtime import heap
+
+    class Node:
+        pass
+
+    heap.settle()  # not enabled: Python's default collector, nothing frozen
+    assert gc.get_freeze_count() == 0, "froze without enable()"
+
+    heap.enable(sweep_every=3)
+    cycle = Node()
+    cycle.me = cycle
+    alive = Node()
+    ref, kept = weakref.ref(cycle), weakref.ref(alive)
+    heap.settle()
+    assert gc.get_freeze_count() > 0, "settle did not freeze"
+    del cycle, alive
+    gc.collect()
+    assert ref() is not None, "a frozen object was walked by an ordinary collection"
+    assert kept() is None, "reference counting must still free a frozen object"
+    heap.settle()
+    assert ref() is not None
+    heap.settle()  # the third settle sweeps
+    assert ref() is None, "the sweep did not reclaim the frozen cycle"
+    assert gc.get_freeze_count() > 0, "the sweep did not freeze again"
+    print("ok")
+    """
+)
+
+
+def test_settle_freezes_and_every_nth_settle_sweeps_frozen_cycles() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "ok"
+    assert "heap.swept" in done.stdout  # the reclaimed cycle is reported
