@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,12 @@ from gpu_fleet.core.ledger import (
     check_invariants,
     fold,
 )
+from gpu_fleet.core.manifests import parse_manifests
 from gpu_fleet.core.model import Instant, Node
 from gpu_fleet.core.placement import plan_placement
 from gpu_fleet.core.timeutil import parse_instant
 from gpu_fleet.runtime.ledger_stream import LedgerStream, LedgerUnavailableError
-from gpu_fleet_manager import writer
+from gpu_fleet_manager import service, writer
 from gpu_fleet_manager.boundary import ApiError
 from gpu_fleet_manager.service import Manager, ManagerConfig
 
@@ -456,3 +458,115 @@ async def test_a_read_waits_for_the_groups_in_flight(stack: InProcessStack) -> N
     assert "c" not in seen[0]  # decided after the read, not before it
     await asyncio.wrap_future(later[0])
     assert "c" in await registered(stack)
+
+
+# -- decided on the event loop (group.run_inline) ------------------------------------------
+def _where() -> str:
+    return "loop" if threading.current_thread() is threading.main_thread() else "thread"
+
+
+async def pipelined(
+    stack: InProcessStack, commands: dict[str, tuple[bool, Callable[[Instant], None]]]
+) -> dict[str, list[str]]:
+    """Command A (decided in the thread, nothing in flight) queues ``commands`` (name: small,
+    decision) and its append is held at a gate until the first of them is decided: they are
+    decided on top of it, as one group.  Returns where each decision ran, every time it ran."""
+    manager = manager_of(stack)
+    loop = asyncio.get_running_loop()
+    gated = GatedAppends(stack, manager, None)
+    ran: dict[str, list[str]] = {name: [] for name in ["a", *commands]}
+    queued: list[concurrent.futures.Future[Any]] = []
+
+    def wrap(name: str, fn: Callable[[Instant], None]) -> Callable[[Instant], None]:
+        def decide(now: Instant) -> None:
+            ran[name].append(_where())
+            gated.open_from_thread(loop)
+            fn(now)
+
+        return decide
+
+    def a(now: Instant) -> None:
+        ran["a"].append(_where())
+        manager.require_fleet().register_node(node("a"), now)
+        if not queued:
+            for name, (small, fn) in commands.items():
+                queued.append(
+                    asyncio.run_coroutine_threadsafe(
+                        manager.mutate(wrap(name, fn), small=small), loop
+                    )
+                )
+
+    await manager.mutate(a)
+    for future in queued:
+        await asyncio.wrap_future(future)
+    assert manager.require_fleet().state.history == await ledger_events(stack)
+    return ran
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_small_commands_on_top_of_an_append_are_decided_on_the_event_loop(
+    stack: InProcessStack,
+) -> None:
+    """Pipelined, small commands are decided on the loop itself; the first that is not small
+    sends the rest of the group to the worker thread, in arrival order."""
+    manager = manager_of(stack)
+
+    def register(name: str) -> Callable[[Instant], None]:
+        return lambda now: manager.require_fleet().register_node(node(name), now)
+
+    ran = await pipelined(
+        stack,
+        {"b": (True, register("b")), "c": (False, register("c")), "d": (True, register("d"))},
+    )
+    assert ran == {"a": ["thread"], "b": ["loop"], "c": ["thread"], "d": ["thread"]}
+    assert (await registered(stack))[-4:] == ["a", "b", "c", "d"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_a_decision_on_the_loop_that_must_wait_for_it_is_decided_again_in_the_thread(
+    stack: InProcessStack,
+) -> None:
+    """A decision on the loop cannot wait for the loop (a mid-group flush, say): the group is
+    decided again in the thread on the ledger's state - once on the ledger, answered ok."""
+    manager = manager_of(stack)
+
+    def b(now: Instant) -> None:
+        fleet = manager.require_fleet()
+        fleet.register_node(node("b"), now)
+        assert fleet.on_loop(asyncio.sleep(0, result=1), 5) == 1
+
+    ran = await pipelined(stack, {"b": (True, b)})
+    assert ran == {"a": ["thread"], "b": ["loop", "thread"]}
+    names = await registered(stack)
+    assert names[-2:] == ["a", "b"]
+    assert names.count("b") == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_a_search_on_the_loop_is_the_managers_and_the_rest_goes_to_the_thread(
+    stack: InProcessStack,
+) -> None:
+    """A placement that needs a CP-SAT search, asked on the loop: the manager plans it itself
+    (the loop cannot wait for the binder), and the rest of the group goes to the thread."""
+    manager = manager_of(stack)
+    manifests = parse_manifests(run_doc("searched", 8))
+    placed = {"by": "inline"}
+    before = manager.observer.registry.get_sample_value("gpu_fleet_manager_plans_total", placed)
+
+    def b(now: Instant) -> None:
+        manager.require_fleet().apply(manifests[0], now)
+
+    def c(now: Instant) -> None:
+        manager.require_fleet().register_node(node("c"), now)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(service, "plan_without_search", lambda *_: None)  # always a search
+        ran = await pipelined(stack, {"b": (True, b), "c": (True, c)})
+    assert ran == {"a": ["thread"], "b": ["loop"], "c": ["thread"]}
+    after = manager.observer.registry.get_sample_value("gpu_fleet_manager_plans_total", placed)
+    assert (after or 0) - (before or 0) == 1
+    view = await manager.read(lambda _: manager.require_fleet().state.status["team/searched"])
+    assert view.phase == "Running"

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from gpu_fleet_manager.service import Manager
     from gpu_fleet_manager.writer import LedgerFleet
 
+SMALL_APPLY = 4
+"""Run documents an apply may hold and still be a small command (``group.run_inline``)."""
+
 
 class Endpoints:
     """The request handlers, bound to the manager that runs them."""
@@ -142,7 +145,9 @@ class Endpoints:
                 )
             return out
 
-        return await self.manager.mutate(run)
+        # A few runs: decided quickly, a few events each - may be decided on the event loop.
+        small = not budgets and len(manifests) <= SMALL_APPLY
+        return await self.manager.mutate(run, small=small)
 
     async def delete(self, data: bytes) -> Any:
         req = self.manager.decode(data, api.DeleteRequest)

@@ -297,6 +297,11 @@ class Manager(Actor):
     def _planner(self, topology: Topology, request: PackRequest) -> PackPlan:
         """Ask the binder (at our ledger sequence); fall back to the same planner locally."""
         fleet = self.require_fleet()
+        if fleet.inline:  # decided on the event loop, which cannot wait for the binder
+            quick = plan_without_search(topology, request)
+            fleet.searched = quick is None  # the rest of the group: in the worker thread
+            self.observer.inc("gpu_fleet_manager_plans_total", "manager" if quick else "inline")
+            return quick if quick is not None else plan_placement(topology, request)
         # The binder plans on the ledger's state; while this group's earlier decisions that
         # took or freed slots are not appended yet, plan here on the state being decided (the
         # same planner: the plan the binder would make once it has folded them).
@@ -359,13 +364,15 @@ class Manager(Actor):
             async for seq, event in self.ledger.read(fleet.seq + 1, last):
                 fleet.replay(event, seq)
 
-    async def mutate(self, fn: Callable[[Instant], T]) -> T:
+    async def mutate(self, fn: Callable[[Instant], T], *, small: bool = False) -> T:
         """Run a command as the single writer, answered once its decision is on the ledger.
 
         Commands waiting together are decided in arrival order and appended as one atomic
         batch (``group``: group commit); a lost append race re-folds and decides again.
+        ``small``: a short decision writing a few events, which may be made on the event loop
+        (``group.run_inline``).
         """
-        result: T = await self.committer.submit(fn)
+        result: T = await self.committer.submit(fn, small=small)
         return result
 
     @contextlib.asynccontextmanager

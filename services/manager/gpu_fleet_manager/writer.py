@@ -56,6 +56,13 @@ _TOPOLOGY_EVENTS = (LeaseMinted, LeaseClosed, NodeRegistered, NodeHealthChanged)
 APPEND_FAILURES = (LedgerConflictError, LedgerUnavailableError, nats.errors.Error, TimeoutError)
 """What a failed append raises."""
 
+
+class NeedsThreadError(RuntimeError):
+    """A decision made on the event loop (``inline``) needed the loop to wait for something -
+    an append, a binder answer - which only a decision made in the worker thread can do.  The
+    group is decided again in the thread, on the ledger's state (``group._decide_locked``)."""
+
+
 FLUSH_AT = 512
 """Buffered events that force a flush at the next commit boundary (JetStream caps the messages
 of one atomic batch; a group stays well below it)."""
@@ -86,6 +93,11 @@ class LedgerFleet(Fleet):
         # this group's own flushes count - the previous group's append landing meanwhile
         # puts none of this group on the ledger.
         self.group_flushes = 0
+        # Deciding on the event loop itself (``group.run_inline``): nothing may wait for the
+        # loop then; ``searched`` says a placement needed a CP-SAT search (done here, on the
+        # loop), after which the rest of the group is decided in the worker thread.
+        self.inline = False
+        self.searched = False
         # Pipelining: the append of the previous group's buffer, and what it holds.
         self.in_flight: asyncio.Task[None] | None = None
         self.flying: list[tuple[list[Event], list[Any]]] = []
@@ -116,7 +128,11 @@ class LedgerFleet(Fleet):
     def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coro`` on the service's event loop from the decision thread and wait for it;
         past ``timeout`` it is cancelled (an append abandoned here must not land later, after
-        its commands were answered "unavailable")."""
+        its commands were answered "unavailable").  A decision made on the loop itself cannot
+        wait for it: ``NeedsThreadError``."""
+        if self.inline:
+            coro.close()
+            raise NeedsThreadError("a decision made on the event loop cannot wait for the loop")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)

@@ -224,8 +224,10 @@ METRICS: tuple[MetricSpec, ...] = (
         "counter",
         "Placements the manager's decisions used, by who planned them: manager (no CP-SAT "
         "search needed, so the binder was not asked), binder (the binder's search), ahead (the "
-        "group's earlier decisions are not on the ledger yet, so the manager searched itself) "
-        "or fallback (the binder was unavailable or its plan did not fit)",
+        "group's earlier decisions are not on the ledger yet, so the manager searched itself), "
+        "inline (the decision was made on the event loop, which cannot wait for the binder, "
+        "so the manager searched itself) or fallback (the binder was unavailable or its plan "
+        "did not fit)",
         ("by",),
         exported_by=("manager",),
     ),
