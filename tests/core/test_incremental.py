@@ -339,6 +339,36 @@ def test_sibling_extensions_of_one_matching_keep_their_own_totals() -> None:
             assert result.width_up_to(key, row.rank) == senior_width(rows, row.rank)
 
 
+def test_the_same_extension_twice_shares_its_totals_instead_of_copying_them() -> None:
+    """An admission's check extends the matching by the new leases, then the fold extends the
+    same base by the same leases: the second extension finds the entries it needs already
+    written and shares the list (it used to copy every held row's total, 7.6 % of the
+    manager's time at 10k nodes); both still read the right totals."""
+    budgets = [budget("p", "org:p", [env("e", 32, selector={"region": "*"})])]
+    runs_ = [run("p", name, 8) for name in ("old", "new")]
+    runs = {r.key: r for r in runs_}
+    admitted = {r.key: T0 + i * MINUTE for i, r in enumerate(runs_)}
+    held = [lease("a", runs_[0].key, 4), lease("a2", runs_[0].key, 2, first=4)]
+    world = World(budgets, runs.values(), held, nodes=NODES, admitted=admitted)
+    base = world.fill()
+    key = base.payer["a"]
+    assert key is not None
+    base.width_up_to(key, base.accepted[key][-1].rank)  # totals to hand on
+    new = [lease("b", runs_[1].key, 8, first=8)]
+    checked = extend_fill(world.index, base, new, runs, admitted, world.node_labels, T0)
+    folded = extend_fill(world.index, base, new, runs, admitted, world.node_labels, T0)
+    assert checked is not None
+    assert folded is not None
+    assert folded._totals[key] is checked._totals[key]
+    reference = fill(world.index, held + new, runs, admitted, world.node_labels, T0)
+    rows = reference.accepted[key]
+    for result in (checked, folded):
+        for row in rows:
+            assert result.width_up_to(key, row.rank) == senior_width(rows, row.rank)
+    for row in base.accepted[key]:
+        assert base.width_up_to(key, row.rank) == senior_width(base.accepted[key], row.rank)
+
+
 def test_extend_fill_takes_the_newcomer_that_fits() -> None:
     """The shortcut fires for the common cases - a later run that fits its own envelope, or
     any run where everyone fits together - and refuses where the answer could differ."""

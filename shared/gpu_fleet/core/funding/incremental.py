@@ -243,15 +243,21 @@ def _hand_on(
         first = bisect.bisect_left(held, min(ranks[key]), key=_ACCEPTED_RANK)
         more = itertools.accumulate(map(_WIDTH, out.accepted[key][first:]), initial=totals[first])
         next(more)  # the initial value: ``totals[first]`` is kept already
-        if first == len(held) and len(totals) == first + 1:
+        tail = list(more)  # the newcomers and the rows below them: a few
+        # Every reader of a totals list reads only the entries its own rows need (its rows
+        # plus one), and an entry, once written, never changes: so a list may be shared by
+        # every matching whose entries agree with it, and extended past its end.
+        if totals[first + 1 : first + 1 + len(tail)] == tail:
+            # Extended this way already: the admission's check extends the matching by the
+            # new leases, then the fold extends the same base by the same leases.
+            out._totals[key] = totals
+        elif first == len(held) and len(totals) == first + 1:
             # Every newcomer ranks below every held row (the usual admission: the junior
-            # run): extend the base's list in place.  The base reads only its first
-            # ``len(held) + 1`` entries, which do not change; a second extension of the same
-            # base finds the list longer than that and copies instead.
-            totals.extend(more)
+            # run): extend the base's list in place.
+            totals.extend(tail)
             out._totals[key] = totals
         else:
-            out._totals[key] = [*totals[: first + 1], *more]
+            out._totals[key] = [*totals[: first + 1], *tail]
 
 
 def _layer_limit(base: FillResult) -> int:
