@@ -36,7 +36,7 @@ from gpu_fleet.core.model import Instant, Node
 from gpu_fleet.core.placement import plan_placement
 from gpu_fleet.core.timeutil import parse_instant
 from gpu_fleet.runtime.ledger_stream import LedgerStream, LedgerUnavailableError
-from gpu_fleet_manager import service, writer
+from gpu_fleet_manager import group, service, writer
 from gpu_fleet_manager.boundary import ApiError
 from gpu_fleet_manager.service import Manager, ManagerConfig
 
@@ -570,3 +570,35 @@ async def test_a_search_on_the_loop_is_the_managers_and_the_rest_goes_to_the_thr
     assert (after or 0) - (before or 0) == 1
     view = await manager.read(lambda _: manager.require_fleet().state.status["team/searched"])
     assert view.phase == "Running"
+
+
+@pytest.mark.timeout(60)  # a hang guard: landing A first would wait for a gate only B opens
+@pytest.mark.asyncio
+async def test_a_command_arriving_while_an_append_is_in_flight_is_decided_on_top_of_it(
+    stack: InProcessStack,
+) -> None:
+    """A's append is held and nothing else waits; B arrives: B is decided at once, on the
+    event loop, on top of A - not after A lands - and both land in order."""
+    manager = manager_of(stack)
+    gated = GatedAppends(stack, manager, None)
+    seen: dict[str, object] = {}
+
+    def a(now: Instant) -> None:
+        manager.require_fleet().register_node(node("a"), now)
+
+    def b(now: Instant) -> None:
+        seen["where"] = _where()
+        seen["a in flight"] = not gated.gate.is_set()
+        manager.require_fleet().register_node(node("b"), now)
+        gated.gate.set()
+
+    first = asyncio.create_task(manager.mutate(a))
+    while gated.appends == 0:  # A's append has reached the gate
+        await asyncio.sleep(0)
+    for _ in range(4 * group.APPEND_YIELDS):  # and the pipeline found nothing waiting
+        await asyncio.sleep(0)
+    await manager.mutate(b, small=True)
+    await first
+    assert seen == {"where": "loop", "a in flight": True}
+    assert (await registered(stack))[-2:] == ["a", "b"]
+    assert manager.require_fleet().state.history == await ledger_events(stack)
