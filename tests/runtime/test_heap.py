@@ -34,12 +34,24 @@ SCRIPT = textwrap.dedent(
     heap.settle()  # the third settle sweeps
     assert ref() is None, "the sweep did not reclaim the frozen cycle"
     assert gc.get_freeze_count() > 0, "the sweep did not freeze again"
+
+    heap.enable(sweep_every=1000)  # now by time: a minute since the last sweep
+    cycle = Node()
+    cycle.me = cycle
+    ref = weakref.ref(cycle)
+    heap.settle()
+    del cycle
+    heap.settle()
+    assert ref() is not None, "swept before its time"
+    heap._state["swept_at"] -= heap.SWEEP_SECONDS  # as if a minute had passed
+    heap.settle()
+    assert ref() is None, "no sweep a minute after the last one"
     print("ok")
     """
 )
 
 
-def test_settle_freezes_and_every_nth_settle_sweeps_frozen_cycles() -> None:
+def test_settle_freezes_and_a_sweep_every_nth_settle_or_minute_reclaims_frozen_cycles() -> None:
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120, check=False
     )

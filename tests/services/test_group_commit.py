@@ -602,3 +602,28 @@ async def test_a_command_arriving_while_an_append_is_in_flight_is_decided_on_top
     assert seen == {"where": "loop", "a in flight": True}
     assert (await registered(stack))[-2:] == ["a", "b"]
     assert manager.require_fleet().state.history == await ledger_events(stack)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_a_second_search_on_the_loop_sends_the_group_to_the_thread(
+    stack: InProcessStack,
+) -> None:
+    """One search may hold the event loop, not two (found by review: a small command's
+    reconcile could search once per run it admits): the second raises, and the group is
+    decided again in the thread - both runs admitted, the command answered once."""
+    manager = manager_of(stack)
+    manifests = parse_manifests(run_doc("one", 8) + "---\n" + run_doc("two", 8))
+
+    def b(now: Instant) -> None:
+        for m in manifests:
+            manager.require_fleet().apply(m, now)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(service, "plan_without_search", lambda *_: None)  # always a search
+        ran = await pipelined(stack, {"b": (True, b)})
+    assert ran == {"a": ["thread"], "b": ["loop", "thread"]}
+    status = await manager.read(lambda _: dict(manager.require_fleet().state.status))
+    assert status["team/one"].phase == status["team/two"].phase == "Running"
+    submitted = [e for e in await ledger_events(stack) if isinstance(e, RunSubmitted)]
+    assert [e.run.key for e in submitted][-2:] == ["team/one", "team/two"]

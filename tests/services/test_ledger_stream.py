@@ -16,8 +16,9 @@ from gpu_fleet.runtime.ledger_stream import (
     SUBJECT_PREFIX,
     LedgerConflictError,
     LedgerStream,
-    OneAtATime,
+    fetcher,
 )
+from gpu_fleet.runtime.ledger_verifier import OneAtATime
 
 pytestmark = pytest.mark.asyncio
 
@@ -127,7 +128,7 @@ async def test_every_read_of_a_signed_ledger_verifies_whole_batches(nats_server:
         assert sorted(follower.state.nodes) == ["n0", "n1", "n2", "n3", "n4", "n5"]
 
         # The notifier's consumer meets messages one by one and acknowledges each.
-        one = OneAtATime(js, keys.reader())
+        one = OneAtATime(keys.reader(), fetcher(js))
         sub = await js.pull_subscribe(f"{SUBJECT_PREFIX}.>", durable="verdicts")
         verdicts = {}
         for _ in range(9):

@@ -56,7 +56,7 @@ from gpu_fleet.messages import api
 from gpu_fleet.runtime import heap
 from gpu_fleet.runtime.ledger_stream import LedgerConflictError, LedgerEventTooLargeError
 from gpu_fleet_manager.boundary import REQUEST, ApiError, FieldRefusedError
-from gpu_fleet_manager.writer import APPEND_FAILURES, NeedsThreadError
+from gpu_fleet_manager.writer import APPEND_FAILURES, FLUSH_AT, NeedsThreadError
 
 if TYPE_CHECKING:
     from gpu_fleet_manager.service import Manager
@@ -428,8 +428,10 @@ def run_inline(
     fleet_commands: list[Command], clock: Callable[[], Instant], fleet: LedgerFleet
 ) -> bool | None:
     """Decide ``fleet_commands`` on the event loop, in order, while each is ``small``, no
-    placement needed a search and the loop has been held less than ``INLINE_BUDGET_S``;
-    ``run_group``'s answer, or None when the rest is the worker thread's."""
+    placement needed a search, the buffer is far from a flush and the loop has been held less
+    than ``INLINE_BUDGET_S``; ``run_group``'s answer, or None when the rest is the worker
+    thread's.  These are checked between commands; within one, a second search raises
+    ``NeedsThreadError`` (one search, up to its deterministic limit, may hold the loop)."""
     started = time.perf_counter()
     fleet.inline, fleet.searched = True, False
     try:
@@ -437,7 +439,8 @@ def run_inline(
             if command.outcome is not None:
                 continue
             held = time.perf_counter() - started
-            if not command.small or fleet.searched or held > INLINE_BUDGET_S:
+            full = fleet.pending >= FLUSH_AT // 2  # a flush would need the loop
+            if not command.small or fleet.searched or full or held > INLINE_BUDGET_S:
                 return None
             if not _decide(command, clock, fleet):
                 return False

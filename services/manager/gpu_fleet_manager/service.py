@@ -63,7 +63,7 @@ from gpu_fleet_manager.endpoints import Endpoints
 from gpu_fleet_manager.group import GroupCommitter
 from gpu_fleet_manager.quotas import PendingPerClient, client_of
 from gpu_fleet_manager.teams import TeamEndpoints, TeamHandler, team_of
-from gpu_fleet_manager.writer import LedgerFleet
+from gpu_fleet_manager.writer import LedgerFleet, NeedsThreadError
 
 log = structlog.get_logger("gpu_fleet.manager")
 SNAPSHOT_NAME = "manager"
@@ -299,9 +299,14 @@ class Manager(Actor):
         fleet = self.require_fleet()
         if fleet.inline:  # decided on the event loop, which cannot wait for the binder
             quick = plan_without_search(topology, request)
-            fleet.searched = quick is None  # the rest of the group: in the worker thread
-            self.observer.inc("gpu_fleet_manager_plans_total", "manager" if quick else "inline")
-            return quick if quick is not None else plan_placement(topology, request)
+            if quick is not None:
+                self.observer.inc("gpu_fleet_manager_plans_total", "manager")
+                return quick
+            if fleet.searched:  # one search per group may hold the loop, not more
+                raise NeedsThreadError("a second placement search on the event loop")
+            fleet.searched = True  # the rest of the group: in the worker thread
+            self.observer.inc("gpu_fleet_manager_plans_total", "inline")
+            return plan_placement(topology, request)
         # The binder plans on the ledger's state; while this group's earlier decisions that
         # took or freed slots are not appended yet, plan here on the state being decided (the
         # same planner: the plan the binder would make once it has folded them).

@@ -74,7 +74,14 @@ from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
 from gpu_fleet.runtime.ledger_keys import LedgerKeys
-from gpu_fleet.runtime.ledger_stream import STREAM, SUBJECT_PREFIX, LedgerStream, OneAtATime
+from gpu_fleet.runtime.ledger_stream import (
+    STREAM,
+    SUBJECT_PREFIX,
+    LedgerStream,
+    LedgerUnavailableError,
+    fetcher,
+)
+from gpu_fleet.runtime.ledger_verifier import OneAtATime
 from gpu_fleet.runtime.natsd_cluster import stream_replicas
 from gpu_fleet.runtime.observe import DEFAULT_MAX_LAG, Health, Observer, ledger_health
 from gpu_fleet.runtime.replies import ApiLimits
@@ -178,7 +185,7 @@ class Notifier(Actor):
         self.nc = await connect(self.config.nats_url, "gpu-fleet-notifier", on_closed=self.abort)
         self.js = self.nc.jetstream(timeout=self.config.publish_timeout)
         self.ledger = LedgerStream(self.nc, keys=self.config.ledger_keys)
-        self._verdicts = OneAtATime(self.js, self.config.ledger_keys)
+        self._verdicts = OneAtATime(self.config.ledger_keys, fetcher(self.js))
         await self.ledger.ensure()
         await self._ensure_notify_stream()
         await ensure_streams(self.js, self.config.delivery)
@@ -303,7 +310,10 @@ class Notifier(Actor):
         """The message's payload, or nothing (skipped like any undecodable message) when the
         ledger is signed and its batch does not verify (``runtime.ledger_verifier``)."""
         assert self._verdicts is not None
-        return msg.data if await self._verdicts.accepted(seq, msg) else b""
+        if await self._verdicts.accepted(seq, msg):
+            return msg.data
+        log.error("ledger.forged_event", seq=seq, subject=msg.subject[:100])
+        return b""
 
     def _decode(self, seq: int, data: bytes) -> Event | None:
         """The ledger event, or None for one this version does not know (logged, skipped)."""
@@ -403,7 +413,7 @@ class Notifier(Actor):
             if derived is None:
                 try:  # fetches the rest of the message's batch to verify it (signed ledger)
                     data = await self._verified(seq, msg)
-                except nats.errors.Error as exc:
+                except (nats.errors.Error, LedgerUnavailableError) as exc:
                     await self._retry_later(msg, exc, 0)
                     return
                 notes = self._derive(seq, data, at_head=meta.num_pending == 0)
@@ -432,7 +442,7 @@ class Notifier(Actor):
                 ms=round((time.perf_counter() - started) * 1000, 2),
             )
 
-    async def _retry_later(self, msg: Msg, exc: nats.errors.Error, notifications: int) -> None:
+    async def _retry_later(self, msg: Msg, exc: Exception, notifications: int) -> None:
         """NATS failed us mid-message (a server lost, a leader being elected): hand the message
         back for redelivery after a growing delay; nothing of it was acknowledged."""
         delay = self.config.error_delays[min(self._failures, len(self.config.error_delays) - 1)]

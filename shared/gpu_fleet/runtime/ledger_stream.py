@@ -27,7 +27,12 @@ from gpu_fleet.core.ledger import EVENT_DECODER, EVENT_ENCODER, Event
 from gpu_fleet.core.names import clamp
 from gpu_fleet.runtime.ledger_keys import BATCH_HEADER, LedgerKeys
 from gpu_fleet.runtime.ledger_keys import HEADER as SIGNATURE_HEADER
-from gpu_fleet.runtime.ledger_verifier import MAX_SPAN, BatchVerifier, InOrder
+from gpu_fleet.runtime.ledger_verifier import (
+    Fetch,
+    InOrder,
+    judged_beyond,
+    judged_in_order,
+)
 from gpu_fleet.runtime.natsd_cluster import stream_replicas
 
 log = structlog.get_logger("gpu_fleet.ledger")
@@ -80,36 +85,26 @@ def decode_event(seq: int, data: bytes) -> Event | None:
     return event
 
 
-class OneAtATime:
-    """Verdicts for a reader that handles one ledger message at a time and cannot hold it
-    until the rest of its batch has arrived (the notifier's durable consumer acknowledges each
-    message once handled).  The rest of the batch is fetched by sequence; their verdicts are
-    kept until they are delivered.  Always True on an unsigned ledger."""
+def fetcher(js: JetStreamContext, stream: str = STREAM, attempts: int = 6) -> Fetch:
+    """``Fetch`` over JetStream: one stored message by sequence (``None``: the stream has none
+    there), retried while the stream is briefly unavailable (a server lost, a leader being
+    elected) as an ordered consumer would wait; ``LedgerUnavailableError`` if it stays so."""
 
-    def __init__(self, js: JetStreamContext, keys: LedgerKeys | None, stream: str = STREAM) -> None:
-        self.js = js
-        self.stream = stream
-        self.verifier = BatchVerifier(keys) if keys is not None else None
+    async def fetch(seq: int) -> RawStreamMsg | None:
+        delay = 0.1
+        for attempt in range(attempts):
+            try:
+                return await js.get_msg(stream, seq)
+            except nats.js.errors.NotFoundError:
+                return None
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                if attempt == attempts - 1:
+                    raise LedgerUnavailableError(f"ledger read failed: {exc}") from exc
+                await asyncio.sleep(delay)
+                delay *= 2
+        return None
 
-    async def accepted(self, seq: int, msg: Msg) -> bool:
-        if self.verifier is None:
-            return True
-        verdict = self.verifier.pop(seq)
-        if verdict is None:
-            self.verifier.offer(seq, msg.subject, msg.data, msg.headers)
-            for other in self.verifier.missing(seq):
-                try:
-                    raw = await self.js.get_msg(self.stream, other)
-                except nats.js.errors.NotFoundError:
-                    continue
-                self.verifier.offer(other, raw.subject or "", raw.data or b"", raw.headers)
-            end = self.verifier.span_end(seq)
-            if end is not None:
-                self.verifier.settle(end)
-            verdict = bool(self.verifier.pop(seq))
-        if not verdict:
-            log.error("ledger.forged_event", seq=seq, subject=clamp(msg.subject, 100))
-        return verdict
+    return fetch
 
 
 def subject_for(event: Event) -> str:
@@ -131,6 +126,7 @@ class LedgerStream:
         self.js: JetStreamContext = nc.jetstream(timeout=timeout)
         self.stream = stream
         self.timeout = timeout
+        self.fetch = fetcher(self.js, stream)
 
     async def ensure(self) -> None:
         """Create the stream if missing (file storage, atomic batches allowed)."""
@@ -266,6 +262,13 @@ class LedgerStream:
                 try:
                     msg = await sub.next_msg(timeout=1.0)
                 except nats.errors.TimeoutError:
+                    if order is not None and order.waiting_for() is not None:
+                        # Idle with messages held: a batch that ends past the stream's last
+                        # message was never appended whole (a forger's claim).
+                        for seq, held, verified in _as_messages(
+                            order.impossible(await self.last_seq())
+                        ):
+                            yield _verdict(seq, held, verified)
                     await asyncio.sleep(0)
                     continue
                 for seq, held, verified in await self._judged(
@@ -292,51 +295,16 @@ class LedgerStream:
         on a signed one every message whose batch is now judged, in order (``InOrder``)."""
         if order is None:
             return [(seq, msg, True)]
-        judged = order.push(seq, msg.subject, msg.data, msg.headers, msg)
-        for before in order.missing():  # the read began inside a batch: fetch its start
-            raw = await self._fetch(before)
-            if raw is None:
-                judged += order.lost(before)
-                continue
-            judged += order.complete(before, raw.subject or "", raw.data or b"", raw.headers)
-        return _as_messages(judged)
-
-    async def _fetch(self, seq: int, attempts: int = 6) -> RawStreamMsg | None:
-        """One stored message by sequence (``None``: the stream has none there), retried while
-        the stream is briefly unavailable (a server lost, a leader being elected) as an
-        ordered consumer would wait; ``LedgerUnavailableError`` if it stays so."""
-        delay = 0.1
-        for attempt in range(attempts):
-            try:
-                return await self.js.get_msg(self.stream, seq)
-            except nats.js.errors.NotFoundError:
-                return None
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-                if attempt == attempts - 1:
-                    raise LedgerUnavailableError(f"ledger read failed: {exc}") from exc
-                await asyncio.sleep(delay)
-                delay *= 2
-        return None
+        return _as_messages(await judged_in_order(order, seq, msg, self.fetch))
 
     async def _beyond(self, order: InOrder, target: int) -> list[tuple[int, Msg, bool]]:
-        """A read that ends inside a batch: fetch the rest of it to judge what was read, then
-        refuse whatever is still undecided."""
-        judged: list[tuple[int, object, bool]] = []
-        after = target
-        while (last := order.waiting_for()) is not None and after < min(last, target + MAX_SPAN):
-            after += 1
-            raw = await self._fetch(after)
-            if raw is None:
-                break
-            judged += order.beyond(after, raw.subject or "", raw.data or b"", raw.headers)
-        judged += order.finish()
-        return _as_messages(judged)
+        return _as_messages(await judged_beyond(order, target, self.fetch))
 
 
 def _as_messages(judged: list[tuple[int, object, bool]]) -> list[tuple[int, Msg, bool]]:
     out = []
     for seq, msg, verified in judged:
-        assert isinstance(msg, Msg)
+        assert isinstance(msg, Msg)  # what the reads push (fetched messages are never handed out)
         if not verified:
             log.error("ledger.forged_event", seq=seq, subject=clamp(msg.subject, 100))
         out.append((seq, msg, verified))

@@ -28,8 +28,9 @@ order for the sequential readers (rebuilds and followers).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from gpu_fleet.runtime.ledger_keys import BATCH_HEADER, HEADER, LedgerKeys
 
@@ -38,6 +39,23 @@ MAX_SPAN = 10_000
 ``FLUSH_AT`` events plus one decision; JetStream caps atomic batches too)."""
 
 Span = tuple[int, int]
+
+
+class Stored(Protocol):
+    """A ledger message as a reader gets it (a delivered ``Msg``, a fetched ``RawStreamMsg``)."""
+
+    @property
+    def subject(self) -> str | None: ...
+
+    @property
+    def data(self) -> bytes | None: ...
+
+    @property
+    def headers(self) -> Mapping[str, str] | None: ...
+
+
+Fetch = Callable[[int], Awaitable[Stored | None]]
+"""The stored message at a sequence, ``None`` when the stream has none there."""
 
 
 def claimed_span(headers: Mapping[str, str] | None) -> Span | None:
@@ -66,13 +84,18 @@ class BatchVerifier:
         self.keys = keys
         self._held: dict[int, _Held] = {}
         self._verdicts: dict[int, bool] = {}
-        self._spans: dict[int, set[Span]] = {}  # last sequence -> spans waiting for it
+        self._members: dict[Span, int] = {}  # span -> its members held
 
     def offer(self, seq: int, subject: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         if seq in self._verdicts or seq in self._held:
             return
         span = claimed_span(headers)
         sig = (headers or {}).get(HEADER)
+        # A batch is stored contiguously: a held span with another message inside it is not
+        # a batch the manager appended, whatever comes later (a forger's far claim must not
+        # hold the messages behind it until its end arrives).
+        for other in [x for x in self._members if x[0] <= seq <= x[1] and x != span]:
+            self.refuse(other)
         if span is None:  # no batch: its own signature or nothing
             self._verdicts[seq] = self.keys.verify(seq, subject, data, headers)
             return
@@ -85,8 +108,9 @@ class BatchVerifier:
             self._verdicts[seq] = False
             return
         self._held[seq] = _Held(subject, data, span, sig)
-        self._spans.setdefault(last, set()).add(span)
-        self._judge(span)
+        self._members[span] = self._members.get(span, 0) + 1
+        if self._members[span] == last - first + 1:
+            self._judge(span)
 
     def verdict(self, seq: int) -> bool | None:
         """True (verified), False (refused) or None (its batch is not complete yet)."""
@@ -96,18 +120,28 @@ class BatchVerifier:
         """``verdict``, forgotten once decided (a long-lived reader keeps nothing)."""
         return self._verdicts.pop(seq, None)
 
+    def forget_below(self, seq: int) -> None:
+        """Drop the verdicts of sequences before ``seq`` (a reader that has passed them)."""
+        for s in [s for s in self._verdicts if s < seq]:
+            del self._verdicts[s]
+
+    def span_of(self, seq: int) -> Span | None:
+        """The batch ``seq`` waits for (``None``: not waiting)."""
+        held = self._held.get(seq)
+        return held.span if held is not None else None
+
     def span_end(self, seq: int) -> int | None:
         """The last sequence of the batch ``seq`` waits for (``None``: not waiting)."""
-        held = self._held.get(seq)
-        return held.span[1] if held is not None else None
+        span = self.span_of(seq)
+        return span[1] if span is not None else None
 
     def missing(self, seq: int) -> list[int]:
         """Sequences of the span ``seq`` claims that were never offered (a reader that started
         inside the batch fetches them, then offers them)."""
-        held = self._held.get(seq)
-        if held is None:
+        span = self.span_of(seq)
+        if span is None:
             return []
-        first, last = held.span
+        first, last = span
         return [
             s for s in range(first, last + 1) if s not in self._held and s not in self._verdicts
         ]
@@ -115,32 +149,34 @@ class BatchVerifier:
     def settle(self, through: int) -> None:
         """Refuse every message whose claimed span ends at or before ``through`` and is still
         not complete: a reader that has passed a span's end will never complete it."""
-        for last in [k for k in self._spans if k <= through]:
-            for span in sorted(self._spans.get(last, ())):
-                self._judge(span, final=True)
+        for span in sorted(x for x in self._members if x[1] <= through):
+            self.refuse(span)
 
-    def _judge(self, span: Span, *, final: bool = False) -> None:
+    def impossible(self, stored_last: int) -> None:
+        """Refuse every span that ends past the stream's last sequence: an atomic batch is
+        stored whole, so a reader holding one of its messages could fetch all of them."""
+        for span in sorted(x for x in self._members if x[1] > stored_last):
+            self.refuse(span)
+
+    def refuse(self, span: Span) -> None:
+        """Judge ``span`` now: whoever of it is held is refused (it cannot be complete)."""
+        if span in self._members:
+            self._judge(span, refused=True)
+
+    def _judge(self, span: Span, *, refused: bool = False) -> None:
         first, last = span
-        members = [self._held.get(s) for s in range(first, last + 1)]
-        complete = all(m is not None for m in members)
-        if not complete and not final:
-            return
         ok = False
-        if complete:
-            present = [m for m in members if m is not None]
-            ok = all(m.span == span for m in present) and self.keys.verify_batch(
-                first, [(m.subject, m.data) for m in present], present[-1].sig
+        if not refused:
+            members = [self._held[s] for s in range(first, last + 1)]
+            ok = self.keys.verify_batch(
+                first, [(m.subject, m.data) for m in members], members[-1].sig
             )
         for s in range(first, last + 1):
             held = self._held.get(s)
             if held is not None and held.span == span:
                 del self._held[s]
                 self._verdicts[s] = ok
-        waiting = self._spans.get(last)
-        if waiting is not None:
-            waiting.discard(span)
-            if not waiting:
-                del self._spans[last]
+        del self._members[span]
 
 
 class InOrder:
@@ -149,15 +185,18 @@ class InOrder:
     Feed every message of a sequential read (``push``); what comes back is in sequence order,
     each message once.  A read may begin inside a batch (a follower resuming after the event it
     folded last): ``missing`` names the batch's messages from before the read, which the reader
-    fetches and hands to ``complete`` - only for the first message, so a forged claim cannot
-    make a reader fetch what it already read.  ``finish`` refuses what is left when a read ends.
+    fetches in order and hands to ``complete`` - only for the first message, so a forged claim
+    cannot make a reader fetch what it already read, and a fetched first member that claims
+    another batch ends the fetching at once.  A read may end inside a batch: ``beyond`` takes
+    what the reader fetched after it.  A follower that goes idle with messages held asks the
+    stream for its last sequence (``impossible``).  ``finish`` refuses what is left.
     """
 
     def __init__(self, keys: LedgerKeys) -> None:
         self.verifier = BatchVerifier(keys)
         self._items: dict[int, object] = {}
         self._order: list[int] = []  # sequences pushed and not released, ascending
-        self._started = False
+        self._first: int | None = None  # the read's first sequence
         self._before: list[int] = []  # what the first message's batch needs from before the read
         self._fetched: list[int] = []
 
@@ -168,16 +207,21 @@ class InOrder:
         self.verifier.offer(seq, subject, data, headers)
         self._items[seq] = item
         bisect.insort(self._order, seq)
-        if not self._started:
-            self._started = True
+        if self._first is None:
+            self._first = seq
             self._before = [s for s in self.verifier.missing(seq) if s < seq]
-        if not self._before:
+        if not self.missing():
             self.verifier.settle(seq)
         return self._release()
 
     def missing(self) -> list[int]:
-        """The messages from before the read that its first message's batch needs: fetch each
-        and hand it to ``complete`` (or to ``lost`` if the stream no longer has it)."""
+        """The messages from before the read that its first message's batch still needs:
+        fetch each, in order, and hand it to ``complete`` (or to ``lost`` if the stream no
+        longer has it); empty once that batch is judged."""
+        if self._before and (self._first is None or self.verifier.span_of(self._first) is None):
+            self._before = []  # judged (a fetched member claimed another batch, say)
+            if self._order:
+                self.verifier.settle(self._order[-1])
         return list(self._before)
 
     def complete(
@@ -189,6 +233,15 @@ class InOrder:
         self._fetched.append(seq)
         return self.lost(seq)
 
+    def lost(self, seq: int) -> list[tuple[int, object, bool]]:
+        """A message the read needed from before it is gone (or fetched: ``complete``)."""
+        if seq in self._before:
+            self._before.remove(seq)
+            if not self._before and self._order:
+                self.verifier.settle(self._order[-1])
+        self.missing()
+        return self._release()
+
     def beyond(
         self, seq: int, subject: str, data: bytes, headers: Mapping[str, str] | None
     ) -> list[tuple[int, object, bool]]:
@@ -199,12 +252,10 @@ class InOrder:
         self.verifier.settle(seq)
         return self._release()
 
-    def lost(self, seq: int) -> list[tuple[int, object, bool]]:
-        """A message the read needed from before it is gone (or fetched: ``complete``)."""
-        if seq in self._before:
-            self._before.remove(seq)
-            if not self._before and self._order:
-                self.verifier.settle(self._order[-1])
+    def impossible(self, stored_last: int) -> list[tuple[int, object, bool]]:
+        """The stream ends at ``stored_last``: a batch claimed to end after it was never
+        appended whole (``BatchVerifier.impossible``)."""
+        self.verifier.impossible(stored_last)
         return self._release()
 
     def waiting_for(self) -> int | None:
@@ -230,3 +281,94 @@ class InOrder:
         if self._fetched:
             self._fetched = [s for s in self._fetched if self.verifier.pop(s) is None]
         return out
+
+
+# -- the readers' side of fetching ------------------------------------------------------------
+def _parts(msg: Stored) -> tuple[str, bytes, Mapping[str, str] | None]:
+    return msg.subject or "", msg.data or b"", msg.headers
+
+
+async def judged_in_order(
+    order: InOrder, seq: int, msg: Stored, fetch: Fetch
+) -> list[tuple[int, object, bool]]:
+    """Push one message of a sequential read; fetch what its batch needs from before the read
+    (only for the read's first message).  What is decided now, in order (``InOrder``)."""
+    judged = order.push(seq, *_parts(msg), msg)
+    for before in order.missing():
+        if before not in order.missing():
+            continue  # judged meanwhile (a fetched member claimed another batch)
+        raw = await fetch(before)
+        judged += order.lost(before) if raw is None else order.complete(before, *_parts(raw))
+    return judged
+
+
+async def judged_beyond(
+    order: InOrder, target: int, fetch: Fetch
+) -> list[tuple[int, object, bool]]:
+    """A read that ended at ``target``, inside a batch: fetch after it, in order, what that
+    batch needs, then refuse whatever is still undecided (``InOrder.finish``)."""
+    judged: list[tuple[int, object, bool]] = []
+    after = target
+    while (last := order.waiting_for()) is not None and after < min(last, target + MAX_SPAN):
+        after += 1
+        raw = await fetch(after)
+        if raw is None:  # the stream ends here: no batch that ends later was appended
+            judged += order.impossible(after - 1)
+            break
+        judged += order.beyond(after, *_parts(raw))
+    return judged + order.finish()
+
+
+class OneAtATime:
+    """Verdicts for a reader that handles one ledger message at a time and cannot hold it
+    until the rest of its batch has arrived (the notifier's durable consumer acknowledges each
+    message once handled).  Always True without keys (an unsigned ledger).
+
+    When a message's batch is not complete, the rest of it is fetched by sequence - its
+    claimed last message first (a batch is stored whole, so a claimed end the stream does not
+    have is a forgery, refused after one fetch), then the others in order, stopping as soon as
+    the message is judged - and the verdicts of the others are kept until they are delivered.
+    Members before the message are fetched only for the first message this reader meets (it
+    may start inside a batch); later, a batch's earlier members were delivered, and the whole
+    batch judged, before it.  Verdicts of sequences this reader has passed are dropped.
+    """
+
+    def __init__(self, keys: LedgerKeys | None, fetch: Fetch) -> None:
+        self.verifier = BatchVerifier(keys) if keys is not None else None
+        self.fetch = fetch
+        self._floor: int | None = None
+
+    async def accepted(self, seq: int, msg: Stored) -> bool:
+        verifier = self.verifier
+        if verifier is None:
+            return True
+        if self._floor is None:
+            self._floor = seq
+        verdict = verifier.pop(seq)
+        if verdict is None:
+            verifier.offer(seq, *_parts(msg))
+            span = verifier.span_of(seq)
+            if span is not None:
+                await self._complete(seq, span)
+            verdict = bool(verifier.pop(seq))
+        verifier.forget_below(seq)
+        return verdict
+
+    async def _complete(self, seq: int, span: Span) -> None:
+        verifier = self.verifier
+        assert verifier is not None
+        first, last = span
+        if first < seq and seq != self._floor:
+            verifier.refuse(span)  # its earlier members came first and were judged with it
+            return
+        wanted = sorted(verifier.missing(seq), key=lambda s: (s != last, s))
+        for other in wanted:
+            if verifier.span_of(seq) is None:
+                break  # judged
+            raw = await self.fetch(other)
+            if raw is None:
+                verifier.refuse(span)
+                break
+            verifier.offer(other, *_parts(raw))
+        if verifier.span_of(seq) == span:
+            verifier.refuse(span)  # not complete with everything the stream has: no batch
