@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import nats
 import pytest
+from tests.services._stack import wait_until
 
 from gpu_fleet.core.ledger import NodeRegistered
 from gpu_fleet.core.model import Node
@@ -149,4 +152,32 @@ async def test_every_read_of_a_signed_ledger_verifies_whole_batches(nats_server:
             9: True,
         }
     finally:
+        await nc.close()
+
+
+async def test_a_follower_is_not_held_back_by_a_forged_far_claim(nats_server: Any) -> None:
+    """A forger's message claims a batch ending far ahead: the follower folds the genuine
+    batch after it at once (a message inside the claim shows it is no batch), and passes a
+    forged claim that ends the stream once it goes idle (found by review: the follower held
+    everything behind such a claim until its end arrived)."""
+    nc = await nats.connect(nats_server.url)
+    follower_task = None
+    try:
+        ledger, keys = await _signed(nc)
+        js = nc.jetstream()
+        far = {BATCH_HEADER: "6 5000"}
+        await js.publish(f"{SUBJECT_PREFIX}.NodeRegistered", b'{"type":"x"}', headers=far)
+        await ledger.append([node(5), node(6)], 6)
+        follower = LedgerFollower(LedgerStream(nc, keys=keys.reader()))
+        follower_task = asyncio.create_task(follower.follow())
+        await wait_until(lambda: follower.seq == 8, "the genuine batch after the claim folded")
+        assert "n6" in follower.state.nodes
+        await js.publish(f"{SUBJECT_PREFIX}.NodeRegistered", b'{"type":"x"}', headers=far)
+        await wait_until(lambda: follower.seq == 9, "the follower past the claim when idle")
+        assert sorted(follower.state.nodes) == [f"n{i}" for i in range(7)]
+    finally:
+        if follower_task is not None:
+            follower_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower_task
         await nc.close()

@@ -34,9 +34,10 @@ group goes to the thread.  Why: the decision and the loop's own work (reading re
 replies and appends) cannot run at once anyway - one interpreter lock - and handing that lock
 back and forth cost each side up to a switch interval (5 ms) per system call: at 10k nodes,
 the same admissions took 15 % more time that way (issue 11).  A decision on the loop may not
-wait for the loop: it plans placements itself instead of asking the binder, and one that would
-have to wait (a buffer outgrowing ``FLUSH_AT``) raises ``NeedsThreadError``; the group is then
-decided again in the thread on the ledger's state, as after a command that broke the state.
+wait for the loop: it plans placements itself instead of asking the binder (one CP-SAT search
+per group, then the rest goes to the thread), and one that would have to wait (a second search,
+a buffer outgrowing ``FLUSH_AT``) raises ``NeedsThreadError``; the group is then decided again
+in the thread on the ledger's state, as after a command that broke the state.
 """
 
 from __future__ import annotations
@@ -419,6 +420,8 @@ def run_group(
     Commands decided already (on the event loop, ``run_inline``) are skipped.
     """
     for command in fleet_commands:
+        # A command with an outcome broke the state in an earlier pass of this group (it is
+        # not decided again), or was decided on the loop already.
         if command.outcome is None and not _decide(command, clock, fleet):
             return False
     return True
@@ -451,8 +454,6 @@ def run_inline(
 
 def _decide(command: Command, clock: Callable[[], Instant], fleet: LedgerFleet) -> bool:
     """Decide one command and record its outcome; False if it broke the local state."""
-    if command.outcome is not None:
-        return True  # broke the state in an earlier pass of this group: not decided again
     try:
         command.outcome = (True, command.fn(clock()))
     except APPEND_FAILURES:

@@ -265,10 +265,13 @@ class LedgerStream:
                     if order is not None and order.waiting_for() is not None:
                         # Idle with messages held: a batch that ends past the stream's last
                         # message was never appended whole (a forger's claim).
-                        for seq, held, verified in _as_messages(
-                            order.impossible(await self.last_seq())
-                        ):
-                            yield _verdict(seq, held, verified)
+                        try:
+                            stored_last = await self.last_seq()
+                        except (nats.errors.Error, nats.js.errors.Error):
+                            stored_last = None  # asked again at the next idle second
+                        if stored_last is not None:
+                            for seq, held, verified in _as_messages(order.impossible(stored_last)):
+                                yield _verdict(seq, held, verified)
                     await asyncio.sleep(0)
                     continue
                 for seq, held, verified in await self._judged(
