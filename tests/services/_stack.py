@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import nats
 from nats.aio.client import Client
 
-from gpu_fleet.cli.stack import call
+from gpu_fleet.cli.stack import READINESS_PROBE, call, wait_until_answers
 from gpu_fleet.core.timeutil import parse_instant
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.client_auth import ClientAuth
@@ -135,8 +135,14 @@ class Stack:
         self.nc = await nats.connect(self.url, **ClientAuth.from_env().connect_options())
 
     async def add(self, actor: Actor) -> Actor:
+        """Start ``actor``; once the client is connected, wait until its service answers (a
+        restarted service's subscriptions can be unseen by another connection for a moment:
+        ``wait_until_answers``)."""
         self.actors.append(actor)
         await actor.start()
+        probe = READINESS_PROBE.get(actor.name)
+        if self.nc is not None and probe is not None:
+            await wait_until_answers(self.nc, probe)
         return actor
 
     async def remove(self, actor: Actor) -> None:

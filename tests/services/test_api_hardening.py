@@ -17,7 +17,13 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from gpu_fleet.cli.stack import ApiCallError, InProcessStack, call
+from gpu_fleet.cli.stack import (
+    READINESS_PROBE,
+    ApiCallError,
+    InProcessStack,
+    call,
+    wait_until_answers,
+)
 from gpu_fleet.core.ledger import FleetState, NodeRegistered, check_invariants, fold
 from gpu_fleet.core.model import Node
 from gpu_fleet.core.timeutil import parse_instant
@@ -100,6 +106,9 @@ async def replace_manager(stack: InProcessStack, limits: ApiLimits) -> Manager:
     )
     await manager.start()
     stack.actors["manager"] = manager
+    # Its subscriptions can be unseen by another connection for a moment (found flaky under
+    # load: "no responders" on the first request; ``wait_until_answers``).
+    await wait_until_answers(client(stack), READINESS_PROBE["manager"])
     return manager
 
 

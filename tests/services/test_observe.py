@@ -193,11 +193,14 @@ async def test_a_submission_shows_in_every_services_metrics(stack: ObservedStack
     assert value(b, "gpu_fleet_ledger_lag_events") == 0
 
     async def notified() -> Samples | None:
+        # Both decisions' notifications: the notifier handles the second batch after the first
+        # (found flaky: waiting for run-admitted alone raced the run-reserved of the next one).
         n = await scrape(stack.ports["notifier"])
         done = value(n, "gpu_fleet_notifications_total", event="run-admitted", outcome="stored")
-        return n if done == 1 else None
+        waits = value(n, "gpu_fleet_notifications_total", event="run-reserved", outcome="stored")
+        return n if (done, waits) == (1, 1) else None
 
-    n = await wait_until(notified, "the notifier stored run-admitted")
+    n = await wait_until(notified, "the notifier stored run-admitted and run-reserved")
     assert value(n, "gpu_fleet_notifications_total", event="lease-started", outcome="stored") == 1
     assert value(n, "gpu_fleet_notifications_total", event="run-reserved", outcome="stored") == 1
 
