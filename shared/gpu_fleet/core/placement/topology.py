@@ -159,7 +159,17 @@ class Topology:
         other._domain_free = domain_free
         # SPEC order (free GPUs descending, key ascending): the other domains keep their places
         # relative to each other, so only those whose free count moved are placed again.
-        order = [k for k in self._order if k not in moved] if moved else list(self._order)
+        # Taken out where they stood (found by their old counts: a C-level copy and a binary
+        # search each, not a pass over every domain), then put back by their new counts.
+        order = list(self._order)
+        before = self._domain_free
+
+        def rank(d: str) -> tuple[int, str]:
+            return -before[d], d
+
+        places = [bisect.bisect_left(order, rank(k), key=rank) for k in moved]
+        for i in sorted(places, reverse=True):
+            del order[i]
         for key in sorted(moved):
             bisect.insort(order, key, key=lambda k: (-domain_free[k], k))
         other._order = order
