@@ -68,7 +68,7 @@ from gpu_fleet.core.ledger import (
     fold,
 )
 from gpu_fleet.core.model import Instant, NotificationChannel, run_key
-from gpu_fleet.core.names import dns_label_problem, dns_subdomain_problem
+from gpu_fleet.core.names import clamp, dns_label_problem, dns_subdomain_problem
 from gpu_fleet.messages import notify, subjects
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, WallClock
@@ -312,7 +312,7 @@ class Notifier(Actor):
         assert self._verdicts is not None
         if await self._verdicts.accepted(seq, msg):
             return msg.data
-        log.error("ledger.forged_event", seq=seq, subject=msg.subject[:100])
+        log.error("ledger.forged_event", seq=seq, subject=clamp(msg.subject, 100))
         return b""
 
     def _decode(self, seq: int, data: bytes) -> Event | None:
