@@ -10,6 +10,7 @@ generated event sequences (admit, close, window open/close, budget change, hours
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
 from gpu_fleet.core.funding.matching import senior_width
 from gpu_fleet.core.ledger import Event, FleetState, fold
 from gpu_fleet.core.ledger.reservation_line import SliceEntry
-from gpu_fleet.core.model import Budget, EnvelopeKey, Lease, Payer, Run
+from gpu_fleet.core.model import Budget, EnvelopeKey, Instant, Lease, Payer, Run
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ENGINE = settings(
@@ -312,20 +313,32 @@ def test_extension_totals_when_newcomers_straddle_a_held_row() -> None:
         assert ext.width_up_to(key, row.rank) == senior_width(rows, row.rank)
 
 
+def totals_world(
+    names: Sequence[str], held: Sequence[tuple[str, int, int]]
+) -> tuple[World, list[Run], dict[str, Run], dict[str, Instant], FillResult, EnvelopeKey]:
+    """One 32-GPU envelope shared by runs admitted a minute apart in ``names`` order; the first
+    run holds ``held`` (lease id, width, first ordinal).  Returns the world, the runs (a list
+    and by key), their admission instants, the base matching with its running totals built
+    (what an extension hands on) and the envelope's key."""
+    budgets = [budget("p", "org:p", [env("e", 32, selector={"region": "*"})])]
+    runs_ = [run("p", name, 8) for name in names]
+    runs = {r.key: r for r in runs_}
+    admitted = {r.key: T0 + i * MINUTE for i, r in enumerate(runs_)}
+    leases = [lease(lid, runs_[0].key, width, first=first) for lid, width, first in held]
+    world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
+    base = world.fill()
+    key = base.payer[leases[0].id]
+    assert key is not None
+    base.width_up_to(key, base.accepted[key][-1].rank)
+    return world, runs_, runs, admitted, base, key
+
+
 def test_sibling_extensions_of_one_matching_keep_their_own_totals() -> None:
     """An extension by junior newcomers extends its base's running totals in place (the base
     reads only its own prefix); a second extension of the same base - a decision checked and
     then not taken, and another one - must not build on the first one's entries."""
-    budgets = [budget("p", "org:p", [env("e", 32, selector={"region": "*"})])]
-    runs_ = [run("p", name, 8) for name in ("old", "one", "two")]
-    runs = {r.key: r for r in runs_}
-    admitted = {r.key: T0 + i * MINUTE for i, r in enumerate(runs_)}
-    held = [lease("a", runs_[0].key, 4)]
-    world = World(budgets, runs.values(), held, nodes=NODES, admitted=admitted)
-    base = world.fill()
-    key = base.payer["a"]
-    assert key is not None
-    base.width_up_to(key, base.accepted[key][-1].rank)  # totals to hand on
+    world, runs_, runs, admitted, base, key = totals_world(("old", "one", "two"), [("a", 4, 0)])
+    held = world.leases
     one = [lease("b", runs_[1].key, 2, first=4)]
     two = [lease("c", runs_[2].key, 6, first=4, node_name="n2")]
     ext_one = extend_fill(world.index, base, one, runs, admitted, world.node_labels, T0)
@@ -344,16 +357,9 @@ def test_the_same_extension_twice_shares_its_totals_instead_of_copying_them() ->
     same base by the same leases: the second extension finds the entries it needs already
     written and shares the list (it used to copy every held row's total, 7.6 % of the
     manager's time at 10k nodes); both still read the right totals."""
-    budgets = [budget("p", "org:p", [env("e", 32, selector={"region": "*"})])]
-    runs_ = [run("p", name, 8) for name in ("old", "new")]
-    runs = {r.key: r for r in runs_}
-    admitted = {r.key: T0 + i * MINUTE for i, r in enumerate(runs_)}
-    held = [lease("a", runs_[0].key, 4), lease("a2", runs_[0].key, 2, first=4)]
-    world = World(budgets, runs.values(), held, nodes=NODES, admitted=admitted)
-    base = world.fill()
-    key = base.payer["a"]
-    assert key is not None
-    base.width_up_to(key, base.accepted[key][-1].rank)  # totals to hand on
+    held_spec = [("a", 4, 0), ("a2", 2, 4)]
+    world, runs_, runs, admitted, base, key = totals_world(("old", "new"), held_spec)
+    held = world.leases
     new = [lease("b", runs_[1].key, 8, first=8)]
     checked = extend_fill(world.index, base, new, runs, admitted, world.node_labels, T0)
     folded = extend_fill(world.index, base, new, runs, admitted, world.node_labels, T0)

@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
     del cycle
     heap.settle()
     assert ref() is not None, "swept before its time"
-    heap._state["swept_at"] -= heap.SWEEP_SECONDS  # as if a minute had passed
+    heap._policy.swept_at -= heap.SWEEP_SECONDS  # as if a minute had passed
     heap.settle()
     assert ref() is None, "no sweep a minute after the last one"
     print("ok")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -38,38 +39,44 @@ SETTLE_EVERY = 256
 SWEEP_SECONDS = 60.0
 """The longest a frozen cycle waits for a sweep (while settles come)."""
 
-_state: dict[str, float] = {"enabled": 0, "settles": 0, "sweep_every": 4096, "swept_at": 0.0}
+
+@dataclass
+class _Policy:
+    enabled: bool = False
+    settles: int = 0
+    sweep_every: int = 4096
+    swept_at: float = 0.0  # time.monotonic() of the last sweep
+
+
+_policy = _Policy()
 
 
 def enable(sweep_every: int = 4096) -> None:
     """Adopt the policy in this process (a service's entry point)."""
-    _state.update(enabled=1, settles=0, sweep_every=max(1, sweep_every), swept_at=time.monotonic())
-
-
-def enabled() -> bool:
-    return bool(_state["enabled"])
+    _policy.enabled, _policy.settles = True, 0
+    _policy.sweep_every, _policy.swept_at = max(1, sweep_every), time.monotonic()
 
 
 def settle() -> None:
     """What is alive now is long-lived state: the collector need not walk it again."""
-    if not _state["enabled"]:
+    if not _policy.enabled:
         return
     gc.freeze()
-    _state["settles"] += 1
-    due = time.monotonic() - _state["swept_at"] >= SWEEP_SECONDS
-    if due or _state["settles"] % _state["sweep_every"] == 0:
+    _policy.settles += 1
+    due = time.monotonic() - _policy.swept_at >= SWEEP_SECONDS
+    if due or _policy.settles % _policy.sweep_every == 0:
         sweep()
 
 
 def sweep() -> int:
     """A full collection over everything, frozen or not, then freeze again; returns how many
     unreachable objects it found (logged when any: a cycle the state should not have)."""
-    if not _state["enabled"]:
+    if not _policy.enabled:
         return 0
     gc.unfreeze()
     found = gc.collect()
     gc.freeze()
-    _state["swept_at"] = time.monotonic()
+    _policy.swept_at = time.monotonic()
     if found:
         log.info("heap.swept", unreachable=found, frozen=gc.get_freeze_count())
     return found

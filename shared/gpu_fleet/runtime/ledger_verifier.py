@@ -112,12 +112,9 @@ class BatchVerifier:
         if self._members[span] == last - first + 1:
             self._judge(span)
 
-    def verdict(self, seq: int) -> bool | None:
-        """True (verified), False (refused) or None (its batch is not complete yet)."""
-        return self._verdicts.get(seq)
-
     def pop(self, seq: int) -> bool | None:
-        """``verdict``, forgotten once decided (a long-lived reader keeps nothing)."""
+        """True (verified), False (refused) or None (its batch is not complete yet); a decided
+        verdict is forgotten once taken (a long-lived reader keeps nothing)."""
         return self._verdicts.pop(seq, None)
 
     def forget_below(self, seq: int) -> None:
