@@ -36,9 +36,11 @@ class Rejection(NamedTuple):
         return self.template.format(*self.args)
 
 
-@dataclass(frozen=True)
-class Accepted:
-    """One funded claim as an envelope sees it (for admission-side availability)."""
+class Accepted(NamedTuple):
+    """One funded claim as an envelope sees it (for admission-side availability).
+
+    A named tuple, not a frozen dataclass: a matching at 100k open leases makes one per funded
+    lease, and a frozen dataclass sets each field through ``object.__setattr__`` (issue 11)."""
 
     rank: tuple[object, ...]
     width: int
