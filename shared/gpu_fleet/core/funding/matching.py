@@ -529,6 +529,15 @@ _CAP_HOURS = "aggregate cap {} GPU-hours exhausted"
 _HOURS = "GPU-hours exhausted ({:.2f} left)"
 
 
+_Limits = tuple[
+    list[tuple[str, int | None, float | None, Rejection, Rejection]],
+    tuple[float, Rejection] | None,
+]
+"""An envelope's limits past its own concurrency, looked up once per matching: per aggregate cap
+(id, concurrency, GPU-hours left, and its two rejections), then the envelope's own GPU-hours
+left and their rejection."""
+
+
 class _Decider:
     """One acceptor group's greedy fill in rank order, with skip semantics, on top of the
     counters it holds.
@@ -552,6 +561,7 @@ class _Decider:
         self._borrowed_by_run = borrowed_by_run
         self._full: dict[EnvelopeKey, Rejection] = {}
         self._fixed: dict[tuple[EnvelopeKey, str, object], Rejection] = {}
+        self._limits: dict[EnvelopeKey, _Limits] = {}
 
     def full_rejection(self, env: EnvelopeInfo, used: int) -> Rejection:
         """The rejection for ``env`` full with ``used`` funded ahead (kept for the next)."""
@@ -574,6 +584,58 @@ class _Decider:
             hit = self._fixed[k] = Rejection(key, template, args)
         return hit
 
+    def _limited(
+        self, c: _Claim, env: EnvelopeInfo, u: int, w: int, cap_used: dict[str, int]
+    ) -> Rejection | None:
+        """The aggregate caps' and GPU-hours' checks for ``c`` on ``env`` (``u`` funded
+        there), in their order; ``None`` if it passes."""
+        limits = self._limits.get(env.key)
+        if limits is None:
+            limits = self._limits[env.key] = self._limits_of(env)
+        caps, env_hours = limits
+        already: bool | None = None
+        period = self._hours.period_hours
+        for cap_id, most, hours, full, spent in caps:
+            above = cap_used[cap_id]
+            if most is not None and above + w > most:
+                return full
+            if hours is not None:
+                if already is None:
+                    already = (c.lease.id, env.key) in self._hours.previously_funded
+                if not _hours_ok(hours, period, above, w, already):
+                    return spent
+        if env_hours is not None:
+            remaining, spent = env_hours
+            if already is None:
+                already = (c.lease.id, env.key) in self._hours.previously_funded
+            if not _hours_ok(remaining, period, u, w, already):
+                return spent
+        return None
+
+    def _limits_of(self, env: EnvelopeInfo) -> _Limits:
+        hours = self._hours
+        key = env.key
+        caps = []
+        for cap_id in env.caps:
+            cap = self._index.caps[cap_id]
+            remaining = (
+                None if cap.gpu_hours is None else hours.remaining_cap.get(cap_id, cap.gpu_hours)
+            )
+            caps.append(
+                (
+                    cap_id,
+                    cap.max_concurrency,
+                    remaining,
+                    Rejection(key, _CAP_FULL, (cap.name, cap.max_concurrency)),
+                    Rejection(key, _CAP_HOURS, (cap.name,)),
+                )
+            )
+        env_hours = None
+        if env.gpu_hours is not None:
+            remaining_here = hours.remaining_envelope.get(key, env.gpu_hours)
+            env_hours = (remaining_here, Rejection(key, _HOURS, (remaining_here,)))
+        return caps, env_hours
+
     def __call__(
         self,
         acceptor: int,
@@ -584,13 +646,9 @@ class _Decider:
     ) -> list[_Entry]:
         n = self._n
         sponsor_from = SPONSOR * n
-        hours = self._hours
         borrowed_by_run = self._borrowed_by_run
         full = self._full
         used, lent, cap_used = st.used, st.lent, st.cap_used
-        period = hours.period_hours
-        funded_before = hours.previously_funded
-        caps = self._index.caps
         accepted: list[_Entry] = []
         turned_away = False
         for entry in ranked:
@@ -617,28 +675,7 @@ class _Decider:
             ):
                 rejection = self._same(key, _BORROW_LIMIT, c.borrow_cap)
             elif env.caps or env.gpu_hours is not None:
-                already = (c.lease.id, key) in funded_before
-                for cap_id in env.caps:
-                    cap = caps[cap_id]
-                    if (
-                        cap.max_concurrency is not None
-                        and cap_used[cap_id] + w > cap.max_concurrency
-                    ):
-                        rejection = self._same(key, _CAP_FULL, cap.name, cap.max_concurrency)
-                        break
-                    if cap.gpu_hours is not None and not _hours_ok(
-                        hours.remaining_cap.get(cap_id, cap.gpu_hours),
-                        period,
-                        cap_used[cap_id],
-                        w,
-                        already,
-                    ):
-                        rejection = self._same(key, _CAP_HOURS, cap.name)
-                        break
-                if rejection is None and env.gpu_hours is not None:
-                    remaining = hours.remaining_envelope.get(key, env.gpu_hours)
-                    if not _hours_ok(remaining, period, u, w, already):
-                        rejection = self._same(key, _HOURS, remaining)
+                rejection = self._limited(c, env, u, w, cap_used)
             if rejection is not None:
                 c.rejections.append(rejection)
                 pending.append(c)

@@ -2,42 +2,124 @@
 cousins - same location first within each tier - then the sponsors its run opted into.
 
 Shared by the matching (every open lease is a claim) and cover (a prospective claim); cached per
-(owner, flavor, sponsors, location) because a fleet's leases take few distinct combinations.
+(owner, flavor, sponsors) and location because a fleet's leases take few distinct combinations.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo
 from gpu_fleet.core.funding.family import Tier
 from gpu_fleet.core.model import EnvelopeKey, Run
 
+_LocationKey = tuple[str | None, ...] | None
+"""A location as far as some envelopes' selectors tell locations apart (``None``: unknown)."""
+
+
+def _selector_keys(envelopes: Sequence[EnvelopeInfo]) -> tuple[str, ...]:
+    """The location labels any of ``envelopes`` tests (a ``*`` value tests nothing)."""
+    return tuple(sorted({k for e in envelopes for k, v in e.selector.items() if v != "*"}))
+
+
+def _location_key(location: Mapping[str, str] | None, keys: tuple[str, ...]) -> _LocationKey:
+    return None if location is None else tuple([location.get(k) for k in keys])
+
+
+@dataclass(slots=True)
+class _Group:
+    """One proximity group (a family tier, or one sponsor): its usable envelopes in order, and
+    its same-location-first split per location, computed once per location the group's
+    selectors tell apart."""
+
+    envelopes: list[EnvelopeInfo]
+    keys: tuple[str, ...]
+    split: dict[_LocationKey, list[EnvelopeKey]] = field(default_factory=dict)
+
+    def near_then_far(self, location: Mapping[str, str] | None) -> list[EnvelopeKey]:
+        loc_key = _location_key(location, self.keys)
+        hit = self.split.get(loc_key)
+        if hit is None:
+            hit = self.split[loc_key] = [e.key for e in _near_then_far([self.envelopes], location)]
+        return hit
+
+
+@dataclass(slots=True)
+class _Lists:
+    """One owner's proposal groups for a flavor and sponsor list, and the whole list per
+    location as far as the groups' selectors tell locations apart."""
+
+    groups: list[_Group]
+    keys: tuple[str, ...]
+    by_location: dict[_LocationKey, list[EnvelopeKey]] = field(default_factory=dict)
+
 
 class Proposer:
-    """Builds each claim's ordered list of envelopes; cached per (run, location)."""
+    """Builds each claim's ordered list of envelopes.
+
+    Cached in layers because a fleet's leases take few distinct combinations, and at 100k open
+    leases building the lists was a tenth of a funding evaluation (issue 11): each family tier
+    group per (owner, flavor) and each sponsor group per (sponsor, flavor, owner), each split by
+    location once per location its selectors tell apart; then each whole list per (owner,
+    flavor, sponsors) and location.
+    """
 
     def __init__(self, index: EnvelopeIndex, t: float) -> None:
         self.index = index
         self.t = t
-        self._cache: dict[tuple[object, ...], list[EnvelopeKey]] = {}
+        self._lists: dict[tuple[str, str, tuple[str, ...]], _Lists] = {}
+        self._family: dict[tuple[str, str], list[_Group]] = {}
+        self._sponsor: dict[tuple[str, str, str], _Group] = {}
         self._owners: dict[str, list[str]] = {}
         self._tiers: dict[tuple[str, str], list[tuple[Tier, list[str]]]] = {}
-        self._sel_keys = tuple(sorted({k for e in index.envelopes.values() for k in e.selector}))
 
     def envelopes_for(
         self, run: Run, owner: str, location: Mapping[str, str] | None
     ) -> list[EnvelopeKey]:
-        loc_key = None if location is None else tuple(location.get(k) for k in self._sel_keys)
+        """``ordered`` for funding at ``t`` (not admitting), as keys; the same list object for
+        every claim that shares it."""
         funding = run.spec.funding
         sponsors = funding.sponsors if funding is not None and funding.allow_borrow else ()
-        cache_key = (owner, run.flavor, sponsors, loc_key)
-        hit = self._cache.get(cache_key)
-        if hit is not None:
-            return hit
-        out = [e.key for e in self.ordered(run, owner, location, self.t, admitting=False)]
-        self._cache[cache_key] = out
+        flavor = run.flavor
+        lists_key = (owner, flavor, sponsors)
+        lists = self._lists.get(lists_key)
+        if lists is None:
+            groups = self._funding_groups(flavor, owner, sponsors)
+            keys = _selector_keys([e for g in groups for e in g.envelopes])
+            lists = self._lists[lists_key] = _Lists(groups, keys)
+        loc_key = _location_key(location, lists.keys)
+        hit = lists.by_location.get(loc_key)
+        if hit is None:
+            hit = lists.by_location[loc_key] = [
+                key for g in lists.groups for key in g.near_then_far(location)
+            ]
+        return hit
+
+    def _funding_groups(self, flavor: str, owner: str, sponsors: Sequence[str]) -> list[_Group]:
+        """``_groups`` for funding at ``t``, assembled from the cached family and sponsor
+        groups."""
+        if not owner:
+            return []
+        t = self.t
+        family = self._family.get((flavor, owner))
+        if family is None:
+            family = self._family[(flavor, owner)] = [
+                _Group(g, _selector_keys(g))
+                for g in self._groups(flavor, owner, (), lambda e: e.active_at(t))
+            ]
+        out = list(family)
+        seen: set[str] = set()
+        for sponsor in sponsors:
+            if sponsor in seen or self.index.family.tier(sponsor, owner) is not Tier.NONE:
+                continue
+            seen.add(sponsor)
+            group = self._sponsor.get((sponsor, flavor, owner))
+            if group is None:
+                envs = self._sponsor_envelopes(sponsor, flavor, owner, lambda e: e.active_at(t))
+                group = self._sponsor[(sponsor, flavor, owner)] = _Group(envs, _selector_keys(envs))
+            out.append(group)
         return out
 
     def _family_tiers(self, flavor: str, owner: str) -> list[tuple[Tier, list[str]]]:
@@ -58,6 +140,40 @@ class Proposer:
         self._tiers[(flavor, owner)] = out
         return out
 
+    def _groups(
+        self,
+        flavor: str,
+        owner: str,
+        sponsors: Sequence[str],
+        usable: Callable[[EnvelopeInfo], bool],
+    ) -> list[list[EnvelopeInfo]]:
+        """The usable envelopes ``owner`` may propose to, in groups of proximity order: each
+        family tier (closest first), then each sponsor it opted into, in its order."""
+        index = self.index
+        if not owner:
+            return []
+        out = [
+            [
+                e
+                for o in tier_owners
+                for e in index.of_owner(o, flavor)
+                if usable(e) and (tier is Tier.OWNER or e.family_sharing)
+            ]
+            for tier, tier_owners in self._family_tiers(flavor, owner)
+        ]
+        seen: set[str] = set()
+        for sponsor in sponsors:
+            if sponsor in seen or index.family.tier(sponsor, owner) is not Tier.NONE:
+                continue
+            seen.add(sponsor)
+            out.append(self._sponsor_envelopes(sponsor, flavor, owner, usable))
+        return out
+
+    def _sponsor_envelopes(
+        self, sponsor: str, flavor: str, owner: str, usable: Callable[[EnvelopeInfo], bool]
+    ) -> list[EnvelopeInfo]:
+        return [e for e in self.index.of_owner(sponsor, flavor) if usable(e) and e.lends_to(owner)]
+
     def ordered(
         self,
         run: Run,
@@ -72,34 +188,22 @@ class Proposer:
         ``admitting`` uses the cover window rule (allowAdmission opens pre-window planning);
         otherwise only envelopes whose window is active can fund.
         """
-        index = self.index
-        flavor = run.flavor
-        out: list[EnvelopeInfo] = []
-        if not owner:
-            return out
 
         def usable(e: EnvelopeInfo) -> bool:
             return e.admits_at(t) if admitting else e.active_at(t)
 
-        for tier, tier_owners in self._family_tiers(flavor, owner):
-            envs = [
-                e
-                for o in tier_owners
-                for e in index.of_owner(o, flavor)
-                if usable(e) and (tier is Tier.OWNER or e.family_sharing)
-            ]
-            out.extend(e for e in envs if e.matches_location(location))
-            out.extend(e for e in envs if not e.matches_location(location))
         funding = run.spec.funding
-        if funding is not None and funding.allow_borrow and funding.sponsors:
-            seen: set[str] = set()
-            for sponsor in funding.sponsors:
-                if sponsor in seen or index.family.tier(sponsor, owner) is not Tier.NONE:
-                    continue
-                seen.add(sponsor)
-                envs = [
-                    e for e in index.of_owner(sponsor, flavor) if usable(e) and e.lends_to(owner)
-                ]
-                out.extend(e for e in envs if e.matches_location(location))
-                out.extend(e for e in envs if not e.matches_location(location))
-        return out
+        sponsors = funding.sponsors if funding is not None and funding.allow_borrow else ()
+        return _near_then_far(self._groups(run.flavor, owner, sponsors, usable), location)
+
+
+def _near_then_far(
+    groups: Sequence[Sequence[EnvelopeInfo]], location: Mapping[str, str] | None
+) -> list[EnvelopeInfo]:
+    """Each group's same-location envelopes, then its others, group after group."""
+    out: list[EnvelopeInfo] = []
+    for group in groups:
+        near = [e.matches_location(location) for e in group]
+        out.extend(e for e, here in zip(group, near, strict=True) if here)
+        out.extend(e for e, here in zip(group, near, strict=True) if not here)
+    return out
