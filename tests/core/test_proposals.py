@@ -114,3 +114,21 @@ def test_cached_lists_are_the_proximity_order(
         assert got == reference_envelopes(index, r, owner, location, T0)
         ordered = proposer.ordered(r, owner, location, T0, admitting=False)
         assert [e.key for e in ordered] == got
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(budgets(), st.lists(st.tuples(st.sampled_from(TEAMS), st.booleans(), locations), max_size=8))
+def test_instants_with_the_same_open_windows_share_one_proposer(
+    drawn: list[Any], asks: list[tuple[tuple[str, str, tuple[str, ...]], bool, Any]]
+) -> None:
+    index = build_index(drawn)
+    before, later = T0, T0 + 7200  # some windows open at T0 + 3600
+    assert Proposer.at(index, before) is Proposer.at(index, before + 60)
+    opens = any(e.active_at(later) != e.active_at(before) for e in index.envelopes.values())
+    assert (Proposer.at(index, later) is not Proposer.at(index, before)) == opens
+    for t in (before, later, before):  # back again: the first one is still right
+        for (ns, _, _), borrows, location in asks:
+            r = run(ns, "r", 8, sponsors=["org:s"] if borrows else ())
+            owner = index.family.owner_of(ns)
+            got = Proposer.at(index, t).envelopes_for(r, owner, location)
+            assert got == reference_envelopes(index, r, owner, location, t)

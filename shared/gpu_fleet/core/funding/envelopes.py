@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gpu_fleet.core.funding.family import Family, derive_family
 from gpu_fleet.core.model import (
@@ -107,6 +107,11 @@ class EnvelopeIndex:
     by_owner_flavor: Mapping[tuple[str, str], tuple[EnvelopeInfo, ...]]
     acceptor_of: Mapping[EnvelopeKey, int]  # envelope -> acceptor group id
     acceptors: Sequence[tuple[EnvelopeKey, ...]]
+    # What depends only on the budgets and which of their windows are open, per set of open
+    # envelopes (``proposals.Proposer.at``); it lives as long as the index.
+    derived: dict[frozenset[EnvelopeKey], object] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def owners_with_flavor(self, flavor: str) -> list[str]:
         return sorted({o for (o, f) in self.by_owner_flavor if f == flavor})

@@ -172,11 +172,11 @@ class FillResult:
     _proposer: Proposer | None = field(default=None, repr=False, compare=False)
 
     def proposer(self, index: EnvelopeIndex, t: float) -> Proposer:
-        """The proposer for ``index`` at ``t``: this matching's own if it is that one."""
+        """The proposer for ``index`` at ``t``: this matching's own, or the index's shared one."""
         mine = self._proposer
         if mine is not None and mine.index is index and mine.t == t:
             return mine
-        return Proposer(index, t)
+        return Proposer.at(index, t)
 
     # Or, handed on by extensions and not read yet: a matching's pairs and those added since
     # (the union is taken when first read - once per metered piece, not once per admission).

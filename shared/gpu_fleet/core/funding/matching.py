@@ -43,7 +43,7 @@ from gpu_fleet.core.funding.fill_result import (
     FillTrace,
     Rejection,
 )
-from gpu_fleet.core.funding.proposals import Proposer
+from gpu_fleet.core.funding.proposals import Offer, Proposals, Proposer
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 
@@ -97,11 +97,10 @@ class _Claim:
     tail: tuple[object, ...]
     next_index: int = 0
     rejections: list[Rejection] = field(default_factory=list)
-    # Set by ``_match``: the claim's place in tail order, its proposals as offers, and the
-    # envelope its lease was minted on.
+    # The proposals as the matching reads them (``Proposals.offers``).
+    offers: Sequence[Offer | None] = ()
+    # Set by ``_match``: the claim's place in tail order.
     position: int = 0
-    offers: Sequence[_Offer | None] = ()
-    minted: EnvelopeKey | None = None
 
     def rank_at(self, env: EnvelopeInfo, tier: Tier) -> tuple[object, ...]:
         """The claim's rank on ``env``, whose owner is ``tier`` to the claim's owner."""
@@ -145,7 +144,7 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
 ) -> FillResult:
     """Run the matching over the leases live at ``t`` and classify each one."""
     hours = hours or HoursView()
-    proposer = Proposer(index, t)
+    proposer = Proposer.at(index, t)
     claims, payer, cls, rejections = _claims(proposer, leases, runs, admitted, node_labels, t)
     trace = FillTrace()
     held, n = _match(index, claims, hours, trace)
@@ -193,7 +192,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     payer: dict[str, EnvelopeKey | None] = {}
     cls: dict[str, FundingClass] = {}
     rejections: dict[str, list[Rejection]] = {}
-    proposals_of_run: dict[str, dict[str, list[EnvelopeKey]]] = {}
+    proposals_of_run: dict[str, dict[str, Proposals]] = {}
     locations: dict[str, Mapping[str, str] | None] = {}
     unfunded = FundingClass.UNFUNDED
     run_name: str | None = None
@@ -201,7 +200,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     run_key, owner = "", ""
     since: Instant | None = None
     borrow_cap: int | None = None
-    at_node: dict[str, list[EnvelopeKey]] = {}
+    at_node: dict[str, Proposals] = {}
     for lease in sorted(leases, key=_ID):
         if t < lease.start:
             continue
@@ -232,14 +231,14 @@ def _claims(  # noqa: PLR0917 - fill's inputs
             else:
                 labels = node_labels.get(node)
                 location = locations[node] = location_of(labels) if labels is not None else None
-            proposals = at_node[node] = proposer.envelopes_for(run, owner, location)
+            proposals = at_node[node] = proposer.proposals_for(run, owner, location)
         slots = lease.slots
         claims.append(
             _Claim(
                 lease,
                 run_key,
                 owner,
-                proposals,
+                proposals.keys,
                 borrow_cap,
                 len(slots),
                 (
@@ -249,6 +248,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
                     _slot_key(slots[0]) if len(slots) == 1 else _first_slot(slots),
                     lease_id,
                 ),
+                offers=proposals.offers,
             )
         )
     return claims, payer, cls, rejections
@@ -295,11 +295,6 @@ _TAIL = operator.attrgetter("tail")
 
 _Entry = tuple[int, _Claim, EnvelopeInfo]
 """A claim before an envelope: its rank there (``_Ranks``), the claim, the envelope."""
-
-_Offer = tuple[int, EnvelopeInfo, int]
-"""One envelope of a proposal list: its acceptor group, the envelope, and where the list
-owner's rank class starts there (``class * n``, see ``_Ranks``), or ``-1`` when the class
-depends on the lease (a loan the envelope granted, or a sponsor claim)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +359,6 @@ def _match(
     # another, so a run's maxBorrowGPUs is enforced at acceptance: an envelope never takes a
     # loan it would have to give back (and so never turns anyone away for it).
     borrowed_by_run: dict[str, int] = defaultdict(int)
-    offers_of = _Offers(index, n)
     decide = _Decider(index, ranks, hours, borrowed_by_run)
     # Acceptor groups of one envelope without caps, whose newcomers may be turned away whole
     # (``_turned_away_whole``) - unless some lease holds no slot (the ledger refuses those).
@@ -373,12 +367,8 @@ def _match(
     ]
     if any(c.width < 1 for c in claims):
         alone = [False] * len(alone)
+    borrow_caps = any(c.borrow_cap is not None for c in claims)
     pending = [c for c in claims if c.proposals]
-    for c in pending:
-        c.offers = offers_of(c)
-        minted = c.lease.minted_payer
-        c.minted = minted.key if minted is not None else None
-    loan_from = LOAN * n
     while pending:
         incoming: defaultdict[int, list[_Entry]] = defaultdict(list)
         for c in pending:
@@ -387,10 +377,11 @@ def _match(
             if offer is None:  # the end of its list: unfunded
                 continue
             c.next_index = i + 1
-            acceptor, env, rank_from = offer
-            if rank_from < 0:
-                rank_from = loan_from if c.minted == env.key else sponsor_from
-            incoming[acceptor].append((rank_from + c.position, c, env))
+            acceptor, env, rank_class = offer
+            if rank_class == _NO_TIER:
+                minted = c.lease.minted_payer
+                rank_class = LOAN if minted is not None and minted.key == env.key else SPONSOR
+            incoming[acceptor].append((rank_class * n + c.position, c, env))
         pending = []
         for acceptor in sorted(incoming):
             inc = incoming[acceptor]
@@ -421,7 +412,7 @@ def _match(
             if last is None or candidates[-1][0] > last:
                 junior[acceptor] = candidates[-1][0]
             accepted = decide(acceptor, candidates, st, pending, trace)
-            if keep < len(entries) or acceptor not in capped_from:
+            if borrow_caps and (keep < len(entries) or acceptor not in capped_from):
                 first = next((e[0] for e in accepted if _capped_loan(e, n, sponsor_from)), None)
                 if first is None:
                     capped_from.pop(acceptor, None)
@@ -442,58 +433,27 @@ def _turned_away_whole(  # noqa: PLR0917 - the round's state for one acceptor
     trace: FillTrace,
     decide: _Decider,
 ) -> bool:
-    """Turn every newcomer away at once if the acceptor - one envelope, no caps - is exactly
-    full and every newcomer ranks below everything it holds: the greedy scan would keep all it
-    holds and then fail each newcomer's first check, concurrency, with the same counters
-    (every lease holds a slot).  Most proposals at fleet scale end this way (issue 11), and
-    this needs neither a sort nor a scan.  Returns whether it applied."""
+    """Turn every newcomer away at once if the acceptor - one envelope, no caps - has less room
+    than any newcomer needs and every newcomer ranks below everything it holds: the greedy scan
+    would keep all it holds and then fail each newcomer's first check, concurrency, with the
+    same counters.  Most proposals at fleet scale end this way (issue 11); an exactly full
+    envelope needs neither a sort nor a scan (every lease holds a slot, ``_match`` checks).
+    Returns whether it applied."""
     env = entries[0][2]
-    key = env.key
-    if st.used[key] != env.concurrency:
-        return False
+    used = st.used[env.key]
+    room = env.concurrency - used
     most_senior, last = min(inc)[0], max(inc)[0]
     if most_senior < entries[-1][0]:
         return False
+    if room > 0 and any(c.width <= room for _, c, _ in inc):
+        return False
     junior[acceptor] = max(junior[acceptor], last)
-    rejection = decide.full_rejection(env, env.concurrency)
+    rejection = decide.full_rejection(env, used)
     for _, c, _ in inc:
         c.rejections.append(rejection)
         pending.append(c)
     decide.turned_away(acceptor, trace)
     return True
-
-
-class _Offers:
-    """Each proposal list as ``_Offer``s: the acceptor and rank class of every envelope looked
-    up once per (list, owner) - a fleet's claims share a few thousand lists - instead of once
-    per proposal."""
-
-    def __init__(self, index: EnvelopeIndex, n: int) -> None:
-        self._index = index
-        self._n = n
-        self._lists: dict[tuple[int, str], list[_Offer | None]] = {}
-        self._tiers: dict[tuple[str, str], int] = {}
-
-    def __call__(self, c: _Claim) -> list[_Offer | None]:
-        # The lists live as long as the claims, so their ids are not reused meanwhile.
-        list_key = (id(c.proposals), c.owner)
-        hit = self._lists.get(list_key)
-        if hit is not None:
-            return hit
-        index = self._index
-        envelopes, acceptor_of, tier = index.envelopes, index.acceptor_of, index.family.tier
-        out: list[_Offer | None] = []
-        for key in c.proposals:
-            env = envelopes[key]
-            pair = (env.owner, c.owner)
-            rank_class = self._tiers.get(pair)
-            if rank_class is None:
-                rank_class = self._tiers[pair] = int(tier(*pair))
-            rank_from = -1 if rank_class == _NO_TIER else rank_class * self._n
-            out.append((acceptor_of[key], env, rank_from))
-        out.append(None)
-        self._lists[list_key] = out
-        return out
 
 
 def _capped_loan(entry: _Entry, n: int, sponsor_from: int) -> bool:

@@ -15,6 +15,15 @@ from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo
 from gpu_fleet.core.funding.family import Tier
 from gpu_fleet.core.model import EnvelopeKey, Run
 
+_KEEP_OPEN_SETS = 4
+"""Proposers an index keeps (one per set of open envelopes): the instants a fleet evaluates
+at usually fall in one or two sets."""
+
+
+def _open_at(index: EnvelopeIndex, t: float) -> frozenset[EnvelopeKey]:
+    return frozenset([k for k, e in index.envelopes.items() if e.active_at(t)])
+
+
 _LocationKey = tuple[str | None, ...] | None
 """A location as far as some envelopes' selectors tell locations apart (``None``: unknown)."""
 
@@ -46,6 +55,20 @@ class _Group:
         return hit
 
 
+Offer = tuple[int, EnvelopeInfo, int]
+"""One envelope of a claim's list as the matching reads it: its acceptor group, the envelope,
+and the family tier of its owner to the claim's owner (``Tier.NONE``: a sponsor's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Proposals:
+    """A claim's list: the envelopes in proximity order, and the same as offers (followed by
+    ``None``, the end) with what the matching looks up about each done once per list."""
+
+    keys: list[EnvelopeKey]
+    offers: list[Offer | None]
+
+
 @dataclass(slots=True)
 class _Lists:
     """One owner's proposal groups for a flavor and sponsor list, and the whole list per
@@ -53,7 +76,7 @@ class _Lists:
 
     groups: list[_Group]
     keys: tuple[str, ...]
-    by_location: dict[_LocationKey, list[EnvelopeKey]] = field(default_factory=dict)
+    by_location: dict[_LocationKey, Proposals] = field(default_factory=dict)
 
 
 class Proposer:
@@ -75,11 +98,36 @@ class Proposer:
         self._owners: dict[str, list[str]] = {}
         self._tiers: dict[tuple[str, str], list[tuple[Tier, list[str]]]] = {}
 
+    @classmethod
+    def at(cls, index: EnvelopeIndex, t: float) -> Proposer:
+        """The proposer for ``index`` at ``t``, shared by every instant at which the same
+        envelopes are open.
+
+        Why: the lists depend only on the budgets and which windows are open, and building
+        them from cold was a tenth of a funding evaluation at 100k open leases (issue 11),
+        paid again at every evaluation although windows open and close rarely.  Sharing is
+        safe across threads: every cache entry is a pure function of its key, so a race at
+        worst computes one twice.
+        """
+        derived = index.derived
+        open_now = _open_at(index, t)
+        hit = derived.get(open_now)
+        if isinstance(hit, Proposer):
+            return hit
+        if len(derived) >= _KEEP_OPEN_SETS:
+            derived.clear()
+        made = derived[open_now] = cls(index, t)
+        return made
+
     def envelopes_for(
         self, run: Run, owner: str, location: Mapping[str, str] | None
     ) -> list[EnvelopeKey]:
         """``ordered`` for funding at ``t`` (not admitting), as keys; the same list object for
         every claim that shares it."""
+        return self.proposals_for(run, owner, location).keys
+
+    def proposals_for(self, run: Run, owner: str, location: Mapping[str, str] | None) -> Proposals:
+        """``envelopes_for``, with the offers the matching reads; one object per list."""
         funding = run.spec.funding
         sponsors = funding.sponsors if funding is not None and funding.allow_borrow else ()
         flavor = run.flavor
@@ -87,15 +135,24 @@ class Proposer:
         lists = self._lists.get(lists_key)
         if lists is None:
             groups = self._funding_groups(flavor, owner, sponsors)
-            keys = _selector_keys([e for g in groups for e in g.envelopes])
-            lists = self._lists[lists_key] = _Lists(groups, keys)
+            labels = _selector_keys([e for g in groups for e in g.envelopes])
+            lists = self._lists[lists_key] = _Lists(groups, labels)
         loc_key = _location_key(location, lists.keys)
         hit = lists.by_location.get(loc_key)
         if hit is None:
-            hit = lists.by_location[loc_key] = [
-                key for g in lists.groups for key in g.near_then_far(location)
-            ]
+            keys = [key for g in lists.groups for key in g.near_then_far(location)]
+            hit = lists.by_location[loc_key] = Proposals(keys, self._offers(keys, owner))
         return hit
+
+    def _offers(self, keys: list[EnvelopeKey], owner: str) -> list[Offer | None]:
+        index = self.index
+        envelopes, acceptor_of, tier = index.envelopes, index.acceptor_of, index.family.tier
+        out: list[Offer | None] = []
+        for key in keys:
+            env = envelopes[key]
+            out.append((acceptor_of[key], env, int(tier(env.owner, owner))))
+        out.append(None)
+        return out
 
     def _funding_groups(self, flavor: str, owner: str, sponsors: Sequence[str]) -> list[_Group]:
         """``_groups`` for funding at ``t``, assembled from the cached family and sponsor
