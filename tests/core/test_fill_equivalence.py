@@ -10,13 +10,16 @@ trace ``extend_fill`` builds on.
 
 from __future__ import annotations
 
-from builders import T0, World
+from builders import T0, World, budget, cap, env
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reference_matching import reference_fill
 from test_incremental import NODES, budgets_of, drawn_runs, hours_views
 
 from gpu_fleet.core.funding import FillResult, HoursView, fill, matching
+from gpu_fleet.core.model import Budget
+
+REGIONS = ["r1", "r2", "*"]
 
 EQUIV = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -58,6 +61,51 @@ def test_fill_is_the_reference_matching(data: st.DataObject) -> None:
     same_matching(got, reference_fill(*args))
     rejected = sum(len(x) for x in got.rejections.values())
     event(f"rejections: {'none' if not rejected else '1-3' if rejected < 4 else '4+'}")
+
+
+@st.composite
+def crowded_budgets(draw: st.DrawFn) -> list[Budget]:
+    """The parent's envelopes under one tight aggregate cap, small children's envelopes that
+    overflow into them, and a sponsor's envelopes under a cap and lending limits: acceptors
+    that fill up and keep turning claims away over many rounds (the paths that turn newcomers
+    away without a scan)."""
+    parent = [
+        env(f"e{i}", draw(st.integers(1, 6)), selector={"region": draw(st.sampled_from(REGIONS))})
+        for i in range(draw(st.integers(2, 3)))
+    ]
+    tight = cap("tight", [e["name"] for e in parent], max_concurrency=draw(st.integers(0, 6)))
+    out = [budget("p", "org:p", parent, caps=[tight])]
+    for ns in ("c1", "c2"):
+        children = [env("e0", draw(st.integers(1, 2)), selector={"region": "*"})]
+        out.append(budget(ns, f"org:{ns}", children, parents=["org:p"]))
+    lending = [
+        env(
+            f"e{i}",
+            draw(st.integers(1, 4)),
+            selector={"region": "*"},
+            lend=True,
+            lend_to=["*"],
+            lend_max=draw(st.one_of(st.none(), st.integers(0, 3))),
+        )
+        for i in range(2)
+    ]
+    lent = cap("lent", ["e0", "e1"], max_concurrency=draw(st.integers(0, 5)))
+    out.append(budget("s", "org:s", lending, caps=[lent]))
+    return out
+
+
+@EQUIV
+@given(st.data())
+def test_fill_is_the_reference_matching_when_acceptors_fill_up(data: st.DataObject) -> None:
+    budgets = data.draw(crowded_budgets())
+    drawn = drawn_runs(data, "r", 14, least=4)
+    runs, admitted, leases = drawn.runs, drawn.admitted, drawn.leases
+    world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
+    args = (world.index, leases, runs, admitted, world.node_labels, T0, HoursView())
+    got = fill(*args)
+    same_matching(got, reference_fill(*args))
+    reasons = {r.template.split()[0] for v in got.rejections.values() for r in v}
+    event(f"turned away for: {sorted(reasons)}")
 
 
 @settings(max_examples=300, deadline=None)

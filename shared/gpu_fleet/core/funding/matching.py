@@ -365,8 +365,16 @@ def _match(
     alone = [
         len(members) == 1 and not index.envelopes[members[0]].caps for members in index.acceptors
     ]
+    # Acceptor groups whose every envelope is under an aggregate cap (``_turned_away_by_caps``).
+    under_caps = [
+        [index.envelopes[k] for k in members]
+        if all(index.envelopes[k].caps for k in members)
+        else None
+        for members in index.acceptors
+    ]
     if any(c.width < 1 for c in claims):
         alone = [False] * len(alone)
+        under_caps = [None] * len(under_caps)
     borrow_caps = any(c.borrow_cap is not None for c in claims)
     pending = [c for c in claims if c.proposals]
     while pending:
@@ -390,11 +398,19 @@ def _match(
             if st is None:
                 st = counters[acceptor] = _Counters()
             keep = len(entries)
-            if (
-                alone[acceptor]
-                and entries
-                and _turned_away_whole(inc, entries, st, junior, acceptor, pending, trace, decide)
+            if entries and (
+                (
+                    alone[acceptor]
+                    and _turned_away_whole(inc, entries, st, junior, acceptor, pending, decide)
+                )
+                or (
+                    (members := under_caps[acceptor]) is not None
+                    and _turned_away_by_caps(
+                        inc, entries, st, junior, acceptor, pending, decide, members
+                    )
+                )
             ):
+                decide.turned_away(acceptor, trace)
                 continue
             inc.sort(key=_RANK)
             if entries and inc[0][0] < entries[-1][0]:
@@ -430,7 +446,6 @@ def _turned_away_whole(  # noqa: PLR0917 - the round's state for one acceptor
     junior: dict[int, int],
     acceptor: int,
     pending: list[_Claim],
-    trace: FillTrace,
     decide: _Decider,
 ) -> bool:
     """Turn every newcomer away at once if the acceptor - one envelope, no caps - has less room
@@ -452,7 +467,44 @@ def _turned_away_whole(  # noqa: PLR0917 - the round's state for one acceptor
     for _, c, _ in inc:
         c.rejections.append(rejection)
         pending.append(c)
-    decide.turned_away(acceptor, trace)
+    return True
+
+
+def _turned_away_by_caps(  # noqa: PLR0917 - the round's state for one acceptor
+    inc: list[_Entry],
+    entries: list[_Entry],
+    st: _Counters,
+    junior: dict[int, int],
+    acceptor: int,
+    pending: list[_Claim],
+    decide: _Decider,
+    members: list[EnvelopeInfo],
+) -> bool:
+    """Turn every newcomer away without the full scan if the first aggregate cap of each of the
+    acceptor's envelopes is exactly full, every newcomer ranks below everything it holds, and
+    none borrows: the greedy scan would keep all it holds, then fail each newcomer at its
+    envelope's concurrency or else at that cap (every lease holds a slot), with counters that
+    never change.  A borrower would meet the lending checks in between, so it takes the scan.
+    Returns whether it applied."""
+    n = decide.n
+    most_senior, last = min(inc)[0], max(inc)[0]
+    if most_senior < entries[-1][0] or most_senior < n or last >= SPONSOR * n:
+        return False
+    cap_used = st.cap_used
+    caps = decide.index.caps
+    for env in members:
+        first = caps[env.caps[0]]
+        if first.max_concurrency is None or cap_used[first.id] != first.max_concurrency:
+            return False
+    junior[acceptor] = max(junior[acceptor], last)
+    used = st.used
+    for _, c, env in inc:
+        u = used[env.key]
+        if u + c.width > env.concurrency:
+            c.rejections.append(decide.full_rejection(env, u))
+        else:
+            c.rejections.append(decide.first_cap_full(env))
+        pending.append(c)
     return True
 
 
@@ -515,8 +567,8 @@ class _Decider:
         hours: HoursView,
         borrowed_by_run: dict[str, int],
     ) -> None:
-        self._index = index
-        self._n = ranks.n
+        self.index = index
+        self.n = ranks.n
         self._hours = hours
         self._borrowed_by_run = borrowed_by_run
         self._full: dict[EnvelopeKey, Rejection] = {}
@@ -529,6 +581,13 @@ class _Decider:
         if hit is None or hit.args[1] != used:
             hit = self._full[env.key] = Rejection(env.key, _FULL, (env.concurrency, used))
         return hit
+
+    def first_cap_full(self, env: EnvelopeInfo) -> Rejection:
+        """The rejection for ``env``'s first aggregate cap being full."""
+        limits = self._limits.get(env.key)
+        if limits is None:
+            limits = self._limits[env.key] = self._limits_of(env)
+        return limits[0][0][3]
 
     @staticmethod
     def turned_away(acceptor: int, trace: FillTrace) -> None:
@@ -577,7 +636,7 @@ class _Decider:
         key = env.key
         caps = []
         for cap_id in env.caps:
-            cap = self._index.caps[cap_id]
+            cap = self.index.caps[cap_id]
             remaining = (
                 None if cap.gpu_hours is None else hours.remaining_cap.get(cap_id, cap.gpu_hours)
             )
@@ -604,7 +663,7 @@ class _Decider:
         pending: list[_Claim],
         trace: FillTrace,
     ) -> list[_Entry]:
-        n = self._n
+        n = self.n
         sponsor_from = SPONSOR * n
         borrowed_by_run = self._borrowed_by_run
         full = self._full
