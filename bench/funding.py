@@ -13,7 +13,11 @@ What is measured, per world size (envelopes x open leases):
 * **evaluation**: ``evaluate(meter, inputs, t)`` at the ledger clock - the whole stable matching
   (``fill``) over every open lease, then the per-envelope / per-cap / per-run summary.  Inputs
   are assembled once (``FleetState.funding_inputs()``, index cached) and timed separately.
-  Median of an adaptive number of repetitions (as many as fit in ~10 s).
+  Median of an adaptive number of repetitions (as many as fit in ~10 s), the first left out;
+  the first is shown on its own.  It builds the proposal lists, which the index keeps for
+  every later evaluation at which the same envelope windows are open (``Proposer.at``), as a
+  running manager does between budget changes - so the first is what an evaluation right
+  after a budget change or a window opening costs.
 * **cover**: one ``cover(...)`` admission decision against a *precomputed* evaluation (the cached
   picture cover is designed to read), for a different requesting run each call - 200 calls, a
   mix of existing runs (family sharing, sponsors) and fresh ones, 1-64 GPUs, at the location of a
@@ -98,6 +102,7 @@ T0 = 1_767_225_600  # 2026-01-01T00:00:00Z: budgets and nodes
 T_LEASE = T0 + 8 * 86_400  # every lease is minted here (the ledger clock when measuring)
 COVER_GOAL_S = 0.005
 EVAL_GOAL_S = 1.0
+EVAL_GOAL_X = 1.2  # the evaluation against the fold of the same events
 
 
 def _dt(t: int) -> dt.datetime:
@@ -392,6 +397,7 @@ class Row:
     index_s: float
     inputs_s: float
     eval_s: float
+    eval_first_s: float
     eval_reps: int
     cover_p50_s: float
     cover_p95_s: float
@@ -449,7 +455,8 @@ def measure(n_envelopes: int, n_leases: int, *, cover_calls: int, eval_budget_s:
         fold_s=median(fold_times),
         index_s=index_s,
         inputs_s=inputs_s,
-        eval_s=median(ev_times),
+        eval_s=median(ev_times[1:] or ev_times),
+        eval_first_s=ev_times[0],
         eval_reps=len(ev_times),
         cover_p50_s=median(cover_times),
         cover_p95_s=pct(cover_times, 95),
@@ -467,6 +474,8 @@ def _goal(row: Row) -> str:
         out.append(f"cover<5ms: {'yes' if row.cover_p50_s < COVER_GOAL_S else 'NO'}")
     if row.leases >= 100_000:
         out.append(f"eval<1s: {'yes' if row.eval_s < EVAL_GOAL_S else 'NO'}")
+        ratio_ok = row.eval_s <= EVAL_GOAL_X * row.fold_s
+        out.append(f"eval<={EVAL_GOAL_X}x fold: {'yes' if ratio_ok else 'NO'}")
     return "; ".join(out) or "-"
 
 
@@ -477,13 +486,15 @@ def _ms(s: float) -> str:
 def report(rows: Sequence[Row]) -> list[str]:
     lines = [
         "| envelopes | open leases | GPUs leased | nodes | fold ms (baseline) "
-        "| evaluation ms (x fold) | cover p50 ms (x fold) | cover p95 ms | goal |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| evaluation ms (x fold) | first evaluation ms (x fold) | cover p50 ms (x fold) "
+        "| cover p95 ms | goal |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.envelopes} | {r.leases} | {r.gpus} | {r.nodes} | {_ms(r.fold_s)} "
             f"| {_ms(r.eval_s)} ({r.eval_s / r.fold_s:.2f}x, n={r.eval_reps}) "
+            f"| {_ms(r.eval_first_s)} ({r.eval_first_s / r.fold_s:.2f}x) "
             f"| {_ms(r.cover_p50_s)} ({r.cover_p50_s / r.fold_s:.4f}x) "
             f"| {_ms(r.cover_p95_s)} | {_goal(r)} |"
         )
