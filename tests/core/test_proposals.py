@@ -8,6 +8,8 @@ into same-location envelopes and the others, recomputed for each call.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -118,17 +120,38 @@ def test_cached_lists_are_the_proximity_order(
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(budgets(), st.lists(st.tuples(st.sampled_from(TEAMS), st.booleans(), locations), max_size=8))
-def test_instants_with_the_same_open_windows_share_one_proposer(
+def test_instants_with_the_same_open_windows_share_the_lists(
     drawn: list[Any], asks: list[tuple[tuple[str, str, tuple[str, ...]], bool, Any]]
 ) -> None:
     index = build_index(drawn)
     before, later = T0, T0 + 7200  # some windows open at T0 + 3600
-    assert Proposer.at(index, before) is Proposer.at(index, before + 60)
+    assert Proposer.at(index, before)._lists is Proposer.at(index, before + 60)._lists
     opens = any(e.active_at(later) != e.active_at(before) for e in index.envelopes.values())
-    assert (Proposer.at(index, later) is not Proposer.at(index, before)) == opens
+    assert (Proposer.at(index, later)._lists is not Proposer.at(index, before)._lists) == opens
     for t in (before, later, before):  # back again: the first one is still right
         for (ns, _, _), borrows, location in asks:
             r = run(ns, "r", 8, sponsors=["org:s"] if borrows else ())
             owner = index.family.owner_of(ns)
             got = Proposer.at(index, t).envelopes_for(r, owner, location)
             assert got == reference_envelopes(index, r, owner, location, t)
+
+
+def test_an_index_and_its_kept_lists_are_freed_without_the_cyclic_collector() -> None:
+    """The services freeze their heap (runtime/heap.py): a cycle through a dropped index would
+    stay until the next sweep, so what the index keeps must not refer back to it."""
+    owner_budget = budget("p", "org:p", [env("e0", 8, selector={"region": "a"})])
+    sponsor = budget("s", "org:s", [env("e0", 8, lend=True, lend_to=["*"])])
+    index = build_index([owner_budget, sponsor])
+    proposer = Proposer.at(index, T0)
+    got = proposer.envelopes_for(run("p", "r", 8, sponsors=["org:s"]), "org:p", {"region": "a"})
+    assert [str(k) for k in got] == ["p/p/e0", "s/s/e0"]
+    assert index.derived  # the caches are kept
+    gone = weakref.ref(index)
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        del index, proposer
+        assert gone() is None
+    finally:
+        if was_on:
+            gc.enable()

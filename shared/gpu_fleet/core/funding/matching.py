@@ -43,7 +43,7 @@ from gpu_fleet.core.funding.fill_result import (
     FillTrace,
     Rejection,
 )
-from gpu_fleet.core.funding.proposals import Offer, Proposals, Proposer
+from gpu_fleet.core.funding.proposals import Offer, Proposals, Proposer, RunLists
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 
@@ -196,6 +196,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     cls: dict[str, FundingClass] = {}
     rejections: dict[str, list[Rejection]] = {}
     proposals_of_run: dict[str, dict[str, Proposals]] = {}
+    run_lists: RunLists | None = None
     locations: dict[str, Mapping[str, str] | None] = {}
     unfunded = FundingClass.UNFUNDED
     run_name: str | None = None
@@ -223,6 +224,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
                 funding = run.spec.funding
                 borrow_cap = funding.max_borrow_gpus if funding is not None else None
                 at_node = proposals_of_run.setdefault(run_key, {})
+                run_lists = proposer.lists_for(run, owner)
         if run is None:
             rejections[lease_id] = []
             continue
@@ -234,7 +236,8 @@ def _claims(  # noqa: PLR0917 - fill's inputs
             else:
                 labels = node_labels.get(node)
                 location = locations[node] = location_of(labels) if labels is not None else None
-            proposals = at_node[node] = proposer.proposals_for(run, owner, location)
+            assert run_lists is not None  # set with ``run``
+            proposals = at_node[node] = run_lists.at(location, proposer)
         slots = lease.slots
         claims.append(
             _Claim(

@@ -70,13 +70,35 @@ class Proposals:
 
 
 @dataclass(slots=True)
-class _Lists:
+class RunLists:
     """One owner's proposal groups for a flavor and sponsor list, and the whole list per
     location as far as the groups' selectors tell locations apart."""
 
+    owner: str
     groups: list[_Group]
     keys: tuple[str, ...]
     by_location: dict[_LocationKey, Proposals] = field(default_factory=dict)
+
+    def at(self, location: Mapping[str, str] | None, proposer: Proposer) -> Proposals:
+        """The list for a claim at ``location``; one object per list."""
+        loc_key = _location_key(location, self.keys)
+        hit = self.by_location.get(loc_key)
+        if hit is None:
+            keys = [key for g in self.groups for key in g.near_then_far(location)]
+            hit = Proposals(keys, proposer.offers(keys, self.owner))
+            self.by_location[loc_key] = hit
+        return hit
+
+
+@dataclass(slots=True)
+class _Caches:
+    """What a proposer has built, kept by the index per set of open envelopes (``at``)."""
+
+    lists: dict[tuple[str, str, tuple[str, ...]], RunLists] = field(default_factory=dict)
+    family: dict[tuple[str, str], list[_Group]] = field(default_factory=dict)
+    sponsor: dict[tuple[str, str, str], _Group] = field(default_factory=dict)
+    owners: dict[str, list[str]] = field(default_factory=dict)
+    tiers: dict[tuple[str, str], list[tuple[Tier, list[str]]]] = field(default_factory=dict)
 
 
 class Proposer:
@@ -89,35 +111,37 @@ class Proposer:
     flavor, sponsors) and location.
     """
 
-    def __init__(self, index: EnvelopeIndex, t: float) -> None:
+    def __init__(self, index: EnvelopeIndex, t: float, caches: _Caches | None = None) -> None:
         self.index = index
         self.t = t
-        self._lists: dict[tuple[str, str, tuple[str, ...]], _Lists] = {}
-        self._family: dict[tuple[str, str], list[_Group]] = {}
-        self._sponsor: dict[tuple[str, str, str], _Group] = {}
-        self._owners: dict[str, list[str]] = {}
-        self._tiers: dict[tuple[str, str], list[tuple[Tier, list[str]]]] = {}
+        caches = caches or _Caches()
+        self._lists = caches.lists
+        self._family = caches.family
+        self._sponsor = caches.sponsor
+        self._owners = caches.owners
+        self._tiers = caches.tiers
 
     @classmethod
     def at(cls, index: EnvelopeIndex, t: float) -> Proposer:
-        """The proposer for ``index`` at ``t``, shared by every instant at which the same
-        envelopes are open.
+        """The proposer for ``index`` at ``t``, with caches shared by every instant at which
+        the same envelopes are open.
 
         Why: the lists depend only on the budgets and which windows are open, and building
         them from cold was a tenth of a funding evaluation at 100k open leases (issue 11),
-        paid again at every evaluation although windows open and close rarely.  Sharing is
-        safe across threads: every cache entry is a pure function of its key, so a race at
+        paid again at every evaluation although windows open and close rarely.  The index keeps
+        the caches, not the proposer: they hold no reference back to the index, so an index
+        dropped after a budget change is freed at once, without the cyclic collector.  Sharing
+        is safe across threads: every cache entry is a pure function of its key, so a race at
         worst computes one twice.
         """
         derived = index.derived
         open_now = _open_at(index, t)
-        hit = derived.get(open_now)
-        if isinstance(hit, Proposer):
-            return hit
-        if len(derived) >= _KEEP_OPEN_SETS:
-            derived.clear()
-        made = derived[open_now] = cls(index, t)
-        return made
+        caches = derived.get(open_now)
+        if not isinstance(caches, _Caches):
+            if len(derived) >= _KEEP_OPEN_SETS:
+                derived.clear()
+            caches = derived[open_now] = _Caches()
+        return cls(index, t, caches)
 
     def envelopes_for(
         self, run: Run, owner: str, location: Mapping[str, str] | None
@@ -128,6 +152,11 @@ class Proposer:
 
     def proposals_for(self, run: Run, owner: str, location: Mapping[str, str] | None) -> Proposals:
         """``envelopes_for``, with the offers the matching reads; one object per list."""
+        return self.lists_for(run, owner).at(location, self)
+
+    def lists_for(self, run: Run, owner: str) -> RunLists:
+        """The lists of ``run``'s claims wherever they are (``RunLists.at``): looked up once
+        per run, not once per lease."""
         funding = run.spec.funding
         sponsors = funding.sponsors if funding is not None and funding.allow_borrow else ()
         flavor = run.flavor
@@ -136,15 +165,10 @@ class Proposer:
         if lists is None:
             groups = self._funding_groups(flavor, owner, sponsors)
             labels = _selector_keys([e for g in groups for e in g.envelopes])
-            lists = self._lists[lists_key] = _Lists(groups, labels)
-        loc_key = _location_key(location, lists.keys)
-        hit = lists.by_location.get(loc_key)
-        if hit is None:
-            keys = [key for g in lists.groups for key in g.near_then_far(location)]
-            hit = lists.by_location[loc_key] = Proposals(keys, self._offers(keys, owner))
-        return hit
+            lists = self._lists[lists_key] = RunLists(owner, groups, labels)
+        return lists
 
-    def _offers(self, keys: list[EnvelopeKey], owner: str) -> list[Offer | None]:
+    def offers(self, keys: list[EnvelopeKey], owner: str) -> list[Offer | None]:
         index = self.index
         envelopes, acceptor_of, tier = index.envelopes, index.acceptor_of, index.family.tier
         out: list[Offer | None] = []
