@@ -10,7 +10,8 @@ trace ``extend_fill`` builds on.
 
 from __future__ import annotations
 
-from builders import T0, World, budget, cap, env
+import msgspec
+from builders import T0, World, budget, cap, env, lease, run
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reference_matching import reference_fill
@@ -130,3 +131,20 @@ def test_a_leases_first_slot_is_its_least_node_and_ordinal(parts: list[tuple[str
         return node, int(ordinal) if ordinal.isdecimal() else -1
 
     assert matching._first_slot(slots) == min(map(key, slots))
+
+
+def test_a_lease_without_slots_is_funded_as_the_reference_funds_it() -> None:
+    """The ledger refuses such a lease, but the matching is a pure function of what it is
+    given: width 0, funded by its own envelope, as the reference does."""
+    budgets = [budget("p", "org:p", [env("e0", 1, selector={"region": "r1"})])]
+    r = run("p", "r0", 8)
+    leases = [
+        lease("p/r0#0", r.key, 1, node_name="n1", first=0),
+        msgspec.structs.replace(lease("p/r0#1", r.key, 1, node_name="n1", first=1), slots=()),
+    ]
+    admitted = {r.key: T0}
+    world = World(budgets, [r], leases, nodes=NODES, admitted=admitted)
+    args = (world.index, leases, {r.key: r}, admitted, world.node_labels, T0, HoursView())
+    got = fill(*args)
+    same_matching(got, reference_fill(*args))
+    assert got.payer["p/r0#1"] is not None

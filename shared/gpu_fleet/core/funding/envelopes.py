@@ -107,10 +107,11 @@ class EnvelopeIndex:
     by_owner_flavor: Mapping[tuple[str, str], tuple[EnvelopeInfo, ...]]
     acceptor_of: Mapping[EnvelopeKey, int]  # envelope -> acceptor group id
     acceptors: Sequence[tuple[EnvelopeKey, ...]]
-    # What depends only on the budgets and which of their windows are open, per set of open
-    # envelopes (``proposals.Proposer.at``); it lives as long as the index.
-    derived: dict[frozenset[EnvelopeKey], object] = field(
-        default_factory=dict, compare=False, repr=False
+    # The proposal lists built so far, per set of open envelopes (``proposals.Proposer.at``):
+    # they depend only on the budgets and which windows are open, so they live as long as the
+    # index (not an init field: ``dataclasses.replace`` starts a new index without them).
+    proposer_caches: dict[frozenset[EnvelopeKey], object] = field(
+        default_factory=dict, init=False, compare=False, repr=False
     )
 
     def owners_with_flavor(self, flavor: str) -> list[str]:

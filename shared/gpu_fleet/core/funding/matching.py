@@ -72,6 +72,8 @@ def _first_slot(slots: tuple[str, ...]) -> tuple[str, int]:
     cache holds a 100k-lease fleet's: every evaluation meets the same leases again)."""
     if len(slots) == 1:
         return _slot_key(slots[0])
+    if not slots:  # the ledger refuses such a lease; the matching funds it as width 0
+        return ("", -1)
     node, sep, _ = slots[0].rpartition("#")
     prefix = node + sep
     cut = len(prefix)
@@ -90,7 +92,7 @@ class _Claim:
     lease: Lease
     run_key: str
     owner: str
-    proposals: list[EnvelopeKey]
+    proposals: Sequence[EnvelopeKey]
     borrow_cap: int | None
     width: int
     # (admission, run, group, first slot, lease id): the rank on every envelope after its class
@@ -266,7 +268,7 @@ def _new_claim(  # noqa: PLR0917 - what a claim is made of
     run_key: str,
     owner: str,
     admitted: Instant,
-    proposals: list[EnvelopeKey],
+    proposals: Sequence[EnvelopeKey],
 ) -> _Claim:
     """The claim of one lease (``_claims`` builds the same, with what it looked up per run)."""
     funding = run.spec.funding
@@ -317,13 +319,6 @@ class _Ranks:
 
     n: int
     by_position: list[_Claim]
-
-    def rank_class(self, rank: int) -> int:
-        return rank // self.n
-
-    def is_borrow(self, rank: int) -> bool:
-        """A loan the envelope granted or a sponsor claim (classes 0 and 5)."""
-        return rank < self.n or rank >= SPONSOR * self.n
 
     def as_tuple(self, rank: int) -> tuple[object, ...]:
         rank_class, position = divmod(rank, self.n)
@@ -463,7 +458,7 @@ def _turned_away_whole(  # noqa: PLR0917 - the round's state for one acceptor
     env = entries[0][2]
     used = st.used[env.key]
     room = env.concurrency - used
-    most_senior, last = min(inc)[0], max(inc)[0]
+    most_senior, last = min(inc, key=_RANK)[0], max(inc, key=_RANK)[0]
     if most_senior < entries[-1][0]:
         return False
     if room > 0 and any(c.width <= room for _, c, _ in inc):
@@ -493,7 +488,7 @@ def _turned_away_by_caps(  # noqa: PLR0917 - the round's state for one acceptor
     never change.  A borrower would meet the lending checks in between, so it takes the scan.
     Returns whether it applied."""
     n = decide.n
-    most_senior, last = min(inc)[0], max(inc)[0]
+    most_senior, last = min(inc, key=_RANK)[0], max(inc, key=_RANK)[0]
     if most_senior < entries[-1][0] or most_senior < n or last >= SPONSOR * n:
         return False
     cap_used = st.cap_used

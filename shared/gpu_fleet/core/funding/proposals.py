@@ -45,13 +45,15 @@ class _Group:
 
     envelopes: list[EnvelopeInfo]
     keys: tuple[str, ...]
-    split: dict[_LocationKey, list[EnvelopeKey]] = field(default_factory=dict)
+    split: dict[_LocationKey, tuple[EnvelopeKey, ...]] = field(default_factory=dict)
 
-    def near_then_far(self, location: Mapping[str, str] | None) -> list[EnvelopeKey]:
+    def near_then_far(self, location: Mapping[str, str] | None) -> tuple[EnvelopeKey, ...]:
         loc_key = _location_key(location, self.keys)
         hit = self.split.get(loc_key)
         if hit is None:
-            hit = self.split[loc_key] = [e.key for e in _near_then_far([self.envelopes], location)]
+            hit = self.split[loc_key] = tuple(
+                [e.key for e in _near_then_far([self.envelopes], location)]
+            )
         return hit
 
 
@@ -63,10 +65,12 @@ and the family tier of its owner to the claim's owner (``Tier.NONE``: a sponsor'
 @dataclass(frozen=True, slots=True)
 class Proposals:
     """A claim's list: the envelopes in proximity order, and the same as offers (followed by
-    ``None``, the end) with what the matching looks up about each done once per list."""
+    ``None``, the end) with what the matching looks up about each done once per list.
 
-    keys: list[EnvelopeKey]
-    offers: list[Offer | None]
+    Tuples: the lists live as long as the index and every claim that shares one reads it."""
+
+    keys: tuple[EnvelopeKey, ...]
+    offers: tuple[Offer | None, ...]
 
 
 @dataclass(slots=True)
@@ -84,7 +88,7 @@ class RunLists:
         loc_key = _location_key(location, self.keys)
         hit = self.by_location.get(loc_key)
         if hit is None:
-            keys = [key for g in self.groups for key in g.near_then_far(location)]
+            keys = tuple([key for g in self.groups for key in g.near_then_far(location)])
             hit = Proposals(keys, proposer.offers(keys, self.owner))
             self.by_location[loc_key] = hit
         return hit
@@ -134,18 +138,18 @@ class Proposer:
         is safe across threads: every cache entry is a pure function of its key, so a race at
         worst computes one twice.
         """
-        derived = index.derived
+        kept = index.proposer_caches
         open_now = _open_at(index, t)
-        caches = derived.get(open_now)
+        caches = kept.get(open_now)
         if not isinstance(caches, _Caches):
-            if len(derived) >= _KEEP_OPEN_SETS:
-                derived.clear()
-            caches = derived[open_now] = _Caches()
+            if len(kept) >= _KEEP_OPEN_SETS:
+                kept.clear()
+            caches = kept[open_now] = _Caches()
         return cls(index, t, caches)
 
     def envelopes_for(
         self, run: Run, owner: str, location: Mapping[str, str] | None
-    ) -> list[EnvelopeKey]:
+    ) -> tuple[EnvelopeKey, ...]:
         """``ordered`` for funding at ``t`` (not admitting), as keys; the same list object for
         every claim that shares it."""
         return self.proposals_for(run, owner, location).keys
@@ -168,7 +172,7 @@ class Proposer:
             lists = self._lists[lists_key] = RunLists(owner, groups, labels)
         return lists
 
-    def offers(self, keys: list[EnvelopeKey], owner: str) -> list[Offer | None]:
+    def offers(self, keys: Sequence[EnvelopeKey], owner: str) -> tuple[Offer | None, ...]:
         index = self.index
         envelopes, acceptor_of, tier = index.envelopes, index.acceptor_of, index.family.tier
         out: list[Offer | None] = []
@@ -176,7 +180,7 @@ class Proposer:
             env = envelopes[key]
             out.append((acceptor_of[key], env, int(tier(env.owner, owner))))
         out.append(None)
-        return out
+        return tuple(out)
 
     def _funding_groups(self, flavor: str, owner: str, sponsors: Sequence[str]) -> list[_Group]:
         """``_groups`` for funding at ``t``, assembled from the cached family and sponsor
