@@ -361,21 +361,15 @@ def _match(
     # loan it would have to give back (and so never turns anyone away for it).
     borrowed_by_run: dict[str, int] = defaultdict(int)
     decide = _Decider(index, ranks, hours, borrowed_by_run)
-    # Acceptor groups of one envelope without caps, whose newcomers may be turned away whole
-    # (``_turned_away_whole``) - unless some lease holds no slot (the ledger refuses those).
-    alone = [
-        len(members) == 1 and not index.envelopes[members[0]].caps for members in index.acceptors
-    ]
-    # Acceptor groups whose every envelope is under an aggregate cap (``_turned_away_by_caps``).
-    under_caps = [
-        [index.envelopes[k] for k in members]
-        if all(index.envelopes[k].caps for k in members)
-        else None
-        for members in index.acceptors
+    # The envelopes of each acceptor group whose newcomers may be turned away at once
+    # (``_turned_away_at_once``): one envelope without caps, or envelopes all under caps.
+    # None for the others, and for all if some lease holds no slot (the ledger refuses those).
+    at_once = [
+        envs if (len(envs) == 1 and not envs[0].caps) or all(e.caps for e in envs) else None
+        for envs in ([index.envelopes[k] for k in members] for members in index.acceptors)
     ]
     if any(c.width < 1 for c in claims):
-        alone = [False] * len(alone)
-        under_caps = [None] * len(under_caps)
+        at_once = [None] * len(at_once)
     borrow_caps = any(c.borrow_cap is not None for c in claims)
     pending = [c for c in claims if c.proposals]
     while pending:
@@ -399,20 +393,12 @@ def _match(
             if st is None:
                 st = counters[acceptor] = _Counters()
             keep = len(entries)
-            if entries and (
-                (
-                    alone[acceptor]
-                    and _turned_away_whole(inc, entries, st, junior, acceptor, pending, decide)
-                )
-                or (
-                    (members := under_caps[acceptor]) is not None
-                    and _turned_away_by_caps(
-                        inc, entries, st, junior, acceptor, pending, decide, members
-                    )
-                )
-            ):
-                decide.turned_away(acceptor, trace)
-                continue
+            if entries and (members := at_once[acceptor]) is not None:
+                last = _turned_away_at_once(inc, entries, st, members, decide, pending)
+                if last is not None:
+                    junior[acceptor] = max(junior[acceptor], last)
+                    decide.turned_away(acceptor, trace)
+                    continue
             inc.sort(key=_RANK)
             if entries and inc[0][0] < entries[-1][0]:
                 bound = inc[0][0]
@@ -440,73 +426,60 @@ def _match(
     return held, n
 
 
-def _turned_away_whole(  # noqa: PLR0917 - the round's state for one acceptor
+def _turned_away_at_once(  # noqa: PLR0917 - one acceptor's round, and where rejected claims go
     inc: list[_Entry],
     entries: list[_Entry],
     st: _Counters,
-    junior: dict[int, int],
-    acceptor: int,
-    pending: list[_Claim],
+    members: list[EnvelopeInfo],
     decide: _Decider,
-) -> bool:
-    """Turn every newcomer away at once if the acceptor - one envelope, no caps - has less room
-    than any newcomer needs and every newcomer ranks below everything it holds: the greedy scan
-    would keep all it holds and then fail each newcomer's first check, concurrency, with the
-    same counters.  Most proposals at fleet scale end this way (issue 11); an exactly full
-    envelope needs neither a sort nor a scan (every lease holds a slot, ``_match`` checks).
-    Returns whether it applied."""
-    env = entries[0][2]
-    used = st.used[env.key]
-    room = env.concurrency - used
+    pending: list[_Claim],
+) -> int | None:
+    """Turn every newcomer away without the greedy scan when that scan provably would, and
+    return the most junior newcomer's rank; ``None`` (nothing done) otherwise.
+
+    Both cases need every newcomer to rank below everything the acceptor holds: the scan would
+    keep all it holds, with the counters they make, and then meet the newcomers with counters
+    that never change (every lease holds a slot, ``_match`` checks).  Then:
+
+    * one envelope without caps, with less room than any newcomer needs: each fails its first
+      check, concurrency, with the same numbers - one rejection for all, no sort, no scan.  Most
+      proposals at fleet scale end this way (issue 11);
+    * envelopes whose first aggregate cap is exactly full, and no newcomer borrows (a borrower
+      would meet the lending checks in between): each fails at its envelope's concurrency or
+      else at that cap.
+    """
     most_senior, last = min(inc, key=_RANK)[0], max(inc, key=_RANK)[0]
     if most_senior < entries[-1][0]:
-        return False
-    if room > 0 and any(c.width <= room for _, c, _ in inc):
-        return False
-    junior[acceptor] = max(junior[acceptor], last)
-    rejection = decide.full_rejection(env, used)
-    for _, c, _ in inc:
-        c.rejections.append(rejection)
-        pending.append(c)
-    return True
-
-
-def _turned_away_by_caps(  # noqa: PLR0917 - the round's state for one acceptor
-    inc: list[_Entry],
-    entries: list[_Entry],
-    st: _Counters,
-    junior: dict[int, int],
-    acceptor: int,
-    pending: list[_Claim],
-    decide: _Decider,
-    members: list[EnvelopeInfo],
-) -> bool:
-    """Turn every newcomer away without the full scan if the first aggregate cap of each of the
-    acceptor's envelopes is exactly full, every newcomer ranks below everything it holds, and
-    none borrows: the greedy scan would keep all it holds, then fail each newcomer at its
-    envelope's concurrency or else at that cap (every lease holds a slot), with counters that
-    never change.  A borrower would meet the lending checks in between, so it takes the scan.
-    Returns whether it applied."""
+        return None
+    used = st.used
+    if len(members) == 1 and not members[0].caps:
+        env = members[0]
+        here = used[env.key]
+        room = env.concurrency - here
+        if room > 0 and any(c.width <= room for _, c, _ in inc):
+            return None
+        rejection = decide.full_rejection(env, here)
+        for _, c, _ in inc:
+            c.rejections.append(rejection)
+            pending.append(c)
+        return last
     n = decide.n
-    most_senior, last = min(inc, key=_RANK)[0], max(inc, key=_RANK)[0]
-    if most_senior < entries[-1][0] or most_senior < n or last >= SPONSOR * n:
-        return False
+    if most_senior < n or last >= SPONSOR * n:
+        return None
     cap_used = st.cap_used
     caps = decide.index.caps
     for env in members:
         first = caps[env.caps[0]]
         if first.max_concurrency is None or cap_used[first.id] != first.max_concurrency:
-            return False
-    junior[acceptor] = max(junior[acceptor], last)
-    used = st.used
+            return None
     for _, c, env in inc:
-        u = used[env.key]
-        if u + c.width > env.concurrency:
-            c.rejections.append(decide.full_rejection(env, u))
+        here = used[env.key]
+        if here + c.width > env.concurrency:
+            c.rejections.append(decide.full_rejection(env, here))
         else:
             c.rejections.append(decide.first_cap_full(env))
         pending.append(c)
-    return True
+    return last
 
 
 def _capped_loan(entry: _Entry, n: int, sponsor_from: int) -> bool:
