@@ -202,16 +202,12 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     locations: dict[str, Mapping[str, str] | None] = {}
     unfunded = FundingClass.UNFUNDED
     run_name: str | None = None
-    run: Run | None = None
     run_key, owner = "", ""
     since: Instant | None = None
     borrow_cap: int | None = None
     at_node: dict[str, Proposals] = {}
     for lease in sorted(leases, key=_ID):
-        if t < lease.start:
-            continue
-        end = lease.effective_end()
-        if end is not None and t >= end:
+        if not _live(lease, t):
             continue
         lease_id = lease.id
         payer[lease_id] = None
@@ -219,6 +215,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
         if lease.run != run_name:
             run_name = lease.run
             run = runs.get(run_name)
+            run_lists = None
             if run is not None:
                 run_key = run.key
                 owner = owner_of(run.metadata.namespace)
@@ -227,7 +224,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
                 borrow_cap = funding.max_borrow_gpus if funding is not None else None
                 at_node = proposals_of_run.setdefault(run_key, {})
                 run_lists = proposer.lists_for(run, owner)
-        if run is None:
+        if run_lists is None:  # no such run
             rejections[lease_id] = []
             continue
         node = lease.node
@@ -238,7 +235,6 @@ def _claims(  # noqa: PLR0917 - fill's inputs
             else:
                 labels = node_labels.get(node)
                 location = locations[node] = location_of(labels) if labels is not None else None
-            assert run_lists is not None  # set with ``run``
             proposals = at_node[node] = run_lists.at(location, proposer)
         slots = lease.slots
         claims.append(
@@ -253,7 +249,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
                     lease.start if since is None else since,
                     run_key,
                     lease.group,
-                    _slot_key(slots[0]) if len(slots) == 1 else _first_slot(slots),
+                    _first_slot(slots),
                     lease_id,
                 ),
                 offers=proposals.offers,
@@ -273,7 +269,6 @@ def _new_claim(  # noqa: PLR0917 - what a claim is made of
     """The claim of one lease (``_claims`` builds the same, with what it looked up per run)."""
     funding = run.spec.funding
     slots = lease.slots
-    first = _slot_key(slots[0]) if len(slots) == 1 else _first_slot(slots)
     return _Claim(
         lease,
         run_key,
@@ -281,7 +276,7 @@ def _new_claim(  # noqa: PLR0917 - what a claim is made of
         proposals,
         funding.max_borrow_gpus if funding is not None else None,
         len(slots),
-        (admitted, run_key, lease.group, first, lease.id),
+        (admitted, run_key, lease.group, _first_slot(slots), lease.id),
     )
 
 
@@ -558,10 +553,7 @@ class _Decider:
 
     def first_cap_full(self, env: EnvelopeInfo) -> Rejection:
         """The rejection for ``env``'s first aggregate cap being full."""
-        limits = self._limits.get(env.key)
-        if limits is None:
-            limits = self._limits[env.key] = self._limits_of(env)
-        return limits[0][0][3]
+        return self._limits_for(env)[0][0][3]
 
     @staticmethod
     def turned_away(acceptor: int, trace: FillTrace) -> None:
@@ -582,10 +574,7 @@ class _Decider:
     ) -> Rejection | None:
         """The aggregate caps' and GPU-hours' checks for ``c`` on ``env`` (``u`` funded
         there), in their order; ``None`` if it passes."""
-        limits = self._limits.get(env.key)
-        if limits is None:
-            limits = self._limits[env.key] = self._limits_of(env)
-        caps, env_hours = limits
+        caps, env_hours = self._limits_for(env)
         already: bool | None = None
         period = self._hours.period_hours
         for cap_id, most, hours, full, spent in caps:
@@ -604,6 +593,12 @@ class _Decider:
             if not _hours_ok(remaining, period, u, w, already):
                 return spent
         return None
+
+    def _limits_for(self, env: EnvelopeInfo) -> _Limits:
+        limits = self._limits.get(env.key)
+        if limits is None:
+            limits = self._limits[env.key] = self._limits_of(env)
+        return limits
 
     def _limits_of(self, env: EnvelopeInfo) -> _Limits:
         hours = self._hours

@@ -16,8 +16,8 @@ from gpu_fleet.core.funding.family import Tier
 from gpu_fleet.core.model import EnvelopeKey, Run
 
 _KEEP_OPEN_SETS = 4
-"""Proposers an index keeps (one per set of open envelopes): the instants a fleet evaluates
-at usually fall in one or two sets."""
+"""Sets of open envelopes an index keeps proposal lists for: the instants a fleet evaluates at
+usually fall in one or two."""
 
 
 def _open_at(index: EnvelopeIndex, t: float) -> frozenset[EnvelopeKey]:
@@ -150,8 +150,8 @@ class Proposer:
     def envelopes_for(
         self, run: Run, owner: str, location: Mapping[str, str] | None
     ) -> tuple[EnvelopeKey, ...]:
-        """``ordered`` for funding at ``t`` (not admitting), as keys; the same list object for
-        every claim that shares it."""
+        """``ordered`` for funding at ``t`` (not admitting), as keys; the same tuple for every
+        claim that shares it."""
         return self.proposals_for(run, owner, location).keys
 
     def proposals_for(self, run: Run, owner: str, location: Mapping[str, str] | None) -> Proposals:
@@ -195,11 +195,7 @@ class Proposer:
                 for g in self._groups(flavor, owner, (), lambda e: e.active_at(t))
             ]
         out = list(family)
-        seen: set[str] = set()
-        for sponsor in sponsors:
-            if sponsor in seen or self.index.family.tier(sponsor, owner) is not Tier.NONE:
-                continue
-            seen.add(sponsor)
+        for sponsor in self._lenders(owner, sponsors):
             group = self._sponsor.get((sponsor, flavor, owner))
             if group is None:
                 envs = self._sponsor_envelopes(sponsor, flavor, owner, lambda e: e.active_at(t))
@@ -246,13 +242,17 @@ class Proposer:
             ]
             for tier, tier_owners in self._family_tiers(flavor, owner)
         ]
-        seen: set[str] = set()
-        for sponsor in sponsors:
-            if sponsor in seen or index.family.tier(sponsor, owner) is not Tier.NONE:
-                continue
-            seen.add(sponsor)
-            out.append(self._sponsor_envelopes(sponsor, flavor, owner, usable))
+        out += [
+            self._sponsor_envelopes(s, flavor, owner, usable)
+            for s in self._lenders(owner, sponsors)
+        ]
         return out
+
+    def _lenders(self, owner: str, sponsors: Sequence[str]) -> list[str]:
+        """The sponsors a run opted into that can lend to ``owner``: outside its family, each
+        once, in the run's order."""
+        tier = self.index.family.tier
+        return [s for s in dict.fromkeys(sponsors) if tier(s, owner) is Tier.NONE]
 
     def _sponsor_envelopes(
         self, sponsor: str, flavor: str, owner: str, usable: Callable[[EnvelopeInfo], bool]
