@@ -467,12 +467,18 @@ def _turned_away_at_once(  # noqa: PLR0917 - one acceptor's round, and where rej
         first = caps[env.caps[0]]
         if first.max_concurrency is None or cap_used[first.id] != first.max_concurrency:
             return None
+    # Per envelope, with counters that do not move: the room left, and the two rejections.
+    verdicts = {
+        env.key: (
+            env.concurrency - used[env.key],
+            decide.full_rejection(env, used[env.key]),
+            decide.first_cap_full(env),
+        )
+        for env in members
+    }
     for _, c, env in inc:
-        here = used[env.key]
-        if here + c.width > env.concurrency:
-            c.rejections.append(decide.full_rejection(env, here))
-        else:
-            c.rejections.append(decide.first_cap_full(env))
+        room, full, cap_full = verdicts[env.key]
+        c.rejections.append(full if c.width > room else cap_full)
         pending.append(c)
     return last
 
