@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import yaml
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,17 @@ from gpu_fleet.core.manifests.documents import (
     MAX_DEPTH,
     MAX_NODES,
     MAX_SCALAR_CHARS,
+    DocumentBounds,
+    _graph_problem,
+    _Loader,
+    _measure,
+    _node_chars,
+    _node_children,
+    _node_tree_fits,
+    _value_chars,
+    _value_children,
+    _value_tree_fits,
+    value_problem,
 )
 
 
@@ -207,3 +219,80 @@ def test_an_alias_bomb_in_an_inventory_is_still_refused() -> None:
     assert [str(e) for e in info.value.errors] == [
         f"documents[0]: more than {limit} nodes once aliases are expanded"
     ]
+
+
+small_bounds = st.builds(
+    DocumentBounds,
+    nodes=st.integers(1, 40),
+    scalar_chars=st.integers(0, 40),
+    depth=st.integers(1, 8),
+)
+
+
+@st.composite
+def graphs(draw: st.DrawFn) -> object:
+    """A value, sometimes with a collection placed twice (what an alias composes to)."""
+    value = draw(values)
+    collections = [v for v in _walk(value) if isinstance(v, (dict, list))]
+    if collections and draw(st.booleans()):
+        shared, host = draw(st.sampled_from(collections)), draw(st.sampled_from(collections))
+        if isinstance(host, list):
+            host.append(shared)  # a cycle when ``host`` is ``shared`` or inside it
+        else:
+            host["again"] = shared
+    return value
+
+
+def _walk(value: object) -> list[object]:
+    out, stack = [], [value]
+    while stack:
+        v = stack.pop()
+        out.append(v)
+        stack.extend(v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())
+    return out
+
+
+@seed(11)
+@settings(max_examples=400, deadline=None)
+@given(graphs(), small_bounds)
+def test_the_tree_shortcut_agrees_with_the_measure(value: object, bounds: DocumentBounds) -> None:
+    """The one-pass tree walk says "fits" only when the memoised measure finds no problem,
+    and on a tree it always decides (the measure's words are kept for every refusal)."""
+    reference = _measure(value, _value_children, _value_chars, bounds)
+    tree = len({id(v) for v in _walk_bounded(value)}) == len(_walk_bounded(value))
+    fits = _value_tree_fits(value, bounds)
+    assert not fits or reference is None
+    if tree:
+        assert fits == (reference is None)
+    assert value_problem(value, bounds) == reference
+    # The same graph as YAML composes it: aliases for the shared collection.
+    if tree or not _cyclic(value):
+        node = yaml.compose(yaml.safe_dump(value, sort_keys=False), Loader=_Loader)
+        assert node is not None
+        graph = _measure(node, _node_children, _node_chars, bounds)
+        assert not _node_tree_fits(node, bounds) or graph is None
+        if tree:
+            assert _node_tree_fits(node, bounds) == (graph is None)
+        assert _graph_problem(node, bounds) == graph
+
+
+def _walk_bounded(value: object) -> list[object]:
+    """Collections reached, each expanded once (so a cycle ends)."""
+    out: list[object] = []
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (dict, list)):
+            out.append(v)
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            stack.extend(v.values() if isinstance(v, dict) else v)
+    return out
+
+
+def _cyclic(value: object) -> bool:
+    return _measure(value, _value_children, _value_chars, DocumentBounds(10**9, 10**9, 10**9)) == (
+        "an alias refers to a node that contains it (infinite once expanded)"
+    )
