@@ -29,6 +29,7 @@ from gpu_fleet.core.funding.fill_result import FillResult
 from gpu_fleet.core.funding.matching import LOAN, SPONSOR
 from gpu_fleet.core.funding.metering import Evaluation
 from gpu_fleet.core.funding.proposals import Proposer
+from gpu_fleet.core.funding.ranked_rows import EMPTY_ROWS
 from gpu_fleet.core.model import EnvelopeKey, Instant, Payer, Run, run_key
 
 _CONSERVATIVE = "\U0010ffff"  # sorts after every run key: same-tier, same-time peers are senior
@@ -140,12 +141,12 @@ def available_width(
 ) -> tuple[int, str]:
     """How much more this envelope could fund for the prospective claim, and the binding limit."""
     tier = index.family.tier(env.owner, owner)
-    rows = fill.accepted.get(env.key, [])
+    rows = fill.accepted.get(env.key, EMPTY_ROWS)
     limits: list[tuple[int, str]] = []
     if tier is Tier.NONE:
         if not env.lends_to(owner):
             return 0, "lending policy does not admit this owner"
-        total = sum(r.width for r in rows)
+        total = rows.total_width()
         limits.append((env.concurrency - total, "free headroom"))
         if env.lending_max is not None:
             lent = sum(r.width for r in rows if r.rank_class in (LOAN, SPONSOR))

@@ -8,14 +8,13 @@ make the answer a small structure of its own (issue 11).
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex
 from gpu_fleet.core.funding.proposals import Proposer
+from gpu_fleet.core.funding.ranked_rows import RankedRows
 from gpu_fleet.core.model import EnvelopeKey, FundingClass
 
 
@@ -87,12 +86,11 @@ class FillResult:
     _payer: dict[str, EnvelopeKey | None]
     _funding_class: dict[str, FundingClass]
     _rejections: dict[str, list[Rejection]]
-    accepted: dict[EnvelopeKey, list[Accepted]]  # sorted by rank
+    accepted: dict[EnvelopeKey, RankedRows]  # each sorted by rank
     trace: FillTrace | None = None
     # Are ``payer``, ``funding_class`` and ``rejections`` in lease-id order, as ``fill`` lists
     # them?  A matching extended by a newcomer that sorts inside is not (``classes_by_id``).
     ordered: bool = True
-    _totals: dict[EnvelopeKey, list[int]] = field(default_factory=dict, repr=False, compare=False)
     # ``classes_by_id`` once computed; ``extend_fill`` hands it on as the base's list and the
     # newcomers (sorted), merged when read, so a chain of admissions never sorts or copies
     # every open lease (issue 11).
@@ -214,19 +212,14 @@ class FillResult:
         return self._by_id
 
     def funded_width(self, env: EnvelopeKey) -> int:
-        return sum(a.width for a in self.accepted.get(env, ()))
+        rows = self.accepted.get(env)
+        return rows.total_width() if rows is not None else 0
 
     def width_up_to(self, env: EnvelopeKey, rank: tuple[object, ...]) -> int:
         """Funded width on ``env`` ranked at or above ``rank`` (equal keys count as senior):
-        a binary search on running totals built once per envelope of this matching."""
-        rows = self.accepted.get(env, ())
-        if not rows:
-            return 0
-        totals = self._totals.get(env)
-        if totals is None:
-            widths = map(_WIDTH, rows)  # C-level: rebuilt for every new matching
-            totals = self._totals[env] = [0, *itertools.accumulate(widths)]
-        return totals[bisect.bisect_right(rows, rank, key=lambda r: r.rank)]
+        a binary search on running totals, built once per shared head (``RankedRows``)."""
+        rows = self.accepted.get(env)
+        return rows.width_up_to(rank) if rows is not None else 0
 
 
 def merge_by_id(

@@ -10,7 +10,6 @@ sequences.
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
 import operator
 from collections import defaultdict
@@ -20,7 +19,6 @@ from typing import TypeVar
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
 from gpu_fleet.core.funding.family import Tier
 from gpu_fleet.core.funding.fill_result import (
-    _WIDTH,
     Accepted,
     FillResult,
     FillTrace,
@@ -37,6 +35,7 @@ from gpu_fleet.core.funding.matching import (
     _live,
     _new_claim,
 )
+from gpu_fleet.core.funding.ranked_rows import EMPTY_ROWS
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 
 _K = TypeVar("_K")
@@ -171,13 +170,9 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
             return None
         used[key] += w
     accepted = dict(base.accepted)
-    copied: set[EnvelopeKey] = set()
     for rank, c, env, _ in claims:
-        if env.key not in copied:
-            copied.add(env.key)
-            accepted[env.key] = list(accepted.get(env.key, ()))
         row = Accepted(rank, c.lease.width, int(rank[0]))  # type: ignore[call-overload]
-        bisect.insort(accepted[env.key], row, key=lambda a: a.rank)
+        accepted[env.key] = accepted.get(env.key, EMPTY_ROWS).inserted(row)
         payer[c.lease.id] = env.key
         cls[c.lease.id] = CLASS_OF_RANK[row.rank_class]
     new_trace = FillTrace(
@@ -209,9 +204,8 @@ def _hand_on(
 ) -> None:
     """Give ``out`` what ``base`` already computed, updated for the newcomers, instead of
     rebuilding it from every open lease: the lease-id order (each newcomer inserted where it
-    sorts) and each envelope's running totals, kept up to the row before the most senior
-    newcomer and accumulated again only from there (newcomers are junior, so that is near the
-    end: admissions at one instant rank by run name among themselves)."""
+    sorts) and the funded pairs.  Each envelope's rows and running totals are shared through
+    ``RankedRows`` already."""
     # The lease-id order and the funded pairs, each as what the base knew and what was added
     # since; the added part is folded in past the layer limit (many admissions at one
     # instant), not copied whole at every admission.
@@ -231,33 +225,6 @@ def _hand_on(
         if len(added_pairs) > limit:
             known_pairs, added_pairs = known_pairs | added_pairs, frozenset()
         out._pairs_parts = (known_pairs, added_pairs)
-    ranks: dict[EnvelopeKey, list[tuple[object, ...]]] = defaultdict(list)
-    for rank, _, env, _ in claims:
-        ranks[env.key].append(rank)
-    for key, totals in base._totals.items():
-        if key not in ranks:
-            out._totals[key] = totals  # the same rows (``accepted`` shares the list)
-            continue
-        held = base.accepted.get(key, ())
-        # Rows before ``first`` rank above every newcomer: the same rows, the same totals.
-        first = bisect.bisect_left(held, min(ranks[key]), key=_ACCEPTED_RANK)
-        more = itertools.accumulate(map(_WIDTH, out.accepted[key][first:]), initial=totals[first])
-        next(more)  # the initial value: ``totals[first]`` is kept already
-        tail = list(more)  # the newcomers and the rows below them: a few
-        # Every reader of a totals list reads only the entries its own rows need (its rows
-        # plus one), and an entry, once written, never changes: so a list may be shared by
-        # every matching whose entries agree with it, and extended past its end.
-        if totals[first + 1 : first + 1 + len(tail)] == tail:
-            # Extended this way already: the admission's check extends the matching by the
-            # new leases, then the fold extends the same base by the same leases.
-            out._totals[key] = totals
-        elif first == len(held) and len(totals) == first + 1:
-            # Every newcomer ranks below every held row (the usual admission: the junior
-            # run): extend the base's list in place.
-            totals.extend(tail)
-            out._totals[key] = totals
-        else:
-            out._totals[key] = [*totals[: first + 1], *tail]
 
 
 def _layer_limit(base: FillResult) -> int:
@@ -307,10 +274,11 @@ def shrink_fill(base: FillResult, gone: Sequence[Lease]) -> FillResult | None:
     cls = {k: v for k, v in base.funding_class.items() if k not in ids}
     rejections = {k: v for k, v in base.rejections.items() if k not in ids}
     accepted = dict(base.accepted)
+    gone_from: dict[EnvelopeKey, set[str]] = defaultdict(set)
     for lid in ids:
         env = base.payer[lid]
-        if env is None:
-            continue
-        rows = accepted[env]
-        accepted[env] = [r for r in rows if r.rank[-1] != lid]
+        if env is not None:
+            gone_from[env].add(lid)
+    for env, lids in gone_from.items():
+        accepted[env] = accepted[env].without(lids)  # a row's rank ends in its lease id
     return FillResult(payer, cls, rejections, accepted, trace, base.ordered)

@@ -44,6 +44,7 @@ from gpu_fleet.core.funding.fill_result import (
     Rejection,
 )
 from gpu_fleet.core.funding.proposals import Offer, Proposals, Proposer, RunLists
+from gpu_fleet.core.funding.ranked_rows import RankedRows
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 
@@ -167,7 +168,8 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
             cls[lease_id] = CLASS_OF_RANK[rank_class]
     for c in claims:
         rejections[c.lease.id] = c.rejections
-    out = FillResult(payer, cls, rejections, accepted_view, trace)
+    accepted = {key: RankedRows.adopt(rows) for key, rows in accepted_view.items()}
+    out = FillResult(payer, cls, rejections, accepted, trace)
     out._proposer = proposer
     return out
 
