@@ -365,8 +365,8 @@ def test_the_same_extension_twice_shares_its_totals_instead_of_copying_them() ->
     folded = extend_fill(world.index, base, new, runs, admitted, world.node_labels, T0)
     assert checked is not None
     assert folded is not None
-    assert folded.accepted[key].shares_head_with(checked.accepted[key])
-    assert folded.accepted[key].shares_head_with(base.accepted[key])
+    assert folded.accepted[key].shares_rows_with(checked.accepted[key])
+    assert folded.accepted[key].shares_rows_with(base.accepted[key])
     reference = fill(world.index, held + new, runs, admitted, world.node_labels, T0)
     rows = reference.accepted[key]
     for result in (checked, folded):
