@@ -1,24 +1,17 @@
 """One envelope's funded rows in rank order, kept so that a matching extended by a row or two
 shares the rest with the matching it extends.
 
-Why: an admission extends the current matching by its new leases (``extend_fill``), and each
-lands near the end of its envelope's rows (a newcomer is junior, or ranks by run name among
-the others admitted at the same instant).  A plain list had to be copied whole for every
-admission - with its running totals, 8 % of the manager's CPU at 10k nodes and 5k open runs
-(issue 11).
+Why: an admission extends the current matching by its new leases (``extend_fill``).  A plain
+list had to be copied whole for every admission, with its running totals: 8 % of the manager's
+CPU at 10k nodes and 5k open runs (issue 11), and more when a burst's runs rank before rows
+already held (runs admitted in the same second rank by name, so a newcomer often lands a
+thousand rows before the end).
 
-Here a version is a *prefix* of a shared, append-only list (its first ``n`` rows) and a short
-sorted *tail* of its own:
+Here the rows are cut into chunks of ``CHUNK`` to ``2 * CHUNK`` rows.  A chunk never changes
+once made and is shared by every version that holds it; inserting a row copies its one chunk
+(split in two when it grows past ``2 * CHUNK``) and the version's short per-chunk lists (last
+rank, width, size), wherever the row lands: O(CHUNK + n / CHUNK), at C speed.
 
-* a newcomer ranked after the prefix goes into a copy of the tail;
-* one ranked inside the prefix but near its end shortens the prefix instead: the rows after it
-  move into the new version's tail, and nothing is copied but them;
-* a tail longer than about the square root of twice the rows is folded into the shared list -
-  appended in place when this version's prefix is the whole (non-empty) list - other versions
-  read only their own prefixes - else copied.
-
-The running totals of the shared list are append-only too and built as far as they are read,
-so an insertion costs O(sqrt n) amortised and no version ever sums rows another already summed.
 A ``RankedRows`` never changes once made; ``inserted`` and ``without`` return new versions.
 """
 
@@ -26,80 +19,60 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 import operator
-import threading
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, overload
 
 if TYPE_CHECKING:
     from gpu_fleet.core.funding.fill_result import Accepted
 
-_RANK = operator.attrgetter("rank")
-_WIDTH = operator.attrgetter("width")
+CHUNK = 128
+"""Rows per chunk as cut from a list (a chunk splits in two past twice this)."""
 
-_GROW = threading.Lock()
-"""Held while a shared list or its totals grow: the manager decides in a worker thread while
-its loop may read (and so total) the same matchings; check-then-append must not interleave."""
+_RANK: Callable[[Accepted], tuple[object, ...]] = operator.attrgetter("rank")
+_WIDTH: Callable[[Accepted], int] = operator.attrgetter("width")
 
 
-class _Shared:
-    """Rows in rank order that versions read prefixes of, and their running totals."""
-
-    __slots__ = ("rows", "totals")
-
-    def __init__(self, rows: list[Accepted], totals: list[int] | None = None) -> None:
-        self.rows = rows  # append-only
-        self.totals = totals or [0]  # totals[i]: the width of rows[:i]; append-only, as read
-
-    def changed_after(self, same: int, rows: list[Accepted]) -> _Shared:
-        """A new list ``rows`` whose first ``same`` rows are this list's: their totals, as far
-        as they are built, are copied rather than summed again."""
-        return _Shared(rows, self.totals[: same + 1])
-
-    def total_before(self, i: int) -> int:
-        totals = self.totals
-        if i >= len(totals):
-            with _GROW:
-                done = len(totals) - 1
-                if i > done:
-                    more = map(_WIDTH, itertools.islice(self.rows, done, i))
-                    sums = itertools.accumulate(more, initial=totals[done])
-                    next(sums)  # ``initial``: the total there already
-                    totals.extend(sums)
-        return totals[i]
+def _chunked(rows: list[Accepted]) -> list[list[Accepted]]:
+    return [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
 
 
 class RankedRows(Sequence["Accepted"]):
-    """Rows sorted by rank (``Accepted.rank``), equal ranks in insertion order."""
+    """Rows sorted by rank (``Accepted.rank``), equal ranks in insertion order.
 
-    __slots__ = ("_n", "_shared", "_tail", "_tail_totals")
+    Per chunk, a version keeps the chunk (a list nobody changes), its last rank (bisected to
+    find a rank's chunk), its width and its number of rows: four short lists, copied at C
+    speed by each insertion, and summed at C speed up to a chunk to read a position or a
+    running total there.
+    """
+
+    __slots__ = ("_chunks", "_lasts", "_len", "_sizes", "_total", "_widths")
 
     def __init__(self, rows: Iterable[Accepted] = ()) -> None:
-        self._shared = _Shared(list(rows))
-        self._n = len(self._shared.rows)
-        self._tail: list[Accepted] = []
-        self._tail_totals: list[int] | None = None
+        self._set(_chunked(list(rows)))
 
     @classmethod
     def adopt(cls, rows: list[Accepted]) -> RankedRows:
-        """``rows`` (in rank order) without a copy: the caller hands the list over."""
-        return cls._of(_Shared(rows), len(rows), [])
-
-    @classmethod
-    def _of(cls, shared: _Shared, n: int, tail: list[Accepted]) -> RankedRows:
+        """``rows`` (in rank order) as chunks; the caller hands the list over."""
         out = cls.__new__(cls)
-        out._shared, out._n, out._tail, out._tail_totals = shared, n, tail, None
+        out._set(_chunked(rows))
         return out
+
+    def _set(self, chunks: list[list[Accepted]]) -> None:
+        self._chunks = chunks
+        self._lasts = [c[-1].rank for c in chunks]
+        self._widths = [sum(map(_WIDTH, c)) for c in chunks]
+        self._sizes = [len(c) for c in chunks]
+        self._len = sum(self._sizes)
+        self._total = sum(self._widths)
 
     # -- Sequence --------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return self._n + len(self._tail)
+        return self._len
 
     def __iter__(self) -> Iterator[Accepted]:
-        head = itertools.islice(self._shared.rows, self._n)
-        return itertools.chain(head, self._tail) if self._tail else head
+        return itertools.chain.from_iterable(self._chunks)
 
     @overload
     def __getitem__(self, i: int) -> Accepted: ...
@@ -110,13 +83,20 @@ class RankedRows(Sequence["Accepted"]):
     def __getitem__(self, i: int | slice) -> Accepted | list[Accepted]:
         if isinstance(i, slice):
             return self.as_list()[i]
-        n = self._n
-        size = n + len(self._tail)
         if i < 0:
-            i += size
-        if not 0 <= i < size:
+            i += self._len
+        if not 0 <= i < self._len:
             raise IndexError("RankedRows index out of range")
-        return self._shared.rows[i] if i < n else self._tail[i - n]
+        for chunk in self._chunks if i < self._len // 2 else ():
+            if i < len(chunk):
+                return chunk[i]
+            i -= len(chunk)
+        i -= self._len  # from the end: ``rows[-1]`` and its neighbours are read most
+        for chunk in reversed(self._chunks):
+            if i >= -len(chunk):
+                return chunk[i]
+            i += len(chunk)
+        raise AssertionError("unreachable: the index was checked")
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, RankedRows | list):
@@ -130,83 +110,77 @@ class RankedRows(Sequence["Accepted"]):
 
     def as_list(self) -> list[Accepted]:
         """The rows as a new list."""
-        return [*self._shared.rows[: self._n], *self._tail]
+        return list(self)
 
     # -- reading by rank -------------------------------------------------------------------
 
     def bisect_left(self, rank: tuple[object, ...]) -> int:
         """Where a row of ``rank`` would go before any equal one (``bisect.bisect_left``)."""
-        n = self._n
-        i = bisect.bisect_left(self._shared.rows, rank, 0, n, key=_RANK)
-        if i < n or not self._tail:
-            return i
-        return n + bisect.bisect_left(self._tail, rank, key=_RANK)
+        k = bisect.bisect_left(self._lasts, rank)  # the first chunk ending at or after rank
+        if k == len(self._chunks):
+            return self._len
+        return sum(self._sizes[:k]) + bisect.bisect_left(self._chunks[k], rank, key=_RANK)
 
     def bisect_right(self, rank: tuple[object, ...]) -> int:
         """Where a row of ``rank`` would go after every equal one (``bisect.bisect_right``)."""
-        n = self._n
-        i = bisect.bisect_right(self._shared.rows, rank, 0, n, key=_RANK)
-        if i < n or not self._tail:
-            return i
-        return n + bisect.bisect_right(self._tail, rank, key=_RANK)
-
-    def width_before(self, i: int) -> int:
-        """The width of the first ``i`` rows."""
-        n = self._n
-        if i <= n:
-            return self._shared.total_before(i)
-        if self._tail_totals is None:
-            self._tail_totals = [0, *itertools.accumulate(map(_WIDTH, self._tail))]
-        return self._shared.total_before(n) + self._tail_totals[i - n]
+        k = bisect.bisect_right(self._lasts, rank)  # the first chunk ending after rank
+        if k == len(self._chunks):
+            return self._len
+        return sum(self._sizes[:k]) + bisect.bisect_right(self._chunks[k], rank, key=_RANK)
 
     def width_up_to(self, rank: tuple[object, ...]) -> int:
         """The width of the rows ranked at or above ``rank`` (equal ranks count as senior)."""
-        return self.width_before(self.bisect_right(rank))
+        k = bisect.bisect_right(self._lasts, rank)
+        if k == len(self._chunks):
+            return self._total
+        chunk = self._chunks[k]
+        at = bisect.bisect_right(chunk, rank, key=_RANK)
+        return sum(self._widths[:k]) + sum(map(_WIDTH, chunk[:at]))
 
     def total_width(self) -> int:
-        return self.width_before(len(self))
+        return self._total
 
     # -- new versions ----------------------------------------------------------------------
 
     def inserted(self, row: Accepted) -> RankedRows:
         """These rows with ``row`` after every row of an equal rank (``bisect.insort``)."""
-        shared, n = self._shared, self._n
-        at = bisect.bisect_right(shared.rows, row.rank, 0, n, key=_RANK)
-        limit = _tail_limit(n)
-        if at == n:  # after the prefix (the usual newcomer): into a copy of the tail
-            tail = list(self._tail)
-            bisect.insort_right(tail, row, key=_RANK)
-        elif n - at + len(self._tail) < limit:  # near the prefix's end: shorten it
-            tail = [row, *shared.rows[at:n], *self._tail]
-            n = at
-        else:  # far inside: a new list
-            rows = [*shared.rows[:at], row, *shared.rows[at:n], *self._tail]
-            return RankedRows._of(shared.changed_after(at, rows), len(rows), [])
-        if len(tail) <= limit:
-            return RankedRows._of(shared, n, tail)
-        end = n + len(tail)
-        with _GROW:
-            if n and len(shared.rows) == n:  # this prefix is the whole list: append in place
-                shared.rows.extend(tail)
-                return RankedRows._of(shared, end, [])
-        if shared.rows[n:end] == tail:  # a sibling appended these very rows (the same
-            return RankedRows._of(shared, end, [])  # extension twice: check, then fold)
-        rows = [*shared.rows[:n], *tail]
-        return RankedRows._of(shared.changed_after(n, rows), end, [])
+        chunks = self._chunks
+        if not chunks:
+            return RankedRows.adopt([row])
+        k = min(bisect.bisect_right(self._lasts, row.rank), len(chunks) - 1)
+        rows = list(chunks[k])
+        bisect.insort_right(rows, row, key=_RANK)
+        out = RankedRows.__new__(RankedRows)
+        out._len, out._total = self._len + 1, self._total + row.width
+        if len(rows) > 2 * CHUNK:  # split: the chunk's place takes two
+            one, two = rows[:CHUNK], rows[CHUNK:]
+            after = k + 1
+            out._chunks = [*chunks[:k], one, two, *chunks[after:]]
+            out._lasts = [*self._lasts[:k], one[-1].rank, two[-1].rank, *self._lasts[after:]]
+            widths = [sum(map(_WIDTH, one)), sum(map(_WIDTH, two))]
+            out._widths = [*self._widths[:k], *widths, *self._widths[after:]]
+            out._sizes = [*self._sizes[:k], len(one), len(two), *self._sizes[after:]]
+            return out
+        out._chunks = chunks.copy()
+        out._chunks[k] = rows
+        out._lasts = self._lasts
+        if rows[-1] is row:  # the chunk's last rank changed
+            out._lasts = self._lasts.copy()
+            out._lasts[k] = row.rank
+        out._widths = self._widths.copy()
+        out._widths[k] += row.width
+        out._sizes = self._sizes.copy()
+        out._sizes[k] += 1
+        return out
 
     def without(self, rank_keys: Collection[object]) -> RankedRows:
         """These rows less those whose rank ends in one of ``rank_keys`` (lease ids)."""
         return RankedRows(r for r in self if r.rank[-1] not in rank_keys)
 
-    def shares_rows_with(self, other: RankedRows) -> bool:
-        """Do both versions read the same shared list (and its running totals)?"""
-        return self._shared is other._shared
-
-
-def _tail_limit(head: int) -> int:
-    """Rows kept apart before the tail is folded into the shared list: about sqrt(2n), which
-    balances copying the tail at every insertion against copying the list at each fold."""
-    return max(32, math.isqrt(2 * head))
+    def chunks_shared_with(self, other: RankedRows) -> int:
+        """How many chunks both versions hold (the rest each made or copied)."""
+        mine = {id(c) for c in self._chunks}
+        return sum(id(c) in mine for c in other._chunks)
 
 
 EMPTY_ROWS = RankedRows()
