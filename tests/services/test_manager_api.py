@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -226,7 +227,8 @@ async def test_restart_loads_snapshot_and_folds_only_the_tail(stack: InProcessSt
 
 def test_a_snapshot_waits_for_batches_and_for_a_tail_worth_its_cost() -> None:
     """Due after ``snapshot_every`` batches, and once the events after the last snapshot are
-    1/8 of the ledger (``SNAPSHOT_TAIL``): its cost (the whole state) stays constant per event."""
+    1/8 of the ledger (``SNAPSHOT_TAIL``): its cost (the whole state) stays constant per event.
+    And not before ``snapshot_min_seconds`` since the last one: a burst pays one per that."""
     manager = Manager(ManagerConfig(nats_url="nats://unused", snapshot_every=2))
     fleet = SimpleNamespace(appended_batches=1, seq=100)
     manager.fleet = fleet  # type: ignore[assignment]
@@ -240,6 +242,13 @@ def test_a_snapshot_waits_for_batches_and_for_a_tail_worth_its_cost() -> None:
     assert not manager._snapshot_due()  # 14 x 8 < 114
     fleet.seq = 115
     assert manager._snapshot_due()  # 15 x 8 >= 115
+    manager.config.snapshot_min_seconds = 3600.0
+    manager._snapshot_at, manager._snapshot_seq = 4, 115  # saved there, just now
+    manager._snapshot_time = time.monotonic()
+    fleet.appended_batches, fleet.seq = 10, 1_000
+    assert not manager._snapshot_due()  # a tail worth it, but less than an hour since
+    manager._snapshot_time -= 3600.0
+    assert manager._snapshot_due()  # an hour later
     manager.config.snapshot_every = 0
     assert not manager._snapshot_due()  # snapshots off
 

@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("GPU_FLEET_SNAPSHOT_EVERY", "500")),
         help="ledger batches between state snapshots (0 disables them)",
     )
+    p.add_argument(
+        "--snapshot-min-seconds",
+        type=float,
+        default=float(env("GPU_FLEET_SNAPSHOT_MIN_SECONDS", "10")),
+        help="seconds at least between state snapshots (a burst pays one per this, not more)",
+    )
     limits = ApiLimits()
     for flag, var, value, text in (
         (
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         tick_seconds=max(0.05, parse_duration(args.tick) or 1),
         use_binder=not args.no_binder,
         snapshot_every=max(0, args.snapshot_every),
+        snapshot_min_seconds=max(0.0, args.snapshot_min_seconds),
         limits=ApiLimits(
             max_request_bytes=max(1024, args.max_request_bytes),
             max_reply_bytes=max(4096, args.max_reply_bytes),
