@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -214,13 +215,18 @@ class LedgerFleet(Fleet):
         """Bookkeeping once decisions are on the ledger: counters, metrics, one log line each."""
         self.appended_batches += len(done)
         first = self.seq - sum(len(batch) for batch, _ in done) + 1
+        # One line per decision, with the context to find it in the ledger and in time; its
+        # context is not built at a level that drops it (a burst appends thousands a second).
+        lines = log.is_enabled_for(logging.INFO)
         for batch, counted in done:
             if self.observer is not None:
                 self.observer.record(counted)  # only once the batch is on the ledger
-            for event in batch:
-                # One line per decision, with the context to find it in the ledger and in time.
-                log.info("ledger.event", seq=first, **event_context(event))
-                first += 1
+            if lines:
+                for event in batch:
+                    log.info("ledger.event", seq=first, **event_context(event))
+                    first += 1
+            else:
+                first += len(batch)
 
     def replay(self, event: Event | None, seq: int) -> None:
         """Fold an event read back from the stream (no append).

@@ -225,8 +225,8 @@ class Work:
         return own if own is not None else self.topology.domain_free(domain)
 
     def domain_frees(self) -> dict[str, int]:
-        """Free GPUs of every domain in SPEC order (a fresh dict the caller may mutate): the
-        snapshot's, with this plan's own counts over it."""
+        """Free GPUs of every domain (a fresh dict the caller may mutate, in no particular
+        order): the snapshot's, with this plan's own counts over it."""
         out = self.topology.domain_frees()
         for key, free in self._dom_free.items():
             if key in out:

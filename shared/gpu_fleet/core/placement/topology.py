@@ -93,7 +93,6 @@ class Topology:
         "_capacity",
         "_domain_free",
         "_domains",
-        "_frees_in_order",
         "_moved",
         "_nodes",
         "_order",
@@ -118,7 +117,6 @@ class Topology:
         }
         self._order = sorted(self._domains, key=lambda k: (-self._domain_free[k], k))
         self._total_free = sum(self._domain_free.values())
-        self._frees_in_order: dict[str, int] | None = None
 
     def with_nodes(
         self, skeleton: Skeleton, held: Mapping[str, Collection[int]], changed: Collection[str]
@@ -174,7 +172,6 @@ class Topology:
             bisect.insort(order, key, key=lambda k: (-domain_free[k], k))
         other._order = order
         other._total_free = total
-        other._frees_in_order = None
         return other
 
     def _info(self, node: str) -> _NodeInfo:
@@ -196,18 +193,13 @@ class Topology:
         return tuple(self._order)
 
     def domain_frees(self) -> dict[str, int]:
-        """Free GPUs of every domain, in SPEC order (a fresh dict the caller may mutate).
+        """Free GPUs of every domain (a fresh dict the caller may mutate), in no particular
+        order: every planner picks from it by (free GPUs, key), never by position.
 
-        Built once per snapshot: every plan starts from it (``Work.domain_frees``), and a
-        per-domain lookup for each of a 10k-node fleet's 313 domains was a tenth of a plan.
+        A copy of the snapshot's own map: every plan starts from it (``Work.domain_frees``).
+        Built in SPEC order it cost 19 us per admission at 313 domains, the copy 1 us.
         """
-        cached = self._frees_in_order
-        if cached is None:
-            order = self._order
-            cached = self._frees_in_order = dict(
-                zip(order, map(self._domain_free.__getitem__, order), strict=True)
-            )
-        return dict(cached)
+        return self._domain_free.copy()
 
     def domain(self, domain_key: str) -> Domain:
         return self._domains[domain_key]
