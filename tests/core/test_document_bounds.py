@@ -27,7 +27,6 @@ from gpu_fleet.core.manifests.documents import (
     MAX_NODES,
     MAX_SCALAR_CHARS,
     DocumentBounds,
-    _graph_problem,
     _Loader,
     _measure,
     _node_chars,
@@ -273,7 +272,6 @@ def test_the_tree_shortcut_agrees_with_the_measure(value: object, bounds: Docume
         assert not _node_tree_fits(node, bounds) or graph is None
         if tree:
             assert _node_tree_fits(node, bounds) == (graph is None)
-        assert _graph_problem(node, bounds) == graph
 
 
 def _walk_bounded(value: object) -> list[object]:

@@ -1,4 +1,5 @@
-"""libyaml's fast path answers exactly what the pure-Python reference loader answers.
+"""libyaml's fast path, and the plain constructor, answer exactly what the pure-Python reference
+loader answers.
 
 ``load_documents`` reads text inside ``_libyaml_agrees``'s subset with libyaml's C parser (about
 ten times faster: the manager parses every submission on its event loop) and everything else,
@@ -46,16 +47,18 @@ RUN = (
 
 
 def outcome(text: str, *, fast: bool) -> tuple[str, str]:
-    """What ``load_documents`` answers, as comparable text (``repr`` keeps 1, 1.0, True apart)."""
-    saved = docs_module._FastLoader
+    """What ``load_documents`` answers, as comparable text (``repr`` keeps 1, 1.0, True apart).
+    Not ``fast``: the reference alone - PyYAML's parser and constructor, without libyaml's
+    parser or our plain constructor (``_plain_value``)."""
+    saved = docs_module._FastLoader, docs_module._PLAIN
     if not fast:
-        docs_module._FastLoader = None
+        docs_module._FastLoader, docs_module._PLAIN = None, False
     try:
         return ("documents", repr(load_documents(text, "f.yaml")))
     except ManifestError as exc:
         return ("errors", repr([str(e) for e in exc.errors]))
     finally:
-        docs_module._FastLoader = saved
+        docs_module._FastLoader, docs_module._PLAIN = saved
 
 
 def test_this_build_has_the_fast_path_and_a_submission_takes_it() -> None:
@@ -129,3 +132,56 @@ def test_an_inventory_takes_the_fast_path_with_its_own_bounds() -> None:
     assert len(document["nodes"]) == 12000
     with pytest.raises(ManifestError, match="more than 100000 nodes"):
         load_documents(inventory, "inventory.yaml")
+
+
+SCALARS = [  # every form a resolver gives a tag to, in each spelling, and strings near them
+    *["true", "True", "TRUE", "false", "False", "FALSE", "tRue", "yes", "no", "on", "off"],
+    *["null", "Null", "NULL", "~", "", "nULL", "None"],
+    *["0", "-0", "+0", "7", "+7", "-7", "010", "0x1F", "0o7", "1_000", "12345678901234567890"],
+    *["1.", ".5", "-.5", "+1.5", "1e5", "1E-5", "-1e+5", "1.5e3", "1_0.5", "1e", "e5", "1:30"],
+    *[".inf", ".Inf", ".INF", "+.inf", "-.Inf", "-.INF", ".nan", ".NaN", ".NAN", ".iNf", "inf"],
+    *["2026-01-01T00:00:00Z", "2026-01-01", "'1'", '"true"', "a b", "=", "<<"],
+]
+TAGGED = ["!!int 010", "!!int 0x1F", "!!float 1", "!!str 1", "!!bool yes", "!!null ''", "!x y"]
+
+
+@pytest.mark.parametrize("scalar", SCALARS + TAGGED)
+def test_every_scalar_form_reads_as_the_reference_reads_it(scalar: str) -> None:
+    """The plain constructor (``_plain_value``) against PyYAML's, value by value: as a value,
+    as a key, in a list, and flow style; explicit tags go to PyYAML's constructor."""
+    for text in (f"a: {scalar}\n", f"{scalar}: a\n", f"- {scalar}\n- x\n", f"{{k: [{scalar}]}}\n"):
+        assert outcome(text, fast=True) == outcome(text, fast=False), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: 1\na: 2\n",  # a duplicate key: the strict constructor's words
+        "{a: 1, a: 2}\n",
+        "? [a, b]\n: c\n",  # an unhashable key
+        "? {a: b}\n: c\n",
+        "base: &b {x: 1}\nuse:\n  <<: *b\n  y: 2\n",  # a merge key
+        "use:\n  <<: {x: 1}\n  x: 2\n",
+        "a: &s text\nb: *s\n",  # a scalar reached twice is still a tree
+        "a: &m {x: 1}\nb: *m\n",  # a shared mapping is not
+    ],
+)
+def test_what_the_plain_constructor_leaves_to_pyyaml_reads_the_same(text: str) -> None:
+    assert outcome(text, fast=True) == outcome(text, fast=False), text
+
+
+@settings(max_examples=300)
+@given(
+    st.recursive(
+        st.sampled_from(SCALARS),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]"),
+            st.lists(st.tuples(st.sampled_from(SCALARS), inner), max_size=3).map(
+                lambda kvs: "{" + ", ".join(f"{k}: {v}" for k, v in kvs) + "}"
+            ),
+        ),
+        max_leaves=12,
+    )
+)
+def test_flow_documents_of_every_scalar_form_read_as_the_reference(text: str) -> None:
+    assert outcome(text + "\n", fast=True) == outcome(text + "\n", fast=False)

@@ -17,6 +17,7 @@ operator's own fleet description) is read with the wider ``INVENTORY_BOUNDS``.
 This module is pure: it parses text it is given and never reads files.
 """
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,11 +74,19 @@ class _Strict(yaml.constructor.SafeConstructor):
 
     document = -1  # index of the document being loaded, for ``documents[i]`` in bound errors
     bounds = MANIFEST_BOUNDS
+    implicit_tags = False  # the text has no tag (no ``!``): every tag is our resolvers'
 
     def construct_document(self, node: yaml.Node) -> Any:
-        problem = _graph_problem(node, self.bounds)
-        if problem is not None:
-            raise _BoundError(self.document, problem)
+        if _node_tree_fits(node, self.bounds):
+            if self.implicit_tags and _PLAIN:
+                try:
+                    return _plain_value(node)
+                except (_NotPlainError, ValueError):
+                    pass  # something PyYAML's constructor must build, or word
+        else:
+            problem = _measure(node, _node_children, _node_chars, self.bounds)
+            if problem is not None:
+                raise _BoundError(self.document, problem)
         return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -265,10 +274,52 @@ def _node_chars(node: object) -> int:
     return len(node.value) if isinstance(node, yaml.ScalarNode) else 0
 
 
-def _graph_problem(node: yaml.Node, bounds: DocumentBounds) -> str | None:
-    if _node_tree_fits(node, bounds):
+_PLAIN = True
+"""Build tree documents with ``_plain_value`` (tests turn it off to compare with PyYAML's)."""
+
+_TAG = "tag:yaml.org,2002:"
+_STR, _MAP, _SEQ = _TAG + "str", _TAG + "map", _TAG + "seq"
+_INT, _FLOAT, _BOOL, _NULL = _TAG + "int", _TAG + "float", _TAG + "bool", _TAG + "null"
+_SPECIAL_FLOATS = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+
+
+class _NotPlainError(Exception):
+    """A node ``_plain_value`` leaves to PyYAML's constructor."""
+
+
+def _plain_value(node: yaml.Node) -> Any:
+    """The value PyYAML's safe constructor builds from a tree whose tags all come from our
+    resolvers (YAML 1.2 core: decimal ints, plain floats, true/false, null; the rest strings),
+    without its per-node dispatch and generators: a third of loading a run manifest.  Raises
+    ``_NotPlainError`` (or ``ValueError``) for anything else - a merge key, a duplicate or
+    unhashable key, another tag - which the caller hands to PyYAML.  Recursion is bounded by
+    the document depth bound, checked before."""
+    tag = node.tag
+    value = node.value
+    if tag == _STR:
+        return value
+    if tag == _MAP:
+        out = {}
+        for key_node, value_node in value:
+            key = _plain_value(key_node)
+            if isinstance(key, dict | list):
+                raise _NotPlainError
+            out[key] = _plain_value(value_node)
+        if len(out) != len(value):
+            raise _NotPlainError  # a duplicate key: the strict constructor says which
+        return out
+    if tag == _SEQ:
+        return [_plain_value(item) for item in value]
+    if tag == _INT:
+        return int(value)  # the resolver's form: decimal, optional sign, no leading zero
+    if tag == _FLOAT:
+        special = _SPECIAL_FLOATS.get(value.lower())
+        return special if special is not None else float(value)
+    if tag == _BOOL:
+        return value in ("true", "True", "TRUE")
+    if tag == _NULL:
         return None
-    return _measure(node, _node_children, _node_chars, bounds)
+    raise _NotPlainError
 
 
 def _node_tree_fits(root: yaml.Node, bounds: DocumentBounds) -> bool:
@@ -382,6 +433,7 @@ def _load_all(
     """``yaml.load_all`` with ``loader_class`` carrying ``bounds`` (PyYAML's own loop)."""
     loader: Any = loader_class(text)  # type: ignore[call-arg]
     loader.bounds = bounds
+    loader.implicit_tags = "!" not in text
     try:
         while loader.check_data():
             yield loader.get_data()
