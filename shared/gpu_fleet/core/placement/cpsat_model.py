@@ -23,6 +23,7 @@ touched (estimated from the class's first domain; for a fill remainder, at its l
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -411,13 +412,15 @@ def evident_fill(
     if any(frees.get(d, 0) for d in preferred_present(topology, request)):
         return None
     need = request.total_gpus
-    roomiest = max(frees.values(), default=0)
+    distinct = set(frees.values())  # C-level passes over the domains, not Python loops:
+    roomiest = max(distinct, default=0)  # this runs for every admission (issue 11)
     if roomiest < need:
         return None
-    keys = dict.fromkeys((False, f) for f in sorted(set(frees.values()), reverse=True) if f)
+    keys = dict.fromkeys((False, f) for f in sorted(distinct, reverse=True) if f)
     chosen = _prefilter(keys, {(False, roomiest)}, request, sizes, settings.max_candidate_domains)
     best = min(k[1] for k in chosen if k[1] >= need)
-    domain = min(d for d, free in frees.items() if free == best)  # every domain is a key
+    # The least key among the domains with ``best`` free (every domain is a key).
+    domain = min(itertools.compress(frees, map(best.__eq__, frees.values())))
     return Decision(((need, domain),), ((),)), best == roomiest
 
 
