@@ -186,6 +186,10 @@ def chain_against_fresh(domains: int, changes: list[tuple[int, set[int]]]) -> No
         assert current.domain_frees() == fresh.domain_frees()
         assert list(current.domain_frees()) == list(fresh.domain_frees())
         assert current.total_free() == fresh.total_free()
+        frees = fresh.domain_frees()
+        for free in range(8 * 12 + 1):  # the least key with each count (evident_fill's pick)
+            least = min((d for d, f in frees.items() if f == free), default=None)
+            assert current.least_key_with(free) == least
         for node in nodes:
             assert current.free_ordinals(node.name) == fresh.free_ordinals(node.name)
             assert current.free_slots(node.name) == fresh.free_slots(node.name)

@@ -158,7 +158,9 @@ def _plan(  # noqa: PLR0917 - _plan's inputs, plus whether it may search
     topology = work.topology
     frees = work.domain_frees()
     if settings.enabled and budget > 0:
-        evident = evident_fill(topology, request, sizes, frees, settings)
+        evident = evident_fill(
+            topology, request, sizes, frees, settings, as_snapshot=work.untouched()
+        )
         if evident is not None:
             quick, greedy_s = evident
             return realize(work.fork(), request, quick, "greedy" if greedy_s else SOLVER)

@@ -388,6 +388,8 @@ def evident_fill(
     sizes: list[int],
     frees: dict[str, int],
     settings: PlannerSettings,
+    *,
+    as_snapshot: bool = False,
 ) -> tuple[Decision, bool] | None:
     """What planning decides for a fill that one domain can hold, without greedy or a model:
     ``(decision, is_greedy_s)``, or ``None`` where greedy and the model must tell.
@@ -403,7 +405,7 @@ def evident_fill(
     roomiest domain; its plan stands when that is the answer's class (the same domain: least
     key of that free count), else the answer strands fewer GPUs and wins.
     ``tests/core/test_packing_cpsat.py`` checks it against the solver and against planning
-    without it.
+    without it.  ``as_snapshot``: ``frees`` are ``topology``'s own counts (no plan's over them).
     """
     if request.group_gpus is not None or not request.allow_cross_group_spread:
         return None
@@ -419,8 +421,11 @@ def evident_fill(
     keys = dict.fromkeys((False, f) for f in sorted(distinct, reverse=True) if f)
     chosen = _prefilter(keys, {(False, roomiest)}, request, sizes, settings.max_candidate_domains)
     best = min(k[1] for k in chosen if k[1] >= need)
-    # The least key among the domains with ``best`` free (every domain is a key).
-    domain = min(itertools.compress(frees, map(best.__eq__, frees.values())))
+    # The least key among the domains with ``best`` free (every domain is a key): a binary
+    # search in the snapshot's own order when ``frees`` are its counts, else a pass.
+    domain = topology.least_key_with(best) if as_snapshot else None
+    if domain is None:
+        domain = min(itertools.compress(frees, map(best.__eq__, frees.values())))
     return Decision(((need, domain),), ((),)), best == roomiest
 
 

@@ -192,6 +192,10 @@ class Work:
         else:
             self.exclude(excluded)
 
+    def untouched(self) -> bool:
+        """Are the free counts the snapshot's own (nothing excluded or taken in this view)?"""
+        return not self._dom_free
+
     def fork(self) -> Work:
         """An independent copy (lists are never mutated in place, so a shallow copy suffices)."""
         other = Work(self.topology)

@@ -201,6 +201,15 @@ class Topology:
         """
         return self._domain_free.copy()
 
+    def least_key_with(self, free: int) -> str | None:
+        """The least key among the domains with ``free`` free GPUs, or None if none has:
+        a binary search in SPEC order (free GPUs descending, then key)."""
+        order, counts = self._order, self._domain_free
+        i = bisect.bisect_left(order, (-free, ""), key=lambda d: (-counts[d], d))
+        if i < len(order) and counts[order[i]] == free:
+            return order[i]
+        return None
+
     def domain(self, domain_key: str) -> Domain:
         return self._domains[domain_key]
 
