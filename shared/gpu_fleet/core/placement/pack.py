@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import operator
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import msgspec
@@ -252,13 +253,18 @@ class Work:
     def allocate(self, domain: str, n: int) -> tuple[NodeAllocation, ...]:
         """SPEC §B.3.4: nodes by free desc then name, greedily from the largest; allocations by
         GPUs desc then node name."""
-        nodes = sorted(
-            ((self.node_free(name), name) for name in self.topology.domain(domain).nodes),
-            key=lambda t: (-t[0], t[1]),
-        )
+        names = self.topology.domain(domain).nodes
+        frees = self.topology.free_counts(names)
+        own = self._free
+        if own:
+            frees = [len(own[m]) if m in own else f for m, f in zip(names, frees, strict=True)]
+        # (-free, name) sorted as plain tuples: free descending, then name, with no key
+        # function called per node (this runs for every admission, issue 11).
+        nodes = sorted(zip(map(operator.neg, frees), names, strict=True))
         out: list[NodeAllocation] = []
         left = n
-        for free, name in nodes:
+        for minus_free, name in nodes:
+            free = -minus_free
             if left == 0 or free == 0:
                 break
             k = min(free, left)

@@ -241,6 +241,11 @@ class Topology:
     def free_ordinals(self, node: str) -> tuple[int, ...]:
         return self._info(node).free
 
+    def free_counts(self, nodes: Sequence[str]) -> list[int]:
+        """``free_gpus`` of each of ``nodes``, in one call (a domain's, for an allocation)."""
+        moved, base = self._moved, self._nodes
+        return [len(moved[n].free) if n in moved else len(base[n].free) for n in nodes]
+
     def free_gpus(self, node: str) -> int:
         return len(self._info(node).free)
 
