@@ -69,9 +69,6 @@ class FillTrace:
     rejected_at: frozenset[int] = frozenset()
 
 
-_WIDTH = operator.attrgetter("width")
-
-
 @dataclass
 class FillResult:
     """The matching: who pays for each live lease (``payer``), its class (``funding_class``),
@@ -217,7 +214,7 @@ class FillResult:
 
     def width_up_to(self, env: EnvelopeKey, rank: tuple[object, ...]) -> int:
         """Funded width on ``env`` ranked at or above ``rank`` (equal keys count as senior):
-        a binary search on running totals, built once per shared head (``RankedRows``)."""
+        a binary search over the rows' chunks and C-level sums (``RankedRows``)."""
         rows = self.accepted.get(env)
         return rows.width_up_to(rank) if rows is not None else 0
 
