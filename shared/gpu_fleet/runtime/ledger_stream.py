@@ -25,7 +25,6 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg, StorageType
 
 from gpu_fleet.core.ledger import EVENT_DECODER, EVENT_ENCODER, Event
 from gpu_fleet.core.names import clamp
-from gpu_fleet.runtime.inbox import Inbox
 from gpu_fleet.runtime.ledger_keys import BATCH_HEADER, LedgerKeys
 from gpu_fleet.runtime.ledger_keys import HEADER as SIGNATURE_HEADER
 from gpu_fleet.runtime.ledger_verifier import (
@@ -237,12 +236,11 @@ class LedgerStream:
         if target < from_seq:
             return
         order = InOrder(self.keys) if self.keys is not None else None
-        inbox = Inbox()
-        sub = await self._subscribe(from_seq, inbox)
+        sub = await self._subscribe(from_seq)
         try:
             seq = from_seq - 1
             while seq < target:
-                msg = await inbox.get(timeout=idle_timeout)
+                msg = await sub.next_msg(timeout=idle_timeout)
                 seq = msg.metadata.sequence.stream
                 for item in await self._judged(order, seq, msg):
                     if item[0] <= target:
@@ -258,12 +256,11 @@ class LedgerStream:
         """Yield events from ``from_seq`` forever (an ordered consumer survives reconnects);
         on a signed ledger each batch once its last message has arrived."""
         order = InOrder(self.keys) if self.keys is not None else None
-        inbox = Inbox()
-        sub = await self._subscribe(from_seq, inbox)
+        sub = await self._subscribe(from_seq)
         try:
             while True:
                 try:
-                    msg = await inbox.get(timeout=1.0)
+                    msg = await sub.next_msg(timeout=1.0)
                 except nats.errors.TimeoutError:
                     if order is not None and order.waiting_for() is not None:
                         # Idle with messages held: a batch that ends past the stream's last
@@ -285,11 +282,9 @@ class LedgerStream:
             with contextlib.suppress(nats.errors.ConnectionClosedError):
                 await sub.unsubscribe()
 
-    async def _subscribe(self, from_seq: int, inbox: Inbox) -> JetStreamContext.PushSubscription:
-        """An ordered consumer from ``from_seq`` whose messages go to ``inbox`` (``Inbox``)."""
+    async def _subscribe(self, from_seq: int) -> JetStreamContext.PushSubscription:
         return await self.js.subscribe(
             f"{SUBJECT_PREFIX}.>",
-            cb=inbox.put,
             ordered_consumer=True,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
