@@ -12,6 +12,8 @@ exclusions are exercised, not only its inside.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -185,3 +187,17 @@ def test_what_the_plain_constructor_leaves_to_pyyaml_reads_the_same(text: str) -
 )
 def test_flow_documents_of_every_scalar_form_read_as_the_reference(text: str) -> None:
     assert outcome(text + "\n", fast=True) == outcome(text + "\n", fast=False)
+
+
+def test_special_floats_are_pyyamls_own_values() -> None:
+    """Not only equal in ``repr``: the same sign of NaN and infinity as PyYAML builds them."""
+    saved = docs_module._FastLoader, docs_module._PLAIN
+    try:
+        fast = load_documents("[.nan, .inf, -.inf]\n")[0]
+        docs_module._FastLoader, docs_module._PLAIN = None, False
+        reference = load_documents("[.nan, .inf, -.inf]\n")[0]
+    finally:
+        docs_module._FastLoader, docs_module._PLAIN = saved
+    assert isinstance(fast, list)
+    assert isinstance(reference, list)
+    assert [math.copysign(1.0, x) for x in fast] == [math.copysign(1.0, x) for x in reference]

@@ -17,7 +17,6 @@ operator's own fleet description) is read with the wider ``INVENTORY_BOUNDS``.
 This module is pure: it parses text it is given and never reads files.
 """
 
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -280,7 +279,8 @@ _PLAIN = True
 _TAG = "tag:yaml.org,2002:"
 _STR, _MAP, _SEQ = _TAG + "str", _TAG + "map", _TAG + "seq"
 _INT, _FLOAT, _BOOL, _NULL = _TAG + "int", _TAG + "float", _TAG + "bool", _TAG + "null"
-_SPECIAL_FLOATS = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+_INF, _NAN = yaml.constructor.SafeConstructor.inf_value, yaml.constructor.SafeConstructor.nan_value
+_SPECIAL_FLOATS = {".inf": _INF, "+.inf": _INF, "-.inf": -_INF, ".nan": _NAN}  # PyYAML's own
 
 
 class _NotPlainError(Exception):
