@@ -46,7 +46,20 @@ async def team_client(stack: Stack, team: str, errors: list[str] | None = None) 
             return None
         return nc
 
-    return await wait_until(attempt, f"the server to accept team {team}")
+    nc = await wait_until(attempt, f"the server to accept team {team}")
+
+    async def answered() -> bool:
+        # Accepting the user is not the whole reload: until every connection's permissions
+        # are re-applied, a request (or its reply) may be dropped.  Seen once under CI load:
+        # the first apply got no answer in 20 s.  Wait for a read-only request to come back.
+        try:
+            await call(nc, "seq", {}, timeout=2.0, team=team)
+        except nats.errors.TimeoutError:
+            return False
+        return True
+
+    await wait_until(answered, f"team {team}'s requests to be answered")
+    return nc
 
 
 @pytest_asyncio.fixture(name="stack")
@@ -200,7 +213,7 @@ async def test_nats_refuses_a_team_anything_but_its_own_subjects(stack: Stack) -
 async def test_kubectl_runs_takes_a_team_credential(
     stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await team_client(stack, VISION)  # the reload has taken effect
+    await (await team_client(stack, VISION)).close()  # the reload has taken effect
     auth = stack.security.team_auth(VISION)
     assert auth.password is not None
     doc = tmp_path / "run.yaml"
