@@ -30,7 +30,14 @@ VISION, NLP = "org_vision", "org_nlp"
 
 
 async def team_client(stack: Stack, team: str, errors: list[str] | None = None) -> Client:
-    """Connect as ``team``, retrying until the reloaded server knows the user."""
+    """Connect as ``team``, retrying until the reloaded server knows the user and answers it.
+
+    Accepting the user is not the whole reload: while the server re-applies every
+    connection's permissions it may close a connection it just accepted, or drop a request
+    or its reply (seen under CI load: the first apply unanswered for 20 s, and a connection
+    closed under the first request).  So a connection is handed over only once a read-only
+    request of the team has come back on it; otherwise it is closed and the next one tried.
+    """
     options = stack.security.team_auth(team).connect_options()
 
     async def on_error(exc: Exception) -> None:
@@ -41,25 +48,13 @@ async def team_client(stack: Stack, team: str, errors: list[str] | None = None) 
         nc = nats.NATS()
         try:
             await nc.connect(stack.nats.url, allow_reconnect=False, error_cb=on_error, **options)
-        except (nats.errors.Error, OSError):  # refused until the reload took effect
+            await call(nc, "seq", {}, timeout=2.0, team=team)
+        except (nats.errors.Error, OSError):  # refused, closed or unanswered mid-reload
             await abandon(nc)
             return None
         return nc
 
-    nc = await wait_until(attempt, f"the server to accept team {team}")
-
-    async def answered() -> bool:
-        # Accepting the user is not the whole reload: until every connection's permissions
-        # are re-applied, a request (or its reply) may be dropped.  Seen once under CI load:
-        # the first apply got no answer in 20 s.  Wait for a read-only request to come back.
-        try:
-            await call(nc, "seq", {}, timeout=2.0, team=team)
-        except nats.errors.TimeoutError:
-            return False
-        return True
-
-    await wait_until(answered, f"team {team}'s requests to be answered")
-    return nc
+    return await wait_until(attempt, f"the server to accept and answer team {team}")
 
 
 @pytest_asyncio.fixture(name="stack")
