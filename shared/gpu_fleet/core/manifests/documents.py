@@ -322,19 +322,20 @@ def _plain_value(node: yaml.Node) -> Any:
     raise _NotPlainError
 
 
-def _node_tree_fits(root: yaml.Node, bounds: DocumentBounds) -> bool:
+def _tree_fits(root: object, children: Any, scalar_chars: Any, bounds: DocumentBounds) -> bool:
     """Is the graph under ``root`` a tree within ``bounds``?  True only when ``_measure``
-    would find no problem; False leaves the verdict (and its words) to ``_measure``.
+    (same ``children`` and ``scalar_chars``) would find no problem; False leaves the verdict,
+    and its words, to ``_measure``.
 
     Why: every submission is measured, and almost none has an alias.  A tree needs no memo:
     one pre-order pass counts what ``_measure``'s post-order sums, at a fifth of the cost
-    (issue 11's admission path).  A scalar reached twice is counted twice, as expansion would;
+    (issue 11's admission path).  A leaf reached twice is counted twice, as expansion would;
     a collection reached twice (an alias, or a cycle) ends the walk: counting on would still
     be right (the node bound stops a cycle) but an alias bomb would cost the whole bound.
     """
     max_depth, max_nodes = bounds.depth, bounds.nodes
     seen: set[int] = set()
-    stack: list[tuple[yaml.Node, int]] = [(root, 1)]
+    stack: list[tuple[object, int]] = [(root, 1)]
     pop, push = stack.pop, stack.append
     nodes = chars = 0
     while stack:
@@ -342,22 +343,25 @@ def _node_tree_fits(root: yaml.Node, bounds: DocumentBounds) -> bool:
         nodes += 1
         if depth > max_depth or nodes > max_nodes:
             return False
-        value = node.value
-        if isinstance(node, yaml.ScalarNode):
-            chars += len(value)
+        kids = children(node)
+        if not kids:
+            chars += scalar_chars(node)
             continue
         if id(node) in seen:
             return False
         seen.add(id(node))
         depth += 1
-        if isinstance(node, yaml.MappingNode):
-            for key, item in value:
-                push((key, depth))
-                push((item, depth))
-        else:
-            for item in value:
-                push((item, depth))
+        for kid in kids:
+            push((kid, depth))
     return chars <= bounds.scalar_chars
+
+
+def _node_tree_fits(root: yaml.Node, bounds: DocumentBounds) -> bool:
+    return _tree_fits(root, _node_children, _node_chars, bounds)
+
+
+def _value_tree_fits(root: object, bounds: DocumentBounds) -> bool:
+    return _tree_fits(root, _value_children, _value_chars, bounds)
 
 
 def _value_children(value: object) -> list[object]:
@@ -377,37 +381,6 @@ def value_problem(value: object, bounds: DocumentBounds = MANIFEST_BOUNDS) -> st
     if _value_tree_fits(value, bounds):
         return None
     return _measure(value, _value_children, _value_chars, bounds)
-
-
-def _value_tree_fits(root: object, bounds: DocumentBounds) -> bool:
-    """``_node_tree_fits`` for a decoded value: dicts and lists are the collections."""
-    max_depth, max_nodes = bounds.depth, bounds.nodes
-    seen: set[int] = set()
-    stack: list[tuple[object, int]] = [(root, 1)]
-    pop, push = stack.pop, stack.append
-    nodes = chars = 0
-    while stack:
-        value, depth = pop()
-        nodes += 1
-        if depth > max_depth or nodes > max_nodes:
-            return False
-        if isinstance(value, str):
-            chars += len(value)
-            continue
-        if not isinstance(value, (dict, list)):
-            continue
-        if id(value) in seen:
-            return False
-        seen.add(id(value))
-        depth += 1
-        if isinstance(value, dict):
-            for key, item in value.items():
-                push((key, depth))
-                push((item, depth))
-        else:
-            for item in value:
-                push((item, depth))
-    return chars <= bounds.scalar_chars
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
