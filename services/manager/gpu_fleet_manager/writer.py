@@ -214,19 +214,16 @@ class LedgerFleet(Fleet):
     def _appended(self, done: list[tuple[list[Event], list[Any]]]) -> None:
         """Bookkeeping once decisions are on the ledger: counters, metrics, one log line each."""
         self.appended_batches += len(done)
-        first = self.seq - sum(len(batch) for batch, _ in done) + 1
+        if self.observer is not None:
+            for _, counted in done:
+                self.observer.record(counted)  # only once the batch is on the ledger
         # One line per decision, with the context to find it in the ledger and in time; its
         # context is not built at a level that drops it (a burst appends thousands a second).
-        lines = log.is_enabled_for(logging.INFO)
-        for batch, counted in done:
-            if self.observer is not None:
-                self.observer.record(counted)  # only once the batch is on the ledger
-            if lines:
-                for event in batch:
-                    log.info("ledger.event", seq=first, **event_context(event))
-                    first += 1
-            else:
-                first += len(batch)
+        if log.is_enabled_for(logging.INFO):
+            seq = self.seq - sum(len(batch) for batch, _ in done) + 1
+            for event in (e for batch, _ in done for e in batch):
+                log.info("ledger.event", seq=seq, **event_context(event))
+                seq += 1
 
     def replay(self, event: Event | None, seq: int) -> None:
         """Fold an event read back from the stream (no append).
