@@ -10,6 +10,8 @@ trace ``extend_fill`` builds on.
 
 from __future__ import annotations
 
+import copy
+
 import msgspec
 from builders import T0, World, budget, cap, env, lease, run
 from hypothesis import HealthCheck, event, given, settings
@@ -148,3 +150,21 @@ def test_a_lease_without_slots_is_funded_as_the_reference_funds_it() -> None:
     got = fill(*args)
     same_matching(got, reference_fill(*args))
     assert got.payer["p/r0#1"] is not None
+
+
+def test_rejections_are_sorted_out_once_and_copy_with_the_matching() -> None:
+    """A matching keeps its rejections as a log until first read (``RejectionLog``): read
+    twice it gives the very same lists, and a deep copy - the ledger's refusal checks copy the
+    state - gives equal ones, read before or after the original was."""
+    budgets = [budget("p", "org:p", [env("e0", 2, selector={"region": "r1"})])]
+    r = run("p", "r0", 8)
+    leases = [lease(f"p/r0#{i}", r.key, 1, node_name="n1", first=i) for i in range(4)]
+    admitted = {r.key: T0}
+    world = World(budgets, [r], leases, nodes=NODES, admitted=admitted)
+    got = fill(world.index, leases, {r.key: r}, admitted, world.node_labels, T0, HoursView())
+    unread = copy.deepcopy(got)
+    first = got.rejections
+    assert [len(first[x.id]) for x in leases] == [0, 0, 1, 1]
+    assert got.rejections is first
+    assert unread.rejections == first == copy.deepcopy(got).rejections
+    assert first["p/r0#3"][0].reason == "concurrency 2 full (2 funded ahead)"

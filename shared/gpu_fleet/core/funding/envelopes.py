@@ -125,6 +125,19 @@ def location_of(labels: Mapping[str, str]) -> dict[str, str]:
     return {k: labels[k] for k in LOCATION_KEYS if k in labels}
 
 
+Place = tuple[str | None, ...]
+"""A node's location labels as one hashable value: each of ``LOCATION_KEYS``, or ``None``."""
+
+
+def place_of(labels: Mapping[str, str]) -> Place:
+    return tuple([labels.get(k) for k in LOCATION_KEYS])
+
+
+def location_at(place: Place) -> dict[str, str]:
+    """``location_of`` the labels ``place`` was taken from."""
+    return {k: v for k, v in zip(LOCATION_KEYS, place, strict=True) if v is not None}
+
+
 def build_index(budgets: Iterable[Budget]) -> EnvelopeIndex:
     """Compile budgets; envelopes of an owner are ordered by (namespace, budget, envelope)."""
     budget_list = sorted(budgets, key=lambda b: (b.metadata.namespace, b.metadata.name))

@@ -191,6 +191,7 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         base._payer, base._funding_class, base._rejections, accepted, new_trace, ordered
     )
     out._added = (payer, cls, rejections)  # the base's maps are shared, never written
+    out._rejection_log = base._rejection_log
     out._proposer = proposer
     _hand_on(base, out, new, claims)
     return out
