@@ -44,7 +44,7 @@ from gpu_fleet.core.funding.fill_result import (
     Rejection,
     RejectionLog,
 )
-from gpu_fleet.core.funding.proposals import Offer, Proposer, RunLists
+from gpu_fleet.core.funding.proposals import Offer, Proposals, Proposer, RunLists
 from gpu_fleet.core.funding.ranked_rows import RankedRows
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
@@ -118,6 +118,7 @@ def _rank_class(tier: int, lease: Lease, env: EnvelopeInfo) -> int:
 
 
 _NO_TIER = int(Tier.NONE)
+_UNSEEN: Place = ("",)  # a node not looked up yet (a place has one entry per location key)
 
 
 _new_tuple = tuple.__new__
@@ -256,14 +257,13 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     owner_of = proposer.index.family.owner_of
     rows: list[_Row] = []
     live_ids: list[str] = []
-    proposals_of_run: dict[str, dict[str, Sequence[Offer | None]]] = {}
     run_lists: RunLists | None = None
     places: dict[str, Place | None] = {}
     run_name: str | None = None
     run_key = ""
     since: Instant | None = None
     borrow_cap: int | None = None
-    at_node: dict[str, Sequence[Offer | None]] = {}
+    by_place: dict[Place | None, Proposals] = {}
     for lease in sorted(leases, key=_ID):
         if t < lease.start:
             continue
@@ -282,19 +282,18 @@ def _claims(  # noqa: PLR0917 - fill's inputs
                 since = admitted.get(run_key)
                 funding = run.spec.funding
                 borrow_cap = funding.max_borrow_gpus if funding is not None else None
-                at_node = proposals_of_run.setdefault(run_key, {})
                 run_lists = proposer.lists_for(run, owner)
+                by_place = run_lists.by_place
         if run_lists is None:  # no such run
             continue
         node = lease.node
-        offers = at_node.get(node)
-        if offers is None:
-            if node in places:
-                place = places[node]
-            else:
-                labels = node_labels.get(node)
-                place = places[node] = place_of(labels) if labels is not None else None
-            offers = at_node[node] = run_lists.at_place(place, proposer).offers
+        place = places.get(node, _UNSEEN)
+        if place is _UNSEEN:
+            labels = node_labels.get(node)
+            place = places[node] = place_of(labels) if labels is not None else None
+        proposals = by_place.get(place)  # ``RunLists.at_place``, inlined: once per lease
+        if proposals is None:
+            proposals = run_lists.at_place(place, proposer)
         slots = lease.slots
         rows.append(
             (
@@ -309,7 +308,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
                 run_key,
                 len(slots),
                 borrow_cap,
-                offers,
+                proposals.offers,
             )
         )
     return _ClaimTable.of(rows), live_ids
