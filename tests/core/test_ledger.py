@@ -203,6 +203,31 @@ class TestFold:
         assert state.meter.envelope_hours[key("t")] == pytest.approx(8.0)
         assert state.meter.run_hours[RUN.key][FundingClass.OWNED] == pytest.approx(8.0)
 
+    def test_an_unmetered_state_folds_the_same_fleet_and_charges_nothing(self) -> None:
+        """``metered=False`` (the binder's) moves the clock without charging GPU-hours; nodes,
+        leases, slots and the topology placements read come out as in a metered fold."""
+        history = [*base_state().history]
+        history += [
+            LeaseMinted(at=T0 + HOUR, lease=lease("L2", OTHER.key, 2, node_name="n2")),
+            LeaseClosed(at=T0 + 2 * HOUR, lease="L1", reason="Completed"),
+            RunStatusChanged(at=T0 + 5 * HOUR, run=RUN.key, phase="Completed", reason="x"),
+        ]
+        metered = fold_all(history)
+        unmetered = FleetState(metered=False)
+        for event in history:
+            fold(unmetered, event)
+        assert metered.meter.run_hours[RUN.key][FundingClass.OWNED] == pytest.approx(8.0)
+        assert not unmetered.meter.run_hours
+        assert not unmetered.meter.envelope_hours
+        assert unmetered.meter.t == 0.0
+        assert unmetered.clock == metered.clock == T0 + 5 * HOUR
+        assert (unmetered.leases, unmetered.open_leases) == (metered.leases, metered.open_leases)
+        assert unmetered.slot_holder == metered.slot_holder
+        assert unmetered.topology("H100").free_counts(["n1", "n2"]) == metered.topology(
+            "H100"
+        ).free_counts(["n1", "n2"])
+        assert check_invariants(unmetered) == []
+
     def test_run_submitted_records_admission_time_and_pending(self) -> None:
         """RunSubmitted sets admitted = event time and a Pending status."""
         state = base_state()

@@ -313,6 +313,12 @@ async def test_garbage_on_the_ledger_is_skipped_by_every_reader_with_its_sequenc
     assert isinstance(binder, Binder)
     assert binder.follower is not None
     assert binder.follower.seq > ack.seq
+    # The binder folds for placement only (``Binder.metered``): the run's leases are open in
+    # its state, and no GPU-hour was charged there.
+    state = binder.follower.state
+    assert not state.metered
+    assert any(x.run == "team/after-garbage" for x in state.open_leases.values())
+    assert not state.meter.run_hours
     await stack.stop_service("manager")  # a restart rebuilds from the stream, garbage included
     await stack.start_service("manager")
     view = await call(nc, "get", {"namespace": "team", "name": "after-garbage"})

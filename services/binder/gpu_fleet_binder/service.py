@@ -50,6 +50,7 @@ class Binder(FollowerService):
     description = "gpu-fleet binder: topology index and CP-SAT placement"
     version = __version__
     group = "fleet.binder"
+    metered = False  # placements read nodes and open leases, never funding
 
     def __init__(self, config: BinderConfig) -> None:
         super().__init__(

@@ -25,9 +25,11 @@ class LedgerFollower:
         ledger: LedgerStream,
         period_hours: float = 24.0,
         on_event: Callable[[int, Event, FleetState], None] | None = None,
+        *,
+        metered: bool = True,
     ) -> None:
         self.ledger = ledger
-        self.state = FleetState(settings_period_hours=period_hours)
+        self.state = FleetState(settings_period_hours=period_hours, metered=metered)
         self.seq = 0
         self.on_event = on_event
         self._advanced = asyncio.Condition()

@@ -33,6 +33,9 @@ class FollowerService(Actor):
     description = ""
     version = "0.0.0"
     group = "fleet"
+    # Does the folded state charge GPU-hours (``FleetState.metered``)?  Only a follower that
+    # answers funding questions needs it.
+    metered = True
 
     def __init__(
         self,
@@ -72,7 +75,7 @@ class FollowerService(Actor):
         self.nc = await connect(self.nats_url, self.service_name, on_closed=self.abort)
         ledger = self.ledger = LedgerStream(self.nc, keys=self.ledger_keys)
         await ledger.ensure()
-        self.follower = LedgerFollower(ledger, on_event=self.on_ledger_event)
+        self.follower = LedgerFollower(ledger, on_event=self.on_ledger_event, metered=self.metered)
         await self.follower.catch_up()
         self.live = True
         self.spawn("ledger follower", self.follower.follow())

@@ -50,7 +50,7 @@ def _advance_clock(state: FleetState, at: Instant) -> None:
     """Charge GPU-hours up to ``at`` with the funding as it stood, then move the clock."""
     if at < state.clock:
         raise LedgerError(f"event at {at} is earlier than the ledger clock {state.clock}")
-    if at > state.meter.t:
+    if state.metered and at > state.meter.t:
         if state.open_leases:
             first = state.current_fill(state.meter.t)
             last = advance_meter(state.meter, state.funding_inputs(), at, first=first)

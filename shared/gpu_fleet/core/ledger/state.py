@@ -105,6 +105,11 @@ class FleetState(ReservationLine):
     # False: every matching is computed afresh (the reference the incremental paths are
     # tested against); nothing persisted depends on it.
     incremental: bool = True
+    # False: the fold moves the clock without charging GPU-hours, so the meter (and every
+    # funding answer, which reads it) stays where it was.  For a follower that only places
+    # (the binder): charging matched every open lease each time the clock moved, a fifth of
+    # its CPU in a burst, on the cores the single writer needs (issue 11).
+    metered: bool = True
     # Funding-relevant changes since ``_known`` was made: (epoch after, "mint" | "close" |
     # "other", the lease or None).  Cleared whenever a new matching is remembered.
     _funding_log: list[tuple[int, str, Lease | None]] = field(default_factory=list, repr=False)
