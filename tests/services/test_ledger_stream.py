@@ -181,3 +181,41 @@ async def test_a_follower_is_not_held_back_by_a_forged_far_claim(nats_server: An
             with contextlib.suppress(asyncio.CancelledError):
                 await follower_task
         await nc.close()
+
+
+async def test_a_reader_far_behind_gets_every_message_in_order_through_the_quick_path(
+    nats_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``next_message`` takes queued messages without nats-py's per-call task, with the same
+    bookkeeping as ``next_msg`` (flow control answered as the reader takes messages): a slow
+    reader that starts 20,000 messages behind reads every one, in order, and through the quick
+    path - which reads nats-py's private fields, so an upgrade that moves them fails here
+    instead of silently taking the slow path."""
+    nc = await nats.connect(nats_server.url)
+    subs: list[Any] = []
+    try:
+        ledger = LedgerStream(nc)
+        await ledger.ensure()
+        last = 0
+        for start in range(0, 20000, 500):
+            last = await ledger.append([node(i) for i in range(start, start + 500)], last)
+        subscribe = ledger.js.subscribe
+
+        async def kept(*args: Any, **kwargs: Any) -> Any:
+            sub = await subscribe(*args, **kwargs)
+            subs.append(sub)
+            return sub
+
+        monkeypatch.setattr(ledger.js, "subscribe", kept)
+        seqs = []
+        async for seq, event in ledger.read(1):
+            assert isinstance(event, NodeRegistered)
+            assert event.node.name == f"n{seq - 1}"
+            seqs.append(seq)
+            if seq % 4000 == 0:
+                await asyncio.sleep(0.01)  # a slow reader: the backlog waits for it
+        assert seqs == list(range(1, 20001))
+        assert subs[0]._gpu_fleet_quick is True
+        assert subs[0]._gpu_fleet_taken > 10000
+    finally:
+        await nc.close()

@@ -13,6 +13,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -240,7 +241,7 @@ class LedgerStream:
         try:
             seq = from_seq - 1
             while seq < target:
-                msg = await sub.next_msg(timeout=idle_timeout)
+                msg = await next_message(sub, idle_timeout)
                 seq = msg.metadata.sequence.stream
                 for item in await self._judged(order, seq, msg):
                     if item[0] <= target:
@@ -260,7 +261,7 @@ class LedgerStream:
         try:
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=1.0)
+                    msg = await next_message(sub, 1.0)
                 except nats.errors.TimeoutError:
                     if order is not None and order.waiting_for() is not None:
                         # Idle with messages held: a batch that ends past the stream's last
@@ -302,6 +303,61 @@ class LedgerStream:
 
     async def _beyond(self, order: InOrder, target: int) -> list[tuple[int, Msg, bool]]:
         return _as_messages(await judged_beyond(order, target, self.fetch))
+
+
+YIELD_EVERY = 64
+"""Messages ``next_message`` takes from the queue before it gives the loop a turn."""
+
+
+async def next_message(sub: JetStreamContext.PushSubscription, timeout: float) -> Msg:
+    """``sub.next_msg(timeout)``, without its per-call task when a message is already queued.
+
+    Why: nats-py's ``next_msg`` makes a task, a ``wait_for`` and a ``uuid4`` for every message,
+    about a fifth of a follower's CPU in a burst - on the two cores the single writer needs
+    (issue 11).  A message already delivered is taken here with exactly the bookkeeping
+    ``next_msg`` does, in its order: the subscription's pending size, ``task_done``, and the
+    ordered consumer's flow control answered when the reader *takes* a message, as before.
+    (Answered when messages *arrive* - a callback subscription - a reader far behind is sent
+    its whole backlog and drops past its pending limits; that was tried and reverted.)
+    Reads nats-py's private fields as of 2.16; if they are not there, every call takes the
+    public path (``tests/services/test_ledger_stream.py`` checks the quick one is taken).
+    It gives the loop a turn every ``YIELD_EVERY`` messages, as ``next_msg`` gave one each.
+    """
+    quick: bool | None = getattr(sub, "_gpu_fleet_quick", None)
+    if quick is None:
+        quick = sub._gpu_fleet_quick = _has_quick_fields(sub)  # type: ignore[attr-defined]
+    inner: Any = sub._sub if quick else None
+    if inner is None or inner._pending_queue.empty() or sub._conn.is_closed:
+        return await sub.next_msg(timeout=timeout)
+    queue = inner._pending_queue
+    msg: Msg = queue.get_nowait()
+    inner._pending_size -= len(msg.data)
+    queue.task_done()
+    jsi = inner._jsi
+    jsi._active = True
+    if jsi.get_js_delivered() >= jsi._fciseq:
+        fc_reply = jsi._fcr
+        if fc_reply:
+            await sub._conn.publish(fc_reply)
+            jsi._fcr = None
+    taken = getattr(sub, "_gpu_fleet_taken", 0) + 1
+    sub._gpu_fleet_taken = taken  # type: ignore[attr-defined]
+    if taken % YIELD_EVERY == 0:
+        await asyncio.sleep(0)
+    return msg
+
+
+def _has_quick_fields(sub: JetStreamContext.PushSubscription) -> bool:
+    """Does ``sub`` hold the nats-py fields ``next_message`` reads (a message subscription of
+    an ordered consumer, without a callback)?"""
+    inner = getattr(sub, "_sub", None)
+    jsi = getattr(inner, "_jsi", None)
+    return (
+        isinstance(getattr(inner, "_pending_queue", None), asyncio.Queue)
+        and hasattr(inner, "_pending_size")
+        and getattr(inner, "_cb", None) is None
+        and all(hasattr(jsi, name) for name in ("_active", "_fcr", "_fciseq", "get_js_delivered"))
+    )
 
 
 def _as_messages(judged: list[tuple[int, object, bool]]) -> list[tuple[int, Msg, bool]]:
