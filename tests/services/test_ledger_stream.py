@@ -12,12 +12,14 @@ from tests.services._stack import wait_until
 
 from gpu_fleet.core.ledger import NodeRegistered
 from gpu_fleet.core.model import Node
+from gpu_fleet.runtime import ledger_stream
 from gpu_fleet.runtime.follower import LedgerFollower
 from gpu_fleet.runtime.ledger_keys import BATCH_HEADER, HEADER, LedgerKeys
 from gpu_fleet.runtime.ledger_stream import (
     STREAM,
     SUBJECT_PREFIX,
     LedgerConflictError,
+    LedgerGapError,
     LedgerStream,
     fetcher,
 )
@@ -217,5 +219,45 @@ async def test_a_reader_far_behind_gets_every_message_in_order_through_the_quick
         assert seqs == list(range(1, 20001))
         assert subs[0]._gpu_fleet_quick is True
         assert subs[0]._gpu_fleet_taken > 10000
+    finally:
+        await nc.close()
+
+
+async def test_a_read_that_loses_a_message_stops_instead_of_skipping_it(
+    nats_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that drops messages (past its pending limits: 3,000 messages against a backlog
+    of 20,000 did it here) loses them without the ordered consumer seeing them missing - the
+    read used to hand out sequence 3,012 after 3,002.  A ledger has no gaps, so a read or a
+    follow that meets one now stops with ``LedgerGapError`` (read again) and never hands out
+    anything past it.  The loss is made here, deterministically, by a reader that drops the
+    100th message it is given."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        ledger = LedgerStream(nc)
+        await ledger.ensure()
+        await ledger.append([node(i) for i in range(300)], 0)
+        taken = 0
+        real = ledger_stream.next_message
+
+        async def lossy(sub: Any, timeout: float) -> Any:
+            nonlocal taken
+            taken += 1
+            if taken == 100:
+                await real(sub, timeout)  # dropped
+            return await real(sub, timeout)
+
+        monkeypatch.setattr(ledger_stream, "next_message", lossy)
+        for reader in (ledger.read(1), ledger.follow(1)):
+            taken = 0
+            seqs: list[int] = []
+
+            async def read_all(reader: Any = reader, seqs: list[int] = seqs) -> None:
+                async for seq, _ in reader:
+                    seqs.append(seq)
+
+            with pytest.raises(LedgerGapError, match="skipped sequences 100-100"):
+                await asyncio.wait_for(read_all(), 30)
+            assert seqs == list(range(1, 100))
     finally:
         await nc.close()

@@ -51,6 +51,19 @@ class LedgerUnavailableError(RuntimeError):
     """The stream did not answer (NATS down or JetStream not ready); nothing was appended."""
 
 
+class LedgerGapError(LedgerUnavailableError):
+    """A read skipped stream sequences: the client dropped messages (its pending limits) that
+    the ordered consumer never saw missing.  The ledger has no gaps (nothing is ever deleted),
+    so a reader that went on would fold a different history; it stops instead, and is read
+    again (a follower's service exits and is restarted; a catch-up is retried)."""
+
+
+def _gap(expected: int, got: int) -> LedgerGapError:
+    return LedgerGapError(
+        f"ledger read skipped sequences {expected}-{got - 1} (messages dropped by the client)"
+    )
+
+
 class LedgerEventTooLargeError(ValueError):
     """An event would not fit one NATS message; nothing was appended.
 
@@ -242,8 +255,11 @@ class LedgerStream:
             seq = from_seq - 1
             while seq < target:
                 msg = await next_message(sub, idle_timeout)
-                seq = msg.metadata.sequence.stream
-                for item in await self._judged(order, seq, msg):
+                got = msg.metadata.sequence.stream
+                if got > seq + 1:
+                    raise _gap(seq + 1, got)
+                seq = max(seq, got)
+                for item in await self._judged(order, got, msg):
                     if item[0] <= target:
                         yield item
             if order is not None:
@@ -258,6 +274,7 @@ class LedgerStream:
         on a signed ledger each batch once its last message has arrived."""
         order = InOrder(self.keys) if self.keys is not None else None
         sub = await self._subscribe(from_seq)
+        last = from_seq - 1
         try:
             while True:
                 try:
@@ -275,9 +292,11 @@ class LedgerStream:
                                 yield _verdict(seq, held, verified)
                     await asyncio.sleep(0)
                     continue
-                for seq, held, verified in await self._judged(
-                    order, msg.metadata.sequence.stream, msg
-                ):
+                got = msg.metadata.sequence.stream
+                if got > last + 1:
+                    raise _gap(last + 1, got)
+                last = max(last, got)
+                for seq, held, verified in await self._judged(order, got, msg):
                     yield _verdict(seq, held, verified)
         finally:
             with contextlib.suppress(nats.errors.ConnectionClosedError):
