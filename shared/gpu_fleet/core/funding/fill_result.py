@@ -9,6 +9,7 @@ make the answer a small structure of its own (issue 11).
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
@@ -34,6 +35,13 @@ class Rejection(NamedTuple):
     @property
     def reason(self) -> str:
         return self.template.format(*self.args)
+
+
+_REWRITING = threading.RLock()
+"""Held while a matching's maps are rewritten (a rejection log settled, layers united): two
+threads may read one matching (the manager decides in a worker thread, and reads on the loop).
+One lock for every matching, module-level so a matching still copies (``copy.deepcopy``);
+taken only when there is something to rewrite."""
 
 
 class RejectionLog:
@@ -181,21 +189,28 @@ class FillResult:
         return self._rejections
 
     def _settle(self) -> None:
-        log = self._rejection_log
-        if log is not None:
-            self._rejections, self._rejection_log = log.settled(), None
+        """The rejection log as the base map (once; ``_REWRITING`` keeps a concurrent union's
+        newcomers from being overwritten by a settle that started before it)."""
+        if self._rejection_log is None:
+            return
+        with _REWRITING:
+            log = self._rejection_log
+            if log is not None:
+                self._rejections, self._rejection_log = log.settled(), None
 
     def _unite(self) -> None:
-        """The maps with the newcomers in (new maps: a base shares the old ones)."""
-        added = self._added
-        if added is None:
-            return
-        self._settle()
-        payer, cls, rejections = added
-        self._payer = {**self._payer, **payer}
-        self._funding_class = {**self._funding_class, **cls}
-        self._rejections = {**self._rejections, **rejections}
-        self._added = None
+        """The maps with the newcomers in (new maps: a base shares the old ones); callers
+        check ``_added`` first, so the lock is taken only when there is something to unite."""
+        with _REWRITING:
+            added = self._added
+            if added is None:
+                return
+            self._settle()
+            payer, cls, rejections = added
+            self._payer = {**self._payer, **payer}
+            self._funding_class = {**self._funding_class, **cls}
+            self._rejections = {**self._rejections, **rejections}
+            self._added = None
 
     def payer_of(self, lease_id: str) -> EnvelopeKey | None:
         """``payer.get(lease_id)`` without uniting the layers."""

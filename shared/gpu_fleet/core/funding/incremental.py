@@ -187,11 +187,15 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
     last_id = base.last_id()
     if ordered and last_id is not None:
         ordered = not any(x.id < last_id for x in new if x.id in payer)
+    # The log before the map: a base settled by another thread in between then hands on its
+    # log with the settled map, which is what that log settles to (never the placeholder and
+    # no log).
+    log = base._rejection_log
     out = FillResult(
         base._payer, base._funding_class, base._rejections, accepted, new_trace, ordered
     )
     out._added = (payer, cls, rejections)  # the base's maps are shared, never written
-    out._rejection_log = base._rejection_log
+    out._rejection_log = log
     out._proposer = proposer
     _hand_on(base, out, new, claims)
     return out
