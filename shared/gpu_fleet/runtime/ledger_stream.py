@@ -332,10 +332,11 @@ async def next_message(sub: JetStreamContext.PushSubscription, timeout: float) -
     """``sub.next_msg(timeout)``, without its per-call task when a message is already queued.
 
     Why: nats-py's ``next_msg`` makes a task, a ``wait_for`` and a ``uuid4`` for every message,
-    about a fifth of a follower's CPU in a burst - on the two cores the single writer needs
-    (issue 11).  A message already delivered is taken here with exactly the bookkeeping
-    ``next_msg`` does, in its order: the subscription's pending size, ``task_done``, and the
-    ordered consumer's flow control answered when the reader *takes* a message, as before.
+    about a fifth of a follower's CPU in a burst, on the cores where nats-server and the clients
+    turn the single writer's appends and replies around (issue 11).  A message already
+    delivered is taken here with exactly the bookkeeping ``next_msg`` does, in its order: the
+    subscription's pending size, ``task_done``, and the ordered consumer's flow control
+    answered when the reader *takes* a message, as before.
     (Answered when messages *arrive* - a callback subscription - a reader far behind is sent
     its whole backlog and drops past its pending limits; that was tried and reverted.)
     Reads nats-py's private fields as of 2.16; if they are not there, every call takes the

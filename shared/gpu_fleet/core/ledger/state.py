@@ -108,8 +108,9 @@ class FleetState(ReservationLine):
     # False: the fold moves the clock without charging GPU-hours, so the meter (and every
     # funding answer, which reads it) stays where it was.  For a follower that only places
     # (the binder): charging matched every open lease each time the clock moved, a fifth of
-    # its CPU in a burst, on the cores the single writer needs (issue 11).  Such a state must
-    # not be asked about funding: its meter still stands where it started.
+    # its CPU in a burst, on the cores where nats-server and the clients turn the writer's
+    # appends and replies around (issue 11).  Such a state must not be asked about funding:
+    # its meter still stands where it started.
     metered: bool = True
     # Funding-relevant changes since ``_known`` was made: (epoch after, "mint" | "close" |
     # "other", the lease or None).  Cleared whenever a new matching is remembered.
