@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from typing import Any
 
 import nats
@@ -209,6 +210,17 @@ async def test_a_reader_far_behind_gets_every_message_in_order_through_the_quick
             return sub
 
         monkeypatch.setattr(ledger.js, "subscribe", kept)
+        # Flow-control answers the reader itself publishes (nats-py's heartbeat path would
+        # answer too, but only after seconds of a stalled read).
+        answered: list[str] = []
+        publish = nc.publish
+
+        async def noted(subject: str, *args: Any, **kwargs: Any) -> None:
+            if sys._getframe(1).f_code.co_name == "next_message":
+                answered.append(subject)
+            await publish(subject, *args, **kwargs)
+
+        monkeypatch.setattr(nc, "publish", noted)
         seqs = []
         async for seq, event in ledger.read(1):
             assert isinstance(event, NodeRegistered)
@@ -219,6 +231,8 @@ async def test_a_reader_far_behind_gets_every_message_in_order_through_the_quick
         assert seqs == list(range(1, 20001))
         assert subs[0]._gpu_fleet_quick is True
         assert subs[0]._gpu_fleet_taken > 10000
+        assert answered  # the server asked for flow control, and the reader answered it
+        assert all(subject.startswith("$JS.FC.") for subject in answered)
     finally:
         await nc.close()
 
