@@ -412,7 +412,7 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
             return closed
         return end
 
-    def live_at(self, t: Instant) -> bool:
+    def live_at(self, t: float) -> bool:  # an Instant, or a meter time between two
         if t < self.start:
             return False
         end = self.effective_end()

@@ -58,10 +58,15 @@ class LedgerGapError(LedgerUnavailableError):
     again (a follower's service exits and is restarted; a catch-up is retried)."""
 
 
-def _gap(expected: int, got: int) -> LedgerGapError:
-    return LedgerGapError(
-        f"ledger read skipped sequences {expected}-{got - 1} (messages dropped by the client)"
-    )
+def _in_sequence(last: int, msg: Msg) -> int:
+    """``msg``'s stream sequence, which must not skip any after ``last`` (the highest read so
+    far; an ordered consumer may redeliver one at or below it): ``LedgerGapError`` if it does."""
+    got: int = msg.metadata.sequence.stream
+    if got > last + 1:
+        raise LedgerGapError(
+            f"ledger read skipped sequences {last + 1}-{got - 1} (messages dropped by the client)"
+        )
+    return got
 
 
 class LedgerEventTooLargeError(ValueError):
@@ -255,9 +260,7 @@ class LedgerStream:
             seq = from_seq - 1
             while seq < target:
                 msg = await next_message(sub, idle_timeout)
-                got = msg.metadata.sequence.stream
-                if got > seq + 1:
-                    raise _gap(seq + 1, got)
+                got = _in_sequence(seq, msg)
                 seq = max(seq, got)
                 for item in await self._judged(order, got, msg):
                     if item[0] <= target:
@@ -292,9 +295,7 @@ class LedgerStream:
                                 yield _verdict(seq, held, verified)
                     await asyncio.sleep(0)
                     continue
-                got = msg.metadata.sequence.stream
-                if got > last + 1:
-                    raise _gap(last + 1, got)
+                got = _in_sequence(last, msg)
                 last = max(last, got)
                 for seq, held, verified in await self._judged(order, got, msg):
                     yield _verdict(seq, held, verified)

@@ -59,12 +59,11 @@ class RejectionLog:
     integer rank of the claim turned away, or the ranks of every claim one decision turned
     away alike; ``reasons[i]`` is why.
 
-    Settling needs no lock when two threads read the same matching: the log is only read, the
-    answer is kept by whichever finishes first, and the log is dropped only after that (one
-    rebinding, so a late reader sees all of it or none, and then the answer).
+    ``FillResult`` settles it under ``_REWRITING``, so it is settled once even when two threads
+    read matchings that share it (an extension hands its base's log on).
     """
 
-    __slots__ = ("_entries", "_leases", "_live", "_n", "_settled", "ranks", "reasons")
+    __slots__ = ("_leases", "_live", "_n", "_settled", "ranks", "reasons")
 
     def __init__(self, n: int, leases: Sequence[Lease], live: Sequence[str]) -> None:
         self._n = n  # ranks are ``class * n + position`` (``matching._ClaimTable``)
@@ -72,24 +71,20 @@ class RejectionLog:
         self._live = live  # every lease the matching saw, in lease-id order
         self.ranks: list[int | list[int]] = []
         self.reasons: list[Rejection] = []
-        self._entries = (self.ranks, self.reasons)
         self._settled: dict[str, list[Rejection]] | None = None
 
     def settled(self) -> dict[str, list[Rejection]]:
         """Every live lease's rejections, in lease-id order (computed once)."""
         if self._settled is None:
-            ranks, reasons = self._entries
             out: dict[str, list[Rejection]] = {lease_id: [] for lease_id in self._live}
             n, leases = self._n, self._leases
-            for which, rejection in zip(ranks, reasons, strict=True):
+            for which, rejection in zip(self.ranks, self.reasons, strict=True):
                 if isinstance(which, int):
                     out[leases[which % n].id].append(rejection)
                 else:
                     for rank in which:
                         out[leases[rank % n].id].append(rejection)
-            if self._settled is None:
-                self._settled = out
-            self._entries = self.ranks, self.reasons = [], []  # (``ranks``: nobody appends now)
+            self._settled, self.ranks, self.reasons = out, [], []
         return self._settled
 
 

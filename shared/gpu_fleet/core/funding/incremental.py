@@ -32,7 +32,6 @@ from gpu_fleet.core.funding.matching import (
     HoursView,
     _Claim,
     _hours_ok,
-    _live,
     _new_claim,
 )
 from gpu_fleet.core.funding.ranked_rows import EMPTY_ROWS
@@ -96,7 +95,7 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         payer, cls, rejections = (dict(base._added[0]), dict(base._added[1]), dict(base._added[2]))
     claims: list[tuple[tuple[object, ...], _Claim, EnvelopeInfo, Tier]] = []
     for lease in sorted(new, key=lambda x: x.id):
-        if not _live(lease, t):
+        if not lease.live_at(t):
             continue
         if lease.id in payer or lease.id in base._payer:
             return None  # not new: the caller's promise is broken, do it the long way
@@ -113,7 +112,6 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
             lease,
             run,
             run.key,
-            owner,
             admitted.get(run.key, lease.start),
             proposer.envelopes_for(run, owner, location),
         )

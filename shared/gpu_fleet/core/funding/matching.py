@@ -96,7 +96,6 @@ class _Claim:
 
     lease: Lease
     run_key: str
-    owner: str
     proposals: Sequence[EnvelopeKey]
     borrow_cap: int | None
     width: int
@@ -265,10 +264,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     borrow_cap: int | None = None
     by_place: dict[Place | None, Proposals] = {}
     for lease in sorted(leases, key=_ID):
-        if t < lease.start:
-            continue
-        end = lease.effective_end()
-        if end is not None and t >= end:
+        if not lease.live_at(t):
             continue
         lease_id = lease.id
         live_ids.append(lease_id)
@@ -314,11 +310,10 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     return _ClaimTable.of(rows), live_ids
 
 
-def _new_claim(  # noqa: PLR0917 - what a claim is made of
+def _new_claim(
     lease: Lease,
     run: Run,
     run_key: str,
-    owner: str,
     admitted: Instant,
     proposals: Sequence[EnvelopeKey],
 ) -> _Claim:
@@ -328,19 +323,11 @@ def _new_claim(  # noqa: PLR0917 - what a claim is made of
     return _Claim(
         lease,
         run_key,
-        owner,
         proposals,
         funding.max_borrow_gpus if funding is not None else None,
         len(slots),
         (admitted, run_key, lease.group, _first_slot(slots), lease.id),
     )
-
-
-def _live(lease: Lease, t: float) -> bool:
-    if t < lease.start:
-        return False
-    end = lease.effective_end()
-    return end is None or t < end
 
 
 @dataclass(slots=True)
