@@ -133,8 +133,8 @@ async def api_answers(url: str) -> None:
         deadline = time.monotonic() + 60
         while True:
             runs = await call(nc, "list", {}, timeout=10)
-            seq = await call(nc, "seq", {}, timeout=10)
-            if seq["seq"] >= 4:  # four nodes registered from the inventory
+            fleet = await call(nc, "fleetmap", {}, timeout=10)
+            if fleet["gpus"] == 4 * 8:  # four nodes of 8 GPUs registered from the inventory
                 break
             assert time.monotonic() < deadline, "the inventory was not registered"
             await asyncio.sleep(0.1)

@@ -11,12 +11,13 @@ import nats
 import pytest
 from tests.services._stack import wait_until
 
-from gpu_fleet.core.ledger import NodeRegistered
+from gpu_fleet.core.ledger import EVENT_ENCODER, NodeRegistered
 from gpu_fleet.core.model import Node
 from gpu_fleet.runtime import ledger_stream
 from gpu_fleet.runtime.follower import LedgerFollower
 from gpu_fleet.runtime.ledger_keys import BATCH_HEADER, HEADER, LedgerKeys
 from gpu_fleet.runtime.ledger_stream import (
+    PACKED_SUBJECT,
     STREAM,
     SUBJECT_PREFIX,
     LedgerConflictError,
@@ -33,11 +34,22 @@ def node(i: int) -> NodeRegistered:
     return NodeRegistered(at=100 + i, node=Node(name=f"n{i}", gpus=8, labels={}))
 
 
+ONE_NODE_EVENT = 150
+"""A ``message_limit`` that holds one ``node`` event (93-99 bytes) and never two: a ledger
+that lays each event out as a message of its own, as every append did before packing."""
+
+
+def spread(nc: Any, **kwargs: Any) -> LedgerStream:
+    """A ledger writing one message per event (``ONE_NODE_EVENT``)."""
+    return LedgerStream(nc, message_limit=ONE_NODE_EVENT, **kwargs)
+
+
 async def test_batch_is_atomic_and_guarded_by_last_sequence(nats_server: Any) -> None:
-    """A batch lands whole after the expected sequence; a stale writer gets LedgerConflictError."""
+    """A batch of several messages lands whole after the expected sequence; a stale writer
+    gets LedgerConflictError."""
     nc = await nats.connect(nats_server.url)
     try:
-        ledger = LedgerStream(nc)
+        ledger = spread(nc)
         await ledger.ensure()
         seq = await ledger.append([node(0), node(1), node(2)], 0)
         assert seq == 3
@@ -73,7 +85,7 @@ async def test_follower_skips_an_unknown_event_type_and_passes_its_sequence(
 # -- batch signatures over a real JetStream (runtime.ledger_verifier) -----------------------
 async def _signed(nc: Any) -> tuple[LedgerStream, LedgerKeys]:
     keys = LedgerKeys.generate()
-    ledger = LedgerStream(nc, keys=keys)
+    ledger = spread(nc, keys=keys)
     await ledger.ensure()
     await ledger.append([node(0), node(1), node(2)], 0)
     await ledger.append([node(3), node(4)], 3)
@@ -197,7 +209,7 @@ async def test_a_reader_far_behind_gets_every_message_in_order_through_the_quick
     nc = await nats.connect(nats_server.url)
     subs: list[Any] = []
     try:
-        ledger = LedgerStream(nc)
+        ledger = spread(nc)
         await ledger.ensure()
         last = 0
         for start in range(0, 20000, 500):
@@ -248,7 +260,7 @@ async def test_a_read_that_loses_a_message_stops_instead_of_skipping_it(
     100th message it is given."""
     nc = await nats.connect(nats_server.url)
     try:
-        ledger = LedgerStream(nc)
+        ledger = spread(nc)
         await ledger.ensure()
         await ledger.append([node(i) for i in range(300)], 0)
         taken = 0
@@ -267,11 +279,109 @@ async def test_a_read_that_loses_a_message_stops_instead_of_skipping_it(
             seqs: list[int] = []
 
             async def read_all(reader: Any = reader, seqs: list[int] = seqs) -> None:
-                async for seq, _ in reader:
+                async for seq, _ in reader:  # (seq, event) or (seq, events): one per message
                     seqs.append(seq)
 
             with pytest.raises(LedgerGapError, match="skipped sequences 100-100"):
                 await asyncio.wait_for(read_all(), 30)
             assert seqs == list(range(1, 100))
+    finally:
+        await nc.close()
+
+
+# -- several events in one message (runtime.ledger_packing) ---------------------------------
+async def test_an_append_of_several_events_is_one_message_read_back_in_order(
+    nats_server: Any,
+) -> None:
+    """Three events appended together are one stored message on ``fleet.ledger.Events``; one
+    event alone keeps its own subject.  ``entries`` hands the message out whole, ``read`` each
+    event under the message's sequence, and a follower folds all of it and stands at it."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        ledger = LedgerStream(nc)
+        await ledger.ensure()
+        assert await ledger.append([node(0), node(1), node(2)], 0) == 1
+        assert await ledger.append([node(3)], 1) == 2
+        assert ledger.addresses([node(0), node(1), node(2)], 1) == [(1, 0), (1, 1), (1, 2)]
+        js = nc.jetstream()
+        assert [(await js.get_msg(STREAM, seq)).subject for seq in (1, 2)] == [
+            PACKED_SUBJECT,
+            f"{SUBJECT_PREFIX}.NodeRegistered",
+        ]
+        entries = [
+            (seq, [e.node.name for e in events if isinstance(e, NodeRegistered)])
+            async for seq, events in ledger.entries(1)
+        ]
+        assert entries == [(1, ["n0", "n1", "n2"]), (2, ["n3"])]
+        flat = [
+            (seq, e.node.name) async for seq, e in ledger.read(1) if isinstance(e, NodeRegistered)
+        ]
+        assert flat == [(1, "n0"), (1, "n1"), (1, "n2"), (2, "n3")]
+        follower = LedgerFollower(ledger)
+        await follower.catch_up()
+        assert (follower.seq, sorted(follower.state.nodes)) == (2, ["n0", "n1", "n2", "n3"])
+        # A message handed out again (an ordered consumer after a reconnect) folds nothing.
+        follower._apply(1, [node(9)])
+        assert "n9" not in follower.state.nodes
+    finally:
+        await nc.close()
+
+
+async def test_events_that_outgrow_a_message_are_split_into_one_atomic_batch(
+    nats_server: Any,
+) -> None:
+    """Past the message limit an append becomes several messages - packed ones, and a last
+    event left alone on its own subject - landing together or not at all; a signed one
+    verifies, and its addresses say where each event went."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        keys = LedgerKeys.generate()
+        two = 2 * 99 + 3  # two node events and their brackets, never three
+        ledger = LedgerStream(nc, keys=keys, message_limit=two)
+        await ledger.ensure()
+        five = [node(i) for i in range(5)]
+        assert await ledger.append(five, 0) == 3
+        assert ledger.addresses(five, 3) == [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]
+        with pytest.raises(LedgerConflictError):
+            await ledger.append([node(5), node(6), node(7)], 1)  # stale: nothing of it lands
+        assert await ledger.last_seq() == 3
+        js = nc.jetstream()
+        stored = [await js.get_msg(STREAM, seq) for seq in (1, 2, 3)]
+        assert [m.subject for m in stored] == [PACKED_SUBJECT] * 2 + [
+            f"{SUBJECT_PREFIX}.NodeRegistered"
+        ]
+        assert all(len(m.data) <= two for m in stored)
+        assert [(m.headers or {}).get(BATCH_HEADER) for m in stored] == ["1 3"] * 3
+        reader = LedgerStream(nc, keys=keys.reader())
+        names = [
+            (seq, e.node.name) async for seq, e in reader.read(1) if isinstance(e, NodeRegistered)
+        ]
+        assert names == [(1, "n0"), (1, "n1"), (2, "n2"), (2, "n3"), (3, "n4")]
+    finally:
+        await nc.close()
+
+
+async def test_a_packed_message_skips_only_what_it_cannot_read(nats_server: Any) -> None:
+    """An unknown event type inside a packed message is skipped and its neighbours fold; a
+    packed message that is no JSON array at all is one skipped entry; every reader passes both
+    sequences and goes on."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        ledger = LedgerStream(nc)
+        await ledger.ensure()
+        js = nc.jetstream()
+        known = [EVENT_ENCODER.encode(node(i)) for i in (0, 1)]
+        future = b'{"type":"FromTheFuture","at":101}'
+        await js.publish(PACKED_SUBJECT, b"[" + b",".join([known[0], future, known[1]]) + b"]")
+        await js.publish(PACKED_SUBJECT, b'{"not": "a list"}')
+        await ledger.append([node(2), node(3)], 2)
+        entries = [
+            (seq, [e.node.name if isinstance(e, NodeRegistered) else None for e in events])
+            async for seq, events in ledger.entries(1)
+        ]
+        assert entries == [(1, ["n0", None, "n1"]), (2, [None]), (3, ["n2", "n3"])]
+        follower = LedgerFollower(ledger)
+        await follower.catch_up()
+        assert (follower.seq, sorted(follower.state.nodes)) == (3, ["n0", "n1", "n2", "n3"])
     finally:
         await nc.close()

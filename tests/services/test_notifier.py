@@ -20,6 +20,7 @@ from _stack import T0, Stack, budget, run, wait_until
 from nats.aio.msg import Msg
 
 from gpu_fleet.core.ledger import (
+    EVENT_ENCODER,
     BudgetApplied,
     Event,
     FleetState,
@@ -408,9 +409,48 @@ class TestDerive:
 
     def test_an_unknown_event_type_is_skipped_not_fatal(self) -> None:
         notifier = Notifier(LEDGER_CLOCK)
-        assert notifier._decode(5, b'{"type": "FromTheFuture", "at": 1}') is None
-        assert notifier._derive(5, b'{"type": "FromTheFuture", "at": 1}', at_head=True) == []
+        future = b'{"type": "FromTheFuture", "at": 1}'
+        assert notifier._derive(5, "fleet.ledger.FromTheFuture", future, at_head=True) == []
         assert notifier.seq == 5
+
+    def test_a_packed_message_announces_each_event_on_the_state_just_before_it(self) -> None:
+        """Several events in one ledger message (``runtime.ledger_packing``): each is derived
+        after the ones before it are folded, the notifier passes the message's sequence once,
+        an unknown event among them is skipped, and two events saying the same thing about the
+        same run keep distinct ids (``<seq>`` for the first, ``<seq>.<index>`` after)."""
+        notifier = Notifier(LEDGER_CLOCK)
+        notifier.state = _state()
+        first = _lease("team/train")
+        second = msgspec.structs.replace(_lease("loose/stray"), slots=("n1#2",))
+        reserved = RunStatusChanged(at=T0, run="team/train", phase="Pending", reason="Reserved")
+        packed = (
+            b"["
+            + b",".join(
+                [
+                    EVENT_ENCODER.encode(reserved),
+                    EVENT_ENCODER.encode(LeaseMinted(at=T0, lease=first)),
+                    b'{"type": "FromTheFuture", "at": 1}',
+                    EVENT_ENCODER.encode(LeaseMinted(at=T0, lease=second)),
+                    EVENT_ENCODER.encode(
+                        LeaseClosed(at=T0 + 1, lease=first.id, reason="Completed")
+                    ),
+                    EVENT_ENCODER.encode(reserved),
+                ]
+            )
+            + b"]"
+        )
+        notes = notifier._derive(7, "fleet.ledger.Events", packed, at_head=False)
+
+        assert [(n.id, n.seq) for n in notes] == [
+            ("7:run-reserved:team/train", 7),
+            (f"7.1:lease-started:{first.id}", 7),
+            (f"7.3:lease-started:{second.id}", 7),
+            (f"7.4:lease-closed:{first.id}", 7),  # found: minted earlier in the same message
+            ("7.5:run-reserved:team/train", 7),
+        ]
+        assert notifier.seq == 7
+        assert set(notifier.state.leases) == {first.id, second.id}
+        assert notifier.state.leases[first.id].closed_at == T0 + 1
 
 
 class TestMessages:

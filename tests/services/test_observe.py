@@ -149,9 +149,15 @@ async def test_a_submission_shows_in_every_services_metrics(stack: ObservedStack
         await stack.apply(run("team", "train", 4))
         await stack.apply(run("team", "wait", 6))  # 4 free GPUs left: it must wait
     seq = await stack.seq()
-    # Every decision is one log line with its ledger sequence and what it is about.
+    # Every event appended is one log line with its ledger address (message sequence, place in
+    # the message) and what it is about: the last messages of the ledger, each whole, in order.
     decisions = [e for e in logs if e["event"] == "ledger.event"]
-    assert [e["seq"] for e in decisions] == list(range(seq - len(decisions) + 1, seq + 1))
+    messages: dict[int, list[int]] = {}
+    for e in decisions:
+        messages.setdefault(e["seq"], []).append(e["index"])
+    assert list(messages) == list(range(seq - len(messages) + 1, seq + 1))
+    assert all(indices == list(range(len(indices))) for indices in messages.values())
+    assert len(decisions) > len(messages)  # an apply's decision is several events, one message
     minted = next(e for e in decisions if e["type"] == "LeaseMinted")
     assert (minted["run"], minted["envelope"], minted["gpus"]) == ("team/train", "team/b/e", 4)
     assert minted["lease"].startswith("team/train@")
@@ -233,7 +239,7 @@ async def test_readiness_follows_the_ledger_lag(stack: ObservedStack) -> None:
     assert (await ledger_health(True, ledger, seq, max_lag=0)).ready
     behind = await ledger_health(True, ledger, 0, max_lag=0)
     assert not behind.ready
-    assert behind.reason == f"{seq} ledger events behind (bound 0)"
+    assert behind.reason == f"{seq} ledger messages behind (bound 0)"
     assert not (await ledger_health(True, ledger, None, max_lag=10)).ready
     assert (await ledger_health(False, ledger, seq, max_lag=10)).reason == "NATS not connected"
 
@@ -249,7 +255,7 @@ async def test_readiness_follows_the_ledger_lag(stack: ObservedStack) -> None:
     try:
         status, _, body = await get(port, "/readyz")
         assert status == 503
-        assert body == f"not ready: {seq} ledger events behind (bound 0)\n"
+        assert body == f"not ready: {seq} ledger messages behind (bound 0)\n"
         samples = await scrape(port)
         assert value(samples, "gpu_fleet_ready") == 0
         assert value(samples, "gpu_fleet_ledger_lag_events") == seq

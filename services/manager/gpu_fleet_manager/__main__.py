@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(env("GPU_FLEET_SNAPSHOT_MIN_SECONDS", "10")),
         help="seconds at least between state snapshots (a burst pays one per this, not more)",
     )
+    p.add_argument(
+        "--ledger-packing",
+        choices=("on", "off"),
+        default=env("GPU_FLEET_LEDGER_PACKING", "on"),
+        help="append several events as one ledger message (off: one message per event, while"
+        " services older than packing still read the ledger; docs/deploy.md)",
+    )
     limits = ApiLimits()
     for flag, var, value, text in (
         (
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         ready_max_lag=args.ready_max_lag,
         ledger_keys=ledger_keys,
+        ledger_packing=args.ledger_packing == "on",
     )
 
     conn = kube.connection(args)

@@ -91,6 +91,9 @@ class ManagerConfig:
     metrics_port: int = 0  # /metrics, /healthz, /readyz (0: no HTTP server)
     ready_max_lag: int = DEFAULT_MAX_LAG
     ledger_keys: LedgerKeys | None = None  # verify (and, manager only, sign) ledger events
+    # Several events of an append in one ledger message (runtime.ledger_packing); off while
+    # readers older than packing still read the ledger (a rolling upgrade, docs/deploy.md).
+    ledger_packing: bool = True
 
 
 class Manager(Actor):
@@ -126,7 +129,9 @@ class Manager(Actor):
     async def _on_start(self) -> None:
         await self.observer.start()  # first: /healthz answers while the ledger is folded
         self.nc = await connect(self.config.nats_url, "gpu-fleet-manager", on_closed=self.abort)
-        self.ledger = LedgerStream(self.nc, keys=self.config.ledger_keys)
+        self.ledger = LedgerStream(
+            self.nc, keys=self.config.ledger_keys, packing=self.config.ledger_packing
+        )
         await self.ledger.ensure()
         self.snapshots = SnapshotStore(self.nc)
         await self._rebuild()

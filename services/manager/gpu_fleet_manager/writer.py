@@ -8,10 +8,11 @@ If the append fails, local state is ahead of the truth, so the manager rebuilds 
 before it answers anything else.
 
 Group commit (``buffered``): while the manager decides a group of waiting requests, commits are
-folded and kept, and ``flush`` appends them all as one atomic batch - one round trip to
-JetStream for the group instead of one per decision.  Nothing is acknowledged before the flush
-returns.  A buffer that grows past ``FLUSH_AT`` events is flushed at a commit boundary (one
-atomic batch may hold only so many messages).
+folded and kept, and ``flush`` appends them all at once - one round trip to JetStream for the
+group instead of one per decision, and one stream message holding all its events
+(``runtime.ledger_packing``).  Nothing is acknowledged before the flush returns.  A buffer that
+grows past ``FLUSH_AT`` events is flushed at a commit boundary (what one append carries stays
+bounded).
 
 Pipelined (``launch``): a group's buffer is handed to an append task, and the next group is
 decided on top of it while the append is in flight.  Appends stay in order: a flush waits for
@@ -65,8 +66,8 @@ class NeedsThreadError(RuntimeError):
 
 
 FLUSH_AT = 512
-"""Buffered events that force a flush at the next commit boundary (JetStream caps the messages
-of one atomic batch; a group stays well below it)."""
+"""Buffered events that force a flush at the next commit boundary (an append stays a message
+or a few, and a short atomic batch when it outgrows one; a group stays well below it)."""
 
 
 class LedgerFleet(Fleet):
@@ -220,10 +221,11 @@ class LedgerFleet(Fleet):
         # One line per decision, with the context to find it in the ledger and in time; its
         # context is not built at a level that drops it (a burst appends thousands a second).
         if log.is_enabled_for(logging.INFO):
-            seq = self.seq - sum(len(batch) for batch, _ in done) + 1
-            for event in (e for batch, _ in done for e in batch):
-                log.info("ledger.event", seq=seq, **event_context(event))
-                seq += 1
+            events = [e for batch, _ in done for e in batch]
+            for (seq, index), event in zip(
+                self.ledger.addresses(events, self.seq), events, strict=True
+            ):
+                log.info("ledger.event", seq=seq, index=index, **event_context(event))
 
     def replay(self, event: Event | None, seq: int) -> None:
         """Fold an event read back from the stream (no append).

@@ -25,6 +25,7 @@ from gpu_fleet.core.ledger import (
 )
 from gpu_fleet.core.model import NOTIFICATION_EVENTS, Instant, Lease, MintReason, Severity
 from gpu_fleet.messages import notify
+from gpu_fleet.runtime.ledger_packing import event_address
 
 UNBOUND = "_unbound"
 PREEMPTION_REASONS = ("RandomPreempt", "ReclaimUnfunded", "Shrink", "DropSpare")
@@ -83,7 +84,7 @@ def make_note(
 
 def _note(
     state: FleetState,
-    seq: int,
+    where: tuple[int, int],
     event: str,
     run: str,
     *,
@@ -94,10 +95,14 @@ def _note(
     reason: str = "",
     due: Instant | None = None,
 ) -> notify.Notification:
-    """A notification caused by the ledger message ``seq``: id ``<seq>:<event>:<lease or run>``."""
+    """A notification caused by the ledger event at ``where`` (message, index): id
+    ``<address>:<event>:<lease or run>``, the address ``<seq>`` or ``<seq>.<index>``
+    (``event_address``: a packed message holds several events, which may each say the same
+    thing about the same run)."""
+    seq, index = where
     return make_note(
         state,
-        f"{seq}:{event}:{lease or run}",
+        f"{event_address(seq, index)}:{event}:{lease or run}",
         event,
         run,
         at=at,
@@ -154,8 +159,9 @@ def _payer_of(lease: Lease) -> str | None:
     return str(lease.minted_payer.key) if lease.minted_payer is not None else None
 
 
-def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notification]:
-    """Notifications for one ledger event, in a fixed order; ``state`` is before the fold."""
+def derive(state: FleetState, seq: int, event: Event, index: int = 0) -> list[notify.Notification]:
+    """Notifications for one ledger event, the ``index``-th of message ``seq``, in a fixed
+    order; ``state`` is before the fold."""
     match event:
         case RunStatusChanged():
             name = _run_event(event)
@@ -182,7 +188,7 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
             return [
                 _note(
                     state,
-                    seq,
+                    (seq, index),
                     name,
                     event.run,
                     at=event.at,
@@ -196,7 +202,7 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
             notes = [
                 _note(
                     state,
-                    seq,
+                    (seq, index),
                     "lease-started",
                     lease.run,
                     at=event.at,
@@ -211,7 +217,7 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
                 notes.append(
                     _note(
                         state,
-                        seq,
+                        (seq, index),
                         "run-swapped",
                         lease.run,
                         at=event.at,
@@ -233,12 +239,12 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
                 "envelope": _payer_of(known),
                 "reason": reason,
             }
-            notes = [_note(state, seq, "lease-closed", known.run, detail=detail, **common)]
+            notes = [_note(state, (seq, index), "lease-closed", known.run, detail=detail, **common)]
             if reason == "Expired":
                 notes.append(
                     _note(
                         state,
-                        seq,
+                        (seq, index),
                         "lease-expired",
                         known.run,
                         detail=detail,
@@ -251,7 +257,9 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
                 notice = getattr(state, "preemptions", {}).get(lease_id)
                 if notice is not None:
                     preempted.update({**_notice_detail(notice), "closureReason": reason})
-                notes.append(_note(state, seq, "preempted", known.run, detail=preempted, **common))
+                notes.append(
+                    _note(state, (seq, index), "preempted", known.run, detail=preempted, **common)
+                )
             return notes
         case ReservationReleased(name=res_name, reason="Activated"):
             res = state.reservations.get(res_name)
@@ -266,7 +274,7 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
             return [
                 _note(
                     state,
-                    seq,
+                    (seq, index),
                     "reservation-activated",
                     res.run,
                     at=event.at,
@@ -286,7 +294,7 @@ def derive(state: FleetState, seq: int, event: Event) -> list[notify.Notificatio
             return [
                 _note(
                     state,
-                    seq,
+                    (seq, index),
                     "preempted",
                     run,
                     at=event.at,
@@ -337,7 +345,7 @@ def forecast_note(
 ) -> notify.Notification:
     return _note(
         state,
-        seq,
+        (seq, 0),
         "run-forecast",
         result.run,
         at=at,

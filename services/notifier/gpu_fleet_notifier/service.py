@@ -61,7 +61,6 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from gpu_fleet.core.ledger import (
-    EVENT_DECODER,
     Event,
     FleetState,
     LedgerError,
@@ -80,6 +79,7 @@ from gpu_fleet.runtime.ledger_stream import (
     LedgerStream,
     LedgerUnavailableError,
     fetcher,
+    unpack,
 )
 from gpu_fleet.runtime.ledger_verifier import OneAtATime
 from gpu_fleet.runtime.natsd_cluster import stream_replicas
@@ -286,8 +286,8 @@ class Notifier(Actor):
         (what was due then was said then).  With the wall clock only the funding picture is
         remembered; the first wall check says what is due, and the streams drop repeats.
         """
-        async for seq, data in self._read_raw(floor):
-            self._fold(seq, self._decode(seq, data))
+        async for seq, subject, data in self._read_raw(floor):
+            self._fold(seq, unpack(seq, subject, data))
         if self.seq:
             if self.config.clock == "ledger":
                 check(self.state, self.state.clock, self.seq, self._leads(), self.memory)
@@ -296,14 +296,15 @@ class Notifier(Actor):
         self.handled = self.seq
         log.info("notifier.caught_up", seq=self.seq, ack_floor=floor)
 
-    async def _read_raw(self, until: int) -> AsyncIterator[tuple[int, bytes]]:
-        """Raw ledger messages 1..until (ordered consumer): undecodable ones are ours to judge;
-        one whose batch does not verify is nothing (skipped like an undecodable one)."""
+    async def _read_raw(self, until: int) -> AsyncIterator[tuple[int, str, bytes]]:
+        """Raw ledger messages 1..until (ordered consumer) as (seq, subject, payload):
+        undecodable ones are ours to judge; one whose batch does not verify is nothing
+        (skipped like an undecodable one)."""
         if until <= 0:
             return
         assert self.ledger is not None
         async for seq, msg, verified in self.ledger.messages(1, until):
-            yield seq, msg.data if verified else b""
+            yield seq, msg.subject, msg.data if verified else b""
 
     # -- folding ---------------------------------------------------------------------------
     async def _verified(self, seq: int, msg: Msg) -> bytes:
@@ -315,39 +316,47 @@ class Notifier(Actor):
         log.error("ledger.forged_event", seq=seq, subject=clamp(msg.subject, 100))
         return b""
 
-    def _decode(self, seq: int, data: bytes) -> Event | None:
-        """The ledger event, or None for one this version does not know (logged, skipped)."""
-        try:
-            event: Event = EVENT_DECODER.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            log.warning("notifier.unknown_event", seq=seq, error=str(exc))
-            return None
-        return event
-
-    def _fold(self, seq: int, event: Event | None) -> None:
-        """Fold one event; one the fold refuses changes nothing and is logged."""
-        if event is not None:
-            try:
-                fold(self.state, event)
-            except LedgerError as exc:
-                log.error(
-                    "notifier.fold_refused", seq=seq, type=type(event).__name__, error=str(exc)
-                )
+    def _fold(self, seq: int, events: list[Event | None]) -> None:
+        """Fold the message at ``seq``, every event of it in order (``None``: one this version
+        does not know, skipped); one the fold refuses changes nothing and is logged."""
+        for index, event in enumerate(events):
+            self._fold_one(seq, index, event)
         self.seq = seq
+
+    def _fold_one(self, seq: int, index: int, event: Event | None) -> None:
+        if event is None:
+            return
+        try:
+            fold(self.state, event)
+        except LedgerError as exc:
+            log.error(
+                "notifier.fold_refused",
+                seq=seq,
+                index=index,
+                type=type(event).__name__,
+                error=str(exc),
+            )
 
     def _leads(self) -> tuple[int, ...]:
         return lead_times(self.state, self.config.expiry_lead)
 
-    def _derive(self, seq: int, data: bytes, *, at_head: bool) -> list[notify.Notification]:
-        """Fold the message at ``seq`` and return what it must announce, in order.
+    def _derive(
+        self, seq: int, subject: str, data: bytes, *, at_head: bool
+    ) -> list[notify.Notification]:
+        """Fold the message at ``seq`` and return what it must announce, in order: what each
+        of its events says (on the state just before it), then - once the whole message is
+        folded - the deadlines due.
 
         Forecasts are recomputed once the notifier has caught up with the ledger (``at_head``):
         a burst of changes yields one ``run-forecast`` per run whose answer changed, not one per
         ledger event.
         """
-        event = self._decode(seq, data)
-        notes = derive(self.state, seq, event) if event is not None else []
-        self._fold(seq, event)
+        notes: list[notify.Notification] = []
+        for index, event in enumerate(unpack(seq, subject, data)):
+            if event is not None:
+                notes.extend(derive(self.state, seq, event, index))
+            self._fold_one(seq, index, event)
+        self.seq = seq
         if self.config.clock == "ledger":
             notes.extend(check(self.state, self.state.clock, seq, self._leads(), self.memory))
         if at_head:
@@ -416,7 +425,7 @@ class Notifier(Actor):
                 except (nats.errors.Error, LedgerUnavailableError) as exc:
                     await self._retry_later(msg, exc, 0)
                     return
-                notes = self._derive(seq, data, at_head=meta.num_pending == 0)
+                notes = self._derive(seq, msg.subject, data, at_head=meta.num_pending == 0)
                 derived = (notes, self._route(notes))
                 self._inflight[seq] = derived
             notes, deliveries = derived

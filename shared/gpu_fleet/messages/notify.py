@@ -24,14 +24,14 @@ EVENTS = tuple(NOTIFICATION_EVENTS)
 
 
 class Notification(msgspec.Struct, frozen=True, kw_only=True):
-    id: str  # stable: "<ledger seq>:<event>:<run or lease>", or "<event>:<subject>:<instant>..."
+    id: str  # stable: "<seq>[.<index>]:<event>:<run or lease>", or "<event>:<subject>:<instant>..."
     team: str  # the derived owner of the run's namespace, "_unbound" when there is none
     event: str
     run: str  # "namespace/name"; "" for a notice about a budget only (budget-renewal-due)
     lease: str | None = None
     at: int  # Unix seconds: the ledger event's time, or the check time for a deadline
     detail: dict[str, Any] = msgspec.field(default_factory=dict)
-    seq: int = 0  # the ledger sequence that caused it (the last folded one for a deadline)
+    seq: int = 0  # the ledger message that caused it (the last folded one for a deadline)
     # -- added with NotificationChannels (issue 13) --
     envelope: str | None = None  # "namespace/budget/envelope" the notice is about, if any
     reason: str = ""  # one line a person reads: why this notice exists

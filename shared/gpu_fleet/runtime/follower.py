@@ -2,7 +2,9 @@
 
 Binder, forecaster and notifier each hold their own ``FleetState`` built exactly like the
 manager's (the same ``fold``), so they agree with it by construction.  ``wait_for(seq)`` gives
-read-your-writes: a request made at ledger sequence N is answered only once N is folded.
+read-your-writes: a request made at ledger sequence N is answered only once N is folded.  A
+message is folded whole, all its events (``runtime.ledger_packing``), so ``seq`` is always a
+message boundary.
 """
 
 from __future__ import annotations
@@ -34,25 +36,33 @@ class LedgerFollower:
         self.on_event = on_event
         self._advanced = asyncio.Condition()
 
-    def _apply(self, seq: int, event: Event | None) -> None:
+    def _apply(self, seq: int, events: list[Event | None]) -> None:
+        """Fold the message at ``seq`` whole (every event of it, in order), once."""
         if seq <= self.seq:
             return  # an ordered consumer may redeliver after a reconnect; folding is not idempotent
         self.seq = seq
         if seq % heap.SETTLE_EVERY == 0:
             heap.settle()  # what was folded so far is long-lived state (runtime.heap)
-        if event is None:
-            return  # not an event we know (newer type, or garbage): skipped, sequence passed
-        try:
-            fold(self.state, event)
-        except LedgerError as exc:  # refused by the fold, which then changed nothing
-            log.error("ledger.event_refused", seq=seq, type=type(event).__name__, error=str(exc))
-            return
-        if self.on_event is not None:
-            self.on_event(seq, event, self.state)
+        for index, event in enumerate(events):
+            if event is None:
+                continue  # not an event we know (newer type, or garbage): skipped
+            try:
+                fold(self.state, event)
+            except LedgerError as exc:  # refused by the fold, which then changed nothing
+                log.error(
+                    "ledger.event_refused",
+                    seq=seq,
+                    index=index,
+                    type=type(event).__name__,
+                    error=str(exc),
+                )
+                continue
+            if self.on_event is not None:
+                self.on_event(seq, event, self.state)
 
     async def catch_up(self) -> None:
-        async for seq, event in self.ledger.read(self.seq + 1):
-            self._apply(seq, event)
+        async for seq, events in self.ledger.entries(self.seq + 1):
+            self._apply(seq, events)
         heap.sweep()  # after the rebuild: the state is the heap (runtime.heap)
         async with self._advanced:
             self._advanced.notify_all()
@@ -60,8 +70,8 @@ class LedgerFollower:
 
     async def follow(self) -> None:
         """Run forever: fold every new event and wake waiters."""
-        async for seq, event in self.ledger.follow(self.seq + 1):
-            self._apply(seq, event)
+        async for seq, events in self.ledger.follow(self.seq + 1):
+            self._apply(seq, events)
             async with self._advanced:
                 self._advanced.notify_all()
 

@@ -34,7 +34,7 @@ import structlog
 log = structlog.get_logger("gpu_fleet.heap")
 
 SETTLE_EVERY = 256
-"""Events a follower folds between settles."""
+"""Ledger messages a follower folds between settles."""
 
 SWEEP_SECONDS = 60.0
 """The longest a frozen cycle waits for a sweep (while settles come)."""

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
@@ -24,10 +23,19 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg, StorageType, StreamConfig
 
-from gpu_fleet.core.ledger import EVENT_DECODER, EVENT_ENCODER, Event
+from gpu_fleet.core.ledger import EVENT_ENCODER, Event
 from gpu_fleet.core.names import clamp
 from gpu_fleet.runtime.ledger_keys import BATCH_HEADER, LedgerKeys
 from gpu_fleet.runtime.ledger_keys import HEADER as SIGNATURE_HEADER
+from gpu_fleet.runtime.ledger_packing import (
+    PACKED_SUBJECT,
+    SUBJECT_PREFIX,
+    decode_event,
+    layout,
+    pack,
+    subject_for,
+    unpack,
+)
 from gpu_fleet.runtime.ledger_verifier import (
     Fetch,
     InOrder,
@@ -39,7 +47,13 @@ from gpu_fleet.runtime.natsd_cluster import stream_replicas
 log = structlog.get_logger("gpu_fleet.ledger")
 
 STREAM = "FLEET"
-SUBJECT_PREFIX = "fleet.ledger"
+__all__ = [  # the message shapes live in ``ledger_packing``; readers import them from here too
+    "PACKED_SUBJECT",
+    "SUBJECT_PREFIX",
+    "decode_event",
+    "subject_for",
+    "unpack",
+]
 WRONG_LAST_SEQUENCE = 10071
 
 
@@ -82,28 +96,6 @@ HEADER_ROOM = 1024
 """Bytes of ``max_payload`` kept for the batch headers of an appended event."""
 
 
-def decode_event(seq: int, data: bytes) -> Event | None:
-    """Decode one ledger message; ``None`` (logged with its sequence) when it is not an event.
-
-    A newer manager may append an event type an older follower does not know yet (rolling
-    upgrade), and anyone allowed to publish on ``fleet.ledger.>`` can put garbage on the stream
-    (issue 19: a non-JSON message used to raise ``msgspec.DecodeError`` out of every reader,
-    killing the binder's and forecaster's followers and failing every manager command).
-    Skipping it - while still advancing past its sequence - keeps every reader alive and all of
-    them agree, since they all skip the same sequence; unknown *fields* are already ignored by
-    the decoder itself.
-    """
-    try:
-        event: Event = EVENT_DECODER.decode(data)
-    except msgspec.ValidationError as exc:
-        log.warning("ledger.unknown_event", seq=seq, error=clamp(str(exc), 200))
-        return None
-    except msgspec.DecodeError as exc:
-        log.error("ledger.undecodable_event", seq=seq, bytes=len(data), error=clamp(str(exc), 200))
-        return None
-    return event
-
-
 def fetcher(js: JetStreamContext, stream: str = STREAM, attempts: int = 6) -> Fetch:
     """``Fetch`` over JetStream: one stored message by sequence (``None``: the stream has none
     there), retried while the stream is briefly unavailable (a server lost, a leader being
@@ -126,10 +118,6 @@ def fetcher(js: JetStreamContext, stream: str = STREAM, attempts: int = 6) -> Fe
     return fetch
 
 
-def subject_for(event: Event) -> str:
-    return f"{SUBJECT_PREFIX}.{type(event).__name__}"
-
-
 class LedgerStream:
     """The ledger stream; with ``keys`` every append is signed and every read verified."""
 
@@ -139,13 +127,28 @@ class LedgerStream:
         stream: str = STREAM,
         timeout: float = 5.0,
         keys: LedgerKeys | None = None,
+        *,
+        message_limit: int | None = None,
+        packing: bool = True,
     ) -> None:
         self.nc = nc
         self.keys = keys
+        # Bytes a ledger message may hold: the connection's ``max_payload`` less header room,
+        # or less (a test lays events out one per message with it; ``ledger_packing``).
+        self.message_limit = message_limit
+        # Several events of an append in one message (``ledger_packing``); off: one message
+        # per event, readable by readers older than packing (a rolling upgrade).
+        self.packing = packing
         self.js: JetStreamContext = nc.jetstream(timeout=timeout)
         self.stream = stream
         self.timeout = timeout
         self.fetch = fetcher(self.js, stream)
+
+    @property
+    def limit(self) -> int:
+        """Bytes one ledger message may hold."""
+        room = self.nc.max_payload - HEADER_ROOM
+        return room if self.message_limit is None else min(room, self.message_limit)
 
     async def ensure(self) -> None:
         """Create the stream if missing (file storage, atomic batches allowed)."""
@@ -174,7 +177,7 @@ class LedgerStream:
         """The events encoded, or ``LedgerEventTooLargeError`` if one would not fit a message
         (checked before anything is published, or folded by a writer that buffers)."""
         encoded = [EVENT_ENCODER.encode(event) for event in events]
-        limit = self.nc.max_payload - HEADER_ROOM
+        limit = self.limit
         for event, data in zip(events, encoded, strict=True):
             if len(data) > limit:
                 raise LedgerEventTooLargeError(
@@ -184,31 +187,42 @@ class LedgerStream:
         return encoded
 
     async def append(self, events: Sequence[Event], expected_last_seq: int) -> int:
-        """Append ``events`` atomically after ``expected_last_seq``; return the new last seq."""
+        """Append ``events`` atomically after ``expected_last_seq``; return the new last seq.
+
+        Several events are packed into one message (``ledger_packing``), or into a few
+        appended as one atomic batch when they outgrow a message; a batch's first message
+        carries the guard.
+        """
         if not events:
             return expected_last_seq
         encoded = self.check_sizes(events)
-        subjects = [subject_for(event) for event in events]
-        n = len(events)
-        batch = uuid.uuid4().hex
-        signed = self._signed(expected_last_seq + 1, subjects, encoded)
+        messages = pack(events, encoded, self.limit, packed=self.packing)
+        subjects = [subject for subject, _ in messages]
+        payloads = [data for _, data in messages]
+        n = len(messages)
+        signed = self._signed(expected_last_seq + 1, subjects, payloads)
+        guard = {"Nats-Expected-Last-Sequence": str(expected_last_seq)}
         try:
-            for i in range(1, n):
-                headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i), **signed[0]}
-                if i == 1:
-                    headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
-                await self.nc.publish(subjects[i - 1], encoded[i - 1], headers=headers)
-            headers = {
-                "Nats-Batch-Id": batch,
-                "Nats-Batch-Sequence": str(n),
-                "Nats-Batch-Commit": "1",
-                **signed[1],
-            }
-            if n == 1:
-                headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
-            reply = await self.nc.request(
-                subjects[-1], encoded[-1], timeout=self.timeout, headers=headers
-            )
+            if n == 1:  # one message is atomic by itself: no batch to open and commit
+                reply = await self.nc.request(
+                    subjects[0], payloads[0], timeout=self.timeout, headers={**guard, **signed[1]}
+                )
+            else:
+                batch = uuid.uuid4().hex
+                for i in range(1, n):
+                    headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i), **signed[0]}
+                    if i == 1:
+                        headers.update(guard)
+                    await self.nc.publish(subjects[i - 1], payloads[i - 1], headers=headers)
+                headers = {
+                    "Nats-Batch-Id": batch,
+                    "Nats-Batch-Sequence": str(n),
+                    "Nats-Batch-Commit": "1",
+                    **signed[1],
+                }
+                reply = await self.nc.request(
+                    subjects[-1], payloads[-1], timeout=self.timeout, headers=headers
+                )
         except (
             nats.errors.TimeoutError,
             nats.errors.NoRespondersError,
@@ -222,6 +236,14 @@ class LedgerStream:
                 raise LedgerConflictError(error.get("description", "wrong last sequence"))
             raise LedgerUnavailableError(f"ledger append refused: {error.get('description')}")
         return int(body["seq"])
+
+    def addresses(self, events: Sequence[Event], last_seq: int) -> list[tuple[int, int]]:
+        """Where an ``append`` of ``events`` that ended at ``last_seq`` put each of them:
+        ``(seq, index)`` (``ledger_packing.event_address``).  Laid out again from the encoded
+        sizes to find out: for a log line per event, which costs more to render than that."""
+        spans = layout(self.check_sizes(events), self.limit, packed=self.packing)
+        first = last_seq - len(spans) + 1
+        return [(first + m, i) for m, (a, b) in enumerate(spans) for i in range(b - a)]
 
     def _signed(
         self, first: int, subjects: list[str], encoded: list[bytes]
@@ -238,11 +260,21 @@ class LedgerStream:
     async def read(
         self, from_seq: int = 1, until_seq: int | None = None, idle_timeout: float = 5.0
     ) -> AsyncIterator[tuple[int, Event | None]]:
-        """Yield ``(seq, event)`` from ``from_seq`` up to ``until_seq`` (default: current last).
+        """Yield ``(seq, event)`` for every event of the messages from ``from_seq`` up to
+        ``until_seq`` (default: current last); the events of one message share its ``seq``.
 
         ``event`` is ``None`` for an event type this version does not know (see ``decode_event``)
-        and for a message whose batch does not verify (a signed ledger).
+        and for a message whose batch does not verify (a signed ledger).  A reader that
+        remembers where it is (``runtime.follower``) reads ``entries`` instead, whole messages.
         """
+        async for seq, events in self.entries(from_seq, until_seq, idle_timeout):
+            for event in events:
+                yield seq, event
+
+    async def entries(
+        self, from_seq: int = 1, until_seq: int | None = None, idle_timeout: float = 5.0
+    ) -> AsyncIterator[tuple[int, list[Event | None]]]:
+        """``read`` a message at a time: ``(seq, its events in order)``."""
         async for seq, msg, verified in self.messages(from_seq, until_seq, idle_timeout):
             yield _verdict(seq, msg, verified)
 
@@ -272,9 +304,10 @@ class LedgerStream:
         finally:
             await sub.unsubscribe()
 
-    async def follow(self, from_seq: int) -> AsyncIterator[tuple[int, Event | None]]:
-        """Yield events from ``from_seq`` forever (an ordered consumer survives reconnects);
-        on a signed ledger each batch once its last message has arrived."""
+    async def follow(self, from_seq: int) -> AsyncIterator[tuple[int, list[Event | None]]]:
+        """Yield messages from ``from_seq`` forever, as ``entries`` does (an ordered consumer
+        survives reconnects, and may then hand a message out again: compare ``seq``); on a
+        signed ledger each batch once its last message has arrived."""
         order = InOrder(self.keys) if self.keys is not None else None
         sub = await self._subscribe(from_seq)
         last = from_seq - 1
@@ -391,5 +424,6 @@ def _as_messages(judged: list[tuple[int, object, bool]]) -> list[tuple[int, Msg,
     return out
 
 
-def _verdict(seq: int, msg: Msg, verified: bool) -> tuple[int, Event | None]:
-    return seq, decode_event(seq, msg.data) if verified else None
+def _verdict(seq: int, msg: Msg, verified: bool) -> tuple[int, list[Event | None]]:
+    """A message's events; a forged one (its batch does not verify) is one skipped entry."""
+    return seq, unpack(seq, msg.subject, msg.data) if verified else [None]

@@ -7,7 +7,7 @@ HTTP server on the service's event loop (no thread, no framework: three GET rout
 * ``/healthz`` answers 200 whenever the event loop answers at all: the process is alive.  A
   service whose loop is wedged stops answering and the kubelet restarts it.
 * ``/readyz`` answers 200 only when the service's readiness probe says so - NATS connected and
-  the folded ledger within ``max_lag`` events of the stream - else 503 with the reason, so a
+  the folded ledger within ``max_lag`` messages of the stream - else 503 with the reason, so a
   restarted follower takes no traffic until it has caught up.
 * ``/metrics`` first refreshes the scrape-time gauges (the service's ``gauges`` callback, e.g.
   the manager's ``views.metrics.fleet_gauges`` under its command lock, and the ledger position
@@ -66,7 +66,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--ready-max-lag",
         type=int,
         default=int(env("GPU_FLEET_READY_MAX_LAG", str(DEFAULT_MAX_LAG))),
-        help="ledger events this service may be behind the stream and still be ready",
+        help="ledger messages this service may be behind the stream and still be ready",
     )
 
 
@@ -92,7 +92,7 @@ async def ledger_health(
     lag = stream_seq - seq
     if lag > max_lag:
         return Health(
-            False, f"{lag} ledger events behind (bound {max_lag})", seq=seq, stream_seq=stream_seq
+            False, f"{lag} ledger messages behind (bound {max_lag})", seq=seq, stream_seq=stream_seq
         )
     return Health(True, "", seq=seq, stream_seq=stream_seq)
 
