@@ -25,7 +25,7 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import nats.errors
 import structlog
@@ -52,6 +52,16 @@ from gpu_fleet.views.metrics import tally
 log = structlog.get_logger("gpu_fleet.manager")
 
 T = TypeVar("T")
+
+
+class Decided(NamedTuple):
+    """One decision folded into the buffer and not yet appended: its events, their metric
+    tallies, and the events encoded (measured against a message's size when buffered, and
+    appended as they are: an event is encoded once on its way to the ledger)."""
+
+    events: list[Event]
+    counted: list[Any]
+    encoded: list[bytes]
 
 _TOPOLOGY_EVENTS = (LeaseMinted, LeaseClosed, NodeRegistered, NodeHealthChanged)
 
@@ -88,7 +98,7 @@ class LedgerFleet(Fleet):
         self.observer: Observer | None = None  # counts each appended decision once
         # Group commit: decisions folded but not yet appended (events, their metric tallies).
         self.buffered = False
-        self.buffer: list[tuple[list[Event], list[Any]]] = []
+        self.buffer: list[Decided] = []
         self.flushes = 0  # buffers appended so far
         # Successful flushes of the group being decided (mid-group, at ``FLUSH_AT``): the
         # group's "is this command's decision on the ledger?" (``Command.flushes``).  Only
@@ -102,12 +112,12 @@ class LedgerFleet(Fleet):
         self.searched = False
         # Pipelining: the append of the previous group's buffer, and what it holds.
         self.in_flight: asyncio.Task[None] | None = None
-        self.flying: list[tuple[list[Event], list[Any]]] = []
+        self.flying: list[Decided] = []
 
     @property
     def pending(self) -> int:
         """Events folded locally and not yet on the ledger."""
-        return sum(len(batch) for batch, _ in self.buffer)
+        return sum(len(decided.events) for decided in self.buffer)
 
     @property
     def flushed_in_group(self) -> bool:
@@ -122,9 +132,9 @@ class LedgerFleet(Fleet):
         binder's - could take a slot this group, or the one before it, just took."""
         return any(
             isinstance(e, _TOPOLOGY_EVENTS)
-            for batches in (self.flying, self.buffer)
-            for batch, _ in batches
-            for e in batch
+            for buffer in (self.flying, self.buffer)
+            for decided in buffer
+            for e in decided.events
         )
 
     def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
@@ -150,21 +160,24 @@ class LedgerFleet(Fleet):
             return self._buffer(batch)
         counted = tally(self.state, batch) if self.observer is not None else []
         done = super().commit(batch)
-        self.seq = self.on_loop(self.ledger.append(batch, self.seq), self.append_timeout)
-        self._appended([(batch, counted)])
+        encoded = self.ledger.check_sizes(batch)
+        self.seq = self.on_loop(
+            self.ledger.append(batch, self.seq, encoded=encoded), self.append_timeout
+        )
+        self._appended([Decided(batch, counted, encoded)])
         return done
 
     def _buffer(self, batch: list[Event]) -> list[Event]:
         """Group commit: fold now, append at ``flush``.  An oversized event is refused before
         it is folded (the request that made it gets 413, the group goes on)."""
-        self.ledger.check_sizes(batch)
+        encoded = self.ledger.check_sizes(batch)
         if self.pending >= FLUSH_AT:
             self.on_loop(self.flush(), self.append_timeout)
         counted = tally(self.state, batch) if self.observer is not None else []
         # A fold that refuses part of the batch raises: the command broke the local state,
         # and the group is decided again after a rebuild (``group.run_group``).
         done = super().commit(batch)
-        self.buffer.append((batch, counted))
+        self.buffer.append(Decided(batch, counted, encoded))
         return done
 
     async def flush(self) -> None:
@@ -206,24 +219,26 @@ class LedgerFleet(Fleet):
         if self.in_flight is task:
             self.in_flight, self.flying = None, []
 
-    async def _append(self, done: list[tuple[list[Event], list[Any]]]) -> None:
-        events = [e for batch, _ in done for e in batch]
-        self.seq = await self.ledger.append(events, self.seq)
+    async def _append(self, done: list[Decided]) -> None:
+        events = [e for decided in done for e in decided.events]
+        encoded = [data for decided in done for data in decided.encoded]
+        self.seq = await self.ledger.append(events, self.seq, encoded=encoded)
         self.flushes += 1
         self._appended(done)
 
-    def _appended(self, done: list[tuple[list[Event], list[Any]]]) -> None:
+    def _appended(self, done: list[Decided]) -> None:
         """Bookkeeping once decisions are on the ledger: counters, metrics, one log line each."""
         self.appended_batches += len(done)
         if self.observer is not None:
-            for _, counted in done:
-                self.observer.record(counted)  # only once the batch is on the ledger
+            for decided in done:
+                self.observer.record(decided.counted)  # only once the batch is on the ledger
         # One line per decision, with the context to find it in the ledger and in time; its
         # context is not built at a level that drops it (a burst appends thousands a second).
         if log.is_enabled_for(logging.INFO):
-            events = [e for batch, _ in done for e in batch]
+            events = [e for decided in done for e in decided.events]
+            encoded = [data for decided in done for data in decided.encoded]
             for (seq, index), event in zip(
-                self.ledger.addresses(events, self.seq), events, strict=True
+                self.ledger.addresses(encoded, self.seq), events, strict=True
             ):
                 log.info("ledger.event", seq=seq, index=index, **event_context(event))
 

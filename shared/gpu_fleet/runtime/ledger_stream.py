@@ -186,16 +186,24 @@ class LedgerStream:
                 )
         return encoded
 
-    async def append(self, events: Sequence[Event], expected_last_seq: int) -> int:
+    async def append(
+        self,
+        events: Sequence[Event],
+        expected_last_seq: int,
+        *,
+        encoded: Sequence[bytes] | None = None,
+    ) -> int:
         """Append ``events`` atomically after ``expected_last_seq``; return the new last seq.
 
         Several events are packed into one message (``ledger_packing``), or into a few
         appended as one atomic batch when they outgrow a message; a batch's first message
-        carries the guard.
+        carries the guard.  ``encoded``: what ``check_sizes`` returned for ``events`` (a
+        writer that measured them already need not encode them again).
         """
         if not events:
             return expected_last_seq
-        encoded = self.check_sizes(events)
+        if encoded is None:
+            encoded = self.check_sizes(events)
         messages = pack(events, encoded, self.limit, packed=self.packing)
         subjects = [subject for subject, _ in messages]
         payloads = [data for _, data in messages]
@@ -237,11 +245,12 @@ class LedgerStream:
             raise LedgerUnavailableError(f"ledger append refused: {error.get('description')}")
         return int(body["seq"])
 
-    def addresses(self, events: Sequence[Event], last_seq: int) -> list[tuple[int, int]]:
-        """Where an ``append`` of ``events`` that ended at ``last_seq`` put each of them:
-        ``(seq, index)`` (``ledger_packing.event_address``).  Laid out again from the encoded
-        sizes to find out: for a log line per event, which costs more to render than that."""
-        spans = layout(self.check_sizes(events), self.limit, packed=self.packing)
+    def addresses(self, encoded: Sequence[bytes], last_seq: int) -> list[tuple[int, int]]:
+        """Where an ``append`` of events encoded as ``encoded`` (``check_sizes``) that ended
+        at ``last_seq`` put each of them: ``(seq, index)`` (``ledger_packing.event_address``).
+        Laid out again from the sizes to find out: for a log line per event, which costs more
+        to render than that."""
+        spans = layout(encoded, self.limit, packed=self.packing)
         first = last_seq - len(spans) + 1
         return [(first + m, i) for m, (a, b) in enumerate(spans) for i in range(b - a)]
 

@@ -25,6 +25,7 @@ import argparse
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -125,6 +126,10 @@ class Observer:
         self.registry = CollectorRegistry()
         self._counters: dict[str, Counter] = {}
         self._histograms: dict[str, Histogram] = {}
+        # Each labelled series once looked up: ``labels()`` validates and locks on every
+        # call, and the manager counts several times per admission (issue 11).  It holds no
+        # series the metric itself does not hold already (and series are never removed).
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
         for spec in SPECS.values():
             if service not in spec.exported_by:
                 continue
@@ -149,12 +154,19 @@ class Observer:
 
     # -- recording ---------------------------------------------------------------------------
     def inc(self, name: str, *labels: str, value: float = 1.0) -> None:
-        counter = self._counters[name]
-        (counter.labels(*labels) if labels else counter).inc(value)
+        child = self._children.get((name, labels))
+        if child is None:
+            counter = self._counters[name]
+            child = self._children[name, labels] = counter.labels(*labels) if labels else counter
+        child.inc(value)
 
     def observe(self, name: str, value: float, *labels: str) -> None:
-        histogram = self._histograms[name]
-        (histogram.labels(*labels) if labels else histogram).observe(value)
+        child = self._children.get((name, labels))
+        if child is None:
+            histogram = self._histograms[name]
+            child = histogram.labels(*labels) if labels else histogram
+            self._children[name, labels] = child
+        child.observe(value)
 
     def record(self, increments: Iterable[Increment]) -> None:
         """Apply ``views.metrics.tally``'s output (counters and histogram observations)."""
