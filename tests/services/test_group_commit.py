@@ -226,7 +226,9 @@ class GatedAppends:
         self.gate = asyncio.Event()
         self.ledger.append = self.append  # type: ignore[method-assign]
 
-    async def append(self, events: Sequence[Event], expected_last_seq: int) -> int:
+    async def append(
+        self, events: Sequence[Event], expected_last_seq: int, **options: Any
+    ) -> int:
         self.appends += 1
         number = self.appends
         if number == 1:
@@ -242,7 +244,7 @@ class GatedAppends:
         if number in self.fail:
             self.on_refusal()
             raise LedgerUnavailableError(f"append {number} refused by the test")
-        return await self.original(events, expected_last_seq)
+        return await self.original(events, expected_last_seq, **options)
 
     def open_from_thread(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.call_soon_threadsafe(self.gate.set)
@@ -521,6 +523,33 @@ async def test_small_commands_on_top_of_an_append_are_decided_on_the_event_loop(
     )
     assert ran == {"a": ["thread"], "b": ["loop"], "c": ["thread"], "d": ["thread"]}
     assert (await registered(stack))[-4:] == ["a", "b", "c", "d"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_with_nothing_in_flight_a_burst_is_decided_on_the_loop_a_lone_command_is_not(
+    stack: InProcessStack,
+) -> None:
+    """The first group of a burst takes the loop as a pipelined one does (in the thread it was
+    a fifth of a burst's deciding); a lone small command keeps the thread, where a search it
+    needs is the binder's."""
+    manager = manager_of(stack)
+    ran: dict[str, str] = {}
+
+    def register(name: str) -> Callable[[Instant], None]:
+        def decide(now: Instant) -> None:
+            ran[name] = _where()
+            manager.require_fleet().register_node(node(name), now)
+
+        return decide
+
+    assert manager.require_fleet().in_flight is None
+    await manager.mutate(register("lone"), small=True)
+    names = ["b0", "b1", "b2", "b3"]
+    await asyncio.gather(*(manager.mutate(register(n), small=True) for n in names))
+    # Four waiting: the first half decided with nothing in flight, the rest on top of it.
+    assert ran == {"lone": "thread", "b0": "loop", "b1": "loop", "b2": "loop", "b3": "loop"}
+    assert (await registered(stack))[-5:] == ["lone", *names]
 
 
 @pytest.mark.timeout(60)

@@ -27,17 +27,21 @@ arrival order, as if it had waited.  The manager's state is the ledger's only be
 with nothing in flight, so whoever needs such a consistent cut (a read, a metrics scrape, a
 snapshot) makes the pipeline drain first (``Manager.consistent``).
 
-Decided on the event loop (``run_inline``): a group decided on top of an append in flight is
-decided on the loop itself, not in the worker thread, as long as its commands are small (an
-apply of a few runs) and the loop has not been held for ``INLINE_BUDGET_S``; the rest of the
-group goes to the thread.  Why: the decision and the loop's own work (reading requests, sending
-replies and appends) cannot run at once anyway - one interpreter lock - and handing that lock
-back and forth cost each side up to a switch interval (5 ms) per system call: at 10k nodes,
-the same admissions took 15 % more time that way (issue 11).  A decision on the loop may not
-wait for the loop: it plans placements itself instead of asking the binder (one CP-SAT search
-per group, then the rest goes to the thread), and one that would have to wait (a second search,
-a buffer outgrowing ``FLUSH_AT``) raises ``NeedsThreadError``; the group is then decided again
-in the thread on the ledger's state, as after a command that broke the state.
+Decided on the event loop (``run_inline``): a group - on top of an append in flight, or several
+commands waiting with nothing in flight (a burst) - is decided on the loop itself, not in the
+worker thread, as long as its commands are small (an apply of a few runs) and the loop has not
+been held for ``INLINE_BUDGET_S``; the rest of the group goes to the thread.  Why: the decision
+and the loop's own work (reading requests, sending replies and appends) cannot run at once
+anyway - one interpreter lock - and handing that lock back and forth cost each side up to a
+switch interval (5 ms) per system call: at 10k nodes, the same admissions took 15 % more time
+that way, and a burst's first groups after a drain, still decided in the thread, were a fifth of
+its deciding (issue 11).  A decision on the loop may not wait for the loop: it plans placements
+itself instead of asking the binder (one CP-SAT search per group, then the rest goes to the
+thread), and one that would have to wait (a second search, a buffer outgrowing ``FLUSH_AT``)
+raises ``NeedsThreadError``; the group is then decided again in the thread on the ledger's
+state, as after a command that broke the state.  A lone command with nothing in flight stays in
+the thread: nothing waits behind it, so a search it needs is the binder's and the loop stays
+free for reads.
 """
 
 from __future__ import annotations
@@ -180,7 +184,11 @@ async def pipeline(manager: Manager, committer: GroupCommitter) -> None:
                 group = [] if manager.wants_drain() else committer.take()
             clean: bool | BaseException = True
             if group:
-                clean = await _decide_ahead(manager, fleet, group, ahead=flight is not None)
+                # On the loop when pipelined or in a burst; a lone command with nothing in
+                # flight keeps the thread, where a search it needs is the binder's.
+                ahead = flight is not None
+                inline = ahead or len(group) > 1
+                clean = await _decide_ahead(manager, fleet, group, ahead=ahead, inline=inline)
             if flight is not None:
                 landed = await _land(manager, fleet, flight)
                 flight = None
@@ -244,17 +252,22 @@ def _answer_landed(group: list[Command], append: asyncio.Task[None]) -> None:
 
 
 async def _decide_ahead(
-    manager: Manager, fleet: LedgerFleet, group: list[Command], *, ahead: bool
+    manager: Manager, fleet: LedgerFleet, group: list[Command], *, ahead: bool, inline: bool = True
 ) -> bool | BaseException:
-    """Decide ``group`` into the writer's buffer (``ahead``: on top of an append in flight,
-    so no catch-up read: the state is ahead of the ledger by that append).  True if clean,
-    False if a command broke the state, or the append error a mid-group flush raised."""
+    """Decide ``group`` into the writer's buffer, on the loop while it may (``run_inline``),
+    then in the worker thread (``ahead``: on top of an append in flight, so no catch-up read:
+    the state is ahead of the ledger by that append).  True if clean, False if a command broke
+    the state, or the append error a mid-group flush raised.
+
+    Not ``inline``: all in the thread - a lone command with nothing in flight (nothing waits
+    behind it, so a CP-SAT search it needs is left to the binder and the loop stays free), and
+    a group decided again after a failure (what failed on the loop would fail there again)."""
     try:
         if not ahead:
             await manager._catch_up()
         fleet.buffered, fleet.buffer = True, []
         fleet.group_flushes = 0
-        if ahead:
+        if inline:
             done = run_inline(group, manager.clock.now, fleet)
             if done is not None:
                 return done
@@ -334,7 +347,9 @@ async def _decide_locked(
             (outcome, durable), failed = failed, None
         else:
             fleet = manager.require_fleet()
-            outcome = await _decide_ahead(manager, fleet, group, ahead=False)
+            # In the thread: what failed on the loop (a decision that had to wait for it)
+            # would fail there again.
+            outcome = await _decide_ahead(manager, fleet, group, ahead=False, inline=False)
             if outcome is True:
                 try:
                     await fleet.flush()
