@@ -294,3 +294,86 @@ def _cyclic(value: object) -> bool:
     return _measure(value, _value_children, _value_chars, DocumentBounds(10**9, 10**9, 10**9)) == (
         "an alias refers to a node that contains it (infinite once expanded)"
     )
+
+
+# -- the text is small enough (documents._text_fits) ------------------------------------------
+YAML_PIECES = [
+    *":- [],{}\n#'\"&!|>?ab01.\\",
+    *["- ", "? ", ": ", "a: ", "a:", "&x ", "---\n", "...\n", "  ", "\n  ", "null", "~", "''"],
+    *['""', '"\\t"', "|\n  x\n", ">\n  x\n", "{a, b}", "[?]", "[a: b]", "- - - a", "{? }"],
+]
+TEXT_MARKS = "[{-:?"
+
+
+def _composed_sizes(text: str) -> list[tuple[int, int, int]]:
+    """(nodes, scalar characters, depth) of every document the reference composes."""
+    unbounded = DocumentBounds(10**9, 10**9, 10**9)
+    out = []
+    for node in yaml.compose_all(text, Loader=_Loader):
+        if node is None:
+            continue
+        stack: list[tuple[yaml.Node, int]] = [(node, 1)]
+        nodes = chars = depth = 0
+        while stack:
+            n, d = stack.pop()
+            nodes, chars, depth = nodes + 1, chars + _node_chars(n), max(depth, d)
+            stack.extend((kid, d + 1) for kid in _node_children(n))
+        assert _measure(node, _node_children, _node_chars, unbounded) is None
+        out.append((nodes, chars, depth))
+    return out
+
+
+def _check_text_claims(text: str) -> None:
+    try:
+        sizes = _composed_sizes(text)
+    except yaml.YAMLError:
+        return  # refused whole: nothing of it is measured or loaded
+    marks = sum(text.count(m) for m in TEXT_MARKS)
+    for nodes, chars, depth in sizes:
+        # What ``_text_fits`` relies on, checked tighter than it relies on it.
+        assert nodes <= 3 * len(text) + 1, (text, nodes)
+        assert chars <= len(text), (text, chars)
+        assert depth <= marks + 1, (text, depth)
+
+
+@seed(23)
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(YAML_PIECES), max_size=40).map("".join))
+def test_alias_free_text_composes_to_no_more_than_its_size_allows(text: str) -> None:
+    _check_text_claims(text)
+
+
+@seed(29)
+@settings(max_examples=300, deadline=None)
+@given(values, st.sampled_from([None, True, False]))
+def test_written_documents_compose_to_no_more_than_their_size_allows(
+    value: object, flow: bool
+) -> None:
+    _check_text_claims(yaml.safe_dump(value, default_flow_style=flow, sort_keys=False))
+
+
+@pytest.mark.parametrize(
+    "text", ["?", "? \n? \n", "[?]", "{?}", "- - - - a", "{a, b, c}", "---\n---\n---\n", "a:\nb:\n"]
+)
+def test_the_densest_texts_still_fit_the_claim(text: str) -> None:
+    _check_text_claims(text)
+
+
+def test_a_small_text_skips_the_walk_and_anything_near_a_bound_takes_it() -> None:
+    from gpu_fleet.core.manifests.documents import MANIFEST_BOUNDS, NODES_PER_CHAR, _text_fits  # noqa: PLC0415
+
+    run = "kind: Run\nmetadata: {name: a, namespace: b}\nspec: {resources: {totalGPUs: 8}}\n"
+    assert _text_fits(run, MANIFEST_BOUNDS)
+    assert not _text_fits(run + "x: *a\n", MANIFEST_BOUNDS)  # an alias
+    deepest = "[" * (MAX_DEPTH - 1) + "a" + "]" * (MAX_DEPTH - 1)  # 64 levels: just allowed
+    assert _text_fits(deepest, MANIFEST_BOUNDS)
+    assert not _text_fits("[" + deepest + "]", MANIFEST_BOUNDS)
+    assert not _text_fits("[]: " + deepest, MANIFEST_BOUNDS)  # a colon is a mark too
+    assert not _text_fits("a" * (MAX_NODES // NODES_PER_CHAR), MANIFEST_BOUNDS)
+    small = DocumentBounds(nodes=10**9, scalar_chars=3, depth=10**9)
+    assert not _text_fits("abcd", small)
+    assert _text_fits("abc", small)
+    # Past the bound the measure decides, word for word; at it, the document loads.
+    assert load_documents(deepest) != []
+    (line,) = errors_of("[" + deepest + "]")
+    assert line.endswith(f"nested more than {MAX_DEPTH} levels deep")
