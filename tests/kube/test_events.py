@@ -170,3 +170,36 @@ def test_mirror_names_and_sanitised_closure_reasons() -> None:
     assert sanitised_reason("RandomPreempt(0x00ff)") == "RandomPreempt"
     assert sanitised_reason("Completed") == "Completed"
     assert sanitised_reason("(x)") == "Closed"
+
+
+def test_events_of_one_packed_message_are_named_apart_and_due_in_ledger_order() -> None:
+    """A gang preempted in one decision is one ledger message holding a LeaseClosed per lease
+    (``runtime.ledger_packing``): each gets its own Event, named by its address, in order."""
+    state = _state()
+    log = EventLog()
+    leases = [_lease(i) for i in range(12)]
+    for lease in leases:
+        state.leases[lease.id] = lease
+        state.preemptions[lease.id] = LeasePreemptionScheduled(
+            at=T,
+            lease=lease.id,
+            run="rai/train",
+            deadline=T + 300,
+            reason="Reclaim",
+            kind="Reclaim",
+            seed="0x1",
+            conflict_set=(lease.id,),
+        )
+    for index, lease in enumerate(leases):
+        log.observe(0x1F, LeaseClosed(at=T + 300, lease=lease.id, reason="Reclaim"), state, index)
+    due = log.due(T + 300)
+    assert [e.name for e in due] == [
+        "train.1f.preempted",
+        *(f"train.1f-{i:x}.preempted" for i in range(1, 12)),
+    ]
+    assert [e.note.split()[1] for e in due] == [lease.id for lease in leases]
+    # A one-event message keeps the name it always had.
+    closed = LeaseClosed(at=T + 300, lease=leases[0].id, reason="Reclaim")
+    assert derive(0x1F, closed, state, {}) == [
+        due[0]
+    ]

@@ -106,7 +106,7 @@ class Forecaster(FollowerService):
         self.answered = 0
         self.accuracy = ForecastAccuracy()
 
-    def on_ledger_event(self, seq: int, event: Event, state: FleetState) -> None:
+    def on_ledger_event(self, seq: int, event: Event, state: FleetState, index: int) -> None:
         """Count the forecasts' accuracy as runs start (``views.forecast_accuracy``)."""
         self.accuracy.live = self.live
         self.observer.record(self.accuracy.on_event(event, state))

@@ -296,8 +296,8 @@ class KubeBridge(Actor):
     def kick(self) -> None:
         self._dirty.set()
 
-    def _on_ledger_event(self, seq: int, event: Any, state: FleetState) -> None:
-        self.events.observe(seq, event, state)
+    def _on_ledger_event(self, seq: int, event: Any, state: FleetState, index: int) -> None:
+        self.events.observe(seq, event, state, index)
         self.kick()
 
     async def _loop(self) -> None:

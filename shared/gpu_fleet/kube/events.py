@@ -3,8 +3,11 @@
 What a team sees with ``kubectl describe run`` / ``kubectl get events``: Admitted, Bound,
 Reserved, PreemptionNotice (deadline, seed and conflict set), Preempted, Swapped, Expired,
 Retrying (failurePolicy Retry), and Completed / Failed.  Every Event except Bound comes from
-one ledger event, so it is named after that event's stream sequence:
-``<run>.<seq in hex>.<reason>``.  A replay (a restarted bridge
+one ledger event, so it is named after that event's address in the ledger (its message's
+stream sequence, and its index in that message when it is not the first:
+``runtime.ledger_packing``): ``<run>.<seq in hex>.<reason>``, or
+``<run>.<seq in hex>-<index in hex>.<reason>`` - a gang preempted in one decision is one
+message holding a Preempted per lease.  A replay (a restarted bridge
 folds the ledger from the start) derives the same names and the API server answers the second
 create with AlreadyExists, so a crash anywhere creates none twice.  Bound is the pods half's own
 act (all of a gang's pods bound); it is named after the sequence of the newest lease the gang
@@ -61,10 +64,13 @@ class RunEvent:
     type: str  # Normal | Warning
     note: str
     at: Instant
+    index: int = 0  # the ledger event's place in its message (``seq``)
 
     @property
     def name(self) -> str:
-        return f"{self.run}.{self.seq:x}.{self.reason.lower()}"
+        # A hex sequence has no "-", so "<seq>-<index>" cannot be read as another address.
+        where = f"{self.seq:x}" if self.index == 0 else f"{self.seq:x}-{self.index:x}"
+        return f"{self.run}.{where}.{self.reason.lower()}"
 
     def body(self, instance: str) -> Obj:
         return {
@@ -106,7 +112,7 @@ class EventLog:
         self.restart_seq: dict[str, int] = {}
         self.dropped = 0
 
-    def observe(self, seq: int, event: Event, state: FleetState) -> None:
+    def observe(self, seq: int, event: Event, state: FleetState, index: int = 0) -> None:
         if isinstance(event, LeaseMinted):
             self.mint_seq[event.lease.id] = seq
         if isinstance(event, RunRestarted):
@@ -118,7 +124,7 @@ class EventLog:
         ):
             self.restart_seq[event.run] = seq  # admitted (again): Bound comes after it
         if self.derive:
-            for ev in derive(seq, event, state, self.phases):
+            for ev in derive(seq, event, state, self.phases, index):
                 if len(self.pending) >= self.limit:
                     self.dropped += 1
                     continue
@@ -131,7 +137,7 @@ class EventLog:
         are dropped (an Event that old would have expired anyway)."""
         for key in [k for k, e in self.pending.items() if e.at < clock - self.horizon]:
             del self.pending[key]
-        return sorted(self.pending.values(), key=lambda e: (e.seq, e.name))
+        return sorted(self.pending.values(), key=lambda e: (e.seq, e.index, e.name))
 
     def done(self, ev: RunEvent) -> None:
         self.pending.pop((ev.namespace, ev.name), None)
@@ -158,19 +164,25 @@ KINDS = {
 
 
 def _make(
-    state: FleetState, key: str, *, seq: int, at: Instant, reason: str, note: str
+    state: FleetState, key: str, *, seq: int, at: Instant, reason: str, note: str, index: int = 0
 ) -> RunEvent | None:
     uid = _run_uid(state, key)
     if not uid:
         return None
     ns, _, name = key.partition("/")
     action, kind = KINDS[reason]
-    return RunEvent(ns, name, uid, seq, reason, action, kind, note, at)
+    return RunEvent(ns, name, uid, seq, reason, action, kind, note, at, index)
 
 
-def derive(seq: int, event: Event, state: FleetState, phases: dict[str, str]) -> list[RunEvent]:
-    """The Run Events one folded ledger event calls for (``state``: after the fold;
-    ``phases``: each run's phase before it)."""
+def derive(
+    seq: int, event: Event, state: FleetState, phases: dict[str, str], index: int = 0
+) -> list[RunEvent]:
+    """The Run Events one folded ledger event, at ``(seq, index)``, calls for (``state``:
+    after the fold; ``phases``: each run's phase before it)."""
+
+    def make(key: str, *, at: Instant, reason: str, note: str) -> RunEvent | None:
+        return _make(state, key, seq=seq, index=index, at=at, reason=reason, note=note)
+
     out: list[RunEvent | None] = []
     match event:
         case RunStatusChanged(run=key, phase=phase, reason=reason, message=message, at=at):
@@ -180,15 +192,15 @@ def derive(seq: int, event: Event, state: FleetState, phases: dict[str, str]) ->
                 gpus = sum(x.width for x in leases if x.role.value == "Active")
                 nodes = ", ".join(sorted({x.node for x in leases})) or "-"
                 note = f"admitted: {gpus} GPUs on {nodes}"
-                out.append(_make(state, key, seq=seq, at=at, reason="Admitted", note=note))
+                out.append(make(key, at=at, reason="Admitted", note=note))
             elif reason == "Expired" and before != "Failed":
-                out.append(_make(state, key, seq=seq, at=at, reason="Expired", note=message))
+                out.append(make(key, at=at, reason="Expired", note=message))
             elif phase == "Failed" and before != "Failed":
                 note = f"{reason}: {message}" if message else reason
-                out.append(_make(state, key, seq=seq, at=at, reason="Failed", note=note))
+                out.append(make(key, at=at, reason="Failed", note=note))
             elif phase == "Completed" and before != "Completed":
                 note = message or "all workload pods succeeded"
-                out.append(_make(state, key, seq=seq, at=at, reason="Completed", note=note))
+                out.append(make(key, at=at, reason="Completed", note=note))
         case ReservationCreated(reservation=res, at=at):
             note = (
                 f"reservation {res.name}: {res.kind} wait, earliest start "
@@ -196,26 +208,26 @@ def derive(seq: int, event: Event, state: FleetState, phases: dict[str, str]) ->
                 + (f", slice {res.domain}" if res.domain else "")
                 + (f" ({res.reason})" if res.reason else "")
             )
-            out.append(_make(state, res.run, seq=seq, at=at, reason="Reserved", note=note))
+            out.append(make(res.run, at=at, reason="Reserved", note=note))
         case LeasePreemptionScheduled() as p:
             note = (
                 f"lease {p.lease} will close {p.reason} at {format_instant(p.deadline)} "
                 f"({p.kind}); seed {p.seed}; conflict set [{', '.join(p.conflict_set)}]"
                 + (f"; for {p.beneficiary}" if p.beneficiary else "")
             )
-            out.append(_make(state, p.run, seq=seq, at=p.at, reason="PreemptionNotice", note=note))
+            out.append(make(p.run, at=p.at, reason="PreemptionNotice", note=note))
         case LeaseClosed(lease=lease_id, reason=reason, at=at):
             notice = state.preemptions.get(lease_id)
             lease = state.leases.get(lease_id)
             if notice is not None and lease is not None and notice.reason == reason:
                 note = f"lease {lease_id} on {lease.node} closed: {reason}"
-                out.append(_make(state, lease.run, seq=seq, at=at, reason="Preempted", note=note))
+                out.append(make(lease.run, at=at, reason="Preempted", note=note))
         case RunRetried(run=key, attempt=attempt, retry_after=after, pod=pod, at=at):
             note = f"workload pod {pod or '?'} failed; retry {attempt} at {format_instant(after)}"
-            out.append(_make(state, key, seq=seq, at=at, reason="Retrying", note=note))
+            out.append(make(key, at=at, reason="Retrying", note=note))
         case LeaseMinted(lease=lease, at=at) if lease.reason is MintReason.SWAP:
             note = f"swapped in: {lease.width} GPUs on {lease.node} (lease {lease.id})"
-            out.append(_make(state, lease.run, seq=seq, at=at, reason="Swapped", note=note))
+            out.append(make(lease.run, at=at, reason="Swapped", note=note))
         case _:
             pass
     return [e for e in out if e is not None]

@@ -101,11 +101,17 @@ class Demo:
         return items
 
     def show_events(self, namespace: str) -> None:
-        """The Run's Events (events.k8s.io/v1), oldest first (names are ``<run>.<ledger seq in
-        hex>.<reason>``, so the sequence orders events of the same instant)."""
+        """The Run's Events (events.k8s.io/v1), oldest first (names are ``<run>.<ledger
+        address>.<reason>``, the address ``<seq in hex>[-<index in hex>]``, so it orders
+        events of the same instant)."""
+
+        def address(event: dict[str, Any]) -> tuple[int, int]:
+            seq, _, index = event["metadata"]["name"].split(".")[-2].partition("-")
+            return int(seq, 16), int(index or "0", 16)
+
         events = sorted(
             self.objects("events.k8s.io", "events", namespace),
-            key=lambda e: (e.get("eventTime", ""), int(e["metadata"]["name"].split(".")[-2], 16)),
+            key=lambda e: (e.get("eventTime", ""), address(e)),
         )
         for e in events:
             print(f"  {e['eventTime']}  {e['type']:<7} {e['reason']:<10} {e['note']}")

@@ -26,7 +26,7 @@ class LedgerFollower:
         self,
         ledger: LedgerStream,
         period_hours: float = 24.0,
-        on_event: Callable[[int, Event, FleetState], None] | None = None,
+        on_event: Callable[[int, Event, FleetState, int], None] | None = None,
         *,
         metered: bool = True,
     ) -> None:
@@ -58,7 +58,7 @@ class LedgerFollower:
                 )
                 continue
             if self.on_event is not None:
-                self.on_event(seq, event, self.state)
+                self.on_event(seq, event, self.state, index)
 
     async def catch_up(self) -> None:
         async for seq, events in self.ledger.entries(self.seq + 1):

@@ -63,8 +63,9 @@ class FollowerService(Actor):
         seq = self.follower.seq if self.follower is not None else None
         return await ledger_health(connected, self.ledger, seq, self.ready_max_lag)
 
-    def on_ledger_event(self, seq: int, event: Event, state: FleetState) -> None:
-        """Called with each event once folded (``state`` includes it); nothing by default."""
+    def on_ledger_event(self, seq: int, event: Event, state: FleetState, index: int) -> None:
+        """Called with each event once folded (``state`` includes it), at its address in the
+        ledger (``seq``, ``index``: ``runtime.ledger_packing``); nothing by default."""
 
     def endpoints(self) -> Mapping[str, Handler]:
         """Endpoint name -> handler, served on ``<group>.<name>``."""
