@@ -64,3 +64,12 @@ def test_an_event_address_is_its_message_then_its_place_after_the_first() -> Non
         "7.1",
         "12.30",
     ]
+
+
+def test_a_packed_message_without_events_is_one_skipped_entry() -> None:
+    """Every message yields at least one entry, so a reader that counts where it is (the
+    manager's catch-up, a follower) always moves past it; garbage and an empty array alike."""
+    for data in (b"[]", b"{}", b"not json", b"[1, 2]"):
+        entries = unpack(9, PACKED_SUBJECT, data)
+        assert entries, data
+        assert all(e is None for e in entries), data

@@ -89,14 +89,18 @@ def _message(
 
 def unpack(seq: int, subject: str, data: bytes) -> list[Event | None]:
     """The events of the message at ``seq``, in order; ``None`` for each one that is no event
-    this version knows (``decode_event``).  A packed message that is not a JSON array at all is
-    one undecodable entry: skipped like any garbage, its sequence still passed."""
+    this version knows (``decode_event``).  A packed message that is not a JSON array of at
+    least one element is one undecodable entry: skipped like any garbage, its sequence still
+    passed (every message yields an entry, so a reader's position always moves past it)."""
     if subject != PACKED_SUBJECT:
         return [decode_event(seq, data)]
     try:
         parts = _RAW_LIST.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         log.error("ledger.undecodable_event", seq=seq, bytes=len(data), error=clamp(str(exc), 200))
+        return [None]
+    if not parts:
+        log.error("ledger.undecodable_event", seq=seq, bytes=len(data), error="no events")
         return [None]
     return [decode_event(seq, part, index) for index, part in enumerate(parts)]
 
