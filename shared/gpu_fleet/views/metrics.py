@@ -307,7 +307,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "gpu_fleet_ledger_lag_events",
         "gauge",
-        "Stream sequence minus folded sequence: how far behind the ledger this service is",
+        "Stream sequence minus folded sequence: how far behind the ledger this service is,"
+        " in ledger messages (one per append)",
         exported_by=ALL,
     ),
     MetricSpec(
