@@ -63,8 +63,6 @@ from nats.micro.service import Service
 from gpu_fleet.core.ledger import (
     Event,
     FleetState,
-    LedgerError,
-    fold,
 )
 from gpu_fleet.core.model import Instant, NotificationChannel, run_key
 from gpu_fleet.core.names import clamp, dns_label_problem, dns_subdomain_problem
@@ -72,6 +70,7 @@ from gpu_fleet.messages import notify, subjects
 from gpu_fleet.runtime.actor import Actor
 from gpu_fleet.runtime.clock import Clock, WallClock
 from gpu_fleet.runtime.connect import connect, drain
+from gpu_fleet.runtime.follower import fold_at
 from gpu_fleet.runtime.ledger_keys import LedgerKeys
 from gpu_fleet.runtime.ledger_stream import (
     STREAM,
@@ -324,18 +323,7 @@ class Notifier(Actor):
         self.seq = seq
 
     def _fold_one(self, seq: int, index: int, event: Event | None) -> None:
-        if event is None:
-            return
-        try:
-            fold(self.state, event)
-        except LedgerError as exc:
-            log.error(
-                "notifier.fold_refused",
-                seq=seq,
-                index=index,
-                type=type(event).__name__,
-                error=str(exc),
-            )
+        fold_at(self.state, seq, index, event, refused="notifier.fold_refused")
 
     def _leads(self) -> tuple[int, ...]:
         return lead_times(self.state, self.config.expiry_lead)

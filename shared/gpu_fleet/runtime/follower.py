@@ -21,6 +21,26 @@ from gpu_fleet.runtime.ledger_stream import LedgerStream
 log = structlog.get_logger("gpu_fleet.follower")
 
 
+def fold_at(
+    state: FleetState,
+    seq: int,
+    index: int,
+    event: Event | None,
+    refused: str = "ledger.event_refused",
+) -> bool:
+    """Fold the event at ``(seq, index)``; False, and nothing folded, when it is no event we
+    know (``None``: a newer type, or garbage) or the fold refuses it (logged as ``refused``:
+    the fold then changed nothing).  Every reader skips the same events, so they agree."""
+    if event is None:
+        return False
+    try:
+        fold(state, event)
+    except LedgerError as exc:
+        log.error(refused, seq=seq, index=index, type=type(event).__name__, error=str(exc))
+        return False
+    return True
+
+
 class LedgerFollower:
     def __init__(
         self,
@@ -44,19 +64,8 @@ class LedgerFollower:
         if seq % heap.SETTLE_EVERY == 0:
             heap.settle()  # what was folded so far is long-lived state (runtime.heap)
         for index, event in enumerate(events):
-            if event is None:
-                continue  # not an event we know (newer type, or garbage): skipped
-            try:
-                fold(self.state, event)
-            except LedgerError as exc:  # refused by the fold, which then changed nothing
-                log.error(
-                    "ledger.event_refused",
-                    seq=seq,
-                    index=index,
-                    type=type(event).__name__,
-                    error=str(exc),
-                )
-                continue
+            if event is None or not fold_at(self.state, seq, index, event):
+                continue  # not an event we know (a newer type, or garbage), or refused
             if self.on_event is not None:
                 self.on_event(seq, event, self.state, index)
 
