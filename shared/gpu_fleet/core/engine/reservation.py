@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from gpu_fleet.core.engine.gang import Settings, cover_run, plan_pack, status_event
 from gpu_fleet.core.funding.cover import CoverFailure, CoverReason
 from gpu_fleet.core.funding.envelopes import EnvelopeInfo
-from gpu_fleet.core.funding.metering import Evaluation
+from gpu_fleet.core.funding.fill_result import FillResult
 from gpu_fleet.core.ledger.events import (
     Event,
     Reservation,
@@ -25,6 +25,7 @@ from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import (
     FundingClass,
     Instant,
+    LeaseRole,
     Run,
     slot,
 )
@@ -33,21 +34,39 @@ from gpu_fleet.core.placement.topology import Topology, TopologyError, domain_lo
 from gpu_fleet.core.timeutil import format_instant
 
 
-def _remedies(state: FleetState, run: Run, ev: Evaluation | None) -> tuple[str, ...]:
+def _remedies(state: FleetState, run: Run, fill: FillResult) -> tuple[str, ...]:
+    """What could free room for ``run`` now, in the resolver's order, read from the matching.
+
+    What the reservation says, exactly as a full evaluation's summaries would say it (issue 11:
+    a submission into a full fleet read a whole ``FleetState.evaluation`` for these lines, and
+    every reservation changes the state it is cached on - 3 ms of 5 at 1k nodes): unfunded
+    capacity is an open lease of another run of the flavor that the matching leaves unfunded;
+    spares are a spare lease of some width that an envelope of the flavor funds.  Each is one
+    pass over the matching's leases that stops at the first that qualifies, with none of the
+    summaries' per-envelope, per-cap and per-run bookkeeping.  Checked against the summaries
+    over generated states (``tests/core/test_reservation_remedies.py``) and every scenario
+    (``tests/scenarios/test_scenario_remedies.py``).
+    """
     out: list[str] = []
-    if ev is not None:
-        flavor_envs = [u for u in ev.envelopes.values() if u.flavor == run.flavor]
-        unfunded = any(
-            state.open_leases[lid].run != run.key
-            and ev.lease_class(lid) is FundingClass.UNFUNDED
-            and state.runs.get(state.open_leases[lid].run) is not None
-            and state.runs[state.open_leases[lid].run].flavor == run.flavor
-            for lid in ev.fill.funding_class
-        )
-        if unfunded:
+    leases, runs, flavor = state.open_leases, state.runs, run.flavor
+    unfunded = FundingClass.UNFUNDED
+    candidates = [lid for lid, cls in fill.funding_class.items() if cls is unfunded]
+    for lid in candidates:
+        holder = leases[lid].run
+        other = runs.get(holder)
+        if holder != run.key and other is not None and other.flavor == flavor:
             out.append("Reclaim unfunded capacity in scope")
-        if any(u.spare > 0 for u in flavor_envs):
+            break
+    envelopes, spare = state.index.envelopes, LeaseRole.SPARE
+    payers = fill.payer
+    for lid in fill.funding_class:
+        lease = leases[lid]
+        if lease.role is not spare or not lease.slots:
+            continue
+        payer = payers.get(lid)
+        if payer is not None and envelopes[payer].flavor == flavor:
             out.append("Drop spares in scope")
+            break
     if any(key != run.key for key in state.malleable_runs.get(run.flavor, ())):
         out.append("Shrink elastic runs by step size")
     out.append("Run fair lottery if deficit remains")
@@ -354,7 +373,7 @@ def _reservation_events(
         deficit_gpus=wait.deficit,
         confidence=wait.confidence,
         reason=wait.reason,
-        remedies=_remedies(state, run, state.evaluation(now)),
+        remedies=_remedies(state, run, state.matching(now)),
         created_at=now,
     )
     events: list[Event] = []

@@ -559,11 +559,19 @@ class FleetState(ReservationLine):
         (phase 0 of the resolver only takes groups whose actives are all Unfunded)."""
 
         def compute() -> bool:
+            # Asked again after every decision that changes the state (each reservation of a
+            # sweep into a full fleet), so it is two passes at C speed - the leases the
+            # matching leaves unfunded, and the open ones it does not cover (unfunded too) -
+            # with a role lookup only for those (issue 11: per lease, the plain ``any`` over
+            # every open lease was half of such a submission at 10k nodes).
             classes = self.matching(at).funding_class
+            leases, unfunded, active = self.open_leases, FundingClass.UNFUNDED, LeaseRole.ACTIVE
+            flagged = [lid for lid, cls in classes.items() if cls is unfunded]
+            flagged += leases.keys() - classes.keys()
             return any(
-                classes.get(x.id, FundingClass.UNFUNDED) is FundingClass.UNFUNDED
-                for x in self.open_leases.values()
-                if x.role is LeaseRole.ACTIVE
+                lease.role is active
+                for lease in (leases.get(lid) for lid in flagged)
+                if lease is not None
             )
 
         return self.cached("has_unfunded_actives", compute, at=at)
