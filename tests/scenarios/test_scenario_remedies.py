@@ -19,7 +19,7 @@ from gpu_fleet.core.engine import reservation
 from gpu_fleet.core.funding.fill_result import FillResult
 from gpu_fleet.core.funding.metering import summarize
 from gpu_fleet.core.ledger.state import FleetState
-from gpu_fleet.core.model import Run
+from gpu_fleet.core.model import Instant, Run
 from gpu_fleet.scenario.loader import load_scenario_file
 from gpu_fleet.scenario.runner import run_scenario
 
@@ -36,8 +36,8 @@ SEEN: Counter[str] = Counter()
 def checked(monkeypatch: pytest.MonkeyPatch) -> None:
     production = reservation._remedies
 
-    def both(state: FleetState, run: Run, fill: FillResult) -> tuple[str, ...]:
-        got = production(state, run, fill)
+    def both(state: FleetState, run: Run, fill: FillResult, now: Instant) -> tuple[str, ...]:
+        got = production(state, run, fill, now)
         ev = summarize(state.meter, state.funding_inputs(), fill, state.meter.t)
         assert got == reference_remedies(state, run, ev)
         SEEN.update(got)

@@ -23,7 +23,6 @@ from gpu_fleet.core.ledger.events import (
 )
 from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import (
-    FundingClass,
     Instant,
     LeaseRole,
     Run,
@@ -34,36 +33,37 @@ from gpu_fleet.core.placement.topology import Topology, TopologyError, domain_lo
 from gpu_fleet.core.timeutil import format_instant
 
 
-def _remedies(state: FleetState, run: Run, fill: FillResult) -> tuple[str, ...]:
+def _remedies(state: FleetState, run: Run, fill: FillResult, now: Instant) -> tuple[str, ...]:
     """What could free room for ``run`` now, in the resolver's order, read from the matching.
 
-    What the reservation says, exactly as a full evaluation's summaries would say it (issue 11:
-    a submission into a full fleet read a whole ``FleetState.evaluation`` for these lines, and
+    What the reservation says, as a full evaluation's summaries would say it (issue 11: a
+    submission into a full fleet read a whole ``FleetState.evaluation`` for these lines, and
     every reservation changes the state it is cached on - 3 ms of 5 at 1k nodes): unfunded
     capacity is an open lease of another run of the flavor that the matching leaves unfunded;
-    spares are a spare lease of some width that an envelope of the flavor funds.  Each is one
-    pass over the matching's leases that stops at the first that qualifies, with none of the
-    summaries' per-envelope, per-cap and per-run bookkeeping.  Checked against the summaries
-    over generated states (``tests/core/test_reservation_remedies.py``) and every scenario
+    spares are a spare lease of some width that an envelope of the flavor funds.  The first
+    reads the leases the matching leaves unfunded (``FleetState.unfunded_leases``, shared with
+    the resolver; the matching covers every open lease), the second is one pass over the open
+    leases that stops at the first that qualifies: none of the summaries' per-envelope,
+    per-cap and per-run bookkeeping.  Checked against the summaries over generated states
+    (``tests/core/test_reservation_remedies.py``) and every scenario
     (``tests/scenarios/test_scenario_remedies.py``).
     """
     out: list[str] = []
     leases, runs, flavor = state.open_leases, state.runs, run.flavor
-    unfunded = FundingClass.UNFUNDED
-    candidates = [lid for lid, cls in fill.funding_class.items() if cls is unfunded]
-    for lid in candidates:
-        holder = leases[lid].run
-        other = runs.get(holder)
-        if holder != run.key and other is not None and other.flavor == flavor:
+    for lid in state.unfunded_leases(now):
+        holder = leases.get(lid)
+        if holder is None or holder.run == run.key:
+            continue
+        other = runs.get(holder.run)
+        if other is not None and other.flavor == flavor:
             out.append("Reclaim unfunded capacity in scope")
             break
-    envelopes, spare = state.index.envelopes, LeaseRole.SPARE
-    payers = fill.payer
-    for lid in fill.funding_class:
-        lease = leases[lid]
-        if lease.role is not spare or not lease.slots:
+    envelopes, spare, payers = state.index.envelopes, LeaseRole.SPARE, fill.payer
+    classes = fill.funding_class
+    for lease in leases.values():
+        if lease.role is not spare or not lease.slots or lease.id not in classes:
             continue
-        payer = payers.get(lid)
+        payer = payers.get(lease.id)
         if payer is not None and envelopes[payer].flavor == flavor:
             out.append("Drop spares in scope")
             break
@@ -373,7 +373,7 @@ def _reservation_events(
         deficit_gpus=wait.deficit,
         confidence=wait.confidence,
         reason=wait.reason,
-        remedies=_remedies(state, run, state.matching(now)),
+        remedies=_remedies(state, run, state.matching(now), now),
         created_at=now,
     )
     events: list[Event] = []

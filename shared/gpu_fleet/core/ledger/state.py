@@ -556,25 +556,43 @@ class FleetState(ReservationLine):
 
     def has_unfunded_actives(self, at: float) -> bool:
         """Is any open active lease Unfunded at ``at``?  If not, reclaiming has nothing to draw
-        (phase 0 of the resolver only takes groups whose actives are all Unfunded)."""
+        (phase 0 of the resolver only takes groups whose actives are all Unfunded).
+
+        Asked by ``certain_to_wait`` for every waiting run at every change, so the cached
+        answer is looked up before anything else is built (issue 11)."""
+        hit = self._derived.get("has_unfunded_actives")
+        if hit is not None and hit[0] == self.version and hit[1] == at:
+            return cast(bool, hit[2])
 
         def compute() -> bool:
-            # Asked again after every decision that changes the state (each reservation of a
-            # sweep into a full fleet), so it is two passes at C speed - the leases the
-            # matching leaves unfunded, and the open ones it does not cover (unfunded too) -
-            # with a role lookup only for those (issue 11: per lease, the plain ``any`` over
-            # every open lease was half of such a submission at 10k nodes).
-            classes = self.matching(at).funding_class
-            leases, unfunded, active = self.open_leases, FundingClass.UNFUNDED, LeaseRole.ACTIVE
-            flagged = [lid for lid, cls in classes.items() if cls is unfunded]
-            flagged += leases.keys() - classes.keys()
+            leases, active = self.open_leases, LeaseRole.ACTIVE
             return any(
                 lease.role is active
-                for lease in (leases.get(lid) for lid in flagged)
+                for lease in (leases.get(lid) for lid in self.unfunded_leases(at))
                 if lease is not None
             )
 
         return self.cached("has_unfunded_actives", compute, at=at)
+
+    def unfunded_leases(self, at: float) -> list[str]:
+        """Ids of the open leases the matching at ``at`` leaves unfunded - those it classes
+        Unfunded, and any open lease it does not cover - in no particular order.
+
+        Read again after every decision that changes the state (each reservation of a sweep
+        into a full fleet asks it twice: the resolver's ``has_unfunded_actives`` and the
+        reservation's remedies), so it is two passes at C speed: the matching's classes, and
+        a set difference of ids (issue 11: a plain walk with a lookup per open lease was half
+        of such a submission at 10k nodes).  Ids the matching holds that are no longer open
+        may be included; callers look each one up in ``open_leases``."""
+
+        def compute() -> list[str]:
+            classes = self.matching(at).funding_class
+            unfunded = FundingClass.UNFUNDED
+            flagged = [lid for lid, cls in classes.items() if cls is unfunded]
+            flagged += self.open_leases.keys() - classes.keys()
+            return flagged
+
+        return self.cached("unfunded_leases", compute, at=at)
 
 
 def _ordinal(slot_name: str) -> int:
