@@ -76,7 +76,7 @@ def test_remedies_from_the_matching_are_the_summaries_answer(
     ev = summarize(state.meter, state.funding_inputs(), fill, T0)
     asking = [*state.runs.values(), run("a", "fresh", 8, flavor=flavor)]
     for who in asking:
-        assert reservation._remedies(state, who, fill, T0) == reference_remedies(state, who, ev)
+        assert reservation._remedies(state, who, T0) == reference_remedies(state, who, ev)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from gpu_fleet.core.engine import reservation
-from gpu_fleet.core.funding.fill_result import FillResult
 from gpu_fleet.core.funding.metering import summarize
 from gpu_fleet.core.ledger.state import FleetState
 from gpu_fleet.core.model import Instant, Run
@@ -36,9 +35,9 @@ SEEN: Counter[str] = Counter()
 def checked(monkeypatch: pytest.MonkeyPatch) -> None:
     production = reservation._remedies
 
-    def both(state: FleetState, run: Run, fill: FillResult, now: Instant) -> tuple[str, ...]:
-        got = production(state, run, fill, now)
-        ev = summarize(state.meter, state.funding_inputs(), fill, state.meter.t)
+    def both(state: FleetState, run: Run, now: Instant) -> tuple[str, ...]:
+        got = production(state, run, now)
+        ev = summarize(state.meter, state.funding_inputs(), state.matching(now), now)
         assert got == reference_remedies(state, run, ev)
         SEEN.update(got)
         return got

@@ -158,9 +158,9 @@ class LedgerFleet(Fleet):
             return []
         if self.buffered:
             return self._buffer(batch)
+        encoded = self.ledger.check_sizes(batch)  # refused before it is folded, as buffered
         counted = tally(self.state, batch) if self.observer is not None else []
         done = super().commit(batch)
-        encoded = self.ledger.check_sizes(batch)
         self.seq = self.on_loop(
             self.ledger.append(batch, self.seq, encoded=encoded), self.append_timeout
         )

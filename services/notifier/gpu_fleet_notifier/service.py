@@ -319,11 +319,8 @@ class Notifier(Actor):
         """Fold the message at ``seq``, every event of it in order (``None``: one this version
         does not know, skipped); one the fold refuses changes nothing and is logged."""
         for index, event in enumerate(events):
-            self._fold_one(seq, index, event)
+            fold_at(self.state, seq, index, event, refused="notifier.fold_refused")
         self.seq = seq
-
-    def _fold_one(self, seq: int, index: int, event: Event | None) -> None:
-        fold_at(self.state, seq, index, event, refused="notifier.fold_refused")
 
     def _leads(self) -> tuple[int, ...]:
         return lead_times(self.state, self.config.expiry_lead)
@@ -343,7 +340,7 @@ class Notifier(Actor):
         for index, event in enumerate(unpack(seq, subject, data)):
             if event is not None:
                 notes.extend(derive(self.state, seq, event, index))
-            self._fold_one(seq, index, event)
+            fold_at(self.state, seq, index, event, refused="notifier.fold_refused")
         self.seq = seq
         if self.config.clock == "ledger":
             notes.extend(check(self.state, self.state.clock, seq, self._leads(), self.memory))

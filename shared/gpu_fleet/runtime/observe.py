@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,19 +154,20 @@ class Observer:
 
     # -- recording ---------------------------------------------------------------------------
     def inc(self, name: str, *labels: str, value: float = 1.0) -> None:
-        child = self._children.get((name, labels))
-        if child is None:
-            counter = self._counters[name]
-            child = self._children[name, labels] = counter.labels(*labels) if labels else counter
+        child = self._children.get((name, labels)) or self._child(self._counters, name, labels)
         child.inc(value)
 
     def observe(self, name: str, value: float, *labels: str) -> None:
-        child = self._children.get((name, labels))
-        if child is None:
-            histogram = self._histograms[name]
-            child = histogram.labels(*labels) if labels else histogram
-            self._children[name, labels] = child
+        child = self._children.get((name, labels)) or self._child(self._histograms, name, labels)
         child.observe(value)
+
+    def _child(
+        self, family: Mapping[str, Counter | Histogram], name: str, labels: tuple[str, ...]
+    ) -> Any:
+        """The series ``labels`` of metric ``name``, looked up once (``_children``)."""
+        metric = family[name]
+        child = self._children[name, labels] = metric.labels(*labels) if labels else metric
+        return child
 
     def record(self, increments: Iterable[Increment]) -> None:
         """Apply ``views.metrics.tally``'s output (counters and histogram observations)."""

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from gpu_fleet.core.engine.gang import Settings, cover_run, plan_pack, status_event
 from gpu_fleet.core.funding.cover import CoverFailure, CoverReason
 from gpu_fleet.core.funding.envelopes import EnvelopeInfo
-from gpu_fleet.core.funding.fill_result import FillResult
 from gpu_fleet.core.ledger.events import (
     Event,
     Reservation,
@@ -33,7 +32,7 @@ from gpu_fleet.core.placement.topology import Topology, TopologyError, domain_lo
 from gpu_fleet.core.timeutil import format_instant
 
 
-def _remedies(state: FleetState, run: Run, fill: FillResult, now: Instant) -> tuple[str, ...]:
+def _remedies(state: FleetState, run: Run, now: Instant) -> tuple[str, ...]:
     """What could free room for ``run`` now, in the resolver's order, read from the matching.
 
     What the reservation says, as a full evaluation's summaries would say it (issue 11: a
@@ -58,12 +57,11 @@ def _remedies(state: FleetState, run: Run, fill: FillResult, now: Instant) -> tu
         if other is not None and other.flavor == flavor:
             out.append("Reclaim unfunded capacity in scope")
             break
-    envelopes, spare, payers = state.index.envelopes, LeaseRole.SPARE, fill.payer
-    classes = fill.funding_class
+    envelopes, spare, payers = state.index.envelopes, LeaseRole.SPARE, state.matching(now).payer
     for lease in leases.values():
-        if lease.role is not spare or not lease.slots or lease.id not in classes:
+        if lease.role is not spare or not lease.slots:
             continue
-        payer = payers.get(lease.id)
+        payer = payers.get(lease.id)  # a payer only for a lease the matching funds
         if payer is not None and envelopes[payer].flavor == flavor:
             out.append("Drop spares in scope")
             break
@@ -373,7 +371,7 @@ def _reservation_events(
         deficit_gpus=wait.deficit,
         confidence=wait.confidence,
         reason=wait.reason,
-        remedies=_remedies(state, run, state.matching(now), now),
+        remedies=_remedies(state, run, now),
         created_at=now,
     )
     events: list[Event] = []

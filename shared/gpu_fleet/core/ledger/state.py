@@ -540,39 +540,38 @@ class FleetState(ReservationLine):
         if self._ns_objects is not None:
             self._ns_objects[key.split("/", 1)[0]] += delta
 
-    def cached(self, name: str, compute: Callable[[], _T], *, at: object = None) -> _T:
-        """A view derived from the state, computed once per ledger version (and ``at``).
+    def cached(
+        self, name: str, compute: Callable[..., _T], *args: object, at: object = None
+    ) -> _T:
+        """A view derived from the state, ``compute(*args)``, computed once per ledger version
+        (and ``at``).
 
         Only the latest (version, ``at``) is kept per name, so a service forecasting at the
         wall clock does not accumulate one entry per instant.  ``compute`` must be a pure
-        function of the folded state (and ``at``); callers treat the value as read-only.
+        function of the folded state (and ``at``); callers treat the value as read-only.  A
+        view asked in a hot loop passes a method and its arguments rather than a closure: a
+        hit then builds nothing.
         """
         hit = self._derived.get(name)
         if hit is not None and hit[0] == self.version and hit[1] == at:
             return cast(_T, hit[2])
-        value = compute()
+        value = compute(*args)
         self._derived[name] = (self.version, at, value)
         return value
 
     def has_unfunded_actives(self, at: float) -> bool:
         """Is any open active lease Unfunded at ``at``?  If not, reclaiming has nothing to draw
-        (phase 0 of the resolver only takes groups whose actives are all Unfunded).
+        (phase 0 of the resolver only takes groups whose actives are all Unfunded).  Asked by
+        ``certain_to_wait`` for every waiting run at every change (issue 11)."""
+        return self.cached("has_unfunded_actives", self._has_unfunded_actives, at, at=at)
 
-        Asked by ``certain_to_wait`` for every waiting run at every change, so the cached
-        answer is looked up before anything else is built (issue 11)."""
-        hit = self._derived.get("has_unfunded_actives")
-        if hit is not None and hit[0] == self.version and hit[1] == at:
-            return cast(bool, hit[2])
-
-        def compute() -> bool:
-            leases, active = self.open_leases, LeaseRole.ACTIVE
-            return any(
-                lease.role is active
-                for lease in (leases.get(lid) for lid in self.unfunded_leases(at))
-                if lease is not None
-            )
-
-        return self.cached("has_unfunded_actives", compute, at=at)
+    def _has_unfunded_actives(self, at: float) -> bool:
+        leases, active = self.open_leases, LeaseRole.ACTIVE
+        return any(
+            lease.role is active
+            for lease in (leases.get(lid) for lid in self.unfunded_leases(at))
+            if lease is not None
+        )
 
     def unfunded_leases(self, at: float) -> list[str]:
         """Ids of the open leases the matching at ``at`` leaves unfunded - those it classes
@@ -582,17 +581,15 @@ class FleetState(ReservationLine):
         into a full fleet asks it twice: the resolver's ``has_unfunded_actives`` and the
         reservation's remedies), so it is two passes at C speed: the matching's classes, and
         a set difference of ids (issue 11: a plain walk with a lookup per open lease was half
-        of such a submission at 10k nodes).  Ids the matching holds that are no longer open
-        may be included; callers look each one up in ``open_leases``."""
+        of such a submission at 10k nodes).  Callers look each id up in ``open_leases``."""
+        return self.cached("unfunded_leases", self._unfunded_leases, at, at=at)
 
-        def compute() -> list[str]:
-            classes = self.matching(at).funding_class
-            unfunded = FundingClass.UNFUNDED
-            flagged = [lid for lid, cls in classes.items() if cls is unfunded]
-            flagged += self.open_leases.keys() - classes.keys()
-            return flagged
-
-        return self.cached("unfunded_leases", compute, at=at)
+    def _unfunded_leases(self, at: float) -> list[str]:
+        classes = self.matching(at).funding_class
+        unfunded = FundingClass.UNFUNDED
+        flagged = [lid for lid, cls in classes.items() if cls is unfunded]
+        flagged += self.open_leases.keys() - classes.keys()
+        return flagged
 
 
 def _ordinal(slot_name: str) -> int:
