@@ -25,6 +25,7 @@ from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
 from gpu_fleet.core.funding.matching import senior_width
 from gpu_fleet.core.ledger import Event, FleetState, fold
 from gpu_fleet.core.ledger.reservation_line import SliceEntry
+from gpu_fleet.core.ledger.waiting_line import parked_need
 from gpu_fleet.core.model import Budget, EnvelopeKey, Instant, Lease, Payer, Run
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -722,6 +723,35 @@ def check_reservation_views(state: FleetState) -> None:
         newest = max(mine, key=lambda r: (r.created_at, r.name)) if mine else None
         assert state.pending_reservation(key) == newest
         assert gang.closed_slices(state, key) == reference_closed(state, key)
+    starts = sorted({state.clock, *(r.earliest_start for r in pending)})
+    for t in starts:
+        due = sorted(
+            (r for r in pending if r.earliest_start <= t), key=lambda r: (r.earliest_start, r.name)
+        )
+        assert state.due_reservations(t) == due
+    check_waiting_line(state)
+
+
+def check_waiting_line(state: FleetState) -> None:
+    """The waiting line the fold keeps equals one filed afresh from the waiting runs."""
+    line = state.waiting_line()
+    promise = state.promise_order()
+    parked = {}
+    for key in state.waiting_runs:
+        need = parked_need(state, state.runs[key])
+        if need is not None:
+            res = state.pending_reservation(key)
+            assert res is not None
+            parked[key] = (state.runs[key].flavor, need, promise[res.name])
+    assert line.parked == parked
+    assert line.unparked == state.waiting_runs - parked.keys()
+    by_need: dict[str, dict[int, list[tuple[int, str]]]] = {}
+    for key, (flavor, need, place) in sorted(parked.items()):
+        by_need.setdefault(flavor, {}).setdefault(need, []).append((place, key))
+    assert line.by_need == {
+        flavor: {need: sorted(entries) for need, entries in needs.items()}
+        for flavor, needs in by_need.items()
+    }
 
 
 def reference_closed(state: FleetState, key: str) -> tuple[tuple[str, ...], ...]:
@@ -733,5 +763,70 @@ def reference_closed(state: FleetState, key: str) -> tuple[tuple[str, ...], ...]
     return tuple(
         nodes
         for nodes, entries in state.protected_slices().items()
-        if gang.protects(entries, key, mine, duration, state.clock)
+        if reference_protects(entries, key, mine, duration, state.clock)
+    )
+
+
+def reference_protects(
+    entries: list[SliceEntry],
+    key: str,
+    mine: tuple[int, str] | None,
+    duration: int | None,
+    now: int,
+) -> bool:
+    """``gang.protects`` the long way: the walk of every entry of the slice."""
+    own = next((e for e in entries if e.run == key), None)
+    for bound, name, owner, line in entries:
+        if owner == key:
+            continue
+        if own is not None and own.line < line:
+            continue  # promised the slice after this run: behind it in line
+        if mine is not None and mine[0] <= now and mine <= (bound, name):
+            return False
+        return duration is None or now + duration > bound
+    return False
+
+
+slice_entries = st.lists(
+    st.tuples(st.integers(0, 6), st.sampled_from(["a", "b", "c"])), max_size=8
+).map(
+    lambda rows: sorted(
+        SliceEntry(bound, f"r{i}", run_key, line)
+        for i, ((bound, run_key), line) in enumerate(
+            zip(rows, list(range(len(rows)))[::-1], strict=True)
+        )
+    )
+)
+
+
+@given(
+    slice_entries,
+    st.tuples(
+        st.sampled_from(["a", "b", "c", "d"]),
+        st.one_of(
+            st.none(), st.tuples(st.integers(0, 6), st.sampled_from(["r0", "r1", "r3", "x"]))
+        ),
+        st.one_of(st.none(), st.integers(0, 6)),
+        st.integers(0, 6),
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_protects_decides_what_the_walk_of_every_entry_decides(
+    entries: list[SliceEntry],
+    question: tuple[str, tuple[int, str] | None, int | None, int],
+    rnd: Any,
+) -> None:
+    """``gang.protects`` bisects to a due run's promise instead of walking the line; over
+    any slice (places in line shuffled against activation order) it answers as the walk."""
+    key, mine, duration, now = question
+    lines = [e.line for e in entries]
+    rnd.shuffle(lines)
+    entries = [e._replace(line=line) for e, line in zip(entries, lines, strict=True)]
+    if mine is not None and rnd.random() < 0.5:
+        own = [e for e in entries if e.run == key]
+        if own:
+            pick = rnd.choice(own)
+            mine = (pick.earliest_start, pick.name)
+    assert gang.protects(entries, key, mine, duration, now) == reference_protects(
+        entries, key, mine, duration, now
     )

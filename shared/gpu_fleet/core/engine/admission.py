@@ -21,6 +21,7 @@ from gpu_fleet.core.engine.gang import (
     first_location,
     mint_leases,
     plan_pack,
+    release_reservations,
     status_event,
     verify_funded,
 )
@@ -36,17 +37,17 @@ from gpu_fleet.core.funding.cover import CoverFailure, CoverPlan, CoverReason
 from gpu_fleet.core.ledger.events import (
     Event,
     LeaseMinted,
-    ReservationReleased,
     RunStatusChanged,
 )
 from gpu_fleet.core.ledger.state import FleetState
+from gpu_fleet.core.ledger.waiting_line import parked_need
 from gpu_fleet.core.model import (
     Instant,
     Lease,
     LeaseRole,
     Run,
 )
-from gpu_fleet.core.placement.pack import PackError, PackErrorKind, PackPlan, Planner, groups
+from gpu_fleet.core.placement.pack import PackError, PackErrorKind, PackPlan, Planner
 from gpu_fleet.core.placement.topology import Topology, TopologyError, domain_location
 
 
@@ -100,28 +101,21 @@ def certain_to_wait(state: FleetState, run: Run, now: Instant) -> bool:
 
     Anything less certain returns False and the run gets its full attempt.
     """
-    spec = run.spec
-    if spec.follow is not None:
+    if run.spec.follow is not None:
         return False
     key = run.key
     if state.has_pending_preemptions() and waiting_for_preemptions(state, key):
         return True  # admit returns at once, with no event
+    need = parked_need(state, run)  # a reservation, no lease, well-formed, a principal
+    if need is None:
+        return False
     res = state.pending_reservation(key)
-    if res is None or res.earliest_start <= now or state.holds_leases(key):
-        return False
-    total = spec.resources.total_gpus
-    size = spec.locality.group_gpus if spec.locality is not None else None
-    if total <= 0 or (size is not None and size <= 0) or spec.spares_per_group < 0:
-        return False
-    if not state.index.family.owner_of(run.metadata.namespace):
+    if res is None or res.earliest_start <= now:
         return False
     try:
         topology = state.topology(run.flavor)
     except TopologyError:
         return False
-    need = (
-        total + spec.spares_per_group * len(groups(total, size)) if spec.spares_per_group else total
-    )
     free = topology.total_free()
     if need <= free and need <= free - closed_free(state, key, topology):
         return False
@@ -312,7 +306,5 @@ def start_events(
     spares = sum(x.width for x in leases if x.role is LeaseRole.SPARE)
     msg = f"{how} {active} GPUs" + (f" and {spares} spare GPUs" if spares else "")
     events.append(status_event(run.key, now, "Running", "GangBound", msg))
-    for res in sorted(state.pending_reservations.values(), key=lambda r: r.name):
-        if res.run == run.key and res.state == "Pending":
-            events.append(ReservationReleased(at=now, name=res.name, reason="Superseded"))
+    events += release_reservations(state, run.key, now, "Superseded")
     return events

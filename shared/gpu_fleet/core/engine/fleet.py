@@ -22,7 +22,6 @@ from typing import Literal
 import msgspec
 
 from gpu_fleet.core.engine.activation import activate_reservation
-from gpu_fleet.core.engine.admission import admit, certain_to_wait
 from gpu_fleet.core.engine.elastic import elastic_step
 from gpu_fleet.core.engine.failures import handle_node_failure
 from gpu_fleet.core.engine.gang import (
@@ -34,6 +33,7 @@ from gpu_fleet.core.engine.gang import (
 )
 from gpu_fleet.core.engine.resolver import close_preempted, stale_preemptions
 from gpu_fleet.core.engine.retry import RetryRefusedError, due_restarts, next_restart, retry_events
+from gpu_fleet.core.engine.waiting import admit_waiting, unchanged_status
 from gpu_fleet.core.funding.cycles import parent_cycle
 from gpu_fleet.core.ledger.events import (
     BudgetApplied,
@@ -47,7 +47,6 @@ from gpu_fleet.core.ledger.events import (
     ReservationReleased,
     RunDeleted,
     RunEtaReported,
-    RunStatusChanged,
     RunSubmitted,
     RunUpdated,
 )
@@ -143,8 +142,7 @@ class Fleet:
             ]
             closing += [
                 ReservationReleased(at=at, name=r.name, state="Failed", reason="run deleted")
-                for r in sorted(self.state.pending_reservations.values(), key=lambda r: r.name)
-                if r.run == key and r.state == "Pending"
+                for r in self.state.pending_by_name(key)
             ]
             events = self.commit([*closing, RunDeleted(at=at, run=key)])
         return events + self.reconcile(at)
@@ -246,11 +244,10 @@ class Fleet:
         """The earliest instant after ``after`` at which something falls due by itself:
         a reservation, a lease's scheduled end, a preemption deadline, a checkpoint deadline."""
         state = self.state
-        times = [
-            r.earliest_start
-            for r in state.pending_reservations.values()
-            if r.state == "Pending" and r.earliest_start > after
-        ]
+        times: list[Instant] = []
+        start = state.next_reservation_start(after)
+        if start is not None:
+            times.append(start)
         end = state.next_scheduled_end(after)
         if end is not None:
             times.append(end)
@@ -313,67 +310,31 @@ class Fleet:
         return done
 
     def _admit_pending(self, now: Instant) -> list[Event]:
-        """Try every waiting run once: runs with a pending reservation first, in the order
+        """Offer every waiting run a start: runs with a pending reservation first, in the order
         their slices were promised (``FleetState.promise_order``), then the others in
-        admission order.
+        admission order (``waiting.admit_waiting``: event-driven, or every run in turn).
 
         Work conservation: whatever has freed by now goes to the reservations that fit, and not
         only when they fall due.  The order matters: a reservation behind another in a shared
         slice is kept out until the one ahead has started (``gang.protects``), so trying it
         first would leave it waiting until the next instant anything happens.
         """
-        state = self.state
-        done: list[Event] = []
-
-        line = state.promise_order()
-
-        def order(key: str) -> tuple[int, Instant, str]:
-            res = state.pending_reservation(key)
-            if res is not None:
-                return (0, line[res.name], "")
-            return (1, state.admitted.get(key, 0), key)
-
-        pending = sorted(state.waiting_runs, key=order)
-        for key in pending:
-            st = state.status[key]
-            if st.phase not in ("Pending", "Waiting"):
-                continue
-            run = state.runs[key]
-            if state.incremental and certain_to_wait(state, run, now):
-                self.skipped_attempts += 1
-                if self.check_shortcuts:
-                    proof = admit(state, run, now, self.planner, self.settings)
-                    left = [e for e in proof.events if not _same_status(state, e)]
-                    if left:
-                        raise AssertionError(f"skipped attempt of {key} would emit {left}")
-                continue
-            attempt = admit(state, run, now, self.planner, self.settings)
-            events = [e for e in attempt.events if not _same_status(state, e)]
-            done += self.commit(events)
-        return done
+        return admit_waiting(self, now)
 
     def _activate_due(self, now: Instant) -> list[Event]:
         state = self.state
         done: list[Event] = []
-        due = sorted(
-            (
-                r
-                for r in state.pending_reservations.values()
-                if r.state == "Pending" and r.earliest_start <= now
-            ),
-            key=lambda r: (r.earliest_start, r.name),
-        )
-        for res in due:
+        for res in state.due_reservations(now):
             if state.reservations[res.name].state != "Pending":
                 continue
             act = activate_reservation(state, res, now, self.planner, self.settings)
-            done += self.commit([e for e in act.events if not _same_status(state, e)])
+            done += self.commit([e for e in act.events if not unchanged_status(state, e)])
             current = state.reservations[res.name]
             if act.retry and current.state == "Pending":
                 again = activate_reservation(
                     state, current, now, self.planner, self.settings, make_room=False
                 )
-                done += self.commit([e for e in again.events if not _same_status(state, e)])
+                done += self.commit([e for e in again.events if not unchanged_status(state, e)])
         return done
 
     def _shrink(self, now: Instant) -> list[Event]:
@@ -393,7 +354,7 @@ class Fleet:
                 continue
             for _ in range(2 + m.max_total_gpus // max(1, m.step_gpus)):
                 step = elastic_step(state, state.runs[key], now, self.planner, self.settings)
-                done += self.commit([e for e in step.events if not _same_status(state, e)])
+                done += self.commit([e for e in step.events if not unchanged_status(state, e)])
                 if not step.progressed:
                     break
         return done
@@ -401,15 +362,3 @@ class Fleet:
 
 def _allocated(state: FleetState, key: str) -> int:
     return sum(x.width for x in state.leases_of(key, open_only=True) if x.role is LeaseRole.ACTIVE)
-
-
-def _same_status(state: FleetState, e: Event) -> bool:
-    """Skip a status write that changes nothing (keeps the ledger free of no-op churn)."""
-    if not isinstance(e, RunStatusChanged):
-        return False
-    cur = state.status.get(e.run)
-    return cur is not None and (cur.phase, cur.reason, cur.message) == (
-        e.phase,
-        e.reason,
-        e.message,
-    )

@@ -12,8 +12,10 @@ Everything here is pure: it reads ``FleetState`` and returns values or events.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 from gpu_fleet.core.funding.cover import CoverFailure, CoverPlan, CoverRequest, cover
 from gpu_fleet.core.funding.envelopes import location_of
@@ -194,16 +196,27 @@ def protects(
     a later comer with a sooner bound in early would undo backfill protection: a small run
     arriving just after a big one gets a shorter lead, hence a sooner bound.)
     """
-    own = next((e for e in entries if e.run == run_key), None)
-    for bound, name, owner, line in entries:
+    stop = len(entries)
+    if mine is not None and mine[0] <= now:
+        # A due run comes before every entry from its own promise on (activation order), so
+        # only the entries ahead of it can keep it out: a bisection, not a walk of the line
+        # (an activation in a deep queue walked thousands of entries; issue 11).
+        stop = bisect.bisect_left(entries, mine, key=_activation)
+    own = next((e for e in islice(entries, stop) if e.run == run_key), None)
+    if own is None and stop < len(entries):
+        # the run's first entry is at its promise (usually ``entries[stop]``) or after it
+        own = next((e for e in islice(entries, stop, None) if e.run == run_key), None)
+    for bound, _, owner, line in islice(entries, stop):
         if owner == run_key:
             continue
         if own is not None and own.line < line:
             continue  # promised the slice after this run: behind it in line
-        if mine is not None and mine[0] <= now and mine <= (bound, name):
-            return False
         return duration is None or now + duration > bound
     return False
+
+
+def _activation(entry: SliceEntry) -> tuple[Instant, str]:
+    return (entry.earliest_start, entry.name)
 
 
 def cover_run(
@@ -480,8 +493,7 @@ def release_reservations(state: FleetState, run: str, at: Instant, reason: str) 
     """Release every pending reservation of ``run`` (its pointers are cleared with it)."""
     return [
         ReservationReleased(at=at, name=res.name, reason=reason)
-        for res in sorted(state.pending_reservations.values(), key=lambda r: r.name)
-        if res.run == run and res.state == "Pending"
+        for res in state.pending_by_name(run)
     ]
 
 
@@ -506,9 +518,7 @@ def fail_events(  # noqa: PLR0917 - positional shape kept for existing callers
         if lease.id not in skip
     ]
     events.append(status_event(key, now, "Failed", reason, message))
-    for res in sorted(state.pending_reservations.values(), key=lambda r: r.name):
-        if res.run == key and res.state == "Pending":
-            events.append(ReservationReleased(at=now, name=res.name, reason="run failed"))
+    events += release_reservations(state, key, now, "run failed")
     return events
 
 

@@ -56,7 +56,6 @@ from gpu_fleet.core.ledger.events import (
     LeaseClosed,
     LeasePreemptionCanceled,
     LeasePreemptionScheduled,
-    ReservationReleased,
     RunStatusChanged,
 )
 from gpu_fleet.core.ledger.state import FleetState
@@ -539,11 +538,7 @@ def _settle_victim(
     events.append(
         status_event(run_key, now, "Failed", "EndedByResolver", "ended by resolver", **detail)
     )
-    events.extend(
-        ReservationReleased(at=now, name=r.name, reason="run failed")
-        for r in sorted(state.pending_reservations.values(), key=lambda r: r.name)
-        if r.run == run_key and r.state == "Pending"
-    )
+    events.extend(release_reservations(state, run_key, now, "run failed"))
     return events
 
 

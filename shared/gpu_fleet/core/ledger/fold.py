@@ -84,10 +84,12 @@ def fold(state: FleetState, event: Event) -> None:
                 state._object_count(budget.key, 1)
             state.budgets[budget.key] = budget
             state._index = None
+            state._waiting_line = None  # who may fund whom changed: every run is re-filed
         case BudgetDeleted(namespace=ns, name=name):
             if state.budgets.pop(f"{ns}/{name}", None) is not None:
                 state._object_count(f"{ns}/{name}", -1)
             state._index = None
+            state._waiting_line = None
         case RunSubmitted(run=run):
             before = state.runs.get(run.key)
             if before is None:
@@ -191,6 +193,10 @@ def fold(state: FleetState, event: Event) -> None:
         case ChannelDeleted(namespace=ns, name=name):
             if state.channels.pop(f"{ns}/{name}", None) is not None:
                 state._object_count(f"{ns}/{name}", -1)
+    if state._waiting_line is not None:
+        touched = run_touched(state, event)
+        if touched is not None:
+            state._waiting_line.dirty.add(touched)
     state.history.append(event)
     state.version += 1
     if not isinstance(event, _NEUTRAL) or (
@@ -208,6 +214,30 @@ def fold(state: FleetState, event: Event) -> None:
             if len(log) > _LOG_LIMIT:
                 state._known = None
                 state._funding_log = []
+
+
+def run_touched(state: FleetState, event: Event) -> str | None:
+    """The run whose spec, status, open leases or pending reservations ``event`` changes (or
+    would, folded on ``state``): what the waiting line and the reconcile loop's order read of
+    a run.  Every such change names its run; the Budgets, the other thing they read, are
+    handled by dropping the line.  ``None`` also for a lease or reservation ``state`` does not
+    know yet (asked before a batch that makes it is folded: the event making it names the run)."""
+    match event:
+        case RunSubmitted(run=run) | RunUpdated(run=run):
+            return run.key
+        case RunDeleted(run=key) | RunStatusChanged(run=key):
+            return key
+        case LeaseMinted(lease=lease):
+            return lease.run
+        case LeaseClosed(lease=lease_id):
+            closing = state.leases.get(lease_id)
+            return closing.run if closing is not None else None
+        case ReservationCreated(reservation=res):
+            return res.run
+        case ReservationReleased(name=name):
+            released = state.reservations.get(name)
+            return released.run if released is not None else None
+    return None
 
 
 _LOG_LIMIT = 4096  # changes replayed on a known matching at most; beyond, match afresh

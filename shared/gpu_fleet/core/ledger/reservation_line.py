@@ -47,6 +47,7 @@ class ReservationLine:
     _newest_pending: dict[str, Reservation]
     _slices: dict[tuple[str, ...], list[SliceEntry]]
     _slice_line: dict[tuple[str, ...], dict[str, SliceEntry]]
+    _by_start: list[tuple[Instant, str]]
 
     def _reservations_cached(self, name: str, compute: Callable[[], _T]) -> _T:
         """Like ``cached``, but kept until the pending reservations change (not every fold):
@@ -99,12 +100,30 @@ class ReservationLine:
         read-only for callers, valid until the next fold."""
         return self._promise
 
+    def pending_by_name(self, run: str) -> list[Reservation]:
+        """Every pending reservation of ``run``, by name: the order releases are written in
+        (read from the per-run index, not by walking every pending reservation)."""
+        return sorted(self.pending_of(run), key=lambda r: r.name)
+
+    def next_reservation_start(self, after: Instant) -> Instant | None:
+        """The earliest start of a pending reservation later than ``after``, if any."""
+        i = bisect.bisect_right(self._by_start, after, key=_start)
+        return self._by_start[i][0] if i < len(self._by_start) else None
+
+    def due_reservations(self, now: Instant) -> list[Reservation]:
+        """Pending reservations whose earliest start is ``now`` or before, in activation
+        order (earliest start, then name).  Kept sorted by the fold: the reconcile loop asks at
+        every instant, and a deep queue is mostly reservations not yet due."""
+        ends = bisect.bisect_right(self._by_start, now, key=_start)
+        return [self.pending_reservations[name] for _, name in self._by_start[:ends]]
+
     def _add_pending(self, res: Reservation) -> None:
         """Index a reservation that became pending (``pending_reservations`` already has it)."""
         seq = self._promise.get(res.name)
         if seq is None:
             seq = self._promise[res.name] = self._promise_counter
             self._promise_counter += 1
+        bisect.insort(self._by_start, (res.earliest_start, res.name))
         self._pending_of[res.run][res.name] = res
         self._newest_pending[res.run] = max(
             self._pending_of[res.run].values(), key=lambda r: (r.created_at, r.name)
@@ -118,6 +137,10 @@ class ReservationLine:
     def _drop_pending(self, res: Reservation) -> None:
         """Un-index a reservation leaving ``pending_reservations``."""
         seq = self._promise.pop(res.name, None)
+        starts = self._by_start
+        i = bisect.bisect_left(starts, (res.earliest_start, res.name))
+        if i < len(starts) and starts[i] == (res.earliest_start, res.name):
+            del starts[i]
         mine = self._pending_of.get(res.run)
         if mine is not None:
             mine.pop(res.name, None)
@@ -146,7 +169,11 @@ class ReservationLine:
     def _reindex_reservations(self) -> None:
         self._promise, self._promise_counter = {}, 0
         self._pending_of, self._newest_pending = defaultdict(dict), {}
-        self._slices, self._slice_line = {}, {}
+        self._slices, self._slice_line, self._by_start = {}, {}, []
         for res in self.pending_reservations.values():
             self._add_pending(res)
         self.reservations_epoch += 1
+
+
+def _start(entry: tuple[Instant, str]) -> Instant:
+    return entry[0]

@@ -31,6 +31,7 @@ from gpu_fleet.core.ledger.events import (
     RunRetried,
 )
 from gpu_fleet.core.ledger.reservation_line import ReservationLine, SliceEntry
+from gpu_fleet.core.ledger.waiting_line import WaitingLine, parked_need
 from gpu_fleet.core.model import (
     Budget,
     FundingClass,
@@ -138,6 +139,9 @@ class FleetState(ReservationLine):
     malleable_runs: dict[str, set[str]] = field(default_factory=dict, repr=False)
     checkpoint_runs: set[str] = field(default_factory=set, repr=False)
     elastic_runs: set[str] = field(default_factory=set, repr=False)
+    # The waiting runs split for the event-driven reconcile (``waiting_line``): built when
+    # first asked, then kept by the fold (``run_touched``), dropped when the Budgets change.
+    _waiting_line: WaitingLine | None = field(default=None, repr=False, compare=False)
     # lease id -> its notice, for leases still open, in ledger order (``pending_preemptions``)
     _pending_preemptions: dict[str, LeasePreemptionScheduled] = field(
         default_factory=dict, repr=False
@@ -170,6 +174,7 @@ class FleetState(ReservationLine):
     _slice_line: dict[tuple[str, ...], dict[str, SliceEntry]] = field(
         default_factory=dict, repr=False
     )
+    _by_start: list[tuple[Instant, str]] = field(default_factory=list, repr=False)
 
     @property
     def index(self) -> EnvelopeIndex:
@@ -438,6 +443,33 @@ class FleetState(ReservationLine):
             else:
                 index.discard(key)
 
+    def waiting_line(self) -> WaitingLine:
+        """The waiting runs, parked or not (``waiting_line``), up to date with every fold.
+
+        Built by one walk of the waiting runs when first asked (or after the Budgets changed);
+        after that only the runs the fold touched since are filed again, so asking costs what
+        changed.  Read-only for callers, valid until the next fold.
+        """
+        line = self._waiting_line
+        if line is None:
+            line = self._waiting_line = WaitingLine()
+            todo: Iterable[str] = sorted(self.waiting_runs)
+        else:
+            todo, line.dirty = sorted(line.dirty), set()
+        for key in todo:
+            run = self.runs.get(key)
+            if run is None or key not in self.waiting_runs:
+                line.place(key, None, None)
+                continue
+            need = parked_need(self, run)
+            if need is None:
+                line.place(key, run.flavor, None)
+            else:
+                res = self.pending_reservation(key)
+                assert res is not None  # parked runs hold one
+                line.place(key, run.flavor, need, self._promise[res.name])
+        return line
+
     def _slots_changed(self, node: str) -> None:
         for dirty in self._topology_dirty.values():
             dirty.add(node)
@@ -512,6 +544,7 @@ class FleetState(ReservationLine):
             (x.end, x.id) for x in self.open_leases.values() if x.end is not None
         )
         self._reindex_reservations()
+        self._waiting_line = None
         self.waiting_runs, self.checkpoint_runs, self.elastic_runs = set(), set(), set()
         self.malleable_runs = {}
         for key in {*self.status, *self.runs}:
@@ -540,9 +573,7 @@ class FleetState(ReservationLine):
         if self._ns_objects is not None:
             self._ns_objects[key.split("/", 1)[0]] += delta
 
-    def cached(
-        self, name: str, compute: Callable[..., _T], *args: object, at: object = None
-    ) -> _T:
+    def cached(self, name: str, compute: Callable[..., _T], *args: object, at: object = None) -> _T:
         """A view derived from the state, ``compute(*args)``, computed once per ledger version
         (and ``at``).
 
