@@ -108,6 +108,8 @@ def test_an_open_active_lease_the_matching_does_not_cover_counts_as_unfunded(
     covered = SimpleNamespace(funding_class={active.id: FundingClass.OWNED})
     monkeypatch.setattr(state, "matching", lambda at: covered)
     assert state.has_unfunded_actives(T0) is False  # the spare is not in it, and is no active
-    state.version += 1
+    state.version += 1  # a neutral change (a status, a reservation): the answer is kept
     covered.funding_class = {spare.id: FundingClass.OWNED}
+    assert state.has_unfunded_actives(T0) is False
+    state.funding_epoch += 1  # a change to who pays: asked again
     assert state.has_unfunded_actives(T0) is True  # the active is missing: unfunded

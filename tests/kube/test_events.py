@@ -200,6 +200,4 @@ def test_events_of_one_packed_message_are_named_apart_and_due_in_ledger_order() 
     assert [e.note.split()[1] for e in due] == [lease.id for lease in leases]
     # A one-event message keeps the name it always had.
     closed = LeaseClosed(at=T + 300, lease=leases[0].id, reason="Reclaim")
-    assert derive(0x1F, closed, state, {}) == [
-        due[0]
-    ]
+    assert derive(0x1F, closed, state, {}) == [due[0]]

@@ -226,9 +226,7 @@ class GatedAppends:
         self.gate = asyncio.Event()
         self.ledger.append = self.append  # type: ignore[method-assign]
 
-    async def append(
-        self, events: Sequence[Event], expected_last_seq: int, **options: Any
-    ) -> int:
+    async def append(self, events: Sequence[Event], expected_last_seq: int, **options: Any) -> int:
         self.appends += 1
         number = self.appends
         if number == 1:

@@ -46,8 +46,12 @@ _LAST: OrderKey = (sys.maxsize, sys.maxsize, "")
 def admit_waiting(fleet: Fleet, now: Instant) -> list[Event]:
     """Offer every waiting run a start at ``now`` (one pass, in order); the events committed."""
     state = fleet.state
-    if not state.incremental or state.has_unfunded_actives(now):
+    if not state.incremental:
         return offer_every_run(fleet, now)
+    if not state.waiting_line().parked:
+        return offer_every_run(fleet, now)  # the same offers: no run could be passed over
+    if state.has_unfunded_actives(now):
+        return offer_every_run(fleet, now)  # reclaim could make room for any parked run
     return offer_event_driven(fleet, now)
 
 
@@ -114,16 +118,22 @@ def offer_event_driven(fleet: Fleet, now: Instant) -> list[Event]:
         events = _attempt(fleet, key, now)
         if not events:
             continue
-        for e in events:
-            touched = run_touched(state, e)
-            if touched is not None and touched not in before:
-                before[touched] = key_at_start(touched)
+        epoch = state.funding_epoch
+        # (None for a lease or reservation the batch itself makes: its maker names the run)
+        affected = {t for e in events if (t := run_touched(state, e)) is not None}
+        for touched in affected - before.keys():
+            before[touched] = key_at_start(touched)
         done += fleet.commit(events)
         if everything:
             continue
-        affected = {t for e in events if (t := run_touched(state, e)) is not None}
-        if state.has_unfunded_actives(now):
-            # Reclaim could now make room for any run: offer every one still ahead.
+        if (
+            state.funding_epoch != epoch  # who pays for what may have changed
+            and state.waiting_line().parked
+            and state.has_unfunded_actives(now)
+        ):
+            # Reclaim could now make room for any run: offer every one still ahead.  (Asked
+            # only with parked runs about: the others are offered anyway, and the matching it
+            # reads costs O(open leases) - per admission, when a burst fills an empty fleet.)
             affected = state.waiting_runs | before.keys()
             everything = True
         for run in affected - pushed:

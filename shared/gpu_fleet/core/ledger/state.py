@@ -153,6 +153,10 @@ class FleetState(ReservationLine):
     pending_reservations: dict[str, Reservation] = field(default_factory=dict, repr=False)
     # Views derived from the state (see ``cached``): name -> (version, argument, value).
     _derived: dict[str, tuple[int, object, object]] = field(default_factory=dict, repr=False)
+    # Views of who pays (see ``_funding_cached``): name -> ((funding epoch, meter, at), value).
+    _by_funding: dict[str, tuple[tuple[int, float, float], object]] = field(
+        default_factory=dict, repr=False
+    )
     # Runs, Budgets and NotificationChannels per namespace, once asked for (``objects_in``),
     # then kept by the fold: the manager checks it on every apply that creates something.
     _ns_objects: Counter[str] | None = field(default=None, repr=False, compare=False)
@@ -545,6 +549,7 @@ class FleetState(ReservationLine):
         )
         self._reindex_reservations()
         self._waiting_line = None
+        self._by_funding = {}
         self.waiting_runs, self.checkpoint_runs, self.elastic_runs = set(), set(), set()
         self.malleable_runs = {}
         for key in {*self.status, *self.runs}:
@@ -594,7 +599,21 @@ class FleetState(ReservationLine):
         """Is any open active lease Unfunded at ``at``?  If not, reclaiming has nothing to draw
         (phase 0 of the resolver only takes groups whose actives are all Unfunded).  Asked by
         ``certain_to_wait`` for every waiting run at every change (issue 11)."""
-        return self.cached("has_unfunded_actives", self._has_unfunded_actives, at, at=at)
+        return self._funding_cached("has_unfunded_actives", self._has_unfunded_actives, at)
+
+    def _funding_cached(self, name: str, compute: Callable[[float], _T], at: float) -> _T:
+        """Like ``cached``, but kept while nothing changes who pays: the same funding epoch
+        (events in ``fold._NEUTRAL`` - statuses, reservations, notices - leave it), meter
+        and instant.  For views of the matching asked after every decision: in a sweep into
+        a full fleet each submission is a new version (its status and reservation) but the
+        same funding, and the matching's view costs O(open leases) (issue 11)."""
+        key = (self.funding_epoch, self.meter.t, float(at))
+        hit = self._by_funding.get(name)
+        if hit is not None and hit[0] == key:
+            return cast(_T, hit[1])
+        value = compute(at)
+        self._by_funding[name] = (key, value)
+        return value
 
     def _has_unfunded_actives(self, at: float) -> bool:
         leases, active = self.open_leases, LeaseRole.ACTIVE
@@ -608,12 +627,12 @@ class FleetState(ReservationLine):
         """Ids of the open leases the matching at ``at`` leaves unfunded - those it classes
         Unfunded, and any open lease it does not cover - in no particular order.
 
-        Read again after every decision that changes the state (each reservation of a sweep
-        into a full fleet asks it twice: the resolver's ``has_unfunded_actives`` and the
-        reservation's remedies), so it is two passes at C speed: the matching's classes, and
-        a set difference of ids (issue 11: a plain walk with a lookup per open lease was half
-        of such a submission at 10k nodes).  Callers look each id up in ``open_leases``."""
-        return self.cached("unfunded_leases", self._unfunded_leases, at, at=at)
+        Asked after every decision (the resolver's ``has_unfunded_actives``, a reservation's
+        remedies), so it is kept while the funding is unchanged (``_funding_cached``) and made
+        in two passes at C speed: the matching's classes, and a set difference of ids (issue
+        11: a plain walk with a lookup per open lease was half of a waiting submission at 10k
+        nodes).  Callers look each id up in ``open_leases``."""
+        return self._funding_cached("unfunded_leases", self._unfunded_leases, at)
 
     def _unfunded_leases(self, at: float) -> list[str]:
         classes = self.matching(at).funding_class
