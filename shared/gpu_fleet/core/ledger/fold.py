@@ -10,7 +10,8 @@ the fold keeps current.)
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import msgspec
 
@@ -221,23 +222,32 @@ def run_touched(state: FleetState, event: Event) -> str | None:
     would, folded on ``state``): what the waiting line and the reconcile loop's order read of
     a run.  Every such change names its run; the Budgets, the other thing they read, are
     handled by dropping the line.  ``None`` also for a lease or reservation ``state`` does not
-    know yet (asked before a batch that makes it is folded: the event making it names the run)."""
-    match event:
-        case RunSubmitted(run=run) | RunUpdated(run=run):
-            return run.key
-        case RunDeleted(run=key) | RunStatusChanged(run=key):
-            return key
-        case LeaseMinted(lease=lease):
-            return lease.run
-        case LeaseClosed(lease=lease_id):
-            closing = state.leases.get(lease_id)
-            return closing.run if closing is not None else None
-        case ReservationCreated(reservation=res):
-            return res.run
-        case ReservationReleased(name=name):
-            released = state.reservations.get(name)
-            return released.run if released is not None else None
-    return None
+    know yet (asked before a batch that makes it is folded: the event making it names the run).
+    """
+    of = _RUN_OF.get(type(event))  # one lookup per event: the fold asks it for every event
+    return of(state, event) if of is not None else None
+
+
+def _closing(state: FleetState, e: LeaseClosed) -> str | None:
+    lease = state.leases.get(e.lease)
+    return lease.run if lease is not None else None
+
+
+def _releasing(state: FleetState, e: ReservationReleased) -> str | None:
+    res = state.reservations.get(e.name)
+    return res.run if res is not None else None
+
+
+_RUN_OF: dict[type, Callable[[FleetState, Any], str | None]] = {
+    RunSubmitted: lambda _, e: e.run.key,
+    RunUpdated: lambda _, e: e.run.key,
+    RunDeleted: lambda _, e: e.run,
+    RunStatusChanged: lambda _, e: e.run,
+    LeaseMinted: lambda _, e: e.lease.run,
+    LeaseClosed: _closing,
+    ReservationCreated: lambda _, e: e.reservation.run,
+    ReservationReleased: _releasing,
+}
 
 
 _LOG_LIMIT = 4096  # changes replayed on a known matching at most; beyond, match afresh

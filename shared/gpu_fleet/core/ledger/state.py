@@ -457,9 +457,9 @@ class FleetState(ReservationLine):
         line = self._waiting_line
         if line is None:
             line = self._waiting_line = WaitingLine()
-            todo: Iterable[str] = sorted(self.waiting_runs)
-        else:
-            todo, line.dirty = sorted(line.dirty), set()
+            todo: Iterable[str] = list(self.waiting_runs)
+        else:  # each run is filed on its own facts: the order does not matter
+            todo, line.dirty = line.dirty, set()
         for key in todo:
             run = self.runs.get(key)
             if run is None or key not in self.waiting_runs:
