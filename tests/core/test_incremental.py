@@ -730,6 +730,10 @@ def check_reservation_views(state: FleetState) -> None:
         )
         assert state.due_reservations(t) == due
     check_waiting_line(state)
+    firsts = {e.name for e in state.firsts_in_line()}
+    assert firsts == {
+        min(entries, key=lambda e: e.line).name for entries in state.protected_slices().values()
+    }
 
 
 def check_waiting_line(state: FleetState) -> None:
@@ -742,12 +746,13 @@ def check_waiting_line(state: FleetState) -> None:
         if need is not None:
             res = state.pending_reservation(key)
             assert res is not None
-            parked[key] = (state.runs[key].flavor, need, promise[res.name])
+            fenced = gang.max_duration(state.runs[key]) is None
+            parked[key] = (state.runs[key].flavor, fenced, need, promise[res.name])
     assert line.parked == parked
     assert line.unparked == state.waiting_runs - parked.keys()
-    by_need: dict[str, dict[int, list[tuple[int, str]]]] = {}
-    for key, (flavor, need, place) in sorted(parked.items()):
-        by_need.setdefault(flavor, {}).setdefault(need, []).append((place, key))
+    by_need: dict[tuple[str, bool], dict[int, list[tuple[int, str]]]] = {}
+    for key, (flavor, fenced, need, place) in sorted(parked.items()):
+        by_need.setdefault((flavor, fenced), {}).setdefault(need, []).append((place, key))
     assert line.by_need == {
         flavor: {need: sorted(entries) for need, entries in needs.items()}
         for flavor, needs in by_need.items()

@@ -166,7 +166,16 @@ def closed_slices(state: FleetState, run_key: str) -> tuple[tuple[str, ...], ...
 
 def closed_free(state: FleetState, run_key: str, topology: Topology) -> int:
     """Free GPUs of ``topology`` inside the slices closed to ``run_key`` (counted once each)."""
-    closed = closed_slices(state, run_key)
+    return _slices_free(state, closed_slices(state, run_key), topology)
+
+
+def protected_free(state: FleetState, topology: Topology) -> int:
+    """Free GPUs of ``topology`` inside any protected slice: what a run closed out of every
+    slice (``closed_slices``) cannot have."""
+    return _slices_free(state, state.slice_keys(), topology)
+
+
+def _slices_free(state: FleetState, closed: tuple[tuple[str, ...], ...], topology: Topology) -> int:
     if not closed:
         return 0
     cache: dict[tuple[Topology, object], int] = state.cached(f"closed_free:{topology.flavor}", dict)

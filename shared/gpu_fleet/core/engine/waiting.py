@@ -30,6 +30,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from gpu_fleet.core.engine.admission import admit, certain_to_wait
+from gpu_fleet.core.engine.gang import protected_free
 from gpu_fleet.core.ledger.events import Event, RunStatusChanged
 from gpu_fleet.core.ledger.fold import run_touched
 from gpu_fleet.core.ledger.state import FleetState
@@ -149,22 +150,38 @@ def offer_event_driven(fleet: Fleet, now: Instant) -> list[Event]:
 def _next_parked(
     state: FleetState, touched: dict[str, OrderKey | None], at: OrderKey
 ) -> tuple[OrderKey, str] | None:
-    """The first parked run after ``at`` in line whose need its flavor's free GPUs cover now
-    (runs in ``touched`` excepted: the heap offers them, at their place when offers began)."""
+    """The first parked run after ``at`` in line that might start now (runs in ``touched``
+    excepted: the heap offers them, at their place when the offers began).
+
+    Might start: its need is no more than the free GPUs of its flavor open to it.  A fenced run
+    (no maxDuration) is kept out of every reserved slice, so its lists are read against the
+    free GPUs outside them; the runs first in line in some slice, which that slice may be open
+    to, are read against all the free GPUs.  The others (they may backfill) likewise.
+    """
     if at[0] > 0:
         return None  # past the reservations: parked runs all hold one
     after = at[1] if at[0] == 0 else -1
+    line = state.waiting_line()
+    free: dict[str, tuple[int, int]] = {}  # flavor -> (free GPUs, of them outside every slice)
     best: tuple[int, str] | None = None
-    for flavor, needs in state.waiting_line().by_need.items():
-        free = _free_gpus(state, flavor)
+    for (flavor, fenced), needs in line.by_need.items():
+        room = _room(state, flavor, free)[1 if fenced else 0]
         for need, entries in needs.items():
-            if need > free:
+            if need > room:
                 continue
             i = bisect.bisect_right(entries, after, key=_place)
             while i < len(entries) and entries[i][1] in touched:
                 i += 1
             if i < len(entries) and (best is None or entries[i] < best):
                 best = entries[i]
+    for entry in state.firsts_in_line():
+        filed = line.parked.get(entry.run)
+        if filed is None or not filed[1] or entry.run in touched:
+            continue  # not parked, or not fenced (its lists were read against all free GPUs)
+        flavor, _, need, place = filed
+        fits = place > after and need <= _room(state, flavor, free)[0]
+        if fits and (best is None or (place, entry.run) < best):
+            best = (place, entry.run)
     return ((0, best[0], ""), best[1]) if best is not None else None
 
 
@@ -172,13 +189,21 @@ def _place(entry: tuple[int, str]) -> int:
     return entry[0]
 
 
-def _free_gpus(state: FleetState, flavor: str) -> int:
-    """Free GPUs of ``flavor``; for a flavor without a topology, more than anyone needs (its
-    runs are offered a start, which says why they cannot have one)."""
-    try:
-        return state.topology(flavor).total_free()
-    except TopologyError:
-        return sys.maxsize
+def _room(state: FleetState, flavor: str, seen: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """Free GPUs of ``flavor``, and how many of them are outside every protected slice; for a
+    flavor without a topology, more than anyone needs (its runs are offered a start, which
+    says why they cannot have one)."""
+    hit = seen.get(flavor)
+    if hit is None:
+        try:
+            topology = state.topology(flavor)
+        except TopologyError:
+            hit = (sys.maxsize, sys.maxsize)
+        else:
+            free = topology.total_free()
+            hit = (free, free - protected_free(state, topology))
+        seen[flavor] = hit
+    return hit
 
 
 def _attempt(fleet: Fleet, key: str, now: Instant) -> list[Event]:

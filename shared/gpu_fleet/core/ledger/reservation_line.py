@@ -91,6 +91,14 @@ class ReservationLine:
         line = self._slice_line.get(nodes)
         return next(iter(line.values())) if line else None
 
+    def firsts_in_line(self) -> list[SliceEntry]:
+        """The entry first in line (``first_in_line``) of every protected slice: the runs a
+        slice may be open to although they may backfill none (``gang.closed_slices``)."""
+        return self._reservations_cached(
+            "firsts_in_line",
+            lambda: [next(iter(line.values())) for line in self._slice_line.values() if line],
+        )
+
     def promise_order(self) -> dict[str, int]:
         """Pending reservations by the order they were made: ledger order, which the fold keeps
         as ``pending_reservations``' insertion order (a snapshot restores it the same way).

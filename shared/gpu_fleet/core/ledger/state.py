@@ -31,7 +31,7 @@ from gpu_fleet.core.ledger.events import (
     RunRetried,
 )
 from gpu_fleet.core.ledger.reservation_line import ReservationLine, SliceEntry
-from gpu_fleet.core.ledger.waiting_line import WaitingLine, parked_need
+from gpu_fleet.core.ledger.waiting_line import WaitingLine, fenced, parked_need
 from gpu_fleet.core.model import (
     Budget,
     FundingClass,
@@ -471,7 +471,7 @@ class FleetState(ReservationLine):
             else:
                 res = self.pending_reservation(key)
                 assert res is not None  # parked runs hold one
-                line.place(key, run.flavor, need, self._promise[res.name])
+                line.place(key, run.flavor, need, self._promise[res.name], fenced(run))
         return line
 
     def _slots_changed(self, node: str) -> None:

@@ -58,6 +58,13 @@ def parked_need(state: FleetState, run: Run) -> int | None:
     return total + spec.spares_per_group * len(groups(total, size))
 
 
+def fenced(run: Run) -> bool:
+    """No ``maxDuration``: the run may backfill no reserved slice (``gang.closed_slices``), so
+    while parked it is kept out of every one except where its own promise is first in line."""
+    rt = run.spec.runtime
+    return rt is None or rt.max_duration is None
+
+
 class WaitingLine:
     """The waiting runs split into parked ones and the rest.
 
@@ -73,29 +80,40 @@ class WaitingLine:
     __slots__ = ("by_need", "dirty", "parked", "unparked")
 
     def __init__(self) -> None:
-        self.parked: dict[str, tuple[str, int, int]] = {}  # run -> (flavor, need, place)
-        # flavor -> need -> (place in line, run) of its parked runs, sorted
-        self.by_need: dict[str, dict[int, list[tuple[int, str]]]] = {}
+        # run -> (flavor, fenced, need, place in line)
+        self.parked: dict[str, tuple[str, bool, int, int]] = {}
+        # (flavor, fenced) -> need -> (place in line, run) of its parked runs, sorted.  Fenced:
+        # no maxDuration, so no reserved slice is open to the run but where it is first in line.
+        self.by_need: dict[tuple[str, bool], dict[int, list[tuple[int, str]]]] = {}
         self.unparked: set[str] = set()  # waiting runs that are not parked
         self.dirty: set[str] = set()
 
-    def place(self, key: str, flavor: str | None, need: int | None, place: int = 0) -> None:
-        """File run ``key``: parked (``need`` GPUs of ``flavor``, ``place`` in line), waiting
-        but not parked (``need`` None), or not waiting at all (``flavor`` None)."""
+    def place(
+        self,
+        key: str,
+        flavor: str | None,
+        need: int | None,
+        place: int = 0,
+        fenced: bool = True,
+    ) -> None:
+        """File run ``key``: parked (``need`` GPUs of ``flavor``, ``place`` in line, ``fenced``
+        or not), waiting but not parked (``need`` None), or not waiting (``flavor`` None)."""
         was = self.parked.pop(key, None)
         if was is not None:
-            needs = self.by_need[was[0]]
-            entries = needs[was[1]]
-            del entries[bisect.bisect_left(entries, (was[2], key))]
+            group = (was[0], was[1])
+            needs = self.by_need[group]
+            entries = needs[was[2]]
+            del entries[bisect.bisect_left(entries, (was[3], key))]
             if not entries:
-                del needs[was[1]]
+                del needs[was[2]]
                 if not needs:
-                    del self.by_need[was[0]]
+                    del self.by_need[group]
         self.unparked.discard(key)
         if flavor is None:
             return
         if need is None:
             self.unparked.add(key)
             return
-        self.parked[key] = (flavor, need, place)
-        bisect.insort(self.by_need.setdefault(flavor, {}).setdefault(need, []), (place, key))
+        self.parked[key] = (flavor, fenced, need, place)
+        needs = self.by_need.setdefault((flavor, fenced), {})
+        bisect.insort(needs.setdefault(need, []), (place, key))
