@@ -128,15 +128,28 @@ def test_a_decision_that_leaves_work_unfunded_reopens_the_queue_behind_it() -> N
     assert state.has_unfunded_actives(T0 + 3)  # c/kid, recalled by p/own
 
 
-def test_a_budget_change_refiles_every_waiting_run() -> None:
-    """Parked runs whose namespace loses its Budget have no funding principal any more: they
-    are offered a start at once (and held Unfunded), not left parked."""
-    fleets = full_fleet_with_queue(5)
-    assert fleets[0].state.waiting_line().parked
-    both(fleets, lambda f: f.delete("Budget", "t", "t", T0 + 500))
-    st = fleets[0].state.status["t/w004"]
+@pytest.mark.parametrize("change", ["delete", "second owner"])
+def test_a_budget_change_refiles_every_waiting_run(change: str) -> None:
+    """Parked runs whose namespace loses its funding principal - its Budget deleted, or a
+    second Budget naming another owner - are offered a start at once (and held Unfunded), not
+    left parked.  (The running work is another team's, still funded: nothing Unfunded sends
+    the loop to the reference.)"""
+    fleets = pair(NODES, [TEAM, budget("u", "org:u", [env("e", 64)])])
+    for i in range(3):
+        both(fleets, lambda f, i=i: f.apply(run("t", f"busy{i}", 8), T0))
+    for i in range(3):
+        both(fleets, lambda f, i=i: f.apply(run("u", f"w{i}", 8), T0 + 1 + i))
+    state = fleets[0].state
+    assert set(state.waiting_line().parked) == {"u/w0", "u/w1", "u/w2"}
+    if change == "delete":
+        both(fleets, lambda f: f.delete("Budget", "u", "u", T0 + 500))
+    else:
+        other = budget("u", "org:other", [env("e", 64)], name="other")
+        both(fleets, lambda f: f.apply(other, T0 + 500))
+    assert not state.has_unfunded_actives(T0 + 500)
+    st = state.status["u/w2"]
     assert (st.phase, st.reason) == ("Pending", "Unfunded")
-    assert not fleets[0].state.waiting_line().parked
+    assert not state.waiting_line().parked
 
 
 def test_a_run_that_holds_a_lease_is_never_parked() -> None:
