@@ -49,6 +49,11 @@ def admit_waiting(fleet: Fleet, now: Instant) -> list[Event]:
     state = fleet.state
     if not state.incremental:
         return offer_every_run(fleet, now)
+    if not state.pending_reservations:
+        # No run can be parked (parked runs hold a reservation): the same offers, and the
+        # fold need not keep the line meanwhile (a burst into a fleet with room).
+        state.drop_waiting_line()
+        return offer_every_run(fleet, now)
     if not state.waiting_line().parked:
         return offer_every_run(fleet, now)  # the same offers: no run could be passed over
     if state.has_unfunded_actives(now):

@@ -474,6 +474,11 @@ class FleetState(ReservationLine):
                 line.place(key, run.flavor, need, self._promise[res.name], fenced(run))
         return line
 
+    def drop_waiting_line(self) -> None:
+        """Stop keeping the waiting line until it is next asked for (it is a cache: dropping it
+        changes no answer, and the fold no longer files every run it touches)."""
+        self._waiting_line = None
+
     def _slots_changed(self, node: str) -> None:
         for dirty in self._topology_dirty.values():
             dirty.add(node)
