@@ -191,3 +191,41 @@ def test_a_due_reservation_is_offered_even_when_nothing_is_free(
     both(fleets, lambda f: f.advance_to(res.earliest_start))
     assert fleets[0].state.pending_reservations  # still waiting: nothing freed
     assert "t/w000" in offered
+
+
+def test_a_run_whose_due_reservation_is_made_again_is_offered_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A due run offered a start that fails on topology (enough GPUs free, in two domains) is
+    reserved again under a new name, later in line: it is still parked and its need still
+    fits by count, but it was offered at its place already and is not offered again."""
+    nodes = [node("n1", 4), node("n2", 4, fabric="f2"), node("n3", 8, fabric="f3")]
+    fleets = pair(nodes, [TEAM])
+    both(fleets, lambda f: f.apply(run("t", "big", 8, group_gpus=8), T0))
+    both(fleets, lambda f: f.apply(run("t", "a", 4), T0))
+    both(fleets, lambda f: f.apply(run("t", "b", 4), T0))
+    both(fleets, lambda f: f.apply(run("t", "w", 8, group_gpus=8), T0 + 1))
+    res = fleets[0].state.pending_reservation("t/w")
+    assert res is not None
+    both(fleets, lambda f: f.complete("t/a", T0 + 2))
+    both(fleets, lambda f: f.complete("t/b", T0 + 3))
+    assert fleets[0].state.status["t/w"].phase == "Pending"  # 8 free, but 4 + 4
+    monkeypatch.setattr(
+        fleet_module,
+        "activate_reservation",
+        lambda *args, **kwargs: SimpleNamespace(events=[], retry=False),
+    )
+    offered: list[str] = []
+    real = waiting._attempt
+
+    def noting(fleet: Fleet, key: str, now: int) -> object:
+        if fleet is fleets[0]:
+            offered.append(key)
+        return real(fleet, key, now)
+
+    monkeypatch.setattr(waiting, "_attempt", noting)
+    both(fleets, lambda f: f.advance_to(res.earliest_start))
+    again = fleets[0].state.pending_reservation("t/w")
+    assert again is not None
+    assert again.name != res.name  # made again, later in line
+    assert offered == ["t/w"]
