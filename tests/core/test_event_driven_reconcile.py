@@ -19,7 +19,7 @@ from test_incremental import check_reservation_views
 
 from gpu_fleet.core.engine import Fleet, waiting
 from gpu_fleet.core.engine import fleet as fleet_module
-from gpu_fleet.core.ledger import LeaseMinted, NodeRegistered, fold
+from gpu_fleet.core.ledger import Event, LeaseMinted, NodeRegistered, fold
 from gpu_fleet.core.model import Budget, Node
 
 NODES = [node("n1", 8), node("n2", 8, fabric="f2"), node("n3", 8, fabric="f3")]
@@ -57,19 +57,35 @@ def full_fleet_with_queue(waiting_runs: int) -> list[Fleet]:
     return fleets
 
 
-def offers_during(monkeypatch: pytest.MonkeyPatch, step: Callable[[], object]) -> int:
-    """How many waiting runs ``step``'s reconcile offers a start (shortcut or not)."""
-    count = [0]
+def record_offers(monkeypatch: pytest.MonkeyPatch, fleet: Fleet) -> list[str]:
+    """The runs ``fleet``'s reconciles offer a start from now on (shortcut or not), in order."""
+    offered: list[str] = []
     real = waiting._attempt
 
-    def counting(*args: object) -> object:
-        count[0] += 1
-        return real(*args)  # type: ignore[arg-type]
+    def noting(f: Fleet, key: str, now: int) -> list[Event]:
+        if f is fleet:
+            offered.append(key)
+        return real(f, key, now)
 
-    monkeypatch.setattr(waiting, "_attempt", counting)
-    step()
-    monkeypatch.setattr(waiting, "_attempt", real)
-    return count[0]
+    monkeypatch.setattr(waiting, "_attempt", noting)
+    return offered
+
+
+def stall_activations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reservations reaching their bound stay pending: their activation does not act."""
+    monkeypatch.setattr(
+        fleet_module,
+        "activate_reservation",
+        lambda *args, **kwargs: SimpleNamespace(events=[], retry=False),
+    )
+
+
+def offers_during(monkeypatch: pytest.MonkeyPatch, fleet: Fleet, step: Callable[[], object]) -> int:
+    """How many waiting runs ``step``'s reconcile offers a start (shortcut or not)."""
+    with monkeypatch.context() as patch:
+        offered = record_offers(patch, fleet)
+        step()
+    return len(offered)
 
 
 @pytest.mark.parametrize("depth", [10, 40])
@@ -82,8 +98,8 @@ def test_a_new_run_is_the_only_run_offered_in_a_full_fleet(
     fast, ref = fleets
     fast.check_shortcuts = False  # the check offers every run on purpose
     at = T0 + 1000
-    assert offers_during(monkeypatch, lambda: fast.apply(run("t", "late", 8), at)) == 1
-    assert offers_during(monkeypatch, lambda: ref.apply(run("t", "late", 8), at)) == depth + 1
+    assert offers_during(monkeypatch, fast, lambda: fast.apply(run("t", "late", 8), at)) == 1
+    assert offers_during(monkeypatch, ref, lambda: ref.apply(run("t", "late", 8), at)) == depth + 1
     assert fast.state.history == ref.state.history
 
 
@@ -97,7 +113,7 @@ def test_room_that_frees_goes_to_the_queue_in_order(monkeypatch: pytest.MonkeyPa
         assert fleets[0].state.status[f"t/w{i + 1:03d}"].phase == "Pending"
     fast = fleets[0]
     fast.check_shortcuts = False
-    offered = offers_during(monkeypatch, lambda: fast.complete("t/w000", T0 + 200))
+    offered = offers_during(monkeypatch, fast, lambda: fast.complete("t/w000", T0 + 200))
     assert fast.state.status["t/w003"].phase == "Running"
     assert offered == 1  # the first run in line the freed GPUs fit, not the queue
 
@@ -172,22 +188,10 @@ def test_a_due_reservation_is_offered_even_when_nothing_is_free(
     """A reservation still pending at its bound (its activation did not act) is offered a
     start in the loop like any due run, though its flavor has nothing free."""
     fleets = full_fleet_with_queue(3)
-    monkeypatch.setattr(
-        fleet_module,
-        "activate_reservation",
-        lambda *args, **kwargs: SimpleNamespace(events=[], retry=False),
-    )
+    stall_activations(monkeypatch)
     res = fleets[0].state.pending_reservation("t/w000")
     assert res is not None
-    offered: list[str] = []
-    real = waiting._attempt
-
-    def noting(fleet: Fleet, key: str, now: int) -> object:
-        if fleet is fleets[0]:
-            offered.append(key)
-        return real(fleet, key, now)
-
-    monkeypatch.setattr(waiting, "_attempt", noting)
+    offered = record_offers(monkeypatch, fleets[0])
     both(fleets, lambda f: f.advance_to(res.earliest_start))
     assert fleets[0].state.pending_reservations  # still waiting: nothing freed
     assert "t/w000" in offered
@@ -210,20 +214,8 @@ def test_a_run_whose_due_reservation_is_made_again_is_offered_once(
     both(fleets, lambda f: f.complete("t/a", T0 + 2))
     both(fleets, lambda f: f.complete("t/b", T0 + 3))
     assert fleets[0].state.status["t/w"].phase == "Pending"  # 8 free, but 4 + 4
-    monkeypatch.setattr(
-        fleet_module,
-        "activate_reservation",
-        lambda *args, **kwargs: SimpleNamespace(events=[], retry=False),
-    )
-    offered: list[str] = []
-    real = waiting._attempt
-
-    def noting(fleet: Fleet, key: str, now: int) -> object:
-        if fleet is fleets[0]:
-            offered.append(key)
-        return real(fleet, key, now)
-
-    monkeypatch.setattr(waiting, "_attempt", noting)
+    stall_activations(monkeypatch)
+    offered = record_offers(monkeypatch, fleets[0])
     both(fleets, lambda f: f.advance_to(res.earliest_start))
     again = fleets[0].state.pending_reservation("t/w")
     assert again is not None

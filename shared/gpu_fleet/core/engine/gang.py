@@ -13,6 +13,7 @@ Everything here is pure: it reads ``FleetState`` and returns values or events.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -43,6 +44,8 @@ from gpu_fleet.core.model import (
 from gpu_fleet.core.placement.pack import PackError, PackPlan, PackRequest, Planner
 from gpu_fleet.core.placement.topology import Topology
 from gpu_fleet.core.timeutil import parse_duration
+
+_ACTIVATION = operator.itemgetter(0, 1)  # a SliceEntry's (earliest start, name)
 
 TERMINAL = ("Completed", "Failed")
 
@@ -210,7 +213,7 @@ def protects(
         # A due run comes before every entry from its own promise on (activation order), so
         # only the entries ahead of it can keep it out: a bisection, not a walk of the line
         # (an activation in a deep queue walked thousands of entries; issue 11).
-        stop = bisect.bisect_left(entries, mine, key=_activation)
+        stop = bisect.bisect_left(entries, mine, key=_ACTIVATION)
     own = next((e for e in islice(entries, stop) if e.run == run_key), None)
     if own is None and stop < len(entries):
         # the run's first entry is at its promise (usually ``entries[stop]``) or after it
@@ -222,10 +225,6 @@ def protects(
             continue  # promised the slice after this run: behind it in line
         return duration is None or now + duration > bound
     return False
-
-
-def _activation(entry: SliceEntry) -> tuple[Instant, str]:
-    return (entry.earliest_start, entry.name)
 
 
 def cover_run(

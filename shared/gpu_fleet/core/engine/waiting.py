@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import operator
 import sys
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from gpu_fleet.core.engine.fleet import Fleet
 
 OrderKey = tuple[int, Instant, str]
+_PLACE = operator.itemgetter(0)  # of a (place in line, run) entry of the waiting line
 _LAST: OrderKey = (sys.maxsize, sys.maxsize, "")
 
 
@@ -54,10 +56,9 @@ def admit_waiting(fleet: Fleet, now: Instant) -> list[Event]:
         # fold need not keep the line meanwhile (a burst into a fleet with room).
         state.drop_waiting_line()
         return offer_every_run(fleet, now)
-    if not state.waiting_line().parked:
-        return offer_every_run(fleet, now)  # the same offers: no run could be passed over
-    if state.has_unfunded_actives(now):
-        return offer_every_run(fleet, now)  # reclaim could make room for any parked run
+    if not state.waiting_line().parked or state.has_unfunded_actives(now):
+        # No run could be passed over, or reclaim could make room for any parked run.
+        return offer_every_run(fleet, now)
     return offer_event_driven(fleet, now)
 
 
@@ -174,7 +175,7 @@ def _next_parked(
         for need, entries in needs.items():
             if need > room:
                 continue
-            i = bisect.bisect_right(entries, after, key=_place)
+            i = bisect.bisect_right(entries, after, key=_PLACE)
             while i < len(entries) and entries[i][1] in touched:
                 i += 1
             if i < len(entries) and (best is None or entries[i] < best):
@@ -188,10 +189,6 @@ def _next_parked(
         if fits and (best is None or (place, entry.run) < best):
             best = (place, entry.run)
     return ((0, best[0], ""), best[1]) if best is not None else None
-
-
-def _place(entry: tuple[int, str]) -> int:
-    return entry[0]
 
 
 def _room(state: FleetState, flavor: str, seen: dict[str, tuple[int, int]]) -> tuple[int, int]:

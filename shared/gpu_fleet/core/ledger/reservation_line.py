@@ -11,6 +11,7 @@ re-indexed per commit.  Views that read only the reservations are cached until t
 from __future__ import annotations
 
 import bisect
+import operator
 from collections import defaultdict
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar, cast
@@ -19,6 +20,7 @@ from gpu_fleet.core.ledger.events import Reservation
 from gpu_fleet.core.model import Instant
 
 _T = TypeVar("_T")
+_START = operator.itemgetter(0)  # of an (earliest start, name) entry of ``_by_start``
 
 
 class SliceEntry(NamedTuple):
@@ -115,14 +117,14 @@ class ReservationLine:
 
     def next_reservation_start(self, after: Instant) -> Instant | None:
         """The earliest start of a pending reservation later than ``after``, if any."""
-        i = bisect.bisect_right(self._by_start, after, key=_start)
+        i = bisect.bisect_right(self._by_start, after, key=_START)
         return self._by_start[i][0] if i < len(self._by_start) else None
 
     def due_reservations(self, now: Instant) -> list[Reservation]:
         """Pending reservations whose earliest start is ``now`` or before, in activation
         order (earliest start, then name).  Kept sorted by the fold: the reconcile loop asks at
         every instant, and a deep queue is mostly reservations not yet due."""
-        ends = bisect.bisect_right(self._by_start, now, key=_start)
+        ends = bisect.bisect_right(self._by_start, now, key=_START)
         return [self.pending_reservations[name] for _, name in self._by_start[:ends]]
 
     def _add_pending(self, res: Reservation) -> None:
@@ -181,7 +183,3 @@ class ReservationLine:
         for res in self.pending_reservations.values():
             self._add_pending(res)
         self.reservations_epoch += 1
-
-
-def _start(entry: tuple[Instant, str]) -> Instant:
-    return entry[0]

@@ -16,9 +16,10 @@ so the index re-examines only what changed when it is next asked (``FleetState.w
 
 What is left to ask at an instant is about the fleet, not the runs: whether a run's reservation
 is due, whether anything is Unfunded (reclaim could then make room), and the free GPUs of each
-flavor.  A parked run needing more than its flavor has free cannot be placed by any planner;
-so the parked runs are kept per flavor sorted by need, and the ones that might start are a
-prefix (``up_to``).
+flavor.  A parked run needing more than the free GPUs open to it cannot be placed by any
+planner; so the parked runs are kept per flavor and need (and whether they may backfill), in
+promise order, and the next one that might start heads one of a handful of lists
+(``engine.waiting``).
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def fenced(run: Run) -> bool:
 class WaitingLine:
     """The waiting runs split into parked ones and the rest.
 
-    Parked runs are kept per flavor and need, in the order their reservations were promised
-    (``FleetState.promise_order``, which is also their order in the reconcile loop): the next
-    parked run that might start is the first, after a point, of the lists whose need is no
-    more than the flavor's free GPUs - a handful of lists, whatever the depth of the queue.
+    Parked runs are kept per flavor, fenced or not (``fenced``) and need, in the order their
+    reservations were promised (``FleetState.promise_order``, which is also their order in the
+    reconcile loop): the next parked run that might start is the first, after a point, of the
+    lists whose need is no more than the free GPUs open to them - a handful of lists, whatever
+    the depth of the queue.
 
     Kept by ``FleetState``: ``dirty`` collects the runs the fold touched since the line was
     last asked, and ``FleetState.waiting_line`` re-files only those.  Read-only for callers.
