@@ -151,12 +151,9 @@ class FleetState(ReservationLine):
     _index: EnvelopeIndex | None = None
     # Reservations still Pending, by name: kept by the fold so lookups never scan the history.
     pending_reservations: dict[str, Reservation] = field(default_factory=dict, repr=False)
-    # Views derived from the state (see ``cached``): name -> (version, argument, value).
-    _derived: dict[str, tuple[int, object, object]] = field(default_factory=dict, repr=False)
-    # Views of who pays (see ``_funding_cached``): name -> ((funding epoch, meter, at), value).
-    _by_funding: dict[str, tuple[tuple[int, float, float], object]] = field(
-        default_factory=dict, repr=False
-    )
+    # Views derived from the state (``cached``, ``_funding_cached``): name -> (what they are
+    # valid for - (version, argument), or (funding epoch, meter, instant) - and the value).
+    _derived: dict[str, tuple[object, object]] = field(default_factory=dict, repr=False)
     # Runs, Budgets and NotificationChannels per namespace, once asked for (``objects_in``),
     # then kept by the fold: the manager checks it on every apply that creates something.
     _ns_objects: Counter[str] | None = field(default=None, repr=False, compare=False)
@@ -554,7 +551,7 @@ class FleetState(ReservationLine):
         )
         self._reindex_reservations()
         self._waiting_line = None
-        self._by_funding = {}
+        self._derived = {}
         self.waiting_runs, self.checkpoint_runs, self.elastic_runs = set(), set(), set()
         self.malleable_runs = {}
         for key in {*self.status, *self.runs}:
@@ -593,17 +590,21 @@ class FleetState(ReservationLine):
         view asked in a hot loop passes a method and its arguments rather than a closure: a
         hit then builds nothing.
         """
+        return self._kept(name, (self.version, at), compute, *args)
+
+    def _kept(self, name: str, valid: object, compute: Callable[..., _T], *args: object) -> _T:
+        """``compute(*args)``, kept under ``name`` for as long as ``valid`` is what it was."""
         hit = self._derived.get(name)
-        if hit is not None and hit[0] == self.version and hit[1] == at:
-            return cast(_T, hit[2])
+        if hit is not None and hit[0] == valid:
+            return cast(_T, hit[1])
         value = compute(*args)
-        self._derived[name] = (self.version, at, value)
+        self._derived[name] = (valid, value)
         return value
 
     def has_unfunded_actives(self, at: float) -> bool:
         """Is any open active lease Unfunded at ``at``?  If not, reclaiming has nothing to draw
         (phase 0 of the resolver only takes groups whose actives are all Unfunded).  Asked by
-        ``certain_to_wait`` for every waiting run at every change (issue 11)."""
+        ``certain_to_wait`` and, after each decision, by the event-driven offers (issue 11)."""
         return self._funding_cached("has_unfunded_actives", self._has_unfunded_actives, at)
 
     def _funding_cached(self, name: str, compute: Callable[[float], _T], at: float) -> _T:
@@ -618,13 +619,7 @@ class FleetState(ReservationLine):
         sides of a comparison."""
         if not self.incremental:
             return self.cached(name, compute, at, at=at)
-        key = (self.funding_epoch, self.meter.t, float(at))
-        hit = self._by_funding.get(name)
-        if hit is not None and hit[0] == key:
-            return cast(_T, hit[1])
-        value = compute(at)
-        self._by_funding[name] = (key, value)
-        return value
+        return self._kept(name, (self.funding_epoch, self.meter.t, float(at)), compute, at)
 
     def _has_unfunded_actives(self, at: float) -> bool:
         leases, active = self.open_leases, LeaseRole.ACTIVE
