@@ -8,6 +8,7 @@ filled jointly, because one cap bounds them all).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,13 @@ class EnvelopeIndex:
     proposer_caches: dict[frozenset[EnvelopeKey], object] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+
+    @functools.cached_property
+    def numbered(self) -> tuple[dict[EnvelopeKey, int], tuple[EnvelopeInfo, ...]]:
+        """Each envelope's number (acceptor after acceptor), and the envelopes by number: the
+        matching proposes in integer arrays (``matching._Proposing``), built once per index."""
+        infos = tuple(self.envelopes[k] for members in self.acceptors for k in members)
+        return {e.key: i for i, e in enumerate(infos)}, infos
 
     def owners_with_flavor(self, flavor: str) -> list[str]:
         return sorted({o for (o, f) in self.by_owner_flavor if f == flavor})

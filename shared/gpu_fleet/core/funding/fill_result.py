@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
-from gpu_fleet.core.funding.envelopes import EnvelopeIndex
+import numpy as np
+
+from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo
 from gpu_fleet.core.funding.proposals import Proposer
 from gpu_fleet.core.funding.ranked_rows import RankedRows
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Lease
@@ -122,6 +124,29 @@ class FillTrace:
     rejected_at: frozenset[int] = frozenset()
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimColumns:
+    """Per claim of one matching, by its position (``matching._ClaimTable``), what the funding
+    summary adds up, as integer arrays.
+
+    Why: the summary visits every open lease, and walking 100k of them by id through the
+    per-lease maps was a fifth of a funding evaluation (issue 11).  With these it is a few array
+    sums, and only the leases that name a lender or an unpaid minted payer are visited one by
+    one.  ``fill`` keeps them only when every live lease is a claim (a lease of an unknown run
+    is not), so summing the columns sums the maps.
+    """
+
+    leases: Sequence[Lease]
+    widths: np.ndarray
+    runs: np.ndarray  # the run's number: runs numbered in order of their first lease id
+    run_names: Sequence[str]  # ``Lease.run`` by number
+    spare: np.ndarray  # bool: the lease is a hot spare
+    id_order: np.ndarray  # the claim's place in lease-id order
+    rank_class: np.ndarray  # the rank class it is funded at (``matching``), -1: unfunded
+    payer: np.ndarray  # the number of the envelope that pays, or -1
+    envelopes: Sequence[EnvelopeInfo]  # by number (``EnvelopeIndex.numbered``)
+
+
 @dataclass
 class FillResult:
     """The matching: who pays for each live lease (``payer``), its class (``funding_class``),
@@ -163,6 +188,9 @@ class FillResult:
     # The matching's rejections while nobody has read them (``RejectionLog``); ``_rejections``
     # is empty until then.  An extension hands it on with the maps.
     _rejection_log: RejectionLog | None = field(default=None, repr=False, compare=False)
+    # The matching's claims as columns, when ``fill`` made it and every live lease is a claim
+    # (``ClaimColumns``); an extension has none.
+    columns: ClaimColumns | None = field(default=None, repr=False, compare=False)
 
     @property
     def payer(self) -> dict[str, EnvelopeKey | None]:

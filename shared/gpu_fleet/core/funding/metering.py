@@ -19,9 +19,11 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex
-from gpu_fleet.core.funding.fill_result import Accepted, FillResult
-from gpu_fleet.core.funding.matching import HoursView, fill
+from gpu_fleet.core.funding.fill_result import Accepted, ClaimColumns, FillResult
+from gpu_fleet.core.funding.matching import CLASS_OF_RANK, HoursView, fill
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
 
@@ -314,12 +316,26 @@ class Evaluation:
         return self.fill.payer.get(lease_id)
 
 
-_FIELD = {cls: cls.value for cls in FundingClass}
-"""The usage field each funding class counts in (``EnvelopeUsage``/``RunFunding``)."""
-_LENT_CLASSES = (FundingClass.SHARED, FundingClass.BORROWED)
+_COLUMN = {
+    FundingClass.OWNED: 0,
+    FundingClass.SHARED: 1,
+    FundingClass.BORROWED: 2,
+    FundingClass.UNFUNDED: 3,
+}
+"""Each funding class's column in ``summarize``'s counters (the field it counts in)."""
+_SPARES = 4  # a run's spare width, an envelope's funded spare width
+_FUNDED = 5  # an envelope's funded width (what its aggregate caps count)
 
 
 def summarize(meter: Meter, inputs: FundingInputs, f: FillResult, at: float) -> Evaluation:
+    """Per envelope, per cap and per run totals of the matching ``f`` at ``at``.
+
+    Every open lease counts (issue 11: 100k), so a matching ``fill`` made is summed as arrays
+    (``FillResult.columns``), any other by a walk over its leases that only adds widths into a
+    few integer columns per run and per payer; the usage objects get their fields once each at
+    the end, and a cap's funded width is the sum of its envelopes'.  Integer sums do not depend
+    on their order, and both keep the run and lender dicts in the order of a walk by lease id.
+    """
     index = inputs.index
     envelopes = {
         k: EnvelopeUsage(
@@ -338,41 +354,140 @@ def summarize(meter: Meter, inputs: FundingInputs, f: FillResult, at: float) -> 
         )
         for k, c in index.caps.items()
     }
-    runs: dict[str, RunFunding] = defaultdict(RunFunding)
-    by_id = {lease.id: lease for lease in inputs.leases}
-    # Bound once: this loop visits every open lease (``cls.value`` is an enum property).
-    payer, envelope_info = f.payer, index.envelopes
-    spare, active, lent_classes = LeaseRole.SPARE, LeaseRole.ACTIVE, _LENT_CLASSES
-    for lease_id, cls in f.funding_class.items():
-        lease = by_id[lease_id]
-        width = len(lease.slots)
-        field_name = _FIELD[cls]
-        rf = runs[lease.run]
-        env_key = payer.get(lease_id)
-        if lease.role is spare:
-            rf.spares += width
-        else:
-            setattr(rf, field_name, getattr(rf, field_name) + width)
-        if env_key is not None:
-            usage = envelopes[env_key]
-            setattr(usage, field_name, getattr(usage, field_name) + width)
-            if lease.role is spare:
-                usage.spare += width
-            info = envelope_info[env_key]
-            for cap_id in info.caps:
-                caps[cap_id].funded += width
-            if cls in lent_classes and lease.role is active:
-                rf.lenders[info.owner] = rf.lenders.get(info.owner, 0) + width
-        elif lease.minted_payer is not None and lease.minted_payer.key in envelopes:
-            envelopes[lease.minted_payer.key].unfunded += width
+    if f.columns is not None:
+        runs = _sum_columns(f.columns, index, envelopes, caps)
+    else:
+        runs = _sum_leases(inputs.leases, f, index, envelopes, caps)
     for run_key, rf in runs.items():
         hours = meter.run_hours.get(run_key)
         if hours is not None:
             rf.hours = dict(hours)
-        lenders = meter.run_lender_hours.get(run_key)
-        if lenders is not None:
-            rf.lender_hours = dict(lenders)
+        lender_hours = meter.run_lender_hours.get(run_key)
+        if lender_hours is not None:
+            rf.lender_hours = dict(lender_hours)
     return Evaluation(at, f, envelopes, caps, {**_settled_runs(meter, runs), **runs})
+
+
+_CLASS_COLUMN = np.array([_COLUMN[CLASS_OF_RANK[c]] for c in range(len(CLASS_OF_RANK))])
+"""The column of each rank class (``matching.CLASS_OF_RANK``)."""
+
+
+def _sum_columns(
+    cols: ClaimColumns,
+    index: EnvelopeIndex,
+    envelopes: dict[EnvelopeKey, EnvelopeUsage],
+    caps: dict[str, CapUsage],
+) -> dict[str, RunFunding]:
+    """``_sum_leases`` over a fresh matching's columns: the same totals, as array sums."""
+    funded = cols.rank_class >= 0
+    column = np.full(len(funded), _COLUMN[FundingClass.UNFUNDED], dtype=np.int64)
+    column[funded] = _CLASS_COLUMN[cols.rank_class[funded]]
+    widths, spare = cols.widths, cols.spare
+    n_runs = len(cols.run_names)
+    slot = np.where(spare, _SPARES, column)
+    per_run = np.bincount(cols.runs * 5 + slot, weights=widths, minlength=n_runs * 5)
+    numbered = cols.envelopes
+    payer, paid_widths = cols.payer[funded], widths[funded]
+    per_payer = np.bincount(
+        payer * 4 + column[funded], weights=paid_widths, minlength=len(numbered) * 4
+    ).reshape(-1, 4)
+    paid_spares = np.bincount(
+        payer[spare[funded]], weights=paid_widths[spare[funded]], minlength=len(numbered)
+    )
+    paid = np.bincount(payer, weights=paid_widths, minlength=len(numbered))
+    for number in np.flatnonzero(paid).tolist():
+        key = numbered[number].key
+        usage = envelopes[key]
+        owned, shared, borrowed, unfunded = (int(x) for x in per_payer[number])
+        usage.owned += owned
+        usage.shared += shared
+        usage.borrowed += borrowed
+        usage.unfunded += unfunded
+        usage.spare += int(paid_spares[number])
+        for cap_id in index.envelopes[key].caps:
+            caps[cap_id].funded += int(paid[number])
+    leases, run_names = cols.leases, cols.run_names
+    for position in np.flatnonzero(~funded).tolist():
+        minted = leases[position].minted_payer
+        if minted is not None and minted.key in envelopes:
+            envelopes[minted.key].unfunded += int(widths[position])
+    runs = {
+        name: RunFunding(owned, shared, borrowed, unfunded, spares)
+        for name, (owned, shared, borrowed, unfunded, spares) in zip(
+            run_names, per_run.astype(np.int64).reshape(-1, 5).tolist(), strict=True
+        )
+    }
+    # Lenders per run in lease-id order, as the walk by id meets them.
+    lending = funded & ~spare & ((column == 1) | (column == 2))
+    positions = np.flatnonzero(lending)
+    positions = positions[np.argsort(cols.id_order[positions])]
+    for position in positions.tolist():
+        rf = runs[run_names[cols.runs[position]]]
+        owner = index.envelopes[numbered[cols.payer[position]].key].owner
+        rf.lenders[owner] = rf.lenders.get(owner, 0) + int(widths[position])
+    return runs
+
+
+def _sum_leases(
+    leases: Sequence[Lease],
+    f: FillResult,
+    index: EnvelopeIndex,
+    envelopes: dict[EnvelopeKey, EnvelopeUsage],
+    caps: dict[str, CapUsage],
+) -> dict[str, RunFunding]:
+    """The per-run totals of ``f``, adding the per-envelope ones into ``envelopes`` and
+    ``caps``, walking the leases in lease-id order."""
+    by_id = {lease.id: lease for lease in leases}
+    payer, envelope_info, column = f.payer, index.envelopes, _COLUMN
+    spare, active = LeaseRole.SPARE, LeaseRole.ACTIVE
+    run_columns: dict[str, list[int]] = {}
+    payer_columns: dict[EnvelopeKey, list[int]] = {}
+    lenders: dict[str, dict[str, int]] = {}
+    run_name: str | None = None
+    here: list[int] = []
+    for lease_id, cls in f.funding_class.items():
+        lease = by_id[lease_id]
+        width = len(lease.slots)
+        i = column[cls]
+        if lease.run != run_name:  # a run's leases come one after another (ids are run#n)
+            run_name = lease.run
+            got = run_columns.get(run_name)
+            if got is None:
+                got = run_columns[run_name] = [0, 0, 0, 0, 0]
+            here = got
+        role = lease.role
+        here[_SPARES if role is spare else i] += width
+        env_key = payer.get(lease_id)
+        if env_key is not None:
+            paid = payer_columns.get(env_key)
+            if paid is None:
+                paid = payer_columns[env_key] = [0, 0, 0, 0, 0, 0]
+            paid[i] += width
+            paid[_FUNDED] += width
+            if role is spare:
+                paid[_SPARES] += width
+            elif i in {1, 2} and role is active:  # shared or borrowed: a lender's
+                lender = envelope_info[env_key].owner
+                of_run = lenders.get(run_name)
+                if of_run is None:
+                    of_run = lenders[run_name] = {}
+                of_run[lender] = of_run.get(lender, 0) + width
+        elif lease.minted_payer is not None and lease.minted_payer.key in envelopes:
+            envelopes[lease.minted_payer.key].unfunded += width
+    for env_key, (owned, shared, borrowed, unfunded, spares, funded) in payer_columns.items():
+        usage = envelopes[env_key]
+        usage.owned += owned
+        usage.shared += shared
+        usage.borrowed += borrowed
+        usage.unfunded += unfunded
+        usage.spare += spares
+        for cap_id in envelope_info[env_key].caps:
+            caps[cap_id].funded += funded
+    runs: dict[str, RunFunding] = {}
+    for run_key, (owned, shared, borrowed, unfunded, spares) in run_columns.items():
+        rf = runs[run_key] = RunFunding(owned, shared, borrowed, unfunded, spares)
+        rf.lenders = lenders.get(run_key, rf.lenders)
+    return runs
 
 
 def _settled_runs(meter: Meter, live: Mapping[str, RunFunding]) -> dict[str, RunFunding]:

@@ -1,0 +1,123 @@
+"""The funding summary read from a matching's columns is the summary of its per-lease maps.
+
+``fill`` hands ``summarize`` its claims as integer columns (``ClaimColumns``, issue 11) so the
+totals are array sums instead of a walk over every open lease by id.  Over generated worlds -
+family sharing, sponsors, loans, caps, hours, spares - both ways must give the same envelope,
+cap and run totals, with runs and lenders in the same order.  And the place of a node, kept
+between evaluations, follows the node when it is registered again with other labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from builders import T0, World, budget, env, key, lease, node, payer, run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_incremental import NODES, budgets_of, drawn_runs, hours_views
+
+from gpu_fleet.core.funding import Evaluation, FillResult, Meter, Proposer, summarize
+from gpu_fleet.core.model import LeaseRole
+
+COLUMNS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def totals(ev: Evaluation) -> tuple[object, ...]:
+    """Everything the summary says, in order (dict order included)."""
+    return (
+        [dataclasses.asdict(u) for u in ev.envelopes.values()],
+        [dataclasses.asdict(c) for c in ev.caps.values()],
+        [(k, dataclasses.asdict(r), list(r.lenders)) for k, r in ev.runs.items()],
+    )
+
+
+def without_columns(f: FillResult) -> FillResult:
+    return dataclasses.replace(f, columns=None)
+
+
+@COLUMNS
+@given(st.data())
+def test_the_columns_sum_what_the_walk_over_the_leases_sums(data: st.DataObject) -> None:
+    budgets = data.draw(budgets_of())
+    drawn = drawn_runs(data, "r", 14)
+    world = World(budgets, drawn.runs.values(), drawn.leases, nodes=NODES, admitted=drawn.admitted)
+    hours = data.draw(hours_views(budgets))
+    f = world.fill(T0, hours)
+    assert f.columns is not None
+    meter = Meter(t=float(T0))
+    inputs = world.inputs()
+    assert totals(summarize(meter, inputs, f, T0)) == totals(
+        summarize(meter, inputs, without_columns(f), T0)
+    )
+
+
+def test_a_lease_of_an_unknown_run_is_summed_by_the_walk() -> None:
+    """A live lease whose run the fleet does not know is no claim: the columns would miss it,
+    so the matching keeps none and the summary walks the leases (it counts as unfunded)."""
+    world = World(
+        [budget("a", "org:a", [env("e", 8)])],
+        [run("a", "job", 2)],
+        [lease("a/job#0", "a/job", 2), lease("a/ghost#0", "a/ghost", 3, first=2)],
+    )
+    assert world.fill().columns is None
+    ev = world.evaluate()
+    assert ev.runs["a/ghost"].unfunded == 3
+    assert ev.runs["a/job"].owned == 2
+    assert [u.owned for u in ev.envelopes.values()] == [2]
+
+
+def test_the_columns_count_spares_lenders_and_minted_payers_like_the_walk() -> None:
+    """A child run spilling onto its parent's envelope (a lender), a funded spare, and a lease
+    minted on the parent's envelope that no longer fits: each total the columns make matches
+    the walk's, and each of those totals is there to compare."""
+    world = World(
+        [
+            budget("p", "org:p", [env("e", 6)]),
+            budget("a", "org:a", [env("e", 2)], parents=["org:p"]),
+        ],
+        [run("a", "big", 8), run("p", "own", 2)],
+        [
+            lease("a/big#0", "a/big", 2),
+            lease("a/big#1", "a/big", 2, first=2, group=1),
+            lease("a/big#2", "a/big", 2, first=4, group=2, role=LeaseRole.SPARE),
+            lease("a/big#3", "a/big", 2, first=6, group=3, minted=payer("p", owner="org:p")),
+            lease("p/own#0", "p/own", 2, node_name="n2"),
+        ],
+    )
+    f = world.fill()
+    assert f.columns is not None
+    meter = Meter(t=float(T0))
+    got = summarize(meter, world.inputs(), f, T0)
+    assert totals(got) == totals(summarize(meter, world.inputs(), without_columns(f), T0))
+    big = got.runs["a/big"]
+    assert (big.owned, big.shared, big.spares, big.unfunded) == (2, 2, 2, 2)
+    assert big.lenders == {"org:p": 2}
+    parent = got.envelopes[key("p")]
+    assert (parent.owned, parent.shared, parent.spare, parent.unfunded) == (2, 4, 2, 2)
+
+
+def test_a_node_registered_again_with_other_labels_is_placed_again() -> None:
+    """The proposer keeps each node's place while the node keeps its labels map; another map
+    (the node registered again) is read again, so claims follow the node."""
+    world = World(
+        [
+            budget(
+                "a",
+                "org:a",
+                [
+                    env("west", 2, selector={"region": "r1"}),
+                    env("east", 2, selector={"region": "r2"}),
+                ],
+            )
+        ],
+        [run("a", "job", 2)],
+        [lease("a/job#0", "a/job", 2)],
+        nodes=[node("n1", 8, region="r1")],
+    )
+    proposer = Proposer.at(world.index, T0)
+    west = world.node_labels["n1"]
+    assert proposer.place_of_node("n1", west) is proposer.place_of_node("n1", west)
+    assert world.fill().payer["a/job#0"] == key("a", "west")
+
+    world.node_labels = {"n1": dict(node("n1", 8, region="r2").labels)}
+    assert world.fill().payer["a/job#0"] == key("a", "east")
