@@ -10,9 +10,13 @@ trace ``extend_fill`` builds on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
+from collections.abc import Iterator
 
 import msgspec
+import pytest
 from builders import T0, World, budget, cap, env, lease, run
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -25,6 +29,19 @@ from gpu_fleet.core.model import Budget
 REGIONS = ["r1", "r2", "*"]
 
 EQUIV = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+BOTH_WAYS = pytest.mark.parametrize("arrays", [False, True], ids=["in-python", "in-arrays"])
+"""Run a test as a small matching proposes (in Python) and as a large one does (in arrays)."""
+
+
+@contextlib.contextmanager
+def proposing_in(arrays: bool) -> Iterator[None]:
+    """Matchings of any size propose in arrays (``matching.ARRAYS_FROM``), or none does."""
+    was = matching.ARRAYS_FROM
+    matching.ARRAYS_FROM = 0 if arrays else sys.maxsize
+    try:
+        yield
+    finally:
+        matching.ARRAYS_FROM = was
 
 
 def same_matching(a: FillResult, b: FillResult) -> None:
@@ -46,9 +63,10 @@ def same_matching(a: FillResult, b: FillResult) -> None:
     assert a.trace.rejected_at == b.trace.rejected_at
 
 
+@BOTH_WAYS
 @EQUIV
 @given(st.data())
-def test_fill_is_the_reference_matching(data: st.DataObject) -> None:
+def test_fill_is_the_reference_matching(arrays: bool, data: st.DataObject) -> None:
     budgets = data.draw(budgets_of())
     hours = data.draw(hours_views(budgets))
     drawn = drawn_runs(data, "r", 14)
@@ -60,7 +78,8 @@ def test_fill_is_the_reference_matching(data: st.DataObject) -> None:
         hours.period_hours, hours.remaining_envelope, hours.remaining_cap, frozenset(funded)
     )
     args = (world.index, leases, runs, admitted, world.node_labels, T0, hours)
-    got = fill(*args)
+    with proposing_in(arrays):
+        got = fill(*args)
     same_matching(got, reference_fill(*args))
     rejected = sum(len(x) for x in got.rejections.values())
     event(f"rejections: {'none' if not rejected else '1-3' if rejected < 4 else '4+'}")
@@ -97,15 +116,19 @@ def crowded_budgets(draw: st.DrawFn) -> list[Budget]:
     return out
 
 
+@BOTH_WAYS
 @EQUIV
 @given(st.data())
-def test_fill_is_the_reference_matching_when_acceptors_fill_up(data: st.DataObject) -> None:
+def test_fill_is_the_reference_matching_when_acceptors_fill_up(
+    arrays: bool, data: st.DataObject
+) -> None:
     budgets = data.draw(crowded_budgets())
     drawn = drawn_runs(data, "r", 14, least=4)
     runs, admitted, leases = drawn.runs, drawn.admitted, drawn.leases
     world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
     args = (world.index, leases, runs, admitted, world.node_labels, T0, HoursView())
-    got = fill(*args)
+    with proposing_in(arrays):
+        got = fill(*args)
     same_matching(got, reference_fill(*args))
     reasons = {r.template.split()[0] for v in got.rejections.values() for r in v}
     event(f"turned away for: {sorted(reasons)}")
@@ -135,7 +158,8 @@ def test_a_leases_first_slot_is_its_least_node_and_ordinal(parts: list[tuple[str
     assert matching._first_slot(slots) == min(map(key, slots))
 
 
-def test_a_lease_without_slots_is_funded_as_the_reference_funds_it() -> None:
+@BOTH_WAYS
+def test_a_lease_without_slots_is_funded_as_the_reference_funds_it(arrays: bool) -> None:
     """The ledger refuses such a lease, but the matching is a pure function of what it is
     given: width 0, funded by its own envelope, as the reference does."""
     budgets = [budget("p", "org:p", [env("e0", 1, selector={"region": "r1"})])]
@@ -147,7 +171,8 @@ def test_a_lease_without_slots_is_funded_as_the_reference_funds_it() -> None:
     admitted = {r.key: T0}
     world = World(budgets, [r], leases, nodes=NODES, admitted=admitted)
     args = (world.index, leases, {r.key: r}, admitted, world.node_labels, T0, HoursView())
-    got = fill(*args)
+    with proposing_in(arrays):
+        got = fill(*args)
     same_matching(got, reference_fill(*args))
     assert got.payer["p/r0#1"] is not None
 

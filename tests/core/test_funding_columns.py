@@ -1,7 +1,8 @@
 """The funding summary read from a matching's columns is the summary of its per-lease maps.
 
-``fill`` hands ``summarize`` its claims as integer columns (``ClaimColumns``, issue 11) so the
-totals are array sums instead of a walk over every open lease by id.  Over generated worlds -
+A large matching hands ``summarize`` its claims as integer columns (``ClaimColumns``, issue 11)
+so the totals are array sums instead of a walk over every open lease by id; these tests make
+every matching large (``proposing_in``).  Over generated worlds -
 family sharing, sponsors, loans, caps, hours, spares - both ways must give the same envelope,
 cap and run totals, with runs and lenders in the same order.  And the place of a node, kept
 between evaluations, follows the node when it is registered again with other labels.
@@ -14,6 +15,7 @@ import dataclasses
 from builders import T0, World, budget, env, key, lease, node, payer, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_fill_equivalence import proposing_in
 from test_incremental import NODES, budgets_of, drawn_runs, hours_views
 
 from gpu_fleet.core.funding import Evaluation, FillResult, Meter, Proposer, summarize
@@ -42,7 +44,8 @@ def test_the_columns_sum_what_the_walk_over_the_leases_sums(data: st.DataObject)
     drawn = drawn_runs(data, "r", 14)
     world = World(budgets, drawn.runs.values(), drawn.leases, nodes=NODES, admitted=drawn.admitted)
     hours = data.draw(hours_views(budgets))
-    f = world.fill(T0, hours)
+    with proposing_in(arrays=True):
+        f = world.fill(T0, hours)
     assert f.columns is not None
     meter = Meter(t=float(T0))
     inputs = world.inputs()
@@ -59,8 +62,9 @@ def test_a_lease_of_an_unknown_run_is_summed_by_the_walk() -> None:
         [run("a", "job", 2)],
         [lease("a/job#0", "a/job", 2), lease("a/ghost#0", "a/ghost", 3, first=2)],
     )
-    assert world.fill().columns is None
-    ev = world.evaluate()
+    with proposing_in(arrays=True):
+        assert world.fill().columns is None
+        ev = world.evaluate()
     assert ev.runs["a/ghost"].unfunded == 3
     assert ev.runs["a/job"].owned == 2
     assert [u.owned for u in ev.envelopes.values()] == [2]
@@ -84,7 +88,8 @@ def test_the_columns_count_spares_lenders_and_minted_payers_like_the_walk() -> N
             lease("p/own#0", "p/own", 2, node_name="n2"),
         ],
     )
-    f = world.fill()
+    with proposing_in(arrays=True):
+        f = world.fill()
     assert f.columns is not None
     meter = Meter(t=float(T0))
     got = summarize(meter, world.inputs(), f, T0)
@@ -121,3 +126,14 @@ def test_a_node_registered_again_with_other_labels_is_placed_again() -> None:
 
     world.node_labels = {"n1": dict(node("n1", 8, region="r2").labels)}
     assert world.fill().payer["a/job#0"] == key("a", "east")
+
+
+def test_a_small_matching_keeps_no_columns_and_proposes_in_python() -> None:
+    """Below ``ARRAYS_FROM`` claims a matching proposes in Python and keeps no columns, so its
+    summary is the walk's."""
+    world = World(
+        [budget("a", "org:a", [env("e", 8)])], [run("a", "job", 2)], [lease("a/job#0", "a/job", 2)]
+    )
+    f = world.fill()
+    assert f.columns is None
+    assert world.evaluate().runs["a/job"].owned == 2

@@ -121,7 +121,6 @@ def _rank_class(tier: int, lease: Lease, env: EnvelopeInfo) -> int:
 
 
 _NO_TIER = int(Tier.NONE)
-_UNSEEN: Place = ("",)  # a node not looked up yet (a place has one entry per location key)
 
 
 _new_tuple = tuple.__new__
@@ -218,7 +217,7 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
     cls = dict.fromkeys(live_ids, FundingClass.UNFUNDED)
     trace = FillTrace()
     log = RejectionLog(table.n, table.leases, live_ids)
-    proposing = _Proposing(index, table)
+    proposing = (_ArrayProposing if table.n >= ARRAYS_FROM else _Proposing)(index, table)
     held = _match(index, table, hours, trace, log, proposing=proposing)
     n, tails, widths, env_of = table.n, table.tails, table.widths, table.env_of
     accepted_view: dict[EnvelopeKey, list[Accepted]] = {}
@@ -243,17 +242,26 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
                 _new_tuple(Accepted, ((rank_class, *tails[position]), widths[position], rank_class))
             )
     accepted = {key: RankedRows.adopt(rows) for key, rows in accepted_view.items()}
-    decided = _Decided.of(table, held, proposing)
-    funded = decided.funded.tolist()
+    numbered, envelope_of = proposing.numbered, proposing.envelope_of
+    decided = _Decided.of(table, held, envelope_of) if isinstance(envelope_of, np.ndarray) else None
+    if decided is not None:
+        funded = decided.funded.tolist()
+        numbers = decided.payer[funded].tolist()
+        classes = decided.rank_class[funded].tolist()
+    else:
+        funded, numbers, classes = [], [], []
+        for entries in held.values():
+            for rank_class, position in map(divmod, entries, itertools.repeat(n)):
+                funded.append(position)
+                numbers.append(envelope_of[position])
+                classes.append(rank_class)
     funded_ids = [tails[position][-1] for position in funded]  # a tail ends with the lease id
-    numbered = proposing.numbered
-    payer_keys = [numbered[e].key for e in decided.payer[funded].tolist()]
-    classes = map(CLASS_OF_RANK.__getitem__, decided.rank_class[funded].tolist())
+    payer_keys = [numbered[number].key for number in numbers]
     payer.update(zip(funded_ids, payer_keys, strict=True))
-    cls.update(zip(funded_ids, classes, strict=True))
+    cls.update(zip(funded_ids, map(CLASS_OF_RANK.__getitem__, classes), strict=True))
     out = FillResult(payer, cls, {}, accepted, trace)
     out._rejection_log = log
-    if n == len(live_ids):  # every live lease is a claim (else the columns would miss some)
+    if decided is not None and n == len(live_ids):  # else the columns would miss some lease
         out.columns = decided.columns(table, run_names, numbered)
     out._proposer = proposer
     return out
@@ -281,13 +289,12 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     run_number = 0
     spare = LeaseRole.SPARE
     run_lists: RunLists | None = None
-    places: dict[str, Place | None] = {}
     run_name: str | None = None
     run_key = ""
     since: Instant | None = None
     borrow_cap: int | None = None
     by_place: dict[Place | None, Proposals] = {}
-    place_of_node = proposer.place_of_node
+    places, place_of_node = proposer.places, proposer.place_of_node
     for lease in sorted(leases, key=_ID):
         if t < lease.start:  # ``Lease.live_at``, inlined: once per open lease
             continue
@@ -315,9 +322,11 @@ def _claims(  # noqa: PLR0917 - fill's inputs
         if run_lists is None:  # no such run
             continue
         node = lease.node
-        place = places.get(node, _UNSEEN)
-        if place is _UNSEEN:
-            place = places[node] = place_of_node(node, node_labels.get(node))
+        labels = node_labels.get(node)
+        known = places.get(node)  # ``Proposer.place_of_node``, inlined: once per lease
+        place = (
+            known[1] if known is not None and known[0] is labels else place_of_node(node, labels)
+        )
         proposals = by_place.get(place)  # ``RunLists.at_place``, inlined: once per lease
         if proposals is None:
             proposals = run_lists.at_place(place, proposer)
@@ -353,7 +362,7 @@ class _Decided(NamedTuple):
 
     @classmethod
     def of(
-        cls, table: _ClaimTable, held: Mapping[int, list[int]], proposing: _Proposing
+        cls, table: _ClaimTable, held: Mapping[int, list[int]], envelope_of: np.ndarray
     ) -> _Decided:
         n = table.n
         ranks = np.fromiter(itertools.chain.from_iterable(held.values()), dtype=np.int64)
@@ -361,7 +370,7 @@ class _Decided(NamedTuple):
         rank_class = np.full(n, -1, dtype=np.int64)
         rank_class[positions] = ranks // n if n else ranks
         payer = np.full(n, -1, dtype=np.int64)
-        payer[positions] = proposing.envelope_of[positions]
+        payer[positions] = envelope_of[positions]
         return cls(np.sort(positions), rank_class, payer)
 
     def columns(
@@ -408,6 +417,13 @@ class _Counters:
     cap_used: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
+ARRAYS_FROM = 5_000
+"""Claims from which a matching proposes in arrays (``_ArrayProposing``) and sums its summary
+from columns (``ClaimColumns``): below, each numpy call's fixed cost outweighs the loop it
+replaces (an evaluation at 100 open leases took 1.5x as long in arrays, at 100k 0.8x).
+Tests set it to 0 to run the array path on small worlds."""
+
+
 class _Round(NamedTuple):
     """One round of proposals, sorted by acceptor and then rank: the acceptors that received
     any, and per acceptor ``j`` the slice ``bounds[j]:bounds[j + 1]`` of the other columns."""
@@ -415,21 +431,81 @@ class _Round(NamedTuple):
     acceptors: list[int]
     bounds: list[int]
     ranks: list[int]
-    positions: list[int]
-    envelopes: list[int]  # each proposal's envelope number (``EnvelopeIndex.numbered``)
-    narrowest: list[int]  # per acceptor, the smallest width proposing to it
-    batch: np.ndarray  # ``ranks`` as an array: a batch turned away at once waits as a slice
+    # Each proposal's claim and envelope number (``EnvelopeIndex.numbered``); ``None`` when the
+    # round set the claims' envelopes itself (``_ClaimTable.env_of``).
+    positions: list[int] | None
+    envelopes: list[int] | None
+    narrowest: list[int] | None  # per acceptor, the smallest width proposing to it, if known
+    batch: Sequence[int]  # ``ranks``, to slice: a batch turned away at once waits as a slice
 
 
 class _Proposing:
-    """Every claim's proposals as integer arrays, and one round of them at a time.
+    """Every claim's place in its proposal list, and one round of proposals at a time: each
+    claim of the batches given (the ranks they were turned away at) proposes to its next
+    envelope; a claim at the end of its list drops out, unfunded.
 
-    Why arrays: at 100k open leases about a million proposals are made, most to envelopes that
-    turn them away, and looking each one up in Python was a sixth of a funding evaluation
-    (issue 11).  A round is a few array operations over every claim proposing: the next row of
-    its list (``Proposals.offers``, all lists laid end to end once per matching), its rank
-    there, and one sort by (acceptor, rank), which also hands each acceptor its newcomers in
-    rank order.
+    This one walks the claims in Python, for small matchings; ``_ArrayProposing`` does the
+    same in arrays.
+    """
+
+    def __init__(self, index: EnvelopeIndex, table: _ClaimTable) -> None:
+        self._n = table.n
+        self._leases = table.leases
+        self._number, self.numbered = index.numbered
+        self._rows = [proposals.rows for proposals in table.proposals]
+        self._env_of = table.env_of
+        self._widths = table.widths
+        self._next = [0] * table.n
+        self._minted: dict[int, int] = {}
+        # Per claim, the number of the envelope it proposed to last: where it is held, if held.
+        self.envelope_of: list[int] | np.ndarray = [-1] * table.n
+
+    def round(self, batches: list[Sequence[int]]) -> _Round:
+        n, rows_of, following, envelope_of = self._n, self._rows, self._next, self.envelope_of
+        env_of, numbered = self._env_of, self.numbered
+        assert isinstance(envelope_of, list)
+        incoming: defaultdict[int, list[int]] = defaultdict(list)
+        for was in itertools.chain.from_iterable(batches):
+            position = was % n
+            i = following[position]
+            acceptor, number, rank_class = rows_of[position][i]
+            if acceptor == OFFER_END:
+                continue
+            following[position] = i + 1
+            if rank_class == _NO_TIER:
+                rank_class = LOAN if self._minted_on(position) == number else SPONSOR
+            envelope_of[position] = number
+            env_of[position] = numbered[number]
+            incoming[acceptor].append(rank_class * n + position)
+        acceptors = sorted(incoming)
+        ranks: list[int] = []
+        bounds = [0]
+        for acceptor in acceptors:
+            inc = incoming[acceptor]
+            inc.sort()
+            ranks += inc
+            bounds.append(len(ranks))
+        return _Round(acceptors, bounds, ranks, None, None, None, ranks)
+
+    def _minted_on(self, position: int) -> int:
+        """The number of the envelope the claim's lease was minted on as a loan (-1: none, or
+        not in the index)."""
+        got = self._minted.get(position)
+        if got is None:
+            payer = self._leases[position].minted_payer
+            got = self._minted[position] = -1 if payer is None else self._number.get(payer.key, -1)
+        return got
+
+
+class _ArrayProposing(_Proposing):
+    """``_Proposing`` in integer arrays, for large matchings.
+
+    Why: at 100k open leases about a million proposals are made, most to envelopes that turn
+    them away, and looking each one up in Python was a sixth of a funding evaluation (issue
+    11).  A round is a few array operations over every claim proposing: the next row of its
+    list (``Proposals.offers``, all lists laid end to end once per matching), its rank there,
+    and one sort by (acceptor, rank), which also hands each acceptor its newcomers in rank
+    order.
     """
 
     def __init__(self, index: EnvelopeIndex, table: _ClaimTable) -> None:
@@ -452,18 +528,17 @@ class _Proposing:
         self._envelope = np.ascontiguousarray(rows[:, 1])
         self._tier = np.ascontiguousarray(rows[:, 2])
         self._start = np.array(starts, dtype=np.int64)
-        self._next = np.zeros(self._n, dtype=np.int64)  # per claim, the row it proposes next
-        self._widths = np.array(table.widths, dtype=np.int64)
-        self._minted = np.full(self._n, _UNKNOWN, dtype=np.int64)
-        # Per claim, the number of the envelope it proposed to last: where it is held, if held.
+        self._next_row = np.zeros(self._n, dtype=np.int64)  # per claim, the row it proposes next
+        self._width_array = np.array(table.widths, dtype=np.int64)
+        self._minted_array = np.full(self._n, _UNKNOWN, dtype=np.int64)
+        self._minted = {}
         self.envelope_of = np.full(self._n, -1, dtype=np.int64)
 
-    def round(self, proposing: np.ndarray) -> _Round:
-        """Each claim of ``proposing`` (the ranks they were turned away at) proposes to its next
-        envelope; a claim at the end of its list drops out, unfunded."""
+    def round(self, batches: list[Sequence[int]]) -> _Round:
         n = self._n
-        position = proposing % n
-        following = self._next[position]
+        proposing = np.concatenate(batches) if len(batches) > 1 else np.asarray(batches[0])
+        position = proposing.astype(np.int64, copy=False) % n
+        following = self._next_row[position]
         row = self._start[position] + following
         acceptor = self._acceptor[row]
         live = acceptor != OFFER_END
@@ -474,13 +549,15 @@ class _Proposing:
                 row[live],
                 acceptor[live],
             )
-        self._next[position] = following + 1
+        self._next_row[position] = following + 1
         envelope = self._envelope[row]
-        self.envelope_of[position] = envelope
+        envelope_of = self.envelope_of
+        assert isinstance(envelope_of, np.ndarray)
+        envelope_of[position] = envelope
         rank_class = self._tier[row]
         no_tier = rank_class == _NO_TIER
         if no_tier.any():
-            granted = self._minted_on(position[no_tier]) == envelope[no_tier]
+            granted = self._minted_in(position[no_tier]) == envelope[no_tier]
             rank_class[no_tier] = np.where(granted, LOAN, SPONSOR)
         rank = rank_class * n + position
         order = np.argsort(acceptor * ((SPONSOR + 1) * n) + rank)  # keys are unique
@@ -494,21 +571,21 @@ class _Proposing:
             rank.tolist(),
             position.tolist(),
             envelope.tolist(),
-            np.minimum.reduceat(self._widths[position], firsts).tolist() if len(firsts) else [],
+            np.minimum.reduceat(self._width_array[position], firsts).tolist()
+            if len(firsts)
+            else [],
             rank,
         )
 
-    def _minted_on(self, positions: np.ndarray) -> np.ndarray:
-        """The number of the envelope each claim's lease was minted on as a loan (-1: none, or
-        not in the index), looked up the first time a claim proposes to a non-family envelope."""
-        minted: np.ndarray = self._minted[positions]
+    def _minted_in(self, positions: np.ndarray) -> np.ndarray:
+        """``_minted_on`` each of ``positions``, looked up the first time a claim proposes to a
+        non-family envelope."""
+        minted: np.ndarray = self._minted_array[positions]
         unknown = minted == _UNKNOWN
         if unknown.any():
-            number, leases = self._number, self._leases
             for position in np.unique(positions[unknown]).tolist():
-                payer = leases[position].minted_payer
-                self._minted[position] = -1 if payer is None else number.get(payer.key, -1)
-            minted = self._minted[positions]
+                self._minted_array[position] = self._minted_on(position)
+            minted = self._minted_array[positions]
         return minted
 
 
@@ -572,12 +649,13 @@ def _match(
     numbered = index.numbered[1]
     borrow_caps = table.borrow_caps
     any_borrow_cap = any(cap is not None for cap in borrow_caps)
-    # Claims turned away, to propose in the next round: batches turned away at once as array
-    # slices, the others one by one (rank class 0 at first: the rank is the position).
-    batches: list[np.ndarray] = [np.arange(n, dtype=np.int64)] if n else []
+    # Claims turned away, to propose in the next round: batches turned away at once as slices
+    # of a round, the others one by one (rank class 0 at first: the rank is the position).
+    batches: list[Sequence[int]] = [range(n)] if n else []
     pending: list[int] = []
     while batches:
-        rnd = proposing.round(np.concatenate(batches) if len(batches) > 1 else batches[0])
+        rnd = proposing.round(batches)
+        proposed_to = proposing.envelope_of
         batches = []
         bounds, ranks, positions, numbers = rnd.bounds, rnd.ranks, rnd.positions, rnd.envelopes
         for j, acceptor in enumerate(rnd.acceptors):
@@ -589,22 +667,35 @@ def _match(
                 st = counters[acceptor] = _Counters()
             keep = len(entries)
             grouped = at_once[acceptor] if entries else None
+            if grouped is not None:
+                # The envelope each newcomer proposed to (one without caps reads none).
+                if numbers is not None:
+                    proposed = numbers[first:end]
+                elif solo[acceptor]:
+                    proposed = []
+                else:
+                    proposed = [proposed_to[rank % n] for rank in inc]
+                narrowest = None if rnd.narrowest is None else rnd.narrowest[j]
             if grouped is not None and _turned_away_at_once(
-                inc, rnd.narrowest[j], numbers[first:end], entries, st, grouped, decide
+                inc, narrowest, proposed, entries, st, grouped, decide
             ):
                 batches.append(rnd.batch[first:end])
                 junior[acceptor] = max(junior[acceptor], inc[-1])
                 decide.turned_away(acceptor, trace)
                 continue
-            # The scan reads each claim's envelope (and ``fill`` the held ones').
+            # The scan reads each claim's envelope (and ``fill`` the held ones'), which a round
+            # in Python sets as it proposes.
             members = members_of[acceptor]
-            if len(members) == 1:
-                env = members[0]
-                for position in positions[first:end]:
-                    env_of[position] = env
-            else:
-                for position, number in zip(positions[first:end], numbers[first:end], strict=True):
-                    env_of[position] = numbered[number]
+            if positions is not None and numbers is not None:
+                if len(members) == 1:
+                    env = members[0]
+                    for position in positions[first:end]:
+                        env_of[position] = env
+                else:
+                    for position, number in zip(
+                        positions[first:end], numbers[first:end], strict=True
+                    ):
+                        env_of[position] = numbered[number]
             if entries and inc[0] < entries[-1]:
                 bound = inc[0]
                 capped = capped_from.get(acceptor)
@@ -640,7 +731,7 @@ def _match(
                     capped_from[acceptor] = first_capped
             held[acceptor] = entries[:keep] + accepted
         if pending:
-            batches.append(np.array(pending, dtype=np.int64))
+            batches.append(pending)
             pending = []
     trace.junior = {acceptor: table.rank_tuple(rank) for acceptor, rank in junior.items()}
     return held
@@ -648,16 +739,17 @@ def _match(
 
 def _turned_away_at_once(  # noqa: PLR0917 - one acceptor's round
     inc: list[int],
-    narrowest: int,
+    narrowest: int | None,
     envelopes: list[int],
     entries: list[int],
     st: _Counters,
     members: list[EnvelopeInfo],
     decide: _Decider,
 ) -> bool:
-    """Turn every newcomer of ``inc`` (in rank order, ``narrowest`` the smallest width, each
-    proposing to the envelope numbered as in ``envelopes``) away without the greedy scan when
-    that scan provably would, logging why; ``False`` (nothing done) otherwise.
+    """Turn every newcomer of ``inc`` (in rank order, ``narrowest`` the smallest width if
+    known, each proposing to the envelope numbered as in ``envelopes``; an envelope of one
+    without caps reads none) away without the greedy scan when that scan provably would,
+    logging why; ``False`` (nothing done) otherwise.
 
     Both cases need every newcomer to rank below everything the acceptor holds: the scan would
     keep all it holds, with the counters they make, and then meet the newcomers with counters
@@ -679,7 +771,12 @@ def _turned_away_at_once(  # noqa: PLR0917 - one acceptor's round
     if len(members) == 1 and not members[0].caps:
         env = members[0]
         here = used[env.key]
-        if 0 < env.concurrency - here >= narrowest:
+        room = env.concurrency - here
+        if room > 0 and (
+            any(widths[rank % n] <= room for rank in inc)
+            if narrowest is None
+            else narrowest <= room
+        ):
             return False
         log.ranks.append(inc)
         log.reasons.append(decide.full_rejection(env, here))
@@ -970,14 +1067,14 @@ class _Decider:
         plain = self._plain.get(key)
         used, lent, cap_used = st.used, st.lent, st.cap_used
         u, lent_here = used[key], lent[key]
-        full = self.full_rejection(env, u)
+        full: Rejection | None = None
         accepted: list[int] = []
         turned_away = False
         for i, rank in enumerate(ranked):
             position = rank % n
             w = widths[position]
             if u + w > concurrency:
-                if full.args[1] != u:
+                if full is None or full.args[1] != u:
                     full = self.full_rejection(env, u)
                 record(rank)
                 record_reason(full)

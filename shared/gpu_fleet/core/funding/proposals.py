@@ -69,19 +69,25 @@ OFFER_END = -1
 """The acceptor of the row after a claim's last offer: the end of its list (it goes unfunded)."""
 
 
+Offer = tuple[int, int, int]
+"""One row of ``Proposals.rows``: acceptor group, envelope number, tier."""
+
+
 @dataclass(frozen=True, slots=True)
 class Proposals:
     """A claim's list: the envelopes in proximity order, and the same as the integer rows the
-    matching proposes with (``offers``).
+    matching proposes with (``rows``, and ``offers``: the same as an array).
 
-    ``offers`` has one row per envelope - its acceptor group, its number in the index
+    A row per envelope - its acceptor group, its number in the index
     (``EnvelopeIndex.numbered``), and the family tier of its owner to the claim's owner
     (``Tier.NONE``: a sponsor's) - then ``(OFFER_END, -1, 0)``.  Integers, so a round of
-    proposals is a few array operations over every claim proposing (issue 11: a million
-    proposals at 100k open leases).  Immutable, as the lists live as long as the index and
-    every claim that shares one reads it."""
+    proposals is a few array operations over every claim proposing in a large matching (issue
+    11: a million proposals at 100k open leases), and a few lookups in a small one.
+    Immutable, as the lists live as long as the index and every claim that shares one reads
+    it."""
 
     keys: tuple[EnvelopeKey, ...]
+    rows: tuple[Offer, ...]
     offers: np.ndarray = field(compare=False)
 
 
@@ -114,7 +120,10 @@ class RunLists:
         hit = self.by_location.get(loc_key)
         if hit is None:
             keys = tuple([key for g in self.groups for key in g.near_then_far(location)])
-            hit = Proposals(keys, proposer.offers(keys, self.owner))
+            rows = proposer.offers(keys, self.owner)
+            offers = np.array(rows, dtype=np.int64)
+            offers.flags.writeable = False
+            hit = Proposals(keys, rows, offers)
             self.by_location[loc_key] = hit
         return hit
 
@@ -128,7 +137,7 @@ class _Caches:
     sponsor: dict[tuple[str, str, str], _Group] = field(default_factory=dict)
     owners: dict[str, list[str]] = field(default_factory=dict)
     tiers: dict[tuple[str, str], list[tuple[Tier, list[str]]]] = field(default_factory=dict)
-    places: dict[str, tuple[Mapping[str, str], Place | None]] = field(default_factory=dict)
+    places: dict[str, tuple[Mapping[str, str] | None, Place | None]] = field(default_factory=dict)
 
 
 class Proposer:
@@ -150,23 +159,21 @@ class Proposer:
         self._sponsor = caches.sponsor
         self._owners = caches.owners
         self._tiers = caches.tiers
-        self._places = caches.places
+        # Per node, its labels map and ``place_of`` it (``None``: an unknown node), read again
+        # only when the node brings another map.  Why: the matching asks for every lease, 54k
+        # distinct nodes at 100k open leases, and reading the labels again at every evaluation
+        # was a twentieth of one (issue 11).  A fleet's label maps are the nodes' own
+        # (``FleetState.node_labels``), so a node registered again with other labels brings
+        # another map.
+        self.places = caches.places
 
     def place_of_node(self, node: str, labels: Mapping[str, str] | None) -> Place | None:
-        """``place_of`` a node's ``labels`` (``None``: an unknown node), kept per node while
-        the node keeps the same labels object.
-
-        Why: the matching asks for every lease, 54k distinct nodes at 100k open leases, and
-        reading the labels again at every evaluation was a twentieth of one (issue 11).  A
-        fleet's label maps are the nodes' own (``FleetState.node_labels``), so a node
-        registered again with other labels brings another map and is read again.
-        """
-        hit = self._places.get(node)
+        """``place_of`` a node's ``labels`` (``None``: an unknown node), kept in ``places``."""
+        hit = self.places.get(node)
         if hit is not None and hit[0] is labels:
             return hit[1]
         place = place_of(labels) if labels is not None else None
-        if labels is not None:
-            self._places[node] = (labels, place)
+        self.places[node] = (labels, place)
         return place
 
     @classmethod
@@ -216,8 +223,8 @@ class Proposer:
             lists = self._lists[lists_key] = RunLists(owner, groups, labels)
         return lists
 
-    def offers(self, keys: Sequence[EnvelopeKey], owner: str) -> np.ndarray:
-        """``Proposals.offers`` of the list ``keys`` for a claim of ``owner``."""
+    def offers(self, keys: Sequence[EnvelopeKey], owner: str) -> tuple[Offer, ...]:
+        """``Proposals.rows`` of the list ``keys`` for a claim of ``owner``."""
         index = self.index
         number, acceptor_of, tier = index.numbered[0], index.acceptor_of, index.family.tier
         envelopes = index.envelopes
@@ -225,9 +232,7 @@ class Proposer:
             (acceptor_of[key], number[key], int(tier(envelopes[key].owner, owner))) for key in keys
         ]
         rows.append((OFFER_END, -1, 0))
-        out = np.array(rows, dtype=np.int64)
-        out.flags.writeable = False
-        return out
+        return tuple(rows)
 
     def _funding_groups(self, flavor: str, owner: str, sponsors: Sequence[str]) -> list[_Group]:
         """``_groups`` for funding at ``t``, assembled from the cached family and sponsor
