@@ -137,6 +137,10 @@ CLASS_OF_RANK = {
 }
 
 
+_CLASS_OR_UNFUNDED = [*(CLASS_OF_RANK[c] for c in range(len(CLASS_OF_RANK))), FundingClass.UNFUNDED]
+"""Each rank class's funding class, then (at -1) an unfunded claim's."""
+
+
 _Row = tuple[tuple[object, ...], Lease, str, int, "int | None", Proposals, int, int, bool]
 """A claim as ``_claims`` lists it: tail, lease, run, width, borrow limit, proposal list, its
 place in lease-id order, its run's number (``ClaimColumns``), whether it is a spare."""
@@ -213,8 +217,6 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
     hours = hours or HoursView()
     proposer = Proposer.at(index, t)
     table, live_ids, run_names = _claims(proposer, leases, runs, admitted, node_labels, t)
-    payer: dict[str, EnvelopeKey | None] = dict.fromkeys(live_ids)
-    cls = dict.fromkeys(live_ids, FundingClass.UNFUNDED)
     trace = FillTrace()
     log = RejectionLog(table.n, table.leases, live_ids)
     proposing = (_ArrayProposing if table.n >= ARRAYS_FROM else _Proposing)(index, table)
@@ -243,26 +245,18 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
             )
     accepted = {key: RankedRows.adopt(rows) for key, rows in accepted_view.items()}
     numbered, envelope_of = proposing.numbered, proposing.envelope_of
-    decided = _Decided.of(table, held, envelope_of) if isinstance(envelope_of, np.ndarray) else None
-    if decided is not None:
-        funded = decided.funded.tolist()
-        numbers = decided.payer[funded].tolist()
-        classes = decided.rank_class[funded].tolist()
+    if isinstance(envelope_of, np.ndarray) and n == len(live_ids):
+        # A large matching in which every live lease is a claim: the per-lease maps come
+        # straight from the arrays, in lease-id order, and the summary reads the columns.
+        decided = _Decided.of(table, held, envelope_of)
+        payer, cls = decided.maps(live_ids, numbered)
+        columns: ClaimColumns | None = decided.columns(table, run_names, numbered)
     else:
-        funded, numbers, classes = [], [], []
-        for entries in held.values():
-            for rank_class, position in map(divmod, entries, itertools.repeat(n)):
-                funded.append(position)
-                numbers.append(envelope_of[position])
-                classes.append(rank_class)
-    funded_ids = [tails[position][-1] for position in funded]  # a tail ends with the lease id
-    payer_keys = [numbered[number].key for number in numbers]
-    payer.update(zip(funded_ids, payer_keys, strict=True))
-    cls.update(zip(funded_ids, map(CLASS_OF_RANK.__getitem__, classes), strict=True))
+        payer, cls = _maps(live_ids, table, held, envelope_of, numbered)
+        columns = None
     out = FillResult(payer, cls, {}, accepted, trace)
     out._rejection_log = log
-    if decided is not None and n == len(live_ids):  # else the columns would miss some lease
-        out.columns = decided.columns(table, run_names, numbered)
+    out.columns = columns
     out._proposer = proposer
     return out
 
@@ -353,12 +347,32 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     return _ClaimTable.of(rows), live_ids, list(run_numbers)
 
 
+def _maps(
+    live_ids: list[str],
+    table: _ClaimTable,
+    held: Mapping[int, list[int]],
+    envelope_of: Sequence[int] | np.ndarray,
+    numbered: Sequence[EnvelopeInfo],
+) -> tuple[dict[str, EnvelopeKey | None], dict[str, FundingClass]]:
+    """Who pays for each live lease and its class, in lease-id order (every lease unfunded,
+    then the funded ones set)."""
+    payer: dict[str, EnvelopeKey | None] = dict.fromkeys(live_ids)
+    cls = dict.fromkeys(live_ids, FundingClass.UNFUNDED)
+    n, leases = table.n, table.leases
+    for entries in held.values():
+        for rank_class, position in map(divmod, entries, itertools.repeat(n)):
+            lease_id = leases[position].id
+            payer[lease_id] = numbered[envelope_of[position]].key
+            cls[lease_id] = CLASS_OF_RANK[rank_class]
+    return payer, cls
+
+
 class _Decided(NamedTuple):
     """What the matching decided per claim (by position), as arrays."""
 
-    funded: np.ndarray  # the positions of the funded claims, ascending
     rank_class: np.ndarray  # per claim, the rank class it is funded at, -1: unfunded
     payer: np.ndarray  # per claim, the number of the envelope that pays, -1: unfunded
+    id_order: np.ndarray  # per claim, its place in lease-id order
 
     @classmethod
     def of(
@@ -371,7 +385,20 @@ class _Decided(NamedTuple):
         rank_class[positions] = ranks // n if n else ranks
         payer = np.full(n, -1, dtype=np.int64)
         payer[positions] = envelope_of[positions]
-        return cls(np.sort(positions), rank_class, payer)
+        return cls(rank_class, payer, np.array(table.id_order, dtype=np.int64))
+
+    def maps(
+        self, live_ids: list[str], numbered: Sequence[EnvelopeInfo]
+    ) -> tuple[dict[str, EnvelopeKey | None], dict[str, FundingClass]]:
+        """``_maps`` when the claims are every live lease (``live_ids[i]`` is the claim whose
+        ``id_order`` is ``i``): built in one pass each, reading -1 as the end of a list."""
+        by_id = np.empty_like(self.id_order)
+        by_id[self.id_order] = np.arange(len(self.id_order))
+        keys: list[EnvelopeKey | None] = [e.key for e in numbered]
+        keys.append(None)
+        payer = dict(zip(live_ids, map(keys.__getitem__, self.payer[by_id].tolist()), strict=True))
+        classes = map(_CLASS_OR_UNFUNDED.__getitem__, self.rank_class[by_id].tolist())
+        return payer, dict(zip(live_ids, classes, strict=True))
 
     def columns(
         self, table: _ClaimTable, run_names: list[str], numbered: Sequence[EnvelopeInfo]
@@ -383,7 +410,7 @@ class _Decided(NamedTuple):
             np.array(table.run_numbers, dtype=np.int64),
             run_names,
             np.array(table.spares, dtype=bool),
-            np.array(table.id_order, dtype=np.int64),
+            self.id_order,
             self.rank_class,
             self.payer,
             numbered,
