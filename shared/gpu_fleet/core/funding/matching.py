@@ -452,18 +452,18 @@ Tests set it to 0 to run the array path on small worlds."""
 
 
 class _Round(NamedTuple):
-    """One round of proposals, sorted by acceptor and then rank: the acceptors that received
-    any, and per acceptor ``j`` the slice ``bounds[j]:bounds[j + 1]`` of the other columns."""
+    """One round of proposals: the acceptors that received any, in id order, and per acceptor
+    (the same index) its newcomers' ranks in rank order."""
 
     acceptors: list[int]
-    bounds: list[int]
-    ranks: list[int]
-    # Each proposal's claim and envelope number (``EnvelopeIndex.numbered``); ``None`` when the
-    # round set the claims' envelopes itself (``_ClaimTable.env_of``).
-    positions: list[int] | None
-    envelopes: list[int] | None
+    newcomers: list[list[int]]
+    # The same as what a batch turned away at once waits as (an array slice, or the list).
+    batches: Sequence[Sequence[int]]
+    # Per newcomer, its claim and envelope number (``EnvelopeIndex.numbered``); ``None`` when
+    # the round set the claims' envelopes itself (``_ClaimTable.env_of``).
+    positions: list[list[int]] | None
+    envelopes: list[list[int]] | None
     narrowest: list[int] | None  # per acceptor, the smallest width proposing to it, if known
-    batch: Sequence[int]  # ``ranks``, to slice: a batch turned away at once waits as a slice
 
 
 class _Proposing:
@@ -505,14 +505,10 @@ class _Proposing:
             env_of[position] = numbered[number]
             incoming[acceptor].append(rank_class * n + position)
         acceptors = sorted(incoming)
-        ranks: list[int] = []
-        bounds = [0]
-        for acceptor in acceptors:
-            inc = incoming[acceptor]
+        newcomers = [incoming[acceptor] for acceptor in acceptors]
+        for inc in newcomers:
             inc.sort()
-            ranks += inc
-            bounds.append(len(ranks))
-        return _Round(acceptors, bounds, ranks, None, None, None, ranks)
+        return _Round(acceptors, newcomers, newcomers, None, None, None)
 
     def _minted_on(self, position: int) -> int:
         """The number of the envelope the claim's lease was minted on as a loan (-1: none, or
@@ -592,16 +588,18 @@ class _ArrayProposing(_Proposing):
         position = position[order]
         cuts = np.flatnonzero(acceptor[1:] != acceptor[:-1]) + 1
         firsts = np.concatenate(([0], cuts)) if len(acceptor) else cuts
+        bounds = [*firsts.tolist(), len(acceptor)]
+        spans = list(itertools.pairwise(bounds))
+        ranks, positions, envelopes = rank.tolist(), position.tolist(), envelope.tolist()
         return _Round(
             acceptor[firsts].tolist(),
-            [*firsts.tolist(), len(acceptor)],
-            rank.tolist(),
-            position.tolist(),
-            envelope.tolist(),
+            [ranks[first:end] for first, end in spans],
+            [rank[first:end] for first, end in spans],
+            [positions[first:end] for first, end in spans],
+            [envelopes[first:end] for first, end in spans],
             np.minimum.reduceat(self._width_array[position], firsts).tolist()
             if len(firsts)
             else [],
-            rank,
         )
 
     def _minted_in(self, positions: np.ndarray) -> np.ndarray:
@@ -684,10 +682,9 @@ def _match(
         rnd = proposing.round(batches)
         proposed_to = proposing.envelope_of
         batches = []
-        bounds, ranks, positions, numbers = rnd.bounds, rnd.ranks, rnd.positions, rnd.envelopes
+        positions, numbers = rnd.positions, rnd.envelopes
         for j, acceptor in enumerate(rnd.acceptors):
-            first, end = bounds[j], bounds[j + 1]
-            inc = ranks[first:end]  # in rank order
+            inc = rnd.newcomers[j]  # in rank order
             entries = held.get(acceptor, [])
             st = counters.get(acceptor)
             if st is None:
@@ -697,7 +694,7 @@ def _match(
             if grouped is not None:
                 # The envelope each newcomer proposed to (one without caps reads none).
                 if numbers is not None:
-                    proposed = numbers[first:end]
+                    proposed = numbers[j]
                 elif solo[acceptor]:
                     proposed = []
                 else:
@@ -706,7 +703,7 @@ def _match(
             if grouped is not None and _turned_away_at_once(
                 inc, narrowest, proposed, entries, st, grouped, decide
             ):
-                batches.append(rnd.batch[first:end])
+                batches.append(rnd.batches[j])
                 junior[acceptor] = max(junior[acceptor], inc[-1])
                 decide.turned_away(acceptor, trace)
                 continue
@@ -716,12 +713,10 @@ def _match(
             if positions is not None and numbers is not None:
                 if len(members) == 1:
                     env = members[0]
-                    for position in positions[first:end]:
+                    for position in positions[j]:
                         env_of[position] = env
                 else:
-                    for position, number in zip(
-                        positions[first:end], numbers[first:end], strict=True
-                    ):
+                    for position, number in zip(positions[j], numbers[j], strict=True):
                         env_of[position] = numbered[number]
             if entries and inc[0] < entries[-1]:
                 bound = inc[0]
