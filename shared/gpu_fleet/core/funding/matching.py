@@ -459,10 +459,12 @@ class _Round(NamedTuple):
     newcomers: list[list[int]]
     # The same as what a batch turned away at once waits as (an array slice, or the list).
     batches: Sequence[Sequence[int]]
-    # Per newcomer, its claim and envelope number (``EnvelopeIndex.numbered``); ``None`` when
-    # the round set the claims' envelopes itself (``_ClaimTable.env_of``).
-    positions: list[list[int]] | None
-    envelopes: list[list[int]] | None
+    # Per newcomer, acceptor after acceptor (acceptor ``j``'s from ``bounds[j]`` to
+    # ``bounds[j + 1]``), its claim and envelope number (``EnvelopeIndex.numbered``); ``None``
+    # when the round set the claims' envelopes itself (``_ClaimTable.env_of``).
+    bounds: list[int] | None
+    positions: list[int] | None
+    envelopes: list[int] | None
     narrowest: list[int] | None  # per acceptor, the smallest width proposing to it, if known
 
 
@@ -508,7 +510,7 @@ class _Proposing:
         newcomers = [incoming[acceptor] for acceptor in acceptors]
         for inc in newcomers:
             inc.sort()
-        return _Round(acceptors, newcomers, newcomers, None, None, None)
+        return _Round(acceptors, newcomers, newcomers, None, None, None, None)
 
     def _minted_on(self, position: int) -> int:
         """The number of the envelope the claim's lease was minted on as a loan (-1: none, or
@@ -590,13 +592,14 @@ class _ArrayProposing(_Proposing):
         firsts = np.concatenate(([0], cuts)) if len(acceptor) else cuts
         bounds = [*firsts.tolist(), len(acceptor)]
         spans = list(itertools.pairwise(bounds))
-        ranks, positions, envelopes = rank.tolist(), position.tolist(), envelope.tolist()
+        ranks = rank.tolist()
         return _Round(
             acceptor[firsts].tolist(),
             [ranks[first:end] for first, end in spans],
             [rank[first:end] for first, end in spans],
-            [positions[first:end] for first, end in spans],
-            [envelopes[first:end] for first, end in spans],
+            bounds,
+            position.tolist(),
+            envelope.tolist(),
             np.minimum.reduceat(self._width_array[position], firsts).tolist()
             if len(firsts)
             else [],
@@ -682,7 +685,7 @@ def _match(
         rnd = proposing.round(batches)
         proposed_to = proposing.envelope_of
         batches = []
-        positions, numbers = rnd.positions, rnd.envelopes
+        bounds, positions, numbers = rnd.bounds, rnd.positions, rnd.envelopes
         for j, acceptor in enumerate(rnd.acceptors):
             inc = rnd.newcomers[j]  # in rank order
             entries = held.get(acceptor, [])
@@ -693,8 +696,8 @@ def _match(
             grouped = at_once[acceptor] if entries else None
             if grouped is not None:
                 # The envelope each newcomer proposed to (one without caps reads none).
-                if numbers is not None:
-                    proposed = numbers[j]
+                if bounds is not None and numbers is not None:
+                    proposed = numbers[bounds[j] : bounds[j + 1]]
                 elif solo[acceptor]:
                     proposed = []
                 else:
@@ -710,13 +713,16 @@ def _match(
             # The scan reads each claim's envelope (and ``fill`` the held ones'), which a round
             # in Python sets as it proposes.
             members = members_of[acceptor]
-            if positions is not None and numbers is not None:
+            if bounds is not None and positions is not None and numbers is not None:
+                first, end = bounds[j], bounds[j + 1]
                 if len(members) == 1:
                     env = members[0]
-                    for position in positions[j]:
+                    for position in positions[first:end]:
                         env_of[position] = env
                 else:
-                    for position, number in zip(positions[j], numbers[j], strict=True):
+                    for position, number in zip(
+                        positions[first:end], numbers[first:end], strict=True
+                    ):
                         env_of[position] = numbered[number]
             if entries and inc[0] < entries[-1]:
                 bound = inc[0]
