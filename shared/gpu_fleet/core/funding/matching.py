@@ -1059,12 +1059,19 @@ class _Decider:
             for cap_id in env.caps:
                 cap_used[cap_id] += w
             accepted.append(rank)
+        self._close_scan(acceptor, trace, st, turned_away=turned_away)
+        return accepted
+
+    def _close_scan(
+        self, acceptor: int, trace: FillTrace, st: _Counters, *, turned_away: bool
+    ) -> None:
+        """What a scan leaves in the trace: that the acceptor turned claims away, and the
+        counters' peaks."""
         if turned_away:
             self.turned_away(acceptor, trace)
-        _raise_peaks(trace.used, used)
-        _raise_peaks(trace.lent, lent)
-        _raise_peaks(trace.cap, cap_used)
-        return accepted
+        _raise_peaks(trace.used, st.used)
+        _raise_peaks(trace.lent, st.lent)
+        _raise_peaks(trace.cap, st.cap_used)
 
     def one(  # noqa: PLR0917 - ``__call__``'s, and the envelope
         self,
@@ -1079,7 +1086,9 @@ class _Decider:
     ) -> list[int]:
         """``__call__`` for an acceptor of one envelope, ``env``: the same checks in the same
         order, with the envelope's counters as locals (no lookup per claim; most acceptors are
-        one envelope, and their scans are a quarter of an evaluation at 100k open leases).
+        one envelope, and their scans are a quarter of an evaluation at 100k open leases).  The
+        two scans are kept apart, not shared through a helper, because a call per claim is
+        what this saves; the equivalence tests reach both.
 
         ``solo``: without caps, and every claim holding a slot (``_match``), once the envelope
         is exactly full every claim after is turned away for concurrency with the same
@@ -1148,11 +1157,7 @@ class _Decider:
                     turned_away = True
                 break
         used[key], lent[key] = u, lent_here
-        if turned_away:
-            self.turned_away(acceptor, trace)
-        _raise_peaks(trace.used, used)
-        _raise_peaks(trace.lent, lent)
-        _raise_peaks(trace.cap, cap_used)
+        self._close_scan(acceptor, trace, st, turned_away=turned_away)
         return accepted
 
 
