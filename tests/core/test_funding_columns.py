@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from builders import T0, World, budget, env, key, lease, node, payer, run
+import pytest
+from builders import T0, World, budget, cap, env, key, lease, node, payer, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fill_equivalence import proposing_in
@@ -137,3 +138,66 @@ def test_a_small_matching_keeps_no_columns_and_proposes_in_python() -> None:
     f = world.fill()
     assert f.columns is None
     assert world.evaluate().runs["a/job"].owned == 2
+
+
+def test_a_node_whose_labels_are_edited_in_place_is_placed_again() -> None:
+    """The proposer compares a node's labels by value, so a caller that edits the map itself
+    (no fleet does; the matching is still a pure function of it) gets the new place."""
+    world = World(
+        [
+            budget(
+                "a",
+                "org:a",
+                [
+                    env("e1", 8, selector={"region": "r1"}),
+                    env("e2", 8, selector={"region": "r2"}),
+                ],
+            )
+        ],
+        [run("a", "j", 1)],
+        [lease("a/j#0", "a/j", 1)],
+        nodes=[node("n1", 8, region="r1")],
+    )
+    assert world.fill().payer["a/j#0"] == key("a", "e1")
+    world.node_labels["n1"]["region"] = "r2"
+    assert world.fill().payer["a/j#0"] == key("a", "e2")
+
+
+@pytest.mark.parametrize("arrays", [False, True])
+def test_caps_are_read_in_their_order_whatever_limits_them(arrays: bool) -> None:
+    """The trace counts an envelope's caps in the order the checks read them - every cap,
+    the one without a concurrency limit too - as the matching always did."""
+    world = World(
+        [
+            budget(
+                "a",
+                "org:a",
+                [env("e", 8)],
+                caps=[cap("c0", ["e"]), cap("c1", ["e"], max_concurrency=5)],
+            )
+        ],
+        [run("a", "j", 1)],
+        [lease("a/j#0", "a/j", 1)],
+    )
+    with proposing_in(arrays):
+        trace = world.fill().trace
+    assert trace is not None
+    assert list(trace.cap.items()) == [("a/a/c0", 1), ("a/a/c1", 1)]
+
+
+def test_a_repeated_lease_id_counts_once_in_a_large_matching() -> None:
+    """The ledger refuses a second lease with the same id, but the matching is a pure function
+    of what it is given: as a small matching does, the funded one counts, once, and the
+    summary walks the maps (no columns)."""
+    world = World(
+        [budget("a", "org:a", [env("e", 2)])],
+        [run("a", "j", 4)],
+        [lease("a/j#0", "a/j", 2), lease("a/j#0", "a/j", 2, first=2)],
+    )
+    small = world.fill()
+    with proposing_in(arrays=True):
+        large = world.fill()
+        ev = world.evaluate()
+    assert large.columns is None
+    assert list(large.payer.items()) == list(small.payer.items()) == [("a/j#0", key("a"))]
+    assert (ev.runs["a/j"].owned, ev.runs["a/j"].unfunded) == (2, 0)

@@ -19,7 +19,7 @@ import numpy as np
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo
 from gpu_fleet.core.funding.proposals import Proposer
 from gpu_fleet.core.funding.ranked_rows import RankedRows
-from gpu_fleet.core.model import EnvelopeKey, FundingClass, Lease
+from gpu_fleet.core.model import EnvelopeKey, FundingClass, Lease, LeaseRole
 
 
 class Rejection(NamedTuple):
@@ -124,6 +124,10 @@ class FillTrace:
     rejected_at: frozenset[int] = frozenset()
 
 
+ROLE_CODES = {LeaseRole.ACTIVE: 0, LeaseRole.SPARE: 1}
+"""A lease's role as ``ClaimColumns.roles`` holds it (2: any other role)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimColumns:
     """Per claim of one matching, by its position (``matching._ClaimTable``), what the funding
@@ -131,16 +135,17 @@ class ClaimColumns:
 
     Why: the summary visits every open lease, and walking 100k of them by id through the
     per-lease maps was a fifth of a funding evaluation (issue 11).  With these it is a few array
-    sums, and only the leases that name a lender or an unpaid minted payer are visited one by
-    one.  ``fill`` keeps them only when every live lease is a claim (a lease of an unknown run
-    is not), so summing the columns sums the maps.
+    sums, and only the funded leases that name a lender and the unfunded ones (for a minted
+    payer) are visited one by one.  ``fill`` keeps them for a large matching (``matching.
+    ARRAYS_FROM``) whose claims are every live lease, each once (a lease of an unknown run is
+    no claim), so summing the columns sums the maps.
     """
 
     leases: Sequence[Lease]
     widths: np.ndarray
     runs: np.ndarray  # the run's number: runs numbered in order of their first lease id
     run_names: Sequence[str]  # ``Lease.run`` by number
-    spare: np.ndarray  # bool: the lease is a hot spare
+    roles: np.ndarray  # the lease's role (``ROLE_CODES``)
     id_order: np.ndarray  # the claim's place in lease-id order
     rank_class: np.ndarray  # the rank class it is funded at (``matching``), -1: unfunded
     payer: np.ndarray  # the number of the envelope that pays, or -1
@@ -188,8 +193,8 @@ class FillResult:
     # The matching's rejections while nobody has read them (``RejectionLog``); ``_rejections``
     # is empty until then.  An extension hands it on with the maps.
     _rejection_log: RejectionLog | None = field(default=None, repr=False, compare=False)
-    # The matching's claims as columns, when ``fill`` made it and every live lease is a claim
-    # (``ClaimColumns``); an extension has none.
+    # The matching's claims as columns, when ``fill`` made it large and every live lease is a
+    # claim, each once (``ClaimColumns``); a small one and an extension have none.
     columns: ClaimColumns | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -141,9 +141,9 @@ _CLASS_OR_UNFUNDED = [*(CLASS_OF_RANK[c] for c in range(len(CLASS_OF_RANK))), Fu
 """Each rank class's funding class, then (at -1) an unfunded claim's."""
 
 
-_Row = tuple[tuple[object, ...], Lease, str, int, "int | None", Proposals, int, int, bool]
+_Row = tuple[tuple[object, ...], Lease, str, int, "int | None", Proposals, int, int, int]
 """A claim as ``_claims`` lists it: tail, lease, run, width, borrow limit, proposal list, its
-place in lease-id order, its run's number (``ClaimColumns``), whether it is a spare."""
+place in lease-id order, its run's number (``ClaimColumns``), its role's code (``ROLE_CODES``)."""
 
 
 @dataclass(slots=True)
@@ -168,9 +168,10 @@ class _ClaimTable:
     proposals: Sequence[Proposals]
     id_order: Sequence[int]
     run_numbers: Sequence[int]
-    spares: Sequence[bool]
+    roles: Sequence[int]
     # Per claim: the envelope of its latest proposal (where it is held, while it is held), set
-    # when an acceptor decides over it.  Only claims an acceptor decided over are ever read.
+    # by the Python round as it proposes, or after the array round when an acceptor decides
+    # over it.  Only claims an acceptor decided over are ever read.
     env_of: list[EnvelopeInfo]
 
     @classmethod
@@ -180,7 +181,7 @@ class _ClaimTable:
         if not n:
             return cls(0, [], [], [], [], [], [], [], [], [], [])
         rows.sort(key=_FIRST)  # tails are unique: a total order, no tie left to chance
-        tails, leases, run_keys, widths, caps, proposals, id_order, runs, spares = zip(
+        tails, leases, run_keys, widths, caps, proposals, id_order, runs, roles = zip(
             *rows, strict=True
         )
         return cls(
@@ -193,7 +194,7 @@ class _ClaimTable:
             proposals,
             id_order,
             runs,
-            spares,
+            roles,
             cast("list[EnvelopeInfo]", [None] * n),
         )
 
@@ -245,15 +246,16 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
             )
     accepted = {key: RankedRows.adopt(rows) for key, rows in accepted_view.items()}
     numbered, envelope_of = proposing.numbered, proposing.envelope_of
+    columns: ClaimColumns | None = None
+    maps = None
     if isinstance(envelope_of, np.ndarray) and n == len(live_ids):
         # A large matching in which every live lease is a claim: the per-lease maps come
         # straight from the arrays, in lease-id order, and the summary reads the columns.
         decided = _Decided.of(table, held, envelope_of)
-        payer, cls = decided.maps(live_ids, numbered)
-        columns: ClaimColumns | None = decided.columns(table, run_names, numbered)
-    else:
-        payer, cls = _maps(live_ids, table, held, envelope_of, numbered)
-        columns = None
+        maps = decided.maps(live_ids, numbered)
+        if maps is not None:
+            columns = decided.columns(table, run_names, numbered)
+    payer, cls = maps or _maps(live_ids, table, held, envelope_of, numbered)
     out = FillResult(payer, cls, {}, accepted, trace)
     out._rejection_log = log
     out.columns = columns
@@ -281,7 +283,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     live_ids: list[str] = []
     run_numbers: dict[str, int] = {}
     run_number = 0
-    spare = LeaseRole.SPARE
+    active, spare = LeaseRole.ACTIVE, LeaseRole.SPARE
     run_lists: RunLists | None = None
     run_name: str | None = None
     run_key = ""
@@ -319,7 +321,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
         labels = node_labels.get(node)
         known = places.get(node)  # ``Proposer.place_of_node``, inlined: once per lease
         place = (
-            known[1] if known is not None and known[0] is labels else place_of_node(node, labels)
+            known[1] if known is not None and known[0] == labels else place_of_node(node, labels)
         )
         proposals = by_place.get(place)  # ``RunLists.at_place``, inlined: once per lease
         if proposals is None:
@@ -341,7 +343,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
                 proposals,
                 len(rows),
                 run_number,
-                lease.role is spare,
+                0 if lease.role is active else 1 if lease.role is spare else 2,  # ``ROLE_CODES``
             )
         )
     return _ClaimTable.of(rows), live_ids, list(run_numbers)
@@ -389,14 +391,18 @@ class _Decided(NamedTuple):
 
     def maps(
         self, live_ids: list[str], numbered: Sequence[EnvelopeInfo]
-    ) -> tuple[dict[str, EnvelopeKey | None], dict[str, FundingClass]]:
+    ) -> tuple[dict[str, EnvelopeKey | None], dict[str, FundingClass]] | None:
         """``_maps`` when the claims are every live lease (``live_ids[i]`` is the claim whose
-        ``id_order`` is ``i``): built in one pass each, reading -1 as the end of a list."""
+        ``id_order`` is ``i``): built in one pass each, reading -1 as the end of a list.
+        ``None`` if a lease id repeats (the ledger refuses that; ``_maps`` decides which one
+        counts, as it always did)."""
         by_id = np.empty_like(self.id_order)
         by_id[self.id_order] = np.arange(len(self.id_order))
         keys: list[EnvelopeKey | None] = [e.key for e in numbered]
         keys.append(None)
         payer = dict(zip(live_ids, map(keys.__getitem__, self.payer[by_id].tolist()), strict=True))
+        if len(payer) != len(live_ids):
+            return None
         classes = map(_CLASS_OR_UNFUNDED.__getitem__, self.rank_class[by_id].tolist())
         return payer, dict(zip(live_ids, classes, strict=True))
 
@@ -409,7 +415,7 @@ class _Decided(NamedTuple):
             np.array(table.widths, dtype=np.int64),
             np.array(table.run_numbers, dtype=np.int64),
             run_names,
-            np.array(table.spares, dtype=bool),
+            np.array(table.roles, dtype=np.int8),
             self.id_order,
             self.rank_class,
             self.payer,
@@ -672,7 +678,7 @@ def _match(
     if n and min(table.widths) < 1:
         at_once = [None] * len(at_once)
     # Acceptors of one envelope without caps: once it is exactly full, the rest of a scan is
-    # turned away for its concurrency, all alike (``_Decider.__call__``).
+    # turned away for its concurrency, all alike (``_Decider.one``).
     solo = [m is not None and len(m) == 1 and not m[0].caps for m in at_once]
     numbered = index.numbered[1]
     borrow_caps = table.borrow_caps
@@ -784,7 +790,7 @@ def _turned_away_at_once(  # noqa: PLR0917 - one acceptor's round
     that never change (every lease holds a slot, ``_match`` checks).  Then:
 
     * one envelope without caps, with less room than any newcomer needs: each fails its first
-      check, concurrency, with the same numbers - one rejection for all, no sort, no scan.  Most
+      check, concurrency, with the same numbers - one rejection for all, no scan.  Most
       proposals at fleet scale end this way (issue 11);
     * envelopes whose first aggregate cap is exactly full, and no newcomer borrows (a borrower
       would meet the lending checks in between): each fails at its envelope's concurrency or
@@ -902,16 +908,15 @@ class _Decider:
         self._fixed: dict[tuple[EnvelopeKey, str, object], Rejection] = {}
         self._limits: dict[EnvelopeKey, _Limits] = {}
         # Envelopes whose only limits past their own concurrency are caps' concurrency, with
-        # those caps (id, concurrency, rejection): most envelopes under caps at fleet scale.
-        self._plain: dict[EnvelopeKey, list[tuple[str, int, Rejection]]] = {}
+        # those caps (id, concurrency or None, rejection), in ``_limited``'s order: most
+        # envelopes under caps at fleet scale.
+        self._plain: dict[EnvelopeKey, list[tuple[str, int | None, Rejection]]] = {}
         for env in index.envelopes.values():
             if env.caps and env.gpu_hours is None:
                 caps, _ = self._limits_for(env)
                 if all(hours is None for _, _, hours, _, _ in caps):
                     self._plain[env.key] = [
-                        (cap_id, most, full_cap)
-                        for cap_id, most, _, full_cap, _ in caps
-                        if most is not None
+                        (cap_id, most, full_cap) for cap_id, most, _, full_cap, _ in caps
                     ]
 
     def full_rejection(self, env: EnvelopeInfo, used: int) -> Rejection:
@@ -1041,7 +1046,8 @@ class _Decider:
                 rejection = self._same(key, _BORROW_LIMIT, borrow_cap)
             elif key in plain:  # ``_limited`` when only the caps' concurrency counts, inlined
                 for cap_id, most, full_cap in plain[key]:
-                    if cap_used[cap_id] + w > most:
+                    above = cap_used[cap_id]  # read even without a limit, as ``_limited`` does
+                    if most is not None and above + w > most:
                         rejection = full_cap
                         break
             elif env.caps or env.gpu_hours is not None:
@@ -1130,7 +1136,8 @@ class _Decider:
                 rejection = self._same(key, _BORROW_LIMIT, borrow_cap)
             elif plain is not None:
                 for cap_id, most, full_cap in plain:
-                    if cap_used[cap_id] + w > most:
+                    above = cap_used[cap_id]  # read even without a limit, as ``_limited`` does
+                    if most is not None and above + w > most:
                         rejection = full_cap
                         break
             elif limited:

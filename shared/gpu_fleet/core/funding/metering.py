@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex
-from gpu_fleet.core.funding.fill_result import Accepted, ClaimColumns, FillResult
+from gpu_fleet.core.funding.fill_result import ROLE_CODES, Accepted, ClaimColumns, FillResult
 from gpu_fleet.core.funding.matching import CLASS_OF_RANK, HoursView, fill
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
@@ -334,7 +334,8 @@ def summarize(meter: Meter, inputs: FundingInputs, f: FillResult, at: float) -> 
     (``FillResult.columns``), any other by a walk over its leases that only adds widths into a
     few integer columns per run and per payer; the usage objects get their fields once each at
     the end, and a cap's funded width is the sum of its envelopes'.  Integer sums do not depend
-    on their order, and both keep the run and lender dicts in the order of a walk by lease id.
+    on their order, and both keep the run and lender dicts in the order of the matching's
+    per-lease maps (lease-id order for a matching ``fill`` made).
     """
     index = inputs.index
     envelopes = {
@@ -382,7 +383,8 @@ def _sum_columns(
     funded = cols.rank_class >= 0
     column = np.full(len(funded), _COLUMN[FundingClass.UNFUNDED], dtype=np.int64)
     column[funded] = _CLASS_COLUMN[cols.rank_class[funded]]
-    widths, spare = cols.widths, cols.spare
+    widths = cols.widths
+    spare = cols.roles == ROLE_CODES[LeaseRole.SPARE]
     n_runs = len(cols.run_names)
     slot = np.where(spare, _SPARES, column)
     per_run = np.bincount(cols.runs * 5 + slot, weights=widths, minlength=n_runs * 5)
@@ -418,7 +420,8 @@ def _sum_columns(
         )
     }
     # Lenders per run in lease-id order, as the walk by id meets them.
-    lending = funded & ~spare & ((column == 1) | (column == 2))
+    active = cols.roles == ROLE_CODES[LeaseRole.ACTIVE]
+    lending = funded & active & ((column == 1) | (column == 2))
     positions = np.flatnonzero(lending)
     positions = positions[np.argsort(cols.id_order[positions])]
     for position in positions.tolist():
@@ -436,7 +439,7 @@ def _sum_leases(
     caps: dict[str, CapUsage],
 ) -> dict[str, RunFunding]:
     """The per-run totals of ``f``, adding the per-envelope ones into ``envelopes`` and
-    ``caps``, walking the leases in lease-id order."""
+    ``caps``, walking the leases in the order of ``f``'s per-lease maps."""
     by_id = {lease.id: lease for lease in leases}
     payer, envelope_info, column = f.payer, index.envelopes, _COLUMN
     spare, active = LeaseRole.SPARE, LeaseRole.ACTIVE
