@@ -489,7 +489,6 @@ class _Proposing:
         self._number, self.numbered = index.numbered
         self._rows = [proposals.rows for proposals in table.proposals]
         self._env_of = table.env_of
-        self._widths = table.widths
         self._next = [0] * table.n
         self._minted: dict[int, int] = {}
         # Per claim, the number of the envelope it proposed to last: where it is held, if held.
