@@ -102,24 +102,24 @@ def test_the_columns_count_spares_lenders_and_minted_payers_like_the_walk() -> N
     assert (parent.owned, parent.shared, parent.spare, parent.unfunded) == (2, 4, 2, 2)
 
 
-def test_a_node_registered_again_with_other_labels_is_placed_again() -> None:
-    """The proposer keeps each node's place while the node keeps its labels map; another map
-    (the node registered again) is read again, so claims follow the node."""
-    world = World(
-        [
-            budget(
-                "a",
-                "org:a",
-                [
-                    env("west", 2, selector={"region": "r1"}),
-                    env("east", 2, selector={"region": "r2"}),
-                ],
-            )
-        ],
+def two_regions() -> World:
+    """One run's lease on node n1 in r1, and an envelope in r1 and one in r2."""
+    envelopes = [
+        env("west", 2, selector={"region": "r1"}),
+        env("east", 2, selector={"region": "r2"}),
+    ]
+    return World(
+        [budget("a", "org:a", envelopes)],
         [run("a", "job", 2)],
         [lease("a/job#0", "a/job", 2)],
         nodes=[node("n1", 8, region="r1")],
     )
+
+
+def test_a_node_registered_again_with_other_labels_is_placed_again() -> None:
+    """The proposer keeps each node's place while the node keeps its labels; another map (the
+    node registered again) is read again, so claims follow the node."""
+    world = two_regions()
     proposer = Proposer.at(world.index, T0)
     west = world.node_labels["n1"]
     assert proposer.place_of_node("n1", west) is proposer.place_of_node("n1", west)
@@ -143,24 +143,10 @@ def test_a_small_matching_keeps_no_columns_and_proposes_in_python() -> None:
 def test_a_node_whose_labels_are_edited_in_place_is_placed_again() -> None:
     """The proposer compares a node's labels by value, so a caller that edits the map itself
     (no fleet does; the matching is still a pure function of it) gets the new place."""
-    world = World(
-        [
-            budget(
-                "a",
-                "org:a",
-                [
-                    env("e1", 8, selector={"region": "r1"}),
-                    env("e2", 8, selector={"region": "r2"}),
-                ],
-            )
-        ],
-        [run("a", "j", 1)],
-        [lease("a/j#0", "a/j", 1)],
-        nodes=[node("n1", 8, region="r1")],
-    )
-    assert world.fill().payer["a/j#0"] == key("a", "e1")
+    world = two_regions()
+    assert world.fill().payer["a/job#0"] == key("a", "west")
     world.node_labels["n1"]["region"] = "r2"
-    assert world.fill().payer["a/j#0"] == key("a", "e2")
+    assert world.fill().payer["a/job#0"] == key("a", "east")
 
 
 @pytest.mark.parametrize("arrays", [False, True])

@@ -906,17 +906,21 @@ class _Decider:
         self._full: dict[EnvelopeKey, Rejection] = {}
         self._fixed: dict[tuple[EnvelopeKey, str, object], Rejection] = {}
         self._limits: dict[EnvelopeKey, _Limits] = {}
-        # Envelopes whose only limits past their own concurrency are caps' concurrency, with
-        # those caps (id, concurrency or None, rejection), in ``_limited``'s order: most
-        # envelopes under caps at fleet scale.
-        self._plain: dict[EnvelopeKey, list[tuple[str, int | None, Rejection]]] = {}
-        for env in index.envelopes.values():
-            if env.caps and env.gpu_hours is None:
-                caps, _ = self._limits_for(env)
-                if all(hours is None for _, _, hours, _, _ in caps):
-                    self._plain[env.key] = [
-                        (cap_id, most, full_cap) for cap_id, most, _, full_cap, _ in caps
-                    ]
+        # Per envelope met so far, ``_caps_only``.
+        self._plain: dict[EnvelopeKey, list[tuple[str, int | None, Rejection]] | None] = {}
+
+    def _caps_only(self, env: EnvelopeInfo) -> list[tuple[str, int | None, Rejection]] | None:
+        """The caps of an envelope whose only limits past its own concurrency are caps'
+        concurrency (id, concurrency or None, rejection), in ``_limited``'s order, for the scans
+        to check inline (most envelopes under caps at fleet scale); ``None`` for the others.
+        Worked out the first time a scan meets the envelope (``_plain``), not for the whole
+        index: a small matching meets few of its envelopes."""
+        caps, env_hours = self._limits_for(env)
+        plain = None
+        if env_hours is None and all(hours is None for _, _, hours, _, _ in caps):
+            plain = [(cap_id, most, full_cap) for cap_id, most, _, full_cap, _ in caps]
+        self._plain[env.key] = plain
+        return plain
 
     def full_rejection(self, env: EnvelopeInfo, used: int) -> Rejection:
         """The rejection for ``env`` full with ``used`` funded ahead (kept for the next)."""
@@ -1043,14 +1047,16 @@ class _Decider:
                 and borrowed_by_run[run_keys[position]] + w > borrow_cap
             ):
                 rejection = self._same(key, _BORROW_LIMIT, borrow_cap)
-            elif key in plain:  # ``_limited`` when only the caps' concurrency counts, inlined
-                for cap_id, most, full_cap in plain[key]:
-                    above = cap_used[cap_id]  # read even without a limit, as ``_limited`` does
-                    if most is not None and above + w > most:
-                        rejection = full_cap
-                        break
             elif env.caps or env.gpu_hours is not None:
-                rejection = self._limited(leases[position].id, env, u, w, cap_used)
+                caps_only = plain[key] if key in plain else self._caps_only(env)
+                if caps_only is None:
+                    rejection = self._limited(leases[position].id, env, u, w, cap_used)
+                else:  # ``_limited`` when only the caps' concurrency counts, inlined
+                    for cap_id, most, full_cap in caps_only:
+                        above = cap_used[cap_id]  # read without a limit too, as ``_limited``
+                        if most is not None and above + w > most:
+                            rejection = full_cap
+                            break
             if rejection is not None:
                 record(rank)
                 record_reason(rejection)
@@ -1106,7 +1112,7 @@ class _Decider:
         borrowed_by_run = self._borrowed_by_run
         key, concurrency, lending_max = env.key, env.concurrency, env.lending_max
         limited = bool(env.caps) or env.gpu_hours is not None
-        plain = self._plain.get(key)
+        plain = self._caps_only(env) if limited else None
         used, lent, cap_used = st.used, st.lent, st.cap_used
         u, lent_here = used[key], lent[key]
         full: Rejection | None = None
