@@ -133,6 +133,13 @@ class Stack:
         await self.add(Manager(self.manager_config()))
         # TLS options (a test's CA) come from the environment, as for the services.
         self.nc = await nats.connect(self.url, **ClientAuth.from_env().connect_options())
+        # The services started before this client connected: wait until each answers it, as
+        # ``add`` does for the ones started later (a loaded machine once answered the first
+        # request with "no responders").
+        for actor in self.actors:
+            probe = READINESS_PROBE.get(actor.name)
+            if probe is not None:
+                await wait_until_answers(self.nc, probe)
 
     async def add(self, actor: Actor) -> Actor:
         """Start ``actor``; once the client is connected, wait until its service answers (a
