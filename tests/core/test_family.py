@@ -6,6 +6,8 @@ import itertools
 
 import pytest
 from builders import budget
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpu_fleet.core.funding import ConflictKind, Tier, derive_family
 from gpu_fleet.core.model import Budget
@@ -163,3 +165,24 @@ class TestTiers:
         assert fam.tier("a", "a1") is Tier.CHILD
         other = derive_family([budget("a1", "a1")])
         assert other.tier("a", "a1") is Tier.NONE
+
+
+OWNERS = [f"o{i}" for i in range(7)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(OWNERS), st.sampled_from(OWNERS)), max_size=14))
+def test_near_holds_every_owner_of_the_family(edges: list[tuple[str, str]]) -> None:
+    """``near`` is what the proposal lists ask tiers for instead of every owner: each owner with
+    a tier to the claim's owner must be in it (random parent graphs, cycles and self-parents
+    included)."""
+    parents: dict[str, list[str]] = {o: [] for o in OWNERS}
+    for child, parent in edges:
+        parents[child].append(parent)
+    fam = derive_family([budget(o, o, parents=parents[o]) for o in OWNERS])
+    for claim_owner in [*OWNERS, "stranger"]:
+        near = fam.near(claim_owner)
+        family = {o for o in [*OWNERS, "stranger"] if fam.tier(o, claim_owner) is not Tier.NONE}
+        assert family <= near
+    assert fam.near("stranger") == {"stranger"}  # outside the graph: only itself
+    assert derive_family(_tree()).near("a1") == {"a1", "a", "a2", "b1"}

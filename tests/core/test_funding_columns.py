@@ -19,8 +19,24 @@ from hypothesis import strategies as st
 from test_fill_equivalence import proposing_in
 from test_incremental import NODES, budgets_of, drawn_runs, hours_views
 
-from gpu_fleet.core.funding import Evaluation, FillResult, Meter, Proposer, summarize
-from gpu_fleet.core.model import LeaseRole
+from gpu_fleet.core.funding import (
+    Evaluation,
+    FillResult,
+    Meter,
+    Proposer,
+    evaluate,
+    summarize,
+)
+from gpu_fleet.core.ledger import (
+    BudgetApplied,
+    Event,
+    LeaseMinted,
+    NodeRegistered,
+    RunSubmitted,
+    fold,
+    fold_all,
+)
+from gpu_fleet.core.model import EnvelopeKey, LeaseRole
 
 COLUMNS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -147,6 +163,48 @@ def test_a_node_whose_labels_are_edited_in_place_is_placed_again() -> None:
     assert world.fill().payer["a/job#0"] == key("a", "west")
     world.node_labels["n1"]["region"] = "r2"
     assert world.fill().payer["a/job#0"] == key("a", "east")
+
+
+def test_a_budget_change_hands_the_nodes_places_to_the_new_index() -> None:
+    """A fleet's state builds a new index when a Budget changes, and hands it the places it
+    knows (a place depends on the node's labels only): the new index funds as a state folded
+    from scratch does, and a node registered again with other labels is placed again."""
+    world = two_regions()
+    events: list[Event] = [
+        NodeRegistered(at=T0, node=node("n1", 8, region="r1")),
+        *(BudgetApplied(at=T0, budget=b) for b in world.budgets),
+        *(RunSubmitted(at=T0, run=r) for r in world.runs.values()),
+        LeaseMinted(at=T0, lease=world.leases[0]),
+    ]
+    state = fold_all(events)
+
+    def payer_of_the_lease() -> EnvelopeKey | None:
+        got = evaluate(state.meter, state.funding_inputs(), T0).fill.payer
+        fresh = fold_all(events)
+        assert got == evaluate(fresh.meter, fresh.funding_inputs(), T0).fill.payer
+        return got["a/job#0"]
+
+    assert payer_of_the_lease() == key("a", "west")
+    index, places = state.index, state.index.node_places
+    assert places
+
+    def apply(event: Event) -> None:
+        events.append(event)
+        fold(state, event)
+
+    west = env("west", 1, selector={"region": "r1"})  # too small for the lease now
+    apply(
+        BudgetApplied(
+            at=T0, budget=budget("a", "org:a", [west, env("east", 2, selector={"region": "r2"})])
+        )
+    )
+    assert payer_of_the_lease() == key("a", "east")
+    assert state.index is not index
+    assert state.index.node_places is places
+
+    apply(BudgetApplied(at=T0, budget=world.budgets[0]))  # west fits again ...
+    apply(NodeRegistered(at=T0, node=node("n1", 8, region="r2")))  # ... but n1 moved east
+    assert payer_of_the_lease() == key("a", "east")
 
 
 @pytest.mark.parametrize("arrays", [False, True])

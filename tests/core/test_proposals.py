@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from gpu_fleet.core.funding import build_index
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex
 from gpu_fleet.core.funding.family import Tier
-from gpu_fleet.core.funding.proposals import Proposer
+from gpu_fleet.core.funding.proposals import OFFER_END, Proposals, Proposer
 from gpu_fleet.core.model import EnvelopeKey, Run
 
 TEAMS = [  # (namespace, owner, parents): a parent, two children, a grandchild, an outsider
@@ -29,6 +29,7 @@ TEAMS = [  # (namespace, owner, parents): a parent, two children, a grandchild, 
     ("c1", "org:c1", ("org:p",)),
     ("c2", "org:c2", ("org:p",)),
     ("g", "org:g", ("org:c1",)),
+    ("h", "org:h", ("org:c2",)),  # a cousin of g
     ("s", "org:s", ()),
 ]
 KEYS = ("region", "cluster", "fabric.domain")
@@ -116,6 +117,19 @@ def test_cached_lists_are_the_proximity_order(
         assert list(got) == reference_envelopes(index, r, owner, location, T0)
         ordered = proposer.ordered(r, owner, location, T0, admitting=False)
         assert [e.key for e in ordered] == list(got)
+        assert_rows(index, proposer.proposals_for(r, owner, location), owner)
+
+
+def assert_rows(index: EnvelopeIndex, proposals: Proposals, owner: str) -> None:
+    """The rows the matching proposes with, as they are defined per envelope of the list."""
+    number = index.numbered[0]
+    tier = index.family.tier
+    want = [
+        (index.acceptor_of[k], number[k], int(tier(index.envelopes[k].owner, owner)))
+        for k in proposals.keys
+    ]
+    assert proposals.rows == (*want, (OFFER_END, -1, 0))
+    assert proposals.offers.tolist() == [list(row) for row in proposals.rows]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

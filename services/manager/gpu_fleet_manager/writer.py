@@ -63,6 +63,7 @@ class Decided(NamedTuple):
     counted: list[Any]
     encoded: list[bytes]
 
+
 _TOPOLOGY_EVENTS = (LeaseMinted, LeaseClosed, NodeRegistered, NodeHealthChanged)
 
 APPEND_FAILURES = (LedgerConflictError, LedgerUnavailableError, nats.errors.Error, TimeoutError)

@@ -114,6 +114,13 @@ class EnvelopeIndex:
     proposer_caches: dict[frozenset[EnvelopeKey], object] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
+    # Per node, a copy of its labels and their ``place_of`` (``proposals.Proposer.places``): a
+    # pure function of the labels, so an index may be handed the dict of the one it replaces
+    # (``build_index(..., node_places=)``), and a first evaluation after a budget change does
+    # not read 54k nodes' labels again (issue 11).
+    node_places: dict[str, tuple[dict[str, str] | None, Place | None]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @functools.cached_property
     def numbered(self) -> tuple[dict[EnvelopeKey, int], tuple[EnvelopeInfo, ...]]:
@@ -138,7 +145,7 @@ Place = tuple[str | None, ...]
 
 
 def place_of(labels: Mapping[str, str]) -> Place:
-    return tuple([labels.get(k) for k in LOCATION_KEYS])
+    return tuple(map(labels.get, LOCATION_KEYS))
 
 
 def location_at(place: Place) -> dict[str, str]:
@@ -146,8 +153,13 @@ def location_at(place: Place) -> dict[str, str]:
     return {k: v for k, v in zip(LOCATION_KEYS, place, strict=True) if v is not None}
 
 
-def build_index(budgets: Iterable[Budget]) -> EnvelopeIndex:
-    """Compile budgets; envelopes of an owner are ordered by (namespace, budget, envelope)."""
+def build_index(
+    budgets: Iterable[Budget],
+    *,
+    node_places: dict[str, tuple[dict[str, str] | None, Place | None]] | None = None,
+) -> EnvelopeIndex:
+    """Compile budgets; envelopes of an owner are ordered by (namespace, budget, envelope).
+    ``node_places``: the nodes' places known so far, kept by the new index (``node_places``)."""
     budget_list = sorted(budgets, key=lambda b: (b.metadata.namespace, b.metadata.name))
     family = derive_family(budget_list)
     envelopes: dict[EnvelopeKey, EnvelopeInfo] = {}
@@ -222,4 +234,5 @@ def build_index(budgets: Iterable[Budget]) -> EnvelopeIndex:
         by_owner_flavor={k: tuple(v) for k, v in by_owner_flavor.items()},
         acceptor_of=acceptor_of,
         acceptors=acceptors,
+        node_places={} if node_places is None else node_places,
     )

@@ -75,6 +75,21 @@ class Family:
         self._tier_cache[key] = result
         return result
 
+    def near(self, claim_owner: str) -> set[str]:
+        """Every owner ``tier`` may place in ``claim_owner``'s family (a superset: the owner,
+        its parents, their children, and their parents' grandchildren), so a caller asks for
+        the tiers of these, not of every owner there is."""
+        parents_of, children_of = self.parents_of, self.children_of
+        none: frozenset[str] = frozenset()
+        parents = parents_of.get(claim_owner, none)
+        out = {claim_owner, *parents}
+        for p in parents:
+            out.update(children_of.get(p, none))
+            for gp in parents_of.get(p, none):
+                for uncle in children_of.get(gp, none):
+                    out.update(children_of.get(uncle, none))
+        return out
+
     def _tier(self, e: str, r: str) -> Tier:
         if e == r:
             return Tier.OWNER

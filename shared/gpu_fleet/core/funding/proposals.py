@@ -7,6 +7,7 @@ Shared by the matching (every open lease is a claim) and cover (a prospective cl
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,20 +49,32 @@ def _location_key(location: Mapping[str, str] | None, keys: tuple[str, ...]) -> 
 @dataclass(slots=True)
 class _Group:
     """One proximity group (a family tier, or one sponsor): its usable envelopes in order, and
-    its same-location-first split per location, computed once per location the group's
-    selectors tell apart."""
+    its same-location-first split per location - as keys and as ``Proposals.rows`` - computed
+    once per location the group's selectors tell apart."""
 
     envelopes: list[EnvelopeInfo]
     keys: tuple[str, ...]
-    split: dict[_LocationKey, tuple[EnvelopeKey, ...]] = field(default_factory=dict)
+    # The family tier of every envelope's owner to the claims' owner (``Tier.NONE``: a
+    # sponsor's): one per group, as each family group is one tier and a sponsor is no family.
+    tier: int
+    split: dict[_LocationKey, tuple[tuple[EnvelopeKey, ...], tuple[Offer, ...]]] = field(
+        default_factory=dict
+    )
 
-    def near_then_far(self, location: Mapping[str, str] | None) -> tuple[EnvelopeKey, ...]:
+    def near_then_far(
+        self, location: Mapping[str, str] | None, index: EnvelopeIndex
+    ) -> tuple[tuple[EnvelopeKey, ...], tuple[Offer, ...]]:
+        """The split at ``location``, and its rows.  Why rows per group: a list is its groups'
+        splits end to end, and groups are shared by many lists (a family group by every sponsor
+        list of its owner, a sponsor's by its every borrower's lists), so each row is made once
+        per group, not once per list (a first evaluation at 100k open leases made 200k)."""
         loc_key = _location_key(location, self.keys)
         hit = self.split.get(loc_key)
         if hit is None:
-            hit = self.split[loc_key] = tuple(
-                [e.key for e in _near_then_far([self.envelopes], location)]
-            )
+            keys = tuple([e.key for e in _near_then_far([self.envelopes], location)])
+            number, acceptor_of, tier = index.numbered[0], index.acceptor_of, self.tier
+            rows = tuple([(acceptor_of[key], number[key], tier) for key in keys])
+            hit = self.split[loc_key] = (keys, rows)
         return hit
 
 
@@ -71,6 +84,9 @@ OFFER_END = -1
 
 Offer = tuple[int, int, int]
 """One row of ``Proposals.rows``: acceptor group, envelope number, tier."""
+
+_LAST_ROW: Offer = (OFFER_END, -1, 0)
+_SPONSOR_TIER = int(Tier.NONE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +135,9 @@ class RunLists:
         loc_key = _location_key(location, self.keys)
         hit = self.by_location.get(loc_key)
         if hit is None:
-            keys = tuple([key for g in self.groups for key in g.near_then_far(location)])
-            rows = proposer.offers(keys, self.owner)
+            splits = [g.near_then_far(location, proposer.index) for g in self.groups]
+            keys = tuple([key for group_keys, _ in splits for key in group_keys])
+            rows = (*itertools.chain.from_iterable([r for _, r in splits]), _LAST_ROW)
             offers = np.array(rows, dtype=np.int64)
             offers.flags.writeable = False
             hit = Proposals(keys, rows, offers)
@@ -135,9 +152,8 @@ class _Caches:
     lists: dict[tuple[str, str, tuple[str, ...]], RunLists] = field(default_factory=dict)
     family: dict[tuple[str, str], list[_Group]] = field(default_factory=dict)
     sponsor: dict[tuple[str, str, str], _Group] = field(default_factory=dict)
-    owners: dict[str, list[str]] = field(default_factory=dict)
+    owners: dict[str, set[str]] = field(default_factory=dict)
     tiers: dict[tuple[str, str], list[tuple[Tier, list[str]]]] = field(default_factory=dict)
-    places: dict[str, tuple[dict[str, str] | None, Place | None]] = field(default_factory=dict)
 
 
 class Proposer:
@@ -163,7 +179,10 @@ class Proposer:
         # again only when the labels differ.  Why: the matching asks for every lease, 54k
         # distinct nodes at 100k open leases, and reading the labels again at every evaluation
         # was a twentieth of one (issue 11); comparing two small maps costs a tenth of that.
-        self.places = caches.places
+        # A place depends on the labels only, so the index keeps them for every set of open
+        # windows, and a fleet's state hands them on to the index it builds after a budget
+        # change (``EnvelopeIndex.node_places``).
+        self.places = index.node_places
 
     def place_of_node(self, node: str, labels: Mapping[str, str] | None) -> Place | None:
         """``place_of`` a node's ``labels`` (``None``: an unknown node), kept in ``places``."""
@@ -218,20 +237,9 @@ class Proposer:
         lists = self._lists.get(lists_key)
         if lists is None:
             groups = self._funding_groups(flavor, owner, sponsors)
-            labels = _selector_keys([e for g in groups for e in g.envelopes])
+            labels = tuple(sorted({key for g in groups for key in g.keys}))  # ``_selector_keys``
             lists = self._lists[lists_key] = RunLists(owner, groups, labels)
         return lists
-
-    def offers(self, keys: Sequence[EnvelopeKey], owner: str) -> tuple[Offer, ...]:
-        """``Proposals.rows`` of the list ``keys`` for a claim of ``owner``."""
-        index = self.index
-        number, acceptor_of, tier = index.numbered[0], index.acceptor_of, index.family.tier
-        envelopes = index.envelopes
-        rows = [
-            (acceptor_of[key], number[key], int(tier(envelopes[key].owner, owner))) for key in keys
-        ]
-        rows.append((OFFER_END, -1, 0))
-        return tuple(rows)
 
     def _funding_groups(self, flavor: str, owner: str, sponsors: Sequence[str]) -> list[_Group]:
         """``_groups`` for funding at ``t``, assembled from the cached family and sponsor
@@ -242,35 +250,63 @@ class Proposer:
         family = self._family.get((flavor, owner))
         if family is None:
             family = self._family[(flavor, owner)] = [
-                _Group(g, _selector_keys(g))
-                for g in self._groups(flavor, owner, (), lambda e: e.active_at(t))
+                _Group(g, _selector_keys(g), int(tier))
+                for tier, g in self._family_groups(flavor, owner, lambda e: e.active_at(t))
             ]
         out = list(family)
         for sponsor in self._lenders(owner, sponsors):
             group = self._sponsor.get((sponsor, flavor, owner))
             if group is None:
                 envs = self._sponsor_envelopes(sponsor, flavor, owner, lambda e: e.active_at(t))
-                group = self._sponsor[(sponsor, flavor, owner)] = _Group(envs, _selector_keys(envs))
+                group = self._sponsor[(sponsor, flavor, owner)] = _Group(
+                    envs, _selector_keys(envs), _SPONSOR_TIER
+                )
             out.append(group)
         return out
 
     def _family_tiers(self, flavor: str, owner: str) -> list[tuple[Tier, list[str]]]:
         """The owners of ``flavor`` envelopes in ``owner``'s family, grouped by tier (closest
-        first, each group sorted); the same for every location and sponsor list, so cached."""
+        first, each group sorted); the same for every location and sponsor list, so cached.
+
+        Only the owners the family graph reaches within a cousin's distance are asked for
+        their tier (``Family.near``): asking every owner of the flavor made a first evaluation
+        at fleet scale ask 200k times (issue 11)."""
         hit = self._tiers.get((flavor, owner))
         if hit is not None:
             return hit
         tiers: dict[Tier, list[str]] = defaultdict(list)
         owners = self._owners.get(flavor)
         if owners is None:
-            owners = self._owners[flavor] = self.index.owners_with_flavor(flavor)
-        for o in owners:
-            tier = self.index.family.tier(o, owner)
+            owners = self._owners[flavor] = set(self.index.owners_with_flavor(flavor))
+        family = self.index.family
+        for o in family.near(owner):
+            if o not in owners:
+                continue
+            tier = family.tier(o, owner)
             if tier is not Tier.NONE:
                 tiers[tier].append(o)
         out = [(tier, sorted(tiers[tier])) for tier in sorted(tiers)]
         self._tiers[(flavor, owner)] = out
         return out
+
+    def _family_groups(
+        self, flavor: str, owner: str, usable: Callable[[EnvelopeInfo], bool]
+    ) -> list[tuple[Tier, list[EnvelopeInfo]]]:
+        """The usable envelopes of ``owner``'s family it may propose to, one group per family
+        tier (closest first), with the tier."""
+        of_owner = self.index.of_owner
+        return [
+            (
+                tier,
+                [
+                    e
+                    for o in tier_owners
+                    for e in of_owner(o, flavor)
+                    if usable(e) and (tier is Tier.OWNER or e.family_sharing)
+                ],
+            )
+            for tier, tier_owners in self._family_tiers(flavor, owner)
+        ]
 
     def _groups(
         self,
@@ -281,18 +317,9 @@ class Proposer:
     ) -> list[list[EnvelopeInfo]]:
         """The usable envelopes ``owner`` may propose to, in groups of proximity order: each
         family tier (closest first), then each sponsor it opted into, in its order."""
-        index = self.index
         if not owner:
             return []
-        out = [
-            [
-                e
-                for o in tier_owners
-                for e in index.of_owner(o, flavor)
-                if usable(e) and (tier is Tier.OWNER or e.family_sharing)
-            ]
-            for tier, tier_owners in self._family_tiers(flavor, owner)
-        ]
+        out = [g for _, g in self._family_groups(flavor, owner, usable)]
         out += [
             self._sponsor_envelopes(s, flavor, owner, usable)
             for s in self._lenders(owner, sponsors)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
-from gpu_fleet.core.funding.envelopes import EnvelopeIndex, build_index
+from gpu_fleet.core.funding.envelopes import EnvelopeIndex, Place, build_index
 from gpu_fleet.core.funding.fill_result import FillResult
 from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
 from gpu_fleet.core.funding.matching import HoursView, fill
@@ -149,6 +149,11 @@ class FleetState(ReservationLine):
     _evaluations: dict[float, Evaluation] = field(default_factory=dict, repr=False)
     _evaluations_version: int = -1
     _index: EnvelopeIndex | None = None
+    # Each node's place, handed from the index to the one built after a budget change
+    # (``EnvelopeIndex.node_places``).
+    _node_places: dict[str, tuple[dict[str, str] | None, Place | None]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
     # Reservations still Pending, by name: kept by the fold so lookups never scan the history.
     pending_reservations: dict[str, Reservation] = field(default_factory=dict, repr=False)
     # Views derived from the state (``cached``, ``_funding_cached``): name -> (what they are
@@ -180,7 +185,7 @@ class FleetState(ReservationLine):
     @property
     def index(self) -> EnvelopeIndex:
         if self._index is None:
-            self._index = build_index(self.budgets.values())
+            self._index = build_index(self.budgets.values(), node_places=self._node_places)
         return self._index
 
     def skeleton(self, flavor: str) -> Skeleton:
