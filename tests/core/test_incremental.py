@@ -10,6 +10,7 @@ generated event sequences (admit, close, window open/close, budget change, hours
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +21,19 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gpu_fleet.core.engine import CommandError, Fleet, Settings, gang
-from gpu_fleet.core.funding import FillResult, HoursView, build_index, evaluate, fill, incremental
+from gpu_fleet.core.funding import (
+    FillResult,
+    HoursView,
+    build_index,
+    evaluate,
+    fill,
+    incremental,
+    metering,
+)
 from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
 from gpu_fleet.core.funding.matching import senior_width
 from gpu_fleet.core.ledger import Event, FleetState, fold
+from gpu_fleet.core.ledger import state as state_module
 from gpu_fleet.core.ledger.reservation_line import SliceEntry
 from gpu_fleet.core.ledger.waiting_line import parked_need
 from gpu_fleet.core.model import Budget, EnvelopeKey, Instant, Lease, Payer, Run
@@ -248,6 +258,68 @@ def test_a_chain_of_layered_extensions_is_fill(data: st.DataObject, limit: int) 
     same_fill(current, world_fill(world, drawn, hours))
 
 
+@settings(PROPS, max_examples=400)
+@given(st.data())
+def test_rebase_fill_is_fill(data: st.DataObject) -> None:
+    """Whenever ``rebase_fill`` answers, it answers what ``fill`` answers under the hours left
+    it was given - over a chain of meters moved on (hours left the same, a little less, much
+    less, none, or more), the pairs funded before kept, copied, or changed, and an extension
+    in between now and then."""
+    world, drawn, hours = drawn_world(data, 6)
+    runs, admitted = drawn.runs, drawn.admitted
+    before = list(world.fill(T0, hours).funded_pairs())  # some funded in the last piece
+    kept = data.draw(st.lists(st.booleans(), min_size=len(before), max_size=len(before)))
+    hours = dataclasses.replace(
+        hours, previously_funded=frozenset(p for p, keep in zip(before, kept, strict=True) if keep)
+    )
+    current = world.fill(T0, hours)
+    rebased = 0
+    for i in range(data.draw(st.integers(1, 6))):
+        factor = st.sampled_from([1.0, 1.0, 0.9999, 0.99, 0.9, 0.5, 0.0, 1.0001, 1.1, 3.0])
+        pairs = current.funded_pairs()
+        funded_before = data.draw(
+            st.sampled_from(
+                [
+                    hours.previously_funded,
+                    frozenset(hours.previously_funded),
+                    pairs,
+                    frozenset(list(pairs)[1:]),
+                    pairs | {("old0#0", EnvelopeKey("p", "p", "e0"))},
+                    pairs  # and where it was turned away: such a check would pass more easily
+                    | {(lid, r.envelope) for lid, rs in current.rejections.items() for r in rs},
+                ]
+            )
+        )
+        hours = HoursView(
+            hours.period_hours,
+            {k: v * data.draw(factor) for k, v in hours.remaining_envelope.items()},
+            {k: v * data.draw(factor) for k, v in hours.remaining_cap.items()},
+            funded_before,
+        )
+        if data.draw(st.booleans()):
+            current.rejections  # noqa: B018 - a settled log is restated too
+        got = incremental.rebase_fill(current, world.index, hours)
+        reference = world_fill(world, drawn, hours)
+        if got is None:
+            current = reference
+            continue
+        rebased += 1
+        same_fill(got, reference)
+        exhausted = any("GPU-hours" in r.template for rs in got.rejections.values() for r in rs)
+        event(f"rebased where GPU-hours turned a claim away: {exhausted}")
+        current = got
+        if data.draw(st.booleans()):
+            xs = drawn.add(data, f"new{i}")
+            ext = extend_fill(
+                world.index, current, xs, runs, admitted, world.node_labels, T0, hours
+            )
+            reference = world_fill(world, drawn, hours)
+            if ext is not None:
+                same_fill(ext, reference)
+            current = reference if ext is None else ext
+    event(f"rebased: {min(rebased, 3)}+")
+
+
 def world_fill(world: World, drawn: Drawn, hours: HoursView) -> FillResult:
     return fill(world.index, drawn.leases, drawn.runs, drawn.admitted, world.node_labels, T0, hours)
 
@@ -449,7 +521,7 @@ budget_params = st.fixed_dictionaries(
     {
         "p0": st.integers(2, 24),
         "p1": st.integers(0, 16),
-        "hours": st.one_of(st.none(), st.floats(4, 60)),
+        "hours": st.one_of(st.none(), st.floats(4, 60), st.floats(0.25, 4)),  # some run out
         "opens": st.integers(0, 3),
         "lasts": st.integers(1, 4),
         "cap": st.one_of(st.none(), st.integers(4, 30)),
@@ -528,6 +600,17 @@ def test_engine_with_shortcuts_decides_what_the_reference_decides(
         return out
 
     monkeypatch.setattr(gang, "extend_fill", counting)
+    rebased = [0]
+    exhausted = [False]
+    real_rebase = incremental.rebase_fill
+
+    def counting_rebase(*args: Any, **kwargs: Any) -> FillResult | None:
+        out = real_rebase(*args, **kwargs)
+        rebased[0] += out is not None and args[0].trace.hours is not None
+        return out
+
+    for module in (state_module, metering):
+        monkeypatch.setattr(module, "rebase_fill", counting_rebase)
     fleets = [Fleet(SETTINGS), Fleet(SETTINGS)]
     fleets[0].check_shortcuts = True
     fleets[1].state.incremental = False
@@ -557,6 +640,9 @@ def test_engine_with_shortcuts_decides_what_the_reference_decides(
         got = fast.evaluation(at)
         want = evaluate(fresh.meter, fresh.funding_inputs(), at)
         same_fill(got.fill, want.fill)
+        exhausted[0] |= any(
+            "GPU-hours" in r.template for rs in got.fill.rejections.values() for r in rs
+        )
         assert got.envelopes == want.envelopes
         assert got.caps == want.caps
         assert got.runs == want.runs
@@ -564,6 +650,8 @@ def test_engine_with_shortcuts_decides_what_the_reference_decides(
     minted = sum(1 for e in fleets[0].state.history if type(e).__name__ == "LeaseMinted")
     event(f"leases minted: {min(minted // 4 * 4, 16)}+")
     event(f"matchings extended: {min(extended[0] // 4 * 4, 16)}+")
+    event(f"matchings reused under GPU-hours left since: {min(rebased[0] // 4 * 4, 16)}+")
+    event(f"GPU-hours turned a claim away: {exhausted[0]}")
 
 
 def _meter(state: FleetState) -> tuple[object, ...]:

@@ -8,9 +8,11 @@ make the answer a small structure of its own (issue 11).
 
 from __future__ import annotations
 
+import math
 import operator
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
@@ -90,6 +92,32 @@ class RejectionLog:
         return self._settled
 
 
+class RewordedLog(RejectionLog):
+    """A matching's rejections with some reasons restated: those naming the GPU-hours left,
+    for a matching reused after the meter moved on (``incremental.rebase_fill``).  Settled when
+    first read, like the log it stands for."""
+
+    __slots__ = ("reworded", "source")
+
+    def __init__(self, source: FillResult, reworded: Mapping[Rejection, Rejection]) -> None:
+        super().__init__(0, (), ())
+        self.source: FillResult | None = source  # whose rejections these restate
+        self.reworded = reworded  # reason as the source states it -> as it is stated now
+
+    def settled(self) -> dict[str, list[Rejection]]:
+        if self._settled is None:
+            source = self.source
+            assert source is not None
+            source._settle()
+            get = self.reworded.get
+            self._settled = {
+                lease_id: [get(r, r) for r in rejections]
+                for lease_id, rejections in source._rejections.items()
+            }
+            self.source = None  # nothing to keep alive once settled
+        return self._settled
+
+
 class Accepted(NamedTuple):
     """One funded claim as an envelope sees it (for admission-side availability).
 
@@ -122,6 +150,47 @@ class FillTrace:
     rejected_any: bool = False
     # Acceptor groups that ever turned a claim away (the others held everyone who came).
     rejected_at: frozenset[int] = frozenset()
+    # The GPU-hour checks of the run, where any envelope or cap sets GPU-hours
+    # (``incremental.rebase_fill``); ``None`` where none does.
+    hours: HoursChecks | None = None
+
+
+@dataclass(frozen=True)
+class HoursChecks:
+    """The GPU-hour checks a matching made, reduced to what decides whether each would come out
+    the same under other hours left - so the matching can be shown to be what ``fill`` gives
+    after the meter moved on (``incremental.rebase_fill``), instead of running it again.
+
+    A check reads the hours left of an envelope or cap, the width funded ahead of the claim
+    there, the claim's width, and whether the claim was funded there in the last piece
+    (``previously_funded``); it passes more easily with more hours left.  Kept: the hours left
+    the run read (``remaining_*``: a check that failed fails again with no more hours), per
+    envelope and cap the bounds every passing check needs (``strict``: passes while the hours
+    left exceed it; ``weak``: while the hours left plus ``HOURS_EPSILON`` reach it), the
+    previously funded pairs it read, and those of them that passed as previously funded
+    (``already``: such a check would be stricter for a claim no longer counted so).  The
+    envelopes whose GPU-hours turned a claim away are kept too (``exhausted``): their reasons
+    name the hours left, so they are restated when the matching is reused.  Filled while the
+    matching runs; read-only once it is made.
+    """
+
+    period_hours: float
+    remaining_envelope: Mapping[EnvelopeKey, float]
+    remaining_cap: Mapping[str, float]
+    previously_funded: frozenset[tuple[str, EnvelopeKey]]
+    strict: dict[EnvelopeKey | str, float] = field(default_factory=dict)
+    weak: dict[EnvelopeKey | str, float] = field(default_factory=dict)
+    already: AbstractSet[tuple[str, EnvelopeKey]] = field(default_factory=set)
+    exhausted: set[EnvelopeKey] = field(default_factory=set)
+    # The hours left the reasons of ``exhausted`` state (``remaining_envelope`` unless reused).
+    stated: Mapping[EnvelopeKey, float] | None = None
+
+    def passed(self, key: EnvelopeKey | str, strict: float, weak: float | None) -> None:
+        """Note a passing check's bounds (``weak`` None: it had none)."""
+        if strict > self.strict.get(key, -math.inf):
+            self.strict[key] = strict
+        if weak is not None and weak > self.weak.get(key, -math.inf):
+            self.weak[key] = weak
 
 
 ROLE_CODES = {LeaseRole.ACTIVE: 0, LeaseRole.SPARE: 1}

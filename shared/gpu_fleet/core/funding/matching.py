@@ -45,6 +45,7 @@ from gpu_fleet.core.funding.fill_result import (
     ClaimColumns,
     FillResult,
     FillTrace,
+    HoursChecks,
     Rejection,
     RejectionLog,
 )
@@ -70,6 +71,19 @@ class HoursView:
     remaining_envelope: Mapping[EnvelopeKey, float] = field(default_factory=dict)
     remaining_cap: Mapping[str, float] = field(default_factory=dict)
     previously_funded: frozenset[tuple[str, EnvelopeKey]] = frozenset()
+
+
+def hours_checks_of(hours: HoursView) -> HoursChecks | None:
+    """A record for the GPU-hour checks of a matching under ``hours`` (``HoursChecks``), or
+    ``None`` if it sets no hours left (no envelope or cap sets GPU-hours)."""
+    if not hours.remaining_envelope and not hours.remaining_cap:
+        return None
+    return HoursChecks(
+        hours.period_hours,
+        hours.remaining_envelope,
+        hours.remaining_cap,
+        hours.previously_funded,
+    )
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -767,6 +781,7 @@ def _match(
             batches.append(pending)
             pending = []
     trace.junior = {acceptor: table.rank_tuple(rank) for acceptor, rank in junior.items()}
+    trace.hours = decide.hours_checks
     return held
 
 
@@ -902,6 +917,8 @@ class _Decider:
         self.table = table
         self.log = log
         self._hours = hours
+        # The GPU-hour checks, noted where any envelope or cap sets GPU-hours (``HoursChecks``).
+        self.hours_checks = hours_checks_of(hours)
         self._borrowed_by_run = borrowed_by_run
         self._full: dict[EnvelopeKey, Rejection] = {}
         self._fixed: dict[tuple[EnvelopeKey, str, object], Rejection] = {}
@@ -955,6 +972,7 @@ class _Decider:
         caps, env_hours = self._limits_for(env)
         already: bool | None = None
         period = self._hours.period_hours
+        checks = self.hours_checks
         for cap_id, most, hours, full, spent in caps:
             above = cap_used[cap_id]
             if most is not None and above + w > most:
@@ -964,12 +982,18 @@ class _Decider:
                     already = (lease_id, env.key) in self._hours.previously_funded
                 if not _hours_ok(hours, period, above, w, already):
                     return spent
+                if checks is not None:
+                    _passed(checks, cap_id, (lease_id, env.key), period, above, w, already)
         if env_hours is not None:
             remaining, spent = env_hours
             if already is None:
                 already = (lease_id, env.key) in self._hours.previously_funded
             if not _hours_ok(remaining, period, u, w, already):
+                if checks is not None:
+                    checks.exhausted.add(env.key)
                 return spent
+            if checks is not None:
+                _passed(checks, env.key, (lease_id, env.key), period, u, w, already)
         return None
 
     def _limits_for(self, env: EnvelopeInfo) -> _Limits:
@@ -1184,6 +1208,26 @@ def _hours_ok(remaining: float, period: float, above: int, width: int, already: 
     if already:
         return remaining > period * above + HOURS_EPSILON
     return remaining + HOURS_EPSILON >= period * (above + width) and remaining > HOURS_EPSILON
+
+
+def _passed(  # noqa: PLR0917 - ``_hours_ok``'s, and where it was checked
+    checks: HoursChecks,
+    key: EnvelopeKey | str,
+    pair: tuple[str, EnvelopeKey],
+    period: float,
+    above: int,
+    width: int,
+    already: bool,
+) -> None:
+    """Note a check ``_hours_ok`` passed, as the bounds on the hours left it compared with -
+    the very expressions it computed, so a later comparison against them is the same check."""
+    if already:
+        checks.passed(key, period * above + HOURS_EPSILON, None)
+        noted = checks.already
+        assert isinstance(noted, set), "a shared record is copied before it is added to"
+        noted.add(pair)
+    else:
+        checks.passed(key, HOURS_EPSILON, period * (above + width))
 
 
 def senior_width(rows: Sequence[Accepted], rank: tuple[object, ...]) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex
 from gpu_fleet.core.funding.fill_result import ROLE_CODES, Accepted, ClaimColumns, FillResult
+from gpu_fleet.core.funding.incremental import rebase_fill
 from gpu_fleet.core.funding.matching import CLASS_OF_RANK, HoursView, fill
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
@@ -151,6 +152,15 @@ def advance_meter(
     the first piece instead of matching again.  Returns the last piece's start and matching
     (``None`` if there was no piece), which a caller may keep when nothing changes after it.
     """
+    return _advance(meter, inputs, to, first)[0]
+
+
+def _advance(
+    meter: Meter, inputs: FundingInputs, to: float, first: FillResult | None
+) -> tuple[tuple[float, FillResult] | None, bool]:
+    """``advance_meter``, and whether its last piece's matching holds at ``to`` but for the
+    hours it charged (no window bound or lease start or end at ``to`` itself; one before it
+    would have begun a piece)."""
     index = inputs.index
     bounds = _boundaries(inputs, meter.t)
     t = meter.t
@@ -174,7 +184,7 @@ def advance_meter(
         last = (t, f)
         t = nxt
     meter.t = max(meter.t, to)
-    return last
+    return last, bisect.bisect_left(bounds, to) == bisect.bisect_right(bounds, to)
 
 
 def evaluate(
@@ -191,15 +201,28 @@ def evaluate(
     advanced to ``at``), when the caller already knows them; either is then not recomputed.
     """
     with paused_gc():  # per-lease temporaries over every open lease (core.gcpause)
+        last: tuple[float, FillResult] | None = None
+        holds = False
         if at > meter.t:
             meter = meter.copy()
-            advance_meter(meter, inputs, at, first=first)
+            last, holds = _advance(meter, inputs, at, first)
         if final is not None:
             return summarize(meter, inputs, final, at)
         view = meter.hours_view(inputs.index, inputs.period_hours)
-        f = fill(
-            inputs.index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, at, view
-        )
+        f = None
+        if last is not None and holds:
+            # The last piece's matching, if the hours it charged changed no decision.
+            f = rebase_fill(last[1], inputs.index, view)
+        if f is None:
+            f = fill(
+                inputs.index,
+                inputs.leases,
+                inputs.runs,
+                inputs.admitted,
+                inputs.node_labels,
+                at,
+                view,
+            )
         return summarize(meter, inputs, f, at)
 
 

@@ -56,15 +56,15 @@ def _advance_clock(state: FleetState, at: Instant) -> None:
             first = state.current_fill(state.meter.t)
             last = advance_meter(state.meter, state.funding_inputs(), at, first=first)
             # The matching of the last piece holds at ``at`` too if nothing moves funding in
-            # between (and GPU-hours, which would make it depend on the meter, are set
-            # nowhere): keep it, so the next advance starts from it instead of matching again.
+            # between but the hours it charged: keep it, made under the meter at the piece's
+            # start, so the next decision and advance start from it (shown first to hold under
+            # the meter moved on, where GPU-hours are set) instead of matching again.
             if (
                 last is not None
                 and state.incremental
-                and not state._hours_anywhere()
                 and state._nothing_changes_between(last[0], at)
             ):
-                state._remember(at, last[1], advanced=False)
+                state._remember(at, last[1], advanced=False, meter_t=last[0])
         state.meter.t = float(at)
     state.clock = at
 

@@ -15,7 +15,7 @@ from typing import TypeVar, cast
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, Place, build_index
 from gpu_fleet.core.funding.fill_result import FillResult
-from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
+from gpu_fleet.core.funding.incremental import extend_fill, rebase_fill, shrink_fill
 from gpu_fleet.core.funding.matching import HoursView, fill
 from gpu_fleet.core.funding.metering import (
     Evaluation,
@@ -55,7 +55,9 @@ class LedgerError(ValueError):
 class _KnownFill:
     """A matching known to hold: at ``at``, for the funding inputs of ``epoch`` plus the mints
     of ``pending`` (a decision's check, before its commit), under the meter at ``meter_t`` or
-    (``advanced``) under a copy of it advanced to ``at``."""
+    (``advanced``) under a copy of it advanced to ``at``.  Where GPU-hours are set, one under
+    an earlier meter is used only once shown to hold under the meter as it stands
+    (``incremental.rebase_fill``)."""
 
     at: float
     epoch: int
@@ -271,16 +273,29 @@ class FleetState(ReservationLine):
         known = self._known
         if not self.incremental or known is None:
             return None
-        hours = self._hours_anywhere()
         advanced = not meter_view and at > self.meter.t
-        if hours and not (
+        # GPU-hours make the matching depend on the meter it ran under: one under another
+        # meter is shown to hold under this one first, or not used.
+        rebase = self._hours_anywhere() and not (
             known.meter_t == self.meter.t and known.at == at and known.advanced == advanced
-        ):
-            return None  # GPU-hours make the matching depend on the very meter it ran under
+        )
+        if rebase and advanced:
+            return None  # under a copy of the meter advanced to ``at``: ``evaluate``'s
         if known.at != at and not self._nothing_changes_between(known.at, at):
             return None
+        base: FillResult | None = known.fill
+        if rebase:
+            index = self.index
+            base = rebase_fill(
+                known.fill, index, self.meter.hours_view(index, self.settings_period_hours)
+            )
+            if base is None:
+                return None
+        assert base is not None
         if known.epoch == self.funding_epoch and not known.pending:
-            return known.fill
+            if base is not known.fill:
+                self._remember(at, base, advanced=advanced)
+            return base
         changes = self._changes_since(known.epoch)
         if changes is None:
             return None
@@ -292,7 +307,7 @@ class FleetState(ReservationLine):
             ):
                 return None  # the decision that was checked is not what was committed
             changes = changes[len(pending) :]
-        result: FillResult | None = known.fill
+        result: FillResult | None = base
         inputs = self.funding_inputs(leases=False)
         view = self.meter.hours_view(inputs.index, inputs.period_hours)
         i = 0
@@ -352,8 +367,13 @@ class FleetState(ReservationLine):
             out.append((kind, lease))
         return out
 
-    def _remember(self, at: float, result: FillResult, *, advanced: bool) -> None:
-        self._known = _KnownFill(at, self.funding_epoch, self.meter.t, advanced, (), result)
+    def _remember(
+        self, at: float, result: FillResult, *, advanced: bool, meter_t: float | None = None
+    ) -> None:
+        """Keep ``result`` as the matching at ``at``, made under the meter at ``meter_t``
+        (default: as it stands)."""
+        under = self.meter.t if meter_t is None else meter_t
+        self._known = _KnownFill(at, self.funding_epoch, under, advanced, (), result)
         self._funding_log = []
 
     def _hours_anywhere(self) -> bool:
@@ -367,14 +387,13 @@ class FleetState(ReservationLine):
         return self._hours_any
 
     def _nothing_changes_between(self, t0: float, t1: float) -> bool:
-        """No window bound, scheduled lease end or GPU-hour allowance can move funding in
-        ``(t0, t1]`` - so a matching at ``t0`` is the matching at ``t1``."""
+        """No window bound or scheduled lease end moves funding in ``(t0, t1]`` - so a matching
+        at ``t0`` is the matching at ``t1``, but for the GPU-hours charged in between (which
+        ``current_fill`` checks)."""
         if t1 < t0:
             return False
         if t1 == t0:
             return True
-        if self._hours_anywhere():
-            return False
         for e in self.index.envelopes.values():
             for bound in (e.start, e.end):
                 if bound is not None and t0 < bound <= t1:
