@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 from builders import (
     A100,
@@ -21,9 +23,19 @@ from builders import (
     payer,
     run,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_incremental import drawn_world
 
 from gpu_fleet.core.engine import Fleet, Settings
-from gpu_fleet.core.funding import Meter, advance_meter, evaluate
+from gpu_fleet.core.funding import (
+    FillResult,
+    FundingInputs,
+    Meter,
+    advance_meter,
+    evaluate,
+    metering,
+)
 from gpu_fleet.core.ledger import check_invariants
 from gpu_fleet.core.model import FundingClass, LeaseRole
 
@@ -271,3 +283,73 @@ class TestSummaries:
         ev = w.evaluate()
         assert (ev.runs[r.key].owned, ev.runs[r.key].spares) == (4, 1)
         assert (ev.envelopes[key("t")].owned, ev.envelopes[key("t")].spare) == (5, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# The charges as arrays add exactly what the walk adds, in its order
+# ------------------------------------------------------------------------------------------
+
+
+def accrue_walk(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: float) -> None:
+    """The meter's charge of ``[t0, t1)`` as it was written first: lease by lease in lease-id
+    order, each addition onto the running totals (the reference for ``metering._accrue``)."""
+    hours = (t1 - t0) / 3600.0
+    if hours <= 0:
+        return
+    by_id = {x.id: x for x in inputs.leases}
+    lent_classes = (FundingClass.SHARED, FundingClass.BORROWED)
+    for lease_id, cls in f.classes_by_id():
+        x = by_id[lease_id]
+        gpu_hours = len(x.slots) * hours
+        meter.run_hours[x.run][cls] += gpu_hours
+        if x.run not in meter._unsettled:
+            meter._settled.pop(x.run, None)
+            meter._unsettled.add(x.run)
+        env_key = f.payer.get(lease_id)
+        if env_key is None:
+            continue
+        e = inputs.index.envelopes[env_key]
+        meter.envelope_hours[env_key] += gpu_hours
+        meter.envelope_class_hours[env_key][cls] += gpu_hours
+        for cap_id in e.caps:
+            meter.cap_hours[cap_id] += gpu_hours
+        if cls in lent_classes:
+            meter.run_lender_hours[x.run][e.owner] += gpu_hours
+
+
+def meter_state(m: Meter) -> list[object]:
+    """Every total with its key order (a view lists them in that order), compared exactly."""
+
+    def nested(d: dict[Any, dict[Any, float]]) -> list[object]:
+        return [(k, list(v.items())) for k, v in d.items()]
+
+    return [
+        list(m.envelope_hours.items()),
+        nested(m.envelope_class_hours),
+        list(m.cap_hours.items()),
+        nested(m.run_hours),
+        nested(m.run_lender_hours),
+        sorted(m._unsettled),
+        list(m._settled),
+    ]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_charges_add_what_the_walk_adds_in_its_order(data: st.DataObject) -> None:
+    """Over generated worlds (family, loans, caps, GPU-hours) and pieces of odd lengths on top
+    of totals already there, ``_accrue`` leaves every total bit for bit as the walk does, with
+    the keys in the same order - the same matching charged again and again, as a meter does."""
+    world, _, hours = drawn_world(data, 8)
+    f = world.fill(T0, hours)
+    inputs = world.inputs()
+    fast, walked = Meter(t=float(T0)), Meter(t=float(T0))
+    for m in (fast, walked):
+        m._settled["old/run"] = cast("Any", None)
+        m.run_hours["old/run"][FundingClass.OWNED] = 0.1
+    for _ in range(data.draw(st.integers(1, 4))):
+        seconds = data.draw(st.sampled_from([1.0, 7.3, 60.0, 3600.0, 1e-3, 12345.678]))
+        metering._accrue(fast, inputs, f, T0, T0 + seconds)
+        accrue_walk(walked, inputs, f, T0, T0 + seconds)
+        assert meter_state(fast) == meter_state(walked)
+    assert f._charges is not None  # worked out once, read at every piece

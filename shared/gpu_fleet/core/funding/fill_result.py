@@ -265,6 +265,9 @@ class FillResult:
     # The matching's claims as columns, when ``fill`` made it large and every live lease is a
     # claim, each once (``ClaimColumns``); a small one and an extension have none.
     columns: ClaimColumns | None = field(default=None, repr=False, compare=False)
+    # What the meter charges each live lease to (``metering.Charges``), once worked out, and
+    # the index it was worked out for.
+    _charges: tuple[EnvelopeIndex, object] | None = field(default=None, repr=False, compare=False)
 
     @property
     def payer(self) -> dict[str, EnvelopeKey | None]:

@@ -18,6 +18,7 @@ import bisect
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import numpy as np
 
@@ -227,39 +228,168 @@ def evaluate(
 
 
 def _accrue(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: float) -> None:
-    """Charge ``[t0, t1)`` lease by lease in lease-id order (float sums depend on the order).
+    """Charge ``[t0, t1)``: each live lease's width times the piece's hours, added lease by
+    lease in lease-id order to its run's hours of its class, and if funded to its payer's, the
+    payer's of its class, each of the payer's caps', and to the run's hours from a lender.
 
-    The loop runs over every open lease at every metered piece, so the lookups it repeats are
-    bound to locals once; the arithmetic and its order are exactly the straightforward ones.
-    """
+    Float sums depend on their order, so the order is that one exactly: the additions are made
+    by ``numpy.add.at``, which adds each value in turn, in the order given, onto the meter's
+    running total (``Charges``).  What a lease adds to depends only on the matching, so that is
+    worked out once per matching, and a piece costs array additions plus one read and one
+    write per (run, class) - not a walk over every open lease at every instant the clock moves
+    (issue 11: 0.15 s at 100k open leases).  ``_accrue_walk`` is the walk, kept as the reference
+    in tests."""
     hours = (t1 - t0) / 3600.0
     if hours <= 0:
         return
-    by_id = {lease.id: lease for lease in inputs.leases}
+    charges = Charges.of(f, inputs)
+    values = charges.widths * hours
     settled, unsettled = meter._settled, meter._unsettled
-    run_hours, run_lender_hours = meter.run_hours, meter.run_lender_hours
-    envelope_hours, envelope_class_hours = meter.envelope_hours, meter.envelope_class_hours
-    cap_hours = meter.cap_hours
-    envelopes, payer = inputs.index.envelopes, f.payer
-    lent_classes = (FundingClass.SHARED, FundingClass.BORROWED)
-    for lease_id, cls in f.classes_by_id():
-        lease = by_id[lease_id]
-        run = lease.run
-        gpu_hours = len(lease.slots) * hours
-        run_hours[run][cls] += gpu_hours
+    for run in charges.runs:
         if run not in unsettled:
             settled.pop(run, None)
             unsettled.add(run)
-        env_key = payer.get(lease_id)
-        if env_key is None:
-            continue
-        env = envelopes[env_key]
-        envelope_hours[env_key] += gpu_hours
-        envelope_class_hours[env_key][cls] += gpu_hours
-        for cap_id in env.caps:
-            cap_hours[cap_id] += gpu_hours
-        if cls in lent_classes:
-            run_lender_hours[run][env.owner] += gpu_hours
+    _add_nested(meter.run_hours, charges.run_classes, charges.run_class_of, values)
+    funded = values[charges.funded]
+    _add_flat(meter.envelope_hours, charges.envelopes, charges.envelope_of, funded)
+    _add_nested(
+        meter.envelope_class_hours, charges.envelope_classes, charges.envelope_class_of, funded
+    )
+    _add_flat(meter.cap_hours, charges.caps, charges.cap_of, funded[charges.cap_source])
+    _add_nested(
+        meter.run_lender_hours, charges.lenders, charges.lender_of, funded[charges.lent_source]
+    )
+
+
+_K = TypeVar("_K")
+_C = TypeVar("_C")
+
+
+def _add_flat(
+    totals: dict[_K, float], keys: Sequence[_K], which: np.ndarray, values: np.ndarray
+) -> None:
+    """``totals[keys[which[i]]] += values[i]`` for each ``i`` in turn (keys in the order the
+    additions first meet them, so a new key joins ``totals`` where the walk would add it)."""
+    if not keys:
+        return
+    running = np.array([totals[k] for k in keys], dtype=np.float64)
+    np.add.at(running, which, values)
+    for k, v in zip(keys, running.tolist(), strict=True):
+        totals[k] = v
+
+
+def _add_nested(
+    totals: dict[_K, dict[_C, float]],
+    keys: Sequence[tuple[_K, _C]],
+    which: np.ndarray,
+    values: np.ndarray,
+) -> None:
+    """``_add_flat`` for totals kept per outer, then inner key."""
+    if not keys:
+        return
+    running = np.array([totals[a][b] for a, b in keys], dtype=np.float64)
+    np.add.at(running, which, values)
+    for (a, b), v in zip(keys, running.tolist(), strict=True):
+        totals[a][b] = v
+
+
+@dataclass(frozen=True, slots=True)
+class Charges:
+    """What each live lease of a matching is charged to, as ``_accrue`` adds it: per lease in
+    lease-id order its width and the number of its (run, class); per funded lease (in the same
+    order) its payer's number, its (payer, class)'s; per (funded lease, cap of its payer) the
+    cap's and the funded lease it comes from; per funded lease of a lender's class, its (run,
+    lender)'s and where it comes from.  Keys are numbered in the order the walk meets them."""
+
+    widths: np.ndarray
+    runs: list[str]
+    run_classes: list[tuple[str, FundingClass]]
+    run_class_of: np.ndarray
+    funded: np.ndarray
+    envelopes: list[EnvelopeKey]
+    envelope_of: np.ndarray
+    envelope_classes: list[tuple[EnvelopeKey, FundingClass]]
+    envelope_class_of: np.ndarray
+    caps: list[str]
+    cap_of: np.ndarray
+    cap_source: np.ndarray
+    lenders: list[tuple[str, str]]
+    lender_of: np.ndarray
+    lent_source: np.ndarray
+
+    @classmethod
+    def of(cls, f: FillResult, inputs: FundingInputs) -> Charges:
+        """The charges of ``f`` (worked out once per matching and index; a matching reused
+        after the meter moved on keeps them)."""
+        index = inputs.index
+        known = f._charges
+        if known is not None and known[0] is index:
+            return cast("Charges", known[1])
+        charges = cls._walk(f, inputs)
+        f._charges = (index, charges)
+        return charges
+
+    @classmethod
+    def _walk(cls, f: FillResult, inputs: FundingInputs) -> Charges:
+        by_id = {lease.id: lease for lease in inputs.leases}
+        envelopes, payer = inputs.index.envelopes, f.payer
+        lent_classes = (FundingClass.SHARED, FundingClass.BORROWED)
+        widths: list[int] = []
+        runs: dict[str, None] = {}
+        run_classes: dict[tuple[str, FundingClass], int] = {}
+        run_class_of: list[int] = []
+        funded: list[int] = []
+        env_numbers: dict[EnvelopeKey, int] = {}
+        envelope_of: list[int] = []
+        env_classes: dict[tuple[EnvelopeKey, FundingClass], int] = {}
+        envelope_class_of: list[int] = []
+        cap_numbers: dict[str, int] = {}
+        cap_of: list[int] = []
+        cap_source: list[int] = []
+        lenders: dict[tuple[str, str], int] = {}
+        lender_of: list[int] = []
+        lent_source: list[int] = []
+        for i, (lease_id, cls_) in enumerate(f.classes_by_id()):
+            lease = by_id[lease_id]
+            run = lease.run
+            widths.append(len(lease.slots))
+            runs[run] = None
+            run_class_of.append(run_classes.setdefault((run, cls_), len(run_classes)))
+            env_key = payer.get(lease_id)
+            if env_key is None:
+                continue
+            source = len(funded)
+            funded.append(i)
+            env = envelopes[env_key]
+            envelope_of.append(env_numbers.setdefault(env_key, len(env_numbers)))
+            envelope_class_of.append(env_classes.setdefault((env_key, cls_), len(env_classes)))
+            for cap_id in env.caps:
+                cap_of.append(cap_numbers.setdefault(cap_id, len(cap_numbers)))
+                cap_source.append(source)
+            if cls_ in lent_classes:
+                lender_of.append(lenders.setdefault((run, env.owner), len(lenders)))
+                lent_source.append(source)
+
+        def ints(values: list[int]) -> np.ndarray:
+            return np.array(values, dtype=np.int64)
+
+        return cls(
+            np.array(widths, dtype=np.float64),
+            list(runs),
+            list(run_classes),
+            ints(run_class_of),
+            ints(funded),
+            list(env_numbers),
+            ints(envelope_of),
+            list(env_classes),
+            ints(envelope_class_of),
+            list(cap_numbers),
+            ints(cap_of),
+            ints(cap_source),
+            list(lenders),
+            ints(lender_of),
+            ints(lent_source),
+        )
 
 
 # ------------------------------------------------------------------------------------------
