@@ -266,7 +266,7 @@ class FillResult:
     # claim, each once (``ClaimColumns``); a small one and an extension have none.
     columns: ClaimColumns | None = field(default=None, repr=False, compare=False)
     # What the meter charges each live lease to (``metering.Charges``), once worked out, and
-    # the index it was worked out for.
+    # the index it was worked out for; ``(index, None)`` once charged by a walk only.
     _charges: tuple[EnvelopeIndex, object] | None = field(default=None, repr=False, compare=False)
 
     @property
