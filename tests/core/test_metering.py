@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 import pytest
@@ -352,4 +353,36 @@ def test_charges_add_what_the_walk_adds_in_its_order(data: st.DataObject) -> Non
         metering._accrue(fast, inputs, f, T0, T0 + seconds)
         accrue_walk(walked, inputs, f, T0, T0 + seconds)
         assert meter_state(fast) == meter_state(walked)
-    assert f._charges is not None and f._charges[1] is not None  # worked out at the second
+    assert f._charges is not None
+    assert f._charges[1] is not None  # worked out at the second piece
+
+
+def test_the_meters_boundaries_follow_the_leases_they_are_asked_about() -> None:
+    """Where a piece may end - a lease starting or ending, a window opening or closing - is
+    kept by the index for the tuple of leases last asked about, and worked out again for
+    another tuple (the fold hands a new one whenever the open leases change)."""
+    job = run("p", "job", 4)
+    leases = (
+        lease("p/job#0", job.key, 2, end=T0 + HOUR),
+        lease("p/job#1", job.key, 2, first=2, start=T0 + 2 * HOUR),
+    )
+    windowed = budget("p", "org:p", [env("e", 4, start=T0 - HOUR, end=T0 + 3 * HOUR)])
+    w = World([windowed], [job], leases)
+    first = dataclasses.replace(w.inputs(), leases=leases)
+
+    def reference(inputs: FundingInputs, after: float) -> list[float]:
+        points = {x.start for x in inputs.leases} | {
+            e for x in inputs.leases if (e := x.effective_end()) is not None
+        }
+        points |= {T0 - HOUR, T0 + 3 * HOUR}
+        return sorted(p for p in points if p > after)
+
+    for after in (T0 - 2 * HOUR, T0, T0 + HOUR, T0 + 2.5 * HOUR, T0 + 4 * HOUR):
+        assert metering._boundaries(first, after) == reference(first, after)
+    assert w.index.points_of[0][0] is leases  # kept for this tuple
+    closed = leases[:1]  # a lease closed: the fold hands a new tuple
+    fewer = dataclasses.replace(first, leases=closed)
+    assert metering._boundaries(fewer, T0) == reference(fewer, T0) == [T0 + HOUR, T0 + 3 * HOUR]
+    as_list = dataclasses.replace(first, leases=list(leases))  # not kept: a list can change
+    assert metering._boundaries(as_list, T0) == reference(first, T0)
+    assert w.index.points_of[0][0] is closed

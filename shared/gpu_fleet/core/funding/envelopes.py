@@ -19,6 +19,7 @@ from gpu_fleet.core.model import (
     Budget,
     EnvelopeKey,
     Instant,
+    Lease,
     Payer,
     to_instant,
 )
@@ -113,6 +114,11 @@ class EnvelopeIndex:
     # index (not an init field: ``dataclasses.replace`` starts a new index without them).
     proposer_caches: dict[frozenset[EnvelopeKey], object] = field(
         default_factory=dict, init=False, compare=False, repr=False
+    )
+    # The instants at which the leases of the last tuple asked about start or end, and the
+    # windows bound (``metering._points``): one slot, kept with the index it is of.
+    points_of: list[tuple[Sequence[Lease], list[float]]] = field(
+        default_factory=list, init=False, compare=False, repr=False
     )
     # Per node, a copy of its labels and their ``place_of`` (``proposals.Proposer.places``): a
     # pure function of the labels, so an index may be handed the dict of the one it replaces

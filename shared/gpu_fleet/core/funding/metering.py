@@ -101,18 +101,36 @@ class FundingInputs:
 
 
 def _boundaries(inputs: FundingInputs, after: float) -> list[float]:
+    """Every instant after ``after`` at which a lease starts or ends or an envelope's window
+    opens or closes, in order: where the matching can change with nothing folded."""
+    points = _points(inputs)
+    return points[bisect.bisect_right(points, after) :]
+
+
+def _points(inputs: FundingInputs) -> list[float]:
+    """Every lease start and end and window bound, sorted.  Kept by the index for the last
+    tuple of leases asked about: the meter asks at every instant the clock moves, and the open
+    leases - a tuple the fold keeps until they change - are the same at most of them (a walk
+    over 100k was a fifth of an instant's cost, issue 11)."""
+    leases, index = inputs.leases, inputs.index
+    kept = index.points_of
+    known = kept[0] if kept else None
+    if known is not None and known[0] is leases:
+        return known[1]
     points: set[float] = set()
-    for lease in inputs.leases:
-        if lease.start > after:
-            points.add(lease.start)
+    for lease in leases:
+        points.add(lease.start)
         end = lease.effective_end()
-        if end is not None and end > after:
+        if end is not None:
             points.add(end)
-    for env in inputs.index.envelopes.values():
+    for env in index.envelopes.values():
         for b in (env.start, env.end):
-            if b is not None and b > after:
+            if b is not None:
                 points.add(b)
-    return sorted(points)
+    out = sorted(points)
+    if isinstance(leases, tuple):  # immutable: the same object is the same leases
+        kept[:] = [(leases, out)]
+    return out
 
 
 def _crossing_seconds(inputs: FundingInputs, f: FillResult, view: HoursView) -> float | None:
