@@ -172,21 +172,21 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
             cap_above = trace.cap.get(cap_id, 0) + cap_used[cap_id]
             if cap.max_concurrency is not None and cap_above + w > cap.max_concurrency:
                 return None
-            if cap.gpu_hours is not None:
-                if not _hours_ok(
-                    hours.remaining_cap.get(cap_id, cap.gpu_hours), period, cap_above, w, already
-                ):
-                    return None
-                if checks is not None:
-                    _passed(checks, cap_id, (c.lease.id, key), period, cap_above, w, already)
-            cap_used[cap_id] += w
-        if env.gpu_hours is not None:
-            if not _hours_ok(
-                hours.remaining_envelope.get(key, env.gpu_hours), period, above, w, already
+            if cap.gpu_hours is not None and not _hours_pass(
+                checks,
+                cap_id,
+                (c.lease.id, key),
+                (hours.remaining_cap.get(cap_id, cap.gpu_hours), period, cap_above, w, already),
             ):
                 return None
-            if checks is not None:
-                _passed(checks, key, (c.lease.id, key), period, above, w, already)
+            cap_used[cap_id] += w
+        if env.gpu_hours is not None and not _hours_pass(
+            checks,
+            key,
+            (c.lease.id, key),
+            (hours.remaining_envelope.get(key, env.gpu_hours), period, above, w, already),
+        ):
+            return None
         used[key] += w
     accepted = dict(base.accepted)
     for rank, c, env, _ in claims:
@@ -250,6 +250,21 @@ def _hand_on(
         if len(added_pairs) > limit:
             known_pairs, added_pairs = known_pairs | added_pairs, frozenset()
         out._pairs_parts = (known_pairs, added_pairs)
+
+
+def _hours_pass(
+    checks: HoursChecks | None,
+    key: EnvelopeKey | str,
+    pair: tuple[str, EnvelopeKey],
+    check: tuple[float, float, int, int, bool],
+) -> bool:
+    """``_hours_ok(*check)``, a pass noted in ``checks`` (if any) as ``fill`` notes its own."""
+    if not _hours_ok(*check):
+        return False
+    if checks is not None:
+        _remaining, period, above, width, already = check
+        _passed(checks, key, pair, period, above, width, already)
+    return True
 
 
 def _checks_copy(known: HoursChecks | None) -> HoursChecks | None:
