@@ -320,6 +320,28 @@ def test_rebase_fill_is_fill(data: st.DataObject) -> None:
     event(f"rebased: {min(rebased, 3)}+")
 
 
+def test_a_period_too_short_to_ease_a_check_is_not_rebased() -> None:
+    """Counting a pair as funded before eases its check only while the period times its width
+    exceeds twice ``HOURS_EPSILON``; below that (no setting allows it: a period is at least a
+    second) the reuse refuses when the pairs funded before change, as ``fill`` would turn the
+    junior claim away (found by a review's differential driver)."""
+    period = 1e-7
+    a, b = run("p", "a", 8), run("p", "b", 8)
+    world = World(
+        [budget("p", "org:p", [env("e", 16, selector={"region": "*"}, gpu_hours=100.0)])],
+        [a, b],
+        [lease("A", a.key, 5), lease("B", b.key, 1, first=5)],
+        nodes=[node("n1", 64, region="r1")],
+        admitted={a.key: T0, b.key: T0 + 60},
+    )
+    k = EnvelopeKey("p", "p", "e")
+    base = world.fill(T0, HoursView(period, {k: 1.2e-6}, {}, frozenset()))
+    assert base.payer == {"A": k, "B": k}
+    later = HoursView(period, {k: 1.2e-6}, {}, base.funded_pairs())
+    assert world.fill(T0, later).payer == {"A": k, "B": None}
+    assert incremental.rebase_fill(base, world.index, later) is None
+
+
 def world_fill(world: World, drawn: Drawn, hours: HoursView) -> FillResult:
     return fill(world.index, drawn.leases, drawn.runs, drawn.admitted, world.node_labels, T0, hours)
 

@@ -155,7 +155,7 @@ class FillTrace:
     hours: HoursChecks | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class HoursChecks:
     """The GPU-hour checks a matching made, reduced to what decides whether each would come out
     the same under other hours left - so the matching can be shown to be what ``fill`` gives
@@ -171,7 +171,7 @@ class HoursChecks:
     (``already``: such a check would be stricter for a claim no longer counted so).  The
     envelopes whose GPU-hours turned a claim away are kept too (``exhausted``): their reasons
     name the hours left, so they are restated when the matching is reused.  Filled while the
-    matching runs; read-only once it is made.
+    matching runs; read-only once it is made (an extension or a reuse makes a new one).
     """
 
     period_hours: float
@@ -184,6 +184,10 @@ class HoursChecks:
     exhausted: set[EnvelopeKey] = field(default_factory=set)
     # The hours left the reasons of ``exhausted`` state (``remaining_envelope`` unless reused).
     stated: Mapping[EnvelopeKey, float] | None = None
+    # The narrowest width that passed as not funded before: counting such a pair as funded
+    # before eases its check only while the period times that width exceeds twice
+    # ``HOURS_EPSILON`` (``rebase_fill``).
+    narrowest: float = math.inf
 
     def passed(self, key: EnvelopeKey | str, strict: float, weak: float | None) -> None:
         """Note a passing check's bounds (``weak`` None: it had none)."""

@@ -352,8 +352,10 @@ def rebase_fill(base: FillResult, index: EnvelopeIndex, hours: HoursView) -> Fil
     * the claims counted as funded in the last piece are the same, or they are exactly the
       pairs ``base`` funds and include every pair that passed as previously funded: a pair
       ``base`` funds passed every check it met there (a claim turned away never proposes there
-      again), so counting it as previously funded only eases checks that passed, and no check
-      that passed that way gets stricter.
+      again), so counting it as previously funded only eases checks that passed (while the
+      period times the claim's width exceeds twice ``HOURS_EPSILON``: always, for a period of
+      at least a second and a claim of a GPU), and no check that passed that way gets
+      stricter.
 
     Then the matching is ``base``, with the reasons naming the hours left of an envelope
     restated (``RewordedLog``).  A fleet whose budgets set GPU-hours otherwise matched every
@@ -376,6 +378,8 @@ def rebase_fill(base: FillResult, index: EnvelopeIndex, hours: HoursView) -> Fil
     if funded_before is not checks.previously_funded and funded_before != checks.previously_funded:
         if funded_before != base.funded_pairs() or not checks.already <= funded_before:
             return None
+        if checks.period_hours * checks.narrowest <= 2 * HOURS_EPSILON:
+            return None  # a period so short that being funded before would not ease a check
         already = funded_before  # every pair that passes as previously funded now
     stated = checks.stated if checks.stated is not None else checks.remaining_envelope
     reworded: dict[Rejection, Rejection] = {}

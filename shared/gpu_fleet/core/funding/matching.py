@@ -1228,6 +1228,7 @@ def _passed(  # noqa: PLR0917 - ``_hours_ok``'s, and where it was checked
         noted.add(pair)
     else:
         checks.passed(key, HOURS_EPSILON, period * (above + width))
+        checks.narrowest = min(checks.narrowest, width)
 
 
 def senior_width(rows: Sequence[Accepted], rank: tuple[object, ...]) -> int:
