@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, cast
 
@@ -386,3 +387,25 @@ def test_the_meters_boundaries_follow_the_leases_they_are_asked_about() -> None:
     as_list = dataclasses.replace(first, leases=list(leases))  # not kept: a list can change
     assert metering._boundaries(as_list, T0) == reference(first, T0)
     assert w.index.points_of[0][0] is closed
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_matching_summed_again_reads_what_it_read_first(data: st.DataObject) -> None:
+    """``summarize`` keeps what it adds up from a matching alone (``_Sums``); summed again
+    under other hours it gives what a matching never summed gives, in new objects each time
+    (an evaluation's usage and lenders are its own)."""
+    world, _, hours = drawn_world(data, 8)
+    f = world.fill(T0, hours)
+    inputs, meter = world.inputs(), Meter(t=float(T0))
+    first = metering.summarize(meter, inputs, f, T0)
+    assert f._sums is not None
+    metering._accrue(meter, inputs, f, T0, T0 + 3600)
+    again = metering.summarize(meter, inputs, f, T0 + 3600)
+    fresh = copy.copy(f)
+    fresh._sums = None
+    assert again == metering.summarize(meter, inputs, fresh, T0 + 3600)
+    for run_key, rf in first.runs.items():
+        assert again.runs[run_key] is not rf
+        assert again.runs[run_key].lenders is not rf.lenders or not rf.lenders
+    assert all(again.envelopes[k] is not u for k, u in first.envelopes.items())

@@ -272,6 +272,9 @@ class FillResult:
     # What the meter charges each live lease to (``metering.Charges``), once worked out, and
     # the index it was worked out for; ``(index, None)`` once charged by a walk only.
     _charges: tuple[EnvelopeIndex, object] | None = field(default=None, repr=False, compare=False)
+    # What the funding summary adds up from the matching alone (``metering._Sums``), once
+    # worked out, and the index it was worked out for.
+    _sums: tuple[EnvelopeIndex, object] | None = field(default=None, repr=False, compare=False)
 
     @property
     def payer(self) -> dict[str, EnvelopeKey | None]:

@@ -565,10 +565,17 @@ def summarize(meter: Meter, inputs: FundingInputs, f: FillResult, at: float) -> 
         )
         for k, c in index.caps.items()
     }
-    if f.columns is not None:
-        runs = _sum_columns(f.columns, index, envelopes, caps)
-    else:
-        runs = _sum_leases(inputs.leases, f, index, envelopes, caps)
+    sums = _Sums.of(f, inputs)
+    for key, owned, shared, borrowed, unfunded, spare in sums.envelopes:
+        usage = envelopes[key]
+        usage.owned, usage.shared, usage.borrowed = owned, shared, borrowed
+        usage.unfunded, usage.spare = unfunded, spare
+    for cap_id, funded in sums.caps:
+        caps[cap_id].funded = funded
+    runs = {
+        name: RunFunding(owned, shared, borrowed, unfunded, spares, dict(lenders))
+        for name, owned, shared, borrowed, unfunded, spares, lenders in sums.runs
+    }
     for run_key, rf in runs.items():
         hours = meter.run_hours.get(run_key)
         if hours is not None:
@@ -577,6 +584,45 @@ def summarize(meter: Meter, inputs: FundingInputs, f: FillResult, at: float) -> 
         if lender_hours is not None:
             rf.lender_hours = dict(lender_hours)
     return Evaluation(at, f, envelopes, caps, {**_settled_runs(meter, runs), **runs})
+
+
+@dataclass(frozen=True, slots=True)
+class _Sums:
+    """What ``summarize`` adds up from a matching alone - per envelope it funds or that a
+    minted payer names, per cap and per run - worked out once per matching and index (a
+    matching kept while the clock moves on is summed again at every instant with other hours
+    only; at 100k open leases that was most of an instant's cost, issue 11)."""
+
+    envelopes: list[tuple[EnvelopeKey, int, int, int, int, int]]  # owned .. unfunded, spare
+    caps: list[tuple[str, int]]  # funded
+    runs: list[tuple[str, int, int, int, int, int, dict[str, int]]]  # .. spares, lenders
+
+    @classmethod
+    def of(cls, f: FillResult, inputs: FundingInputs) -> _Sums:
+        index = inputs.index
+        known = f._sums
+        if known is not None and known[0] is index:
+            return cast("_Sums", known[1])
+        envelopes = {k: EnvelopeUsage(k, "", "", 0) for k in index.envelopes}
+        caps = {k: CapUsage(k, "", "", None) for k in index.caps}
+        if f.columns is not None:
+            runs = _sum_columns(f.columns, index, envelopes, caps)
+        else:
+            runs = _sum_leases(inputs.leases, f, index, envelopes, caps)
+        sums = cls(
+            [
+                (k, u.owned, u.shared, u.borrowed, u.unfunded, u.spare)
+                for k, u in envelopes.items()
+                if u.owned or u.shared or u.borrowed or u.unfunded or u.spare
+            ],
+            [(k, c.funded) for k, c in caps.items() if c.funded],
+            [
+                (name, rf.owned, rf.shared, rf.borrowed, rf.unfunded, rf.spares, rf.lenders)
+                for name, rf in runs.items()
+            ],
+        )
+        f._sums = (index, sums)
+        return sums
 
 
 _CLASS_COLUMN = np.array([_COLUMN[CLASS_OF_RANK[c]] for c in range(len(CLASS_OF_RANK))])
