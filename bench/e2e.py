@@ -23,6 +23,10 @@ another process, each the median of three rounds of 500.
     .venv/bin/python bench/e2e.py            # 1k nodes (2k open runs), 10k nodes (5k open)
     .venv/bin/python bench/e2e.py --quick    # 1k nodes, 1k open runs, fewer submissions
     .venv/bin/python bench/e2e.py --nodes 10000 --burst 4000   # one fleet, a longer burst
+    .venv/bin/python bench/e2e.py --quick --gpu-hours 1e9      # the envelope sets GPU-hours
+
+With ``--gpu-hours`` the envelope sets GPU-hours (more than the run can use), so the matching
+depends on the meter, which moves at every instant the clock does: the budgets-over-time case.
 
 Under each row it prints the CPU time the manager and the binder spent per admission during the
 burst (from /proc, on Linux): steadier than the rate on a shared machine, so compare it across
@@ -78,7 +82,7 @@ spec:
   owner: "org:team"
   envelopes:
     - {{name: west, flavor: H100, selector: {{region: r1}}, concurrency: {gpus},
-       start: "2020-01-01T00:00:00Z", end: "2100-01-01T00:00:00Z"}}
+       start: "2020-01-01T00:00:00Z", end: "2100-01-01T00:00:00Z"{hours}}}
 """
 
 
@@ -168,6 +172,7 @@ async def measure(
     burst_n: int,
     clients: int,
     pids: dict[str, int],
+    gpu_hours: float | None = None,
 ) -> dict[str, float]:
     nc = await nats.connect(url)
     try:
@@ -177,7 +182,8 @@ async def measure(
             runs = await call(nc, "budgets", {})
             if runs is not None:
                 break
-        await call(nc, "apply", {"documents": BUDGET.format(gpus=nodes * 8)})
+        hours = "" if gpu_hours is None else f", gpuHours: {gpu_hours}"
+        await call(nc, "apply", {"documents": BUDGET.format(gpus=nodes * 8, hours=hours)})
         prefill_s = await prefill(nc, open_runs)
         lat: list[float] = []
         for i in range(latency_n):  # idle fleet: one at a time
@@ -242,7 +248,13 @@ async def measure(
 
 
 def bench(
-    nodes: int, open_runs: int, latency_n: int, burst_n: int, clients: int
+    nodes: int,
+    open_runs: int,
+    latency_n: int,
+    burst_n: int,
+    clients: int,
+    *,
+    gpu_hours: float | None = None,
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="gpu-fleet-bench-") as tmp:
         inv = Path(tmp) / "inventory.yaml"
@@ -263,6 +275,7 @@ def bench(
                     latency_n=latency_n,
                     burst_n=burst_n,
                     clients=clients,
+                    gpu_hours=gpu_hours,
                     pids={
                         **{name: proc.pid for name, proc in stack.procs.items()},
                         **(
@@ -293,6 +306,12 @@ def main() -> int:
     p.add_argument("--open", type=int, default=None, help="1-GPU runs running before timing")
     p.add_argument("--nodes", type=int, default=None, help="only the fleet of this many nodes")
     p.add_argument("--burst", type=int, default=None, help="submissions timed with 16 clients")
+    p.add_argument(
+        "--gpu-hours",
+        type=float,
+        default=None,
+        help="GPU-hours on the envelope (never running out): the meter then decides funding",
+    )
     args = p.parse_args()
     # (nodes, open runs, one-at-a-time submissions, burst submissions)
     plan = (
@@ -315,7 +334,7 @@ def main() -> int:
     )
     goals = []
     for n, open_runs, latency_n, burst_n in plan:
-        r = bench(n, open_runs, latency_n, burst_n, clients=16)
+        r = bench(n, open_runs, latency_n, burst_n, clients=16, gpu_hours=args.gpu_hours)
         ratio = r["admissions_per_s"] / r["js_publish_ack_per_s"]
         print(
             f"{n:>6} {open_runs:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}"
