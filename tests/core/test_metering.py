@@ -27,7 +27,7 @@ from builders import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_incremental import drawn_world
+from test_incremental import drawn_world, same_fill
 
 from gpu_fleet.core.engine import Fleet, Settings
 from gpu_fleet.core.funding import (
@@ -409,3 +409,28 @@ def test_a_matching_summed_again_reads_what_it_read_first(data: st.DataObject) -
         assert again.runs[run_key] is not rf
         assert again.runs[run_key].lenders is not rf.lenders or not rf.lenders
     assert all(again.envelopes[k] is not u for k, u in first.envelopes.items())
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_the_matching_ahead_of_the_meter_is_the_evaluations(data: st.DataObject) -> None:
+    """``matching_at`` advances a copy of only what a matching reads of the meter; its matching
+    is ``evaluate``'s, given the first piece's matching or not, and the meter is left alone."""
+    world, _, _ = drawn_world(data, 8)
+    inputs = world.inputs()
+    meter = Meter(t=float(T0))
+    for _ in range(data.draw(st.integers(0, 3))):  # a meter with hours on it already
+        advance_meter(meter, inputs, meter.t + data.draw(st.sampled_from([60.0, 3600.0, 9e4])))
+    before = meter_state(meter)
+    at = meter.t + data.draw(st.sampled_from([0.0, 1.0, 3600.0, 36000.0, 4e5]))
+    first = world.fill(meter.t, meter.hours_view(inputs.index, inputs.period_hours))
+    given_first = first if data.draw(st.booleans()) else None
+    got = metering.matching_at(meter, inputs, at, first=given_first)
+    same_fill(got, evaluate(meter, inputs, at, first=given_first).fill)
+    assert meter_state(meter) == before
+    light, whole = meter.copy_for_matching(), meter.copy()  # what the matching reads: the same
+    advance_meter(light, inputs, at)
+    advance_meter(whole, inputs, at)
+    assert light.hours_view(inputs.index, 24.0) == whole.hours_view(inputs.index, 24.0)
+    assert list(light.cap_hours.items()) == list(whole.cap_hours.items())
+    assert list(light.envelope_hours.items()) == list(whole.envelope_hours.items())

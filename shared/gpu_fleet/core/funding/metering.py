@@ -74,6 +74,15 @@ class Meter:
         out._unsettled = set(self._unsettled)
         return out
 
+    def copy_for_matching(self) -> Meter:
+        """A copy of what a matching reads of the meter (each envelope's and cap's hours, the
+        pairs funded in the last piece), to advance and read a view of; its runs' hours start
+        empty and mean nothing (``matching_at``)."""
+        out = Meter(t=self.t, previously_funded=self.previously_funded)
+        out.envelope_hours.update(self.envelope_hours)
+        out.cap_hours.update(self.cap_hours)
+        return out
+
     def hours_view(self, index: EnvelopeIndex, period_hours: float) -> HoursView:
         rem_env = {
             k: e.gpu_hours - self.envelope_hours.get(k, 0.0)
@@ -227,22 +236,46 @@ def evaluate(
             last, holds = _advance(meter, inputs, at, first)
         if final is not None:
             return summarize(meter, inputs, final, at)
-        view = meter.hours_view(inputs.index, inputs.period_hours)
-        f = None
-        if last is not None and holds:
-            # The last piece's matching, if the hours it charged changed no decision.
-            f = rebase_fill(last[1], inputs.index, view)
-        if f is None:
-            f = fill(
-                inputs.index,
-                inputs.leases,
-                inputs.runs,
-                inputs.admitted,
-                inputs.node_labels,
-                at,
-                view,
-            )
-        return summarize(meter, inputs, f, at)
+        return summarize(meter, inputs, _match_at(meter, inputs, at, last, holds=holds), at)
+
+
+def matching_at(
+    meter: Meter, inputs: FundingInputs, at: float, *, first: FillResult | None = None
+) -> FillResult:
+    """``evaluate(meter, inputs, at, first=first).fill`` without the summaries, which most
+    decisions never read.  The meter is advanced to ``at`` on a copy of what the matching
+    reads of it only - each envelope's and cap's hours and the pairs funded in the last piece
+    - which the advance leaves exactly as on a whole copy (each total is added to lease by
+    lease in the same order; nothing it does reads a run's hours): under GPU-hours a decision
+    at an instant the clock has not reached yet costs no copy of every run's hours and no
+    summary of every run (issue 11)."""
+    with paused_gc():
+        last: tuple[float, FillResult] | None = None
+        holds = False
+        if at > meter.t:
+            meter = meter.copy_for_matching()
+            last, holds = _advance(meter, inputs, at, first)
+        return _match_at(meter, inputs, at, last, holds=holds)
+
+
+def _match_at(
+    meter: Meter,
+    inputs: FundingInputs,
+    at: float,
+    last: tuple[float, FillResult] | None,
+    *,
+    holds: bool,
+) -> FillResult:
+    """The matching at ``at`` under ``meter`` (advanced to ``at``): the last piece's, if the
+    hours it charged changed no decision (``holds``: no bound at ``at``), else a new one."""
+    view = meter.hours_view(inputs.index, inputs.period_hours)
+    if last is not None and holds:
+        f = rebase_fill(last[1], inputs.index, view)
+        if f is not None:
+            return f
+    return fill(
+        inputs.index, inputs.leases, inputs.runs, inputs.admitted, inputs.node_labels, at, view
+    )
 
 
 def _accrue(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: float) -> None:

@@ -22,6 +22,7 @@ from gpu_fleet.core.funding.metering import (
     FundingInputs,
     Meter,
     evaluate,
+    matching_at,
 )
 from gpu_fleet.core.ledger.events import (
     Event,
@@ -250,7 +251,12 @@ class FleetState(ReservationLine):
         if known is not None:
             return known
         if at > self.meter.t and self._hours_anywhere():
-            return self.evaluation(at).fill  # matched under a meter advanced to ``at``
+            # Matched under the meter advanced to ``at``, as ``evaluation`` would, without its
+            # summaries (which it reads from this matching when asked, ``current_fill``).
+            first = self.current_fill(self.meter.t)
+            result = matching_at(self.meter, self.funding_inputs(), at, first=first)
+            self._remember(at, result, advanced=True)
+            return result
         inputs = self.funding_inputs()
         view = self.meter.hours_view(inputs.index, inputs.period_hours)
         result = fill(
