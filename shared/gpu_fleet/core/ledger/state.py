@@ -255,7 +255,12 @@ class FleetState(ReservationLine):
             # summaries (which it reads from this matching when asked, ``current_fill``).
             first = self.current_fill(self.meter.t)
             result = matching_at(self.meter, self.funding_inputs(), at, first=first)
-            self._remember(at, result, advanced=True)
+            kept = self._known
+            if kept is None or kept.advanced:
+                # Not over a matching under the meter as it stands: a decision's check reads
+                # that one (``gang.verify_funded``) and extends it, and one made under the
+                # meter advanced could not be shown to hold under the meter behind it.
+                self._remember(at, result, advanced=True)
             return result
         inputs = self.funding_inputs()
         view = self.meter.hours_view(inputs.index, inputs.period_hours)
