@@ -31,7 +31,6 @@ from test_incremental import drawn_world, same_fill
 
 from gpu_fleet.core.engine import Fleet, Settings
 from gpu_fleet.core.funding import (
-    FillResult,
     FundingInputs,
     Meter,
     advance_meter,
@@ -292,33 +291,6 @@ class TestSummaries:
 # ------------------------------------------------------------------------------------------
 
 
-def accrue_walk(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: float) -> None:
-    """The meter's charge of ``[t0, t1)`` as it was written first: lease by lease in lease-id
-    order, each addition onto the running totals (the reference for ``metering._accrue``)."""
-    hours = (t1 - t0) / 3600.0
-    if hours <= 0:
-        return
-    by_id = {x.id: x for x in inputs.leases}
-    lent_classes = (FundingClass.SHARED, FundingClass.BORROWED)
-    for lease_id, cls in f.classes_by_id():
-        x = by_id[lease_id]
-        gpu_hours = len(x.slots) * hours
-        meter.run_hours[x.run][cls] += gpu_hours
-        if x.run not in meter._unsettled:
-            meter._settled.pop(x.run, None)
-            meter._unsettled.add(x.run)
-        env_key = f.payer.get(lease_id)
-        if env_key is None:
-            continue
-        e = inputs.index.envelopes[env_key]
-        meter.envelope_hours[env_key] += gpu_hours
-        meter.envelope_class_hours[env_key][cls] += gpu_hours
-        for cap_id in e.caps:
-            meter.cap_hours[cap_id] += gpu_hours
-        if cls in lent_classes:
-            meter.run_lender_hours[x.run][e.owner] += gpu_hours
-
-
 def meter_state(m: Meter) -> list[object]:
     """Every total with its key order (a view lists them in that order), compared exactly."""
 
@@ -352,7 +324,8 @@ def test_charges_add_what_the_walk_adds_in_its_order(data: st.DataObject) -> Non
     for _ in range(data.draw(st.integers(2, 5))):  # the first walks, the next read charges
         seconds = data.draw(st.sampled_from([1.0, 7.3, 60.0, 3600.0, 1e-3, 12345.678]))
         metering._accrue(fast, inputs, f, T0, T0 + seconds)
-        accrue_walk(walked, inputs, f, T0, T0 + seconds)
+        hours = ((T0 + seconds) - T0) / 3600.0  # as ``_accrue`` works the piece out
+        metering._accrue_walk(walked, inputs, f, hours)  # the walk, every time
         assert meter_state(fast) == meter_state(walked)
     assert f._charges is not None
     assert f._charges[1] is not None  # worked out at the second piece

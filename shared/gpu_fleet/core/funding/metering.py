@@ -295,12 +295,15 @@ def _accrue(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: f
     hours = (t1 - t0) / 3600.0
     if hours <= 0:
         return
-    known = f._charges
-    if known is None or known[0] is not inputs.index:
-        f._charges = (inputs.index, None)  # charged once: the next charge works them out
+    index, known = inputs.index, f._charges
+    if known is None or known[0] is not index:
+        f._charges = (index, None)  # charged once: the next charge works them out
         _accrue_walk(meter, inputs, f, hours)
         return
-    charges = Charges.of(f, inputs)
+    charges = cast("Charges | None", known[1])
+    if charges is None:
+        charges = Charges.of(f, inputs)
+        f._charges = (index, charges)
     values = charges.widths * hours
     settled, unsettled = meter._settled, meter._unsettled
     for run in charges.runs:
@@ -409,18 +412,8 @@ class Charges:
 
     @classmethod
     def of(cls, f: FillResult, inputs: FundingInputs) -> Charges:
-        """The charges of ``f`` (worked out once per matching and index; a matching reused
-        after the meter moved on keeps them)."""
-        index = inputs.index
-        known = f._charges
-        if known is not None and known[0] is index and known[1] is not None:
-            return cast("Charges", known[1])
-        charges = cls._walk(f, inputs)
-        f._charges = (index, charges)
-        return charges
-
-    @classmethod
-    def _walk(cls, f: FillResult, inputs: FundingInputs) -> Charges:
+        """The charges of ``f``, worked out by one walk over its leases (``_accrue`` keeps them
+        on the matching, so a matching reused after the meter moved on reads them again)."""
         by_id = {lease.id: lease for lease in inputs.leases}
         envelopes, payer = inputs.index.envelopes, f.payer
         lent_classes = (FundingClass.SHARED, FundingClass.BORROWED)
