@@ -148,16 +148,22 @@ def new_run(draw: st.DrawFn, name: str, slots: dict[str, int]) -> tuple[Run, int
 def hours_views(draw: st.DrawFn, budgets: list[Budget]) -> HoursView:
     index = build_index(budgets)
     rem_env = {
-        k: draw(st.floats(0, e.gpu_hours or 1))
+        k: draw(hours_left(e.gpu_hours or 1))
         for k, e in index.envelopes.items()
         if e.gpu_hours is not None
     }
     rem_cap = {
-        k: draw(st.floats(0, c.gpu_hours or 1))
+        k: draw(hours_left(c.gpu_hours or 1))
         for k, c in index.caps.items()
         if c.gpu_hours is not None
     }
     return HoursView(draw(st.sampled_from([1.0, 24.0])), rem_env, rem_cap)
+
+
+def hours_left(most: float) -> st.SearchStrategy[float]:
+    """Hours left, whole ones too: over a 1-hour period a check then meets its bound exactly,
+    where the check's two forms (funded there before or not) differ."""
+    return st.one_of(st.floats(0, most), st.integers(0, 40).map(float))
 
 
 @dataclass
@@ -192,6 +198,24 @@ def drawn_world(data: st.DataObject, most: int, least: int = 0) -> tuple[World, 
     return world, drawn, hours
 
 
+def newcomers_funded_before(
+    data: st.DataObject, world: World
+) -> frozenset[tuple[str, EnvelopeKey]]:
+    """Pairs of leases ``Drawn.add`` may yet draw (``new0``..``new3``) with envelopes, as if
+    funded there in the last piece: such a newcomer passes its own GPU-hour check more easily
+    than the claims ranked below it."""
+    rng = data.draw(st.randoms(use_true_random=False))
+    keys = sorted(world.index.envelopes)
+    return frozenset(
+        (f"{ns}/new{i}#{k}", key)
+        for ns in ("p", "c1", "c2")
+        for i in range(4)
+        for k in range(3)
+        for key in keys
+        if rng.random() < 0.3
+    )
+
+
 @PROPS
 @given(st.data())
 def test_extend_fill_is_fill(data: st.DataObject) -> None:
@@ -199,6 +223,8 @@ def test_extend_fill_is_fill(data: st.DataObject) -> None:
     chained over several newcomers, each extending the previous result."""
     world, drawn, hours = drawn_world(data, 6)
     runs, admitted = drawn.runs, drawn.admitted
+    if data.draw(st.booleans()):  # some newcomers were funded in the last piece, as a replay
+        hours = dataclasses.replace(hours, previously_funded=newcomers_funded_before(data, world))
     current = world.fill(T0, hours)
     for i in range(data.draw(st.integers(1, 4))):
         xs = drawn.add(data, f"new{i}")
@@ -503,6 +529,70 @@ def test_extend_fill_takes_the_newcomer_that_fits() -> None:
     assert base2.payer["c"] is None  # turned away: 8 + 12 > 16
     small = [lease("b", new.key, 4, first=8)]
     assert extend_fill(world.index, base2, small, runs2, adm2, world.node_labels, T0) is None
+
+
+AMID_CASES = {
+    # name: (GPU-hours on the envelope or on a cap over it, hours left, the claims held, the
+    # newcomers extended one after another, whether each extension is taken).  A claim is
+    # run:width, with a * where it was funded there in the last piece; runs admitted at one
+    # instant rank by name.
+    "plenty of hours": ("envelope", 100.0, "a:4 c:4", "b:4", [True]),
+    # the newcomer, funded there before, passes with 4 GPUs ahead of it (10 > 8), but the
+    # claim below it now needs 12: its own check is not enough
+    "the claim below turned away": ("envelope", 10.0, "a:4 c:4", "b:4*", [False]),
+    "the same on a cap": ("cap", 10.0, "a:4 c:4", "b:4*", [False]),
+    # a claim funded before needs strictly more than period * (4 + 8) + HOURS_EPSILON
+    "exactly at the bound": ("envelope", 12.0, "a:4 c:1*", "b:8*", [False]),
+    "just past the bound": ("envelope", 12.5, "a:4 c:1*", "b:8*", [True]),
+    # the first extension's record carries the width it put ahead of the claims below
+    "one after another": ("envelope", 14.0, "a:4 c:4", "b1:4* b2:4*", [True, False]),
+}
+
+
+@pytest.mark.parametrize("case", AMID_CASES)
+def test_a_newcomer_amid_claims_under_gpu_hours_is_taken_only_where_every_check_holds(
+    case: str,
+) -> None:
+    """Runs admitted at the same instant rank by name, so a newcomer is often ranked amid the
+    claims held (the services decide a burst of admissions at one instant).  Where GPU-hours
+    are set, each claim ranked below it counts its width ahead: the extension is taken only
+    where every check made there still passes with it (``HoursChecks.top``), and is then
+    exactly ``fill``."""
+    where, left, held_spec, new_spec, taken = AMID_CASES[case]
+    k = EnvelopeKey("p", "p", "e")
+    on_env = where == "envelope"
+    caps = [] if on_env else [cap("all", ["e"], gpu_hours=100.0)]
+    e = env("e", 16, selector={"region": "*"}, gpu_hours=100.0 if on_env else None)
+    world_budgets = [budget("p", "org:p", [e], caps=caps)]
+    claims = [c.split(":") for c in f"{held_spec} {new_spec}".split()]
+    runs = {r.key: r for r in (run("p", name, 8) for name, _ in claims)}
+    admitted = dict.fromkeys(runs, T0)
+    every, slot = [], 0
+    for name, width in claims:
+        every.append(lease(name, f"p/{name}", int(width.rstrip("*")), first=slot))
+        slot += every[-1].width
+    held, new = every[: len(held_spec.split())], every[len(held_spec.split()) :]
+    before = frozenset((name, k) for name, width in claims if width.endswith("*"))
+    world = World(world_budgets, runs.values(), held, nodes=NODES, admitted=admitted)
+    cap_id = next(iter(world.index.caps), "")
+    key: EnvelopeKey | str = k if on_env else cap_id
+    hours = HoursView(1.0, {k: left} if on_env else {}, {} if on_env else {cap_id: left}, before)
+    current = fill(world.index, held, runs, admitted, world.node_labels, T0, hours)
+    assert all(current.payer.values()), "every claim held is funded before the newcomers"
+    for i, x in enumerate(new):
+        ext = extend_fill(world.index, current, [x], runs, admitted, world.node_labels, T0, hours)
+        reference = fill(
+            world.index, [*held, *new[: i + 1]], runs, admitted, world.node_labels, T0, hours
+        )
+        assert (ext is not None) is taken[i]
+        if ext is None:
+            assert not all(reference.payer.values()), "refused only where fill differs"
+            break
+        same_fill(ext, reference)
+        assert ext.trace is not None
+        assert ext.trace.hours is not None
+        assert ext.trace.hours.strict[key] > 1.0 * ext.trace.hours.top[key]
+        current = ext
 
 
 # ------------------------------------------------------------------------------------------

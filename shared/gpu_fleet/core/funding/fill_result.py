@@ -188,6 +188,11 @@ class HoursChecks:
     # before eases its check only while the period times that width exceeds twice
     # ``HOURS_EPSILON`` (``rebase_fill``).
     narrowest: float = math.inf
+    # Per envelope and cap, the largest width a passing check counted: the width funded ahead
+    # of the claim, plus its own where it was not funded before.  Each check still passes with
+    # ``extra`` more width ahead of it while the hours left exceed ``period * (top + extra)``
+    # plus ``HOURS_EPSILON`` (``incremental.extend_fill``, a newcomer ranked amid the others).
+    top: dict[EnvelopeKey | str, int] = field(default_factory=dict)
 
     def passed(self, key: EnvelopeKey | str, strict: float, weak: float | None) -> None:
         """Note a passing check's bounds (``weak`` None: it had none)."""

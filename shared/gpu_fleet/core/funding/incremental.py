@@ -16,6 +16,7 @@ import math
 import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TypeVar
 
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
@@ -79,10 +80,16 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
       fits its GPU-hours too: then it is considered after every other candidate of each of the
       group's decisions, so it changes no decision about anyone else, and it fits every time;
     * the group never turned anyone away (``FillTrace.rejected_at``), so its peaks are what it
-      holds at the end and everyone who ever proposed there is held, and no GPU-hours are set
-      on it (those checks depend on rank order): then everything that can ever propose there,
-      the newcomer included, fits together, every decision accepts every candidate, whatever
-      their order, and nothing turned away elsewhere changes.
+      holds at the end and everyone who ever proposed there is held: then everything that can
+      ever propose there, the newcomer included, fits together, every decision accepts every
+      candidate, whatever their order, and nothing turned away elsewhere changes.  Where its
+      envelope or a cap over it sets GPU-hours, those checks depend on rank order: a claim
+      ranked below the newcomer counts the newcomer's width ahead of it.  So every check made
+      there must still pass with all the new width there ahead of it: the hours left exceed
+      the period times the largest width a passing check counted (``HoursChecks.top``) plus
+      the new width, plus ``HOURS_EPSILON`` - which passes both of ``_hours_ok``'s forms,
+      whether or not the claim was funded there before.  Only that envelope's and its caps'
+      counters grow: the other envelopes of the group check other counters.
 
     Either way it is accepted in round 1 and never turned away: the matching is ``base`` plus
     each new claim held by its first envelope.  A loan's borrow limit counts the run's other
@@ -138,14 +145,18 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
     # which is at least the one ``fill`` would check: a stricter bound, so a safe one).
     checks = _checks_copy(trace.hours)
     already_copied = False
+    # Envelopes and caps setting GPU-hours where a newcomer is ranked amid the claims held.
+    amid: set[EnvelopeKey | str] = set()
     for rank, c, env, _tier in claims:
         acceptor = index.acceptor_of[env.key]
         last = junior.get(acceptor)
         is_junior = last is None or rank > last
-        if not is_junior and (
-            acceptor in trace.rejected_at or _hours_in_group(index, index.acceptors[acceptor])
-        ):
-            return None
+        if not is_junior:
+            if acceptor in trace.rejected_at:
+                return None
+            if env.gpu_hours is not None:
+                amid.add(env.key)
+            amid.update(cap_id for cap_id in env.caps if index.caps[cap_id].gpu_hours is not None)
         junior[acceptor] = rank if last is None or rank > last else last
         w = c.lease.width
         key = env.key
@@ -188,6 +199,8 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         ):
             return None
         used[key] += w
+    if amid and not _still_pass_amid(trace.hours, checks, amid, hours, index, (used, cap_used)):
+        return None
     accepted = dict(base.accepted)
     for rank, c, env, _ in claims:
         row = Accepted(rank, c.lease.width, int(rank[0]))  # type: ignore[call-overload]
@@ -267,6 +280,40 @@ def _hours_pass(
     return True
 
 
+def _still_pass_amid(  # noqa: PLR0917 - the extension's state
+    known: HoursChecks | None,
+    checks: HoursChecks | None,
+    amid: AbstractSet[EnvelopeKey | str],
+    hours: HoursView,
+    index: EnvelopeIndex,
+    new_width: tuple[Mapping[EnvelopeKey, int], Mapping[str, int]],
+) -> bool:
+    """Does every GPU-hour check ``known`` notes on ``amid`` pass with the extension's new width
+    there ahead of it (``extend_fill``)?  Noted in ``checks``, the extension's record, as
+    bounds a reuse under other hours left must keep (``rebase_fill``): each at least the bound
+    of a check it stands for."""
+    if known is None or checks is None:
+        return False  # the base noted no checks: nothing shows they pass
+    period = known.period_hours
+    for key in amid:
+        if isinstance(key, str):
+            extra = new_width[1][key]
+            left = hours.remaining_cap.get(key, index.caps[key].gpu_hours)
+        else:
+            extra = new_width[0][key]
+            left = hours.remaining_envelope.get(key, index.envelopes[key].gpu_hours)
+        top = known.top.get(key)
+        if top is None:
+            continue  # no claim held before checked it
+        assert left is not None, "an envelope or cap amid sets GPU-hours"
+        bound = period * (top + extra) + HOURS_EPSILON
+        if not left > bound:
+            return False
+        checks.passed(key, bound, None)
+        checks.top[key] = max(checks.top.get(key, -1), top + extra)
+    return True
+
+
 def _checks_copy(known: HoursChecks | None) -> HoursChecks | None:
     """``known`` to add an extension's checks to: its bounds copied (one per envelope or cap
     that sets GPU-hours), its sets shared - a newcomer never was funded before, so it adds to
@@ -274,7 +321,9 @@ def _checks_copy(known: HoursChecks | None) -> HoursChecks | None:
     base that noted no checks cannot be reused under other hours left, nor can its extension."""
     if known is None:
         return None
-    return dataclasses.replace(known, strict=dict(known.strict), weak=dict(known.weak))
+    return dataclasses.replace(
+        known, strict=dict(known.strict), weak=dict(known.weak), top=dict(known.top)
+    )
 
 
 def _layer_limit(base: FillResult) -> int:
@@ -282,17 +331,6 @@ def _layer_limit(base: FillResult) -> int:
     of twice the open leases, which balances copying the layer at every extension against
     copying every lease at each union (both then cost ~sqrt(2n) per admission)."""
     return max(32, math.isqrt(2 * len(base._payer)))
-
-
-def _hours_in_group(index: EnvelopeIndex, members: Sequence[EnvelopeKey]) -> bool:
-    """Does an envelope of the group, or a cap over it, set GPU-hours?"""
-    for key in members:
-        env = index.envelopes[key]
-        if env.gpu_hours is not None:
-            return True
-        if any(index.caps[cap_id].gpu_hours is not None for cap_id in env.caps):
-            return True
-    return False
 
 
 def _plus(base: Mapping[_K, int], extra: Mapping[_K, int]) -> dict[_K, int]:

@@ -1220,7 +1220,8 @@ def _passed(  # noqa: PLR0917 - ``_hours_ok``'s, and where it was checked
     already: bool,
 ) -> None:
     """Note a check ``_hours_ok`` passed, as the bounds on the hours left it compared with -
-    the very expressions it computed, so a later comparison against them is the same check."""
+    the very expressions it computed, so a later comparison against them is the same check -
+    and as the width it counted (``HoursChecks.top``)."""
     if already:
         checks.passed(key, period * above + HOURS_EPSILON, None)
         noted = checks.already
@@ -1229,6 +1230,10 @@ def _passed(  # noqa: PLR0917 - ``_hours_ok``'s, and where it was checked
     else:
         checks.passed(key, HOURS_EPSILON, period * (above + width))
         checks.narrowest = min(checks.narrowest, width)
+        above += width
+    top = checks.top
+    if above > top.get(key, -1):
+        top[key] = above
 
 
 def senior_width(rows: Sequence[Accepted], rank: tuple[object, ...]) -> int:
