@@ -26,7 +26,7 @@ What is measured, per world size (envelopes x open leases):
   (an ETA report), then the evaluation a decision at that instant reads (median of five).  A
   few envelopes set GPU-hours, so the meter is charged and the matching depends on it; a known
   matching is reused when every GPU-hour check provably comes out the same
-  (``incremental.rebase_fill``), and the charge is array additions (``metering.Charges``).
+  (``incremental.rebase_fill``), and the charge is array additions (``charges.Charges``).
 * **cover**: one ``cover(...)`` admission decision against a *precomputed* evaluation (the cached
   picture cover is designed to read), for a different requesting run each call - 200 calls, a
   mix of existing runs (family sharing, sponsors) and fresh ones, 1-64 GPUs, at the location of a

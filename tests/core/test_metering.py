@@ -25,18 +25,21 @@ from builders import (
     payer,
     run,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_incremental import drawn_world, same_fill
 
 from gpu_fleet.core.engine import Fleet, Settings
 from gpu_fleet.core.funding import (
+    FillResult,
     FundingInputs,
     Meter,
     advance_meter,
     evaluate,
+    fill,
     metering,
 )
+from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
 from gpu_fleet.core.ledger import check_invariants
 from gpu_fleet.core.model import FundingClass, LeaseRole
 
@@ -329,6 +332,52 @@ def test_charges_add_what_the_walk_adds_in_its_order(data: st.DataObject) -> Non
         assert meter_state(fast) == meter_state(walked)
     assert f._charges is not None
     assert f._charges[1] is not None  # worked out at the second piece
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_derived_charges_add_what_the_walk_adds_in_its_order(data: st.DataObject) -> None:
+    """A line of matchings as admissions and closes make them - each an extension by leases
+    just minted or a shrink by leases closed, sometimes several before the meter charges one,
+    sometimes one charged again - charged as the meter charges them: the charges derived from
+    the matching before (``Charges.derived``) leave every total bit for bit as the walk does,
+    with the keys in the same order."""
+    world, drawn, hours = drawn_world(data, 3, least=1)  # few: shrinks need no one turned away
+    runs, admitted, labels = drawn.runs, drawn.admitted, world.node_labels
+    current = world.fill(T0, hours)
+    fast, walked = Meter(t=float(T0)), Meter(t=float(T0))
+    t = float(T0)
+    for step in range(data.draw(st.integers(2, 8))):
+        inputs = FundingInputs(world.index, tuple(drawn.leases), runs, admitted, labels)
+        derived = current._derived is not None
+        event(f"charged right after a shrink: {derived and bool(current._derived[2])}")  # type: ignore[index]
+        if data.draw(st.integers(0, 4)) == 0:  # totals a copy left out (``copy_for_matching``)
+            fast, walked = Meter(t=t), Meter(t=t)
+        elif data.draw(st.booleans()):  # runs settled by a summary since
+            for m in (fast, walked):
+                m._settled.update(dict.fromkeys(m._unsettled, cast("Any", None)))
+                m._unsettled.clear()
+        for _ in range(data.draw(st.sampled_from([1, 1, 1, 2]))):
+            seconds = data.draw(st.sampled_from([1.0, 7.3, 60.0, 3600.0, 1e-3, 12345.678]))
+            metering._accrue(fast, inputs, current, t, t + seconds)
+            metering._accrue_walk(walked, inputs, current, ((t + seconds) - t) / 3600.0)
+            assert meter_state(fast) == meter_state(walked)
+            t += seconds
+        known = current._charges
+        from_arrays = known is not None and known[1] is not None
+        event(f"derived, then charged from arrays: {derived and from_arrays}")
+        for _ in range(data.draw(st.integers(1, 3))):
+            nxt: FillResult | None
+            if drawn.leases and data.draw(st.booleans()):
+                gone = data.draw(
+                    st.lists(st.sampled_from(drawn.leases), min_size=1, max_size=3, unique=True)
+                )
+                drawn.leases = [x for x in drawn.leases if x not in gone]
+                nxt = shrink_fill(current, gone)
+            else:
+                xs = drawn.add(data, f"new{step}_")
+                nxt = extend_fill(world.index, current, xs, runs, admitted, labels, T0, hours)
+            current = nxt or fill(world.index, drawn.leases, runs, admitted, labels, T0, hours)
 
 
 def test_the_meters_boundaries_follow_the_leases_they_are_asked_about() -> None:

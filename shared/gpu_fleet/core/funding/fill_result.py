@@ -274,12 +274,18 @@ class FillResult:
     # The matching's claims as columns, when ``fill`` made it large and every live lease is a
     # claim, each once (``ClaimColumns``); a small one and an extension have none.
     columns: ClaimColumns | None = field(default=None, repr=False, compare=False)
-    # What the meter charges each live lease to (``metering.Charges``), once worked out, and
+    # What the meter charges each live lease to (``charges.Charges``), once worked out, and
     # the index it was worked out for; ``(index, None)`` once charged by a walk only.
     _charges: tuple[EnvelopeIndex, object] | None = field(default=None, repr=False, compare=False)
     # What the funding summary adds up from the matching alone (``metering._Sums``), once
     # worked out, and the index it was worked out for.
     _sums: tuple[EnvelopeIndex, object] | None = field(default=None, repr=False, compare=False)
+    # The matching this one was derived from and how - the live leases added (an extension),
+    # the lease ids gone (a shrink) - until the meter has charged it: its charges are then
+    # the other's with those changes (``charges.Charges.derived``), not a walk.
+    _derived: tuple[FillResult, tuple[Lease, ...], frozenset[str]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def payer(self) -> dict[str, EnvelopeKey | None]:

@@ -109,11 +109,13 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
     if base._added is not None:
         payer, cls, rejections = (dict(base._added[0]), dict(base._added[1]), dict(base._added[2]))
     claims: list[tuple[tuple[object, ...], _Claim, EnvelopeInfo, Tier]] = []
+    live: list[Lease] = []
     for lease in sorted(new, key=lambda x: x.id):
         if not lease.live_at(t):
             continue
         if lease.id in payer or lease.id in base._payer:
             return None  # not new: the caller's promise is broken, do it the long way
+        live.append(lease)
         run = runs.get(lease.run)
         payer[lease.id] = None
         cls[lease.id] = FundingClass.UNFUNDED
@@ -230,6 +232,7 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
     out._added = (payer, cls, rejections)  # the base's maps are shared, never written
     out._rejection_log = log
     out._proposer = proposer
+    out._derived = (base, tuple(live), frozenset())
     _hand_on(base, out, new, claims)
     return out
 
@@ -369,7 +372,9 @@ def shrink_fill(base: FillResult, gone: Sequence[Lease]) -> FillResult | None:
             gone_from[env].add(lid)
     for env, lids in gone_from.items():
         accepted[env] = accepted[env].without(lids)  # a row's rank ends in its lease id
-    return FillResult(payer, cls, rejections, accepted, trace, base.ordered)
+    out = FillResult(payer, cls, rejections, accepted, trace, base.ordered)
+    out._derived = (base, (), frozenset(ids))
+    return out
 
 
 def rebase_fill(base: FillResult, index: EnvelopeIndex, hours: HoursView) -> FillResult | None:
