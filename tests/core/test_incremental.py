@@ -595,6 +595,33 @@ def test_a_newcomer_amid_claims_under_gpu_hours_is_taken_only_where_every_check_
         current = ext
 
 
+def test_a_matching_made_ahead_of_the_meter_is_not_extended_by_leases_minted_since() -> None:
+    """An evaluation of a later instant is made under the meter advanced to it; leases minted
+    since (at the meter's own instant) would have been charged by that advance, so the
+    matching is not extended by them under the meter as it stands - which had funded a lease
+    the GPU-hours cannot pay for (found by a review)."""
+    period = Settings(accounting_period=HOUR)
+    fleet = Fleet(period)
+    fleet.register_node(node("n1", 64, region="r1"), T0)
+    fleet.apply(budget("p", "org:p", [env("e", 32, selector={"region": "*"}, gpu_hours=10.0)]), T0)
+    fleet.apply(run("p", "a", 4), T0)
+    cut = len(fleet.state.history)
+    fleet.apply(run("p", "b", 4), T0)
+    history = fleet.state.history
+    follower = FleetState(settings_period_hours=period.period_hours)
+    for e in history[:cut]:
+        fold(follower, e)
+    follower.evaluation(T0 + HOUR)  # known: a matching ahead of the meter
+    for e in history[cut:]:
+        fold(follower, e)
+    reference = FleetState(settings_period_hours=period.period_hours, incremental=False)
+    for e in history:
+        fold(reference, e)
+    want = evaluate(reference.meter, reference.funding_inputs(), T0 + HOUR)
+    assert None in want.fill.payer.values()  # 10 hours pay for one 4-GPU run over the hour
+    same_fill(follower.evaluation(T0 + HOUR).fill, want.fill)
+
+
 # ------------------------------------------------------------------------------------------
 # The engine with its shortcuts against the engine without, and against a fresh fold
 # ------------------------------------------------------------------------------------------

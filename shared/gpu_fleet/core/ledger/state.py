@@ -307,6 +307,10 @@ class FleetState(ReservationLine):
             if base is not known.fill:
                 self._remember(at, base, advanced=advanced)
             return base
+        if known.advanced and self._hours_anywhere():
+            # Made under a meter advanced past the leases minted or closed since: that meter
+            # would have charged them, so no view at hand is the one to replay them under.
+            return None
         changes = self._changes_since(known.epoch)
         if changes is None:
             return None
