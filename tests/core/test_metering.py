@@ -27,18 +27,20 @@ from builders import (
 )
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_incremental import drawn_world, same_fill
+from test_incremental import Drawn, drawn_world, same_fill
 
 from gpu_fleet.core.engine import Fleet, Settings
 from gpu_fleet.core.funding import (
     FillResult,
     FundingInputs,
+    HoursView,
     Meter,
     advance_meter,
     evaluate,
     fill,
     metering,
 )
+from gpu_fleet.core.funding import charges as charges_module
 from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
 from gpu_fleet.core.ledger import check_invariants
 from gpu_fleet.core.model import FundingClass, LeaseRole
@@ -343,6 +345,14 @@ def test_derived_charges_add_what_the_walk_adds_in_its_order(data: st.DataObject
     the matching before (``Charges.derived``) leave every total bit for bit as the walk does,
     with the keys in the same order."""
     world, drawn, hours = drawn_world(data, 3, least=1)  # few: shrinks need no one turned away
+    with pytest.MonkeyPatch.context() as patch:  # key numberings compacted soon, or not
+        patch.setattr(charges_module, "COMPACT_FROM", data.draw(st.sampled_from([64, 1])))
+        patch.setattr(charges_module, "COMPACT_SHARE", data.draw(st.sampled_from([0.5, 0.0])))
+        charge_a_line(data, world, drawn, hours)
+
+
+def charge_a_line(data: st.DataObject, world: World, drawn: Drawn, hours: HoursView) -> None:
+    """The line of ``test_derived_charges_add_what_the_walk_adds_in_its_order``."""
     runs, admitted, labels = drawn.runs, drawn.admitted, world.node_labels
     current = world.fill(T0, hours)
     fast, walked = Meter(t=float(T0)), Meter(t=float(T0))
@@ -350,12 +360,12 @@ def test_derived_charges_add_what_the_walk_adds_in_its_order(data: st.DataObject
     for step in range(data.draw(st.integers(2, 8))):
         inputs = FundingInputs(world.index, tuple(drawn.leases), runs, admitted, labels)
         derived = current._derived is not None
-        event(f"charged right after a shrink: {derived and bool(current._derived[2])}")  # type: ignore[index]
+        event(f"charged right after a shrink: {derived and bool(current._derived[1][2])}")  # type: ignore[index]
         if data.draw(st.integers(0, 4)) == 0:  # totals a copy left out (``copy_for_matching``)
             fast, walked = Meter(t=t), Meter(t=t)
         elif data.draw(st.booleans()):  # runs settled by a summary since
             for m in (fast, walked):
-                m._settled.update(dict.fromkeys(m._unsettled, cast("Any", None)))
+                m._settled.update(dict.fromkeys(sorted(m._unsettled), cast("Any", None)))
                 m._unsettled.clear()
         for _ in range(data.draw(st.sampled_from([1, 1, 1, 2]))):
             seconds = data.draw(st.sampled_from([1.0, 7.3, 60.0, 3600.0, 1e-3, 12345.678]))
@@ -378,6 +388,40 @@ def test_derived_charges_add_what_the_walk_adds_in_its_order(data: st.DataObject
                 xs = drawn.add(data, f"new{step}_")
                 nxt = extend_fill(world.index, current, xs, runs, admitted, labels, T0, hours)
             current = nxt or fill(world.index, drawn.leases, runs, admitted, labels, T0, hours)
+
+
+def test_a_line_of_derived_charges_forgets_the_runs_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key numberings drop the keys no lease refers to any more once they are the larger
+    share (``charges._compact``; from 64 keys, here from any), so a long line of admissions
+    and closes does not read and write every run it ever met at every charge; the sums stay
+    the walk's."""
+    monkeypatch.setattr(charges_module, "COMPACT_FROM", 1)
+    team = budget("p", "org:p", [env("e", 64, selector={"region": "*"})])
+    runs = [run("p", f"r{i}", 8) for i in range(6)]
+    leases = [lease(f"{r.key}#0", r.key, 2, first=2 * i) for i, r in enumerate(runs)]
+    w = World([team], runs, leases)
+    inputs = w.inputs()
+    base = w.fill()
+    fast, walked = Meter(t=float(T0)), Meter(t=float(T0))
+    for m in (fast, walked):  # the first charge walks, the second works the charges out
+        metering._accrue(m, inputs, base, T0, T0 + 60)
+        metering._accrue(m, inputs, base, T0 + 60, T0 + 120)
+    gone = leases[1:5]
+    shrunk = shrink_fill(base, gone)
+    assert shrunk is not None
+    left = FundingInputs(
+        w.index, (leases[0], leases[5]), inputs.runs, inputs.admitted, inputs.node_labels
+    )
+    metering._accrue(fast, left, shrunk, T0 + 120, T0 + 180)
+    metering._accrue_walk(walked, left, shrunk, 60 / 3600.0)
+    assert meter_state(fast) == meter_state(walked)
+    assert shrunk._charges is not None
+    derived = cast("charges_module.Charges", shrunk._charges[1])
+    assert list(derived.run_classes) == [
+        (runs[0].key, FundingClass.OWNED),
+        (runs[5].key, FundingClass.OWNED),
+    ]
+    assert derived.run_class_of.tolist() == [0, 1]
 
 
 def test_the_meters_boundaries_follow_the_leases_they_are_asked_about() -> None:

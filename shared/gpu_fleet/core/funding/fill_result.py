@@ -202,6 +202,9 @@ class HoursChecks:
             self.weak[key] = weak
 
 
+Changes = tuple["Changes | None", tuple[Lease, ...], frozenset[str]]
+"""Changes from one matching to the next, newest first: the ones before, leases added, ids gone."""
+
 ROLE_CODES = {LeaseRole.ACTIVE: 0, LeaseRole.SPARE: 1}
 """A lease's role as ``ClaimColumns.roles`` holds it (2: any other role)."""
 
@@ -280,12 +283,19 @@ class FillResult:
     # What the funding summary adds up from the matching alone (``metering._Sums``), once
     # worked out, and the index it was worked out for.
     _sums: tuple[EnvelopeIndex, object] | None = field(default=None, repr=False, compare=False)
-    # The matching this one was derived from and how - the live leases added (an extension),
-    # the lease ids gone (a shrink) - until the meter has charged it: its charges are then
-    # the other's with those changes (``charges.Charges.derived``), not a walk.
-    _derived: tuple[FillResult, tuple[Lease, ...], frozenset[str]] | None = field(
-        default=None, repr=False, compare=False
-    )
+    # Until the meter has charged it: the nearest matching this one was derived from that the
+    # meter has charged (or that was matched afresh), and the changes since, newest first -
+    # the live leases added (an extension), the lease ids gone (a shrink).  Its charges are
+    # then that one's with those changes (``charges.Charges.derived``), not a walk.  Only the
+    # changes are kept between, not every matching of a burst at one instant.
+    _derived: tuple[FillResult, Changes] | None = field(default=None, repr=False, compare=False)
+
+    def derived(self, added: tuple[Lease, ...], gone: frozenset[str]) -> tuple[FillResult, Changes]:
+        """What a matching derived from this one by ``added`` and ``gone`` notes."""
+        if self._derived is not None and self._charges is None:
+            root, before = self._derived
+            return root, (before, added, gone)
+        return self, (None, added, gone)
 
     @property
     def payer(self) -> dict[str, EnvelopeKey | None]:

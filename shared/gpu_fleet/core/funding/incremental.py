@@ -232,7 +232,7 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
     out._added = (payer, cls, rejections)  # the base's maps are shared, never written
     out._rejection_log = log
     out._proposer = proposer
-    out._derived = (base, tuple(live), frozenset())
+    out._derived = base.derived(tuple(live), frozenset())
     _hand_on(base, out, new, claims)
     return out
 
@@ -373,7 +373,7 @@ def shrink_fill(base: FillResult, gone: Sequence[Lease]) -> FillResult | None:
     for env, lids in gone_from.items():
         accepted[env] = accepted[env].without(lids)  # a row's rank ends in its lease id
     out = FillResult(payer, cls, rejections, accepted, trace, base.ordered)
-    out._derived = (base, (), frozenset(ids))
+    out._derived = base.derived((), frozenset(ids))
     return out
 
 

@@ -24,7 +24,13 @@ import numpy as np
 
 from gpu_fleet.core.funding.charges import LENT_CLASSES, Charges, add_flat, add_nested
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex
-from gpu_fleet.core.funding.fill_result import ROLE_CODES, Accepted, ClaimColumns, FillResult
+from gpu_fleet.core.funding.fill_result import (
+    ROLE_CODES,
+    Accepted,
+    Changes,
+    ClaimColumns,
+    FillResult,
+)
 from gpu_fleet.core.funding.incremental import rebase_fill
 from gpu_fleet.core.funding.matching import CLASS_OF_RANK, HoursView, fill
 from gpu_fleet.core.gcpause import paused_gc
@@ -329,23 +335,25 @@ def _charges_for(f: FillResult, inputs: FundingInputs) -> Charges | None:
     known = f._charges
     if known is not None and known[0] is index and known[1] is not None:
         return cast("Charges", known[1])
-    steps: list[tuple[FillResult, tuple[Lease, ...], frozenset[str]]] = []
-    root = f
-    while root._derived is not None and not _has_charges(root, index):
-        steps.append(root._derived)
-        root = root._derived[0]
     charges: Charges | None = None
-    if steps and _has_charges(root, index):
+    derived = f._derived
+    if derived is not None and _has_charges(derived[0], index):
+        root = derived[0]
+        link: Changes | None = derived[1]
+        steps: list[tuple[tuple[Lease, ...], frozenset[str]]] = []
+        while link is not None:
+            link, new, closed = link
+            steps.append((new, closed))
         added: dict[str, Lease] = {}
         gone: set[str] = set()
-        for _, new, closed in reversed(steps):  # from the root on
+        for new, closed in reversed(steps):  # from the root on
             added.update((x.id, x) for x in new)
             for lease_id in closed:
                 if added.pop(lease_id, None) is None:
                     gone.add(lease_id)
         base = cast("Charges", cast("tuple[object, object]", root._charges)[1])
         charges = base.derived(f, list(added.values()), frozenset(gone), index.envelopes)
-    elif steps or (known is not None and known[0] is index):
+    elif derived is not None or (known is not None and known[0] is index):
         charges = Charges.of(f, inputs.leases, index.envelopes)
     f._derived = None  # charged: the line back is not needed any more
     f._charges = (index, charges)
@@ -695,7 +703,9 @@ def _settled_runs(meter: Meter, live: Mapping[str, RunFunding]) -> dict[str, Run
     settled, unsettled = meter._settled, meter._unsettled
     if len(settled) + len(unsettled) != len(meter.run_hours):
         unsettled.update(k for k in meter.run_hours if k not in settled)
-    for run_key in [k for k in unsettled if k not in live]:
+    # In name order: the set's own order follows how its runs were added, which the meter's
+    # walk and its array charges (``Charges.derived``) do in different orders.
+    for run_key in sorted(k for k in unsettled if k not in live):
         hours = meter.run_hours.get(run_key)
         lenders = meter.run_lender_hours.get(run_key)
         settled[run_key] = RunFunding(
