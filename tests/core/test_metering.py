@@ -43,7 +43,7 @@ from gpu_fleet.core.funding import (
 from gpu_fleet.core.funding import charges as charges_module
 from gpu_fleet.core.funding.incremental import extend_fill, shrink_fill
 from gpu_fleet.core.ledger import check_invariants
-from gpu_fleet.core.model import FundingClass, LeaseRole
+from gpu_fleet.core.model import EnvelopeKey, FundingClass, LeaseRole
 
 PARENT = budget("p", "org:p", [env("e", 4)])
 CHILD = budget("c", "org:c", [env("e", 1, flavor=A100)], parents=["org:p"])
@@ -422,6 +422,36 @@ def test_a_line_of_derived_charges_forgets_the_runs_gone(monkeypatch: pytest.Mon
         (runs[5].key, FundingClass.OWNED),
     ]
     assert derived.run_class_of.tolist() == [0, 1]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_the_next_crossing_read_by_chunks_is_the_walks(data: st.DataObject) -> None:
+    """``_crossing_seconds`` finds an envelope's nearest GPU-hour crossing from its funded
+    rows by chunks (``RankedRows.last_start``): exactly what the walk over every row finds."""
+    world, _, hours = drawn_world(data, 8)
+    f = world.fill(T0, hours)
+    walked = copy.copy(f)
+    walked.accepted = {k: list(rows) for k, rows in f.accepted.items()}  # the walk reads lists
+    inputs = world.inputs()
+    assert metering._crossing_seconds(inputs, f, hours) == metering._crossing_seconds(
+        inputs, walked, hours
+    )
+
+
+def test_a_claim_with_no_hours_left_ahead_of_it_sets_no_crossing() -> None:
+    """Two funded 4-GPU claims burning 8 GPUs against 4 hours left over a 1-hour period: the
+    first crosses its threshold in half an hour; the second, with exactly no gap left, is not a
+    crossing.  (A matching under these very hours would not have funded it; the function
+    answers for the rows and hours it is given.)"""
+    e = EnvelopeKey("p", "p", "e")
+    team = budget("p", "org:p", [env("e", 8, selector={"region": "*"}, gpu_hours=10.0)])
+    a, b = run("p", "a", 4), run("p", "b", 4)
+    w = World([team], [a, b], [lease("A", a.key, 4), lease("B", b.key, 4, first=4)])
+    f = w.fill(T0, HoursView(1.0, {e: 10.0}, {}, frozenset()))
+    assert f.payer == {"A": e, "B": e}
+    tight = HoursView(1.0, {e: 4.0}, {}, frozenset())
+    assert metering._crossing_seconds(w.inputs(), f, tight) == 1800.0
 
 
 def test_the_meters_boundaries_follow_the_leases_they_are_asked_about() -> None:

@@ -38,6 +38,10 @@ def reads_as(rows: RankedRows, model: list[Accepted]) -> None:
         assert rows.bisect_left(rank) == left
         assert rows.bisect_right(rank) == right
         assert rows.width_up_to(rank) == sum(r.width for r in model[:right])
+    starts = [sum(r.width for r in model[:i]) for i in range(len(model))]
+    for limit in {0, 1, 7, rows.total_width() // 2, rows.total_width(), rows.total_width() + 1}:
+        ahead = [a for a in starts if a < limit]
+        assert rows.last_start(lambda a, limit=limit: a < limit) == max(ahead, default=None)
 
 
 ops = st.lists(

@@ -33,6 +33,7 @@ from gpu_fleet.core.funding.fill_result import (
 )
 from gpu_fleet.core.funding.incremental import rebase_fill
 from gpu_fleet.core.funding.matching import CLASS_OF_RANK, HoursView, fill
+from gpu_fleet.core.funding.ranked_rows import RankedRows
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
 
@@ -156,6 +157,17 @@ def _crossing_seconds(inputs: FundingInputs, f: FillResult, view: HoursView) -> 
 
     def scan(rows: Sequence[Accepted], remaining: float) -> None:
         nonlocal best
+        if isinstance(rows, RankedRows):
+            # The gap only shrinks as the width ahead grows (float products and differences
+            # are monotone), so the nearest crossing is at the last row with a gap: found by
+            # chunks, not a walk over every funded row at every instant (issue 11).
+            burn = rows.total_width()
+            above_last = rows.last_start(lambda above: remaining - period * above > 0)
+            if burn > 0 and above_last is not None:
+                secs = (remaining - period * above_last) / burn * 3600.0
+                if best is None or secs < best:
+                    best = secs
+            return
         burn = sum(r.width for r in rows)
         if burn <= 0:
             return

@@ -140,6 +140,26 @@ class RankedRows(Sequence["Accepted"]):
     def total_width(self) -> int:
         return self._total
 
+    def last_start(self, holds: Callable[[int], bool]) -> int | None:
+        """The largest width ahead of a row - the width of the rows before it - for which
+        ``holds``, which must hold up to some width and not beyond; ``None`` if it holds for
+        none.  Chunk by chunk, then row by row in one chunk: O(n / CHUNK + CHUNK)."""
+        start, k = 0, -1
+        for i, width in enumerate(self._widths):
+            if not holds(start):
+                break
+            k, start = i, start + width
+        if k < 0:
+            return None
+        above = start - self._widths[k]
+        found = None
+        for row in self._chunks[k]:
+            if not holds(above):
+                break
+            found = above
+            above += row.width
+        return found
+
     # -- new versions ----------------------------------------------------------------------
 
     def inserted(self, row: Accepted) -> RankedRows:
