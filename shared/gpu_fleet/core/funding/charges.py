@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -63,6 +63,11 @@ class Charges:
     lenders: dict[tuple[str, str], int]
     lender_of: np.ndarray
     lent_source: np.ndarray
+    # Per numbering of runs' keys, the keys in number order as far as any numbering that
+    # grew from the same one has numbered them (``_Builder``): numberings sharing one agree
+    # on every number they have, so the meter can add pieces of a line onto one array.
+    run_log: list[tuple[str, FundingClass]]
+    lender_log: list[tuple[str, str]]
 
     @classmethod
     def of(
@@ -74,7 +79,7 @@ class Charges:
         """The charges of ``f`` (whose leases are among ``leases``), by one walk over them."""
         by_id = {lease.id: lease for lease in leases}
         classes, payer = f.classes_by_id(), f.payer
-        out = _Builder(cls.empty(), envelopes)
+        out = _Builder(cls.empty(), envelopes)  # its own logs: a new line of numberings
         out.add((by_id[lease_id], cls_, payer.get(lease_id)) for lease_id, cls_ in classes)
         return out.charges([lease_id for lease_id, _ in classes])
 
@@ -82,8 +87,9 @@ class Charges:
     def empty(cls) -> Charges:
         none = np.zeros(0, dtype=np.int64)
         return cls(
-            [], np.zeros(0), [], {}, none, none, {}, none, {}, none, {}, none, none, {}, none, none
-        )
+            [], np.zeros(0), [], {}, none, none, {}, none, {}, none, {}, none, none, {}, none, none,
+            [], [],
+        )  # fmt: skip
 
     def derived(
         self,
@@ -125,13 +131,13 @@ class Charges:
 
         cap_of, cap_source = sources(self.cap_source, self.cap_of)
         lender_of, lent_source = sources(self.lent_source, self.lender_of)
-        run_classes, run_class_of = _compact(self.run_classes, run_class_of)
-        envelopes, envelope_of = _compact(self.envelopes, self.envelope_of[funded_keep])
-        envelope_classes, envelope_class_of = _compact(
-            self.envelope_classes, self.envelope_class_of[funded_keep]
+        run_classes, run_class_of, run_log = _compact(self.run_classes, run_class_of, self.run_log)
+        envelopes, envelope_of, _ = _compact(self.envelopes, self.envelope_of[funded_keep], [])
+        envelope_classes, envelope_class_of, _ = _compact(
+            self.envelope_classes, self.envelope_class_of[funded_keep], []
         )
-        caps, cap_of = _compact(self.caps, cap_of)
-        lenders, lender_of = _compact(self.lenders, lender_of)
+        caps, cap_of, _ = _compact(self.caps, cap_of, [])
+        lenders, lender_of, lender_log = _compact(self.lenders, lender_of, self.lender_log)
         return Charges(
             ids,
             self.widths[keep],
@@ -149,6 +155,8 @@ class Charges:
             lenders,
             lender_of,
             lent_source,
+            run_log,
+            lender_log,
         )
 
     def _with(
@@ -203,6 +211,8 @@ class Charges:
             new.lenders,
             lender_of,
             lent_source,
+            new.logs["run_classes"],
+            new.logs["lenders"],
         )
 
 
@@ -212,22 +222,24 @@ COMPACT_SHARE = 0.5
 """The share of a numbering's keys no lease refers to any more past which it is compacted."""
 
 
-def _compact(numbers: dict[_K, int], which: np.ndarray) -> tuple[dict[_K, int], np.ndarray]:
+def _compact(
+    numbers: dict[_K, int], which: np.ndarray, log: list[_K]
+) -> tuple[dict[_K, int], np.ndarray, list[_K]]:
     """``numbers`` without the keys ``which`` no longer refers to, once they are more than
     ``COMPACT_SHARE`` of them, and ``which`` renumbered to match (the keys kept in their
     order).  A line of derived charges otherwise numbers every run it ever met, and every
     charge reads and writes them all (a review: 5,200 keys after 5,000 admissions and closes
     over 200 runs)."""
     if len(numbers) < COMPACT_FROM:
-        return numbers, which
+        return numbers, which, log
     present = np.zeros(len(numbers), dtype=bool)
     present[which] = True
     unused = len(numbers) - int(present.sum())
     if unused <= COMPACT_SHARE * len(numbers):
-        return numbers, which
+        return numbers, which, log
     renumber = np.cumsum(present) - 1
     kept = [key for key, here in zip(numbers, present.tolist(), strict=True) if here]
-    return {key: i for i, key in enumerate(kept)}, renumber[which]
+    return {key: i for i, key in enumerate(kept)}, renumber[which], list(kept)  # a new log
 
 
 class _Builder:
@@ -239,6 +251,7 @@ class _Builder:
         self.run_classes, self.envelopes = base.run_classes, base.envelopes
         self.envelope_classes, self.caps = base.envelope_classes, base.caps
         self.lenders = base.lenders
+        self.logs: dict[str, list[Any]] = {"run_classes": base.run_log, "lenders": base.lender_log}
         self._copied: set[str] = set()
         self.widths: list[int] = []
         self.runs: dict[str, None] = {}
@@ -260,6 +273,12 @@ class _Builder:
                 setattr(self, name, numbers)
                 self._copied.add(name)
             got = numbers[key] = len(numbers)
+            log = self.logs.get(name)
+            if log is not None:
+                if len(log) == got:
+                    log.append(key)  # the line's newest numbering: its log grows
+                elif log[got] != key:  # another numbering from the same one took this number
+                    log = self.logs[name] = [*log[:got], key]
         return got
 
     def add(self, leases: Iterable[tuple[Lease, FundingClass, EnvelopeKey | None]]) -> None:
@@ -300,6 +319,8 @@ class _Builder:
             self.lenders,
             _ints(self.lender_of),
             _ints(self.lent_source),
+            self.logs["run_classes"],
+            self.logs["lenders"],
         )
 
 
@@ -351,6 +372,58 @@ def add_nested(
         return
     for (a, b), v in zip(names, running.tolist(), strict=True):
         totals[a][b] = v
+
+
+def add_pieces(
+    totals: dict[_K, dict[_C, float]],
+    pieces: Sequence[
+        tuple[Mapping[tuple[_K, _C], int], list[tuple[_K, _C]], np.ndarray, np.ndarray]
+    ],
+) -> list[_K]:
+    """``add_nested`` for each piece in turn (its numbering, that numbering's log, which key
+    each value goes to, the values) as if each were written before the next is read - so
+    pieces whose numberings share a log are added onto one array, read and written once.
+    Returns the outer keys any piece adds to, each once."""
+    charged: dict[_K, None] = {}
+    i = 0
+    while i < len(pieces):
+        log, j = pieces[i][1], i + 1
+        while j < len(pieces) and pieces[j][1] is log:
+            j += 1
+        _add_line(totals, pieces[i:j], charged)
+        i = j
+    return list(charged)
+
+
+def _add_line(
+    totals: dict[_K, dict[_C, float]],
+    pieces: Sequence[
+        tuple[Mapping[tuple[_K, _C], int], list[tuple[_K, _C]], np.ndarray, np.ndarray]
+    ],
+    charged: dict[_K, None],
+) -> None:
+    size = max(len(numbers) for numbers, _, _, _ in pieces)
+    names = pieces[0][1][:size]  # numberings sharing a log agree on every number they have
+    read = [None if (inner := totals.get(a)) is None else inner.get(b) for a, b in names]
+    missing = {i for i, v in enumerate(read) if v is None} if None in read else set()
+    present = np.zeros(size, dtype=bool)
+    for numbers, _, which, _ in pieces:
+        if not len(which):
+            continue
+        if missing:  # created where the walk would: piece by piece, each in first-met order
+            for number in _first_met(sorted(k for k in missing if k < len(numbers)), which):
+                a, b = names[number]
+                totals[a][b] = read[number] = 0.0
+                missing.discard(number)
+        present[which] = True
+    running = np.array([0.0 if v is None else v for v in read], dtype=np.float64)
+    for _, _, which, values in pieces:
+        np.add.at(running, which, values)
+    for (a, b), v, number in zip(names, running.tolist(), range(size), strict=True):
+        if number not in missing:  # a key missing that no piece adds to stays missing
+            totals[a][b] = v
+    for number in np.flatnonzero(present).tolist():
+        charged[names[number][0]] = None
 
 
 def _create_missing(

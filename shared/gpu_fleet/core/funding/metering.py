@@ -22,7 +22,13 @@ from typing import cast
 
 import numpy as np
 
-from gpu_fleet.core.funding.charges import LENT_CLASSES, Charges, add_flat, add_nested
+from gpu_fleet.core.funding.charges import (
+    LENT_CLASSES,
+    Charges,
+    add_flat,
+    add_nested,
+    add_pieces,
+)
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex
 from gpu_fleet.core.funding.fill_result import (
     ROLE_CODES,
@@ -50,10 +56,11 @@ class Meter:
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
     cap_hours: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    run_hours: dict[str, dict[FundingClass, float]] = field(
+    # The runs' totals (``run_hours``, ``run_lender_hours``: read through them).
+    _run_hours: dict[str, dict[FundingClass, float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
-    run_lender_hours: dict[str, dict[str, float]] = field(
+    _run_lender_hours: dict[str, dict[str, float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
     previously_funded: frozenset[tuple[str, EnvelopeKey]] = frozenset()
@@ -62,6 +69,66 @@ class Meter:
     # ``_settled`` and ``_unsettled`` split the runs metered so far (self-healing if not).
     _settled: dict[str, RunFunding] = field(default_factory=dict, repr=False, compare=False)
     _unsettled: set[str] = field(default_factory=set, repr=False, compare=False)
+    # Pieces charged from arrays whose runs' totals are not written yet (``flush``): the fold
+    # charges a piece at every instant the clock moves, and writing every run's totals each
+    # time cost a read and a write per run; they are written when read, all pieces at once.
+    _pending: list[tuple[Charges, np.ndarray]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+
+    @property
+    def run_hours(self) -> dict[str, dict[FundingClass, float]]:
+        """Hours charged per run and class."""
+        self.flush()
+        return self._run_hours
+
+    @property
+    def run_lender_hours(self) -> dict[str, dict[str, float]]:
+        """Hours charged per run from each lender (shared and borrowed classes)."""
+        self.flush()
+        return self._run_lender_hours
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Meter):
+            return NotImplemented
+        self.flush()
+        other.flush()
+        return (
+            self.t == other.t
+            and self.envelope_hours == other.envelope_hours
+            and self.envelope_class_hours == other.envelope_class_hours
+            and self.cap_hours == other.cap_hours
+            and self._run_hours == other._run_hours
+            and self._run_lender_hours == other._run_lender_hours
+            and self.previously_funded == other.previously_funded
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def flush(self) -> None:
+        """Write the runs' totals of the pieces charged and not written yet: the additions of
+        each piece in turn, as if each had been written when charged (``charges.add_pieces``),
+        and the runs they charged marked as charged since their summary."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        charged = add_pieces(
+            self._run_hours,
+            [(c.run_classes, c.run_log, c.run_class_of, values) for c, values in pending],
+        )
+        add_pieces(
+            self._run_lender_hours,
+            [
+                (c.lenders, c.lender_log, c.lender_of, values[c.funded][c.lent_source])
+                for c, values in pending
+            ],
+        )
+        settled, unsettled = self._settled, self._unsettled
+        for run in charged:
+            if run not in unsettled:
+                settled.pop(run, None)
+                unsettled.add(run)
 
     def copy(self) -> Meter:
         """An independent copy (the nested dicts too; floats and keys are immutable).
@@ -69,6 +136,7 @@ class Meter:
         Written out rather than ``copy.deepcopy``, which walked every value and took ~10x as
         long - it runs once per instant the engine evaluates before anything is folded there.
         """
+        self.flush()
         out = Meter(t=self.t, previously_funded=self.previously_funded)
         out.envelope_hours.update(self.envelope_hours)
         for env, by_class in self.envelope_class_hours.items():
@@ -314,21 +382,13 @@ def _accrue(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: f
         _accrue_walk(meter, inputs, f, hours)
         return
     values = charges.widths * hours
-    settled, unsettled = meter._settled, meter._unsettled
-    for run in charges.runs:
-        if run not in unsettled:
-            settled.pop(run, None)
-            unsettled.add(run)
-    add_nested(meter.run_hours, charges.run_classes, charges.run_class_of, values)
+    meter._pending.append((charges, values))  # the runs' totals: written when read
     funded = values[charges.funded]
     add_flat(meter.envelope_hours, charges.envelopes, charges.envelope_of, funded)
     add_nested(
         meter.envelope_class_hours, charges.envelope_classes, charges.envelope_class_of, funded
     )
     add_flat(meter.cap_hours, charges.caps, charges.cap_of, funded[charges.cap_source])
-    add_nested(
-        meter.run_lender_hours, charges.lenders, charges.lender_of, funded[charges.lent_source]
-    )
 
 
 def _charges_for(f: FillResult, inputs: FundingInputs) -> Charges | None:
@@ -383,8 +443,8 @@ def _accrue_walk(meter: Meter, inputs: FundingInputs, f: FillResult, hours: floa
     The loop runs over every open lease, so the lookups it repeats are bound to locals once;
     the arithmetic and its order are exactly the straightforward ones."""
     by_id = {lease.id: lease for lease in inputs.leases}
+    run_hours, run_lender_hours = meter.run_hours, meter.run_lender_hours  # flushed first
     settled, unsettled = meter._settled, meter._unsettled
-    run_hours, run_lender_hours = meter.run_hours, meter.run_lender_hours
     envelope_hours, envelope_class_hours = meter.envelope_hours, meter.envelope_class_hours
     cap_hours = meter.cap_hours
     envelopes, payer = inputs.index.envelopes, f.payer
@@ -712,6 +772,7 @@ def _sum_leases(
 def _settled_runs(meter: Meter, live: Mapping[str, RunFunding]) -> dict[str, RunFunding]:
     """What ``summarize`` shows for runs metered before but holding no live lease now (their
     hours only): kept on the meter, rebuilt only for runs charged since (read-only)."""
+    meter.flush()
     settled, unsettled = meter._settled, meter._unsettled
     if len(settled) + len(unsettled) != len(meter.run_hours):
         unsettled.update(k for k in meter.run_hours if k not in settled)
