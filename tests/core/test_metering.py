@@ -416,6 +416,11 @@ def test_pieces_of_sibling_matchings_are_written_apart() -> None:
         metering._accrue_walk(walked, piece, sibling, 60 / 3600.0)
         t += 60
     assert len(fast._pending) == 3  # nothing read since the arrays were worked out
+    for i in range(metering.PENDING_MOST):  # unread, they are written all the same
+        metering._accrue(fast, inputs, base, t + i, t + i + 1)
+    assert 0 < len(fast._pending) < metering.PENDING_MOST
+    for _ in range(metering.PENDING_MOST):
+        metering._accrue_walk(walked, inputs, base, 1 / 3600.0)
     assert meter_state(fast) == meter_state(walked)
     assert fast.run_hours[b.key][FundingClass.OWNED] == 4 * 60 / 3600.0
 

@@ -44,6 +44,9 @@ from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
 
 _MIN_STEP = 1e-3  # seconds; keeps a float crossing from stalling the fold
+PENDING_MOST = 32
+"""Pieces whose runs' totals wait to be read (``Meter.flush``) before they are written anyway:
+each holds an array over the open leases (32 x 100k floats: 26 MB)."""
 
 
 @dataclass
@@ -383,6 +386,8 @@ def _accrue(meter: Meter, inputs: FundingInputs, f: FillResult, t0: float, t1: f
         return
     values = charges.widths * hours
     meter._pending.append((charges, values))  # the runs' totals: written when read
+    if len(meter._pending) >= PENDING_MOST:
+        meter.flush()  # or unread totals would keep a copy of every piece
     funded = values[charges.funded]
     add_flat(meter.envelope_hours, charges.envelopes, charges.envelope_of, funded)
     add_nested(
