@@ -393,6 +393,16 @@ def charge_a_line(data: st.DataObject, world: World, drawn: Drawn, hours: HoursV
     assert meter_state(fast) == meter_state(walked)
 
 
+def charged_twice(inputs: FundingInputs, base: FillResult) -> tuple[Meter, Meter]:
+    """Two meters that charged ``base`` for two minutes: the first charge walks, the second
+    works its charges out, so a matching derived from it derives its charges."""
+    fast, walked = Meter(t=float(T0)), Meter(t=float(T0))
+    for m in (fast, walked):
+        metering._accrue(m, inputs, base, T0, T0 + 60)
+        metering._accrue(m, inputs, base, T0 + 60, T0 + 120)
+    return fast, walked
+
+
 def test_pieces_of_sibling_matchings_are_written_apart() -> None:
     """Two matchings derived from one, each numbering a different new run with the same
     number, charged one after the other before the runs' totals are read: each run gets its
@@ -403,10 +413,7 @@ def test_pieces_of_sibling_matchings_are_written_apart() -> None:
     w = World([team], [old, a, b], [held])
     base = w.fill()
     inputs = w.inputs()
-    fast, walked = Meter(t=float(T0)), Meter(t=float(T0))
-    for m in (fast, walked):  # the first charge walks, the second works the charges out
-        metering._accrue(m, inputs, base, T0, T0 + 60)
-        metering._accrue(m, inputs, base, T0 + 60, T0 + 120)
+    fast, walked = charged_twice(inputs, base)
     t = T0 + 120
     for x in (lease("p/a#0", a.key, 2, first=2), lease("p/b#0", b.key, 4, first=2)):
         sibling = extend_fill(w.index, base, [x], inputs.runs, inputs.admitted, w.node_labels, T0)
@@ -437,10 +444,7 @@ def test_a_line_of_derived_charges_forgets_the_runs_gone(monkeypatch: pytest.Mon
     w = World([team], runs, leases)
     inputs = w.inputs()
     base = w.fill()
-    fast, walked = Meter(t=float(T0)), Meter(t=float(T0))
-    for m in (fast, walked):  # the first charge walks, the second works the charges out
-        metering._accrue(m, inputs, base, T0, T0 + 60)
-        metering._accrue(m, inputs, base, T0 + 60, T0 + 120)
+    fast, walked = charged_twice(inputs, base)
     gone = leases[1:5]
     shrunk = shrink_fill(base, gone)
     assert shrunk is not None
