@@ -49,7 +49,6 @@ class Charges:
 
     ids: list[str]
     widths: np.ndarray
-    runs: list[str]  # every run with a live lease, each once
     run_classes: dict[tuple[str, FundingClass], int]
     run_class_of: np.ndarray
     funded: np.ndarray
@@ -87,7 +86,7 @@ class Charges:
     def empty(cls) -> Charges:
         none = np.zeros(0, dtype=np.int64)
         return cls(
-            [], np.zeros(0), [], {}, none, none, {}, none, {}, none, {}, none, none, {}, none, none,
+            [], np.zeros(0), {}, none, none, {}, none, {}, none, {}, none, none, {}, none, none,
             [], [],
         )  # fmt: skip
 
@@ -119,10 +118,6 @@ class Charges:
         removed_before = np.cumsum(~keep)  # at a kept lease: the leases removed before it
         funded_removed = np.cumsum(~funded_keep)
         run_class_of = self.run_class_of[keep]
-        present = np.zeros(len(self.run_classes), dtype=bool)
-        present[run_class_of] = True
-        keys = list(self.run_classes)
-        live_runs = {keys[k][0] for k in np.flatnonzero(present).tolist()}
 
         def sources(source: np.ndarray, of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             stays = funded_keep[source]
@@ -141,7 +136,6 @@ class Charges:
         return Charges(
             ids,
             self.widths[keep],
-            [run for run in self.runs if run in live_runs],
             run_classes,
             run_class_of,
             kept - removed_before[kept],
@@ -190,14 +184,9 @@ class Charges:
         lender_of, lent_source = pairs(
             self.lent_source, self.lender_of, new.lender_of, new.lent_source
         )
-        runs = self.runs
-        if new.runs:
-            known = set(runs)
-            runs = runs + [run for run in new.runs if run not in known]
         return Charges(
             ids,
             np.insert(self.widths, lease_at, new.widths),
-            runs,
             new.run_classes,
             np.insert(self.run_class_of, lease_at, new.run_class_of),
             np.insert(funded, fund_at, new_funded),
@@ -254,7 +243,6 @@ class _Builder:
         self.logs: dict[str, list[Any]] = {"run_classes": base.run_log, "lenders": base.lender_log}
         self._copied: set[str] = set()
         self.widths: list[int] = []
-        self.runs: dict[str, None] = {}
         self.run_class_of: list[int] = []
         self.funded: list[int] = []  # the leases met that are funded, by their place here
         self.envelope_of: list[int] = []
@@ -285,7 +273,6 @@ class _Builder:
         for lease, cls_, env_key in leases:
             run = lease.run
             self.widths.append(len(lease.slots))
-            self.runs[run] = None
             self.run_class_of.append(self._number("run_classes", (run, cls_)))
             if env_key is None:
                 continue
@@ -305,7 +292,6 @@ class _Builder:
         return Charges(
             ids,
             np.array(self.widths, dtype=np.float64),
-            list(self.runs),
             self.run_classes,
             _ints(self.run_class_of),
             _ints(self.funded),
@@ -352,26 +338,10 @@ def add_nested(
     which: np.ndarray,
     values: np.ndarray,
 ) -> None:
-    """``add_flat`` for totals kept per outer, then inner key."""
-    if not len(which):
-        return
-    names = list(keys)
-    read = [None if (inner := totals.get(a)) is None else inner.get(b) for a, b in names]
-
-    def create(k: int) -> None:
-        a, b = names[k]
-        totals[a][b] = 0.0
-
-    left_out = _create_missing(read, which, create)
-    running = np.array(read, dtype=np.float64)
-    np.add.at(running, which, values)
-    if left_out:
-        for (a, b), v, number in zip(names, running.tolist(), range(len(names)), strict=True):
-            if number not in left_out:
-                totals[a][b] = v
-        return
-    for (a, b), v in zip(names, running.tolist(), strict=True):
-        totals[a][b] = v
+    """``add_flat`` for totals kept per outer, then inner key: one piece of ``add_pieces``
+    (the keys in number order are its log)."""
+    if len(which):
+        _add_line(totals, [(keys, list(keys), which, values)], {})
 
 
 def add_pieces(

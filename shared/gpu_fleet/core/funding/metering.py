@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import cast
 
 import numpy as np
@@ -92,18 +92,13 @@ class Meter:
         return self._run_lender_hours
 
     def __eq__(self, other: object) -> bool:
+        """The fields compared, with the runs' totals written first."""
         if not isinstance(other, Meter):
             return NotImplemented
         self.flush()
         other.flush()
-        return (
-            self.t == other.t
-            and self.envelope_hours == other.envelope_hours
-            and self.envelope_class_hours == other.envelope_class_hours
-            and self.cap_hours == other.cap_hours
-            and self._run_hours == other._run_hours
-            and self._run_lender_hours == other._run_lender_hours
-            and self.previously_funded == other.previously_funded
+        return all(
+            getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.compare
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
