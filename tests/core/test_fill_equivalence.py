@@ -158,6 +158,18 @@ def test_a_leases_first_slot_is_its_least_node_and_ordinal(parts: list[tuple[str
     assert matching._first_slot(slots) == min(map(key, slots))
 
 
+def test_the_first_slots_kept_are_emptied_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parsed first slots are kept in a process-wide dict; once it holds as many as it
+    keeps it starts afresh, so it never grows past that, and answers stay right across it."""
+    monkeypatch.setattr(matching, "_FIRST_SLOTS", {})
+    monkeypatch.setattr(matching, "_FIRST_SLOTS_KEPT", 3)
+    firsts = [matching._first_slot((f"n{i}#{7 - i}", f"n{i}#9")) for i in range(7)]
+    assert firsts == [(f"n{i}", 7 - i) for i in range(7)]
+    assert len(matching._FIRST_SLOTS) == 1  # emptied at the 4th and the 7th
+    assert matching._first_slot(("n0#7", "n0#9")) == ("n0", 7)
+    assert len(matching._FIRST_SLOTS) == 2
+
+
 @BOTH_WAYS
 def test_a_lease_without_slots_is_funded_as_the_reference_funds_it(arrays: bool) -> None:
     """The ledger refuses such a lease, but the matching is a pure function of what it is

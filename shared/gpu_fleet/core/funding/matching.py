@@ -28,7 +28,6 @@ The result is a pure function of its inputs; nothing here is stored on a lease.
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import operator
 from collections import defaultdict
@@ -86,10 +85,28 @@ def hours_checks_of(hours: HoursView) -> HoursChecks | None:
     )
 
 
-@functools.lru_cache(maxsize=1 << 18)
+_FIRST_SLOTS: dict[tuple[str, ...], tuple[str, int]] = {}
+_FIRST_SLOTS_KEPT = 1 << 18
+"""Slot tuples whose first slot ``_first_slot`` keeps: a 100k-lease fleet's, and more."""
+
+
 def _first_slot(slots: tuple[str, ...]) -> tuple[str, int]:
     """The lease's first physical slot, as (node, ordinal); parsed once per slot tuple (the
-    cache holds a 100k-lease fleet's: every evaluation meets the same leases again)."""
+    dict holds a 100k-lease fleet's: every evaluation meets the same leases again).
+
+    A plain dict, not ``functools.lru_cache``: the cache wraps a tuple argument in a key of its
+    own and reorders its list at every hit, which was a fifth of building the claims at 100k
+    open leases (issue 11).  It is emptied when full, so it holds at most the slots of the
+    leases seen since."""
+    hit = _FIRST_SLOTS.get(slots)
+    if hit is None:
+        if len(_FIRST_SLOTS) >= _FIRST_SLOTS_KEPT:
+            _FIRST_SLOTS.clear()
+        hit = _FIRST_SLOTS[slots] = _parse_first_slot(slots)
+    return hit
+
+
+def _parse_first_slot(slots: tuple[str, ...]) -> tuple[str, int]:
     if len(slots) == 1:
         return _slot_key(slots[0])
     if not slots:  # the ledger refuses such a lease; the matching funds it as width 0
@@ -305,6 +322,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     borrow_cap: int | None = None
     by_place: dict[Place | None, Proposals] = {}
     places, place_of_node = proposer.places, proposer.place_of_node
+    first_slots = _FIRST_SLOTS
     for lease in sorted(leases, key=_ID):
         if t < lease.start:  # ``Lease.live_at``, inlined: once per open lease
             continue
@@ -347,7 +365,8 @@ def _claims(  # noqa: PLR0917 - fill's inputs
                     lease.start if since is None else since,
                     run_key,
                     lease.group,
-                    _first_slot(slots),
+                    # ``_first_slot``, inlined: the dict lookup is all a known lease pays
+                    first if (first := first_slots.get(slots)) is not None else _first_slot(slots),
                     lease_id,
                 ),
                 lease,
