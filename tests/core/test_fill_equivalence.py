@@ -85,6 +85,40 @@ def test_fill_is_the_reference_matching(arrays: bool, data: st.DataObject) -> No
     event(f"rejections: {'none' if not rejected else '1-3' if rejected < 4 else '4+'}")
 
 
+@BOTH_WAYS
+@EQUIV
+@given(st.data())
+def test_rows_read_one_envelope_at_a_time_are_the_references(
+    arrays: bool, data: st.DataObject
+) -> None:
+    """A fresh matching makes an acceptor group's rows when one of its envelopes is first
+    read (``AcceptedRows``): envelopes read one by one, in any order and any way, before
+    anything reads them all, answer what the reference holds - envelopes of one group under a
+    cap included, and those that fund nothing have no rows."""
+    budgets = data.draw(crowded_budgets())
+    drawn = drawn_runs(data, "r", 14, least=4)
+    runs, admitted, leases = drawn.runs, drawn.admitted, drawn.leases
+    world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
+    args = (world.index, leases, runs, admitted, world.node_labels, T0, HoursView())
+    with proposing_in(arrays):
+        got = fill(*args)
+    want = {k: v for k, v in reference_fill(*args).accepted.items() if v}
+    keys = data.draw(st.permutations(sorted(world.index.envelopes)))
+    for key in keys:
+        how = data.draw(st.sampled_from(["get", "item", "in"]))
+        if how == "get":
+            assert got.accepted.get(key) == want.get(key)
+        elif how == "in":
+            assert (key in got.accepted) == (key in want)
+        elif key in want:
+            assert got.accepted[key] == want[key]
+        else:
+            with pytest.raises(KeyError):
+                got.accepted[key]
+    assert dict(got.accepted) == want
+    event(f"groups of several envelopes funding: {sum(len(a) > 1 for a in world.index.acceptors)}")
+
+
 @st.composite
 def crowded_budgets(draw: st.DrawFn) -> list[Budget]:
     """The parent's envelopes under one tight aggregate cap, small children's envelopes that

@@ -247,7 +247,8 @@ class FillResult:
     _payer: dict[str, EnvelopeKey | None]
     _funding_class: dict[str, FundingClass]
     _rejections: dict[str, list[Rejection]]
-    accepted: dict[EnvelopeKey, RankedRows]  # each sorted by rank
+    # Each sorted by rank; a fresh matching's are made per acceptor group when first read.
+    accepted: Mapping[EnvelopeKey, RankedRows]
     trace: FillTrace | None = None
     # Are ``payer``, ``funding_class`` and ``rejections`` in lease-id order, as ``fill`` lists
     # them?  A matching extended by a newcomer that sorts inside is not (``classes_by_id``).

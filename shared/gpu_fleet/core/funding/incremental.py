@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import TypeVar
 
+from gpu_fleet.core.funding.accepted_rows import with_changes
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, location_of
 from gpu_fleet.core.funding.family import Tier
 from gpu_fleet.core.funding.fill_result import (
@@ -43,7 +44,7 @@ from gpu_fleet.core.funding.matching import (
     _new_claim,
     _passed,
 )
-from gpu_fleet.core.funding.ranked_rows import EMPTY_ROWS
+from gpu_fleet.core.funding.ranked_rows import EMPTY_ROWS, RankedRows
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, Run
 
 _K = TypeVar("_K")
@@ -203,10 +204,13 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
         used[key] += w
     if amid and not _still_pass_amid(trace.hours, checks, amid, hours, index, (used, cap_used)):
         return None
-    accepted = dict(base.accepted)
+    changed: dict[EnvelopeKey, RankedRows] = {}
     for rank, c, env, _ in claims:
         row = Accepted(rank, c.lease.width, int(rank[0]))  # type: ignore[call-overload]
-        accepted[env.key] = accepted.get(env.key, EMPTY_ROWS).inserted(row)
+        rows = changed.get(env.key)
+        if rows is None:
+            rows = base.accepted.get(env.key, EMPTY_ROWS)
+        changed[env.key] = rows.inserted(row)
         payer[c.lease.id] = env.key
         cls[c.lease.id] = CLASS_OF_RANK[row.rank_class]
     new_trace = FillTrace(
@@ -226,6 +230,7 @@ def extend_fill(  # noqa: PLR0917 - fill's inputs, plus the matching they extend
     # log with the settled map, which is what that log settles to (never the placeholder and
     # no log).
     log = base._rejection_log
+    accepted = with_changes(base.accepted, changed)
     out = FillResult(
         base._payer, base._funding_class, base._rejections, accepted, new_trace, ordered
     )
@@ -364,14 +369,16 @@ def shrink_fill(base: FillResult, gone: Sequence[Lease]) -> FillResult | None:
     payer = {k: v for k, v in base.payer.items() if k not in ids}
     cls = {k: v for k, v in base.funding_class.items() if k not in ids}
     rejections = {k: v for k, v in base.rejections.items() if k not in ids}
-    accepted = dict(base.accepted)
     gone_from: dict[EnvelopeKey, set[str]] = defaultdict(set)
     for lid in ids:
         env = base.payer[lid]
         if env is not None:
             gone_from[env].add(lid)
-    for env, lids in gone_from.items():
-        accepted[env] = accepted[env].without(lids)  # a row's rank ends in its lease id
+    accepted = with_changes(
+        base.accepted,
+        # a row's rank ends in its lease id
+        {env: base.accepted[env].without(lids) for env, lids in gone_from.items()},
+    )
     out = FillResult(payer, cls, rejections, accepted, trace, base.ordered)
     out._derived = base.derived((), frozenset(ids))
     return out

@@ -37,6 +37,7 @@ from typing import NamedTuple, TypeVar, cast
 
 import numpy as np
 
+from gpu_fleet.core.funding.accepted_rows import AcceptedRows, HeldRanks
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, Place
 from gpu_fleet.core.funding.family import Tier
 from gpu_fleet.core.funding.fill_result import (
@@ -49,7 +50,6 @@ from gpu_fleet.core.funding.fill_result import (
     RejectionLog,
 )
 from gpu_fleet.core.funding.proposals import OFFER_END, Proposals, Proposer, RunLists
-from gpu_fleet.core.funding.ranked_rows import RankedRows
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
 
@@ -95,8 +95,8 @@ def _first_slot(slots: tuple[str, ...]) -> tuple[str, int]:
     dict holds a 100k-lease fleet's: every evaluation meets the same leases again).
 
     A plain dict, not ``functools.lru_cache``: the cache wraps a tuple argument in a key of its
-    own and reorders its list at every hit, which was a fifth of building the claims at 100k
-    open leases (issue 11).  It is emptied when full, so it holds at most the slots of the
+    own and reorders its list at every hit, about 1.5x a dict's lookup (48 against 27-36 ms
+    for 100k leases, issue 11).  It is emptied when full, so it holds at most the slots of the
     leases seen since."""
     hit = _FIRST_SLOTS.get(slots)
     if hit is None:
@@ -154,9 +154,7 @@ def _rank_class(tier: int, lease: Lease, env: EnvelopeInfo) -> int:
 _NO_TIER = int(Tier.NONE)
 
 
-_new_tuple = tuple.__new__
 _ID = operator.attrgetter("id")
-_FIRST = operator.itemgetter(0)
 
 CLASS_OF_RANK = {
     LOAN: FundingClass.BORROWED,
@@ -172,9 +170,16 @@ _CLASS_OR_UNFUNDED = [*(CLASS_OF_RANK[c] for c in range(len(CLASS_OF_RANK))), Fu
 """Each rank class's funding class, then (at -1) an unfunded claim's."""
 
 
-_Row = tuple[tuple[object, ...], Lease, str, int, "int | None", Proposals, int, int, int]
-"""A claim as ``_claims`` lists it: tail, lease, run, width, borrow limit, proposal list, its
-place in lease-id order, its run's number (``ClaimColumns``), its role's code (``ROLE_CODES``)."""
+_Row = tuple[
+    Instant, str, int, tuple[str, int], str, Lease, int, "int | None", Proposals, int, int, int
+]
+"""A claim as ``_claims`` lists it: its tail (admission, run, group, first slot, lease id),
+then its lease, width, borrow limit, proposal list, place in lease-id order, run's number
+(``ClaimColumns``) and role's code (``ROLE_CODES``).  Flat, the tail sorted on by
+``_TAIL``: a tuple per claim for the tail would outlive the matching in the accepted rows'
+source, and the cyclic collector walked 100k of them after every evaluation (issue 11)."""
+
+_TAIL = operator.itemgetter(0, 1, 2, 3, 4)
 
 
 @dataclass(slots=True)
@@ -191,9 +196,14 @@ class _ClaimTable:
     """
 
     n: int
-    tails: Sequence[tuple[object, ...]]
-    leases: Sequence[Lease]
+    # The tail, column by column: admission (or the lease's start), run, group, first slot,
+    # lease id.
+    since: Sequence[Instant]
     run_keys: Sequence[str]
+    groups: Sequence[int]
+    first_slots: Sequence[tuple[str, int]]
+    ids: Sequence[str]
+    leases: Sequence[Lease]
     widths: Sequence[int]
     borrow_caps: Sequence[int | None]
     proposals: Sequence[Proposals]
@@ -210,16 +220,30 @@ class _ClaimTable:
         """The table of ``rows`` (sorted here, by tail)."""
         n = len(rows)
         if not n:
-            return cls(0, [], [], [], [], [], [], [], [], [], [])
-        rows.sort(key=_FIRST)  # tails are unique: a total order, no tie left to chance
-        tails, leases, run_keys, widths, caps, proposals, id_order, runs, roles = zip(
-            *rows, strict=True
-        )
+            return cls(0, [], [], [], [], [], [], [], [], [], [], [], [], [])
+        rows.sort(key=_TAIL)  # tails are unique: a total order, no tie left to chance
+        (
+            since,
+            run_keys,
+            groups,
+            firsts,
+            ids,
+            leases,
+            widths,
+            caps,
+            proposals,
+            id_order,
+            runs,
+            roles,
+        ) = zip(*rows, strict=True)
         return cls(
             n,
-            tails,
-            leases,
+            since,
             run_keys,
+            groups,
+            firsts,
+            ids,
+            leases,
             widths,
             caps,
             proposals,
@@ -231,8 +255,26 @@ class _ClaimTable:
 
     def rank_tuple(self, rank: int) -> tuple[object, ...]:
         """An integer rank as the tuple it stands for: ``(class, *tail)``."""
-        rank_class, position = divmod(rank, self.n)
-        return (rank_class, *self.tails[position])
+        rank_class, p = divmod(rank, self.n)
+        return (
+            rank_class,
+            self.since[p],
+            self.run_keys[p],
+            self.groups[p],
+            self.first_slots[p],
+            self.ids[p],
+        )
+
+    def held_ranks(self, index: EnvelopeIndex, held: Mapping[int, list[int]]) -> HeldRanks:
+        """What ``AcceptedRows`` makes the rows of ``held`` from."""
+        return HeldRanks(
+            index,
+            held,
+            self.n,
+            (self.since, self.run_keys, self.groups, self.first_slots, self.ids),
+            self.widths,
+            self.env_of,
+        )
 
 
 @paused_gc()  # a million acyclic temporaries at 100k leases (core.gcpause)
@@ -253,29 +295,9 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
     log = RejectionLog(table.n, table.leases, live_ids)
     proposing = (_ArrayProposing if table.n >= ARRAYS_FROM else _Proposing)(index, table)
     held = _match(index, table, hours, trace, log, proposing=proposing)
-    n, tails, widths, env_of = table.n, table.tails, table.widths, table.env_of
-    accepted_view: dict[EnvelopeKey, list[Accepted]] = {}
-    # ``Accepted(...)`` through ``tuple.__new__``: the named tuple's own constructor is a
-    # Python function, about half a microsecond per funded lease (issue 11).
-    for acceptor, entries in held.items():
-        if not entries:
-            continue
-        members = index.acceptors[acceptor]
-        if len(members) == 1:  # most acceptors: every row is the one envelope's
-            accepted_view[members[0]] = [
-                _new_tuple(Accepted, ((rank_class, *tails[position]), widths[position], rank_class))
-                for rank_class, position in map(divmod, entries, itertools.repeat(n))
-            ]
-            continue
-        for rank_class, position in map(divmod, entries, itertools.repeat(n)):
-            key = env_of[position].key
-            rows = accepted_view.get(key)
-            if rows is None:
-                rows = accepted_view[key] = []
-            rows.append(
-                _new_tuple(Accepted, ((rank_class, *tails[position]), widths[position], rank_class))
-            )
-    accepted = {key: RankedRows.adopt(rows) for key, rows in accepted_view.items()}
+    n = table.n
+    # Each acceptor group's rows are made when first read (``AcceptedRows``).
+    accepted = AcceptedRows(source=table.held_ranks(index, held))
     numbered, envelope_of = proposing.numbered, proposing.envelope_of
     columns: ClaimColumns | None = None
     maps = None
@@ -361,16 +383,13 @@ def _claims(  # noqa: PLR0917 - fill's inputs
         slots = lease.slots
         rows.append(
             (
-                (
-                    lease.start if since is None else since,
-                    run_key,
-                    lease.group,
-                    # ``_first_slot``, inlined: the dict lookup is all a known lease pays
-                    first if (first := first_slots.get(slots)) is not None else _first_slot(slots),
-                    lease_id,
-                ),
-                lease,
+                lease.start if since is None else since,
                 run_key,
+                lease.group,
+                # ``_first_slot``, inlined: the dict lookup is all a known lease pays
+                first if (first := first_slots.get(slots)) is not None else _first_slot(slots),
+                lease_id,
+                lease,
                 len(slots),
                 borrow_cap,
                 proposals,
