@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 
 import msgspec
+import numpy as np
 import pytest
 from builders import T0, World, budget, cap, env, lease, run
 from hypothesis import HealthCheck, event, given, settings
@@ -239,3 +240,31 @@ def test_rejections_are_sorted_out_once_and_copy_with_the_matching() -> None:
     assert got.rejections is first
     assert unread.rejections == first == copy.deepcopy(got).rejections
     assert first["p/r0#3"][0].reason == "concurrency 2 full (2 funded ahead)"
+
+
+def test_a_full_envelope_turns_a_rounds_newcomers_away_at_once_in_arrays() -> None:
+    """In arrays, a group of one envelope that is full for every newcomer of a round, all
+    ranking below what it holds, turns them away in one log entry before the scans
+    (``_SoloGroups``), for the reason and with the trace a scan would leave."""
+    budgets = [
+        budget("p", "org:p", [env("e", 1, selector={"region": "*"})]),
+        budget("c", "org:c", [env("e", 1, selector={"region": "*"})], parents=["org:p"]),
+    ]
+    senior, child = run("p", "senior", 1), run("c", "child", 3)
+    leases = [lease("p/senior#0", senior.key, 1, node_name="n1")] + [
+        lease(f"c/child#{i}", child.key, 1, node_name="n2", first=i) for i in range(3)
+    ]
+    admitted = {senior.key: T0, child.key: T0}
+    world = World(budgets, [senior, child], leases, nodes=NODES, admitted=admitted)
+    args = (world.index, leases, world.runs, admitted, world.node_labels, T0, HoursView())
+    with proposing_in(True):
+        got = fill(*args)
+    log = got._rejection_log
+    assert log is not None
+    batches = [r.tolist() for r in log.ranks if isinstance(r, np.ndarray)]
+    assert [len(b) for b in batches] == [2]  # the child's two turned away by its own envelope
+    same_matching(got, reference_fill(*args))
+    assert [r.reason for r in got.rejections["c/child#2"]] == [
+        "concurrency 1 full (1 funded ahead)",
+        "concurrency 1 full (1 funded ahead)",
+    ]

@@ -73,7 +73,7 @@ class RejectionLog:
         self._n = n  # ranks are ``class * n + position`` (``matching._ClaimTable``)
         self._leases = leases  # the lease per position
         self._live = live  # every lease the matching saw, in lease-id order
-        self.ranks: list[int | list[int]] = []
+        self.ranks: list[int | list[int] | np.ndarray] = []
         self.reasons: list[Rejection] = []
         self._settled: dict[str, list[Rejection]] | None = None
 
@@ -86,7 +86,7 @@ class RejectionLog:
                 if isinstance(which, int):
                     out[leases[which % n].id].append(rejection)
                 else:
-                    for rank in which:
+                    for rank in which.tolist() if isinstance(which, np.ndarray) else which:
                         out[leases[rank % n].id].append(rejection)
             self._settled, self.ranks, self.reasons = out, [], []
         return self._settled
