@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import msgspec
 import numpy as np
 import pytest
-from builders import T0, World, budget, cap, env, lease, run
+from builders import T0, World, budget, cap, env, lease, payer, run
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reference_matching import reference_fill
@@ -268,3 +268,39 @@ def test_a_full_envelope_turns_a_rounds_newcomers_away_at_once_in_arrays() -> No
         "concurrency 1 full (1 funded ahead)",
         "concurrency 1 full (1 funded ahead)",
     ]
+
+
+def test_a_loan_newcomer_under_a_full_cap_meets_the_lending_limit_first() -> None:
+    """Under caps a round's newcomers are turned away at once only if none borrows: a loan
+    (ranked above every family claim, so below only the loans held) that would fit the
+    envelope meets its lending limit before the cap, and is turned away for that; then the
+    sponsor's other envelope, whose cap is full."""
+    lending = [
+        env("e0", 4, selector={"region": "*"}, lend=True, lend_to=["*"], lend_max=1),
+        env("e1", 4, selector={"region": "*"}, lend=True, lend_to=["*"]),
+    ]
+    budgets = [
+        budget("s", "org:s", lending, caps=[cap("lent", ["e0", "e1"], max_concurrency=1)]),
+        budget("x", "org:x", [env("e", 1, flavor="A100")]),
+        budget("y", "org:y", [env("e", 1, selector={"region": "*"})]),
+    ]
+    loan = payer("s", "e0", owner="org:s")
+    first = run("x", "first", 1, sponsors=["org:s"])
+    later = run("y", "later", 2, sponsors=["org:s"])
+    leases = [
+        lease("x/first#0", first.key, 1, minted=loan),
+        lease("y/later#0", later.key, 1, node_name="n2"),
+        lease("y/later#1", later.key, 1, node_name="n2", first=1, minted=loan),
+    ]
+    admitted = {first.key: T0, later.key: T0 + 60}
+    world = World(budgets, [first, later], leases, nodes=NODES, admitted=admitted)
+    args = (world.index, leases, world.runs, admitted, world.node_labels, T0, HoursView())
+    for arrays in (False, True):
+        with proposing_in(arrays):
+            got = fill(*args)
+        same_matching(got, reference_fill(*args))
+        assert [r.reason for r in got.rejections["y/later#1"]] == [
+            "concurrency 1 full (1 funded ahead)",
+            "lending cap 1 reached (1 lent)",
+            "aggregate cap lent 1 full",
+        ]

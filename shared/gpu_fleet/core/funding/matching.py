@@ -655,7 +655,7 @@ class _ArrayProposing(_Proposing):
         self._tier = np.ascontiguousarray(rows[:, 2])
         self._start = np.array(starts, dtype=np.int64)
         self._next_row = np.zeros(self._n, dtype=np.int64)  # per claim, the row it proposes next
-        self._width_array = np.array(table.widths, dtype=np.int64)
+        self.width_array = np.array(table.widths, dtype=np.int64)
         self._minted_array = np.full(self._n, _UNKNOWN, dtype=np.int64)
         self._minted = {}
         self.envelope_of = np.full(self._n, -1, dtype=np.int64)
@@ -697,7 +697,7 @@ class _ArrayProposing(_Proposing):
         firsts = np.concatenate(([0], cuts)) if len(acceptor) else cuts
         ends = np.append(cuts, len(acceptor)) if len(acceptor) else cuts
         narrowest = (
-            np.minimum.reduceat(self._width_array[position], firsts) if len(firsts) else firsts
+            np.minimum.reduceat(self.width_array[position], firsts) if len(firsts) else firsts
         )
         return _ArrayRound(acceptor[firsts], rank, position, envelope, firsts, ends, narrowest)
 
@@ -779,23 +779,25 @@ def _match(
     pending: list[int] = []
     # In arrays, the groups of one envelope without caps whose newcomers are all turned away
     # at once are found for the whole round before the scans (``_SoloGroups``).
-    solos = (
-        _SoloGroups(members_of, solo)
-        if isinstance(proposing, _ArrayProposing) and any(solo)
+    closing = (
+        _AtOnceGroups(index, members_of, at_once, solo, proposing.width_array, n)
+        if isinstance(proposing, _ArrayProposing)
         else None
     )
+    if closing is not None and not closing.any:
+        closing = None
     while batches:
-        if solos is not None:
+        if closing is not None:
             assert isinstance(proposing, _ArrayProposing)
             arrays = proposing.round_arrays(batches)
             batches = []
-            closed = solos.closed(arrays)
+            closed = closing.closed(arrays)
             if closed is None:
                 rnd = arrays.lists(None)
             else:
-                away = solos.turn_away(arrays, closed, junior, decide, trace)
+                away = closing.turn_away(arrays, closed, junior, decide, trace)
                 batches.append(cast("Sequence[int]", away))
-                rnd = arrays.lists(~closed)
+                rnd = arrays.lists(~(closed[0] | closed[1]))
         else:
             rnd = proposing.round(batches)
             batches = []
@@ -808,10 +810,8 @@ def _match(
             if st is None:
                 st = counters[acceptor] = _Counters()
             keep = len(entries)
-            # (a group ``solos`` did not turn away would not be turned away here either)
-            grouped = (
-                at_once[acceptor] if entries and (solos is None or not solo[acceptor]) else None
-            )
+            # (a group ``closing`` did not turn away would not be turned away here either)
+            grouped = at_once[acceptor] if entries and closing is None else None
             if grouped is not None:
                 # The envelope each newcomer proposed to (one without caps reads none).
                 if bounds is not None and numbers is not None:
@@ -876,8 +876,8 @@ def _match(
                 else:
                     capped_from[acceptor] = first_capped
             held[acceptor] = now = entries[:keep] + accepted
-            if solos is not None and solo[acceptor]:
-                solos.note(acceptor, st.used[members[0].key], now[-1] if now else -1)
+            if closing is not None and at_once[acceptor] is not None:
+                closing.note(acceptor, st, now[-1] if now else -1)
         if pending:
             batches.append(pending)
             pending = []
@@ -886,80 +886,161 @@ def _match(
     return held
 
 
-class _SoloGroups:
-    """The acceptor groups of one envelope without caps (``solo``), in arrays: per group its
-    envelope's concurrency, what it funds and the rank of the most junior claim it holds (-1:
-    none), kept current as the scans change them (``note``).
+class _AtOnceGroups:
+    """The acceptor groups whose newcomers may be turned away at once (``_turned_away_at_once``:
+    one envelope without caps, or envelopes all under caps), in arrays, kept current as the
+    scans change them (``note``): per group the rank of the most junior claim it holds (-1:
+    none); for a group of one envelope its concurrency and what it funds; for a group under
+    caps whether every envelope's first cap is exactly full, and per envelope its room.
 
     Why: at 100k open leases most proposals (about 620,000 of a million) go to such a group
-    that is full for them, and turning them away one group at a time in Python - the loop,
-    the check, each round's proposals as lists - was about a tenth of an evaluation (issue
-    11).  The check (``_turned_away_at_once``'s first case) reads only the group's own
-    counters and holdings, which no other group's scan changes, so it can be made for every
-    group of a round at its start, in a few array operations, and the proposals turned away
-    move on as one array.  What they are turned away for, and the trace, are as the check
-    would leave them.
+    that turns them all away, and doing it one group at a time in Python - the loop, the
+    check, each round's proposals as lists, a reason per newcomer under caps - was about a
+    tenth of an evaluation (issue 11).  The check reads only the group's own counters and
+    holdings, which no other group's scan changes, so it is made for every group of a round
+    at its start, in a few array operations, and the proposals turned away move on as one
+    array.  What they are turned away for, and the trace, are as the check would leave them.
     """
 
-    def __init__(self, members_of: list[list[EnvelopeInfo]], solo: list[bool]) -> None:
+    def __init__(  # noqa: PLR0917 - the matching's groups, and its claims' widths
+        self,
+        index: EnvelopeIndex,
+        members_of: list[list[EnvelopeInfo]],
+        at_once: list[list[EnvelopeInfo] | None],
+        solo: list[bool],
+        widths: np.ndarray,
+        n: int,
+    ) -> None:
         self._members_of = members_of
+        self._caps = index.caps
+        self._number, self._numbered = index.numbered
+        self._n = n
+        self._widths = widths
         self._solo = np.array(solo, dtype=bool)
+        self._capped = np.array(
+            [m is not None and not s for m, s in zip(at_once, solo, strict=True)], dtype=bool
+        )
         self._concurrency = np.array(
             [m[0].concurrency if s else 0 for m, s in zip(members_of, solo, strict=True)],
             dtype=np.int64,
         )
         self._used = np.zeros(len(solo), dtype=np.int64)
         self._last = np.full(len(solo), -1, dtype=np.int64)
+        self._caps_full = np.zeros(len(solo), dtype=bool)
+        # per envelope number: its concurrency less what it funds (set for envelopes under caps)
+        self._room = np.array([e.concurrency for e in self._numbered], dtype=np.int64)
 
-    def note(self, acceptor: int, used: int, last: int) -> None:
-        """What a solo group funds and holds after its scan."""
-        self._used[acceptor] = used
+    @property
+    def any(self) -> bool:
+        return bool(self._solo.any() or self._capped.any())
+
+    def note(self, acceptor: int, st: _Counters, last: int) -> None:
+        """What a group funds and holds after its scan."""
         self._last[acceptor] = last
+        members = self._members_of[acceptor]
+        if self._solo[acceptor]:
+            self._used[acceptor] = st.used[members[0].key]
+        elif self._capped[acceptor]:
+            used, cap_used, caps = st.used, st.cap_used, self._caps
+            for env in members:
+                self._room[self._number[env.key]] = env.concurrency - used[env.key]
+            self._caps_full[acceptor] = all(
+                (first := caps[env.caps[0]]).max_concurrency is not None
+                and cap_used[first.id] == first.max_concurrency
+                for env in members
+            )
 
-    def closed(self, arrays: _ArrayRound) -> np.ndarray | None:
-        """Per group of the round, is every newcomer turned away at once: the group is solo,
-        holds claims that all rank above every newcomer, and has less room than any newcomer
-        needs (every claim holds a slot: ``_match`` checks before making solo groups).
-        ``None`` when no group is."""
-        groups = arrays.groups
+    def closed(self, arrays: _ArrayRound) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per group of the round, is every newcomer turned away at once - as a group of one
+        envelope, and as a group under caps; ``None`` when no group is.
+
+        Both need the group to hold claims that all rank above every newcomer.  Then one
+        envelope: less room than any newcomer needs (every claim holds a slot: ``_match``
+        checks before making these groups).  Under caps: no newcomer borrows, and every
+        envelope's first cap is exactly full."""
+        groups, n = arrays.groups, self._n
         last = self._last[groups]
-        closed = (
-            self._solo[groups]
-            & (last >= 0)
-            & (arrays.rank[arrays.firsts] >= last)
+        heads = arrays.rank[arrays.firsts]
+        below = (last >= 0) & (heads >= last)
+        solo = (
+            below
+            & self._solo[groups]
             & (arrays.narrowest > self._concurrency[groups] - self._used[groups])
         )
-        return closed if closed.any() else None
+        capped = (
+            below
+            & self._capped[groups]
+            & self._caps_full[groups]
+            & (heads >= n)
+            & (arrays.rank[arrays.ends - 1] < SPONSOR * n)
+        )
+        return (solo, capped) if solo.any() or capped.any() else None
 
     def turn_away(
         self,
         arrays: _ArrayRound,
-        closed: np.ndarray,
+        closed: tuple[np.ndarray, np.ndarray],
         junior: dict[int, int],
         decide: _Decider,
         trace: FillTrace,
     ) -> np.ndarray:
-        """Log the newcomers of the ``closed`` groups as turned away for their envelope's
-        concurrency, one entry per group, note each group's junior rank and that it turned
-        claims away; their ranks, to propose again."""
+        """Log the newcomers of the closed groups as turned away, note each group's junior
+        rank and that it turned claims away; their ranks, to propose again.
+
+        A group of one envelope turns all away for its concurrency: one log entry.  Under
+        caps each newcomer fails at its envelope's concurrency if it needs more than the
+        room there, else at the envelope's first cap: one entry per group, envelope and
+        reason (each claim is in one, so its own rejections stay in the order it met them)."""
+        solo, capped = closed
         log, rank = decide.log, arrays.rank
-        which = np.flatnonzero(closed)
+        counts = arrays.ends - arrays.firsts
+        which = np.flatnonzero(solo | capped)
         groups = arrays.groups[which]
-        firsts, ends = arrays.firsts[which], arrays.ends[which]
-        for acceptor, first, end, last, used in zip(
-            groups.tolist(),
-            firsts.tolist(),
-            ends.tolist(),
-            rank[ends - 1].tolist(),
-            self._used[groups].tolist(),
-            strict=True,
+        for acceptor, last in zip(
+            groups.tolist(), rank[arrays.ends[which] - 1].tolist(), strict=True
         ):
-            log.ranks.append(rank[first:end])
-            log.reasons.append(decide.full_rejection(self._members_of[acceptor][0], used))
             junior[acceptor] = max(junior[acceptor], last)
             decide.turned_away(acceptor, trace)
-        away: np.ndarray = rank[np.repeat(closed, arrays.ends - arrays.firsts)]
+        if solo.any():
+            which = np.flatnonzero(solo)
+            for acceptor, first, end in zip(
+                arrays.groups[which].tolist(),
+                arrays.firsts[which].tolist(),
+                arrays.ends[which].tolist(),
+                strict=True,
+            ):
+                log.ranks.append(rank[first:end])
+                log.reasons.append(
+                    decide.full_rejection(self._members_of[acceptor][0], int(self._used[acceptor]))
+                )
+        if capped.any():
+            self._turn_capped_away(arrays, np.repeat(capped, counts), decide)
+        away: np.ndarray = rank[np.repeat(solo | capped, counts)]
         return away
+
+    def _turn_capped_away(self, arrays: _ArrayRound, taken: np.ndarray, decide: _Decider) -> None:
+        """Log the proposals ``taken`` marks (to groups under caps, closed) by group, envelope
+        and reason."""
+        rank, envelope = arrays.rank[taken], arrays.envelope[taken]
+        group = np.repeat(arrays.groups, arrays.ends - arrays.firsts)[taken]
+        fits = self._widths[arrays.position[taken]] <= self._room[envelope]
+        code = envelope * 2 + fits
+        order = np.lexsort((rank, code, group))
+        rank, code, group = rank[order], code[order], group[order]
+        cuts = np.flatnonzero((code[1:] != code[:-1]) | (group[1:] != group[:-1])) + 1
+        starts = np.concatenate(([0], cuts))
+        ends = np.append(cuts, len(rank))
+        log, numbered = decide.log, self._numbered
+        for first, end, c in zip(
+            starts.tolist(), ends.tolist(), code[starts].tolist(), strict=True
+        ):
+            env = numbered[c >> 1]
+            log.ranks.append(rank[first:end])
+            log.reasons.append(
+                decide.first_cap_full(env)
+                if c & 1
+                else decide.full_rejection(env, env.concurrency - int(self._room[c >> 1]))
+            )
 
 
 def _turned_away_at_once(  # noqa: PLR0917 - one acceptor's round
