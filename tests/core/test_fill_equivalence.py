@@ -304,3 +304,25 @@ def test_a_loan_newcomer_under_a_full_cap_meets_the_lending_limit_first() -> Non
             "lending cap 1 reached (1 lent)",
             "aggregate cap lent 1 full",
         ]
+
+
+@BOTH_WAYS
+def test_a_run_not_admitted_ranks_each_lease_by_its_own_start(arrays: bool) -> None:
+    """A run with no admission on record ranks each lease by the lease's start: its older
+    lease ranks above an admitted run, its newer one below; the rows and the junior ranks
+    (``Tails``) say so, as the reference does."""
+    budgets = [budget("p", "org:p", [env("e", 2, selector={"region": "*"})])]
+    admitted_run, unadmitted = run("p", "a", 1), run("p", "b", 2)
+    leases = [
+        lease("p/a#0", admitted_run.key, 1, start=T0 - 100),
+        lease("p/b#0", unadmitted.key, 1, first=1, start=T0 - 50),
+        lease("p/b#1", unadmitted.key, 1, first=2, start=T0 - 200),
+    ]
+    admitted = {admitted_run.key: T0 - 100}
+    world = World(budgets, [admitted_run, unadmitted], leases, nodes=NODES, admitted=admitted)
+    args = (world.index, leases, world.runs, admitted, world.node_labels, T0, HoursView())
+    with proposing_in(arrays):
+        got = fill(*args)
+    same_matching(got, reference_fill(*args))
+    rows = got.accepted[world.index.acceptors[0][0]]
+    assert [(r.rank[1], r.rank[-1]) for r in rows] == [(T0 - 200, "p/b#1"), (T0 - 100, "p/a#0")]

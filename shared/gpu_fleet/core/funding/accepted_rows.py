@@ -17,44 +17,100 @@ group is marked made only after its rows are in.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from gpu_fleet.core.funding.ranked_rows import RankedRows
-from gpu_fleet.core.model import EnvelopeKey
+from gpu_fleet.core.model import EnvelopeKey, Instant, Lease
 
 if TYPE_CHECKING:
-    from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo
+    from gpu_fleet.core.funding.envelopes import EnvelopeIndex
     from gpu_fleet.core.funding.fill_result import Accepted
 
 _new_tuple = tuple.__new__
 
 
+class Tails:
+    """Each claim's tail - (admission, run, group, first slot, lease id), the rank after its
+    class - worked out from its lease and its run when asked, not kept per claim.
+
+    Why: a matching's readers ask for few of them (the rows of the envelopes they read, each
+    group's most junior rank), and a tuple per claim kept for them was 100k more objects the
+    cyclic collector walked after every evaluation at 100k open leases (issue 11).  Per claim
+    this keeps only its lease and its run's number (an array in a large matching); per run its
+    key and admission (``None``: not admitted, so a lease ranks by its own start).
+    """
+
+    __slots__ = ("first_slot", "leases", "run_key_of", "run_numbers", "run_since")
+
+    def __init__(
+        self,
+        leases: Sequence[Lease],
+        run_numbers: Sequence[int] | np.ndarray,
+        run_since: Sequence[Instant | None],
+        run_key_of: Sequence[str],
+        first_slot: Callable[[tuple[str, ...]], tuple[str, int]],
+    ) -> None:
+        self.leases = leases
+        self.run_numbers = run_numbers
+        self.run_since = run_since
+        self.run_key_of = run_key_of
+        self.first_slot = first_slot
+
+    def of(self, positions: list[int]) -> list[tuple[object, ...]]:
+        """The tails of the claims at ``positions``."""
+        numbers = self.run_numbers
+        runs = (
+            numbers[positions].tolist()
+            if isinstance(numbers, np.ndarray)
+            else [numbers[p] for p in positions]
+        )
+        leases, since_of, key_of, first_slot = (
+            self.leases,
+            self.run_since,
+            self.run_key_of,
+            self.first_slot,
+        )
+        out: list[tuple[object, ...]] = []
+        for p, r in zip(positions, runs, strict=True):
+            lease = leases[p]
+            since = since_of[r]
+            out.append(
+                (
+                    lease.start if since is None else since,
+                    key_of[r],
+                    lease.group,
+                    first_slot(lease.slots),
+                    lease.id,
+                )
+            )
+        return out
+
+
 class HeldRanks:
     """What the matching held, to make rows from: per acceptor group its integer ranks in rank
-    order (``class * n + position``, as ``matching._ClaimTable`` numbers claims), and per claim
-    position its tail (five columns: admission, run, group, first slot, lease id), width and
-    envelope.  Shared, never changed, by every ``AcceptedRows`` made from one matching."""
+    order (``class * n + position``, as ``matching._ClaimTable`` numbers claims), the claims'
+    tails (``Tails``), and per claim the number of the envelope it is held by (as
+    ``EnvelopeIndex.numbered`` numbers them).  Shared, never changed, by every
+    ``AcceptedRows`` made from one matching."""
 
-    __slots__ = ("env_of", "held", "index", "n", "tails", "widths")
+    __slots__ = ("envelope_of", "held", "index", "n", "tails")
 
-    def __init__(  # noqa: PLR0917 - the claim table's columns the rows read
+    def __init__(
         self,
         index: EnvelopeIndex,
         held: Mapping[int, list[int]],
         n: int,
-        tails: tuple[
-            Sequence[object], Sequence[object], Sequence[object], Sequence[object], Sequence[object]
-        ],
-        widths: Sequence[int],
-        env_of: Sequence[EnvelopeInfo],
+        tails: Tails,
+        envelope_of: Sequence[int] | np.ndarray,
     ) -> None:
         self.index = index
         self.held = held
         self.n = n
         self.tails = tails
-        self.widths = widths
-        self.env_of = env_of
+        self.envelope_of = envelope_of
 
     def rows_of(self, acceptor: int) -> dict[EnvelopeKey, RankedRows]:
         """The rows of one acceptor group, per envelope that funds any."""
@@ -63,41 +119,31 @@ class HeldRanks:
         entries = self.held.get(acceptor)
         if not entries:
             return {}
-        n, widths = self.n, self.widths
-        since, runs, groups, firsts, ids = self.tails
-        members = self.index.acceptors[acceptor]
+        classes, positions = zip(*map(divmod, entries, itertools.repeat(self.n)), strict=True)
+        where = list(positions)
+        leases = self.tails.leases
         # ``Accepted(...)`` through ``tuple.__new__``: the named tuple's own constructor is a
         # Python function, about half a microsecond per funded lease.
+        rows = [
+            _new_tuple(Accepted, ((rank_class, *tail), len(leases[p].slots), rank_class))
+            for rank_class, tail, p in zip(classes, self.tails.of(where), where, strict=True)
+        ]
+        members = self.index.acceptors[acceptor]
         if len(members) == 1:  # most groups: every row is the one envelope's
-            rows = [
-                _new_tuple(
-                    Accepted,
-                    (
-                        (rank_class, since[p], runs[p], groups[p], firsts[p], ids[p]),
-                        widths[p],
-                        rank_class,
-                    ),
-                )
-                for rank_class, p in map(divmod, entries, itertools.repeat(n))
-            ]
             return {members[0]: RankedRows.adopt(rows)}
-        env_of = self.env_of
+        envelope_of, numbered = self.envelope_of, self.index.numbered[1]
+        numbers = (
+            envelope_of[where].tolist()
+            if isinstance(envelope_of, np.ndarray)
+            else [envelope_of[p] for p in where]
+        )
         by_key: dict[EnvelopeKey, list[Accepted]] = {}
-        for rank_class, p in map(divmod, entries, itertools.repeat(n)):
-            key = env_of[p].key
+        for row, number in zip(rows, numbers, strict=True):
+            key = numbered[number].key
             got = by_key.get(key)
             if got is None:
                 got = by_key[key] = []
-            got.append(
-                _new_tuple(
-                    Accepted,
-                    (
-                        (rank_class, since[p], runs[p], groups[p], firsts[p], ids[p]),
-                        widths[p],
-                        rank_class,
-                    ),
-                )
-            )
+            got.append(row)
         return {key: RankedRows.adopt(got) for key, got in by_key.items()}
 
 

@@ -37,7 +37,7 @@ from typing import NamedTuple, TypeVar, cast
 
 import numpy as np
 
-from gpu_fleet.core.funding.accepted_rows import AcceptedRows, HeldRanks
+from gpu_fleet.core.funding.accepted_rows import AcceptedRows, HeldRanks, Tails
 from gpu_fleet.core.funding.envelopes import EnvelopeIndex, EnvelopeInfo, Place
 from gpu_fleet.core.funding.family import Tier
 from gpu_fleet.core.funding.fill_result import (
@@ -155,6 +155,7 @@ _NO_TIER = int(Tier.NONE)
 
 
 _ID = operator.attrgetter("id")
+_FIRST = operator.itemgetter(0)
 
 CLASS_OF_RANK = {
     LOAN: FundingClass.BORROWED,
@@ -171,15 +172,20 @@ _CLASS_OR_UNFUNDED = [*(CLASS_OF_RANK[c] for c in range(len(CLASS_OF_RANK))), Fu
 
 
 _Row = tuple[
-    Instant, str, int, tuple[str, int], str, Lease, int, "int | None", Proposals, int, int, int
+    tuple[Instant, str, int, tuple[str, int], str],
+    str,
+    Lease,
+    int,
+    "int | None",
+    Proposals,
+    int,
+    int,
+    int,
 ]
 """A claim as ``_claims`` lists it: its tail (admission, run, group, first slot, lease id),
-then its lease, width, borrow limit, proposal list, place in lease-id order, run's number
-(``ClaimColumns``) and role's code (``ROLE_CODES``).  Flat, the tail sorted on by
-``_TAIL``: a tuple per claim for the tail would outlive the matching in the accepted rows'
-source, and the cyclic collector walked 100k of them after every evaluation (issue 11)."""
-
-_TAIL = operator.itemgetter(0, 1, 2, 3, 4)
+run, lease, width, borrow limit, proposal list, place in lease-id order, run's number
+(``ClaimColumns``) and role's code (``ROLE_CODES``).  The tail is sorted on, then dropped
+(``Tails`` works it out again for the few claims asked about)."""
 
 
 @dataclass(slots=True)
@@ -192,17 +198,11 @@ class _ClaimTable:
     alone then names the claim too (``position = rank % n``).  About a million proposals at
     100k open leases (issue 11) so build, sort, compare and bisect one small integer each -
     C-level, without key functions - instead of a tuple with an object per claim.  Only what
-    leaves the matching (accepted rows, the trace) is turned back into tuples.
+    leaves the matching (accepted rows, the trace) is turned back into tuples (``tails``).
     """
 
     n: int
-    # The tail, column by column: admission (or the lease's start), run, group, first slot,
-    # lease id.
-    since: Sequence[Instant]
     run_keys: Sequence[str]
-    groups: Sequence[int]
-    first_slots: Sequence[tuple[str, int]]
-    ids: Sequence[str]
     leases: Sequence[Lease]
     widths: Sequence[int]
     borrow_caps: Sequence[int | None]
@@ -214,35 +214,24 @@ class _ClaimTable:
     # by the Python round as it proposes, or after the array round when an acceptor decides
     # over it.  Only claims an acceptor decided over are ever read.
     env_of: list[EnvelopeInfo]
+    tails: Tails
 
     @classmethod
-    def of(cls, rows: list[_Row]) -> _ClaimTable:
-        """The table of ``rows`` (sorted here, by tail)."""
+    def of(
+        cls, rows: list[_Row], run_since: list[Instant | None], run_key_of: list[str]
+    ) -> _ClaimTable:
+        """The table of ``rows`` (sorted here, by tail); per run number, its admission
+        (``None``: not admitted) and key."""
         n = len(rows)
         if not n:
-            return cls(0, [], [], [], [], [], [], [], [], [], [], [], [], [])
-        rows.sort(key=_TAIL)  # tails are unique: a total order, no tie left to chance
-        (
-            since,
-            run_keys,
-            groups,
-            firsts,
-            ids,
-            leases,
-            widths,
-            caps,
-            proposals,
-            id_order,
-            runs,
-            roles,
-        ) = zip(*rows, strict=True)
+            return cls(0, [], [], [], [], [], [], [], [], [], Tails((), [], [], [], _first_slot))
+        rows.sort(key=_FIRST)  # tails are unique: a total order, no tie left to chance
+        _, run_keys, leases, widths, caps, proposals, id_order, runs, roles = zip(
+            *rows, strict=True
+        )
         return cls(
             n,
-            since,
             run_keys,
-            groups,
-            firsts,
-            ids,
             leases,
             widths,
             caps,
@@ -251,30 +240,13 @@ class _ClaimTable:
             runs,
             roles,
             cast("list[EnvelopeInfo]", [None] * n),
+            Tails(leases, runs, run_since, run_key_of, _first_slot),
         )
 
     def rank_tuple(self, rank: int) -> tuple[object, ...]:
         """An integer rank as the tuple it stands for: ``(class, *tail)``."""
         rank_class, p = divmod(rank, self.n)
-        return (
-            rank_class,
-            self.since[p],
-            self.run_keys[p],
-            self.groups[p],
-            self.first_slots[p],
-            self.ids[p],
-        )
-
-    def held_ranks(self, index: EnvelopeIndex, held: Mapping[int, list[int]]) -> HeldRanks:
-        """What ``AcceptedRows`` makes the rows of ``held`` from."""
-        return HeldRanks(
-            index,
-            held,
-            self.n,
-            (self.since, self.run_keys, self.groups, self.first_slots, self.ids),
-            self.widths,
-            self.env_of,
-        )
+        return (rank_class, *self.tails.of([p])[0])
 
 
 @paused_gc()  # a million acyclic temporaries at 100k leases (core.gcpause)
@@ -297,7 +269,10 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
     held = _match(index, table, hours, trace, log, proposing=proposing)
     n = table.n
     # Each acceptor group's rows are made when first read (``AcceptedRows``).
-    accepted = AcceptedRows(source=table.held_ranks(index, held))
+    tails = table.tails
+    if isinstance(proposing.envelope_of, np.ndarray):  # large: kept as arrays, not per claim
+        tails.run_numbers = np.array(table.run_numbers, dtype=np.int64)
+    accepted = AcceptedRows(source=HeldRanks(index, held, n, tails, proposing.envelope_of))
     numbered, envelope_of = proposing.numbered, proposing.envelope_of
     columns: ClaimColumns | None = None
     maps = None
@@ -330,9 +305,19 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     The walk is by lease id, so a run's leases come one after another (ids are ``run#n``):
     what depends on the run only - its owner, admission, funding, proposal lists per node - is
     looked up when the run changes, not per lease (issue 11: 100k open leases, ~20k runs).
+
+    The claims are handed to the sort stretch by stretch of one run, the stretches by their
+    run's admission and key: nearly in order already, the sort merges a few long runs of it
+    instead of 20k short ones (at 100k open leases it took half the time, issue 11).  The
+    sort alone decides the order, so how near the hand-over comes does not matter otherwise.
     """
     owner_of = proposer.index.family.owner_of
     rows: list[_Row] = []
+    # Per stretch of one run's claims in the walk: (its admission, run key, where it starts)
+    spans: list[tuple[Instant, str, int]] = []
+    run_since: list[Instant | None] = []
+    run_key_of: list[str] = []
+    claims = 0
     live_ids: list[str] = []
     run_numbers: dict[str, int] = {}
     run_number = 0
@@ -369,6 +354,11 @@ def _claims(  # noqa: PLR0917 - fill's inputs
                 borrow_cap = funding.max_borrow_gpus if funding is not None else None
                 run_lists = proposer.lists_for(run, owner)
                 by_place = run_lists.by_place
+            if got is None:
+                run_since.append(since if run is not None else None)
+                run_key_of.append(run_key if run is not None else "")
+            if run is not None:
+                spans.append((lease.start if since is None else since, run_key, len(rows)))
         if run_lists is None:  # no such run
             continue
         node = lease.node
@@ -383,22 +373,30 @@ def _claims(  # noqa: PLR0917 - fill's inputs
         slots = lease.slots
         rows.append(
             (
-                lease.start if since is None else since,
+                (  # the tail; ``Tails.of`` works out the same
+                    lease.start if since is None else since,
+                    run_key,
+                    lease.group,
+                    # ``_first_slot``, inlined: the dict lookup is all a known lease pays
+                    first if (first := first_slots.get(slots)) is not None else _first_slot(slots),
+                    lease_id,
+                ),
                 run_key,
-                lease.group,
-                # ``_first_slot``, inlined: the dict lookup is all a known lease pays
-                first if (first := first_slots.get(slots)) is not None else _first_slot(slots),
-                lease_id,
                 lease,
                 len(slots),
                 borrow_cap,
                 proposals,
-                len(rows),
+                claims,
                 run_number,
                 0 if lease.role is active else 1 if lease.role is spare else 2,  # ``ROLE_CODES``
             )
         )
-    return _ClaimTable.of(rows), live_ids, list(run_numbers)
+        claims += 1
+    ends = [start for _, _, start in spans[1:]]
+    ends.append(len(rows))
+    order = sorted(range(len(spans)), key=spans.__getitem__)
+    listed = list(itertools.chain.from_iterable([rows[spans[i][2] : ends[i]] for i in order]))
+    return _ClaimTable.of(listed, run_since, run_key_of), live_ids, list(run_numbers)
 
 
 def _maps(
@@ -465,7 +463,7 @@ class _Decided(NamedTuple):
         return ClaimColumns(
             table.leases,
             np.array(table.widths, dtype=np.int64),
-            np.array(table.run_numbers, dtype=np.int64),
+            np.asarray(table.tails.run_numbers, dtype=np.int64),
             run_names,
             np.array(table.roles, dtype=np.int8),
             self.id_order,
