@@ -14,6 +14,7 @@ import contextlib
 import copy
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -28,6 +29,9 @@ from gpu_fleet.core.funding import FillResult, HoursView, fill, matching
 from gpu_fleet.core.model import Budget
 
 REGIONS = ["r1", "r2", "*"]
+
+FillArgs = tuple[Any, ...]
+"""``fill``'s arguments, in order."""
 
 EQUIV = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BOTH_WAYS = pytest.mark.parametrize("arrays", [False, True], ids=["in-python", "in-arrays"])
@@ -96,11 +100,7 @@ def test_rows_read_one_envelope_at_a_time_are_the_references(
     read (``AcceptedRows``): envelopes read one by one, in any order and any way, before
     anything reads them all, answer what the reference holds - envelopes of one group under a
     cap included, and those that fund nothing have no rows."""
-    budgets = data.draw(crowded_budgets())
-    drawn = drawn_runs(data, "r", 14, least=4)
-    runs, admitted, leases = drawn.runs, drawn.admitted, drawn.leases
-    world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
-    args = (world.index, leases, runs, admitted, world.node_labels, T0, HoursView())
+    world, args = crowded_world(data)
     with proposing_in(arrays):
         got = fill(*args)
     want = {k: v for k, v in reference_fill(*args).accepted.items() if v}
@@ -151,17 +151,22 @@ def crowded_budgets(draw: st.DrawFn) -> list[Budget]:
     return out
 
 
+def crowded_world(data: st.DataObject) -> tuple[World, FillArgs]:
+    """A world of ``crowded_budgets`` and drawn runs, and ``fill``'s arguments for it."""
+    budgets = data.draw(crowded_budgets())
+    drawn = drawn_runs(data, "r", 14, least=4)
+    runs, admitted, leases = drawn.runs, drawn.admitted, drawn.leases
+    world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
+    return world, (world.index, leases, runs, admitted, world.node_labels, T0, HoursView())
+
+
 @BOTH_WAYS
 @EQUIV
 @given(st.data())
 def test_fill_is_the_reference_matching_when_acceptors_fill_up(
     arrays: bool, data: st.DataObject
 ) -> None:
-    budgets = data.draw(crowded_budgets())
-    drawn = drawn_runs(data, "r", 14, least=4)
-    runs, admitted, leases = drawn.runs, drawn.admitted, drawn.leases
-    world = World(budgets, runs.values(), leases, nodes=NODES, admitted=admitted)
-    args = (world.index, leases, runs, admitted, world.node_labels, T0, HoursView())
+    _, args = crowded_world(data)
     with proposing_in(arrays):
         got = fill(*args)
     same_matching(got, reference_fill(*args))
