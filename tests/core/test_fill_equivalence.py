@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
-from builders import T0, World, budget, cap, env, lease, payer, run
+from builders import T0, World, budget, cap, env, key, lease, payer, run
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reference_matching import reference_fill
@@ -105,17 +105,17 @@ def test_rows_read_one_envelope_at_a_time_are_the_references(
         got = fill(*args)
     want = {k: v for k, v in reference_fill(*args).accepted.items() if v}
     keys = data.draw(st.permutations(sorted(world.index.envelopes)))
-    for key in keys:
+    for envelope in keys:
         how = data.draw(st.sampled_from(["get", "item", "in"]))
         if how == "get":
-            assert got.accepted.get(key) == want.get(key)
+            assert got.accepted.get(envelope) == want.get(envelope)
         elif how == "in":
-            assert (key in got.accepted) == (key in want)
-        elif key in want:
-            assert got.accepted[key] == want[key]
+            assert (envelope in got.accepted) == (envelope in want)
+        elif envelope in want:
+            assert got.accepted[envelope] == want[envelope]
         else:
             with pytest.raises(KeyError):
-                got.accepted[key]
+                got.accepted[envelope]
     assert dict(got.accepted) == want
     event(f"groups of several envelopes funding: {sum(len(a) > 1 for a in world.index.acceptors)}")
 
@@ -331,3 +331,48 @@ def test_a_run_not_admitted_ranks_each_lease_by_its_own_start(arrays: bool) -> N
     same_matching(got, reference_fill(*args))
     rows = got.accepted[world.index.acceptors[0][0]]
     assert [(r.rank[1], r.rank[-1]) for r in rows] == [(T0 - 200, "p/b#1"), (T0 - 100, "p/a#0")]
+
+
+@BOTH_WAYS
+def test_one_lease_id_twice_is_funded_and_turned_away_in_walk_order(arrays: bool) -> None:
+    """The ledger refuses a lease id twice, but the matching is a pure function of what it is
+    given: two claims of one id that tie on the whole tail keep the order of the walk by id,
+    and their rejections interleave as the scans meet them (review cases of the thirteenth
+    session, against the code before the change)."""
+    budgets = [budget("p", "org:p", [env("e", 3, selector={"region": "*"})])]
+    r = run("p", "r", 8)
+    leases = [
+        lease("p/r#0", r.key, 1, first=10, start=T0 - 100),
+        lease("p/r#1", r.key, 1, first=0, start=T0 - 200),
+        lease("p/r#1", "p/missing", 1, first=20, start=T0 - 200),
+        lease("p/r#1", r.key, 3, first=0, start=T0 - 200),
+    ]
+    world = World(budgets, [r], leases)
+    with proposing_in(arrays):
+        got = fill(world.index, leases, {r.key: r}, {}, world.node_labels, T0, HoursView())
+    assert [(row.rank[-1], row.width) for row in got.accepted[key("p")]] == [
+        ("p/r#1", 1),
+        ("p/r#0", 1),
+    ]
+
+    star = {"region": "*"}
+    budgets = [
+        budget("a", "org:a", [env("e", 3, selector=star)]),
+        budget("b", "org:b", [env("e", 1, selector=star)]),
+        budget("ca", "org:ca", [env("e", 0, selector=star)], parents=["org:a"]),
+        budget("cb", "org:cb", [env("e", 0, selector=star)], parents=["org:b"]),
+    ]
+    runs = [run("a", "s", 8), run("b", "s", 8), run("ca", "r", 8), run("ca", "z", 8)]
+    runs.append(run("cb", "r", 8))
+    leases = [
+        lease("a/s#0", "a/s", 1, first=0),
+        lease("b/s#0", "b/s", 1, first=1),
+        lease("ca/z#0", "ca/z", 1, first=2),
+        lease("d", "ca/r", 3, first=10),  # scanned by a/e in the second round
+        lease("d", "cb/r", 1, first=20),  # turned away by a full b/e in the second round
+    ]
+    admitted = {"a/s": T0 - 100, "b/s": T0 - 100, "ca/r": T0, "ca/z": T0, "cb/r": T0}
+    world = World(budgets, runs, leases, admitted=admitted)
+    with proposing_in(arrays):
+        got = world.fill()
+    assert [r.envelope for r in got.rejections["d"]] == [key("ca"), key("cb"), key("a"), key("b")]

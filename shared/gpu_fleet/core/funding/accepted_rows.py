@@ -178,8 +178,9 @@ class AcceptedRows(Mapping[EnvelopeKey, RankedRows]):
         self._source = None  # nothing left to make: the claims' columns may go
 
     def _make_for(self, key: EnvelopeKey) -> None:
-        if self._pending and self._source is not None:
-            acceptor = self._source.index.acceptor_of.get(key)
+        source = self._source  # once: another reader's ``_make_all`` may clear it
+        if self._pending and source is not None:
+            acceptor = source.index.acceptor_of.get(key)
             if acceptor is not None:
                 self._make(acceptor)
 
@@ -218,9 +219,11 @@ class AcceptedRows(Mapping[EnvelopeKey, RankedRows]):
         for key in changes:  # a group's other envelopes must not be made over a change
             self._make_for(key)
         out = AcceptedRows.__new__(AcceptedRows)
-        out._rows = {**self._rows, **changes}
-        out._source = self._source
+        # In this order: a group another reader makes in between is then both pending and in
+        # the rows (made again if read: the same rows), never in neither.
         out._pending = set(self._pending)
+        out._source = self._source
+        out._rows = {**self._rows, **changes}
         return out
 
 

@@ -219,6 +219,10 @@ class _ClaimTable:
     # over it.  Only claims an acceptor decided over are ever read.
     env_of: list[EnvelopeInfo]
     tails: Tails
+    # Is every claim's lease id its own?  Otherwise the matching keeps the per-group turn-away
+    # check (``_AtOnceGroups`` logs by group, which would interleave two claims of one id
+    # otherwise than the scans do).
+    unique_ids: bool = True
 
     @classmethod
     def of(
@@ -229,7 +233,7 @@ class _ClaimTable:
         n = len(rows)
         if not n:
             return cls(0, [], [], [], [], [], [], [], [], [], Tails((), [], [], [], _first_slot))
-        rows.sort(key=_FIRST)  # tails are unique: a total order, no tie left to chance
+        rows.sort(key=_FIRST)  # stable: tails tie only for one lease id twice, kept in walk order
         _, run_keys, leases, widths, caps, proposals, id_order, runs, roles = zip(
             *rows, strict=True
         )
@@ -322,6 +326,8 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     run_since: list[Instant | None] = []
     run_key_of: list[str] = []
     claims = 0
+    last_id: str | None = None
+    unique = True  # every lease id once (the ledger refuses a repeat; the matching takes it)
     live_ids: list[str] = []
     run_numbers: dict[str, int] = {}
     run_number = 0
@@ -343,6 +349,9 @@ def _claims(  # noqa: PLR0917 - fill's inputs
         if end is not None and t >= end:
             continue
         lease_id = lease.id
+        if lease_id == last_id:
+            unique = False
+        last_id = lease_id
         live_ids.append(lease_id)
         if lease.run != run_name:
             run_name = lease.run
@@ -399,11 +408,16 @@ def _claims(  # noqa: PLR0917 - fill's inputs
             )
         )
         claims += 1
-    ends = [start for _, _, start in spans[1:]]
-    ends.append(len(rows))
-    order = sorted(range(len(spans)), key=spans.__getitem__)
-    listed = list(itertools.chain.from_iterable([rows[spans[i][2] : ends[i]] for i in order]))
-    return _ClaimTable.of(listed, run_since, run_key_of), live_ids, list(run_numbers)
+    if unique:
+        ends = [start for _, _, start in spans[1:]]
+        ends.append(len(rows))
+        order = sorted(range(len(spans)), key=spans.__getitem__)
+        rows = list(itertools.chain.from_iterable([rows[spans[i][2] : ends[i]] for i in order]))
+    # else in walk order: claims of one id may tie on the whole tail, and then the stable sort
+    # keeps the walk's order, as it always has
+    table = _ClaimTable.of(rows, run_since, run_key_of)
+    table.unique_ids = unique
+    return table, live_ids, list(run_numbers)
 
 
 def _maps(
@@ -789,7 +803,7 @@ def _match(
     # at once are found for the whole round before the scans (``_SoloGroups``).
     closing = (
         _AtOnceGroups(index, members_of, at_once, solo, proposing.width_array, n)
-        if isinstance(proposing, _ArrayProposing)
+        if isinstance(proposing, _ArrayProposing) and table.unique_ids
         else None
     )
     if closing is not None and not closing.any:
