@@ -145,3 +145,54 @@ async def test_abort_during_a_requested_stop_is_not_a_failure() -> None:
     other.abort("nats: maximum payload violation")
     await other.run()
     assert (other.exit_code, other.failure) == (1, "nats: maximum payload violation")
+
+
+class Stubborn(Actor):
+    """A root task that swallows its first cancellation and carries on, as a task cancelled
+    inside nats-py's flush does; ``swallowing``: swallow every one."""
+
+    name = "stubborn"
+
+    def __init__(self, *, swallowing: bool = False) -> None:
+        super().__init__()
+        self.swallowing = swallowing
+        self.swallowed = 0
+        self.waiting = asyncio.Event()
+
+    async def _on_start(self) -> None:
+        self.spawn("loop", self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.waiting.set()
+                await asyncio.Event().wait()  # never set: only a cancellation gets it out
+            except asyncio.CancelledError:
+                self.swallowed += 1
+                if self.swallowed > 1 and not self.swallowing:
+                    raise
+
+
+@pytest.mark.asyncio
+async def test_stop_cancels_again_a_root_task_that_swallowed_a_cancellation() -> None:
+    actor = Stubborn()
+    await actor.start()
+    await actor.waiting.wait()
+    await asyncio.wait_for(actor.stop(), 30)  # hung for good before: stop waited unbounded
+    assert actor.swallowed == 2
+    assert not actor._tasks
+
+
+@pytest.mark.asyncio
+async def test_stop_leaves_a_root_task_that_never_ends_after_its_budget() -> None:
+    actor = Stubborn(swallowing=True)
+    actor.shutdown_budget = 0.0  # no time to spend: cancelled once, then left
+    await actor.start()
+    await actor.waiting.wait()
+    loop = actor._tasks[0]
+    await asyncio.wait_for(actor.stop(), 30)  # returns: the task is logged and left
+    assert not loop.done()
+    actor.swallowing = False  # end it for the suite's leak guard
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await loop

@@ -109,11 +109,7 @@ class Actor:
         try:
             # Root tasks first (followers unsubscribe while the connection is still up, so the
             # client's own consumer tasks end too), then the service's drain.
-            for task in self._tasks:
-                task.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await _cancel_all(self.name, self._tasks, self.shutdown_budget)
             self._tasks.clear()
             if self._started:
                 try:
@@ -155,3 +151,37 @@ class Actor:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+RECANCEL_EVERY = 0.2
+"""Seconds between two cancellations of a root task still running at stop."""
+
+
+async def _cancel_all(actor: str, tasks: list[asyncio.Task[None]], budget: float) -> None:
+    """Cancel ``tasks`` and wait for them to end, cancelling again every ``RECANCEL_EVERY``
+    those still running, for at most ``budget`` seconds; those still running then are logged
+    and left.
+
+    Why again: a library may swallow a cancellation - nats-py's flush catches
+    ``CancelledError`` and returns - and a root task cancelled there carries on with its loop,
+    so a stop that waited for it without a bound hung for good (seen twice in CI, in the
+    notifier's ledger consumer).  The next cancellation meets it at its next await.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = deadline - loop.time()
+        if left <= 0:
+            log.warning(
+                "actor.tasks_outlived_stop",
+                actor=actor,
+                tasks=sorted(t.get_name() for t in pending),
+            )
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(RECANCEL_EVERY, left))
+    for task in tasks:  # their outcome read, so none is reported as never retrieved
+        if task.done() and not task.cancelled():
+            task.exception()
