@@ -799,8 +799,8 @@ def _match(
     # of a round, the others one by one (rank class 0 at first: the rank is the position).
     batches: list[Sequence[int]] = [range(n)] if n else []
     pending: list[int] = []
-    # In arrays, the groups of one envelope without caps whose newcomers are all turned away
-    # at once are found for the whole round before the scans (``_SoloGroups``).
+    # In arrays, the groups that turn all their newcomers away at once (``_turned_away_at_once``)
+    # are found for the whole round before the scans (``_AtOnceGroups``).
     closing = (
         _AtOnceGroups(index, members_of, at_once, solo, proposing.width_array, n)
         if isinstance(proposing, _ArrayProposing) and table.unique_ids
