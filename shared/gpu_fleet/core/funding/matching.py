@@ -170,9 +170,17 @@ CLASS_OF_RANK = {
 _CLASS_OR_UNFUNDED = [*(CLASS_OF_RANK[c] for c in range(len(CLASS_OF_RANK))), FundingClass.UNFUNDED]
 """Each rank class's funding class, then (at -1) an unfunded claim's."""
 
-_CLASS_ARRAY = np.empty(len(_CLASS_OR_UNFUNDED), dtype=object)
-for _i, _cls in enumerate(_CLASS_OR_UNFUNDED):
-    _CLASS_ARRAY[_i] = _cls
+
+def _objects(items: Sequence[object]) -> np.ndarray:
+    """``items`` as a one-dimensional object array, looked up by array indexing in C.  Set one
+    by one: numpy would read a tuple among them as a row."""
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        out[i] = item
+    return out
+
+
+_CLASS_ARRAY = _objects(_CLASS_OR_UNFUNDED)
 
 
 _Row = tuple[
@@ -290,7 +298,8 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
         decided = _Decided.of(table, held, envelope_of)
         maps = decided.maps(live_ids, numbered)
         if maps is not None:
-            columns = decided.columns(table, run_names, numbered)
+            assert isinstance(proposing, _ArrayProposing)  # the array of envelopes says so
+            columns = decided.columns(table, proposing.width_array, run_names, numbered)
     payer, cls = maps or _maps(live_ids, table, held, envelope_of, numbered)
     out = FillResult(payer, cls, {}, accepted, trace)
     out._rejection_log = log
@@ -470,10 +479,8 @@ class _Decided(NamedTuple):
         by_id = np.empty_like(self.id_order)
         by_id[self.id_order] = np.arange(len(self.id_order))
         # Looked up by array indexing, as objects (a lookup per lease in Python took a fifth
-        # longer, issue 11).
-        keys = np.empty(len(numbered) + 1, dtype=object)  # keys[-1]: None
-        for number, envelope in enumerate(numbered):  # one by one: a key is a tuple
-            keys[number] = envelope.key
+        # longer, issue 11); -1, unfunded, reads the None at the end.
+        keys = _objects([*(e.key for e in numbered), None])
         payer = dict(zip(live_ids, keys[self.payer[by_id]].tolist(), strict=True))
         if len(payer) != len(live_ids):
             return None
@@ -481,12 +488,16 @@ class _Decided(NamedTuple):
         return payer, dict(zip(live_ids, classes, strict=True))
 
     def columns(
-        self, table: _ClaimTable, run_names: list[str], numbered: Sequence[EnvelopeInfo]
+        self,
+        table: _ClaimTable,
+        widths: np.ndarray,
+        run_names: list[str],
+        numbered: Sequence[EnvelopeInfo],
     ) -> ClaimColumns:
-        """The claims as ``ClaimColumns``."""
+        """The claims as ``ClaimColumns`` (``widths``: the claims' widths as an array)."""
         return ClaimColumns(
             table.leases,
-            np.array(table.widths, dtype=np.int64),
+            widths,
             np.asarray(table.tails.run_numbers, dtype=np.int64),
             run_names,
             np.array(table.roles, dtype=np.int8),
@@ -601,6 +612,15 @@ class _Proposing:
         return got
 
 
+def _stretches(keys: np.ndarray, changes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each stretch of equal keys starts and ends in sorted ``keys``, given where they
+    change (``keys[1:] != keys[:-1]``, or several keys' changes together)."""
+    cuts = np.flatnonzero(changes) + 1
+    if not len(keys):
+        return cuts, cuts
+    return np.concatenate(([0], cuts)), np.append(cuts, len(keys))
+
+
 class _ArrayRound(NamedTuple):
     """One round of proposals in arrays (``_ArrayProposing``): per proposal, sorted by
     (acceptor, rank), its rank, claim and envelope number; per acceptor group that received
@@ -613,6 +633,7 @@ class _ArrayRound(NamedTuple):
     envelope: np.ndarray
     firsts: np.ndarray
     ends: np.ndarray
+    counts: np.ndarray  # ends - firsts
     narrowest: np.ndarray
 
     def lists(self, keep: np.ndarray | None) -> _Round:
@@ -626,7 +647,7 @@ class _ArrayRound(NamedTuple):
         )
         groups = self.groups
         if keep is not None:
-            counts = self.ends - firsts
+            counts = self.counts
             taken = np.repeat(keep, counts)
             rank, position, envelope = rank[taken], position[taken], envelope[taken]
             groups, narrowest = groups[keep], narrowest[keep]
@@ -715,13 +736,13 @@ class _ArrayProposing(_Proposing):
         order = np.argsort(acceptor * ((SPONSOR + 1) * n) + rank)  # keys are unique
         acceptor, rank, envelope = acceptor[order], rank[order], envelope[order]
         position = position[order]
-        cuts = np.flatnonzero(acceptor[1:] != acceptor[:-1]) + 1
-        firsts = np.concatenate(([0], cuts)) if len(acceptor) else cuts
-        ends = np.append(cuts, len(acceptor)) if len(acceptor) else cuts
+        firsts, ends = _stretches(acceptor, acceptor[1:] != acceptor[:-1])
         narrowest = (
             np.minimum.reduceat(self.width_array[position], firsts) if len(firsts) else firsts
         )
-        return _ArrayRound(acceptor[firsts], rank, position, envelope, firsts, ends, narrowest)
+        return _ArrayRound(
+            acceptor[firsts], rank, position, envelope, firsts, ends, ends - firsts, narrowest
+        )
 
     def _minted_in(self, positions: np.ndarray) -> np.ndarray:
         """``_minted_on`` each of ``positions``, looked up the first time a claim proposes to a
@@ -1014,8 +1035,7 @@ class _AtOnceGroups:
         room there, else at the envelope's first cap: one entry per group, envelope and
         reason (each claim is in one, so its own rejections stay in the order it met them)."""
         solo, capped = closed
-        log, rank = decide.log, arrays.rank
-        counts = arrays.ends - arrays.firsts
+        log, rank, counts = decide.log, arrays.rank, arrays.counts
         which = np.flatnonzero(solo | capped)
         groups = arrays.groups[which]
         for acceptor, last in zip(
@@ -1044,14 +1064,12 @@ class _AtOnceGroups:
         """Log the proposals ``taken`` marks (to groups under caps, closed) by group, envelope
         and reason."""
         rank, envelope = arrays.rank[taken], arrays.envelope[taken]
-        group = np.repeat(arrays.groups, arrays.ends - arrays.firsts)[taken]
+        group = np.repeat(arrays.groups, arrays.counts)[taken]
         fits = self._widths[arrays.position[taken]] <= self._room[envelope]
         code = envelope * 2 + fits
         order = np.lexsort((rank, code, group))
         rank, code, group = rank[order], code[order], group[order]
-        cuts = np.flatnonzero((code[1:] != code[:-1]) | (group[1:] != group[:-1])) + 1
-        starts = np.concatenate(([0], cuts))
-        ends = np.append(cuts, len(rank))
+        starts, ends = _stretches(rank, (code[1:] != code[:-1]) | (group[1:] != group[:-1]))
         log, numbered = decide.log, self._numbered
         for first, end, c in zip(
             starts.tolist(), ends.tolist(), code[starts].tolist(), strict=True
