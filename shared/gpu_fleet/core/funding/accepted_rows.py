@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 _new_tuple = tuple.__new__
 
 
+@dataclass(slots=True, eq=False)  # holds arrays: compared by identity
 class Tails:
     """Each claim's tail - (admission, run, group, first slot, lease id), the rank after its
     class - worked out from its lease and its run when asked, not kept per claim.
@@ -43,21 +45,12 @@ class Tails:
     key and admission (``None``: not admitted, so a lease ranks by its own start).
     """
 
-    __slots__ = ("first_slot", "leases", "run_key_of", "run_numbers", "run_since")
-
-    def __init__(
-        self,
-        leases: Sequence[Lease],
-        run_numbers: Sequence[int] | np.ndarray,
-        run_since: Sequence[Instant | None],
-        run_key_of: Sequence[str],
-        first_slot: Callable[[tuple[str, ...]], tuple[str, int]],
-    ) -> None:
-        self.leases = leases
-        self.run_numbers = run_numbers
-        self.run_since = run_since
-        self.run_key_of = run_key_of
-        self.first_slot = first_slot
+    leases: Sequence[Lease]
+    # per claim its run's number; ``fill`` makes it an array for a large matching
+    run_numbers: Sequence[int] | np.ndarray
+    run_since: Sequence[Instant | None]
+    run_key_of: Sequence[str]
+    first_slot: Callable[[tuple[str, ...]], tuple[str, int]]  # ``matching._first_slot``
 
     def of(self, positions: list[int]) -> list[tuple[object, ...]]:
         """The tails of the claims at ``positions``."""
@@ -89,6 +82,7 @@ class Tails:
         return out
 
 
+@dataclass(frozen=True, slots=True, eq=False)  # holds arrays: compared by identity
 class HeldRanks:
     """What the matching held, to make rows from: per acceptor group its integer ranks in rank
     order (``class * n + position``, as ``matching._ClaimTable`` numbers claims), the claims'
@@ -96,21 +90,11 @@ class HeldRanks:
     ``EnvelopeIndex.numbered`` numbers them).  Shared, never changed, by every
     ``AcceptedRows`` made from one matching."""
 
-    __slots__ = ("envelope_of", "held", "index", "n", "tails")
-
-    def __init__(
-        self,
-        index: EnvelopeIndex,
-        held: Mapping[int, list[int]],
-        n: int,
-        tails: Tails,
-        envelope_of: Sequence[int] | np.ndarray,
-    ) -> None:
-        self.index = index
-        self.held = held
-        self.n = n
-        self.tails = tails
-        self.envelope_of = envelope_of
+    index: EnvelopeIndex
+    held: Mapping[int, list[int]]
+    n: int
+    tails: Tails
+    envelope_of: Sequence[int] | np.ndarray
 
     def rows_of(self, acceptor: int) -> dict[EnvelopeKey, RankedRows]:
         """The rows of one acceptor group, per envelope that funds any."""
@@ -185,10 +169,9 @@ class AcceptedRows(Mapping[EnvelopeKey, RankedRows]):
                 self._make(acceptor)
 
     def __getitem__(self, key: EnvelopeKey) -> RankedRows:
-        rows = self._rows.get(key)
+        rows = self.get(key)
         if rows is None:
-            self._make_for(key)
-            return self._rows[key]
+            raise KeyError(key)
         return rows
 
     def get(self, key: EnvelopeKey, default: RankedRows | None = None) -> RankedRows | None:  # type: ignore[override]
