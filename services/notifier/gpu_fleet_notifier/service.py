@@ -374,7 +374,7 @@ class Notifier(Actor):
         """Fetch one ledger message at a time until stopped; never dies on an error."""
         assert self.sub is not None
         errors = 0
-        while not self._stopping:  # a swallowed cancellation (Actor.stop) ends it too
+        while True:
             try:
                 msgs = await self.sub.fetch(1, timeout=self.config.fetch_timeout)
             except nats.errors.TimeoutError:
