@@ -10,7 +10,9 @@ between evaluations, follows the node when it is registered again with other lab
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import gc
 
 import pytest
 from builders import T0, World, budget, cap, env, key, lease, node, payer, run
@@ -116,6 +118,25 @@ def test_the_columns_count_spares_lenders_and_minted_payers_like_the_walk() -> N
     assert big.lenders == {"org:p": 2}
     parent = got.envelopes[key("p")]
     assert (parent.owned, parent.shared, parent.spare, parent.unfunded) == (2, 4, 2, 2)
+
+
+@pytest.mark.parametrize("arrays", [True, False])
+def test_a_matchings_payers_are_not_tracked_by_the_cyclic_collector(arrays: bool) -> None:
+    """Envelope keys hold strings only and are not tracked (``EnvelopeKey``), so the map of
+    lease id to payer, 100k entries at fleet scale, is no container for the collector to walk
+    after every evaluation.  A key still hashes, compares and survives a copy as a value."""
+    world = World(
+        [budget("a", "org:a", [env("e", 2)])],
+        [run("a", "job", 4)],
+        [lease("a/job#0", "a/job", 2), lease("a/job#1", "a/job", 2, first=2, group=1)],
+    )
+    with proposing_in(arrays=arrays):
+        f = world.fill()
+    assert f.payer == {"a/job#0": key("a"), "a/job#1": None}
+    assert not gc.is_tracked(key("a"))
+    assert not gc.is_tracked(f.payer)
+    assert hash(key("a")) == hash(copy.deepcopy(key("a")))
+    assert {key("a"): 1}[copy.deepcopy(key("a"))] == 1
 
 
 def two_regions() -> World:

@@ -333,8 +333,15 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
         return self.labels.get(FLAVOR_LABEL, "")
 
 
-class EnvelopeKey(msgspec.Struct, frozen=True, order=True):
-    """Identity of an envelope: the Budget's namespace and name, then the envelope name."""
+class EnvelopeKey(msgspec.Struct, frozen=True, order=True, cache_hash=True, gc=False):
+    """Identity of an envelope: the Budget's namespace and name, then the envelope name.
+
+    A matching looks its counters, limits and rejections up by key a few million times at
+    100k open leases (issue 11), so the hash is computed once per key (``cache_hash``).  It
+    holds three strings and can be in no reference cycle, so the cyclic collector does not
+    track it (``gc=False``): a dict of keys, or of lease ids to keys (a matching's payers), is
+    then untracked too, and not walked after every evaluation.
+    """
 
     namespace: str
     budget: str

@@ -112,10 +112,13 @@ def _parse_first_slot(slots: tuple[str, ...]) -> tuple[str, int]:
     if not slots:  # the ledger refuses such a lease; the matching funds it as width 0
         return ("", -1)
     node, sep, _ = slots[0].rpartition("#")
-    prefix = node + sep
-    cut = len(prefix)
-    if sep and all(s.startswith(prefix) and s[cut:].isdecimal() for s in slots):
-        return node, min(int(s[cut:]) for s in slots)  # one node, plain ordinals: the usual
+    if sep:  # one node and plain ordinals, the usual, checked and read in C (``map``)
+        prefix = node + sep
+        if all(map(str.startswith, slots, itertools.repeat(prefix))):
+            cut = len(prefix)
+            ordinals = [s[cut:] for s in slots]
+            if all(map(str.isdecimal, ordinals)):
+                return node, min(map(int, ordinals))
     return min(map(_slot_key, slots), default=("", -1))
 
 
