@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from gpu_fleet.core import gcpause
 from gpu_fleet.core.gcpause import paused_gc
 
 
@@ -46,16 +47,30 @@ def test_an_exception_in_the_block_resumes_it() -> None:
     assert gc.isenabled()
 
 
-def test_what_the_block_leaves_alive_goes_to_the_oldest_generation() -> None:
+def oldest() -> set[int]:
+    return {id(x) for x in gc.get_objects(generation=2)}
+
+
+def test_what_a_large_block_leaves_alive_goes_to_the_oldest_generation() -> None:
     """The young collections after the pause do not walk the block's result: it is in the
     oldest generation at once (it would be in the middle one after the first collection)."""
     gc.collect()
     with paused_gc():
-        kept = [Box() for _ in range(10)]
+        kept = [Box() for _ in range(gcpause.PROMOTE_FROM)]
     assert all(gc.is_tracked(x) for x in kept)
     gc.collect(0)
-    oldest = {id(x) for x in gc.get_objects(generation=2)}
-    assert all(id(x) in oldest for x in kept)
+    assert all(id(x) in oldest() for x in kept[:: len(kept) // 10])
+
+
+def test_what_a_small_block_leaves_alive_stays_young() -> None:
+    """Below ``PROMOTE_FROM`` young objects the collector keeps its usual generations: the
+    first young collection moves them to the middle one, not the oldest."""
+    gc.collect()
+    with paused_gc():
+        kept = [Box() for _ in range(10)]
+    gc.collect(0)
+    assert not any(id(x) in oldest() for x in kept)
+    assert {id(x) for x in gc.get_objects(generation=1)} >= {id(x) for x in kept}
 
 
 def test_a_frozen_heap_stays_frozen() -> None:
@@ -66,10 +81,10 @@ def test_a_frozen_heap_stays_frozen() -> None:
     try:
         frozen = gc.get_freeze_count()
         with paused_gc():
-            kept = Box()
+            kept = [Box() for _ in range(gcpause.PROMOTE_FROM)]
         assert gc.get_freeze_count() >= frozen
-        assert gc.is_tracked(kept)
-        assert id(settled) not in {id(x) for x in gc.get_objects(generation=2)}
+        assert gc.is_tracked(kept[0])
+        assert id(settled) not in oldest()
     finally:
         gc.unfreeze()
 
