@@ -1,9 +1,10 @@
-"""The cyclic collector's pause around a pure computation (``core.gcpause``)."""
+"""The cyclic collector's pause around a pure computation (``core.gcpause``).  What a service's
+heap policy does with a large result (``on_large_result``) is tested with that policy, in a
+process of its own (tests/runtime/test_heap.py)."""
 
 from __future__ import annotations
 
 import gc
-import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -15,8 +16,6 @@ from gpu_fleet.core.gcpause import paused_gc
 class Box:
     """A container the collector tracks."""
 
-    inner: object = None
-
 
 @pytest.fixture(autouse=True)
 def collector_on() -> Iterator[None]:
@@ -25,6 +24,14 @@ def collector_on() -> Iterator[None]:
     yield
     if not was:
         gc.disable()
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each call of the hook, with the young objects the block left."""
+    out: list[int] = []
+    monkeypatch.setattr(gcpause, "on_large_result", lambda: out.append(gc.get_count()[0]))
+    return out
 
 
 def test_the_collector_is_off_inside_and_on_again_after() -> None:
@@ -47,53 +54,45 @@ def test_an_exception_in_the_block_resumes_it() -> None:
     assert gc.isenabled()
 
 
-def oldest() -> set[int]:
-    return {id(x) for x in gc.get_objects(generation=2)}
-
-
-def test_what_a_large_block_leaves_alive_goes_to_the_oldest_generation() -> None:
-    """The young collections after the pause do not walk the block's result: it is in the
-    oldest generation at once (it would be in the middle one after the first collection)."""
+def test_without_a_policy_a_large_result_ages_as_python_ages_it() -> None:
+    """A library process keeps Python's collector: the result is young, and the first young
+    collection moves it to the middle generation, with nothing frozen."""
+    assert gcpause.on_large_result is None
     gc.collect()
     with paused_gc():
-        kept = [Box() for _ in range(gcpause.PROMOTE_FROM)]
-    assert all(gc.is_tracked(x) for x in kept)
+        kept = [Box() for _ in range(2 * gcpause.PROMOTE_FROM)]
+    assert gc.get_freeze_count() == 0
     gc.collect(0)
-    assert all(id(x) in oldest() for x in kept[:: len(kept) // 10])
+    middle = {id(x) for x in gc.get_objects(generation=1)}
+    assert all(id(x) in middle for x in kept[:: len(kept) // 10])
 
 
-def test_what_a_small_block_leaves_alive_stays_young() -> None:
-    """Below ``PROMOTE_FROM`` young objects the collector keeps its usual generations: the
-    first young collection moves them to the middle one, not the oldest."""
+def test_the_hook_is_called_once_a_large_block_ends(calls: list[int]) -> None:
+    gc.collect()
+    with paused_gc():
+        kept = [Box() for _ in range(2 * gcpause.PROMOTE_FROM)]
+        assert gc.get_count()[0] >= gcpause.PROMOTE_FROM  # the block is large
+    assert len(calls) == 1
+    assert calls[0] >= len(kept) // 2
+
+
+def test_the_hook_is_not_called_after_a_small_block(calls: list[int]) -> None:
     gc.collect()
     with paused_gc():
         kept = [Box() for _ in range(10)]
-    gc.collect(0)
-    assert not any(id(x) in oldest() for x in kept)
-    assert {id(x) for x in gc.get_objects(generation=1)} >= {id(x) for x in kept}
+    assert kept
+    assert calls == []
 
 
-def test_a_frozen_heap_stays_frozen() -> None:
-    """A service freezes its settled heap (``runtime.heap``); a pause must not hand it back."""
-    gc.collect()
-    settled = Box()
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
+def test_the_hook_is_not_called_after_an_exception(calls: list[int]) -> None:
+    """The traceback holds the block's partial state: not the state's to keep."""
+
+    def large_then_fails() -> None:
         with paused_gc():
-            kept = [Box() for _ in range(gcpause.PROMOTE_FROM)]
-        assert gc.get_freeze_count() >= frozen
-        assert gc.is_tracked(kept[0])
-        assert id(settled) not in oldest()
-    finally:
-        gc.unfreeze()
+            kept = [Box() for _ in range(2 * gcpause.PROMOTE_FROM)]
+            raise ValueError(f"late, after {len(kept)}")
 
-
-def test_a_cycle_the_block_drops_is_still_collected() -> None:
-    with paused_gc():
-        box = Box()
-        box.inner = box
-        gone = weakref.ref(box)
-        del box
     gc.collect()
-    assert gone() is None
+    with pytest.raises(ValueError, match="late"):
+        large_then_fails()
+    assert calls == []

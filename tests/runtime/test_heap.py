@@ -58,3 +58,54 @@ def test_settle_freezes_and_a_sweep_every_nth_settle_or_minute_reclaims_frozen_c
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "ok"
     assert "heap.swept" in done.stdout  # the reclaimed cycle is reported
+
+
+RESULT_SCRIPT = textwrap.dedent(
+    """
+    import gc
+    from gpu_fleet.core import gcpause
+    from gpu_fleet.core.gcpause import paused_gc
+    from gpu_fleet.runtime import heap
+
+    class Node:
+        pass
+
+    def walked():
+        return {id(x) for g in range(3) for x in gc.get_objects(generation=g)}
+
+    gc.collect()
+    with paused_gc():
+        young = [Node() for _ in range(2 * gcpause.PROMOTE_FROM)]
+    assert gc.get_freeze_count() == 0, "froze without the policy"
+    assert id(young[0]) in walked()
+
+    heap.enable()
+    gc.collect()
+    before = gc.get_freeze_count()
+    with paused_gc():
+        result = [Node() for _ in range(2 * gcpause.PROMOTE_FROM)]
+    assert gc.get_freeze_count() >= before + len(result), "a large result was not frozen"
+    assert id(result[-1]) not in walked(), "the collector still walks the result"
+
+    frozen = gc.get_freeze_count()
+    with paused_gc():
+        small = [Node() for _ in range(10)]
+    assert gc.get_freeze_count() == frozen, "a small result was frozen"
+    assert id(small[0]) in walked()
+    print("ok")
+    """
+)
+
+
+def test_a_service_freezes_what_a_large_pure_computation_leaves_alive() -> None:
+    """With the policy, an evaluation's result (``core.gcpause.on_large_result``) is frozen as
+    the pause ends, not walked by the next collections; without it, nothing is frozen."""
+    done = subprocess.run(
+        [sys.executable, "-c", RESULT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "ok"

@@ -12,20 +12,30 @@ Safe with threads (the manager decides in a worker thread): pausing is process-w
 only resumes what it paused itself, and a nested or concurrent pause that finds the collector
 already off leaves it alone.
 
-What the block leaves alive - a matching's result: its per-lease maps, its rejection log, its
-columns, about 0.9M references at 100k open leases - goes straight to the oldest generation
-when the pause ends (``_promote``).  Left young, the first collection after the pause walked
-all of it, to find it alive, and the next generation walked it again: 6 % of an evaluation at
-100k open leases, 10 % of the first one after a budget change (issue 11).  It is the same place
-those objects reach after two collections; a cycle among them, if the block made one, waits
-for a full collection instead of a young one.
+What a large block leaves alive - a matching's result: its per-lease maps, its rejection log,
+its columns, about 90k objects and 0.9M references at 100k open leases - is walked by the first
+young collection after the pause (40-50 ms) and by the next middle one again, only to be found
+alive.  A process that has said its heap is long-lived state (a service, ``runtime.heap``)
+installs ``on_large_result``, which freezes it instead (O(1)); its sweeps bound any cycle that
+froze with it.  A process that has not keeps Python's collector exactly as it is: moving the
+result to the oldest generation there would also move whatever young garbage cycles the
+process had, which no full collection would then be counted to reach (issue 11).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+PROMOTE_FROM = 20_000
+"""Young tracked objects (``gc.get_count()[0]``) a block must leave for ``on_large_result``:
+an evaluation at 100k open leases leaves about 90k, at 10k about 8k - whose walk costs a few
+milliseconds, so there the collector keeps its usual generations."""
+
+on_large_result: Callable[[], None] | None = None
+"""Called when a pause ends normally after a block that left ``PROMOTE_FROM`` young objects
+or more, before the collector resumes (``runtime.heap.enable`` sets it; ``None``: nothing)."""
 
 
 @contextlib.contextmanager
@@ -37,26 +47,8 @@ def paused_gc() -> Iterator[None]:
     gc.disable()
     try:
         yield
+        hook = on_large_result
+        if hook is not None and gc.get_count()[0] >= PROMOTE_FROM:
+            hook()  # not after an exception: its traceback holds the block's partial state
     finally:
-        _promote()
         gc.enable()
-
-
-PROMOTE_FROM = 20_000
-"""Young tracked objects (``gc.get_count()[0]``) from which a pause ends by promoting them: an
-evaluation at 100k open leases leaves about 90k, at 10k about 8k - whose walk costs a few
-milliseconds, so there the collector keeps its usual generations."""
-
-
-def _promote() -> None:
-    """Move every tracked object to the oldest generation, without walking any: ``freeze``
-    moves all of them to the permanent generation and ``unfreeze`` moves that into the oldest,
-    each a splice of lists.
-
-    Only after a block that left many (``PROMOTE_FROM``), and only while nothing is frozen: a
-    service freezes its settled heap (``runtime.heap``), and unfreezing would hand that back to
-    the collector.  (A settle from another thread between the two calls is undone until that
-    service's next settle, which freezes it again.)"""
-    if gc.get_count()[0] >= PROMOTE_FROM and gc.get_freeze_count() == 0:
-        gc.freeze()
-        gc.unfreeze()
