@@ -60,7 +60,7 @@ def test_without_a_policy_a_large_result_ages_as_python_ages_it() -> None:
     assert gcpause.on_large_result is None
     gc.collect()
     with paused_gc():
-        kept = [Box() for _ in range(2 * gcpause.PROMOTE_FROM)]
+        kept = [Box() for _ in range(2 * gcpause.LARGE_RESULT_FROM)]
     assert gc.get_freeze_count() == 0
     gc.collect(0)
     middle = {id(x) for x in gc.get_objects(generation=1)}
@@ -70,8 +70,8 @@ def test_without_a_policy_a_large_result_ages_as_python_ages_it() -> None:
 def test_the_hook_is_called_once_a_large_block_ends(calls: list[int]) -> None:
     gc.collect()
     with paused_gc():
-        kept = [Box() for _ in range(2 * gcpause.PROMOTE_FROM)]
-        assert gc.get_count()[0] >= gcpause.PROMOTE_FROM  # the block is large
+        kept = [Box() for _ in range(2 * gcpause.LARGE_RESULT_FROM)]
+        assert gc.get_count()[0] >= gcpause.LARGE_RESULT_FROM  # the block is large
     assert len(calls) == 1
     assert calls[0] >= len(kept) // 2
 
@@ -89,7 +89,7 @@ def test_the_hook_is_not_called_after_an_exception(calls: list[int]) -> None:
 
     def large_then_fails() -> None:
         with paused_gc():
-            kept = [Box() for _ in range(2 * gcpause.PROMOTE_FROM)]
+            kept = [Box() for _ in range(2 * gcpause.LARGE_RESULT_FROM)]
             raise ValueError(f"late, after {len(kept)}")
 
     gc.collect()

@@ -62,7 +62,7 @@ def test_settle_freezes_and_a_sweep_every_nth_settle_or_minute_reclaims_frozen_c
 
 RESULT_SCRIPT = textwrap.dedent(
     """
-    import gc
+    import gc, weakref
     from gpu_fleet.core import gcpause
     from gpu_fleet.core.gcpause import paused_gc
     from gpu_fleet.runtime import heap
@@ -75,7 +75,7 @@ RESULT_SCRIPT = textwrap.dedent(
 
     gc.collect()
     with paused_gc():
-        young = [Node() for _ in range(2 * gcpause.PROMOTE_FROM)]
+        young = [Node() for _ in range(2 * gcpause.LARGE_RESULT_FROM)]
     assert gc.get_freeze_count() == 0, "froze without the policy"
     assert id(young[0]) in walked()
 
@@ -83,7 +83,7 @@ RESULT_SCRIPT = textwrap.dedent(
     gc.collect()
     before = gc.get_freeze_count()
     with paused_gc():
-        result = [Node() for _ in range(2 * gcpause.PROMOTE_FROM)]
+        result = [Node() for _ in range(2 * gcpause.LARGE_RESULT_FROM)]
     assert gc.get_freeze_count() >= before + len(result), "a large result was not frozen"
     assert id(result[-1]) not in walked(), "the collector still walks the result"
 
@@ -92,6 +92,20 @@ RESULT_SCRIPT = textwrap.dedent(
         small = [Node() for _ in range(10)]
     assert gc.get_freeze_count() == frozen, "a small result was frozen"
     assert id(small[0]) in walked()
+
+    # Only reads, no decision group: the large results' settles still sweep when one is due.
+    with paused_gc():
+        cycle = Node()
+        cycle.me = cycle
+        ref = weakref.ref(cycle)
+        del cycle
+        read = [Node() for _ in range(2 * gcpause.LARGE_RESULT_FROM)]  # none freed: new names
+    gc.collect()
+    assert ref() is not None, "the cycle should be frozen with the result"
+    heap._policy.swept_at -= heap.SWEEP_SECONDS  # as if a minute had passed
+    with paused_gc():
+        scrape = [Node() for _ in range(2 * gcpause.LARGE_RESULT_FROM)]
+    assert ref() is None, "a cycle frozen with a result was never swept"
     print("ok")
     """
 )
@@ -99,7 +113,8 @@ RESULT_SCRIPT = textwrap.dedent(
 
 def test_a_service_freezes_what_a_large_pure_computation_leaves_alive() -> None:
     """With the policy, an evaluation's result (``core.gcpause.on_large_result``) is frozen as
-    the pause ends, not walked by the next collections; without it, nothing is frozen."""
+    the pause ends, not walked by the next collections, and a cycle frozen with it is swept when
+    a sweep is due even if no decision group settles; without the policy, nothing is frozen."""
     done = subprocess.run(
         [sys.executable, "-c", RESULT_SCRIPT],
         capture_output=True,

@@ -14,10 +14,11 @@ already off leaves it alone.
 
 What a large block leaves alive - a matching's result: its per-lease maps, its rejection log,
 its columns, about 90k objects and 0.9M references at 100k open leases - is walked by the first
-young collection after the pause (40-50 ms) and by the next middle one again, only to be found
-alive.  A process that has said its heap is long-lived state (a service, ``runtime.heap``)
-installs ``on_large_result``, which freezes it instead (O(1)); its sweeps bound any cycle that
-froze with it.  A process that has not keeps Python's collector exactly as it is: moving the
+young collection after the pause (36-52 ms measured) and by the next middle one again, only to
+be found alive.  A process that has said its heap is long-lived state (a service,
+``runtime.heap``) installs ``on_large_result``: a settle, which freezes everything alive then
+(O(1)) and sweeps when one is due, so a cycle frozen with the result is reclaimed within the
+policy's bound.  A process that has not keeps Python's collector exactly as it is: moving the
 result to the oldest generation there would also move whatever young garbage cycles the
 process had, which no full collection would then be counted to reach (issue 11).
 """
@@ -28,13 +29,14 @@ import contextlib
 import gc
 from collections.abc import Callable, Iterator
 
-PROMOTE_FROM = 20_000
-"""Young tracked objects (``gc.get_count()[0]``) a block must leave for ``on_large_result``:
+LARGE_RESULT_FROM = 20_000
+"""Young tracked objects (``gc.get_count()[0]``: allocated less freed) a block must leave for
+``on_large_result``:
 an evaluation at 100k open leases leaves about 90k, at 10k about 8k - whose walk costs a few
 milliseconds, so there the collector keeps its usual generations."""
 
 on_large_result: Callable[[], None] | None = None
-"""Called when a pause ends normally after a block that left ``PROMOTE_FROM`` young objects
+"""Called when a pause ends normally after a block that left ``LARGE_RESULT_FROM`` young objects
 or more, before the collector resumes (``runtime.heap.enable`` sets it; ``None``: nothing)."""
 
 
@@ -48,7 +50,7 @@ def paused_gc() -> Iterator[None]:
     try:
         yield
         hook = on_large_result
-        if hook is not None and gc.get_count()[0] >= PROMOTE_FROM:
+        if hook is not None and gc.get_count()[0] >= LARGE_RESULT_FROM:
             hook()  # not after an exception: its traceback holds the block's partial state
     finally:
         gc.enable()

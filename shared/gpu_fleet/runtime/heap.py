@@ -15,10 +15,13 @@ process keeps Python's default):
   the collector never walks.  O(1).  Called where the heap is the state: by the manager after
   each group of decisions, by a follower every ``SETTLE_EVERY`` events.  Frozen objects are
   still freed by reference counting the moment nothing refers to them.
-* what a large pure computation leaves alive - a funding evaluation's result, 90k objects at
-  100k open leases - is frozen as the computation ends (``core.gcpause.on_large_result``), not
-  walked by the next young and middle collections first (40-50 ms each): it is the state's
-  for as long as it is alive, and freed by reference counting when it is replaced.
+* a large pure computation ends with a settle (``core.gcpause.on_large_result``): what it
+  leaves alive - a funding evaluation's result, 90k objects at 100k open leases - is frozen,
+  not walked by the next young and middle collections first (36-52 ms for the young one): it
+  is the state's for as long as it is alive, and freed by reference counting when it is
+  replaced.  Being a settle, it also sweeps when a sweep is due, so a manager that only
+  answers reads and scrapes (each an evaluation, and no decision group's settle) still
+  reclaims what it froze.
 * ``sweep()`` - unfreeze, one full collection, freeze again: reclaims any cycle that a settle
   froze (a caught exception's traceback, say - alive, or garbage not collected yet, when the
   settle came), so such a leak is bounded.  Done at the first settle after ``SWEEP_SECONDS``
@@ -58,11 +61,11 @@ _policy = _Policy()
 
 
 def enable(sweep_every: int = 4096) -> None:
-    """Adopt the policy in this process (a service's entry point), and freeze what a large
-    pure computation leaves alive as it ends (``core.gcpause.on_large_result``)."""
+    """Adopt the policy in this process (a service's entry point), and settle as a large
+    pure computation ends (``core.gcpause.on_large_result``)."""
     _policy.enabled, _policy.settles = True, 0
     _policy.sweep_every, _policy.swept_at = max(1, sweep_every), time.monotonic()
-    gcpause.on_large_result = gc.freeze
+    gcpause.on_large_result = settle
 
 
 def settle() -> None:
