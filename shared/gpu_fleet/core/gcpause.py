@@ -31,9 +31,8 @@ from collections.abc import Callable, Iterator
 
 LARGE_RESULT_FROM = 20_000
 """Young tracked objects (``gc.get_count()[0]``: allocated less freed) a block must leave for
-``on_large_result``:
-an evaluation at 100k open leases leaves about 90k, at 10k about 8k - whose walk costs a few
-milliseconds, so there the collector keeps its usual generations."""
+``on_large_result``: an evaluation at 100k open leases leaves about 90k, at 10k about 8k -
+whose walk costs a few milliseconds, so there the collector keeps its usual generations."""
 
 on_large_result: Callable[[], None] | None = None
 """Called when a pause ends normally after a block that left ``LARGE_RESULT_FROM`` young objects
