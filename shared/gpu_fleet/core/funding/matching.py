@@ -175,12 +175,9 @@ _CLASS_OR_UNFUNDED = [*(CLASS_OF_RANK[c] for c in range(len(CLASS_OF_RANK))), Fu
 
 
 def _objects(items: Sequence[object]) -> np.ndarray:
-    """``items`` as a one-dimensional object array, looked up by array indexing in C.  Set one
-    by one: numpy would read a tuple among them as a row."""
-    out = np.empty(len(items), dtype=object)
-    for i, item in enumerate(items):
-        out[i] = item
-    return out
+    """``items`` as a one-dimensional object array, looked up by array indexing in C
+    (``np.fromiter``: ``np.array`` would read a tuple among them as a row)."""
+    return np.fromiter(items, dtype=object, count=len(items))
 
 
 _CLASS_ARRAY = _objects(_CLASS_OR_UNFUNDED)
