@@ -7,6 +7,11 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # ---- build: turn the project into a wheel (no dev extras, nothing from the test tree) ----------
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# gcc builds the funding matching's C module (gpu_fleet.core.funding._native); the runtime stage
+# gets the compiled wheel only.  Without it the wheel would fall back to the Python matching.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # README.m[d]: copied when present (pyproject names it), skipped silently when not.
 COPY pyproject.toml README.m[d] ./

@@ -32,8 +32,9 @@ help:  ## list the targets
 
 venv: $(STAMP)  ## create .venv and install the package with its dev extras
 
-# Rebuilt only when pyproject.toml changes; the stamp is written last, so a failed install retries.
-$(STAMP): pyproject.toml
+# Rebuilt only when pyproject.toml or the C module changes (the editable install compiles it in
+# place); the stamp is written last, so a failed install retries.
+$(STAMP): pyproject.toml shared/gpu_fleet/core/funding/_native.c
 	@command -v $(PYTHON) >/dev/null || { echo "error: need python3.11 (or python3) on PATH" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip

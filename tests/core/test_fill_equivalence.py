@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -34,19 +35,32 @@ FillArgs = tuple[Any, ...]
 """``fill``'s arguments, in order."""
 
 EQUIV = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-BOTH_WAYS = pytest.mark.parametrize("arrays", [False, True], ids=["in-python", "in-arrays"])
-"""Run a test as a small matching proposes (in Python) and as a large one does (in arrays)."""
+WAYS = ["in-python", "in-arrays", "in-c"]
+BOTH_WAYS = pytest.mark.parametrize("way", WAYS)
+"""Run a test as a small matching proposes (in Python), as a large one does in Python (in
+arrays), and as a large one does where the C matching is built (``matching._match_native``)."""
 
 
 @contextlib.contextmanager
-def proposing_in(arrays: bool) -> Iterator[None]:
-    """Matchings of any size propose in arrays (``matching.ARRAYS_FROM``), or none does."""
-    was = matching.ARRAYS_FROM
-    matching.ARRAYS_FROM = 0 if arrays else sys.maxsize
+def matching_in(way: str) -> Iterator[None]:
+    """Matchings of any size run ``way`` (``matching.ARRAYS_FROM``, ``NATIVE_MATCH_FROM``).
+    The C way is skipped where the module is not built, except under CI, where it fails."""
+    if way == "in-c" and matching.NATIVE is None:
+        if os.environ.get("CI"):
+            pytest.fail("the C matching is not built (gpu_fleet.core.funding._native)")
+        pytest.skip("the C matching is not built here (no C compiler at install)")
+    was = matching.ARRAYS_FROM, matching.NATIVE_MATCH_FROM
+    matching.ARRAYS_FROM = sys.maxsize if way == "in-python" else 0
+    matching.NATIVE_MATCH_FROM = 0 if way == "in-c" else sys.maxsize
     try:
         yield
     finally:
-        matching.ARRAYS_FROM = was
+        matching.ARRAYS_FROM, matching.NATIVE_MATCH_FROM = was
+
+
+def proposing_in(arrays: bool) -> contextlib.AbstractContextManager[None]:
+    """``matching_in`` one of the Python ways: in arrays or not."""
+    return matching_in("in-arrays" if arrays else "in-python")
 
 
 def same_matching(a: FillResult, b: FillResult) -> None:
@@ -71,7 +85,7 @@ def same_matching(a: FillResult, b: FillResult) -> None:
 @BOTH_WAYS
 @EQUIV
 @given(st.data())
-def test_fill_is_the_reference_matching(arrays: bool, data: st.DataObject) -> None:
+def test_fill_is_the_reference_matching(way: str, data: st.DataObject) -> None:
     budgets = data.draw(budgets_of())
     hours = data.draw(hours_views(budgets))
     drawn = drawn_runs(data, "r", 14)
@@ -83,7 +97,7 @@ def test_fill_is_the_reference_matching(arrays: bool, data: st.DataObject) -> No
         hours.period_hours, hours.remaining_envelope, hours.remaining_cap, frozenset(funded)
     )
     args = (world.index, leases, runs, admitted, world.node_labels, T0, hours)
-    with proposing_in(arrays):
+    with matching_in(way):
         got = fill(*args)
     same_matching(got, reference_fill(*args))
     rejected = sum(len(x) for x in got.rejections.values())
@@ -93,15 +107,13 @@ def test_fill_is_the_reference_matching(arrays: bool, data: st.DataObject) -> No
 @BOTH_WAYS
 @EQUIV
 @given(st.data())
-def test_rows_read_one_envelope_at_a_time_are_the_references(
-    arrays: bool, data: st.DataObject
-) -> None:
+def test_rows_read_one_envelope_at_a_time_are_the_references(way: str, data: st.DataObject) -> None:
     """A fresh matching makes an acceptor group's rows when one of its envelopes is first
     read (``AcceptedRows``): envelopes read one by one, in any order and any way, before
     anything reads them all, answer what the reference holds - envelopes of one group under a
     cap included, and those that fund nothing have no rows."""
     world, args = crowded_world(data)
-    with proposing_in(arrays):
+    with matching_in(way):
         got = fill(*args)
     want = {k: v for k, v in reference_fill(*args).accepted.items() if v}
     keys = data.draw(st.permutations(sorted(world.index.envelopes)))
@@ -164,10 +176,10 @@ def crowded_world(data: st.DataObject) -> tuple[World, FillArgs]:
 @EQUIV
 @given(st.data())
 def test_fill_is_the_reference_matching_when_acceptors_fill_up(
-    arrays: bool, data: st.DataObject
+    way: str, data: st.DataObject
 ) -> None:
     _, args = crowded_world(data)
-    with proposing_in(arrays):
+    with matching_in(way):
         got = fill(*args)
     same_matching(got, reference_fill(*args))
     reasons = {r.template.split()[0] for v in got.rejections.values() for r in v}
@@ -211,7 +223,7 @@ def test_the_first_slots_kept_are_emptied_when_full(monkeypatch: pytest.MonkeyPa
 
 
 @BOTH_WAYS
-def test_a_lease_without_slots_is_funded_as_the_reference_funds_it(arrays: bool) -> None:
+def test_a_lease_without_slots_is_funded_as_the_reference_funds_it(way: str) -> None:
     """The ledger refuses such a lease, but the matching is a pure function of what it is
     given: width 0, funded by its own envelope, as the reference does."""
     budgets = [budget("p", "org:p", [env("e0", 1, selector={"region": "r1"})])]
@@ -223,7 +235,7 @@ def test_a_lease_without_slots_is_funded_as_the_reference_funds_it(arrays: bool)
     admitted = {r.key: T0}
     world = World(budgets, [r], leases, nodes=NODES, admitted=admitted)
     args = (world.index, leases, {r.key: r}, admitted, world.node_labels, T0, HoursView())
-    with proposing_in(arrays):
+    with matching_in(way):
         got = fill(*args)
     same_matching(got, reference_fill(*args))
     assert got.payer["p/r0#1"] is not None
@@ -300,8 +312,8 @@ def test_a_loan_newcomer_under_a_full_cap_meets_the_lending_limit_first() -> Non
     admitted = {first.key: T0, later.key: T0 + 60}
     world = World(budgets, [first, later], leases, nodes=NODES, admitted=admitted)
     args = (world.index, leases, world.runs, admitted, world.node_labels, T0, HoursView())
-    for arrays in (False, True):
-        with proposing_in(arrays):
+    for way in WAYS:
+        with matching_in(way):
             got = fill(*args)
         same_matching(got, reference_fill(*args))
         assert [r.reason for r in got.rejections["y/later#1"]] == [
@@ -312,7 +324,7 @@ def test_a_loan_newcomer_under_a_full_cap_meets_the_lending_limit_first() -> Non
 
 
 @BOTH_WAYS
-def test_a_run_not_admitted_ranks_each_lease_by_its_own_start(arrays: bool) -> None:
+def test_a_run_not_admitted_ranks_each_lease_by_its_own_start(way: str) -> None:
     """A run with no admission on record ranks each lease by the lease's start: its older
     lease ranks above an admitted run, its newer one below; the rows and the junior ranks
     (``Tails``) say so, as the reference does."""
@@ -326,7 +338,7 @@ def test_a_run_not_admitted_ranks_each_lease_by_its_own_start(arrays: bool) -> N
     admitted = {admitted_run.key: T0 - 100}
     world = World(budgets, [admitted_run, unadmitted], leases, nodes=NODES, admitted=admitted)
     args = (world.index, leases, world.runs, admitted, world.node_labels, T0, HoursView())
-    with proposing_in(arrays):
+    with matching_in(way):
         got = fill(*args)
     same_matching(got, reference_fill(*args))
     rows = got.accepted[world.index.acceptors[0][0]]
@@ -334,7 +346,7 @@ def test_a_run_not_admitted_ranks_each_lease_by_its_own_start(arrays: bool) -> N
 
 
 @BOTH_WAYS
-def test_one_lease_id_twice_is_funded_and_turned_away_in_walk_order(arrays: bool) -> None:
+def test_one_lease_id_twice_is_funded_and_turned_away_in_walk_order(way: str) -> None:
     """The ledger refuses a lease id twice, but the matching is a pure function of what it is
     given: two claims of one id that tie on the whole tail keep the order of the walk by id,
     and their rejections interleave as the scans meet them (review cases of the thirteenth
@@ -348,7 +360,7 @@ def test_one_lease_id_twice_is_funded_and_turned_away_in_walk_order(arrays: bool
         lease("p/r#1", r.key, 3, first=0, start=T0 - 200),
     ]
     world = World(budgets, [r], leases)
-    with proposing_in(arrays):
+    with matching_in(way):
         got = fill(world.index, leases, {r.key: r}, {}, world.node_labels, T0, HoursView())
     assert [(row.rank[-1], row.width) for row in got.accepted[key("p")]] == [
         ("p/r#1", 1),
@@ -373,6 +385,6 @@ def test_one_lease_id_twice_is_funded_and_turned_away_in_walk_order(arrays: bool
     ]
     admitted = {"a/s": T0 - 100, "b/s": T0 - 100, "ca/r": T0, "ca/z": T0, "cb/r": T0}
     world = World(budgets, runs, leases, admitted=admitted)
-    with proposing_in(arrays):
+    with matching_in(way):
         got = world.fill()
     assert [r.envelope for r in got.rejections["d"]] == [key("ca"), key("cb"), key("a"), key("b")]

@@ -31,7 +31,7 @@ import bisect
 import itertools
 import operator
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar, cast
 
@@ -49,6 +49,7 @@ from gpu_fleet.core.funding.fill_result import (
     Rejection,
     RejectionLog,
 )
+from gpu_fleet.core.funding.native import NATIVE
 from gpu_fleet.core.funding.proposals import OFFER_END, Proposals, Proposer, RunLists
 from gpu_fleet.core.gcpause import paused_gc
 from gpu_fleet.core.model import EnvelopeKey, FundingClass, Instant, Lease, LeaseRole, Run
@@ -281,8 +282,12 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
     table, live_ids, run_names = _claims(proposer, leases, runs, admitted, node_labels, t)
     trace = FillTrace()
     log = RejectionLog(table.n, table.leases, live_ids)
-    proposing = (_ArrayProposing if table.n >= ARRAYS_FROM else _Proposing)(index, table)
-    held = _match(index, table, hours, trace, log, proposing=proposing)
+    if NATIVE is not None and table.n >= NATIVE_MATCH_FROM:
+        proposing: _Proposing = _ArrayProposing(index, table)
+        held = _match_native(index, table, hours, trace, log, proposing=proposing)
+    else:
+        proposing = (_ArrayProposing if table.n >= ARRAYS_FROM else _Proposing)(index, table)
+        held = _match(index, table, hours, trace, log, proposing=proposing)
     n = table.n
     # Each acceptor group's rows are made when first read (``AcceptedRows``).
     tails = table.tails
@@ -319,16 +324,72 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     """One claim per lease live at ``t`` with the envelopes it proposes to, the live lease ids
     in id order (every one starts unfunded, with no rejection), and the runs by number.
 
-    The walk is by lease id, so a run's leases come one after another (ids are ``run#n``):
-    what depends on the run only - its owner, admission, funding, proposal lists per node - is
-    looked up when the run changes, not per lease (issue 11: 100k open leases, ~20k runs).
-
     The claims are handed to the sort stretch by stretch of one run, the stretches by their
     run's admission and key: nearly in order already, the sort merges a few long runs of it
     instead of 20k short ones (at 100k open leases it took half the time, issue 11).  The
     sort alone decides the order, so how near the hand-over comes does not matter otherwise.
     """
     owner_of = proposer.index.family.owner_of
+
+    def context(run: Run) -> _RunContext:
+        """What a run's claims share: its key, admission, borrow limit and proposal lists."""
+        key = run.key
+        funding = run.spec.funding
+        lists = proposer.lists_for(run, owner_of(run.metadata.namespace))
+        cap = funding.max_borrow_gpus if funding is not None else None
+        return key, admitted.get(key), cap, lists, lists.by_place
+
+    walk = _walk if NATIVE is None else _walk_native
+    rows, spans, run_since, run_key_of, live_ids, run_names, unique = walk(
+        sorted(leases, key=_ID), t, runs, context, node_labels, proposer
+    )
+    if unique:
+        ends = [start for _, _, start in spans[1:]]
+        ends.append(len(rows))
+        order = sorted(range(len(spans)), key=spans.__getitem__)
+        rows = list(itertools.chain.from_iterable([rows[spans[i][2] : ends[i]] for i in order]))
+    # else in walk order: claims of one id may tie on the whole tail, and then the stable sort
+    # keeps the walk's order, as it always has
+    table = _ClaimTable.of(rows, run_since, run_key_of)
+    table.unique_ids = unique
+    return table, live_ids, run_names
+
+
+_RunContext = tuple[str, "Instant | None", "int | None", RunLists, "dict[Place | None, Proposals]"]
+"""What ``_walk`` looks up once per run: its key, admission (``None``: not admitted), borrow
+limit (``None``: none), proposal lists, and those lists by place."""
+
+_Walk = tuple[
+    list[_Row],
+    list[tuple[Instant, str, int]],
+    list["Instant | None"],
+    list[str],
+    list[str],
+    list[str],
+    bool,
+]
+"""What ``_walk`` returns: the claims (``_Row``) in walk order; per stretch of one run's claims
+its admission (or first lease's start), run key and where it starts; per run number its
+admission and key; the live lease ids; the runs by number; and whether every id was its own."""
+
+
+def _walk(  # noqa: PLR0917 - the walk's inputs, in ``_native.claim_walk``'s order
+    leases: list[Lease],
+    t: float,
+    runs: Mapping[str, Run],
+    context: Callable[[Run], _RunContext],
+    node_labels: Mapping[str, Mapping[str, str]],
+    proposer: Proposer,
+) -> _Walk:
+    """The claims of the ``leases`` (sorted by id) live at ``t``, one row each (``_Row``).
+
+    The walk is by lease id, so a run's leases come one after another (ids are ``run#n``):
+    what depends on the run only is looked up (``context``) when the run changes, not per
+    lease (issue 11: 100k open leases, ~20k runs).
+
+    This is the reference: ``_native.claim_walk`` takes the same steps in C, and its result
+    is equal to this one's (``tests/core/test_native_walk.py``).
+    """
     rows: list[_Row] = []
     # Per stretch of one run's claims in the walk: (its admission, run key, where it starts)
     spans: list[tuple[Instant, str, int]] = []
@@ -349,7 +410,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
     by_place: dict[Place | None, Proposals] = {}
     places, place_of_node = proposer.places, proposer.place_of_node
     first_slots = _FIRST_SLOTS
-    for lease in sorted(leases, key=_ID):
+    for lease in leases:
         if t < lease.start:  # ``Lease.live_at``, inlined: once per open lease
             continue
         end, closed = lease.end, lease.closed_at
@@ -369,13 +430,7 @@ def _claims(  # noqa: PLR0917 - fill's inputs
             run = runs.get(run_name)
             run_lists = None
             if run is not None:
-                run_key = run.key
-                owner = owner_of(run.metadata.namespace)
-                since = admitted.get(run_key)
-                funding = run.spec.funding
-                borrow_cap = funding.max_borrow_gpus if funding is not None else None
-                run_lists = proposer.lists_for(run, owner)
-                by_place = run_lists.by_place
+                run_key, since, borrow_cap, run_lists, by_place = context(run)
             if got is None:
                 run_since.append(since if run is not None else None)
                 run_key_of.append(run_key if run is not None else "")
@@ -417,16 +472,37 @@ def _claims(  # noqa: PLR0917 - fill's inputs
             )
         )
         claims += 1
-    if unique:
-        ends = [start for _, _, start in spans[1:]]
-        ends.append(len(rows))
-        order = sorted(range(len(spans)), key=spans.__getitem__)
-        rows = list(itertools.chain.from_iterable([rows[spans[i][2] : ends[i]] for i in order]))
-    # else in walk order: claims of one id may tie on the whole tail, and then the stable sort
-    # keeps the walk's order, as it always has
-    table = _ClaimTable.of(rows, run_since, run_key_of)
-    table.unique_ids = unique
-    return table, live_ids, list(run_numbers)
+    return rows, spans, run_since, run_key_of, live_ids, list(run_numbers), unique
+
+
+def _walk_native(  # noqa: PLR0917 - ``_walk``'s
+    leases: list[Lease],
+    t: float,
+    runs: Mapping[str, Run],
+    context: Callable[[Run], _RunContext],
+    node_labels: Mapping[str, Mapping[str, str]],
+    proposer: Proposer,
+) -> _Walk:
+    """``_walk`` in C (``_native.claim_walk``), given what the Python walk reads from its
+    module and the proposer."""
+    assert NATIVE is not None
+    return cast(
+        "_Walk",
+        NATIVE.claim_walk(
+            leases,
+            t,
+            runs,
+            context,
+            node_labels,
+            proposer.places,
+            proposer.place_of_node,
+            proposer,
+            _FIRST_SLOTS,
+            _first_slot,
+            LeaseRole.ACTIVE,
+            LeaseRole.SPARE,
+        ),
+    )
 
 
 def _maps(
@@ -927,6 +1003,215 @@ def _match(
     trace.junior = {acceptor: table.rank_tuple(rank) for acceptor, rank in junior.items()}
     trace.hours = decide.hours_checks
     return held
+
+
+NATIVE_MATCH_FROM = 5_000
+"""Claims from which a matching runs in C (``_match_native``) where the module is built: as
+for ``ARRAYS_FROM``, below it the arrays' set-up (per envelope, per claim) outweighs the loops
+it replaces.  Tests set it to 0 to run the C matching on small worlds."""
+
+
+def _match_native(
+    index: EnvelopeIndex,
+    table: _ClaimTable,
+    hours: HoursView,
+    trace: FillTrace,
+    log: RejectionLog,
+    *,
+    proposing: _Proposing,
+) -> dict[int, list[int]]:
+    """``_match`` in C (``_native.match_core``): the same held claims, trace and rejections.
+
+    The claims and envelopes go in as integer arrays; what the result needs as Python objects
+    comes from callbacks into ``_Decider`` - the rejections (``full_rejection``, and the rare
+    lending and borrow-limit ones) and every check of an envelope or cap that sets GPU-hours
+    (``_Decider._limited``, which notes the GPU-hour checks as the Python scan does) - so the
+    reasons and the checks are the very values ``_match`` makes.
+    """
+    assert NATIVE is not None
+    assert isinstance(proposing, _ArrayProposing)
+    n = table.n
+    number, numbered = index.numbered
+    decide = _Decider(index, table, hours, defaultdict(int), log)
+    cap_ids = list(index.caps)
+    cap_number = {cap_id: i for i, cap_id in enumerate(cap_ids)}
+    cap_most = np.array(
+        [-1 if (c := index.caps[i].max_concurrency) is None else c for i in cap_ids],
+        dtype=np.int64,
+    )
+    cap_hours = np.full(len(cap_ids), np.nan)
+    concurrency: list[int] = []
+    lending: list[int] = []
+    kinds: list[int] = []
+    cap_starts = [0]
+    caps_of: list[int] = []
+    env_hours: list[float] = []
+    cap_full: list[tuple[Rejection, ...]] = []
+    cap_spent: list[tuple[Rejection, ...]] = []
+    env_spent: list[Rejection | None] = []
+    for env in numbered:
+        concurrency.append(env.concurrency)
+        lending.append(-1 if env.lending_max is None else env.lending_max)
+        caps_of.extend(cap_number[cap_id] for cap_id in env.caps)
+        cap_starts.append(len(caps_of))
+        limits, own_hours = decide._limits_for(env)
+        cap_full.append(tuple(full for _, _, _, full, _ in limits))
+        cap_spent.append(tuple(spent for _, _, _, _, spent in limits))
+        for cap_id, _, left, _, _ in limits:
+            if left is not None:
+                cap_hours[cap_number[cap_id]] = left
+        env_hours.append(np.nan if own_hours is None else own_hours[0])
+        env_spent.append(None if own_hours is None else own_hours[1])
+        if not env.caps and env.gpu_hours is None:
+            kinds.append(_PLAIN)
+        elif own_hours is None and all(left is None for _, _, left, _, _ in limits):
+            kinds.append(_CAPS_ONLY)  # ``_Decider._caps_only``
+        else:
+            kinds.append(_LIMITED)
+    group_starts = [0]
+    for members in index.acceptors:
+        group_starts.append(group_starts[-1] + len(members))
+    caps = table.borrow_caps
+    any_borrow_cap = any(cap is not None for cap in caps)
+    run_ids = np.zeros(n, dtype=np.int64)
+    borrow_caps = np.full(n, -1, dtype=np.int64)
+    if any_borrow_cap:  # only a run with a borrow limit reads what it borrowed: 1, 2, ...
+        ids: dict[str, int] = {}  # (the others all add to 0, which nobody reads)
+        for position, (cap, key) in enumerate(zip(caps, table.run_keys, strict=True)):
+            if cap is not None:
+                borrow_caps[position] = cap
+                run_ids[position] = ids.setdefault(key, len(ids) + 1)
+    leases = table.leases
+
+    def full(env: int, used: int) -> Rejection:
+        return decide.full_rejection(numbered[env], used)
+
+    def lent(env: int, lent_now: int) -> Rejection:
+        info = numbered[env]
+        return Rejection(info.key, _LENT, (info.lending_max, lent_now))
+
+    def borrow_limit(env: int, cap: int) -> Rejection:
+        return decide._same(numbered[env].key, _BORROW_LIMIT, cap)
+
+    previously_funded = hours.previously_funded
+
+    def funded_before(position: int, env: int) -> bool:
+        return (leases[position].id, numbered[env].key) in previously_funded
+
+    i64 = np.int64
+    envelope_of = proposing.envelope_of
+    assert isinstance(envelope_of, np.ndarray)
+    held, junior, turned, ranks, ends, reasons, peaks, checked = NATIVE.match_core(
+        n,
+        proposing.width_array,
+        borrow_caps,
+        run_ids,
+        _minted_numbers(proposing, table, number),
+        proposing._start,
+        proposing._acceptor,
+        proposing._envelope,
+        proposing._tier,
+        np.array(concurrency, dtype=i64),
+        np.array(lending, dtype=i64),
+        np.array(kinds, dtype=i64),
+        np.array(cap_starts, dtype=i64),
+        np.array(caps_of, dtype=i64),
+        cap_most,
+        np.array(group_starts, dtype=i64),
+        np.arange(group_starts[-1], dtype=i64),  # envelopes are numbered group after group
+        envelope_of,
+        np.array(env_hours, dtype=np.float64),
+        cap_hours,
+        full,
+        lent,
+        borrow_limit,
+        cap_full,
+        cap_spent,
+        env_spent,
+        funded_before if previously_funded else None,
+        any_borrow_cap,
+        _NO_TIER,
+        float(hours.period_hours),
+        HOURS_EPSILON,
+    )
+    turned_away = np.frombuffer(ranks, dtype=i64)
+    log.ranks.extend(turned_away[start:end] for start, end in itertools.pairwise([0, *ends]))
+    log.reasons.extend(reasons)
+    if turned:
+        trace.rejected_any = True
+        trace.rejected_at = frozenset(turned)
+    used, lent_peak, cap_peak = (np.frombuffer(b, dtype=i64).tolist() for b in peaks)
+    trace.used = {numbered[e].key: v for e, v in enumerate(used) if v > 0}
+    trace.lent = {numbered[e].key: v for e, v in enumerate(lent_peak) if v > 0}
+    trace.cap = {cap_ids[c]: v for c, v in enumerate(cap_peak) if v > 0}
+    trace.junior = {acceptor: table.rank_tuple(rank) for acceptor, rank in junior.items()}
+    trace.hours = checks = decide.hours_checks
+    if checks is not None:
+        _note_checks(checks, checked, [e.key for e in numbered], cap_ids, leases)
+    return cast("dict[int, list[int]]", held)
+
+
+def _note_checks(
+    checks: HoursChecks,
+    checked: tuple[bytes, bytes, bytes, bytes, bytes, int, bytes | None, bytes | None],
+    env_keys: list[EnvelopeKey],
+    cap_ids: list[str],
+    leases: Sequence[Lease],
+) -> None:
+    """What the C matching's GPU-hour checks leave in ``checks``, as ``_passed`` and
+    ``_Decider._limited`` note them one check at a time: every bound a maximum (``passed``,
+    ``top``), the narrowest width a minimum, the pairs and envelopes sets - so noting each
+    slot's extreme once is the same."""
+    strict_b, weak_b, top_b, checked_b, has_weak_b, narrowest, already_b, exhausted_b = checked
+    strict = np.frombuffer(strict_b, dtype=np.float64).tolist()
+    weak = np.frombuffer(weak_b, dtype=np.float64).tolist()
+    top = np.frombuffer(top_b, dtype=np.int64).tolist()
+    has_weak = np.frombuffer(has_weak_b, dtype=np.bool_)
+    keys: list[EnvelopeKey | str] = [*env_keys, *cap_ids]
+    for slot in np.flatnonzero(np.frombuffer(checked_b, dtype=np.bool_)).tolist():
+        key = keys[slot]
+        checks.passed(key, strict[slot], weak[slot] if has_weak[slot] else None)
+        if top[slot] > checks.top.get(key, -1):
+            checks.top[key] = top[slot]
+    if narrowest >= 0:
+        checks.narrowest = min(checks.narrowest, narrowest)
+    pairs = np.frombuffer(already_b or b"", dtype=np.int64).tolist()  # None: no pair
+    if pairs:
+        noted = checks.already
+        assert isinstance(noted, set), "a shared record is copied before it is added to"
+        noted.update(
+            (leases[position].id, env_keys[env])
+            for position, env in zip(pairs[::2], pairs[1::2], strict=True)
+        )
+    checks.exhausted.update(
+        env_keys[e] for e in np.frombuffer(exhausted_b or b"", dtype=np.int64).tolist()
+    )
+
+
+_PLAIN, _CAPS_ONLY, _LIMITED = 0, 1, 2
+"""An envelope's checks past its concurrency, for ``_native.match_core``: none, aggregate caps'
+concurrency only, or ``_Decider._limited`` (some GPU-hours)."""
+
+
+def _minted_numbers(
+    proposing: _ArrayProposing, table: _ClaimTable, number: Mapping[EnvelopeKey, int]
+) -> np.ndarray:
+    """Per claim, the number of the envelope its lease was minted on as a loan (-1: none, not
+    in the index, or never asked: its list has no sponsor's envelope), as ``_minted_on``."""
+    tier, acceptor = proposing._tier, proposing._acceptor
+    minted = np.full(table.n, -1, dtype=np.int64)
+    if not len(tier):
+        return minted
+    sponsors = np.concatenate(([0], np.cumsum(tier == _NO_TIER)))
+    list_ends = np.flatnonzero(acceptor == OFFER_END)
+    starts = proposing._start
+    ends = list_ends[np.searchsorted(list_ends, starts)]
+    leases = table.leases
+    for position in np.flatnonzero(sponsors[ends + 1] > sponsors[starts]).tolist():
+        payer = leases[position].minted_payer
+        if payer is not None:
+            minted[position] = number.get(payer.key, -1)
+    return minted
 
 
 class _AtOnceGroups:

@@ -1,0 +1,153 @@
+"""The C matching (``gpu_fleet.core.funding._native``) decides exactly what the Python one does.
+
+The Python functions stay the reference: ``matching._walk`` for the walk that makes every
+lease's claim, ``matching._match`` for the deferred acceptance.  Over generated worlds - family
+sharing, sponsors with lending caps and borrow limits, loans, aggregate caps, GPU-hours with the
+hysteresis of claims funded just before - the C ones must give the same claims, element by
+element, and the same matching: payers, classes, rejections in order, accepted rows, the trace
+and the GPU-hour checks ``rebase_fill`` reuses a matching by.  ``test_fill_equivalence`` runs
+its own properties the C way too (``matching_in("in-c")``).
+
+Where the module is not built (no C compiler at install), these tests skip; under CI they fail
+instead, so CI always checks the build.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import cast
+
+import numpy as np
+import pytest
+from builders import T0, World, budget, env, lease, run
+from hypothesis import event, given
+from hypothesis import strategies as st
+from test_fill_equivalence import EQUIV, matching_in, same_matching
+from test_incremental import NODES, budgets_of, drawn_runs, hours_views
+
+from gpu_fleet.core.funding import HoursView, fill, matching, native
+from gpu_fleet.core.funding.proposals import Proposer
+from gpu_fleet.core.model import Lease, LeaseRole
+
+
+@pytest.fixture
+def built() -> None:
+    if matching.NATIVE is None:
+        if os.environ.get("CI"):
+            pytest.fail("gpu_fleet.core.funding._native is not built (CI builds it)")
+        pytest.skip("the C matching is not built here (no C compiler at install)")
+
+
+def _world(data: st.DataObject) -> tuple[World, HoursView]:
+    budgets = data.draw(budgets_of())
+    hours = data.draw(hours_views(budgets))
+    drawn = drawn_runs(data, "r", 14)
+    world = World(budgets, drawn.runs.values(), drawn.leases, nodes=NODES, admitted=drawn.admitted)
+    pairs = sorted((x.id, k) for x in drawn.leases for k in world.index.envelopes)
+    funded = data.draw(st.sets(st.sampled_from(pairs))) if pairs else set()
+    return world, HoursView(
+        hours.period_hours, hours.remaining_envelope, hours.remaining_cap, frozenset(funded)
+    )
+
+
+@pytest.mark.usefixtures("built")
+@EQUIV
+@given(st.data())
+def test_the_c_walk_makes_the_python_walks_claims(data: st.DataObject) -> None:
+    """Every row equal, the very same proposal lists, and the same stretches, runs and ids -
+    at an instant where some leases have not started or have ended."""
+    world, _ = _world(data)
+    t = T0 + data.draw(st.sampled_from([-60, 0, 1, 3_600, 86_400]))
+    proposer = Proposer.at(world.index, t)
+    owner_of = world.index.family.owner_of
+
+    def context(run):  # type: ignore[no-untyped-def]
+        lists = proposer.lists_for(run, owner_of(run.metadata.namespace))
+        cap = run.spec.funding.max_borrow_gpus if run.spec.funding is not None else None
+        return run.key, world.admitted.get(run.key), cap, lists, lists.by_place
+
+    leases = sorted(world.leases, key=lambda x: x.id)
+    args = (leases, t, world.runs, context, world.node_labels, proposer)
+    want = matching._walk(*args)
+    got = matching._walk_native(*args)
+    assert got[1:] == want[1:]
+    assert len(got[0]) == len(want[0])
+    for mine, theirs in zip(got[0], want[0], strict=True):
+        assert mine == theirs
+        assert mine[5] is theirs[5]  # the proposal list every claim of it shares
+    event(f"claims: {'none' if not want[0] else 'some'}; live: {len(want[4])}/{len(leases)}")
+
+
+@pytest.mark.usefixtures("built")
+@EQUIV
+@given(st.data())
+def test_the_c_matching_is_the_python_matching(data: st.DataObject) -> None:
+    """``same_matching``, and the GPU-hour checks too (``HoursChecks``: bounds, widths, pairs
+    funded before, envelopes whose hours ran out)."""
+    world, hours = _world(data)
+    args = (world.index, world.leases, world.runs, world.admitted, world.node_labels, T0, hours)
+    with matching_in("in-arrays"):
+        want = fill(*args)
+    with matching_in("in-c"):
+        got = fill(*args)
+    same_matching(got, want)
+    assert got.trace is not None
+    assert want.trace is not None
+    assert got.trace.hours == want.trace.hours
+    checks = want.trace.hours
+    event(f"GPU-hour checks: {'none' if checks is None else len(checks.strict)}")
+    event(f"passed as funded before: {'some' if checks and checks.already else 'none'}")
+
+
+def test_setting_gpu_fleet_native_to_0_runs_the_python_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+    assert native.load() is None
+    monkeypatch.setenv(native.DISABLE_VARIABLE, "1")
+    assert native.load() is matching.NATIVE  # built or not, as this install is
+
+
+@pytest.mark.usefixtures("built")
+def test_the_c_matching_refuses_arrays_of_another_type() -> None:
+    """A float array where an integer one belongs is refused by name, not read as integers."""
+    assert matching.NATIVE is not None
+    arrays = [np.zeros(1, dtype=np.int64) for _ in range(17)] + [np.zeros(1)] * 2
+    arrays[0] = np.zeros(1)  # the widths
+    with pytest.raises(TypeError, match="widths must be a contiguous int64 array"):
+        matching.NATIVE.match_core(1, *arrays, *([None] * 3), [], [], [], None, 0, 9, 24.0, 1e-6)
+    with pytest.raises(TypeError, match=r"takes 31 arguments \(1 given\)"):
+        matching.NATIVE.match_core(1)
+
+
+@pytest.mark.usefixtures("built")
+def test_the_c_walk_reads_a_lease_of_another_type_by_name() -> None:
+    """Leases of the type the first one has are read at their fields' offsets; any other object
+    through ``getattr``, with the same result."""
+    world = World(
+        [budget("a", "org:a", [env("e", 8)])],
+        [run("a", "job", 4)],
+        [lease("a/job#0", "a/job", 2), lease("a/job#1", "a/job", 2, first=2, group=1)],
+    )
+
+    class Other:
+        def __init__(self, source: object) -> None:
+            for name in ("start", "end", "closed_at", "id", "run", "node", "slots", "role"):
+                setattr(self, name, getattr(source, name))
+            self.group = source.group  # type: ignore[attr-defined]
+
+    proposer = Proposer.at(world.index, T0)
+    owner_of = world.index.family.owner_of
+
+    def context(run):  # type: ignore[no-untyped-def]
+        lists = proposer.lists_for(run, owner_of(run.metadata.namespace))
+        return run.key, world.admitted.get(run.key), None, lists, lists.by_place
+
+    leases = sorted(world.leases, key=lambda x: x.id)
+    mixed = cast("list[Lease]", [leases[0], Other(leases[1])])
+    got = matching._walk_native(mixed, T0, world.runs, context, world.node_labels, proposer)
+    want = matching._walk(mixed, T0, world.runs, context, world.node_labels, proposer)
+    assert got == want
+    assert [row[8] for row in got[0]] == [0, 0]  # both active: the role compared by identity
+    assert mixed[1].role is LeaseRole.ACTIVE
+    assert not isinstance(mixed[1], Lease)
