@@ -14,12 +14,13 @@ instead, so CI always checks the build.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import cast
 
 import numpy as np
 import pytest
-from builders import T0, World, budget, env, lease, run
+from builders import T0, World, budget, cap, env, lease, run
 from hypothesis import event, given
 from hypothesis import strategies as st
 from test_fill_equivalence import EQUIV, matching_in, same_matching
@@ -110,12 +111,24 @@ def test_setting_gpu_fleet_native_to_0_runs_the_python_reference(
 
 @pytest.mark.usefixtures("built")
 def test_the_c_matching_refuses_arrays_of_another_type() -> None:
-    """A float array where an integer one belongs is refused by name, not read as integers."""
+    """A float array where an integer one belongs is refused by name, not read as integers, and
+    an index out of range raises instead of reading past an array."""
     assert matching.NATIVE is not None
     arrays = [np.zeros(1, dtype=np.int64) for _ in range(17)] + [np.zeros(1)] * 2
     arrays[0] = np.zeros(1)  # the widths
     with pytest.raises(TypeError, match="widths must be a contiguous int64 array"):
-        matching.NATIVE.match_core(1, *arrays, *([None] * 3), [], [], [], None, 0, 9, 24.0, 1e-6)
+        matching.NATIVE.match_core(1, *arrays, *([None] * 3), (), (), (), None, 0, 9, 24.0, 1e-6)
+    arrays[0] = np.zeros(1, dtype=np.int64)  # now every array's type is right: one envelope,
+    arrays[14] = np.array([0, 1], dtype=np.int64)  # one group of it, one claim whose list...
+    arrays[11] = np.zeros(2, dtype=np.int64)  # (and no caps: env_cap_starts 0, 0)
+    arrays[12], arrays[13] = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    arrays[18] = np.zeros(0)  # no cap sets GPU-hours
+    rejections = ((),), ((),), (None,)
+    with pytest.raises(ValueError, match=r"row_acceptor \(a list without its end row\)"):
+        matching.NATIVE.match_core(1, *arrays, *([None] * 3), *rejections, None, 0, 9, 24.0, 1e-6)
+    arrays[5] = np.array([7], dtype=np.int64)  # ...names group 7 and has no end row either
+    with pytest.raises(ValueError, match="out of range"):
+        matching.NATIVE.match_core(1, *arrays, *([None] * 3), *rejections, None, 0, 9, 24.0, 1e-6)
     with pytest.raises(TypeError, match=r"takes 31 arguments \(1 given\)"):
         matching.NATIVE.match_core(1)
 
@@ -151,3 +164,38 @@ def test_the_c_walk_reads_a_lease_of_another_type_by_name() -> None:
     assert [row[8] for row in got[0]] == [0, 0]  # both active: the role compared by identity
     assert mixed[1].role is LeaseRole.ACTIVE
     assert not isinstance(mixed[1], Lease)
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("limit", ["cap", "hours"])
+def test_a_negative_limit_or_nan_hours_are_decided_in_python(
+    limit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C matching reads -1 and NaN as "no limit"; validated manifests allow neither, and a
+    library caller that passes one gets the Python matching's decisions (always full, always
+    spent), not the C one's reading of them."""
+    caps = [cap("c", ["e"], max_concurrency=-1)] if limit == "cap" else []
+    world = World(
+        [
+            budget(
+                "a", "org:a", [env("e", 8, gpu_hours=100 if limit == "hours" else None)], caps=caps
+            )
+        ],
+        [run("a", "job", 4)],
+        [lease("a/job#0", "a/job", 2), lease("a/job#1", "a/job", 2, first=2, group=1)],
+    )
+    nan = dict.fromkeys(world.index.envelopes, math.nan)
+    hours = HoursView(1.0, nan if limit == "hours" else {})
+    args = (world.index, world.leases, world.runs, world.admitted, world.node_labels, T0, hours)
+    with matching_in("in-python"):
+        want = fill(*args)
+    called = []
+    monkeypatch.setattr(matching, "_match", lambda *a, **k: called.append(1) or real(*a, **k))
+    with matching_in("in-c"):
+        got = fill(*args)
+    assert called  # the C matching declined, the Python one decided
+    same_matching(got, want)
+    assert want.payer == {"a/job#0": None, "a/job#1": None}
+
+
+real = matching._match

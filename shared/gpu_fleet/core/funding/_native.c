@@ -6,7 +6,7 @@
  * took 68 ms, the walk itself 300-440 ms.  This module does the same steps, in the same order,
  * with the same Python objects, so its result is equal to the Python walk's, element by
  * element; ``matching._walk`` stays the reference, and the tests run both and compare them
- * (``tests/core/test_native_walk.py``).  A build without a C compiler leaves this module out,
+ * (``tests/core/test_native.py``).  A build without a C compiler leaves this module out,
  * and the matching then runs the Python walk (``matching.NATIVE``).
  *
  * What it reads per lease, as the Python walk does: start, end, closed_at, id, run, node,
@@ -42,7 +42,10 @@ layout_of(Layout *layout, PyTypeObject *type)
     for (int i = 0; i < N_FIELDS; i++) {
         PyObject *descr = PyObject_GetAttr((PyObject *)type, layout->names[i]);
         if (descr == NULL) {
-            PyErr_Clear();
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                return -1;
+            }
+            PyErr_Clear(); /* read through getattr, which raises for the lease that lacks it */
             return 0;
         }
         int ok = PyObject_TypeCheck(descr, &PyMemberDescr_Type);
@@ -90,14 +93,44 @@ mapping_get(PyObject *m, PyObject *key)
         Py_INCREF(hit);
         return hit;
     }
-    return PyObject_CallMethod(m, "get", "O", key);
+    PyObject *name = PyUnicode_InternFromString("get");
+    if (name == NULL) {
+        return NULL;
+    }
+    PyObject *got = PyObject_CallMethodOneArg(m, name, key);
+    Py_DECREF(name);
+    return got;
+}
+
+/* A float and an exact integer of at most 2**53 (an Instant), compared as doubles: the integer
+ * converts exactly, so this is Python's exact comparison (NaN compares false, as in Python). */
+static int
+compare_float(double x, PyObject *b, int op, int *done)
+{
+    int overflow;
+    long long y = PyLong_AsLongLongAndOverflow(b, &overflow);
+    *done = 0;
+    if (overflow || (y == -1 && PyErr_Occurred()) || y > (1LL << 53) || y < -(1LL << 53)) {
+        PyErr_Clear();
+        return 0;
+    }
+    *done = 1;
+    return op == Py_LT ? x < (double)y : x >= (double)y;
 }
 
 /* ``a < b`` (``op``: a rich comparison) for two Instants: exact integers compared as such,
- * anything else as Python compares it.  -1 on error. */
+ * the clock (a float) against an exact integer as doubles, anything else as Python compares
+ * it.  -1 on error. */
 static int
 compare(PyObject *a, PyObject *b, int op)
 {
+    if ((op == Py_LT || op == Py_GE) && PyFloat_CheckExact(a) && PyLong_CheckExact(b)) {
+        int done;
+        int r = compare_float(PyFloat_AS_DOUBLE(a), b, op, &done);
+        if (done) {
+            return r;
+        }
+    }
     if (PyLong_CheckExact(a) && PyLong_CheckExact(b)) {
         int overflow_a, overflow_b;
         long long x = PyLong_AsLongLongAndOverflow(a, &overflow_a);
@@ -437,7 +470,7 @@ done:
  * slot.  The steps are ``_match``'s reference steps - every newcomer scanned, no group turned
  * away at once (that is an optimisation the Python matching proves equal) - and what Python
  * objects the result needs (rejections, the GPU-hour checks) come from the callbacks
- * ``matching._NativeMatch`` passes, so the reasons are the very values Python makes.
+ * ``matching._match_native`` passes, so the reasons are the very values Python makes.
  * ---------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -704,8 +737,9 @@ match_core(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Log log = {{0}, NULL, NULL, NULL};
     Py_ssize_t n_runs = 0;
 
-    if (!PyList_CheckExact(cap_full) || !PyList_CheckExact(cap_spent) || !PyList_CheckExact(env_spent)) {
-        PyErr_SetString(PyExc_TypeError, "match_core(): cap_full, cap_spent and env_spent are lists");
+    /* tuples: nothing a callback does can change them while the scan reads them */
+    if (!PyTuple_CheckExact(cap_full) || !PyTuple_CheckExact(cap_spent) || !PyTuple_CheckExact(env_spent)) {
+        PyErr_SetString(PyExc_TypeError, "match_core(): cap_full, cap_spent and env_spent are tuples");
         return NULL;
     }
     for (int i = 0; i < N_ARRAYS; i++) {
@@ -735,14 +769,73 @@ match_core(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         ALEN(arr[M_ENV_LENDING]) != n_env || ALEN(arr[M_ENV_KIND]) != n_env ||
         ALEN(arr[M_ENV_CAP_STARTS]) != n_env + 1 || n_groups < 0 ||
         ALEN(arr[M_ENV_HOURS]) != n_env || ALEN(arr[M_CAP_HOURS]) != n_caps ||
-        PyList_GET_SIZE(cap_full) != n_env || PyList_GET_SIZE(cap_spent) != n_env ||
-        PyList_GET_SIZE(env_spent) != n_env) {
+        PyTuple_GET_SIZE(cap_full) != n_env || PyTuple_GET_SIZE(cap_spent) != n_env ||
+        PyTuple_GET_SIZE(env_spent) != n_env) {
         PyErr_SetString(PyExc_ValueError, "match_core(): array lengths disagree");
         goto done;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (runs[i] + 1 > n_runs) {
-            n_runs = runs[i] + 1;
+    /* Every index in range, so a malformed array raises instead of reading out of bounds: each
+     * list ends (the last row is an end), rows name groups and envelopes, envelopes caps, runs
+     * are numbers. */
+    {
+        const char *bad = NULL;
+        Py_ssize_t n_group_envs = ALEN(arr[M_GROUP_ENVS]);
+        if (n > 0 && (n_rows == 0 || row_acceptor[n_rows - 1] != OFFER_END_)) {
+            bad = "row_acceptor (a list without its end row)";
+        }
+        for (Py_ssize_t i = 0; !bad && i < n; i++) {
+            if (runs[i] < 0) {
+                bad = "runs";
+            }
+            else if (starts[i] < 0 || starts[i] >= n_rows) {
+                bad = "starts";
+            }
+            else if (runs[i] + 1 > n_runs) {
+                n_runs = runs[i] + 1;
+            }
+        }
+        for (Py_ssize_t r = 0; !bad && r < n_rows; r++) {
+            int64_t acceptor = row_acceptor[r], tier = row_tier[r];
+            if (acceptor == OFFER_END_) {
+                continue;
+            }
+            if (acceptor < 0 || acceptor >= n_groups) {
+                bad = "row_acceptor";
+            }
+            else if (row_envelope[r] < 0 || row_envelope[r] >= n_env) {
+                bad = "row_envelope";
+            }
+            else if (tier != NO_TIER && (tier < 0 || tier > SPONSOR)) {
+                bad = "row_tier";
+            }
+        }
+        for (Py_ssize_t e = 0; !bad && e < n_env; e++) {
+            if (env_cap_starts[e] < 0 || env_cap_starts[e] > env_cap_starts[e + 1] ||
+                env_cap_starts[e + 1] > ALEN(arr[M_ENV_CAPS])) {
+                bad = "env_cap_starts";
+            }
+        }
+        for (Py_ssize_t c = 0; !bad && c < ALEN(arr[M_ENV_CAPS]); c++) {
+            if (env_caps[c] < 0 || env_caps[c] >= n_caps) {
+                bad = "env_caps";
+            }
+        }
+        if (!bad && (n_group_envs != n_env || (n_groups >= 0 && group_starts[0] != 0))) {
+            bad = "group_envs";
+        }
+        for (Py_ssize_t g = 0; !bad && g < n_groups; g++) {
+            if (group_starts[g] > group_starts[g + 1] || group_starts[g + 1] > n_group_envs) {
+                bad = "group_starts";
+            }
+        }
+        for (Py_ssize_t i = 0; !bad && i < n_group_envs; i++) {
+            if (group_envs[i] < 0 || group_envs[i] >= n_env) {
+                bad = "group_envs";
+            }
+        }
+        if (bad != NULL) {
+            PyErr_Format(PyExc_ValueError, "match_core(): %s holds an index out of range", bad);
+            goto done;
         }
     }
     held = PyMem_Calloc((size_t)n_groups + 1, sizeof(Vec));
@@ -930,7 +1023,7 @@ match_core(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                             int64_t cap_number = env_caps[c];
                             cap_touched[cap_number] = 1;
                             if (cap_most[cap_number] >= 0 && cap_used[cap_number] + w > cap_most[cap_number]) {
-                                PyObject *of_env = PyList_GET_ITEM(cap_full, env);
+                                PyObject *of_env = PyTuple_GET_ITEM(cap_full, env);
                                 reason = PySequence_GetItem(of_env, c - env_cap_starts[env]);
                                 if (reason == NULL) {
                                     goto done;
@@ -949,7 +1042,7 @@ match_core(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                             int64_t above = cap_used[cap_number];
                             cap_touched[cap_number] = 1;
                             if (cap_most[cap_number] >= 0 && above + w > cap_most[cap_number]) {
-                                if ((reason = PySequence_GetItem(PyList_GET_ITEM(cap_full, env), c - c0)) == NULL) {
+                                if ((reason = PySequence_GetItem(PyTuple_GET_ITEM(cap_full, env), c - c0)) == NULL) {
                                     goto done;
                                 }
                                 break;
@@ -960,7 +1053,7 @@ match_core(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                                     goto done;
                                 }
                                 if (!hours_ok(left, period, above, w, already, eps)) {
-                                    if ((reason = PySequence_GetItem(PyList_GET_ITEM(cap_spent, env), c - c0)) == NULL) {
+                                    if ((reason = PySequence_GetItem(PyTuple_GET_ITEM(cap_spent, env), c - c0)) == NULL) {
                                         goto done;
                                     }
                                     break;
@@ -980,7 +1073,7 @@ match_core(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                                 if (record && vec_push(&exhausted, env) < 0) {
                                     goto done;
                                 }
-                                reason = Py_NewRef(PyList_GET_ITEM(env_spent, env));
+                                reason = Py_NewRef(PyTuple_GET_ITEM(env_spent, env));
                             }
                             else if (record && note_pass(&checks, env, period, u, w, already, eps, position, env) < 0) {
                                 goto done;
@@ -1039,7 +1132,9 @@ match_core(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (vec_reserve(entries, keep + accepted.len) < 0) {
                 goto done;
             }
-            memcpy(entries->data + keep, accepted.data, (size_t)accepted.len * sizeof(int64_t));
+            if (accepted.len) {
+                memcpy(entries->data + keep, accepted.data, (size_t)accepted.len * sizeof(int64_t));
+            }
             entries->len = keep + accepted.len;
             first = end;
         }
@@ -1164,7 +1259,7 @@ static PyMethodDef methods[] = {
     {"match_core", (PyCFunction)(void (*)(void))match_core, METH_FASTCALL,
      "match_core(n, *arrays, full, lent, borrow_limit, cap_full, limited, any_borrow_cap)\n"
      "--\n\n"
-     "``matching._match``'s deferred acceptance over integer arrays (``matching._NativeMatch``)."},
+     "``matching._match``'s deferred acceptance over integer arrays (``matching._match_native``)."},
     {NULL, NULL, 0, NULL},
 };
 

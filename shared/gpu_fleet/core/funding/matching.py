@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -282,10 +283,11 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
     table, live_ids, run_names = _claims(proposer, leases, runs, admitted, node_labels, t)
     trace = FillTrace()
     log = RejectionLog(table.n, table.leases, live_ids)
+    held = None
     if NATIVE is not None and table.n >= NATIVE_MATCH_FROM:
         proposing: _Proposing = _ArrayProposing(index, table)
         held = _match_native(index, table, hours, trace, log, proposing=proposing)
-    else:
+    if held is None:
         proposing = (_ArrayProposing if table.n >= ARRAYS_FROM else _Proposing)(index, table)
         held = _match(index, table, hours, trace, log, proposing=proposing)
     n = table.n
@@ -388,7 +390,7 @@ def _walk(  # noqa: PLR0917 - the walk's inputs, in ``_native.claim_walk``'s ord
     lease (issue 11: 100k open leases, ~20k runs).
 
     This is the reference: ``_native.claim_walk`` takes the same steps in C, and its result
-    is equal to this one's (``tests/core/test_native_walk.py``).
+    is equal to this one's (``tests/core/test_native.py``).
     """
     rows: list[_Row] = []
     # Per stretch of one run's claims in the walk: (its admission, run key, where it starts)
@@ -1019,8 +1021,11 @@ def _match_native(
     log: RejectionLog,
     *,
     proposing: _Proposing,
-) -> dict[int, list[int]]:
-    """``_match`` in C (``_native.match_core``): the same held claims, trace and rejections.
+) -> dict[int, list[int]] | None:
+    """``_match`` in C (``_native.match_core``): the same held claims, trace and rejections;
+    ``None``, with nothing noted, where a limit is negative or GPU-hours left are NaN (the C
+    matching reads -1 and NaN as "no limit"; validated manifests allow neither, a library
+    caller might), and ``_match`` then decides.
 
     The claims and envelopes go in as integer arrays; what the result needs as Python objects
     comes from callbacks into ``_Decider`` - the rejections (``full_rejection``, and the rare
@@ -1046,6 +1051,7 @@ def _match_native(
     cap_starts = [0]
     caps_of: list[int] = []
     env_hours: list[float] = []
+    lefts: list[list[float]] = []  # the GPU-hours left each envelope's checks read
     cap_full: list[tuple[Rejection, ...]] = []
     cap_spent: list[tuple[Rejection, ...]] = []
     env_spent: list[Rejection | None] = []
@@ -1061,6 +1067,9 @@ def _match_native(
             if left is not None:
                 cap_hours[cap_number[cap_id]] = left
         env_hours.append(np.nan if own_hours is None else own_hours[0])
+        lefts.append([left for _, _, left, _, _ in limits if left is not None])
+        if own_hours is not None:
+            lefts[-1].append(own_hours[0])
         env_spent.append(None if own_hours is None else own_hours[1])
         if not env.caps and env.gpu_hours is None:
             kinds.append(_PLAIN)
@@ -1068,6 +1077,17 @@ def _match_native(
             kinds.append(_CAPS_ONLY)  # ``_Decider._caps_only``
         else:
             kinds.append(_LIMITED)
+    borrow_limits = [cap for cap in table.borrow_caps if cap is not None]
+    if (
+        min(lending, default=0) < 0
+        or any(
+            index.caps[i].max_concurrency is not None and cap_most[k] < 0
+            for k, i in enumerate(cap_ids)
+        )
+        or min(borrow_limits, default=0) < 0
+        or any(math.isnan(left) for limits in lefts for left in limits)
+    ):
+        return None
     group_starts = [0]
     for members in index.acceptors:
         group_starts.append(group_starts[-1] + len(members))
@@ -1125,9 +1145,9 @@ def _match_native(
         full,
         lent,
         borrow_limit,
-        cap_full,
-        cap_spent,
-        env_spent,
+        tuple(cap_full),
+        tuple(cap_spent),
+        tuple(env_spent),
         funded_before if previously_funded else None,
         any_borrow_cap,
         _NO_TIER,
