@@ -14,9 +14,11 @@ instead, so CI always checks the build.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import cast
+from collections.abc import Iterator
+from typing import NoReturn, cast
 
 import numpy as np
 import pytest
@@ -37,6 +39,55 @@ def built() -> None:
         if os.environ.get("CI"):
             pytest.fail("gpu_fleet.core.funding._native is not built (CI builds it)")
         pytest.skip("the C matching is not built here (no C compiler at install)")
+
+
+@contextlib.contextmanager
+def python_matching_refused() -> Iterator[None]:
+    """The C way decides by itself: calling the Python matching fails the test (a world with
+    valid limits never needs the fallback ``_match_native`` declines to)."""
+    was = matching._match
+
+    def refused(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError("the C matching fell back to the Python one")
+
+    matching._match = refused  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        matching._match = was
+
+
+def test_the_fallback_is_refused_where_it_would_hide_the_c_matching() -> None:
+    """``python_matching_refused`` can fail: the Python way calls ``_match``."""
+    world = World(
+        [budget("a", "org:a", [env("e", 8)])], [run("a", "j", 1)], [lease("a/j#0", "a/j", 1)]
+    )
+    with matching_in("in-python"), python_matching_refused(), pytest.raises(AssertionError):
+        world.fill()
+
+
+@pytest.mark.usefixtures("built")
+def test_a_world_with_every_kind_of_limit_is_decided_in_c() -> None:
+    """Lending and borrow limits, a cap's concurrency and GPU-hours, an envelope's GPU-hours, no
+    limit at all: none sends the matching back to Python."""
+    world = World(
+        [
+            budget(
+                "a",
+                "org:a",
+                [env("e", 4, gpu_hours=50), env("f", 4, lend=True, lend_to=["*"], lend_max=2)],
+                caps=[cap("c", ["e", "f"], max_concurrency=6, gpu_hours=80)],
+            ),
+            budget("b", "org:b", [env("g", 8)]),
+        ],
+        [run("a", "j", 4), run("b", "k", 4, sponsors=["org:a"], max_borrow=2)],
+        [lease("a/j#0", "a/j", 2), lease("b/k#0", "b/k", 2, first=4)],
+    )
+    with matching_in("in-c"), python_matching_refused():
+        got = world.fill()
+    with matching_in("in-arrays"):
+        want = world.fill()
+    same_matching(got, want)
 
 
 def _world(data: st.DataObject) -> tuple[World, HoursView]:
@@ -89,7 +140,7 @@ def test_the_c_matching_is_the_python_matching(data: st.DataObject) -> None:
     args = (world.index, world.leases, world.runs, world.admitted, world.node_labels, T0, hours)
     with matching_in("in-arrays"):
         want = fill(*args)
-    with matching_in("in-c"):
+    with matching_in("in-c"), python_matching_refused():
         got = fill(*args)
     same_matching(got, want)
     assert got.trace is not None

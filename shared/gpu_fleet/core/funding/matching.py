@@ -1079,7 +1079,7 @@ def _match_native(
             kinds.append(_LIMITED)
     borrow_limits = [cap for cap in table.borrow_caps if cap is not None]
     if (
-        min(lending, default=0) < 0
+        any(env.lending_max is not None and env.lending_max < 0 for env in numbered)
         or any(
             index.caps[i].max_concurrency is not None and cap_most[k] < 0
             for k, i in enumerate(cap_ids)
