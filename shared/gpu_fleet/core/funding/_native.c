@@ -511,11 +511,43 @@ vec_reserve(Vec *v, Py_ssize_t cap)
     return 0;
 }
 
-static int
-cmp_int64(const void *a, const void *b)
+/* Sort ``k`` non-negative keys in place: LSD radix sort, 11 bits a pass, as many passes as the
+ * largest key needs, through ``tmp`` (room for ``k``).  Why not qsort: a round's keys are
+ * sorted about 130 times per matching at 100k open leases, and qsort's compare calls were a
+ * third of the C matching's time. */
+static void
+radix_sort(int64_t *keys, int64_t *tmp, Py_ssize_t k)
 {
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x > y) - (x < y);
+    enum { BITS = 11, BUCKETS = 1 << BITS };
+    int64_t most = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (keys[i] > most) {
+            most = keys[i];
+        }
+    }
+    int64_t *src = keys, *dst = tmp;
+    Py_ssize_t count[BUCKETS];
+    for (int shift = 0; shift < 63 && (most >> shift) > 0; shift += BITS) {
+        memset(count, 0, sizeof(count));
+        for (Py_ssize_t i = 0; i < k; i++) {
+            count[(src[i] >> shift) & (BUCKETS - 1)]++;
+        }
+        Py_ssize_t total = 0;
+        for (int b = 0; b < BUCKETS; b++) {
+            Py_ssize_t c = count[b];
+            count[b] = total;
+            total += c;
+        }
+        for (Py_ssize_t i = 0; i < k; i++) {
+            dst[count[(src[i] >> shift) & (BUCKETS - 1)]++] = src[i];
+        }
+        int64_t *swap = src;
+        src = dst;
+        dst = swap;
+    }
+    if (src != keys) {
+        memcpy(keys, src, (size_t)k * sizeof(int64_t));
+    }
 }
 
 /* An int64 array argument: a writable or read-only contiguous buffer of 8-byte integers. */
@@ -733,7 +765,7 @@ match_core(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Vec visited = {0}; /* acceptor groups in the order they first received a proposal */
     PyObject **full_obj = NULL;
     int64_t *full_u = NULL;
-    Vec proposing = {0}, pending = {0}, keys = {0}, candidates = {0}, accepted = {0};
+    Vec proposing = {0}, pending = {0}, keys = {0}, candidates = {0}, accepted = {0}, sorting = {0};
     Log log = {{0}, NULL, NULL, NULL};
     Py_ssize_t n_runs = 0;
 
@@ -912,7 +944,10 @@ match_core(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             keys.data[keys.len++] = acceptor * span + rank_class * n + position;
         }
         proposing.len = 0;
-        qsort(keys.data, (size_t)keys.len, sizeof(int64_t), cmp_int64);
+        if (vec_reserve(&sorting, keys.len) < 0) {
+            goto done;
+        }
+        radix_sort(keys.data, sorting.data, keys.len);
         for (Py_ssize_t first = 0; first < keys.len;) {
             int64_t acceptor = keys.data[first] / span;
             Py_ssize_t end = first;
@@ -1242,6 +1277,7 @@ done:
     PyMem_Free(proposing.data);
     PyMem_Free(pending.data);
     PyMem_Free(keys.data);
+    PyMem_Free(sorting.data);
     PyMem_Free(candidates.data);
     PyMem_Free(accepted.data);
     PyMem_Free(log.ranks.data);
