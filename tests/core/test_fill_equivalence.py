@@ -43,19 +43,22 @@ arrays), and as a large one does where the C matching is built (``matching._matc
 
 @contextlib.contextmanager
 def matching_in(way: str) -> Iterator[None]:
-    """Matchings of any size run ``way`` (``matching.ARRAYS_FROM``, ``NATIVE_MATCH_FROM``).
-    The C way is skipped where the module is not built, except under CI, where it fails."""
+    """Matchings of any size run ``way`` (``matching.ARRAYS_FROM``, ``NATIVE_MATCH_FROM``; the
+    Python ways without the C module at all).  The C way is skipped where the module is not
+    built, except under CI, where it fails."""
     if way == "in-c" and matching.NATIVE is None:
         if os.environ.get("CI"):
             pytest.fail("the C matching is not built (gpu_fleet.core.funding._native)")
         pytest.skip("the C matching is not built here (no C compiler at install)")
-    was = matching.ARRAYS_FROM, matching.NATIVE_MATCH_FROM
+    was = matching.ARRAYS_FROM, matching.NATIVE_MATCH_FROM, matching.NATIVE
     matching.ARRAYS_FROM = sys.maxsize if way == "in-python" else 0
     matching.NATIVE_MATCH_FROM = 0 if way == "in-c" else sys.maxsize
+    if way != "in-c":  # the Python ways are Python throughout: the walk and the table too
+        matching.NATIVE = None
     try:
         yield
     finally:
-        matching.ARRAYS_FROM, matching.NATIVE_MATCH_FROM = was
+        matching.ARRAYS_FROM, matching.NATIVE_MATCH_FROM, matching.NATIVE = was
 
 
 def proposing_in(arrays: bool) -> contextlib.AbstractContextManager[None]:

@@ -18,7 +18,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
-from typing import NoReturn, cast
+from typing import Any, NoReturn, cast
 
 import numpy as np
 import pytest
@@ -250,3 +250,30 @@ def test_a_negative_limit_or_nan_hours_are_decided_in_python(
 
 
 real = matching._match
+
+
+@pytest.mark.usefixtures("built")
+@EQUIV
+@given(
+    st.lists(st.tuples(st.integers(), st.text(max_size=2)), max_size=30),
+    st.data(),
+)
+def test_the_c_gather_and_transpose_are_the_python_ones(
+    rows: list[tuple[int, str]], data: st.DataObject
+) -> None:
+    """Stretches gathered in any order, and rows turned into columns, as the Python helpers do;
+    a stretch outside the rows and a row of another width are refused alike."""
+    assert matching.NATIVE is not None
+    bounds = st.integers(0, len(rows))
+    spans = data.draw(st.lists(st.tuples(bounds, bounds), max_size=8))
+    starts, ends = [min(s) for s in spans], [max(s) for s in spans]
+    typed = cast("list[Any]", rows)
+    assert matching.NATIVE.gather(typed, starts, ends) == matching._gather(typed, starts, ends)
+    assert matching.NATIVE.transpose(typed, 2) == matching._transpose(typed, 2)
+    with pytest.raises(ValueError, match="stretch outside"):
+        matching.NATIVE.gather(typed, [0], [len(rows) + 1])
+    if rows:
+        with pytest.raises(ValueError, match=r"zip\(\) argument"):
+            matching._transpose([*typed, (1,)], 2)
+        with pytest.raises(ValueError, match="is not a tuple of 2"):
+            matching.NATIVE.transpose([*typed, (1,)], 2)

@@ -34,7 +34,7 @@ import operator
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 
@@ -244,9 +244,10 @@ class _ClaimTable:
         if not n:
             return cls(0, [], [], [], [], [], [], [], [], [], Tails((), [], [], [], _first_slot))
         rows.sort(key=_FIRST)  # stable: tails tie only for one lease id twice, kept in walk order
-        _, run_keys, leases, widths, caps, proposals, id_order, runs, roles = zip(
-            *rows, strict=True
+        columns: Callable[[list[_Row], int], tuple[Sequence[Any], ...]] = (
+            _transpose if NATIVE is None else NATIVE.transpose
         )
+        _, run_keys, leases, widths, caps, proposals, id_order, runs, roles = columns(rows, 9)
         return cls(
             n,
             run_keys,
@@ -349,12 +350,28 @@ def _claims(  # noqa: PLR0917 - fill's inputs
         ends = [start for _, _, start in spans[1:]]
         ends.append(len(rows))
         order = sorted(range(len(spans)), key=spans.__getitem__)
-        rows = list(itertools.chain.from_iterable([rows[spans[i][2] : ends[i]] for i in order]))
+        gathered = _gather if NATIVE is None else NATIVE.gather
+        rows = gathered(rows, [spans[i][2] for i in order], [ends[i] for i in order])
     # else in walk order: claims of one id may tie on the whole tail, and then the stable sort
     # keeps the walk's order, as it always has
     table = _ClaimTable.of(rows, run_since, run_key_of)
     table.unique_ids = unique
     return table, live_ids, run_names
+
+
+def _gather(rows: list[_Row], starts: list[int], ends: list[int]) -> list[_Row]:
+    """The stretches ``rows[starts[i]:ends[i]]`` one after another (``_native.gather``)."""
+    return list(itertools.chain.from_iterable(map(rows.__getitem__, map(slice, starts, ends))))
+
+
+def _transpose(rows: list[_Row], width: int) -> tuple[Sequence[Any], ...]:
+    """The rows (tuples of ``width``) as ``width`` columns (``_native.transpose``)."""
+    if not rows:
+        return ((),) * width
+    columns = tuple(zip(*rows, strict=True))
+    if len(columns) != width:
+        raise ValueError(f"rows of {len(columns)}, not {width}")
+    return columns
 
 
 _RunContext = tuple[str, "Instant | None", "int | None", RunLists, "dict[Place | None, Proposals]"]
