@@ -18,7 +18,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
-from typing import Any, NoReturn, cast
+from typing import NoReturn, cast
 
 import numpy as np
 import pytest
@@ -122,12 +122,10 @@ def test_the_c_walk_makes_the_python_walks_claims(data: st.DataObject) -> None:
     args = (leases, t, world.runs, context, world.node_labels, proposer)
     want = matching._walk(*args)
     got = matching._walk_native(*args)
-    assert got[1:] == want[1:]
-    assert len(got[0]) == len(want[0])
-    for mine, theirs in zip(got[0], want[0], strict=True):
-        assert mine == theirs
-        assert mine[5] is theirs[5]  # the proposal list every claim of it shares
-    event(f"claims: {'none' if not want[0] else 'some'}; live: {len(want[4])}/{len(leases)}")
+    assert got == want  # tails, columns, stretches, runs, ids
+    for mine, theirs in zip(got[1][4], want[1][4], strict=True):
+        assert mine is theirs  # the proposal list every claim of it shares
+    event(f"claims: {'none' if not want[0] else 'some'}; live: {len(want[5])}/{len(leases)}")
 
 
 @pytest.mark.usefixtures("built")
@@ -212,7 +210,7 @@ def test_the_c_walk_reads_a_lease_of_another_type_by_name() -> None:
     got = matching._walk_native(mixed, T0, world.runs, context, world.node_labels, proposer)
     want = matching._walk(mixed, T0, world.runs, context, world.node_labels, proposer)
     assert got == want
-    assert [row[8] for row in got[0]] == [0, 0]  # both active: the role compared by identity
+    assert got[1][7] == [0, 0]  # both active: the role compared by identity
     assert mixed[1].role is LeaseRole.ACTIVE
     assert not isinstance(mixed[1], Lease)
 
@@ -254,26 +252,21 @@ real = matching._match
 
 @pytest.mark.usefixtures("built")
 @EQUIV
-@given(
-    st.lists(st.tuples(st.integers(), st.text(max_size=2)), max_size=30),
-    st.data(),
-)
-def test_the_c_gather_and_transpose_are_the_python_ones(
-    rows: list[tuple[int, str]], data: st.DataObject
-) -> None:
-    """Stretches gathered in any order, and rows turned into columns, as the Python helpers do;
-    a stretch outside the rows and a row of another width are refused alike."""
+@given(st.lists(st.integers(), max_size=30), st.data())
+def test_the_c_gather_and_take_are_the_python_ones(items: list[int], data: st.DataObject) -> None:
+    """Stretches gathered in any order, and columns taken in any order, as the Python helpers
+    do; a stretch or an index outside the items is refused."""
     assert matching.NATIVE is not None
-    bounds = st.integers(0, len(rows))
+    bounds = st.integers(0, len(items))
     spans = data.draw(st.lists(st.tuples(bounds, bounds), max_size=8))
     starts, ends = [min(s) for s in spans], [max(s) for s in spans]
-    typed = cast("list[Any]", rows)
-    assert matching.NATIVE.gather(typed, starts, ends) == matching._gather(typed, starts, ends)
-    assert matching.NATIVE.transpose(typed, 2) == matching._transpose(typed, 2)
+    assert matching.NATIVE.gather(items, starts, ends) == matching._gather(items, starts, ends)
+    columns = (items, [str(i) for i in items])
+    order = data.draw(st.lists(st.integers(0, len(items) - 1), max_size=30)) if items else []
+    want = matching._take(columns, order)
+    assert matching.NATIVE.take(columns, order) == want
+    assert [len(c) for c in want] == [len(order)] * 2
     with pytest.raises(ValueError, match="stretch outside"):
-        matching.NATIVE.gather(typed, [0], [len(rows) + 1])
-    if rows:
-        with pytest.raises(ValueError, match=r"zip\(\) argument"):
-            matching._transpose([*typed, (1,)], 2)
-        with pytest.raises(ValueError, match="is not a tuple of 2"):
-            matching.NATIVE.transpose([*typed, (1,)], 2)
+        matching.NATIVE.gather(items, [0], [len(items) + 1])
+    with pytest.raises(ValueError, match="an index is outside it"):
+        matching.NATIVE.take(columns, [len(items)])

@@ -172,7 +172,12 @@ claim_walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (int i = 0; i < N_FIELDS; i++) {
         layout.names[i] = NULL;
     }
-    PyObject *rows = PyList_New(0), *spans = PyList_New(0), *run_since = PyList_New(0);
+    enum { C_RUN, C_LEASE, C_WIDTH, C_BORROW, C_LISTS, C_ID_ORDER, C_RUN_NUMBER, C_ROLE, N_COLUMNS };
+    PyObject *column[N_COLUMNS] = {NULL};
+    for (int i = 0; i < N_COLUMNS; i++) {
+        column[i] = PyList_New(0);
+    }
+    PyObject *tails = PyList_New(0), *spans = PyList_New(0), *run_since = PyList_New(0);
     PyObject *run_key_of = PyList_New(0), *live_ids = PyList_New(0), *run_numbers = PyDict_New();
     PyObject *at_place = PyUnicode_InternFromString("at_place");
     PyObject *empty = PyUnicode_FromStringAndSize("", 0);
@@ -182,12 +187,17 @@ claim_walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* Per lease (strong references, released at the end of each step). */
     PyObject *lease_start = NULL, *end = NULL, *closed = NULL, *lease_id = NULL, *run = NULL;
     PyObject *node = NULL, *labels = NULL, *place = NULL, *proposals = NULL, *slots = NULL;
-    PyObject *first = NULL, *role = NULL, *group = NULL, *tail = NULL, *row = NULL;
+    PyObject *first = NULL, *role = NULL, *group = NULL, *tail = NULL;
     PyObject *result = NULL;
     Py_ssize_t claims = 0, run_number = 0;
     int unique = 1;
 
-    if (rows == NULL || spans == NULL || run_since == NULL || run_key_of == NULL ||
+    for (int i = 0; i < N_COLUMNS; i++) {
+        if (column[i] == NULL) {
+            goto done;
+        }
+    }
+    if (tails == NULL || spans == NULL || run_since == NULL || run_key_of == NULL ||
         live_ids == NULL || run_numbers == NULL || at_place == NULL || empty == NULL) {
         goto done;
     }
@@ -207,7 +217,6 @@ claim_walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_CLEAR(lease_start); Py_CLEAR(end); Py_CLEAR(closed); Py_CLEAR(lease_id);           \
         Py_CLEAR(run); Py_CLEAR(node); Py_CLEAR(labels); Py_CLEAR(place); Py_CLEAR(proposals); \
         Py_CLEAR(slots); Py_CLEAR(first); Py_CLEAR(role); Py_CLEAR(group); Py_CLEAR(tail);     \
-        Py_CLEAR(row);                                                                        \
     } while (0)
 
     for (Py_ssize_t k = 0; k < PyList_GET_SIZE(leases); k++) {
@@ -340,7 +349,7 @@ claim_walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (have) {
                 PyObject *span = Py_BuildValue(
                     "(OOn)", since == Py_None ? lease_start : since, run_key,
-                    PyList_GET_SIZE(rows));
+                    PyList_GET_SIZE(tails));
                 if (span == NULL) {
                     goto fail_lease;
                 }
@@ -409,17 +418,30 @@ claim_walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             (group = field(&layout, lease, F_GROUP)) == NULL) {
             goto fail_lease;
         }
-        /* (tail, run key, lease, width, borrow limit, proposals, place in id order, run's
-         * number, role's code); the tail is (admission or start, run key, group, first slot,
-         * lease id) */
+        /* the tail (admission or start, run key, group, first slot, lease id), then a column
+         * each: run key, lease, width, borrow limit, proposals, place in id order, run's
+         * number, role's code */
         tail = PyTuple_Pack(5, since == Py_None ? lease_start : since, run_key, group, first, lease_id);
-        if (tail == NULL) {
+        if (tail == NULL || PyList_Append(tails, tail) < 0) {
             goto fail_lease;
         }
-        row = Py_BuildValue("(OOOnOOnnn)", tail, run_key, lease, width, borrow_cap, proposals,
-                            claims, run_number, (Py_ssize_t)(role == active ? 0 : role == spare ? 1 : 2));
-        if (row == NULL || PyList_Append(rows, row) < 0) {
-            goto fail_lease;
+        {
+            PyObject *numbers[3] = {PyLong_FromSsize_t(width), PyLong_FromSsize_t(claims),
+                                    PyLong_FromSsize_t(run_number)};
+            PyObject *code = PyLong_FromLong(role == active ? 0 : role == spare ? 1 : 2);
+            PyObject *items[N_COLUMNS] = {run_key, lease, numbers[0], borrow_cap, proposals,
+                                          numbers[1], numbers[2], code};
+            int failed = numbers[0] == NULL || numbers[1] == NULL || numbers[2] == NULL || code == NULL;
+            for (int i = 0; !failed && i < N_COLUMNS; i++) {
+                failed = PyList_Append(column[i], items[i]) < 0;
+            }
+            Py_XDECREF(numbers[0]);
+            Py_XDECREF(numbers[1]);
+            Py_XDECREF(numbers[2]);
+            Py_XDECREF(code);
+            if (failed) {
+                goto fail_lease;
+            }
         }
         claims++;
         Py_DECREF(lease);
@@ -430,10 +452,18 @@ claim_walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     {
         PyObject *names = PyDict_Keys(run_numbers);
-        if (names != NULL) {
-            result = Py_BuildValue("(OOOOONO)", rows, spans, run_since, run_key_of, live_ids,
-                                   names, unique ? Py_True : Py_False);
+        PyObject *columns = PyTuple_New(N_COLUMNS);
+        if (names != NULL && columns != NULL) {
+            for (int i = 0; i < N_COLUMNS; i++) {
+                PyTuple_SET_ITEM(columns, i, Py_NewRef(column[i]));
+            }
+            result = Py_BuildValue("(OOOOOONO)", tails, columns, spans, run_since, run_key_of,
+                                   live_ids, names, unique ? Py_True : Py_False);
         }
+        else {
+            Py_XDECREF(names);
+        }
+        Py_XDECREF(columns);
     }
 done:
     RELEASE_STEP();
@@ -445,7 +475,10 @@ done:
     Py_XDECREF(borrow_cap);
     Py_XDECREF(run_lists);
     Py_XDECREF(by_place);
-    Py_XDECREF(rows);
+    for (int i = 0; i < N_COLUMNS; i++) {
+        Py_XDECREF(column[i]);
+    }
+    Py_XDECREF(tails);
     Py_XDECREF(spans);
     Py_XDECREF(run_since);
     Py_XDECREF(run_key_of);
@@ -1289,9 +1322,9 @@ done:
 
 /* ------------------------------------------------------------------------------------------
  * Two steps of ``_claims`` after the walk, over the rows as they are: slices gathered in an
- * order (``matching._gather``) and the rows turned into columns (``matching._transpose``).
- * Why: in Python the slices are 15k lists chained, and ``zip(*rows)`` makes an iterator per
- * row and pulls each element through it (together 60-80 ms at 100k open leases); here each is
+ * order (``matching._gather``) and the the columns taken in an order (``matching._take``).
+ * Why: in Python the slices are 15k lists chained, and a claim's row of nine was made, sorted and
+ * freed (together 60-80 ms at 100k open leases); here each is
  * one pass copying pointers.
  * ---------------------------------------------------------------------------------------- */
 
@@ -1336,43 +1369,50 @@ gather(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-transpose(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 2 || !PyList_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "transpose(rows, width): rows is a list");
+    if (nargs != 2 || !PyTuple_CheckExact(args[0]) || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "take(columns, order): a tuple of lists and a list");
         return NULL;
     }
-    PyObject *rows = args[0];
-    Py_ssize_t width = PyLong_AsSsize_t(args[1]);
-    if (width == -1 && PyErr_Occurred()) {
-        return NULL;
+    PyObject *columns = args[0], *order = args[1];
+    Py_ssize_t width = PyTuple_GET_SIZE(columns), n = PyList_GET_SIZE(order);
+    Py_ssize_t *at = PyMem_Malloc(((size_t)n + 1) * sizeof(Py_ssize_t));
+    if (at == NULL) {
+        return PyErr_NoMemory();
     }
-    Py_ssize_t n = PyList_GET_SIZE(rows);
     for (Py_ssize_t j = 0; j < n; j++) {
-        PyObject *row = PyList_GET_ITEM(rows, j);
-        if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != width) {
-            PyErr_Format(PyExc_ValueError, "transpose(): row %zd is not a tuple of %zd", j, width);
+        at[j] = PyLong_AsSsize_t(PyList_GET_ITEM(order, j));
+        if (at[j] == -1 && PyErr_Occurred()) {
+            PyMem_Free(at);
             return NULL;
         }
     }
     PyObject *out = PyTuple_New(width);
-    if (out == NULL) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < width; i++) {
-        PyObject *column = PyTuple_New(n);
-        if (column == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        for (Py_ssize_t j = 0; j < n; j++) {
-            PyObject *item = PyTuple_GET_ITEM(PyList_GET_ITEM(rows, j), i);
+    for (Py_ssize_t i = 0; out != NULL && i < width; i++) {
+        PyObject *column = PyTuple_GET_ITEM(columns, i);
+        Py_ssize_t size = PyList_CheckExact(column) ? PyList_GET_SIZE(column) : -1;
+        PyObject *taken = size < 0 ? NULL : PyList_New(n);
+        for (Py_ssize_t j = 0; taken != NULL && j < n; j++) {
+            if (at[j] < 0 || at[j] >= size) {
+                Py_CLEAR(taken);
+                break;
+            }
+            PyObject *item = PyList_GET_ITEM(column, at[j]);
             Py_INCREF(item);
-            PyTuple_SET_ITEM(column, j, item);
+            PyList_SET_ITEM(taken, j, item);
         }
-        PyTuple_SET_ITEM(out, i, column);
+        if (taken == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "take(): a column is no list, or an index is outside it");
+            }
+            Py_CLEAR(out);
+            break;
+        }
+        PyTuple_SET_ITEM(out, i, taken);
     }
+    PyMem_Free(at);
     return out;
 }
 
@@ -1384,8 +1424,8 @@ static PyMethodDef methods[] = {
      "``matching._walk`` in C: the same result, equal element by element."},
     {"gather", (PyCFunction)(void (*)(void))gather, METH_FASTCALL,
      "gather(rows, starts, ends)\n--\n\n``matching._gather`` in C."},
-    {"transpose", (PyCFunction)(void (*)(void))transpose, METH_FASTCALL,
-     "transpose(rows, width)\n--\n\n``matching._transpose`` in C."},
+    {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL,
+     "take(columns, order)\n--\n\n``matching._take`` in C."},
     {"match_core", (PyCFunction)(void (*)(void))match_core, METH_FASTCALL,
      "match_core(n, *arrays, full, lent, borrow_limit, cap_full, limited, any_borrow_cap)\n"
      "--\n\n"

@@ -160,7 +160,6 @@ _NO_TIER = int(Tier.NONE)
 
 
 _ID = operator.attrgetter("id")
-_FIRST = operator.itemgetter(0)
 
 CLASS_OF_RANK = {
     LOAN: FundingClass.BORROWED,
@@ -185,21 +184,23 @@ def _objects(items: Sequence[object]) -> np.ndarray:
 _CLASS_ARRAY = _objects(_CLASS_OR_UNFUNDED)
 
 
-_Row = tuple[
-    tuple[Instant, str, int, tuple[str, int], str],
-    str,
-    Lease,
-    int,
-    "int | None",
-    Proposals,
-    int,
-    int,
-    int,
-]
-"""A claim as ``_claims`` lists it: its tail (admission, run, group, first slot, lease id),
-run, lease, width, borrow limit, proposal list, place in lease-id order, run's number
-(``ClaimColumns``) and role's code (``ROLE_CODES``).  The tail is sorted on, then dropped
+_Tail = tuple[Instant, str, int, tuple[str, int], str]
+"""A claim's rank on every envelope after its class: admission, run, group, first slot, lease id
 (``Tails`` works it out again for the few claims asked about)."""
+
+_Columns = tuple[
+    list[str],
+    list[Lease],
+    list[int],
+    list["int | None"],
+    list[Proposals],
+    list[int],
+    list[int],
+    list[int],
+]
+"""The claims as ``_walk`` lists them, a column each: run, lease, width, borrow limit, proposal
+list, place in lease-id order, run's number (``ClaimColumns``) and role's code
+(``ROLE_CODES``)."""
 
 
 @dataclass(slots=True)
@@ -236,18 +237,15 @@ class _ClaimTable:
 
     @classmethod
     def of(
-        cls, rows: list[_Row], run_since: list[Instant | None], run_key_of: list[str]
+        cls,
+        columns: tuple[Sequence[Any], ...],
+        run_since: list[Instant | None],
+        run_key_of: list[str],
     ) -> _ClaimTable:
-        """The table of ``rows`` (sorted here, by tail); per run number, its admission
-        (``None``: not admitted) and key."""
-        n = len(rows)
-        if not n:
-            return cls(0, [], [], [], [], [], [], [], [], [], Tails((), [], [], [], _first_slot))
-        rows.sort(key=_FIRST)  # stable: tails tie only for one lease id twice, kept in walk order
-        columns: Callable[[list[_Row], int], tuple[Sequence[Any], ...]] = (
-            _transpose if NATIVE is None else NATIVE.transpose
-        )
-        _, run_keys, leases, widths, caps, proposals, id_order, runs, roles = columns(rows, 9)
+        """The table of the claims in ``columns`` (``_Columns``, in rank order already); per run
+        number, its admission (``None``: not admitted) and key."""
+        run_keys, leases, widths, caps, proposals, id_order, runs, roles = columns
+        n = len(leases)
         return cls(
             n,
             run_keys,
@@ -343,35 +341,34 @@ def _claims(  # noqa: PLR0917 - fill's inputs
         return key, admitted.get(key), cap, lists, lists.by_place
 
     walk = _walk if NATIVE is None else _walk_native
-    rows, spans, run_since, run_key_of, live_ids, run_names, unique = walk(
+    tails, columns, spans, run_since, run_key_of, live_ids, run_names, unique = walk(
         sorted(leases, key=_ID), t, runs, context, node_labels, proposer
     )
-    if unique:
+    n = len(tails)
+    gather = _gather if NATIVE is None else NATIVE.gather
+    if unique and spans:
         ends = [start for _, _, start in spans[1:]]
-        ends.append(len(rows))
+        ends.append(n)
         order = sorted(range(len(spans)), key=spans.__getitem__)
-        gathered = _gather if NATIVE is None else NATIVE.gather
-        rows = gathered(rows, [spans[i][2] for i in order], [ends[i] for i in order])
-    # else in walk order: claims of one id may tie on the whole tail, and then the stable sort
-    # keeps the walk's order, as it always has
-    table = _ClaimTable.of(rows, run_since, run_key_of)
+        ranked = gather(list(range(n)), [spans[i][2] for i in order], [ends[i] for i in order])
+    else:  # in walk order: claims of one id may tie on the whole tail, and then the stable
+        # sort keeps the walk's order, as it always has
+        ranked = list(range(n))
+    ranked.sort(key=tails.__getitem__)
+    take = _take if NATIVE is None else NATIVE.take
+    table = _ClaimTable.of(take(columns, ranked), run_since, run_key_of)
     table.unique_ids = unique
     return table, live_ids, run_names
 
 
-def _gather(rows: list[_Row], starts: list[int], ends: list[int]) -> list[_Row]:
-    """The stretches ``rows[starts[i]:ends[i]]`` one after another (``_native.gather``)."""
-    return list(itertools.chain.from_iterable(map(rows.__getitem__, map(slice, starts, ends))))
+def _gather(items: list[Any], starts: list[int], ends: list[int]) -> list[Any]:
+    """The stretches ``items[starts[i]:ends[i]]`` one after another (``_native.gather``)."""
+    return list(itertools.chain.from_iterable(map(items.__getitem__, map(slice, starts, ends))))
 
 
-def _transpose(rows: list[_Row], width: int) -> tuple[Sequence[Any], ...]:
-    """The rows (tuples of ``width``) as ``width`` columns (``_native.transpose``)."""
-    if not rows:
-        return ((),) * width
-    columns = tuple(zip(*rows, strict=True))
-    if len(columns) != width:
-        raise ValueError(f"rows of {len(columns)}, not {width}")
-    return columns
+def _take(columns: Sequence[Sequence[Any]], order: list[int]) -> tuple[Sequence[Any], ...]:
+    """Each column's items in ``order`` (``_native.take``)."""
+    return tuple([column[i] for i in order] for column in columns)
 
 
 _RunContext = tuple[str, "Instant | None", "int | None", RunLists, "dict[Place | None, Proposals]"]
@@ -379,7 +376,8 @@ _RunContext = tuple[str, "Instant | None", "int | None", RunLists, "dict[Place |
 limit (``None``: none), proposal lists, and those lists by place."""
 
 _Walk = tuple[
-    list[_Row],
+    list[_Tail],
+    _Columns,
     list[tuple[Instant, str, int]],
     list["Instant | None"],
     list[str],
@@ -387,9 +385,10 @@ _Walk = tuple[
     list[str],
     bool,
 ]
-"""What ``_walk`` returns: the claims (``_Row``) in walk order; per stretch of one run's claims
-its admission (or first lease's start), run key and where it starts; per run number its
-admission and key; the live lease ids; the runs by number; and whether every id was its own."""
+"""What ``_walk`` returns: the claims in walk order, their tails (``_Tail``) and their columns
+(``_Columns``); per stretch of one run's claims its admission (or first lease's start), run key
+and where it starts; per run number its admission and key; the live lease ids; the runs by
+number; and whether every id was its own."""
 
 
 def _walk(  # noqa: PLR0917 - the walk's inputs, in ``_native.claim_walk``'s order
@@ -400,7 +399,7 @@ def _walk(  # noqa: PLR0917 - the walk's inputs, in ``_native.claim_walk``'s ord
     node_labels: Mapping[str, Mapping[str, str]],
     proposer: Proposer,
 ) -> _Walk:
-    """The claims of the ``leases`` (sorted by id) live at ``t``, one row each (``_Row``).
+    """The claims of the ``leases`` (sorted by id) live at ``t``: their tails and columns.
 
     The walk is by lease id, so a run's leases come one after another (ids are ``run#n``):
     what depends on the run only is looked up (``context``) when the run changes, not per
@@ -409,7 +408,15 @@ def _walk(  # noqa: PLR0917 - the walk's inputs, in ``_native.claim_walk``'s ord
     This is the reference: ``_native.claim_walk`` takes the same steps in C, and its result
     is equal to this one's (``tests/core/test_native.py``).
     """
-    rows: list[_Row] = []
+    tails: list[_Tail] = []
+    run_keys: list[str] = []
+    kept: list[Lease] = []
+    widths: list[int] = []
+    borrow_caps: list[int | None] = []
+    lists: list[Proposals] = []
+    id_order: list[int] = []
+    run_numbers_of: list[int] = []
+    roles: list[int] = []
     # Per stretch of one run's claims in the walk: (its admission, run key, where it starts)
     spans: list[tuple[Instant, str, int]] = []
     run_since: list[Instant | None] = []
@@ -454,7 +461,7 @@ def _walk(  # noqa: PLR0917 - the walk's inputs, in ``_native.claim_walk``'s ord
                 run_since.append(since if run is not None else None)
                 run_key_of.append(run_key if run is not None else "")
             if run is not None:
-                spans.append((lease.start if since is None else since, run_key, len(rows)))
+                spans.append((lease.start if since is None else since, run_key, len(tails)))
         if run_lists is None:  # no such run
             continue
         node = lease.node
@@ -470,28 +477,27 @@ def _walk(  # noqa: PLR0917 - the walk's inputs, in ``_native.claim_walk``'s ord
         if proposals is None:
             proposals = run_lists.at_place(place, proposer)
         slots = lease.slots
-        rows.append(
-            (
-                (  # the tail; ``Tails.of`` works out the same
-                    lease.start if since is None else since,
-                    run_key,
-                    lease.group,
-                    # ``_first_slot``, inlined: the dict lookup is all a known lease pays
-                    first if (first := first_slots.get(slots)) is not None else _first_slot(slots),
-                    lease_id,
-                ),
+        tails.append(
+            (  # ``Tails.of`` works out the same
+                lease.start if since is None else since,
                 run_key,
-                lease,
-                len(slots),
-                borrow_cap,
-                proposals,
-                claims,
-                run_number,
-                0 if lease.role is active else 1 if lease.role is spare else 2,  # ``ROLE_CODES``
+                lease.group,
+                # ``_first_slot``, inlined: the dict lookup is all a known lease pays
+                first if (first := first_slots.get(slots)) is not None else _first_slot(slots),
+                lease_id,
             )
         )
+        run_keys.append(run_key)
+        kept.append(lease)
+        widths.append(len(slots))
+        borrow_caps.append(borrow_cap)
+        lists.append(proposals)
+        id_order.append(claims)
+        run_numbers_of.append(run_number)
+        roles.append(0 if lease.role is active else 1 if lease.role is spare else 2)  # ROLE_CODES
         claims += 1
-    return rows, spans, run_since, run_key_of, live_ids, list(run_numbers), unique
+    columns = (run_keys, kept, widths, borrow_caps, lists, id_order, run_numbers_of, roles)
+    return tails, columns, spans, run_since, run_key_of, live_ids, list(run_numbers), unique
 
 
 def _walk_native(  # noqa: PLR0917 - ``_walk``'s
