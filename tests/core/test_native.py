@@ -255,7 +255,8 @@ real = matching._match
 @given(st.lists(st.integers(), max_size=30), st.data())
 def test_the_c_gather_and_take_are_the_python_ones(items: list[int], data: st.DataObject) -> None:
     """Stretches gathered in any order, and columns taken in any order, as the Python helpers
-    do; a stretch or an index outside the items is refused."""
+    do; the C ones refuse a stretch or an index outside the items (``_claims`` gives either only
+    valid ones)."""
     assert matching.NATIVE is not None
     bounds = st.integers(0, len(items))
     spans = data.draw(st.lists(st.tuples(bounds, bounds), max_size=8))

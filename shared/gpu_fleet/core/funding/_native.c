@@ -1321,11 +1321,11 @@ done:
 
 
 /* ------------------------------------------------------------------------------------------
- * Two steps of ``_claims`` after the walk, over the rows as they are: slices gathered in an
- * order (``matching._gather``) and the the columns taken in an order (``matching._take``).
- * Why: in Python the slices are 15k lists chained, and a claim's row of nine was made, sorted and
- * freed (together 60-80 ms at 100k open leases); here each is
- * one pass copying pointers.
+ * Two steps of ``_claims`` after the walk: the claims' positions gathered stretch by stretch
+ * (``matching._gather``) and every column laid out in rank order (``matching._take``).  Why:
+ * in Python the stretches are 15k slices chained, and a claim's row of nine was made, sorted
+ * and freed; here each is one pass copying pointers.  Neither trusts a length read before it
+ * allocates: an allocation may run the cyclic collector, and a finalizer Python code.
  * ---------------------------------------------------------------------------------------- */
 
 static PyObject *
@@ -1355,15 +1355,34 @@ gather(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (out == NULL) {
         return NULL;
     }
+    if (PyList_GET_SIZE(rows) != n || PyList_GET_SIZE(starts) != spans || PyList_GET_SIZE(ends) != spans) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "gather(): its lists changed while it ran");
+        return NULL;
+    }
     Py_ssize_t k = 0;
     for (Py_ssize_t i = 0; i < spans; i++) {
         Py_ssize_t a = PyLong_AsSsize_t(PyList_GET_ITEM(starts, i));
         Py_ssize_t b = PyLong_AsSsize_t(PyList_GET_ITEM(ends, i));
+        if ((a == -1 || b == -1) && PyErr_Occurred()) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        if (a < 0 || b < a || b > n || k + (b - a) > total) {
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_RuntimeError, "gather(): its lists changed while it ran");
+            return NULL;
+        }
         for (Py_ssize_t j = a; j < b; j++) {
             PyObject *row = PyList_GET_ITEM(rows, j);
             Py_INCREF(row);
             PyList_SET_ITEM(out, k++, row);
         }
+    }
+    if (k != total) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "gather(): its lists changed while it ran");
+        return NULL;
     }
     return out;
 }
@@ -1392,8 +1411,9 @@ take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *out = PyTuple_New(width);
     for (Py_ssize_t i = 0; out != NULL && i < width; i++) {
         PyObject *column = PyTuple_GET_ITEM(columns, i);
-        Py_ssize_t size = PyList_CheckExact(column) ? PyList_GET_SIZE(column) : -1;
-        PyObject *taken = size < 0 ? NULL : PyList_New(n);
+        PyObject *taken = PyList_CheckExact(column) ? PyList_New(n) : NULL;
+        /* the size read after the allocation, which may run Python code */
+        Py_ssize_t size = taken != NULL ? PyList_GET_SIZE(column) : -1;
         for (Py_ssize_t j = 0; taken != NULL && j < n; j++) {
             if (at[j] < 0 || at[j] >= size) {
                 Py_CLEAR(taken);
