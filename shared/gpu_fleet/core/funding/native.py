@@ -2,7 +2,8 @@
 
 ``_native`` is a C extension built with the package (``_native.c``; pyproject's
 ``ext-modules``, marked optional): an install without a C compiler still works, and the
-matching then runs its Python reference for every step (``matching._walk``).  Setting
+matching then runs its Python reference for every step (``matching._walk``, ``_match``,
+``_gather``, ``_take``).  Setting
 ``GPU_FLEET_NATIVE=0`` in the environment does the same on an install that has it - for an
 operator who suspects the compiled code, or to measure one against the other.  Either way the
 decisions are the same: the tests run both and compare them element by element.
