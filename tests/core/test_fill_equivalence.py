@@ -41,15 +41,22 @@ BOTH_WAYS = pytest.mark.parametrize("way", WAYS)
 arrays), and as a large one does where the C matching is built (``matching._match_native``)."""
 
 
+def require_native() -> None:
+    """Skip where the C matching is not built (an install without a C compiler) - except
+    under CI, which builds it, where its absence fails the test instead."""
+    if matching.NATIVE is None:
+        if os.environ.get("CI"):
+            pytest.fail("the C matching is not built (gpu_fleet.core.funding._native)")
+        pytest.skip("the C matching is not built here (no C compiler at install)")
+
+
 @contextlib.contextmanager
 def matching_in(way: str) -> Iterator[None]:
     """Matchings of any size run ``way`` (``matching.ARRAYS_FROM``, ``NATIVE_MATCH_FROM``; the
     Python ways without the C module at all).  The C way is skipped where the module is not
     built, except under CI, where it fails."""
-    if way == "in-c" and matching.NATIVE is None:
-        if os.environ.get("CI"):
-            pytest.fail("the C matching is not built (gpu_fleet.core.funding._native)")
-        pytest.skip("the C matching is not built here (no C compiler at install)")
+    if way == "in-c":
+        require_native()
     was = matching.ARRAYS_FROM, matching.NATIVE_MATCH_FROM, matching.NATIVE
     matching.ARRAYS_FROM = sys.maxsize if way == "in-python" else 0
     matching.NATIVE_MATCH_FROM = 0 if way == "in-c" else sys.maxsize

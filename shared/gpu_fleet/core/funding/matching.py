@@ -282,11 +282,10 @@ def fill(  # noqa: PLR0917 - the matching's inputs are its whole signature, in o
     table, live_ids, run_names = _claims(proposer, leases, runs, admitted, node_labels, t)
     trace = FillTrace()
     log = RejectionLog(table.n, table.leases, live_ids)
-    held = None
-    if NATIVE is not None and table.n >= NATIVE_MATCH_FROM:
+    if NATIVE is not None and table.n >= NATIVE_MATCH_FROM and _native_reads(index, table, hours):
         proposing: _Proposing = _ArrayProposing(index, table)
         held = _match_native(index, table, hours, trace, log, proposing=proposing)
-    if held is None:
+    else:
         proposing = (_ArrayProposing if table.n >= ARRAYS_FROM else _Proposing)(index, table)
         held = _match(index, table, hours, trace, log, proposing=proposing)
     n = table.n
@@ -1036,6 +1035,27 @@ for ``ARRAYS_FROM``, below it the arrays' set-up (per envelope, per claim) outwe
 it replaces.  Tests set it to 0 to run the C matching on small worlds."""
 
 
+def _native_reads(index: EnvelopeIndex, table: _ClaimTable, hours: HoursView) -> bool:
+    """Can ``_match_native`` read every limit as it is?  Not a negative one, nor NaN GPU-hours
+    left: it passes "no limit" as -1 and NaN (validated manifests allow neither; a library
+    caller might), so ``_match`` decides such a matching."""
+    envs, caps = index.envelopes.values(), index.caps.values()
+    limits = [
+        *(e.lending_max for e in envs),
+        *(c.max_concurrency for c in caps),
+        *set(table.borrow_caps),  # one limit per run: a few distinct values
+    ]
+    left = [
+        *hours.remaining_envelope.values(),
+        *hours.remaining_cap.values(),
+        *(e.gpu_hours for e in envs),
+        *(c.gpu_hours for c in caps),
+    ]
+    return all(x is None or x >= 0 for x in limits) and not any(
+        x is not None and math.isnan(x) for x in left
+    )
+
+
 def _match_native(
     index: EnvelopeIndex,
     table: _ClaimTable,
@@ -1044,11 +1064,9 @@ def _match_native(
     log: RejectionLog,
     *,
     proposing: _Proposing,
-) -> dict[int, list[int]] | None:
-    """``_match`` in C (``_native.match_core``): the same held claims, trace and rejections;
-    ``None``, with nothing noted, where a limit is negative or GPU-hours left are NaN (the C
-    matching reads -1 and NaN as "no limit"; validated manifests allow neither, a library
-    caller might), and ``_match`` then decides.
+) -> dict[int, list[int]]:
+    """``_match`` in C (``_native.match_core``): the same held claims, trace and rejections,
+    for a matching whose limits it reads as they are (``_native_reads``).
 
     The claims and envelopes go in as integer arrays; what the result needs as Python objects
     comes from callbacks into ``_Decider`` - the rejections (``full_rejection``, and the rare
@@ -1074,7 +1092,6 @@ def _match_native(
     cap_starts = [0]
     caps_of: list[int] = []
     env_hours: list[float] = []
-    lefts: list[list[float]] = []  # the GPU-hours left each envelope's checks read
     cap_full: list[tuple[Rejection, ...]] = []
     cap_spent: list[tuple[Rejection, ...]] = []
     env_spent: list[Rejection | None] = []
@@ -1090,9 +1107,6 @@ def _match_native(
             if left is not None:
                 cap_hours[cap_number[cap_id]] = left
         env_hours.append(np.nan if own_hours is None else own_hours[0])
-        lefts.append([left for _, _, left, _, _ in limits if left is not None])
-        if own_hours is not None:
-            lefts[-1].append(own_hours[0])
         env_spent.append(None if own_hours is None else own_hours[1])
         if not env.caps and env.gpu_hours is None:
             kinds.append(_PLAIN)
@@ -1100,17 +1114,6 @@ def _match_native(
             kinds.append(_CAPS_ONLY)  # ``_Decider._caps_only``
         else:
             kinds.append(_LIMITED)
-    borrow_limits = [cap for cap in table.borrow_caps if cap is not None]
-    if (
-        any(env.lending_max is not None and env.lending_max < 0 for env in numbered)
-        or any(
-            index.caps[i].max_concurrency is not None and cap_most[k] < 0
-            for k, i in enumerate(cap_ids)
-        )
-        or min(borrow_limits, default=0) < 0
-        or any(math.isnan(left) for limits in lefts for left in limits)
-    ):
-        return None
     group_starts = [0]
     for members in index.acceptors:
         group_starts.append(group_starts[-1] + len(members))
